@@ -1,0 +1,275 @@
+"""Fit PCIM mixing weights for a batch of images against a frozen classifier.
+
+Every image in the batch has its own mixing logits w and its own target class; images never
+interact (a per-image Adam, per-image early stopping), so an image's map does not depend on which
+other images share its batch. The classifier is only called forward and differentiated with respect
+to its input: no hooks, no internals, so any TorchScript or torch.export model works.
+
+Per step, one batch of 2k images goes through the model for the k images still fitting: the *kept*
+image (the mixing weights applied to x over the keep substrate) and, for the keep-delete objective,
+the *deleted* image (the complement). See docs/method.md for the formulations and why the defaults
+are what they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pcim_cli.engine import mixing
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+OBJECTIVES = ("keep", "keep-delete")
+LOSSES = ("ce", "logit")
+SUBSTRATES = ("none", "zero", "mean", "blur")
+
+
+@dataclass(frozen=True)
+class PcimOptions:
+    """Settings of one PCIM fit. Defaults are the measured choice (docs/method.md)."""
+
+    steps: int = 300
+    lr: float = 0.1
+    per_channel: bool = False
+    resolution: int = 4  # logits at H/resolution x W/resolution, upsampled bilinearly
+    budget: float | None = 0.1  # share of the image the map may keep; None = paper's un-clamped n*alpha
+    objective: str = "keep-delete"  # keep: kept image keeps the class; keep-delete: and deleting it loses it
+    loss: str = "ce"  # ce: capped log-probabilities; logit: raw target logit (uncapped)
+    keep_substrate: str = "blur"  # what the kept image shows where the mask is off
+    delete_substrate: str = "mean"  # what deleted pixels become
+    blur_sigma: float = 8.0  # pixels, for a blur substrate
+    entropy: float = 0.0  # weight of the normalised entropy of alpha (lower = more concentrated)
+    tv: float = 0.0  # weight of the total variation of the mixing weights
+    noise: float = 0.0  # std of input noise added at each step (breaks ties between equal pixels)
+    patience: int = 0  # early stopping: stop an image after this many steps without improvement; 0 = off
+    tol: float = 1e-3  # relative loss improvement that counts as improvement
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.steps < 1:
+            problems.append(f"steps must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.resolution < 1:
+            problems.append(f"resolution must be >= 1, got {self.resolution}")
+        if self.budget is not None and not 0 < self.budget <= 1:
+            problems.append(f"budget must be in (0, 1] or None, got {self.budget}")
+        if self.objective not in OBJECTIVES:
+            problems.append(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.loss not in LOSSES:
+            problems.append(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        for name in ("keep_substrate", "delete_substrate"):
+            if getattr(self, name) not in SUBSTRATES:
+                problems.append(f"{name} must be one of {SUBSTRATES}, got {getattr(self, name)!r}")
+        if self.patience < 0:
+            problems.append(f"patience must be >= 0, got {self.patience}")
+        if problems:
+            raise ValueError("invalid PCIM options: " + "; ".join(problems))
+
+
+@dataclass
+class PcimResult:
+    """Maps (B, M, H, W) with M = 1 (shared) or C (per channel), non-negative, plus per-image stats."""
+
+    maps: torch.Tensor
+    prob_original: torch.Tensor  # p(target | x)
+    prob_mixed: torch.Tensor  # p(target | kept image) after the fit
+    prob_deleted: torch.Tensor  # p(target | deleted image) after the fit (keep-delete evidence check)
+    loss: torch.Tensor  # final loss per image
+    steps: torch.Tensor  # Adam steps each image took (< options.steps when stopped early)
+
+
+def target_log_probs(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and log(1 - p(target)), both computed stably from the logits."""
+    lse = torch.logsumexp(logits, dim=1)
+    log_p = logits.gather(1, target[:, None])[:, 0] - lse
+    others = logits.scatter(1, target[:, None], float("-inf"))
+    log_not_p = torch.logsumexp(others, dim=1) - lse
+    return log_p, log_not_p
+
+
+def _objective(logits_keep, logits_del, target, opts: PcimOptions) -> torch.Tensor:
+    if opts.loss == "logit":
+        z_keep = logits_keep.gather(1, target[:, None])[:, 0]
+        loss = -z_keep
+        if logits_del is not None:
+            loss = loss + logits_del.gather(1, target[:, None])[:, 0]
+        return loss
+    log_p_keep, _ = target_log_probs(logits_keep, target)
+    loss = -log_p_keep
+    if logits_del is not None:
+        _, log_not_p_del = target_log_probs(logits_del, target)
+        loss = loss - log_not_p_del
+    return loss
+
+
+def _regularisers(w: torch.Tensor, m_low: torch.Tensor, opts: PcimOptions) -> torch.Tensor:
+    reg = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    if opts.entropy:
+        log_alpha = torch.log_softmax(w.flatten(1), dim=1)
+        ent = -(log_alpha.exp() * log_alpha).sum(1) / math.log(log_alpha.shape[1])
+        reg = reg + opts.entropy * ent
+    if opts.tv:
+        dy = (m_low[..., 1:, :] - m_low[..., :-1, :]).abs().flatten(1).mean(1)
+        dx = (m_low[..., :, 1:] - m_low[..., :, :-1]).abs().flatten(1).mean(1)
+        reg = reg + opts.tv * (dx + dy)
+    return reg
+
+
+class _Adam:
+    """Adam with per-image step counts, updating only the images still fitting."""
+
+    def __init__(self, w: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.lr, self.b1, self.b2, self.eps = lr, betas[0], betas[1], eps
+        self.m = torch.zeros_like(w)
+        self.v = torch.zeros_like(w)
+        self.t = torch.zeros(w.shape[0], dtype=torch.long, device=w.device)
+
+    def step(self, w: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor) -> None:
+        self.t[idx] += 1
+        t = self.t[idx].to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
+        m = self.m[idx].mul_(self.b1).add_(grad, alpha=1 - self.b1)
+        v = self.v[idx].mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
+        self.m[idx], self.v[idx] = m, v
+        m_hat = m / (1 - self.b1**t)
+        v_hat = v / (1 - self.b2**t)
+        w[idx] -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
+
+
+class _FrozenModel:
+    """Evaluation mode and no parameter gradients for the fit; every flag is restored afterwards.
+
+    Eval mode keeps BatchNorm / dropout from making an image's map depend on its batch companions
+    and from updating running statistics; a model handed over in train mode gets it back that way.
+    """
+
+    def __init__(self, model: Forward):
+        is_module = isinstance(model, torch.nn.Module)
+        self.params = [(p, p.requires_grad) for p in model.parameters()] if is_module else []
+        self.modes = [(m, m.training) for m in model.modules()] if is_module else []
+
+    def __enter__(self):
+        for p, _ in self.params:
+            p.requires_grad_(False)
+        for m, _ in self.modes:
+            m.training = False
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in self.params:
+            p.requires_grad_(flag)
+        for m, flag in self.modes:
+            m.training = flag
+        return False
+
+
+def _noise(shape, seeds: torch.Tensor, step: int, std: float, device, dtype) -> torch.Tensor:
+    """Input noise drawn per image from (its seed, step), so it does not depend on the batch."""
+    out = torch.empty(shape, dtype=dtype)
+    for i, s in enumerate(seeds.tolist()):
+        g = torch.Generator().manual_seed(int(s) * 1_000_003 + step)
+        out[i] = torch.randn(shape[1:], generator=g, dtype=dtype)
+    return (out * std).to(device)
+
+
+def fit_pcim(
+    model: Forward,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    opts: PcimOptions | None = None,
+    seeds: torch.Tensor | None = None,
+) -> PcimResult:
+    """Fit one mixing layer per image of x (B, C, H, W) for its target class (B,) against model.
+
+    model maps (B, C, H, W) -> (B, K) logits and is left exactly as found (parameters, flags, mode).
+    seeds (B,) give each image its own noise stream (only used when opts.noise > 0); default
+    opts.seed + arange(B). Returns maps of the input's size.
+    """
+    opts = opts or PcimOptions()
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    b, _, h, wd = x.shape
+    target = target.to(device=x.device, dtype=torch.long).reshape(b)
+    if seeds is None:
+        seeds = opts.seed + torch.arange(b)
+    x = x.detach()
+    keep_sub = mixing.substrate(x, opts.keep_substrate, opts.blur_sigma)
+    del_sub = mixing.substrate(x, opts.delete_substrate, opts.blur_sigma)
+    if del_sub is None:
+        del_sub = torch.zeros_like(x)
+    dual = opts.objective == "keep-delete"
+
+    w = torch.zeros(mixing.weight_shape(x.shape, opts.per_channel, opts.resolution), dtype=x.dtype,
+                    device=x.device)
+    adam = _Adam(w, opts.lr)
+    best = torch.full((b,), float("inf"), dtype=x.dtype, device=x.device)
+    since_best = torch.zeros(b, dtype=torch.long, device=x.device)
+    last_loss = torch.zeros(b, dtype=x.dtype, device=x.device)
+    active = torch.ones(b, dtype=torch.bool, device=x.device)
+
+    def mixed(w_a, idx, step=None, with_deleted=dual):
+        """Kept and deleted images for the images idx; step None = no noise (final evaluation)."""
+        m_low = mixing.mixing_weights(w_a, opts.budget)
+        m = mixing.upsample(m_low, (h, wd))
+        xa = x[idx]
+        if opts.noise > 0 and step is not None:
+            xa = xa + _noise(xa.shape, seeds[idx.cpu()], step, opts.noise, x.device, x.dtype)
+        kept = mixing.compose(xa, m, None if keep_sub is None else keep_sub[idx])
+        deleted = mixing.compose(xa, 1 - m.clamp(max=1.0), del_sub[idx]) if with_deleted else None
+        return m_low, kept, deleted
+
+    with _FrozenModel(model):
+        for step in range(opts.steps):
+            idx = active.nonzero()[:, 0]
+            if idx.numel() == 0:
+                break
+            w_a = w[idx].clone().requires_grad_(True)
+            m_low, kept, deleted = mixed(w_a, idx, step)
+            batch = kept if deleted is None else torch.cat([kept, deleted])
+            logits = model(batch)
+            k = idx.numel()
+            loss = _objective(logits[:k], logits[k:] if dual else None, target[idx], opts)
+            loss = loss + _regularisers(w_a, m_low, opts)
+            (grad,) = torch.autograd.grad(loss.sum(), w_a)
+            with torch.no_grad():
+                adam.step(w, grad, idx)
+                last_loss[idx] = loss.detach()
+                if opts.patience:
+                    improved = loss.detach() < best[idx] - opts.tol * best[idx].abs().clamp(min=1e-6)
+                    best[idx] = torch.where(improved, loss.detach(), best[idx])
+                    since_best[idx] = torch.where(improved, 0, since_best[idx] + 1)
+                    active[idx] = since_best[idx] < opts.patience
+
+        with torch.no_grad():
+            idx = torch.arange(b, device=x.device)
+            _, kept, deleted = mixed(w, idx, with_deleted=True)
+            logits = model(torch.cat([x, kept, deleted]))
+            log_p, _ = target_log_probs(logits, target.repeat(3))
+            p = log_p.exp()
+
+    return PcimResult(
+        maps=attribution_map(w, (h, wd)),
+        prob_original=p[:b],
+        prob_mixed=p[b : 2 * b],
+        prob_deleted=p[2 * b :],
+        loss=last_loss,
+        steps=adam.t.clone(),
+    )
+
+
+def attribution_map(w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The map users see: alpha relative to its untouched level, upsampled to the image size.
+
+    n * alpha is 1 for a pixel the fit never moved. Subtracting each map's median (the untouched
+    level, since most pixels are not evidence) and clipping at 0 keeps pixels the fit pushed down from
+    ranking above the background. Units: multiples of the uniform weight.
+    """
+    with torch.no_grad():
+        rel = mixing.pixel_softmax(w) * w[0].numel()
+        med = rel.flatten(1).median(dim=1).values.view(-1, 1, 1, 1)
+        return mixing.upsample((rel - med).clamp(min=0), size).clamp(min=0)

@@ -1,0 +1,173 @@
+"""The PCIM engine against toy models whose answer is known by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pcim_cli.engine import mixing
+from pcim_cli.engine.pcim import PcimOptions, fit_pcim, target_log_probs
+
+BLOCK = (slice(8, 16), slice(20, 28))  # the only pixels the toy model reads
+
+
+class BlockReader(torch.nn.Module):
+    """Logits (-s, s) with s = contrast of channel 1 inside one 8x8 block: the evidence is that block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(4.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inside = x[:, 1, 8:16, 20:28].mean(dim=(1, 2))
+        s = self.scale * (inside - x[:, 1].mean(dim=(1, 2)))
+        return torch.stack([-s, s], dim=1)
+
+
+class SmallCNN(torch.nn.Module):
+    """A random fully convolutional net with BatchNorm (eval mode), to check the model is untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 3, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).amax(dim=(2, 3))
+
+
+def toy_images(b: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = 0.2 * torch.rand(b, 3, 32, 32, generator=g)
+    x[:, 1, BLOCK[0], BLOCK[1]] += 0.8  # bright evidence in channel 1
+    return x
+
+
+@pytest.fixture(scope="module")
+def block_model() -> torch.jit.ScriptModule:
+    return torch.jit.script(BlockReader()).eval()
+
+
+FAST = PcimOptions(steps=60, lr=0.1, resolution=2)
+
+
+def block_mass(maps: torch.Tensor) -> torch.Tensor:
+    m = maps.sum(1)
+    return m[:, BLOCK[0], BLOCK[1]].sum(dim=(1, 2)) / m.sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [FAST, dataclasses.replace(FAST, per_channel=True),
+     PcimOptions(steps=60, budget=None, objective="keep", keep_substrate="none", resolution=1, loss="logit")],
+    ids=["default", "per-channel", "paper-softmax"],
+)
+def test_map_mass_concentrates_on_the_pixels_the_model_reads(block_model, opts):
+    x = toy_images()
+    result = fit_pcim(block_model, x, torch.ones(4, dtype=torch.long), opts)
+    assert result.maps.shape == (4, 3 if opts.per_channel else 1, 32, 32)
+    assert (result.maps >= 0).all()
+    # the block is 64 of 1024 pixels (6%): chance mass is 0.06
+    assert (block_mass(result.maps) > 0.6).all(), block_mass(result.maps)
+    if opts.per_channel:  # only channel 1 carries evidence
+        per = result.maps[:, :, BLOCK[0], BLOCK[1]].sum(dim=(2, 3))
+        assert (per.argmax(1) == 1).all()
+
+
+def test_zero_weights_give_back_the_input_exactly():
+    x = torch.rand(2, 3, 20, 28)
+    for resolution in (1, 3):
+        w = torch.zeros(mixing.weight_shape(x.shape, per_channel=False, resolution=resolution))
+        m = mixing.upsample(mixing.mixing_weights(w, budget=None), (20, 28))
+        assert torch.equal(mixing.compose(x, m, None), x)
+        m1 = mixing.upsample(mixing.mixing_weights(w, budget=1.0), (20, 28))
+        assert torch.equal(mixing.compose(x, m1, mixing.substrate(x, "blur", 3.0)), x)
+
+
+def test_budget_caps_weights_at_one_and_spends_the_budget():
+    w = torch.randn(2, 1, 16, 16) * 3
+    m = mixing.mixing_weights(w, budget=0.1)
+    assert m.max() <= 1.0
+    assert (m.sum(dim=(1, 2, 3)) <= 0.1 * 256 + 1e-4).all()
+
+
+def test_map_does_not_depend_on_batch_companions():
+    model = torch.jit.script(SmallCNN().eval())
+    x = toy_images(4, seed=1)
+    target = torch.tensor([0, 1, 2, 1])
+    opts = dataclasses.replace(FAST, steps=25, noise=0.01)
+    seeds = torch.tensor([11, 12, 13, 14])
+    together = fit_pcim(model, x, target, opts, seeds=seeds)
+    alone = fit_pcim(model, x[2:3], target[2:3], opts, seeds=seeds[2:3])
+    torch.testing.assert_close(alone.maps[0], together.maps[2], rtol=1e-4, atol=1e-5)
+    shuffled = fit_pcim(model, x[[3, 2, 0, 1]], target[[3, 2, 0, 1]], opts, seeds=seeds[[3, 2, 0, 1]])
+    torch.testing.assert_close(shuffled.maps[1], together.maps[2], rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_same_maps():
+    model = torch.jit.script(SmallCNN().eval())
+    x = toy_images(3, seed=2)
+    opts = dataclasses.replace(FAST, steps=20, noise=0.02, seed=5)
+    a = fit_pcim(model, x, torch.zeros(3, dtype=torch.long), opts)
+    b = fit_pcim(model, x, torch.zeros(3, dtype=torch.long), opts)
+    assert torch.equal(a.maps, b.maps)
+    c = fit_pcim(model, x, torch.zeros(3, dtype=torch.long), dataclasses.replace(opts, seed=6))
+    assert not torch.equal(a.maps, c.maps)
+
+
+def test_model_parameters_flags_and_mode_are_left_as_found():
+    net = SmallCNN()
+    net.body[1].train()  # a mixed mode: the engine must not "fix" it
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    flags = [p.requires_grad for p in net.parameters()]
+    modes = [m.training for m in net.modules()]
+    fit_pcim(net, toy_images(2), torch.tensor([0, 1]), dataclasses.replace(FAST, steps=5))
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running statistics included
+    assert [p.requires_grad for p in net.parameters()] == flags
+    assert [m.training for m in net.modules()] == modes
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_early_stopping_freezes_converged_images_while_others_continue(block_model):
+    x = toy_images(4)
+    target = torch.tensor([1, 1, 0, 1])  # image 2 explains the class it is not
+    opts = dataclasses.replace(FAST, steps=200, patience=10, tol=1e-2)
+    stopped = fit_pcim(block_model, x, target, opts)
+    assert (stopped.steps < 200).any(), stopped.steps
+    assert stopped.steps.max() <= 200
+    # an image's result depends only on itself: refitting it alone with the same options gives its map
+    alone = fit_pcim(block_model, x[1:2], target[1:2], opts, seeds=torch.tensor([1]))
+    assert int(alone.steps[0]) == int(stopped.steps[1])
+    torch.testing.assert_close(alone.maps[0], stopped.maps[1])
+    # and the stopped maps agree with the full-length fit on where the evidence is
+    full = fit_pcim(block_model, x, target, dataclasses.replace(opts, patience=0))
+    assert (block_mass(stopped.maps[[0, 1, 3]]) > 0.6).all()
+    assert (block_mass(full.maps[[0, 1, 3]]) - block_mass(stopped.maps[[0, 1, 3]])).abs().max() < 0.25
+
+
+def test_stats_report_probabilities_before_and_after(block_model):
+    x = toy_images(2)
+    r = fit_pcim(block_model, x, torch.ones(2, dtype=torch.long), FAST)
+    with torch.no_grad():
+        p = torch.softmax(block_model(x), 1)[:, 1]
+    torch.testing.assert_close(r.prob_original, p)
+    assert (r.prob_deleted < r.prob_original).all()
+    assert r.loss.shape == (2,) and torch.isfinite(r.loss).all()
+    assert (r.steps == FAST.steps).all()
+
+
+def test_target_log_probs_are_stable_for_confident_logits():
+    logits = torch.tensor([[0.0, 200.0], [50.0, -50.0]])
+    log_p, log_not_p = target_log_probs(logits, torch.tensor([1, 1]))
+    torch.testing.assert_close(log_p, torch.tensor([0.0, -100.0]))
+    torch.testing.assert_close(log_not_p, torch.tensor([-200.0, 0.0]))
+
+
+def test_invalid_options_are_refused_with_every_problem():
+    with pytest.raises(ValueError, match="steps.*budget"):
+        PcimOptions(steps=0, budget=2.0)
