@@ -1,0 +1,38 @@
+# pcim: the two commands a new user types are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint bench compare clean
+
+install: $(STAMP)
+
+# CPU torch first (a pinned wheel); the package asks for a range, so GPU users keep their CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/pcim explain sample_plates/demo/plate.yaml
+	@echo "maps: sample_plates/demo/out/DEMO01.zarr   summary: sample_plates/demo/out/DEMO01_pcim.csv"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check pcim_cli tests benchmarks sample_plates
+
+# how the defaults were chosen (docs/method.md); needs stardist's wheel from PyPI
+compare: install
+	$(BIN)/python benchmarks/compare_formulations.py
+
+clean:
+	rm -rf sample_plates/demo/out .pytest_cache

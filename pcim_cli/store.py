@@ -1,0 +1,381 @@
+"""The OME-Zarr HCS attribution store (shared/DESIGN.md §3.2).
+
+Layout: ``{store}/{row}/{col}/{field}/{level}``, e.g. ``A/1/0/0``, NGFF 0.5 (Zarr v3, metadata under the
+``ome`` attribute key) by default, or NGFF 0.4 (Zarr v2, metadata at the top level of the attributes).
+
+Two kinds of writers, so that concurrent workers never race on shared metadata:
+
+- the driver calls :func:`create_plate` once, before any work is sent out: it writes the plate and
+  well groups (the only shared metadata);
+- each worker calls :func:`write_field`, which touches only its own field group ``{row}/{col}/{field}``
+  and writes the completion record (attribute ``pcim``) last. A field group with arrays but no
+  ``pcim`` attribute is *incomplete* (a crash mid-write) and is redone on the next run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePath
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pcim_cli.errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("0.5", "0.4")
+RECORD_KEY = "pcim"
+PYRAMID_FACTORS = (1, 2, 4)  # level 0 full size, then 2x and 4x mean-pooled
+MAX_CHUNK = 1024
+WINDOW_PERCENTILES = (0.5, 99.5)
+# Channel colours for napari / OMERO (hex RRGGBB); attribution maps of one target are one channel.
+COLOURS = ("FF00FF", "00FF00", "00FFFF", "FFFF00", "FF0000", "0000FF", "FF8000", "FFFFFF")
+
+_WELL_RE = re.compile(r"^([A-Za-z]{1,2})0*(\d+)$")
+
+
+# --------------------------------------------------------------------------------------------------
+# well names and paths
+
+
+def split_well(well: str) -> tuple[str, str]:
+    """``"A01"`` -> ``("A", "1")``; ``"AA03"`` -> ``("AA", "3")``: the NGFF row and column group names."""
+    match = _WELL_RE.match(well.strip())
+    if match is None or int(match.group(2)) < 1:
+        raise ValueError(f"not a well name: {well!r} (expected a row letter or two and a column, e.g. A01)")
+    return match.group(1).upper(), str(int(match.group(2)))
+
+
+def row_index(row: str) -> int:
+    """Zero-based index of a row name: A -> 0, Z -> 25, AA -> 26 (1536-well plates)."""
+    index = 0
+    for char in row.upper():
+        index = index * 26 + (ord(char) - ord("A") + 1)
+    return index - 1
+
+
+def row_name(index: int) -> str:
+    """Inverse of :func:`row_index`: 0 -> A, 26 -> AA."""
+    name = ""
+    index += 1
+    while index > 0:
+        index, rest = divmod(index - 1, 26)
+        name = chr(ord("A") + rest) + name
+    return name
+
+
+def field_path(well: str, field: int) -> str:
+    """Relative path of a field image group: ``field_path("A01", 0) == "A/1/0"``."""
+    row, col = split_well(well)
+    return f"{row}/{col}/{int(field)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# driver side: plate and well metadata
+
+
+def create_plate(path: Path, plate_name: str, fields: Mapping[str, int], format: str = "0.5") -> None:
+    """Create (or reopen) the HCS plate at ``path`` with one well group per well of ``fields``.
+
+    ``fields`` maps canonical well names (``A01``) to the number of fields in that well. Reopening an
+    existing store keeps its field data and merges its wells into the metadata (a run on a subset of
+    wells must not hide wells written by an earlier run). Rows and columns are listed from A / 1 to the
+    largest one used, so viewers lay the wells out at their plate positions.
+    """
+    zarr_format = _zarr_format(format)
+    existing = _existing_wells(path, format)
+    merged = dict(existing)
+    for well, count in fields.items():
+        cell = split_well(well)
+        merged[cell] = max(int(count), merged.get(cell, 0))
+    if not merged:
+        raise ValueError("create_plate needs at least one well")
+
+    cells = sorted(merged, key=_well_sort_key)
+    n_rows = max(row_index(row) for row, _ in cells) + 1
+    n_cols = max(int(col) for _, col in cells)
+    plate: dict[str, Any] = {
+        "name": plate_name,
+        "rows": [{"name": row_name(i)} for i in range(n_rows)],
+        "columns": [{"name": str(i + 1)} for i in range(n_cols)],
+        "wells": [
+            {"path": f"{row}/{col}", "rowIndex": row_index(row), "columnIndex": int(col) - 1}
+            for row, col in cells
+        ],
+        "field_count": max(max(merged.values()), 1),
+        "version": format,  # 0.5 moved versions to ``ome.version``, yet its plate section still asks
+    }
+    try:
+        root = zarr.open_group(str(path), mode="a", zarr_format=zarr_format)
+        _set_ome(root, format, "plate", plate)
+        for row, col in cells:
+            well_group = root.require_group(row).require_group(col)
+            images = [{"path": str(i)} for i in range(merged[(row, col)])]
+            _set_ome(well_group, format, "well", {"images": images})
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
+    logger.info("plate %s: %d wells in %s (NGFF %s)", plate_name, len(cells), path, format)
+
+
+def _existing_wells(path: Path, format: str) -> dict[tuple[str, str], int]:
+    """Wells (``("A", "1")`` -> field count) already described by a store at ``path``; {} if none."""
+    if not (path / "zarr.json").exists() and not (path / ".zgroup").exists():
+        return {}
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except (OSError, ValueError) as exc:
+        raise _output_error(path, exc) from exc
+    found = _format_of(root)
+    if found != format:
+        raise OutputError(
+            f"{path} is an NGFF {found} store, but output.format is {format!r}: set output.format: "
+            f"{found!r}, or choose another output.zarr path (or delete the old store)."
+        )
+    plate = _ome(root.attrs.asdict()).get("plate") or {}
+    wells: dict[tuple[str, str], int] = {}
+    for entry in plate.get("wells", []):
+        well_path = entry["path"]
+        count = 0
+        if well_path in root:
+            images = _ome(root[well_path].attrs.asdict()).get("well", {}).get("images", [])
+            count = len(images)
+        row, col = well_path.split("/")
+        wells[(row, col)] = count
+    return wells
+
+
+# --------------------------------------------------------------------------------------------------
+# worker side: one field image
+
+
+def write_field(
+    path: Path,
+    well: str,
+    field: int,
+    maps: np.ndarray,
+    labels: Sequence[str],
+    record: Mapping[str, Any],
+    format: str = "0.5",
+) -> str:
+    """Write one field's attribution maps ``(c, y, x)`` as a multiscale image, then its record.
+
+    Replaces any earlier content of the field group (a rerun). The completion record goes into the
+    group's attribute ``pcim`` last, so a crash leaves the field visibly incomplete. Touches only the
+    field group. Returns the relative path, e.g. ``"A/1/0"``.
+    """
+    zarr_format = _zarr_format(format)
+    maps = np.asarray(maps, dtype=np.float32)
+    _check_maps(maps, labels)
+    record_json = _jsonable(dict(record))
+    rel = field_path(well, field)
+    levels = _pyramid(maps)
+    attrs = _image_attrs(format, rel, maps, labels, len(levels))
+    try:
+        _check_store_format(path, format)
+        group = zarr.create_group(
+            str(path), path=rel, overwrite=True, zarr_format=zarr_format, attributes=attrs
+        )
+        for level, data in enumerate(levels):
+            group.create_array(str(level), data=data, **_array_options(data.shape, zarr_format))
+        group.update_attributes({RECORD_KEY: record_json})
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
+    logger.debug("wrote %s/%s: %s, %d levels", path, rel, maps.shape, len(levels))
+    return rel
+
+
+def read_field(path: Path, well: str, field: int) -> tuple[np.ndarray, list[str], dict | None]:
+    """Full-resolution maps ``(c, y, x)``, channel labels and completion record (None: incomplete).
+
+    Raises FileNotFoundError when the field was never written.
+    """
+    group = zarr.open_group(str(path), path=field_path(well, field), mode="r")
+    ome = _ome(group.attrs.asdict())
+    level0 = ome["multiscales"][0]["datasets"][0]["path"]
+    labels = [channel.get("label", "") for channel in ome.get("omero", {}).get("channels", [])]
+    record = group.attrs.get(RECORD_KEY)
+    return np.asarray(group[level0][...]), labels, (dict(record) if record is not None else None)
+
+
+def read_record(path: Path, well: str, field: int) -> dict | None:
+    """The field's completion record, or None when the field is missing or incomplete (no arrays read)."""
+    try:
+        group = zarr.open_group(str(path), path=field_path(well, field), mode="r")
+    except FileNotFoundError:  # zarr's GroupNotFoundError is one
+        return None
+    record = group.attrs.get(RECORD_KEY)
+    return dict(record) if record is not None else None
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _zarr_format(format: str) -> int:
+    if format not in FORMATS:
+        raise ValueError(f"unknown OME-NGFF format {format!r}; choose one of {', '.join(FORMATS)}")
+    return 3 if format == "0.5" else 2
+
+
+def _format_of(group: zarr.Group) -> str:
+    return "0.5" if group.metadata.zarr_format == 3 else "0.4"
+
+
+def _check_store_format(path: Path, format: str) -> None:
+    """A worker must not write a Zarr v3 field into a v2 plate (or the reverse)."""
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except FileNotFoundError:
+        return  # no plate yet: create_plate was not called; the field is still written
+    found = _format_of(root)
+    if found != format:
+        raise OutputError(
+            f"{path} is an NGFF {found} store, but this field was to be written as NGFF {format}: "
+            f"set output.format: {found!r}, or choose another output.zarr path."
+        )
+
+
+def _ome(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The NGFF metadata block: under ``ome`` (0.5) or the attributes themselves (0.4)."""
+    return dict(attrs.get("ome", attrs))
+
+
+def _set_ome(group: zarr.Group, format: str, key: str, value: dict[str, Any]) -> None:
+    """Set one NGFF metadata entry (``plate``, ``well``) on a group, keeping its other attributes."""
+    if format == "0.5":
+        ome = dict(group.attrs.get("ome", {}))
+        ome.update({"version": "0.5", key: value})
+        group.update_attributes({"ome": ome})
+    else:
+        group.update_attributes({key: {**value, "version": "0.4"}})
+
+
+def _well_sort_key(cell: tuple[str, str]) -> tuple[int, int]:
+    return row_index(cell[0]), int(cell[1])
+
+
+def _check_maps(maps: np.ndarray, labels: Sequence[str]) -> None:
+    if maps.ndim != 3 or 0 in maps.shape:
+        raise ValueError(f"maps must be a non-empty (c, y, x) array, got shape {maps.shape}")
+    if len(labels) != maps.shape[0]:
+        raise ValueError(f"{len(labels)} labels for {maps.shape[0]} map channels")
+    if not np.isfinite(maps).all() or (maps < 0).any():
+        raise ValueError("attribution maps must be finite and non-negative")
+
+
+def _pyramid(maps: np.ndarray) -> list[np.ndarray]:
+    """Level 0 and 2x / 4x mean-pooled levels (odd edges cropped); levels under 1 px are skipped."""
+    levels = [maps]
+    for factor in PYRAMID_FACTORS[1:]:
+        prev = levels[-1]
+        _, y, x = prev.shape
+        if maps.shape[1] // factor < 1 or maps.shape[2] // factor < 1:
+            break
+        cropped = prev[:, : y // 2 * 2, : x // 2 * 2]
+        pooled = cropped.reshape(prev.shape[0], y // 2, 2, x // 2, 2).mean(axis=(2, 4), dtype=np.float64)
+        levels.append(pooled.astype(np.float32))
+    return levels
+
+
+def _image_attrs(
+    format: str, name: str, maps: np.ndarray, labels: Sequence[str], n_levels: int
+) -> dict[str, Any]:
+    multiscale: dict[str, Any] = {
+        "name": name,
+        "axes": [
+            {"name": "c", "type": "channel"},
+            {"name": "y", "type": "space"},
+            {"name": "x", "type": "space"},
+        ],
+        "datasets": [
+            {
+                "path": str(level),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0, float(factor), float(factor)]}
+                ],
+            }
+            for level, factor in enumerate(PYRAMID_FACTORS[:n_levels])
+        ],
+    }
+    omero = {
+        "name": name,
+        "channels": [_channel(label, maps[i], COLOURS[i % len(COLOURS)]) for i, label in enumerate(labels)],
+        "rdefs": {"model": "color"},
+    }
+    if format == "0.5":
+        return {"ome": {"version": "0.5", "multiscales": [multiscale], "omero": omero}}
+    return {"multiscales": [{**multiscale, "version": "0.4"}], "omero": omero}
+
+
+def _channel(label: str, plane: np.ndarray, colour: str) -> dict[str, Any]:
+    """An omero channel whose display window spans robust percentiles, so napari shows a sensible map."""
+    low, high = (float(v) for v in np.percentile(plane, WINDOW_PERCENTILES))
+    vmin, vmax = float(plane.min()), float(plane.max())
+    if high <= low:
+        high = vmax if vmax > low else low + (abs(low) or 1.0)
+    return {
+        "label": str(label),
+        "color": colour,
+        "active": True,
+        "coefficient": 1.0,
+        "family": "linear",
+        "inverted": False,
+        "window": {"min": vmin, "max": max(vmax, high), "start": low, "end": high},
+    }
+
+
+def _array_options(shape: tuple[int, ...], zarr_format: int) -> dict[str, Any]:
+    """Chunks of one channel x up to 1024 x 1024 px (whole-plate browsing); default compression."""
+    options: dict[str, Any] = {"chunks": (1, min(shape[1], MAX_CHUNK), min(shape[2], MAX_CHUNK))}
+    if zarr_format == 3:
+        options["dimension_names"] = ("c", "y", "x")  # NGFF 0.5 requires them to match the axes
+    else:
+        options["chunk_key_encoding"] = {"name": "v2", "separator": "/"}  # NGFF 0.4 requires "/"
+    return options
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as plain JSON: numpy scalars/arrays unwrapped, tuples -> lists, NaN/inf -> None."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON readers (browser viewers) reject NaN
+    if isinstance(value, PurePath):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"completion record value {value!r} ({type(value).__name__}) is not JSON-serialisable")
+
+
+def _output_error(path: Path, exc: BaseException) -> OutputError:
+    return OutputError(
+        f"cannot write the output store {path}: {exc}. Make sure every folder above it is a writable "
+        f"folder (not a file), or set output.zarr to a writable path."
+    )
+
+
+__all__ = [
+    "FORMATS",
+    "RECORD_KEY",
+    "create_plate",
+    "field_path",
+    "read_field",
+    "read_record",
+    "row_index",
+    "row_name",
+    "split_well",
+    "write_field",
+]

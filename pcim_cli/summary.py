@@ -1,0 +1,145 @@
+"""The CSV summary: one row per (well, field, target), CellProfiler / pycytominer naming (DESIGN §3.3).
+
+Profiles join on ``Metadata_Plate`` + ``Metadata_Well`` without renaming; layout annotations come along
+as ``Metadata_<column>``. The driver writes the file atomically (temp file + rename), so a reader
+never sees half a CSV.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pcim_cli.errors import OutputError
+from pcim_cli.store import row_index, split_well
+
+logger = logging.getLogger(__name__)
+
+METADATA_PREFIX = "Metadata_"
+LAYOUT_WELL = "well"  # the layout table's canonical well column
+
+# row key -> CSV column, in CSV order; layout columns go between the two groups
+ID_COLUMNS: dict[str, str] = {
+    "plate": "Metadata_Plate",
+    "well": "Metadata_Well",
+    "site": "Metadata_Site",
+}
+RESULT_COLUMNS: dict[str, str] = {
+    "target": "PCIM_Target",
+    "predicted_class": "PCIM_PredictedClass",
+    "prob_original": "PCIM_ProbOriginal",
+    "prob_mixed": "PCIM_ProbMixed",
+    "deletion_auc": "PCIM_DeletionAUC",
+    "insertion_auc": "PCIM_InsertionAUC",
+    "status": "PCIM_Status",
+    "error": "PCIM_Error",
+    "runtime_s": "PCIM_Runtime_s",
+    "zarr_path": "PCIM_ZarrPath",
+}
+#: The fixed columns in order; ``Metadata_<layout column>`` columns go after ``Metadata_Site``.
+COLUMNS: tuple[str, ...] = (*ID_COLUMNS.values(), *RESULT_COLUMNS.values())
+FLOAT_COLUMNS = (
+    "PCIM_ProbOriginal",
+    "PCIM_ProbMixed",
+    "PCIM_DeletionAUC",
+    "PCIM_InsertionAUC",
+    "PCIM_Runtime_s",
+)
+STATUSES = ("done", "failed", "skipped")
+
+
+def layout_column_name(column: str) -> str:
+    """``treatment`` -> ``Metadata_treatment``; a column already named ``Metadata_*`` is kept."""
+    return column if column.startswith(METADATA_PREFIX) else METADATA_PREFIX + column
+
+
+def build_summary(rows: Iterable[Mapping[str, Any]], layout: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The summary table: result rows joined with the layout's annotations, in plate order.
+
+    Each row has the keys of ``ID_COLUMNS`` and ``RESULT_COLUMNS`` (a missing key is left empty).
+    ``layout`` has a canonical ``well`` column plus annotation columns. Rows are sorted by well (row
+    then column), site and target.
+    """
+    keys = {**ID_COLUMNS, **RESULT_COLUMNS}
+    table = pd.DataFrame([{column: row.get(key) for key, column in keys.items()} for row in rows])
+    if table.empty:
+        table = pd.DataFrame(columns=list(COLUMNS))
+    for column in FLOAT_COLUMNS:  # empty (None) metrics of failed rows must not make a column "object"
+        table[column] = pd.to_numeric(table[column], errors="coerce").astype("float64")
+
+    layout_columns: list[str] = []
+    if layout is not None:
+        annotations = _annotations(layout)
+        layout_columns = [c for c in annotations.columns if c != ID_COLUMNS["well"]]
+        table = table.merge(annotations, on=ID_COLUMNS["well"], how="left", validate="many_to_one")
+
+    if not table.empty:
+        order = table[ID_COLUMNS["well"]].map(_well_order)
+        table = (
+            table.assign(_order=order)
+            .sort_values(["_order", ID_COLUMNS["site"], RESULT_COLUMNS["target"]], kind="stable")
+            .drop(columns="_order")
+            .reset_index(drop=True)
+        )
+    ids = list(ID_COLUMNS.values())
+    return table[[*ids, *layout_columns, *RESULT_COLUMNS.values()]]
+
+
+def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
+    """Write ``df`` to ``path`` through a temp file in the same folder and an atomic rename.
+
+    Creates the parent folder. The file gets the usual permissions (umask applies). Unwritable ->
+    :class:`OutputError` naming the path.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+            df.to_csv(handle, index=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(
+            f"cannot write the CSV summary {path}: {exc}. Make sure its folder is writable "
+            f"(or set output.csv to a writable path)."
+        ) from exc
+    logger.info("wrote %d rows to %s", len(df), path)
+
+
+def _annotations(layout: pd.DataFrame) -> pd.DataFrame:
+    """The layout with its ``well`` column as ``Metadata_Well`` and annotations as ``Metadata_<col>``."""
+    if LAYOUT_WELL not in layout.columns:
+        raise ValueError(f"the layout table has no {LAYOUT_WELL!r} column (columns: {list(layout.columns)})")
+    renamed: dict[str, str] = {LAYOUT_WELL: ID_COLUMNS["well"]}
+    keep = [LAYOUT_WELL]
+    for column in layout.columns:
+        if column == LAYOUT_WELL:
+            continue
+        name = layout_column_name(str(column))
+        if name in ID_COLUMNS.values() or name in renamed.values():
+            logger.warning("layout column %r would shadow %s; left out of the summary", column, name)
+            continue
+        renamed[column] = name
+        keep.append(column)
+    return layout[keep].rename(columns=renamed)
+
+
+def _well_order(well: Any) -> tuple[int, int]:
+    """Plate order (row, then column) of a canonical well name; unparsable names sort last."""
+    try:
+        row, col = split_well(str(well))
+    except ValueError:
+        return (1 << 30, 1 << 30)
+    return row_index(row), int(col)
