@@ -1,0 +1,671 @@
+"""plate.yaml as pydantic models, and the one place settings are merged (shared/DESIGN.md §3.1).
+
+Precedence, lowest first:
+
+1. defaults of the models below;
+2. the YAML file;
+3. environment variables ``PCIM_<SECTION>__<KEY>=value``, nested with ``__``
+   (``PCIM_EXPLAIN__STEPS=100``, ``PCIM_COMPUTE__SLURM__QUEUE=gpu``). Only ``PCIM_`` variables
+   with a ``__`` are read, and every one of them must name a real key;
+4. command-line overrides ``--set explain.steps=100`` (dotted keys), in the order given.
+
+Override values are parsed as YAML (``100`` is a number, ``[A01, B03]`` a list, ``null`` is null);
+a value that is not valid YAML (e.g. ``{well}_s{field}.tif``) is taken as plain text. With
+``compute.cluster: address`` and no address anywhere, ``DASK_SCHEDULER_ADDRESS`` fills it in.
+
+Relative paths (``plate.images``, ``plate.layout``, ``model.path``, ``output.zarr``, ``output.csv``,
+``compute.scheduler_file``) resolve against the YAML file's folder -- also when they come from an
+override -- never against the working directory; ``~`` is expanded. ``{plate}`` in the output paths
+becomes the plate name, which defaults to the YAML file's stem. Unknown keys are errors, and every
+problem is reported at once in one ConfigError, each as ``<yaml.path>: <what is wrong>``.
+
+YAML quirks handled: duplicate keys are errors (PyYAML would keep the last silently), and
+``01:00:00`` stays text (YAML 1.1 would read ``1:00:00`` as the number 3600).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from pcim_cli.engine.pcim import PcimOptions
+from pcim_cli.errors import ConfigError
+from pcim_cli.images import compile_pattern
+from pcim_cli.plate import parse_well
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "PCIM_"
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _check_path_text(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("empty path")
+    return value
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Expand ~ and anchor a relative path at the YAML file's folder (context 'base_dir')."""
+    value = value.expanduser()
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not value.is_absolute():
+        value = Path(base) / value
+    return value
+
+
+ConfigPath = Annotated[Path, BeforeValidator(_check_path_text), AfterValidator(_resolve_path)]
+
+
+class _Section(BaseModel):
+    """Base of every section: unknown keys are errors; YAML numbers are accepted where text is due."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+# ---------------------------------------------------------------- plate
+
+
+class PlateConfig(_Section):
+    """`plate:` — where the images are and how their names read."""
+
+    name: str
+    images: ConfigPath
+    pattern: str = "{well}_s{field}_w{channel}.tif"
+    channels: dict[str, str]
+    layout: ConfigPath | None = None
+    wells: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and data.get("name") is None:
+            default = (info.context or {}).get("default_name")
+            if default is not None:
+                data = {**data, "name": default}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("empty plate name")
+        if re.search(r"[/\\]", value):
+            raise ValueError(f"{value!r}: a plate name cannot contain '/' or '\\' (it is used in file names)")
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _check_pattern(cls, value: str) -> str:
+        compile_pattern(value)  # ConfigError is a ValueError: reported at plate.pattern
+        return value
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _normalise_channels(cls, value: Any) -> Any:
+        """A list of names, or a mapping name -> file token; always an ordered mapping afterwards."""
+        if isinstance(value, (str, int)):
+            value = [value]
+        if isinstance(value, list):
+            items = [(v, v) for v in value]
+        elif isinstance(value, dict):
+            items = list(value.items())
+        else:
+            raise ValueError("give a list of channel names, or a mapping name -> file-name token")
+        if not items:
+            raise ValueError("list at least one channel")
+        out: dict[str, str] = {}
+        for name, token in items:
+            if not isinstance(name, (str, int)) or not isinstance(token, (str, int)):
+                raise ValueError(f"channel {name!r}: names and tokens must be text, got {token!r}")
+            name, token = str(name), str(token)
+            if not name.strip() or not token.strip():
+                raise ValueError("channel names and tokens cannot be empty")
+            if name in out:
+                raise ValueError(f"channel {name!r} is listed twice")
+            out[name] = token
+        tokens = [t.lower() for t in out.values()]
+        dupes = sorted({t for t in tokens if tokens.count(t) > 1})
+        if dupes:
+            raise ValueError(f"file-name token(s) {', '.join(dupes)} used for more than one channel")
+        return out
+
+    @field_validator("wells", mode="before")
+    @classmethod
+    def _canonical_wells(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError("give a list of wells, e.g. [A01, B03]")
+        names = [parse_well(str(v)).name for v in value]  # WellIdError is a ValueError
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"well(s) {', '.join(dupes)} listed twice")
+        return names
+
+
+# ---------------------------------------------------------------- model
+
+
+class NormalizePercentile(_Section):
+    """Map each channel's `low` / `high` percentile to 0 / 1 (per field)."""
+
+    method: Literal["percentile"] = "percentile"
+    low: float = Field(1.0, ge=0, le=100)
+    high: float = Field(99.8, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> NormalizePercentile:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class NormalizeFixed(_Section):
+    """Map the fixed intensities `min` / `max` to 0 / 1 (e.g. 0 and 65535)."""
+
+    method: Literal["fixed"] = "fixed"
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> NormalizeFixed:
+        if self.min >= self.max:
+            raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+        return self
+
+
+class NormalizeNone(_Section):
+    """Feed raw intensities to the model."""
+
+    method: Literal["none"] = "none"
+
+
+Normalize = Annotated[NormalizePercentile | NormalizeFixed | NormalizeNone, Field(discriminator="method")]
+
+
+class ModelConfig(_Section):
+    """`model:` — the classifier and what its input must look like."""
+
+    path: ConfigPath
+    classes: list[str] | None = None
+    input_size: tuple[PositiveInt, PositiveInt] | None = None
+    normalize: Normalize = Field(default_factory=NormalizePercentile)
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        """`normalize: none` (or null) and `normalize: percentile` stand for `{method: ...}`."""
+        if value is None:
+            return {"method": "none"}
+        if isinstance(value, str):
+            return {"method": value}
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("list at least one class name, or leave model.classes out")
+        dupes = sorted({c for c in value if value.count(c) > 1})
+        if dupes:
+            raise ValueError(f"class name(s) {', '.join(dupes)} listed twice")
+        return value
+
+
+# ---------------------------------------------------------------- explain
+
+_ENGINE = PcimOptions()  # the engine's defaults are the config's defaults
+
+
+class ExplainConfig(_Section):
+    """`explain:` — what to attribute and how. Engine settings are flat keys of this section."""
+
+    method: Literal["pcim", "saliency", "integrated-gradients", "occlusion", "rise"] = "pcim"
+    target: str = "predicted"  # predicted | a class name | layout:<column> | all
+    steps: PositiveInt = _ENGINE.steps
+    lr: float = Field(_ENGINE.lr, gt=0)
+    per_channel: bool = _ENGINE.per_channel
+    seed: int = Field(_ENGINE.seed, ge=0)
+    # engine settings (pcim_cli.engine.pcim.PcimOptions; docs/method.md says why these defaults)
+    resolution: PositiveInt = _ENGINE.resolution  # mixing weights at 1/resolution of the field, upsampled
+    budget: float | None = Field(_ENGINE.budget, gt=0, le=1)  # share of the field a map may keep; null: paper
+    objective: Literal["keep", "keep-delete"] = _ENGINE.objective
+    loss: Literal["ce", "logit"] = _ENGINE.loss
+    keep_substrate: Literal["none", "zero", "mean", "blur"] = _ENGINE.keep_substrate
+    delete_substrate: Literal["none", "zero", "mean", "blur"] = _ENGINE.delete_substrate
+    blur_sigma: float = Field(_ENGINE.blur_sigma, ge=0)
+    entropy: float = Field(_ENGINE.entropy, ge=0)
+    tv: float = Field(_ENGINE.tv, ge=0)
+    noise: float = Field(_ENGINE.noise, ge=0)
+    patience: int = Field(_ENGINE.patience, ge=0)  # early stopping; 0 = always run `steps`
+    tol: float = Field(_ENGINE.tol, gt=0)
+    fidelity: bool = True  # deletion / insertion AUC of every map into the CSV
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("empty target: use predicted, all, a class name or layout:<column>")
+        if value.startswith("layout:") and not value[len("layout:") :].strip():
+            raise ValueError("'layout:' needs a column name, e.g. layout:moa")
+        return value
+
+
+# ---------------------------------------------------------------- compute
+
+
+class SlurmConfig(_Section):
+    """`compute.slurm:` — dask-jobqueue SLURMCluster settings."""
+
+    queue: str | None = None
+    account: str | None = None
+    walltime: str = "01:00:00"
+    cores: PositiveInt = 4
+    memory: str = "16GB"
+    gpus: int = Field(1, ge=0)
+    jobs: PositiveInt = 1
+    job_extra: list[str] = Field(default_factory=list)
+
+    @field_validator("walltime")
+    @classmethod
+    def _check_walltime(cls, value: str) -> str:
+        if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", value.strip()):
+            raise ValueError(f"{value!r} is not a Slurm time limit (e.g. \"01:00:00\" or \"2-00:00:00\")")
+        return value.strip()
+
+
+class ComputeConfig(_Section):
+    """`compute:` — where and how the work runs."""
+
+    cluster: Literal["none", "local", "address", "scheduler-file", "slurm"] = "local"
+    address: str | None = None
+    scheduler_file: ConfigPath | None = None
+    workers: Literal["auto"] | PositiveInt = "auto"
+    device: str = "auto"
+    batch_size: PositiveInt = 16
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _check_workers(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError(f"must be 'auto' or a positive whole number, got {value!r}")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:<index>")
+        return value
+
+
+# ---------------------------------------------------------------- output
+
+
+def _check_template(value: Any) -> Any:
+    if isinstance(value, str):
+        unknown = sorted(set(re.findall(r"\{([^{}]*)\}", value)) - {"plate"})
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; "
+                             "only {plate} is filled in")
+    return value
+
+
+OutputPath = Annotated[ConfigPath, BeforeValidator(_check_template)]
+
+
+class OutputConfig(_Section):
+    """`output:` — the OME-Zarr store and the CSV summary."""
+
+    zarr: OutputPath = Field(Path("out/{plate}.zarr"), validate_default=True)
+    csv: OutputPath = Field(Path("out/{plate}_pcim.csv"), validate_default=True)
+    format: Literal["0.5", "0.4"] = "0.5"
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _float_format(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, float) else value
+
+
+# ---------------------------------------------------------------- top level
+
+
+class _CrossProblems(ValueError):
+    """Problems found across sections, each with its own YAML path."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        super().__init__("; ".join(f"{p}: {m}" for p, m in problems))
+        self.problems = problems
+
+
+class RunConfig(_Section):
+    """The whole plate.yaml. `config_path` / `base_dir` tell where it was read from (not YAML keys)."""
+
+    plate: PlateConfig
+    model: ModelConfig
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    _config_path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def config_path(self) -> Path | None:
+        """The YAML file this config was loaded from (None when built in code)."""
+        return self._config_path
+
+    @property
+    def base_dir(self) -> Path | None:
+        """The folder relative paths were resolved against."""
+        return None if self._config_path is None else self._config_path.parent
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """model.classes, or None when the model's output count decides ("0", "1", …)."""
+        return self.model.classes
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> RunConfig:
+        name = self.plate.name
+        self.output.zarr = Path(str(self.output.zarr).replace("{plate}", name))
+        self.output.csv = Path(str(self.output.csv).replace("{plate}", name))
+        problems: list[tuple[str, str]] = []
+        target = self.explain.target
+        if target.startswith("layout:") and self.plate.layout is None:
+            problems.append(("explain.target", f"{target!r} reads the layout, but plate.layout is not set"))
+        elif target not in ("predicted", "all") and not target.startswith("layout:"):
+            classes = self.model.classes
+            if classes is not None and target not in classes:
+                problems.append(("explain.target", f"{target!r} is not in model.classes ({', '.join(classes)})"
+                                 + _did_you_mean(target, classes)))
+            elif classes is None and not target.isdigit():
+                problems.append(("explain.target", f"{target!r} is not a class: model.classes is not set, so "
+                                 "classes are named 0, 1, …; list model.classes or use predicted / all"))
+        compute = self.compute
+        if compute.cluster == "address" and not compute.address:
+            problems.append(("compute.address", "required with compute.cluster: address "
+                             "(e.g. tcp://host:8786; or set DASK_SCHEDULER_ADDRESS)"))
+        if compute.cluster == "scheduler-file" and compute.scheduler_file is None:
+            problems.append(("compute.scheduler_file", "required with compute.cluster: scheduler-file"))
+        if problems:
+            raise _CrossProblems(problems)
+        return self
+
+
+# ---------------------------------------------------------------- YAML reading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys and keeps 1:00:00 as text."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"found duplicate key {key_node.value!r}", key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def _no_sexagesimal(tag: str) -> Any:
+    base = yaml.SafeLoader.yaml_constructors[tag]
+
+    def construct(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        if isinstance(node, yaml.ScalarNode) and ":" in node.value:
+            return node.value
+        return base(loader, node)
+
+    return construct
+
+
+for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+    _Loader.add_constructor(_tag, _no_sexagesimal(_tag))
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is not None:
+        return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return f"YAML syntax error: {problem}"
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.exists():
+        raise ConfigError(f"configuration file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"configuration file {path} is not a file")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return yaml.load(fh, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: {_yaml_error(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc}") from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506
+    except yaml.YAMLError:
+        return text
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def _set_key(data: dict[str, Any], keys: list[str], value: Any) -> str | None:
+    """Set data[k0][k1]... = value, creating mappings; a problem message if a parent is not a mapping."""
+    node = data
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif not isinstance(child, dict):
+            return f"cannot set a key below {'.'.join(keys[: i + 1])}: it is {child!r}, not a mapping"
+        node = child
+    node[keys[-1]] = value
+    return None
+
+
+def _env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], str, str]]:
+    out = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            keys = name[len(ENV_PREFIX) :].lower().split("__")
+            out.append((keys, environ[name], f"environment variable {name}"))
+    return out
+
+
+def _cli_overrides(overrides: Sequence[str], problems: list[str]) -> list[tuple[list[str], str, str]]:
+    out = []
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        keys = key.strip().split(".")
+        if not sep or not all(k.strip() for k in keys):
+            problems.append(f"--set {text}: expected section.key=value, e.g. --set explain.steps=100")
+            continue
+        out.append(([k.strip() for k in keys], value, f"--set {text}"))
+    return out
+
+
+# ---------------------------------------------------------------- error messages
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | dict[str, type[BaseModel]] | None:
+    """The model behind a field annotation; {tag: model} for a discriminated union."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        models = [a for a in typing.get_args(annotation) if inspect.isclass(a) and issubclass(a, BaseModel)]
+        if len(models) == 1:
+            return models[0]
+        if models:
+            return {typing.get_args(m.model_fields["method"].annotation)[0]: m for m in models}
+    return None
+
+
+def _locate(loc: tuple[Any, ...]) -> tuple[str, Any]:
+    """YAML path of a pydantic error location, and the model holding its last key."""
+    parts: list[str] = []
+    node: Any = RunConfig
+    parent: Any = None
+    for item in loc:
+        if isinstance(node, dict) and item in node:  # discriminated-union tag: not a YAML key
+            node = node[item]
+            continue
+        if isinstance(item, int) and parts:
+            parts[-1] += f"[{item}]"
+            node = None
+            continue
+        parent = node
+        parts.append(str(item))
+        fields = getattr(node, "model_fields", {}) if inspect.isclass(node) else {}
+        node = _section_of(fields[item].annotation) if item in fields else None
+    return ".".join(parts), parent
+
+
+def _quoted(ctx_text: str) -> list[str]:
+    return re.findall(r"'([^']*)'", ctx_text)
+
+
+def _describe(err: Mapping[str, Any]) -> tuple[str, str]:
+    """(yaml path, message) for one pydantic error."""
+    path, parent = _locate(tuple(err["loc"]))
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        key = str(err["loc"][-1])
+        allowed = list(getattr(parent, "model_fields", {}))
+        hint = _did_you_mean(key, allowed) or (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        return path, f"unknown key{hint}"
+    if kind == "missing":
+        return path, "required key missing"
+    if kind == "literal_error":
+        allowed = _quoted(ctx.get("expected", ""))
+        return path, f"{value!r} is not allowed: use one of {', '.join(allowed)}{_did_you_mean(str(value), allowed)}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        allowed = _quoted(ctx.get("expected_tags", "")) or ["percentile", "fixed", "none"]
+        where = f"{path}.method" if path else "method"
+        if kind == "union_tag_not_found":
+            return where, f"required key missing (one of {', '.join(allowed)})"
+        tag = str(ctx.get("tag"))
+        return where, f"{tag!r} is not allowed: use one of {', '.join(allowed)}{_did_you_mean(tag, allowed)}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return path, f"must be a mapping of keys, got {value!r}"
+    if kind == "value_error":
+        return path, str(ctx.get("error", err["msg"]))
+    message = err["msg"][:1].lower() + err["msg"][1:]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        message += f" (got {value!r})"
+    return path, message
+
+
+def _format_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for err in exc.errors():
+        error = (err.get("ctx") or {}).get("error")
+        if isinstance(error, _CrossProblems):
+            out.extend(error.problems)
+        else:
+            out.append(_describe(err))
+    return out
+
+
+def _with_origin(path: str, message: str, origins: Mapping[str, str]) -> str:
+    parts = path.split(".")
+    for n in range(len(parts), 0, -1):
+        origin = origins.get(".".join(parts[:n]))
+        if origin:
+            return f"{path}: {message} [from {origin}]"
+    return f"{path}: {message}" if path else message
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def load_config(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> RunConfig:
+    """Read plate.yaml, apply `PCIM_*` environment and `--set` overrides, validate, resolve paths.
+
+    Raises ConfigError naming the file and listing every problem as `<yaml.path>: <what is wrong>`.
+    """
+    path = Path(path).expanduser().absolute()
+    environ = os.environ if environ is None else environ
+    data = _read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with the sections "
+                          f"{', '.join(RunConfig.model_fields)}, got {type(data).__name__}")
+
+    problems: list[str] = []
+    origins: dict[str, str] = {}
+    for keys, text, origin in _env_overrides(environ) + _cli_overrides(overrides, problems):
+        trouble = _set_key(data, keys, _parse_value(text))
+        if trouble:
+            problems.append(f"{'.'.join(keys)}: {trouble} [from {origin}]")
+        else:
+            origins[".".join(keys)] = origin
+    compute = data.get("compute")
+    if isinstance(compute, dict) and compute.get("cluster") == "address" and not compute.get("address"):
+        address = environ.get("DASK_SCHEDULER_ADDRESS")
+        if address:
+            compute["address"] = address
+            origins["compute.address"] = "environment variable DASK_SCHEDULER_ADDRESS"
+
+    config: RunConfig | None = None
+    try:
+        config = RunConfig.model_validate(data, context={"base_dir": path.parent, "default_name": path.stem})
+    except ValidationError as exc:
+        problems.extend(_with_origin(p, m, origins) for p, m in _format_problems(exc))
+    if problems or config is None:
+        listed = "\n".join(f"  {p}" for p in problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise ConfigError(f"invalid configuration {path} ({len(problems)} {noun}):\n{listed}")
+    config._config_path = path
+    logger.debug("loaded %s (plate %s, %d override(s))", path, config.plate.name, len(origins))
+    return config
