@@ -65,6 +65,8 @@ def perturbation_curve(
     f*N pixels (all channels at once) are set to the substrate (deletion), or every pixel but those is
     (insertion). Returns (B, S) probabilities at `fractions`.
     """
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be deletion or insertion, got {mode!r}")
     fractions = default_fractions() if fractions is None else fractions
     b, c, h, w = x.shape
     n = h * w
@@ -128,10 +130,11 @@ def pointing_game(maps: torch.Tensor, mask: torch.Tensor, tolerance: int = 0) ->
 
 
 def relevance_mass(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B,) share of the (non-negative) relevance inside the mask (Arras et al. 2022)."""
+    """(B,) share of the (non-negative) relevance inside the mask (Arras et al. 2022); NaN for empty masks."""
     m = _joint(maps).clamp(min=0).flatten(1)
-    inside = (m * mask.flatten(1).to(m.dtype)).sum(1)
-    return inside / m.sum(1).clamp(min=1e-12)
+    inside_mask = mask.flatten(1).bool()
+    share = (m * inside_mask.to(m.dtype)).sum(1) / m.sum(1).clamp(min=1e-12)
+    return torch.where(inside_mask.any(1), share, torch.full_like(share, float("nan")))
 
 
 def pixel_auroc(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
