@@ -1,0 +1,134 @@
+"""`pcim explain` on the bundled demo plate, through the installed console script, read back and scored."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+
+from pcim_cli import images, store, summary
+from pcim_cli.engine import baselines, metrics
+
+DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
+_SCRIPT = Path(sys.executable).parent / "pcim"  # the installed console script
+PCIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pcim_cli.cli"]
+
+
+def run_pcim(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("NO_COLOR", None)
+    return subprocess.run([*PCIM, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> dict:
+    """One run of the demo plate with its shipped plate.yaml (default engine settings), from another cwd."""
+    out = tmp_path_factory.mktemp("demo")
+    proc = run_pcim("explain", str(DEMO / "plate.yaml"), "--set", f"output.zarr={out}/demo.zarr",
+                    "--set", f"output.csv={out}/demo.csv", cwd=out)
+    return {"proc": proc, "store": out / "demo.zarr", "csv": out / "demo.csv"}
+
+
+def field_image(well: str, site: int) -> torch.Tensor:
+    img = np.stack([tifffile.imread(DEMO / "images" / f"{well}_s{site}_w{c}.tif") for c in (1, 2, 3)])
+    return torch.from_numpy(images.normalize(img.astype(np.float32)))
+
+
+def test_demo_exits_zero_and_writes_one_csv_row_per_field(demo_run):
+    proc = demo_run["proc"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_csv(demo_run["csv"])
+    assert len(df) == 48  # 24 wells x 2 fields, target: predicted
+    fixed = list(summary.COLUMNS)
+    assert [c for c in df.columns if c in fixed] == fixed
+    assert {"Metadata_treatment", "Metadata_expected_class"} <= set(df.columns)
+    assert (df["PCIM_Status"] == "done").all()
+    assert df.groupby(["Metadata_Well", "Metadata_Site"]).size().eq(1).all()
+    assert df["Metadata_Plate"].eq("DEMO01").all()
+    assert df["PCIM_ProbOriginal"].between(0, 1).all() and df["PCIM_DeletionAUC"].between(0, 1).all()
+    # the model reads the demo correctly: the predicted class is the plate map's expected class
+    assert (df["PCIM_PredictedClass"] == df["Metadata_expected_class"]).mean() >= 0.9
+
+
+def test_demo_store_holds_one_map_per_field_with_the_field_shape(demo_run):
+    df = pd.read_csv(demo_run["csv"])
+    for row in df.itertuples():
+        index = int(row.PCIM_ZarrPath.rsplit("/", 1)[1])
+        maps, labels, record = store.read_field(demo_run["store"], row.Metadata_Well, index)
+        assert maps.shape == (1, 128, 128)
+        assert labels == [row.PCIM_Target]
+        assert (maps >= 0).all() and maps.max() > 0
+        assert record["status"] == "done" and record["site"] == row.Metadata_Site
+        assert record["results"][row.PCIM_Target]["prob_original"] == pytest.approx(row.PCIM_ProbOriginal)
+
+
+def test_demo_maps_find_the_true_object_and_beat_random_on_deletion(demo_run):
+    import torch.jit
+
+    df = pd.read_csv(demo_run["csv"])
+    pos = df[df["PCIM_Target"] == "mitotic"]
+    xs, maps, masks = [], [], []
+    for row in pos.itertuples():
+        mask = tifffile.imread(DEMO / "masks" / f"{row.Metadata_Well}_s{row.Metadata_Site}.tif") > 0
+        if not mask.any():
+            continue
+        index = int(row.PCIM_ZarrPath.rsplit("/", 1)[1])
+        xs.append(field_image(row.Metadata_Well, row.Metadata_Site))
+        maps.append(torch.from_numpy(store.read_field(demo_run["store"], row.Metadata_Well, index)[0]))
+        masks.append(torch.from_numpy(mask))
+    assert len(xs) >= 16
+    x, m, mask = torch.stack(xs), torch.stack(maps), torch.stack(masks)
+    pointing = metrics.pointing_game(m, mask)
+    assert float(pointing.mean()) >= 0.9, pointing
+    assert float(metrics.relevance_mass(m, mask).mean()) > 0.5
+    model = torch.jit.load(str(DEMO / "classifier.ts")).eval()
+    target = torch.ones(len(x), dtype=torch.long)
+    fine = torch.linspace(0, 0.2, 41)
+    ours = metrics.deletion_auc(model, x, m, target, fractions=fine)
+    rand = metrics.deletion_auc(model, x, baselines.random_map(model, x, target), target, fractions=fine)
+    assert float(ours.mean()) < 0.5 * float(rand.mean()), (ours.mean(), rand.mean())
+
+
+def test_relative_paths_resolve_against_the_yaml_not_the_cwd(tmp_path):
+    plate = tmp_path / "plate"
+    shutil.copytree(DEMO, plate, ignore=shutil.ignore_patterns("out", "*.py"))
+    proc = run_pcim("explain", str(plate / "plate.yaml"), "--set", "plate.wells=[A01]",
+                    "--set", "explain.steps=5", cwd=Path("/"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (plate / "out" / "DEMO01.zarr").is_dir() and (plate / "out" / "DEMO01_pcim.csv").is_file()
+    assert "\x1b[" not in proc.stderr  # no colour or progress control sequences off a terminal
+
+
+def test_a_model_with_the_wrong_channel_count_is_refused_naming_the_file(tmp_path):
+    class TwoChannel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).amax(dim=(2, 3))
+
+    bad = tmp_path / "two_channel.ts"
+    torch.jit.script(TwoChannel()).save(str(bad))
+    proc = run_pcim("explain", str(DEMO / "plate.yaml"), "--set", f"model.path={bad}",
+                    "--set", f"output.zarr={tmp_path}/o.zarr", "--set", f"output.csv={tmp_path}/o.csv")
+    assert proc.returncode == 78, proc.stderr
+    assert str(bad) in proc.stderr and "3" in proc.stderr
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_a_wrong_yaml_key_gets_exit_78_with_its_path(tmp_path):
+    text = (DEMO / "plate.yaml").read_text().replace("  steps:", "  stpes:")
+    cfg = tmp_path / "plate.yaml"
+    cfg.write_text(text.replace("images: images/", f"images: {DEMO / 'images'}"))
+    proc = run_pcim("explain", str(cfg))
+    assert proc.returncode == 78
+    assert "explain.stpes" in proc.stderr and "steps" in proc.stderr
