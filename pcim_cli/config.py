@@ -395,6 +395,14 @@ class RunConfig(_Section):
         """model.classes, or None when the model's output count decides ("0", "1", …)."""
         return self.model.classes
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """Missing or null optional sections validate as `{}`, so their paths resolve in context."""
+        if isinstance(data, dict):
+            data = {**data, **{k: {} for k in ("explain", "compute", "output") if data.get(k) is None}}
+        return data
+
     @model_validator(mode="after")
     def _across_sections(self) -> RunConfig:
         name = self.plate.name
@@ -471,7 +479,7 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"configuration file {path} is not a file")
     try:
         with path.open(encoding="utf-8") as fh:
-            return yaml.load(fh, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+            return yaml.load(fh, Loader=_Loader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: {_yaml_error(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -480,7 +488,7 @@ def _read_yaml(path: Path) -> Any:
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         return text
 
@@ -618,6 +626,9 @@ def _with_origin(path: str, message: str, origins: Mapping[str, str]) -> str:
         origin = origins.get(".".join(parts[:n]))
         if origin:
             return f"{path}: {message} [from {origin}]"
+    below = [o for key, o in origins.items() if key.startswith(path + ".")] if path else []
+    if below:
+        return f"{path}: {message} [from {', '.join(below)}]"
     return f"{path}: {message}" if path else message
 
 

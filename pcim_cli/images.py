@@ -1,0 +1,326 @@
+"""Find a plate's TIFF files, read one field as a (C, H, W) float32 array, and normalise it.
+
+File names are matched against `plate.pattern` (shared/DESIGN.md §3.1): `{well}` (or `{row}` and
+`{col}`), `{field}`, `{channel}` and `*` (anything, e.g. a vendor GUID). Matching ignores case, so
+`A01_s1_w1.TIF` matches `{well}_s{field}_w{channel}.tif`. With `{channel}`, a field is one 2-D file
+per channel; without it, each file is one multi-channel stack (TIFF pages, an RGB image, or an
+OME-TIFF / ImageJ hyperstack with a C axis; a Z axis is max-projected).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from pcim_cli.errors import ConfigError, InputDataError
+from pcim_cli.plate import Well, WellIdError, parse_well
+
+logger = logging.getLogger(__name__)
+
+PATTERN_TOKENS = ("well", "row", "col", "field", "channel")
+_TOKEN_RE = re.compile(r"\{([^{}]*)\}|\*")
+_FIXED_GROUPS = {
+    "well": r"[A-Za-z]{1,2}\d{1,3}",
+    "row": r"[A-Za-z]{1,2}",
+    "col": r"\d{1,3}",
+    "field": r"\d+",
+}
+#: images with more pixels than this are subsampled (strided) for percentile estimation
+PERCENTILE_SAMPLE_PIXELS = 1024 * 1024
+NORMALIZE_METHODS = ("percentile", "fixed", "none")
+
+
+@dataclass(frozen=True)
+class FieldSource:
+    """The file(s) of one field: one per channel in channel order, or a single multi-channel stack."""
+
+    well: str
+    field: int
+    files: tuple[Path, ...]
+
+
+def compile_pattern(pattern: str, channel_tokens: Sequence[str] | None = None) -> re.Pattern[str]:
+    """Turn a `plate.pattern` into a case-insensitive regex with named groups.
+
+    `{channel}` matches only the given tokens (longest first) when `channel_tokens` is given, else
+    any text. Raises ConfigError (a ValueError) for unknown or repeated placeholders, and when the
+    pattern names no well (`{well}`, or `{row}` and `{col}`).
+    """
+    parts: list[str] = []
+    seen: set[str] = set()
+    pos = 0
+    for match in _TOKEN_RE.finditer(pattern):
+        parts.append(re.escape(pattern[pos : match.start()]))
+        pos = match.end()
+        if match.group(0) == "*":
+            parts.append(r"[^/]*?")
+            continue
+        name = match.group(1)
+        if name not in PATTERN_TOKENS:
+            allowed = ", ".join("{" + t + "}" for t in PATTERN_TOKENS)
+            raise ConfigError(f"unknown placeholder {{{name}}} in pattern {pattern!r} (use {allowed} or *)")
+        if name in seen:
+            raise ConfigError(f"placeholder {{{name}}} appears twice in pattern {pattern!r}")
+        seen.add(name)
+        if name == "channel":
+            if channel_tokens:
+                alternatives = "|".join(re.escape(t) for t in sorted(channel_tokens, key=len, reverse=True))
+                parts.append(f"(?P<channel>{alternatives})")
+            else:
+                parts.append(r"(?P<channel>[^/]+?)")
+        else:
+            parts.append(f"(?P<{name}>{_FIXED_GROUPS[name]})")
+    parts.append(re.escape(pattern[pos:]))
+    if "well" in seen and seen & {"row", "col"}:
+        raise ConfigError(f"pattern {pattern!r} has {{well}} and {{row}}/{{col}}: use one or the other")
+    if "well" not in seen and not {"row", "col"} <= seen:
+        raise ConfigError(f"pattern {pattern!r} names no well: it needs {{well}}, or {{row}} and {{col}}")
+    return re.compile("".join(parts), re.IGNORECASE)
+
+
+def _list_files(images_dir: Path, recursive: bool) -> list[Path]:
+    walker = images_dir.rglob("*") if recursive else images_dir.iterdir()
+    return sorted(p for p in walker if p.is_file() and not p.name.startswith("."))
+
+
+def discover_fields(
+    images_dir: Path,
+    pattern: str,
+    channels: Mapping[str, str],
+    wells: Iterable[str] | None = None,
+) -> tuple[dict[str, list[FieldSource]], list[str]]:
+    """Group the image files of a plate into fields.
+
+    `channels` maps channel name -> file-name token, in the model's channel order. Returns
+    `({well: [FieldSource, ...] sorted by field}, problems)`: fields with a missing or ambiguous
+    channel file are left out and described in `problems`, as are requested `wells` with no file.
+    Wells are canonical names (A01). A pattern with '/' matches paths below `images_dir`.
+    Raises InputDataError when `images_dir` is not a folder, ConfigError for a bad pattern.
+    """
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise InputDataError(f"image folder {images_dir} does not exist or is not a folder: fix plate.images")
+    names = list(channels)
+    tokens = [channels[n] for n in names]
+    regex = compile_pattern(pattern, tokens)
+    per_channel = "channel" in regex.groupindex
+    by_token = {t.lower(): t for t in tokens}
+    wanted = None if wells is None else {parse_well(w).name for w in wells}
+
+    found: dict[tuple[Well, int], dict[str | None, list[Path]]] = defaultdict(lambda: defaultdict(list))
+    problems: list[str] = []
+    files = _list_files(images_dir, recursive="/" in pattern)
+    n_matched = 0
+    for path in files:
+        rel = path.relative_to(images_dir).as_posix()
+        match = regex.fullmatch(rel)
+        if not match:
+            continue
+        n_matched += 1
+        groups = match.groupdict()
+        text = groups["well"] if "well" in groups else f"{groups['row']}{groups['col']}"
+        try:
+            well = parse_well(text)
+        except WellIdError as exc:
+            problems.append(f"{rel}: {exc}")
+            continue
+        if wanted is not None and well.name not in wanted:
+            continue
+        field = int(groups["field"]) if "field" in groups else 1
+        token = by_token[groups["channel"].lower()] if per_channel else None
+        found[(well, field)][token].append(path)
+
+    if n_matched == 0:
+        examples = ", ".join(p.relative_to(images_dir).as_posix() for p in files[:3]) or "none"
+        problems.append(
+            f"no file in {images_dir} matches plate.pattern {pattern!r} "
+            f"(channel tokens: {', '.join(tokens)}); files there look like: {examples}"
+        )
+
+    result: dict[str, list[FieldSource]] = {}
+    for (well, field), by_key in sorted(found.items()):
+        where = f"{well.name} field {field}"
+        chosen: list[Path] = []
+        keys: list[tuple[str | None, str]] = (
+            [(t, n) for n, t in zip(names, tokens, strict=True)] if per_channel else [(None, "")]
+        )
+        for token, name in keys:
+            paths = by_key.get(token, [])
+            label = "" if token is None else f" for channel {name}" + (f" (token {token})" if token != name else "")
+            if not paths:
+                problems.append(f"{where}: no file{label}")
+            elif len(paths) > 1:
+                listed = ", ".join(p.name for p in paths)
+                problems.append(f"{where}: {len(paths)} files{label} ({listed}); make plate.pattern more specific")
+            else:
+                chosen.append(paths[0])
+        if len(chosen) == len(keys):
+            result.setdefault(well.name, []).append(FieldSource(well.name, field, tuple(chosen)))
+
+    if wanted is not None:
+        for name in sorted(wanted - set(result), key=parse_well):
+            if not any(w.name == name for w, _ in found):
+                problems.append(f"{name}: no image file matches plate.pattern {pattern!r}")
+    logger.debug("discovered %d fields in %d wells under %s", sum(map(len, result.values())), len(result),
+                 images_dir)
+    return result, problems
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
+    """The first image series of a TIFF and its axes; plain multi-series files are stacked as pages."""
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series
+        if not series:
+            raise ValueError("no image in the file")
+        first = series[0]
+        same = all(s.shape == first.shape and s.axes == first.axes for s in series)
+        if len(series) > 1 and same and not (tif.is_ome or tif.is_imagej) and first.axes == "YX":
+            return np.stack([s.asarray() for s in series]), "I" + first.axes
+        if len(series) > 1:
+            logger.warning("%s holds %d image series; reading the first only", path, len(series))
+        return first.asarray(), first.axes
+
+
+def _to_cyx(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
+    """Reorder a TIFF series to (C, Y, X): Z max-projected, singleton axes dropped."""
+    if "Y" not in axes or "X" not in axes:
+        raise InputDataError(f"{path}: no Y/X image axes (axes {axes}, shape {arr.shape})")
+    if "Z" in axes:
+        arr = arr.max(axis=axes.index("Z"))
+        axes = axes.replace("Z", "")
+    if "T" in axes and arr.shape[axes.index("T")] > 1:
+        raise InputDataError(
+            f"{path} is a time series ({arr.shape[axes.index('T')]} time points, axes {axes}); "
+            "export one time point per file"
+        )
+    others = [(i, a) for i, a in enumerate(axes) if a not in "YX" and arr.shape[i] > 1]
+    if len(others) > 1:
+        desc = ", ".join(f"{a}={arr.shape[i]}" for i, a in others)
+        raise InputDataError(
+            f"{path}: cannot tell which axis holds the channels ({desc}; axes {axes}); "
+            "save one axis of channels (C) and at most a Z axis"
+        )
+    order = [i for i, _ in others] + [axes.index("Y"), axes.index("X")]
+    squeeze = tuple(i for i, a in enumerate(axes) if a not in "YX" and arr.shape[i] == 1)
+    arr = np.squeeze(arr, axis=squeeze) if squeeze else arr
+    kept = [i for i in range(len(axes)) if i not in squeeze]
+    arr = np.transpose(arr, [kept.index(i) for i in order])
+    return arr if arr.ndim == 3 else arr[np.newaxis]
+
+
+def _read_cyx(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise InputDataError(f"image file {path} is missing (moved or deleted?); restore it or rerun discovery")
+    if path.stat().st_size == 0:
+        raise InputDataError(f"image file {path} is empty (0 bytes): the copy failed; copy it again")
+    try:
+        arr, axes = _read_tiff(path)
+    except MemoryError:
+        raise
+    except Exception as exc:  # tifffile raises many types for damaged files
+        raise InputDataError(
+            f"cannot read image file {path} ({type(exc).__name__}: {exc}); "
+            "it is truncated or not a TIFF: copy or export it again"
+        ) from exc
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+            or arr.dtype == np.bool_):
+        raise InputDataError(f"image file {path} has pixel type {arr.dtype}; use uint8, uint16 or float32")
+    cyx = _to_cyx(arr, axes, path).astype(np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(cyx))) if np.issubdtype(arr.dtype, np.floating) else 0
+    if bad:
+        raise InputDataError(f"image file {path} has {bad} NaN or infinite pixels; replace them (e.g. with 0)")
+    return cyx
+
+
+def read_field(src: FieldSource, n_channels: int) -> np.ndarray:
+    """Read one field as float32 (C, H, W), C == n_channels. Raises InputDataError naming the file."""
+    where = f"{src.well} field {src.field}"
+    if len(src.files) == 1:
+        img = _read_cyx(src.files[0])
+        if img.shape[0] != n_channels:
+            raise InputDataError(
+                f"{where}: {src.files[0]} holds {img.shape[0]} channel(s) but plate.channels lists "
+                f"{n_channels}; list every channel of the stack in plate.channels, in order"
+            )
+        return img
+    if len(src.files) != n_channels:
+        raise InputDataError(f"{where}: {len(src.files)} files for {n_channels} channels")
+    planes = []
+    for path in src.files:
+        img = _read_cyx(path)
+        if img.shape[0] != 1:
+            raise InputDataError(
+                f"{where}: {path} holds {img.shape[0]} planes, expected one 2-D image per channel file; "
+                "remove {channel} from plate.pattern if each file is a multi-channel stack"
+            )
+        if planes and img.shape[1:] != planes[0].shape:
+            h0, w0 = planes[0].shape
+            raise InputDataError(
+                f"{where}: {path} is {img.shape[1]}x{img.shape[2]} pixels but {src.files[0]} is "
+                f"{h0}x{w0}; all channels of a field must have the same size"
+            )
+        planes.append(img[0])
+    return np.stack(planes)
+
+
+def _percentiles(channel: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    h, w = channel.shape
+    stride = max(1, math.ceil(math.sqrt(h * w / PERCENTILE_SAMPLE_PIXELS)))
+    lo, hi = np.percentile(channel[::stride, ::stride], [low, high])
+    return float(lo), float(hi)
+
+
+def normalize(
+    img: np.ndarray,
+    method: str = "percentile",
+    low: float = 1.0,
+    high: float = 99.8,
+    vmin: float | Sequence[float] | None = None,
+    vmax: float | Sequence[float] | None = None,
+    *,
+    min: float | Sequence[float] | None = None,  # noqa: A002 - the config's names: normalize(**dump)
+    max: float | Sequence[float] | None = None,  # noqa: A002
+) -> np.ndarray:
+    """Scale a (C, H, W) image per channel to float32 in [0, 1].
+
+    Takes the keys of `model.normalize` as they are (`normalize(img, **settings)`), so `min` / `max`
+    are accepted for `vmin` / `vmax`.
+
+    percentile: the channel's `low` / `high` percentiles map to 0 / 1 (estimated on a strided
+    subsample of about 1 Mpixel for larger images); fixed: `vmin` / `vmax` (a number, or one per
+    channel) map to 0 / 1; none: values unchanged. percentile and fixed clip to [0, 1], so bright
+    outliers cannot dominate the model's input; a constant channel becomes 0.
+    """
+    if method not in NORMALIZE_METHODS:
+        raise ValueError(f"unknown normalisation {method!r} (use one of {', '.join(NORMALIZE_METHODS)})")
+    if img.ndim != 3:
+        raise ValueError(f"expected a (C, H, W) image, got shape {img.shape}")
+    vmin = min if vmin is None else vmin
+    vmax = max if vmax is None else vmax
+    out = img.astype(np.float32, copy=True)
+    if method == "none":
+        return out
+    n = img.shape[0]
+    if method == "percentile":
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}")
+        bounds = [_percentiles(out[c], low, high) for c in range(n)]
+    else:
+        if vmin is None or vmax is None:
+            raise ValueError("fixed normalisation needs vmin and vmax")
+        los = np.broadcast_to(np.asarray(vmin, dtype=np.float64), (n,))
+        his = np.broadcast_to(np.asarray(vmax, dtype=np.float64), (n,))
+        bounds = list(zip(los.tolist(), his.tolist(), strict=True))
+    for c, (lo, hi) in enumerate(bounds):
+        scale = 1.0 / (hi - lo) if hi > lo else 0.0
+        np.subtract(out[c], lo, out=out[c])
+        np.multiply(out[c], scale, out=out[c])
+    return np.clip(out, 0.0, 1.0, out=out)

@@ -1,0 +1,314 @@
+"""plate.yaml loading: defaults, precedence, path resolution and error reporting."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pcim_cli.config import (
+    NormalizeFixed,
+    NormalizeNone,
+    NormalizePercentile,
+    RunConfig,
+    load_config,
+)
+from pcim_cli.errors import ConfigError
+
+MINIMAL = """
+plate:
+  images: images/
+  channels: [DNA, PH3, Actin]
+model:
+  path: classifier.ts
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "P001.yaml") -> Path:
+    path = tmp_path / "configs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems(exc: pytest.ExceptionInfo[ConfigError]) -> list[str]:
+    return [line.strip() for line in str(exc.value).splitlines()[1:]]
+
+
+def test_minimal_config_defaults_and_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, MINIMAL)
+    monkeypatch.chdir(tmp_path)  # the working directory must not matter
+    cfg = load_config(path, environ={})
+    base = path.parent
+    assert cfg.config_path == path and cfg.base_dir == base
+    assert cfg.plate.name == "P001"
+    assert cfg.plate.images == base / "images"
+    assert cfg.plate.channels == {"DNA": "DNA", "PH3": "PH3", "Actin": "Actin"}
+    assert list(cfg.plate.channels) == ["DNA", "PH3", "Actin"]
+    assert cfg.plate.pattern == "{well}_s{field}_w{channel}.tif"
+    assert cfg.plate.layout is None and cfg.plate.wells is None
+    assert cfg.model.path == base / "classifier.ts"
+    assert cfg.model.classes is None and cfg.model.input_size is None
+    assert cfg.model.normalize == NormalizePercentile(low=1.0, high=99.8)
+    explain = cfg.explain.model_dump()
+    assert {k: explain[k] for k in ("method", "target", "steps", "lr", "per_channel", "seed")} == {
+        "method": "pcim", "target": "predicted", "steps": 300, "lr": 0.1, "per_channel": False, "seed": 0}
+    assert cfg.compute.cluster == "local" and cfg.compute.workers == "auto"
+    assert cfg.compute.device == "auto" and cfg.compute.batch_size == 16
+    assert cfg.compute.slurm.walltime == "01:00:00" and cfg.compute.slurm.job_extra == []
+    assert cfg.output.zarr == base / "out" / "P001.zarr"
+    assert cfg.output.csv == base / "out" / "P001_pcim.csv"
+    assert cfg.output.format == "0.5"
+
+
+def test_full_config(tmp_path: Path) -> None:
+    (tmp_path / "abs").mkdir()
+    path = write(tmp_path, f"""
+    plate:
+      name: PLATE-7
+      images: ../raw
+      pattern: "{{well}}_s{{field}}_w{{channel}}*.tif"
+      channels: {{DNA: w1, PH3: w2}}
+      layout: layout.csv
+      wells: [a1, B/3, C005]
+    model:
+      path: {tmp_path / "abs" / "m.pt2"}
+      classes: [negative, mitotic]
+      input_size: [128, 96]
+      normalize: {{method: fixed, min: 0, max: 4095}}
+    explain:
+      method: integrated-gradients
+      target: layout:moa
+      steps: 50
+      lr: 0.05
+      per_channel: true
+      seed: 3
+    compute:
+      cluster: slurm
+      workers: 2
+      device: cuda:1
+      batch_size: 4
+      slurm:
+        queue: gpu
+        walltime: 1:30:00
+        cores: 8
+        memory: 64GB
+        gpus: 2
+        jobs: 3
+        job_extra: ["--constraint=a100"]
+    output:
+      zarr: /data/{{plate}}/maps.zarr
+      csv: results/{{plate}}.csv
+      format: 0.4
+    """)
+    cfg = load_config(path, environ={})
+    base = path.parent
+    assert cfg.plate.name == "PLATE-7"
+    assert cfg.plate.images == base / ".." / "raw"
+    assert cfg.plate.channels == {"DNA": "w1", "PH3": "w2"}
+    assert cfg.plate.layout == base / "layout.csv"
+    assert cfg.plate.wells == ["A01", "B03", "C05"]
+    assert cfg.model.path == tmp_path / "abs" / "m.pt2"
+    assert cfg.model.input_size == (128, 96)
+    assert cfg.model.normalize == NormalizeFixed(min=0, max=4095)
+    assert cfg.explain.method == "integrated-gradients" and cfg.explain.per_channel is True
+    assert cfg.compute.workers == 2 and cfg.compute.device == "cuda:1"
+    assert cfg.compute.slurm.walltime == "1:30:00"  # not YAML 1.1's sexagesimal 5400
+    assert cfg.compute.slurm.job_extra == ["--constraint=a100"]
+    assert cfg.output.zarr == Path("/data/PLATE-7/maps.zarr")
+    assert cfg.output.csv == base / "results" / "PLATE-7.csv"
+    assert cfg.output.format == "0.4"
+
+
+def test_precedence_defaults_yaml_env_cli(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "explain:\n  steps: 10\n  lr: 0.5\n  seed: 1\n")
+    environ = {"PCIM_EXPLAIN__STEPS": "20", "PCIM_EXPLAIN__LR": "0.25", "PCIM_COMPUTE__SLURM__QUEUE": "gpu",
+               "PCIM_VERBOSE": "1", "HOME": "/root"}
+    cfg = load_config(path, ["explain.steps=30", "plate.wells=[A01, b2]"], environ=environ)
+    assert cfg.explain.steps == 30  # CLI beats env
+    assert cfg.explain.lr == 0.25  # env beats YAML
+    assert cfg.explain.seed == 1  # YAML beats default
+    assert cfg.explain.per_channel is False  # default
+    assert cfg.compute.slurm.queue == "gpu"  # nested env key
+    assert cfg.plate.wells == ["A01", "B02"]  # YAML list in an override
+
+
+def test_overrides_resolve_paths_and_plate_name(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    cfg = load_config(path, ["model.path=other.ts", "plate.name=P9", "plate.pattern={well}-{channel}.tif",
+                             "model.normalize=none"], environ={})
+    assert cfg.model.path == path.parent / "other.ts"
+    assert cfg.output.zarr == path.parent / "out" / "P9.zarr"
+    assert cfg.plate.pattern == "{well}-{channel}.tif"  # not valid YAML: kept as text
+    assert cfg.model.normalize == NormalizeNone()
+
+
+def test_dask_scheduler_address_fills_a_missing_address(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "compute:\n  cluster: address\n")
+    cfg = load_config(path, environ={"DASK_SCHEDULER_ADDRESS": "tcp://head:8786"})
+    assert cfg.compute.address == "tcp://head:8786"
+    with pytest.raises(ConfigError, match="compute.address: required with compute.cluster: address"):
+        load_config(path, environ={})
+    explicit = load_config(path, ["compute.address=tcp://other:1"], environ={"DASK_SCHEDULER_ADDRESS": "x"})
+    assert explicit.compute.address == "tcp://other:1"
+
+
+def test_all_problems_reported_at_once_with_paths(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+    plate:
+      images: images/
+      channels: [DNA, DNA]
+      wells: [A01, Q99]
+      colour: red
+    model:
+      path: m.ts
+      input_size: [0, 64]
+      normalize: {method: percentil}
+    explain:
+      stpes: 100
+      method: gradcam
+      lr: -1
+    compute:
+      workers: none
+      device: gpu
+      slurm: {walltime: soon}
+    output:
+      format: "0.6"
+      zarr: out/{plat}.zarr
+    """)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["explain.seed=-2", "compute.batchsize=3"], environ={"PCIM_OUTPUT__CVS": "x.csv"})
+    message = str(info.value)
+    assert str(path) in message.splitlines()[0]
+    got = problems(info)
+    expected = [
+        "plate.channels: channel 'DNA' is listed twice",
+        "plate.colour: unknown key",
+        "model.input_size[0]: input should be greater than 0 (got 0)",
+        "model.normalize.method: 'percentil' is not allowed: use one of percentile, fixed, none "
+        "(did you mean 'percentile'?)",
+        "explain.stpes: unknown key (did you mean 'steps'?)",
+        "explain.method: 'gradcam' is not allowed: use one of pcim, saliency, integrated-gradients, occlusion, "
+        "rise",
+        "explain.lr: input should be greater than 0 (got -1)",
+        "explain.seed: input should be greater than or equal to 0 (got -2) [from --set explain.seed=-2]",
+        "compute.workers: must be 'auto' or a positive whole number, got 'none'",
+        "compute.device: 'gpu' is not a device: use auto, cpu, cuda or cuda:<index>",
+        "compute.batchsize: unknown key (did you mean 'batch_size'?) [from --set compute.batchsize=3]",
+        "compute.slurm.walltime: 'soon' is not a Slurm time limit",
+        "output.cvs: unknown key (did you mean 'csv'?) [from environment variable PCIM_OUTPUT__CVS]",
+        "output.zarr: unknown placeholder(s) {plat}; only {plate} is filled in",
+        "output.format: '0.6' is not allowed: use one of 0.5, 0.4",
+    ]
+    for line in expected:
+        assert any(g.startswith(line) for g in got), f"missing {line!r} in:\n{message}"
+    assert any(g.startswith("plate.wells: well Q99") for g in got)
+    assert message.count("\n") == len(got)
+    assert f"({len(got)} problems)" in message.splitlines()[0]
+
+
+def test_cross_section_problems(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "  classes: [negative, mitotic]\nexplain:\n  target: mitotc\n")
+    with pytest.raises(ConfigError, match=r"explain.target: 'mitotc' is not in model.classes .*did you mean "
+                                          r"'mitotic'"):
+        load_config(path, environ={})
+    assert load_config(path, ["explain.target=mitotic"], environ={}).explain.target == "mitotic"
+    with pytest.raises(ConfigError, match="reads the layout, but plate.layout is not set"):
+        load_config(path, ["explain.target=layout:moa"], environ={})
+    bare = write(tmp_path, MINIMAL, "bare.yaml")
+    assert load_config(bare, ["explain.target=1"], environ={}).explain.target == "1"
+    with pytest.raises(ConfigError, match="model.classes is not set"):
+        load_config(bare, ["explain.target=mitotic"], environ={})
+
+
+def test_required_keys_and_bad_sections(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "plate:\n  name: x\n"), environ={})
+    assert problems(info) == ["plate.images: required key missing", "plate.channels: required key missing",
+                              "model: required key missing"]
+    with pytest.raises(ConfigError, match="plate: must be a mapping of keys, got 'images'"):
+        load_config(write(tmp_path, "plate: images\nmodel: {path: m.ts}\n"), environ={})
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"), environ={})
+
+
+def test_file_and_syntax_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=f"{missing} does not exist"):
+        load_config(missing, environ={})
+    bad = write(tmp_path, "plate:\n  images: [a\nmodel: x\n", "bad.yaml")
+    with pytest.raises(ConfigError, match=rf"{bad}: YAML syntax error at line \d+, column \d+"):
+        load_config(bad, environ={})
+    dup = write(tmp_path, MINIMAL + "explain:\n  steps: 1\n  steps: 2\n", "dup.yaml")
+    with pytest.raises(ConfigError, match=r"duplicate key 'steps'"):
+        load_config(dup, environ={})
+
+
+def test_bad_override_syntax(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["explain.steps", "plate.images.sub=1"], environ={"PCIM_EXPLIAN__STEPS": "3"})
+    got = problems(info)
+    assert "--set explain.steps: expected section.key=value, e.g. --set explain.steps=100" in got
+    assert any(g.startswith("plate.images.sub: cannot set a key below plate.images") for g in got)
+    assert ("explian: unknown key (did you mean 'explain'?) [from environment variable PCIM_EXPLIAN__STEPS]"
+            in got)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("none", NormalizeNone()),
+    ("null", NormalizeNone()),
+    ("percentile", NormalizePercentile()),
+    ("{method: percentile, low: 0.5, high: 99}", NormalizePercentile(low=0.5, high=99)),
+    ("{method: fixed, min: 100, max: 4000}", NormalizeFixed(min=100, max=4000)),
+])
+def test_normalize_union(tmp_path: Path, value: str, expected: object) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL), [f"model.normalize={value}"], environ={})
+    assert cfg.model.normalize == expected
+
+
+@pytest.mark.parametrize(("value", "fragment"), [
+    ("{method: percentile, low: 99, high: 1}", "model.normalize: low (99.0) must be below high (1.0)"),
+    ("{method: fixed, min: 0}", "model.normalize.max: required key missing"),
+    ("{method: none, low: 1}", "model.normalize.low: unknown key"),
+    ("{low: 1}", "model.normalize.method: required key missing"),
+])
+def test_normalize_errors(tmp_path: Path, value: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_config(write(tmp_path, MINIMAL), [f"model.normalize={value}"], environ={})
+
+
+def test_channel_mapping_forms(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL), ["plate.channels={DNA: 1, PH3: 2}"], environ={})
+    assert cfg.plate.channels == {"DNA": "1", "PH3": "2"}
+    with pytest.raises(ConfigError, match="token.*1 used for more than one channel"):
+        load_config(write(tmp_path, MINIMAL), ["plate.channels={DNA: 1, PH3: 1}"], environ={})
+    with pytest.raises(ConfigError, match="plate.channels: list at least one channel"):
+        load_config(write(tmp_path, MINIMAL), ["plate.channels=[]"], environ={})
+    with pytest.raises(ConfigError, match="plate.pattern: unknown placeholder {site}"):
+        load_config(write(tmp_path, MINIMAL), ["plate.pattern={well}_{site}.tif"], environ={})
+
+
+def test_numbers_accepted_as_text(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "  classes: [0, 1]\nexplain:\n  target: 1\n", "2024.yaml")
+    cfg = load_config(path, ["plate.name=42", "compute.slurm.walltime=90"], environ={})
+    assert cfg.model.classes == ["0", "1"] and cfg.explain.target == "1"
+    assert cfg.plate.name == "42" and cfg.compute.slurm.walltime == "90"
+    assert cfg.output.csv.name == "42_pcim.csv"
+
+
+def test_dump_round_trip_keeps_resolved_paths(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL), environ={})
+    again = RunConfig.model_validate_json(cfg.model_dump_json())
+    assert again.model_dump() == cfg.model_dump()
+    assert again.config_path is None and again.plate.images == cfg.plate.images
+
+
+def test_explain_section_is_open_for_new_keys() -> None:
+    """The lead adds engine keys to ExplainConfig later: the section stays a flat model."""
+    from pcim_cli.config import ExplainConfig
+
+    fields = ExplainConfig.model_fields
+    assert {"method", "target", "steps", "lr", "per_channel", "seed"} <= set(fields)
+    assert ExplainConfig.model_config["extra"] == "forbid"
