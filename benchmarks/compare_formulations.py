@@ -54,6 +54,16 @@ VARIANTS: dict[str, PcimOptions] = {
 
 BASELINES = ("random", "saliency", "integrated-gradients", "occlusion")
 
+# evaluation sets: two datasets x two architectures, a saturated (confident) model, a larger image
+SETS = {
+    "demo": {"name": "demo"},
+    "demo-resnet": {"name": "demo", "arch": "resnet"},
+    "nuclei": {"name": "nuclei"},
+    "nuclei-resnet": {"name": "nuclei", "arch": "resnet"},
+    "nuclei-confident": {"name": "confident", "base": "nuclei", "temperature": 0.05, "arch": "resnet"},
+    "nuclei-256": {"name": "nuclei", "size": 256},
+}
+
 
 def score(model, x, mask, target, maps) -> dict[str, float]:
     fine = torch.linspace(0, 0.2, 41)
@@ -92,7 +102,7 @@ def run_method(name: str, data: dict, batch: int) -> dict[str, float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sets", default="demo,nuclei,nuclei-resnet,nuclei-confident,nuclei-256")
+    ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--baselines", default=",".join(BASELINES))
     ap.add_argument("--n", type=int, default=24)
@@ -102,7 +112,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rows = []
     for set_name in args.sets.split(","):
-        data = evalsets.load(set_name, n=args.n)
+        spec = dict(SETS[set_name])
+        data = evalsets.load(spec.pop("name"), n=args.n, **spec)
         methods = [m for m in args.baselines.split(",") if m] + [v for v in args.variants.split(",") if v]
         for method in methods:
             res = run_method(method, data, args.batch)

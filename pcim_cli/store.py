@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
@@ -25,6 +24,8 @@ import numpy as np
 import zarr
 
 from pcim_cli.errors import OutputError
+from pcim_cli.plate import parse_well, row_letter
+from pcim_cli.plate import row_index as plate_row_index
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ WINDOW_PERCENTILES = (0.5, 99.5)
 # Channel colours for napari / OMERO (hex RRGGBB); attribution maps of one target are one channel.
 COLOURS = ("FF00FF", "00FF00", "00FFFF", "FFFF00", "FF0000", "0000FF", "FF8000", "FFFFFF")
 
-_WELL_RE = re.compile(r"^([A-Za-z]{1,2})0*(\d+)$")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -45,28 +45,8 @@ _WELL_RE = re.compile(r"^([A-Za-z]{1,2})0*(\d+)$")
 
 def split_well(well: str) -> tuple[str, str]:
     """``"A01"`` -> ``("A", "1")``; ``"AA03"`` -> ``("AA", "3")``: the NGFF row and column group names."""
-    match = _WELL_RE.match(well.strip())
-    if match is None or int(match.group(2)) < 1:
-        raise ValueError(f"not a well name: {well!r} (expected a row letter or two and a column, e.g. A01)")
-    return match.group(1).upper(), str(int(match.group(2)))
-
-
-def row_index(row: str) -> int:
-    """Zero-based index of a row name: A -> 0, Z -> 25, AA -> 26 (1536-well plates)."""
-    index = 0
-    for char in row.upper():
-        index = index * 26 + (ord(char) - ord("A") + 1)
-    return index - 1
-
-
-def row_name(index: int) -> str:
-    """Inverse of :func:`row_index`: 0 -> A, 26 -> AA."""
-    name = ""
-    index += 1
-    while index > 0:
-        index, rest = divmod(index - 1, 26)
-        name = chr(ord("A") + rest) + name
-    return name
+    parsed = parse_well(well)
+    return parsed.row_letter, str(parsed.col_number)
 
 
 def field_path(well: str, field: int) -> str:
@@ -97,14 +77,14 @@ def create_plate(path: Path, plate_name: str, fields: Mapping[str, int], format:
         raise ValueError("create_plate needs at least one well")
 
     cells = sorted(merged, key=_well_sort_key)
-    n_rows = max(row_index(row) for row, _ in cells) + 1
+    n_rows = max(plate_row_index(row) for row, _ in cells) + 1
     n_cols = max(int(col) for _, col in cells)
     plate: dict[str, Any] = {
         "name": plate_name,
-        "rows": [{"name": row_name(i)} for i in range(n_rows)],
+        "rows": [{"name": row_letter(i)} for i in range(n_rows)],
         "columns": [{"name": str(i + 1)} for i in range(n_cols)],
         "wells": [
-            {"path": f"{row}/{col}", "rowIndex": row_index(row), "columnIndex": int(col) - 1}
+            {"path": f"{row}/{col}", "rowIndex": plate_row_index(row), "columnIndex": int(col) - 1}
             for row, col in cells
         ],
         "field_count": max(max(merged.values()), 1),
@@ -258,7 +238,7 @@ def _set_ome(group: zarr.Group, format: str, key: str, value: dict[str, Any]) ->
 
 
 def _well_sort_key(cell: tuple[str, str]) -> tuple[int, int]:
-    return row_index(cell[0]), int(cell[1])
+    return plate_row_index(cell[0]), int(cell[1])
 
 
 def _check_maps(maps: np.ndarray, labels: Sequence[str]) -> None:
@@ -374,8 +354,6 @@ __all__ = [
     "field_path",
     "read_field",
     "read_record",
-    "row_index",
-    "row_name",
     "split_well",
     "write_field",
 ]

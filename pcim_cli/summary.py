@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from pcim_cli.errors import OutputError
-from pcim_cli.store import row_index, split_well
+from pcim_cli.plate import parse_well
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _annotations(layout: pd.DataFrame) -> pd.DataFrame:
 def _well_order(well: Any) -> tuple[int, int]:
     """Plate order (row, then column) of a canonical well name; unparsable names sort last."""
     try:
-        row, col = split_well(str(well))
+        parsed = parse_well(str(well))
     except ValueError:
         return (1 << 30, 1 << 30)
-    return row_index(row), int(col)
+    return parsed.row, parsed.col
