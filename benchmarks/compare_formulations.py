@@ -30,26 +30,27 @@ from pcim_cli.engine.pcim import PcimOptions, fit_pcim  # noqa: E402
 
 DEFAULT = PcimOptions()
 
+LADDER = (0.02, 0.05, 0.15)
+
 VARIANTS: dict[str, PcimOptions] = {
     # the paper's reconstruction: un-clamped n*alpha, plain CE on the kept image, zero background
     "paper-softmax": PcimOptions(budget=None, objective="keep", keep_substrate="none", resolution=1),
     "paper-softmax-logit": PcimOptions(budget=None, objective="keep", keep_substrate="none",
                                        resolution=1, loss="logit"),
     "paper-softmax-r4": PcimOptions(budget=None, objective="keep", keep_substrate="none", resolution=4),
-    "clamped-keep-blur": PcimOptions(budget=0.1, objective="keep", keep_substrate="blur"),
-    "budget-dual": DEFAULT,
-    "budget-dual-b05": dataclasses.replace(DEFAULT, budget=0.05),
-    "budget-dual-b20": dataclasses.replace(DEFAULT, budget=0.2),
-    "budget-dual-r1": dataclasses.replace(DEFAULT, resolution=1),
-    "budget-dual-r2": dataclasses.replace(DEFAULT, resolution=2),
-    "budget-dual-r8": dataclasses.replace(DEFAULT, resolution=8),
-    "budget-dual-del-zero": dataclasses.replace(DEFAULT, delete_substrate="zero"),
-    "budget-dual-del-blur": dataclasses.replace(DEFAULT, delete_substrate="blur"),
-    "budget-dual-tv": dataclasses.replace(DEFAULT, tv=1.0),
-    "budget-dual-ent": dataclasses.replace(DEFAULT, entropy=0.1),
-    "budget-dual-noise": dataclasses.replace(DEFAULT, noise=0.02),
-    "budget-dual-100x0.3": dataclasses.replace(DEFAULT, steps=100, lr=0.3),
-    "budget-dual-es": dataclasses.replace(DEFAULT, patience=30),
+    # a budget, keep-only (no deletion half)
+    "clamped-keep-blur": PcimOptions(budget=0.05, objective="keep", keep_substrate="blur"),
+    # budget + keep-delete, one budget
+    "dual-b02": dataclasses.replace(DEFAULT, budget=0.02),
+    "dual-b05": dataclasses.replace(DEFAULT, budget=0.05),
+    "dual-b15": dataclasses.replace(DEFAULT, budget=0.15),
+    # budget ladder: one fit per budget, maps averaged
+    "ladder": dataclasses.replace(DEFAULT, budget=LADDER),
+    "ladder-r2": dataclasses.replace(DEFAULT, budget=LADDER, resolution=2),
+    "ladder-r8": dataclasses.replace(DEFAULT, budget=LADDER, resolution=8),
+    "ladder-100x0.3": dataclasses.replace(DEFAULT, budget=LADDER, steps=100, lr=0.3),
+    "ladder-es": dataclasses.replace(DEFAULT, budget=LADDER, patience=20, tol=1e-2),
+    "ladder-tv": dataclasses.replace(DEFAULT, budget=LADDER, tv=1.0),
 }
 
 BASELINES = ("random", "saliency", "integrated-gradients", "occlusion")

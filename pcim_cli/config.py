@@ -258,7 +258,8 @@ class ExplainConfig(_Section):
     seed: int = Field(_ENGINE.seed, ge=0)
     # engine settings (pcim_cli.engine.pcim.PcimOptions; docs/method.md says why these defaults)
     resolution: PositiveInt = _ENGINE.resolution  # mixing weights at 1/resolution of the field, upsampled
-    budget: float | None = Field(_ENGINE.budget, gt=0, le=1)  # share of the field a map may keep; null: paper
+    # share of the field a map may keep (several: one fit each, maps averaged); null: the paper's n*alpha
+    budget: float | list[float] | None = _ENGINE.budget
     objective: Literal["keep", "keep-delete"] = _ENGINE.objective
     loss: Literal["ce", "logit"] = _ENGINE.loss
     keep_substrate: Literal["none", "zero", "mean", "blur"] = _ENGINE.keep_substrate
@@ -270,6 +271,16 @@ class ExplainConfig(_Section):
     patience: int = Field(_ENGINE.patience, ge=0)  # early stopping; 0 = always run `steps`
     tol: float = Field(_ENGINE.tol, gt=0)
     fidelity: bool = True  # deletion / insertion AUC of every map into the CSV
+
+    @field_validator("budget")
+    @classmethod
+    def _check_budget(cls, value: float | list[float] | None) -> float | list[float] | None:
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        if isinstance(value, list) and not value:
+            raise ValueError("empty list: give one budget, several, or null")
+        if any(not 0 < v <= 1 for v in values):
+            raise ValueError(f"every budget must be a share of the field in (0, 1], got {value}")
+        return value
 
     @field_validator("target")
     @classmethod

@@ -21,12 +21,13 @@ def pixel_softmax(w: torch.Tensor) -> torch.Tensor:
     return torch.softmax(flat, dim=1).view_as(w)
 
 
-def mixing_weights(w: torch.Tensor, budget: float | None = None) -> torch.Tensor:
+def mixing_weights(w: torch.Tensor, budget: float | torch.Tensor | None = None) -> torch.Tensor:
     """Per-pixel mixing weights at the resolution of w.
 
     budget None: n * alpha, the un-clamped PCIM mixing (weights may exceed 1: pixels are amplified).
     budget in (0, 1]: min(1, budget * n * alpha): alpha spends a fixed share of the image, and no pixel
-    is ever amplified. budget = 1 and w = 0 still give weights of exactly 1.
+    is ever amplified. budget = 1 and w = 0 still give weights of exactly 1. A (B,) tensor gives each
+    image its own budget.
     """
     flat = w.flatten(1)
     # n * alpha = exp(w - lse(w) + lse(0)): at w = 0 both log-sum-exps are the same float, so exactly 1
@@ -34,6 +35,8 @@ def mixing_weights(w: torch.Tensor, budget: float | None = None) -> torch.Tensor
     n_alpha = torch.exp(flat - torch.logsumexp(flat, dim=1, keepdim=True) + lse_uniform).view_as(w)
     if budget is None:
         return n_alpha
+    if isinstance(budget, torch.Tensor):
+        budget = budget.to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
     return torch.clamp(n_alpha * budget, max=1.0)
 
 

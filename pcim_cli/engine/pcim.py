@@ -36,7 +36,8 @@ class PcimOptions:
     lr: float = 0.1
     per_channel: bool = False
     resolution: int = 4  # logits at H/resolution x W/resolution, upsampled bilinearly
-    budget: float | None = 0.1  # share of the image the map may keep; None = paper's un-clamped n*alpha
+    # share of the image a map may keep; several: one fit per budget, maps averaged; None: paper's n*alpha
+    budget: float | tuple[float, ...] | None = 0.1
     objective: str = "keep-delete"  # keep: kept image keeps the class; keep-delete: and deleting it loses it
     loss: str = "ce"  # ce: capped log-probabilities; logit: raw target logit (uncapped)
     keep_substrate: str = "blur"  # what the kept image shows where the mask is off
@@ -50,6 +51,8 @@ class PcimOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.budget, list):  # from YAML / JSON
+            object.__setattr__(self, "budget", tuple(self.budget))
         problems = []
         if self.steps < 1:
             problems.append(f"steps must be >= 1, got {self.steps}")
@@ -57,8 +60,8 @@ class PcimOptions:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.resolution < 1:
             problems.append(f"resolution must be >= 1, got {self.resolution}")
-        if self.budget is not None and not 0 < self.budget <= 1:
-            problems.append(f"budget must be in (0, 1] or None, got {self.budget}")
+        if self.budget is not None and not all(0 < b <= 1 for b in self.budgets):
+            problems.append(f"budget must be in (0, 1] (one value or several) or None, got {self.budget}")
         if self.objective not in OBJECTIVES:
             problems.append(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.loss not in LOSSES:
@@ -70,6 +73,14 @@ class PcimOptions:
             problems.append(f"patience must be >= 0, got {self.patience}")
         if problems:
             raise ValueError("invalid PCIM options: " + "; ".join(problems))
+
+
+    @property
+    def budgets(self) -> tuple[float, ...]:
+        """The budgets fitted side by side ((),  for the un-clamped paper form)."""
+        if self.budget is None:
+            return ()
+        return tuple(self.budget) if isinstance(self.budget, (tuple, list)) else (self.budget,)
 
 
 @dataclass
@@ -188,16 +199,40 @@ def fit_pcim(
 
     model maps (B, C, H, W) -> (B, K) logits and is left exactly as found (parameters, flags, mode).
     seeds (B,) give each image its own noise stream (only used when opts.noise > 0); default
-    opts.seed + arange(B). Returns maps of the input's size.
+    opts.seed + arange(B). With several budgets, each image is fitted once per budget in the same
+    batch and its maps are averaged (so pixels kept even under the smallest budget rank highest);
+    the probabilities reported are the means over the budgets. Returns maps of the input's size.
     """
     opts = opts or PcimOptions()
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
     b, _, h, wd = x.shape
     target = target.to(device=x.device, dtype=torch.long).reshape(b)
-    if seeds is None:
-        seeds = opts.seed + torch.arange(b)
+    seeds = opts.seed + torch.arange(b) if seeds is None else seeds.reshape(b)
     x = x.detach()
+    k = max(1, len(opts.budgets))
+    budgets = torch.tensor(opts.budgets, dtype=x.dtype, device=x.device).repeat_interleave(b) if opts.budgets \
+        else None
+    with _FrozenModel(model):
+        with torch.no_grad():
+            prob_original = target_log_probs(model(x), target)[0].exp()
+        w, p_kept, p_deleted, loss, steps = _fit_rows(
+            model, x.repeat(k, 1, 1, 1), target.repeat(k), seeds.repeat(k), budgets, opts)
+    maps = attribution_map(w, (h, wd), budgets)
+    return PcimResult(
+        maps=maps.view(k, b, *maps.shape[1:]).mean(0),
+        prob_original=prob_original,
+        prob_mixed=p_kept.view(k, b).mean(0),
+        prob_deleted=p_deleted.view(k, b).mean(0),
+        loss=loss.view(k, b).mean(0),
+        steps=steps.view(k, b).amax(0),
+    )
+
+
+def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torch.Tensor,
+              budgets: torch.Tensor | None, opts: PcimOptions):
+    """The Adam loop over rows of x, each row with its own logits, target, seed and budget."""
+    b, _, h, wd = x.shape
     keep_sub = mixing.substrate(x, opts.keep_substrate, opts.blur_sigma)
     del_sub = mixing.substrate(x, opts.delete_substrate, opts.blur_sigma)
     if del_sub is None:
@@ -213,8 +248,8 @@ def fit_pcim(
     active = torch.ones(b, dtype=torch.bool, device=x.device)
 
     def mixed(w_a, idx, step=None, with_deleted=dual):
-        """Kept and deleted images for the images idx; step None = no noise (final evaluation)."""
-        m_low = mixing.mixing_weights(w_a, opts.budget)
+        """Kept and deleted images for the rows idx; step None = no noise (final evaluation)."""
+        m_low = mixing.mixing_weights(w_a, None if budgets is None else budgets[idx])
         m = mixing.upsample(m_low, (h, wd))
         xa = x[idx]
         if opts.noise > 0 and step is not None:
@@ -223,53 +258,46 @@ def fit_pcim(
         deleted = mixing.compose(xa, 1 - m.clamp(max=1.0), del_sub[idx]) if with_deleted else None
         return m_low, kept, deleted
 
-    with _FrozenModel(model):
-        for step in range(opts.steps):
-            idx = active.nonzero()[:, 0]
-            if idx.numel() == 0:
-                break
-            w_a = w[idx].clone().requires_grad_(True)
-            m_low, kept, deleted = mixed(w_a, idx, step)
-            batch = kept if deleted is None else torch.cat([kept, deleted])
-            logits = model(batch)
-            k = idx.numel()
-            loss = _objective(logits[:k], logits[k:] if dual else None, target[idx], opts)
-            loss = loss + _regularisers(w_a, m_low, opts)
-            (grad,) = torch.autograd.grad(loss.sum(), w_a)
-            with torch.no_grad():
-                adam.step(w, grad, idx)
-                last_loss[idx] = loss.detach()
-                if opts.patience:
-                    improved = loss.detach() < best[idx] - opts.tol * best[idx].abs().clamp(min=1e-6)
-                    best[idx] = torch.where(improved, loss.detach(), best[idx])
-                    since_best[idx] = torch.where(improved, 0, since_best[idx] + 1)
-                    active[idx] = since_best[idx] < opts.patience
-
+    for step in range(opts.steps):
+        idx = active.nonzero()[:, 0]
+        if idx.numel() == 0:
+            break
+        w_a = w[idx].clone().requires_grad_(True)
+        m_low, kept, deleted = mixed(w_a, idx, step)
+        batch = kept if deleted is None else torch.cat([kept, deleted])
+        logits = model(batch)
+        n = idx.numel()
+        loss = _objective(logits[:n], logits[n:] if dual else None, target[idx], opts)
+        loss = loss + _regularisers(w_a, m_low, opts)
+        (grad,) = torch.autograd.grad(loss.sum(), w_a)
         with torch.no_grad():
-            idx = torch.arange(b, device=x.device)
-            _, kept, deleted = mixed(w, idx, with_deleted=True)
-            logits = model(torch.cat([x, kept, deleted]))
-            log_p, _ = target_log_probs(logits, target.repeat(3))
-            p = log_p.exp()
+            adam.step(w, grad, idx)
+            last_loss[idx] = loss.detach()
+            if opts.patience:
+                improved = loss.detach() < best[idx] - opts.tol * best[idx].abs().clamp(min=1e-6)
+                best[idx] = torch.where(improved, loss.detach(), best[idx])
+                since_best[idx] = torch.where(improved, 0, since_best[idx] + 1)
+                active[idx] = since_best[idx] < opts.patience
 
-    return PcimResult(
-        maps=attribution_map(w, (h, wd)),
-        prob_original=p[:b],
-        prob_mixed=p[b : 2 * b],
-        prob_deleted=p[2 * b :],
-        loss=last_loss,
-        steps=adam.t.clone(),
-    )
+    with torch.no_grad():
+        _, kept, deleted = mixed(w, torch.arange(b, device=x.device), with_deleted=True)
+        log_p, _ = target_log_probs(model(torch.cat([kept, deleted])), target.repeat(2))
+        p = log_p.exp()
+    return w, p[:b], p[b:], last_loss, adam.t.clone()
 
 
-def attribution_map(w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def attribution_map(w: torch.Tensor, size: tuple[int, int], budgets: torch.Tensor | None = None) -> torch.Tensor:
     """The map users see: alpha relative to its untouched level, upsampled to the image size.
 
     n * alpha is 1 for a pixel the fit never moved. Subtracting each map's median (the untouched
     level, since most pixels are not evidence) and clipping at 0 keeps pixels the fit pushed down from
-    ranking above the background. Units: multiples of the uniform weight.
+    ranking above the background. Units: multiples of the uniform weight, times the budget when there
+    is one, so that 1 is the level at which a pixel is kept whole.
     """
     with torch.no_grad():
         rel = mixing.pixel_softmax(w) * w[0].numel()
         med = rel.flatten(1).median(dim=1).values.view(-1, 1, 1, 1)
-        return mixing.upsample((rel - med).clamp(min=0), size).clamp(min=0)
+        rel = (rel - med).clamp(min=0)
+        if budgets is not None:
+            rel = rel * budgets.to(rel.dtype).view(-1, 1, 1, 1)
+        return mixing.upsample(rel, size).clamp(min=0)
