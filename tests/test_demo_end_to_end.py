@@ -132,3 +132,29 @@ def test_a_wrong_yaml_key_gets_exit_78_with_its_path(tmp_path):
     proc = run_pcim("explain", str(cfg))
     assert proc.returncode == 78
     assert "explain.stpes" in proc.stderr and "steps" in proc.stderr
+
+
+def test_a_torch_export_archive_explains_the_demo_like_its_torchscript_twin(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_demo", DEMO / "make_demo.py")
+    make_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_demo)
+    scripted = torch.jit.load(str(DEMO / "classifier.ts"))
+    net = make_demo.DemoNet().eval()
+    net.load_state_dict(scripted.state_dict())
+    archive = tmp_path / "classifier.pt2"
+    batch = torch.export.Dim("batch", min=1, max=1024)  # fixed 128x128 fields, any batch size
+    program = torch.export.export(net, (torch.zeros(2, 3, 128, 128),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(archive))
+
+    results = {}
+    for name, path in (("ts", DEMO / "classifier.ts"), ("pt2", archive)):
+        proc = run_pcim("explain", str(DEMO / "plate.yaml"), "--set", f"model.path={path}",
+                        "--set", "plate.wells=[A01]", "--set", "explain.steps=20",
+                        "--set", "model.input_size=[128,128]",
+                        "--set", f"output.zarr={tmp_path}/{name}.zarr", "--set", f"output.csv={tmp_path}/{name}.csv")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[name] = store.read_field(tmp_path / f"{name}.zarr", "A01", 0)
+    assert results["pt2"][2]["model_sha256"] != results["ts"][2]["model_sha256"]
+    np.testing.assert_allclose(results["pt2"][0], results["ts"][0], rtol=1e-3, atol=1e-4)
