@@ -44,6 +44,10 @@ VARIANTS: dict[str, PcimOptions] = {
     "dual-b02": dataclasses.replace(DEFAULT, budget=0.02),
     "dual-b05": dataclasses.replace(DEFAULT, budget=0.05),
     "dual-b15": dataclasses.replace(DEFAULT, budget=0.15),
+    "dual-b02-r2": dataclasses.replace(DEFAULT, budget=0.02, resolution=2),
+    "dual-b02-r8": dataclasses.replace(DEFAULT, budget=0.02, resolution=8),
+    "dual-b02-100x0.3": dataclasses.replace(DEFAULT, budget=0.02, steps=100, lr=0.3),
+    "dual-b02-es": dataclasses.replace(DEFAULT, budget=0.02, patience=20, tol=1e-2),
     # budget ladder: one fit per budget, maps averaged
     "ladder": dataclasses.replace(DEFAULT, budget=LADDER),
     "ladder-r2": dataclasses.replace(DEFAULT, budget=LADDER, resolution=2),
@@ -70,6 +74,7 @@ def score(model, x, mask, target, maps) -> dict[str, float]:
     fine = torch.linspace(0, 0.2, 41)
     values = {
         "pointing_game": metrics.pointing_game(maps, mask),
+        "pointing_game_3px": metrics.pointing_game(maps, mask, tolerance=3),
         "relevance_mass": metrics.relevance_mass(maps, mask),
         "pixel_auroc": metrics.pixel_auroc(maps, mask),
         "deletion_auc": metrics.deletion_auc(model, x, maps, target, fractions=fine),
@@ -124,7 +129,7 @@ def main(argv=None) -> int:
     df = pd.DataFrame(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
-    print(df.to_markdown(index=False, floatfmt=".3f") if hasattr(df, "to_markdown") else df)
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 
 

@@ -147,7 +147,8 @@ def test_early_stopping_freezes_converged_images_while_others_continue(block_mod
     # and the stopped maps agree with the full-length fit on where the evidence is
     full = fit_pcim(block_model, x, target, dataclasses.replace(opts, patience=0))
     assert (block_mass(stopped.maps[[0, 1, 3]]) > 0.6).all()
-    assert (block_mass(full.maps[[0, 1, 3]]) - block_mass(stopped.maps[[0, 1, 3]])).abs().max() < 0.25
+    # stated tolerance: the share of the map on the evidence differs by less than 0.05
+    assert (block_mass(full.maps[[0, 1, 3]]) - block_mass(stopped.maps[[0, 1, 3]])).abs().max() < 0.05
 
 
 def test_stats_report_probabilities_before_and_after(block_model):

@@ -37,7 +37,7 @@ class PcimOptions:
     per_channel: bool = False
     resolution: int = 4  # logits at H/resolution x W/resolution, upsampled bilinearly
     # share of the image a map may keep; several: one fit per budget, maps averaged; None: paper's n*alpha
-    budget: float | tuple[float, ...] | None = 0.1
+    budget: float | tuple[float, ...] | None = 0.02
     objective: str = "keep-delete"  # keep: kept image keeps the class; keep-delete: and deleting it loses it
     loss: str = "ce"  # ce: capped log-probabilities; logit: raw target logit (uncapped)
     keep_substrate: str = "blur"  # what the kept image shows where the mask is off
@@ -274,7 +274,8 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
             adam.step(w, grad, idx)
             last_loss[idx] = loss.detach()
             if opts.patience:
-                improved = loss.detach() < best[idx] - opts.tol * best[idx].abs().clamp(min=1e-6)
+                ref = best[idx]
+                improved = torch.isinf(ref) | (loss.detach() < ref - opts.tol * ref.abs().clamp(min=1e-6))
                 best[idx] = torch.where(improved, loss.detach(), best[idx])
                 since_best[idx] = torch.where(improved, 0, since_best[idx] + 1)
                 active[idx] = since_best[idx] < opts.patience
