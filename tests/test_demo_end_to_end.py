@@ -86,7 +86,9 @@ def test_demo_maps_find_the_true_object_and_beat_random_on_deletion(demo_run):
         masks.append(torch.from_numpy(mask))
     assert len(xs) >= 16
     x, m, mask = torch.stack(xs), torch.stack(maps), torch.stack(masks)
-    pointing = metrics.pointing_game(m, mask)
+    # pointing game with a 3 px tolerance (TorchRay uses 15 px at 224 px): the masks are the nuclei
+    # dilated by 1 px, while the stain's blur, which the model sees, reaches 2-3 px further
+    pointing = metrics.pointing_game(m, mask, tolerance=3)
     assert float(pointing.mean()) >= 0.9, pointing
     assert float(metrics.relevance_mass(m, mask).mean()) > 0.5
     model = torch.jit.load(str(DEMO / "classifier.ts")).eval()

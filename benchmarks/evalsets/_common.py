@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 DEMO_DIR = REPO / "sample_plates" / "demo"
 #: bump when a generator, network or training recipe changes: old cached models are then ignored
-VERSION = "v2"
+VERSION = "v3"
 
 
 def cache_dir() -> Path:
