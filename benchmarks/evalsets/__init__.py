@@ -17,7 +17,8 @@ Each set is a dict:
     m = confident(ev["model"], 0.05)        # or wrap any module
 
 Trained models and downloaded data are cached in benchmarks/.cache/evalsets/ ($PCIM_EVALSETS_CACHE);
-the first call of a set trains its model (1-2 minutes on 2 CPU cores), later calls take a second.
+the first call of a (set, arch) trains its model (1-3.5 minutes on one CPU thread), later calls take
+about a second. Measured accuracies and limits: README.md beside this file.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ class MaxPoolNet(nn.Module):
         self.width, self.in_channels, self.n_classes = w, in_channels, n_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv, bn in zip(self.convs, self.bns):
+        for conv, bn in zip(self.convs, self.bns, strict=True):
             x = F.relu(bn(conv(x)))
         return torch.amax(self.head(x), dim=(2, 3))
 
@@ -103,7 +103,7 @@ class MaxPoolNet(nn.Module):
     def fused(self) -> MaxPoolNet:
         """The same function (in eval mode) without BatchNorm layers."""
         out = MaxPoolNet(self.in_channels, self.n_classes, self.width, bn=False)
-        for conv, bn, dst in zip(self.convs, self.bns, out.convs):
+        for conv, bn, dst in zip(self.convs, self.bns, out.convs, strict=True):
             wgt, bias = conv.weight.clone(), conv.bias.clone()
             if isinstance(bn, nn.BatchNorm2d):
                 scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
@@ -215,14 +215,18 @@ def fit(model, train, test, *, epochs, lr=3e-3, batch_size=32, seed=0, weight_de
             sched.step()
             tot += float(loss.detach()) * len(idx)
         accs = " ".join(f"{k or 'test'} {evaluate(model, *v)['accuracy']:.4f}" for k, v in tests.items())
-        log.info("%s epoch %d/%d loss %.4f %s (%.0fs)", label, ep + 1, epochs, tot / n_train, accs,
-                 time.perf_counter() - t0)
+        log.info(
+            "%s epoch %d/%d loss %.4f %s (%.0fs)", label, ep + 1, epochs, tot / n_train, accs, time.perf_counter() - t0
+        )
     model.eval()
     info = {"train_accuracy": sum(evaluate(model, x, y)["accuracy"] * len(x) for x, y in groups) / n_train}
     for k, (x, y) in tests.items():
         r = evaluate(model, x, y)
         info[f"test_accuracy{k}"], info[f"test_mean_p_true{k}"], info[f"n_test{k}"] = (
-            r["accuracy"], r["mean_p_true"], len(x))
+            r["accuracy"],
+            r["mean_p_true"],
+            len(x),
+        )
     info.update(n_train=n_train, epochs=epochs, train_seconds=round(time.perf_counter() - t0, 1))
     return info
 
@@ -238,8 +242,11 @@ def evidence_check(model, x, x_null, target, batch: int = 64) -> dict:
         p.append(model(x[i : i + batch]).float().softmax(1).gather(1, t)[:, 0])
         pn.append(model(x_null[i : i + batch]).float().softmax(1).gather(1, t)[:, 0])
     p, pn = torch.cat(p), torch.cat(pn)
-    return {"p_target": float(p.mean()), "p_target_without_evidence": float(pn.mean()),
-            "flip_rate": float(((p > 0.5) & (pn < 0.5)).float().mean())}
+    return {
+        "p_target": float(p.mean()),
+        "p_target_without_evidence": float(pn.mean()),
+        "flip_rate": float(((p > 0.5) & (pn < 0.5)).float().mean()),
+    }
 
 
 def export(model: nn.Module, in_channels: int) -> bytes:

@@ -47,13 +47,25 @@ import torch
 from . import _common as C
 
 PACKAGE = "stardist==0.9.2"
-FILES = {
+FILES = {  # name -> (path inside the wheel, sha256)
     "img2d.tif": ("stardist/data/images/img2d.tif", "f9ccc1571b92c861ff87e28463068b43f61bd47357ed0503f711e5cd1eb97750"),
-    "mask2d.tif": ("stardist/data/images/mask2d.tif", "59ad5e820b7982ca9d13e946fa6e7f64e2714899e00a2ae6c69aa79aad53d46f"),
+    "mask2d.tif": (
+        "stardist/data/images/mask2d.tif",
+        "59ad5e820b7982ca9d13e946fa6e7f64e2714899e00a2ae6c69aa79aad53d46f",
+    ),
 }
 # the same (pure-data) wheel whatever the machine: the data files are identical in every build
-PIP_PLATFORM = ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
-                "--implementation", "cp", "--abi", "cp311"]
+PIP_PLATFORM = [
+    "--only-binary=:all:",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+]
 SPLIT_X = 384  # training: x < 384; held-out evidence: x >= 384
 # training recipes; mix = [(number of crops, crop size)]. Sized for < 3 minutes on one CPU thread.
 RECIPES = {
@@ -78,8 +90,18 @@ def stardist_data() -> tuple[np.ndarray, np.ndarray]:
     if not all(p.exists() and _sha(p.read_bytes()) == FILES[k][1] for k, p in paths.items()):
         d.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=C.cache_dir()) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   *PIP_PLATFORM, "-d", tmp, PACKAGE]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                *PIP_PLATFORM,
+                "-d",
+                tmp,
+                PACKAGE,
+            ]
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             except subprocess.TimeoutExpired as e:
@@ -123,7 +145,8 @@ def _label_boxes(lab: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
 def _eligible(boxes, y0, x0, size, xmin, xmax):
     """Markable labels lying entirely inside the crop and entirely inside [xmin, xmax) horizontally."""
     return [
-        k for k, (a, b, c, d) in boxes.items()
+        k
+        for k, (a, b, c, d) in boxes.items()
         if a >= y0 and b <= y0 + size and c >= max(x0, xmin) and d <= min(x0 + size, xmax)
     ]
 
@@ -156,7 +179,8 @@ def make_crop(rng, img, lab, boxes, y0, x0, size, positive, xmin=0, xmax=512, ma
             w = dna[py, px] ** 2
             n_g = max(4, int(reg.sum() / 25))
             pick = rng.choice(len(py), size=n_g, replace=True, p=w / w.sum())
-            gr = dm._spots(yy, xx, list(zip(py[pick], px[pick])), rng.uniform(0.8, 1.3, n_g), rng.uniform(0.5, 1.0, n_g))
+            centers = list(zip(py[pick], px[pick], strict=True))
+            gr = dm._spots(yy, xx, centers, rng.uniform(0.8, 1.3, n_g), rng.uniform(0.5, 1.0, n_g))
             gr /= gr[reg].max() + 1e-9
             amp = rng.uniform(180, 320)  # granule peaks a bit above the flat decoys (100-220)
             evidence += np.where(reg, amp * rel**1.5 * (0.35 + 0.65 * gr), 0.0)
@@ -179,13 +203,14 @@ def make_crop(rng, img, lab, boxes, y0, x0, size, positive, xmin=0, xmax=512, ma
     decoy += lut[L] * (1.0 + 0.06 * dm._smooth_noise(rng, (size, size), 4.0))
     if use_haze:
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-        decoy += dm._spots(yy, xx, [(rng.uniform(0, size), rng.uniform(0, size))], [rng.uniform(5, 10)],
-                           [rng.uniform(100, 250)])
+        decoy += dm._spots(
+            yy, xx, [(rng.uniform(0, size), rng.uniform(0, size))], [rng.uniform(5, 10)], [rng.uniform(100, 250)]
+        )
     # sharp bright specks (debris)
     n_sp = int(rng.poisson(2.0 * (size / 128.0) ** 2))
     if n_sp:
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-        pts = list(zip(rng.uniform(0, size, n_sp), rng.uniform(0, size, n_sp)))
+        pts = list(zip(rng.uniform(0, size, n_sp), rng.uniform(0, size, n_sp), strict=True))
         decoy += dm._spots(yy, xx, pts, rng.uniform(0.5, 0.9, n_sp), rng.uniform(80, 300, n_sp))
     bg = rng.uniform(8, 16)
     z1, z2 = rng.standard_normal((2, size, size))
@@ -239,8 +264,12 @@ def make_set(n, seed, size, split, positive_only=False, augment=True):
         ns.append(dm.percentile_normalize(null))
         ys.append(int(pos))
         ms.append(m)
-    return (torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long), torch.from_numpy(np.stack(ms)),
-            torch.from_numpy(np.stack(ns)))
+    return (
+        torch.from_numpy(np.stack(xs)),
+        torch.tensor(ys, dtype=torch.long),
+        torch.from_numpy(np.stack(ms)),
+        torch.from_numpy(np.stack(ns)),
+    )
 
 
 def _model(arch: str):
@@ -250,8 +279,16 @@ def _model(arch: str):
             train = [make_set(n, TRAIN_SEED + k, sz, "train")[:2] for k, (n, sz) in enumerate(r["mix"])]
             test = {sz: make_set(400 if sz == 128 else 100, TEST_SEED, sz, "eval")[:2] for sz in (128, 256)}
             net = C.make_net(arch, 2)
-            info = C.fit(net, train, test, epochs=r["epochs"], lr=r["lr"], weight_decay=r["weight_decay"], seed=0,
-                         label=f"nuclei-{arch}")
+            info = C.fit(
+                net,
+                train,
+                test,
+                epochs=r["epochs"],
+                lr=r["lr"],
+                weight_decay=r["weight_decay"],
+                seed=0,
+                label=f"nuclei-{arch}",
+            )
             for sz in (128, 256):
                 x, y, _, xn = make_set(100, TEST_SEED + 100, sz, "eval", positive_only=True)
                 for k, v in C.evidence_check(net, x, xn, y).items():

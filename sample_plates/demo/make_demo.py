@@ -4,8 +4,12 @@
     python sample_plates/demo/make_demo.py            # writes next to this file
     python sample_plates/demo/make_demo.py --out DIR  # writes elsewhere
 
-Deterministic: seeded numpy + torch, one fixed torch thread count; two runs on the same machine give
-byte-identical files (a CPU with other vector units may give other model bits).
+    python sample_plates/demo/make_demo.py --threads 1  # on a busy machine (another, equally good model)
+
+Deterministic: seeded numpy + torch, a fixed torch thread count (2); two runs on the same machine give
+byte-identical files. Another thread count, or a CPU with other vector units, gives other model bits
+(same accuracy); images, masks, layout.csv and plate.yaml do not depend on either. About 80-110 s on an
+idle 2-core machine (two torch threads thrash when another process is busy: then pass --threads 1).
 
 What it writes:
   images/{well}_s{field}_w{n}.tif  24 wells (A-D x 1-6) x 2 fields x 3 channels (w1 DNA, w2 PH3, w3 Actin),
@@ -125,7 +129,7 @@ def _dilate(mask: np.ndarray, px: int = 1) -> np.ndarray:
 
 def _spots(yy, xx, centers, sigmas, amps) -> np.ndarray:
     out = np.zeros(yy.shape, dtype=np.float64)
-    for (cy, cx), s, a in zip(centers, sigmas, amps):
+    for (cy, cx), s, a in zip(centers, sigmas, amps, strict=True):
         out += a * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2.0 * s * s))
     return out
 
@@ -180,7 +184,7 @@ def make_field(rng: np.random.Generator, positive: bool, size: int = 128, return
             rad = np.sqrt(rng.uniform(0, 1, k)) * 0.75
             c, s = math.cos(th), math.sin(th)
             u, v = rad * a2 * np.cos(ang), rad * b2 * np.sin(ang)
-            centers = list(zip(cy + u * s + v * c, cx + u * c - v * s))
+            centers = list(zip(cy + u * s + v * c, cx + u * c - v * s, strict=True))
             sig = rng.uniform(0.7, 1.3, k)
             clumps = _spots(yy, xx, centers, sig, rng.uniform(0.6, 1.0, k))
             clumps /= clumps.max() + 1e-9
@@ -218,7 +222,7 @@ def make_field(rng: np.random.Generator, positive: bool, size: int = 128, return
     # sharp, bright PH3 debris specks (as bright as mitotic PH3)
     k = int(rng.poisson(2.5 * area))
     if k:
-        pts = list(zip(rng.uniform(0, H, k), rng.uniform(0, W, k)))
+        pts = list(zip(rng.uniform(0, H, k), rng.uniform(0, W, k), strict=True))
         ph3 += _spots(yy, xx, pts, rng.uniform(0.5, 1.0, k), rng.uniform(2000, 8000, k))
     # out-of-focus PH3 haze (fluorescent debris above the focal plane)
     if rng.random() < 0.35:
@@ -438,8 +442,14 @@ def export_torchscript(model: nn.Module, in_channels: int = 3) -> bytes:
 # plate
 # --------------------------------------------------------------------------------------------------
 
-TREATMENT = {1: ("nocodazole", 0.3), 2: ("nocodazole", 1.0), 3: ("nocodazole", 3.0), 4: ("DMSO", 0.0),
-             5: ("DMSO", 0.0), 6: ("DMSO", 0.0)}
+TREATMENT = {
+    1: ("nocodazole", 0.3),
+    2: ("nocodazole", 1.0),
+    3: ("nocodazole", 3.0),
+    4: ("DMSO", 0.0),
+    5: ("DMSO", 0.0),
+    6: ("DMSO", 0.0),
+}
 
 
 def plate_wells():
@@ -519,9 +529,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE, help="output folder (default: next to this script)")
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=TORCH_THREADS, help="torch threads (the bundled files: 2)")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(TORCH_THREADS)
+    torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
