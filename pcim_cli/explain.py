@@ -113,6 +113,9 @@ def plan(cfg: RunConfig) -> tuple[list[WellTask], list[dict], list[str], pd.Data
 
     Returns (tasks, rows of wells that already failed at planning, problems, layout, model).
     """
+    if cfg.explain.method != "pcim":
+        raise ConfigError(f"explain.method: {cfg.explain.method!r} is not available in pcim {__version__} yet "
+                          "(the baselines arrive with `pcim evaluate`); use method: pcim")
     device = resolve_device(cfg.compute.device)
     model = load_model(cfg.model.path, len(cfg.plate.channels), cfg.model.input_size, device=device)
     classes = check_classes(model, cfg.model.classes)
