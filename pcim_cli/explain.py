@@ -22,7 +22,7 @@ from pcim_cli.config import RunConfig
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, ConfigError, InputDataError
 from pcim_cli.model import LoadedModel, check_classes, load_model, resolve_device
-from pcim_cli.worker import FieldFiles, WellTask, explain_well
+from pcim_cli.worker import FieldFiles, WellTask, explain_well, failed_row
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def plan(cfg: RunConfig) -> tuple[list[WellTask], list[dict], list[str], pd.Data
                        for i, src in enumerate(found[well]))
         well_targets = targets[well]
         if isinstance(well_targets, str):
-            failed_rows += [_planning_failure(cfg, well, f, well_targets) for f in fields]
+            failed_rows += [failed_row(cfg.plate.name, well, f.site, f.index, well_targets) for f in fields]
             continue
         tasks.append(WellTask(
             plate=cfg.plate.name, well=well, fields=fields, channels=tuple(cfg.plate.channels),
@@ -155,13 +155,6 @@ def plan(cfg: RunConfig) -> tuple[list[WellTask], list[dict], list[str], pd.Data
             fingerprint=print_fp,
         ))
     return tasks, failed_rows, problems, layout, model
-
-
-def _planning_failure(cfg: RunConfig, well: str, f: FieldFiles, error: str) -> dict:
-    return {"plate": cfg.plate.name, "well": well, "site": f.site, "target": "", "predicted_class": "",
-            "prob_original": float("nan"), "prob_mixed": float("nan"), "deletion_auc": float("nan"),
-            "insertion_auc": float("nan"), "status": "failed", "error": error, "runtime_s": float("nan"),
-            "zarr_path": store.field_path(well, f.index)}
 
 
 def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None) -> RunResult:

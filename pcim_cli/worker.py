@@ -212,12 +212,16 @@ def _targets(task: WellTask, predicted: int) -> list[str]:
     return list(task.targets) if task.targets is not None else [task.classes[predicted]]
 
 
-def _failed_row(task: WellTask, field: FieldFiles, error: str) -> dict[str, Any]:
+def failed_row(plate: str, well: str, site: int, index: int, error: str, target: str = "") -> dict[str, Any]:
+    """The summary row of a field that could not be explained (the store path it would have had)."""
+    nan = float("nan")
     return {
-        "plate": task.plate, "well": task.well, "site": field.site,
-        "target": ",".join(task.targets) if task.targets else "",
-        "predicted_class": "", "prob_original": float("nan"), "prob_mixed": float("nan"),
-        "deletion_auc": float("nan"), "insertion_auc": float("nan"),
-        "status": "failed", "error": error, "runtime_s": float("nan"),
-        "zarr_path": store.field_path(task.well, field.index),
+        "plate": plate, "well": well, "site": site, "target": target, "predicted_class": "",
+        "prob_original": nan, "prob_mixed": nan, "deletion_auc": nan, "insertion_auc": nan,
+        "status": "failed", "error": error, "runtime_s": nan, "zarr_path": store.field_path(well, index),
     }
+
+
+def _failed_row(task: WellTask, field: FieldFiles, error: str) -> dict[str, Any]:
+    target = ",".join(task.targets) if task.targets else ""
+    return failed_row(task.plate, task.well, field.site, field.index, error, target)

@@ -168,3 +168,19 @@ def test_a_method_that_is_not_available_is_refused_not_silently_replaced(tmp_pat
     assert proc.returncode == 78
     assert "explain.method" in proc.stderr and "occlusion" in proc.stderr
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_a_bad_layout_target_fails_that_well_only_and_exits_3(tmp_path):
+    plate = tmp_path / "plate"
+    shutil.copytree(DEMO, plate, ignore=shutil.ignore_patterns("out", "*.py"))
+    layout = plate / "layout.csv"
+    layout.write_text(layout.read_text().replace("A01,nocodazole,0.3,mitotic", "A01,nocodazole,0.3,mitotc"))
+    proc = run_pcim("explain", str(plate / "plate.yaml"), "--set", "explain.target=layout:expected_class",
+                    "--set", "plate.wells=[A01,A02]", "--set", "explain.steps=5")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    df = pd.read_csv(plate / "out" / "DEMO01_pcim.csv").set_index(["Metadata_Well", "Metadata_Site"])
+    assert len(df) == 4
+    assert (df.loc["A01", "PCIM_Status"] == "failed").all()
+    assert df.loc["A01", "PCIM_Error"].str.contains("mitotc").all()
+    assert (df.loc["A02", "PCIM_Status"] == "done").all() and (df.loc["A02", "PCIM_Target"] == "mitotic").all()
+    assert store.read_record(plate / "out" / "DEMO01.zarr", "A02", 0)["status"] == "done"
