@@ -67,6 +67,8 @@ def test_demo_store_holds_one_map_per_field_with_the_field_shape(demo_run):
         assert labels == [row.PCIM_Target]
         assert (maps >= 0).all() and maps.max() > 0
         assert record["status"] == "done" and record["site"] == row.Metadata_Site
+        assert record["settings"]["normalize"] == {"method": "percentile", "low": 1.0, "high": 99.8}
+        assert record["settings"]["engine"]["budget"] == 0.02 and len(record["fingerprint"]) == 64
         assert record["results"][row.PCIM_Target]["prob_original"] == pytest.approx(row.PCIM_ProbOriginal)
 
 
