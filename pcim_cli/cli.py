@@ -110,5 +110,46 @@ def explain(
     raise typer.Exit(result.exit_code)
 
 
+@app.command(epilog=EXIT_CODES_HELP)
+def validate(
+    plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, as for explain.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON on stdout.")] = False,
+) -> None:
+    """Check plate.yaml, the layout, the images and the model without fitting or writing anything."""
+    from pcim_cli import explain as explain_lib
+    from pcim_cli.config import load_config
+
+    _setup_logging(0, quiet=True)
+    logging.getLogger("pcim_cli").setLevel(logging.ERROR)  # problems are part of the report below
+    try:
+        cfg = load_config(plate_yaml, set_ or ())
+        found = explain_lib.inspect_plate(cfg).summary
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(exc) from None
+    found = {"plate": cfg.plate.name, "channels": list(cfg.plate.channels), **found}
+    if as_json:
+        typer.echo(json.dumps(found))
+    else:
+        model = found["model"]
+        typer.echo(f"plate {found['plate']}: {found['wells']} wells, {found['fields']} fields, "
+                   f"channels {', '.join(found['channels'])}")
+        typer.echo(f"model {model['path']} ({model['kind']}, sha256 {model['sha256'][:12]}…), "
+                   f"classes {', '.join(model['classes'])}")
+        if found["layout_columns"]:
+            typer.echo(f"layout columns: {', '.join(found['layout_columns'])}")
+        for p in found["problems"]:
+            typer.echo(f"problem: {p}")
+    raise typer.Exit(3 if found["problems"] else 0)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of plate.yaml (for editors and linters)."""
+    from pcim_cli.config import RunConfig
+
+    typer.echo(json.dumps(RunConfig.model_json_schema(), indent=2))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

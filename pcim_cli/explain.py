@@ -108,11 +108,30 @@ def _targets_per_well(cfg: RunConfig, classes: list[str], layout: pd.DataFrame |
     return out
 
 
-def plan(cfg: RunConfig) -> tuple[list[WellTask], list[dict], list[str], pd.DataFrame | None, LoadedModel]:
-    """Everything before the fits: model probe, layout, image discovery, the store skeleton.
+@dataclass
+class PlateInventory:
+    """What a plate.yaml points at, checked without fitting or writing anything."""
 
-    Returns (tasks, rows of wells that already failed at planning, problems, layout, model).
-    """
+    model: LoadedModel
+    classes: list[str]
+    layout: pd.DataFrame | None
+    fields: dict[str, list[images.FieldSource]]
+    problems: list[str]
+
+    @property
+    def summary(self) -> dict:
+        return {
+            "wells": len(self.fields),
+            "fields": sum(len(v) for v in self.fields.values()),
+            "model": {"path": str(self.model.path), "kind": self.model.kind, "sha256": self.model.sha256,
+                      "classes": self.classes},
+            "layout_columns": [] if self.layout is None else [c for c in self.layout.columns if c != "well"],
+            "problems": self.problems,
+        }
+
+
+def inspect_plate(cfg: RunConfig) -> PlateInventory:
+    """Model probe, class names, layout and image discovery. Raises when no field at all is usable."""
     if cfg.explain.method != "pcim":
         raise ConfigError(f"explain.method: {cfg.explain.method!r} is not available in pcim {__version__} yet "
                           "(the baselines arrive with `pcim evaluate`); use method: pcim")
@@ -120,9 +139,8 @@ def plan(cfg: RunConfig) -> tuple[list[WellTask], list[dict], list[str], pd.Data
     model = load_model(cfg.model.path, len(cfg.plate.channels), cfg.model.input_size, device=device)
     classes = check_classes(model, cfg.model.classes)
     layout = plate.read_layout(cfg.plate.layout) if cfg.plate.layout is not None else None
-    wells_filter = cfg.plate.wells
     found, problems = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels,
-                                             wells_filter)
+                                             cfg.plate.wells)
     for p in problems:
         logger.warning("%s", p)
     if not found:
@@ -130,6 +148,17 @@ def plan(cfg: RunConfig) -> tuple[list[WellTask], list[dict], list[str], pd.Data
             f"no complete field found under {cfg.plate.images}: "
             + ("; ".join(problems[:5]) or f"check plate.images and plate.pattern ({cfg.plate.pattern!r})")
         )
+    return PlateInventory(model, classes, layout, found, problems)
+
+
+def plan(cfg: RunConfig) -> tuple[list[WellTask], list[dict], list[str], pd.DataFrame | None, LoadedModel]:
+    """Everything before the fits: the plate inventory, each well's task, the store skeleton.
+
+    Returns (tasks, rows of wells that already failed at planning, problems, layout, model).
+    """
+    inv = inspect_plate(cfg)
+    model, classes, layout, found, problems = inv.model, inv.classes, inv.layout, inv.fields, inv.problems
+    device = model.device
     wells = sorted(found, key=plate.parse_well)
     targets = _targets_per_well(cfg, classes, layout, wells)
     opts = engine_options(cfg)
