@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from pcim_cli import __version__, images, plate, store, summary
+from pcim_cli import __version__, images, plate, scheduler, store, summary
 from pcim_cli.config import RunConfig
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, ConfigError, InputDataError
 from pcim_cli.model import LoadedModel, check_classes, load_model, resolve_device
-from pcim_cli.worker import FieldFiles, WellTask, explain_well, failed_row
+from pcim_cli.worker import FieldFiles, WellTask, failed_row
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,8 @@ def plan(cfg: RunConfig) -> tuple[list[WellTask], list[dict], list[str], pd.Data
             plate=cfg.plate.name, well=well, fields=fields, channels=tuple(cfg.plate.channels),
             classes=tuple(classes), targets=well_targets, normalize=cfg.model.normalize.model_dump(),
             model_path=str(model.path), model_sha256=model.sha256, input_size=cfg.model.input_size,
-            engine=dataclasses.asdict(opts), batch_size=cfg.compute.batch_size, device=device,
+            method=cfg.explain.method, engine=dataclasses.asdict(opts), batch_size=cfg.compute.batch_size,
+            device=device,
             fidelity=cfg.explain.fidelity, store_path=str(store_path), store_format=cfg.output.format,
             fingerprint=print_fp,
         ))
@@ -191,11 +192,7 @@ def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None
     tasks, rows, problems, layout, _ = plan(cfg)
     logger.info("%d wells to explain (%d fields) -> %s", len(tasks), sum(len(t.fields) for t in tasks),
                 cfg.output.zarr)
-    for task in tasks:
-        well_rows = explain_well(task)
-        rows += well_rows
-        if on_well is not None:
-            on_well(task.well, well_rows)
+    rows += scheduler.run_wells(tasks, cfg.compute, on_well).rows
     table = summary.build_summary(rows, layout)
     summary.write_csv_atomic(table, Path(cfg.output.csv))
     return RunResult(store=Path(cfg.output.zarr), csv=Path(cfg.output.csv), summary=table, problems=problems)

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict
 
 from pcim_cli import __version__, images, store
 from pcim_cli.engine import metrics
-from pcim_cli.engine.pcim import PcimOptions, fit_pcim
+from pcim_cli.engine.attribute import attribute
+from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import PcimError
 from pcim_cli.model import LoadedModel, load_model
 
@@ -54,6 +55,7 @@ class WellTask(BaseModel):
     model_path: str
     model_sha256: str
     input_size: tuple[int, int] | None = None
+    method: str = "pcim"
     engine: dict[str, Any]
     batch_size: int = 16
     device: str = "cpu"
@@ -152,7 +154,7 @@ def _explain_batch(task: WellTask, model: LoadedModel, opts: PcimOptions,
     tt = torch.tensor([task.classes.index(t) for _, t in pairs], device=device)
     seeds = torch.tensor([field_seed(opts.seed, task.well, part[i][0].site, t) for i, t in pairs])
     t0 = time.perf_counter()
-    result = fit_pcim(model.module, x[xi], tt, opts, seeds=seeds)
+    result = attribute(model.module, x[xi], tt, task.method, opts, seeds=seeds)
     if task.fidelity:
         dele = metrics.deletion_auc(model.module, x[xi], result.maps, tt).tolist()
         ins = metrics.insertion_auc(model.module, x[xi], result.maps, tt, substrate="blur").tolist()
