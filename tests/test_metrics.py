@@ -160,7 +160,100 @@ def test_summarize_and_directions():
                              "relevance_mass": torch.tensor([0.25, 0.75])})
     assert out == {"pointing_game": pytest.approx(2 / 3), "relevance_mass": pytest.approx(0.5)}
     assert metrics.DIRECTIONS == {"deletion_auc": "lower", "insertion_auc": "higher", "pointing_game": "higher",
-                                  "relevance_mass": "higher", "pixel_auroc": "higher"}
+                                  "relevance_mass": "higher", "pixel_auroc": "higher", "rank_accuracy": "higher",
+                                  "sparseness": "higher", "randomisation_spearman": "lower"}
+
+
+def test_every_public_score_states_its_direction():
+    scores = {"deletion_auc", "insertion_auc", "pointing_game", "relevance_mass", "pixel_auroc", "rank_accuracy",
+              "sparseness"}
+    assert scores <= set(metrics.DIRECTIONS) and set(metrics.DIRECTIONS.values()) == {"higher", "lower"}
+    assert scores <= set(metrics.__all__)
+
+
+# --- relevance rank accuracy, sparseness (Gini), Spearman -----------------------------------------------------
+
+
+def test_rank_accuracy_perfect_reversed_and_hand_counted():
+    mask = _square_mask(b=2)
+    mask[1] = False
+    mask[1, 0, 10:14, 2:9] = True
+    assert metrics.rank_accuracy(mask.float(), mask).tolist() == [1.0, 1.0]
+    assert metrics.rank_accuracy(1.0 - mask.float(), mask).tolist() == [0.0, 0.0]
+    # 16 mask pixels; the map's top 16: 6 inside the mask (value 2) and 10 outside (value 3)
+    maps = torch.zeros(1, 1, H, W)
+    maps[0, 0, 4, 4:8] = 2.0
+    maps[0, 0, 5, 4:6] = 2.0
+    maps[0, 0, 12, 0:10] = 3.0
+    assert metrics.rank_accuracy(maps, _square_mask()).item() == pytest.approx(6 / 16)
+    assert math.isnan(metrics.rank_accuracy(maps, torch.zeros_like(_square_mask())).item())
+
+
+def test_sparseness_is_zero_for_uniform_and_maximal_for_one_pixel():
+    uniform = torch.full((1, 1, H, W), 0.2)
+    one = torch.zeros(1, 1, H, W)
+    one[0, 0, 3, 7] = 5.0
+    assert metrics.sparseness(uniform).item() == pytest.approx(0.0, abs=1e-6)
+    assert metrics.sparseness(one).item() == pytest.approx((N - 1) / N)
+    # half the pixels at 1, half at 0: Gini = 1/2; a map that equals the mask (16 px) beats its complement
+    half = (torch.arange(N) % 2).float().view(1, 1, H, W)
+    assert metrics.sparseness(half).item() == pytest.approx(0.5)
+    mask = _square_mask().float()
+    assert metrics.sparseness(mask).item() > metrics.sparseness(1 - mask).item()
+    assert math.isnan(metrics.sparseness(torch.zeros(1, 1, H, W)).item())
+
+
+def test_spearman_of_identical_reversed_and_monotone_maps():
+    gen = torch.Generator().manual_seed(3)
+    a = torch.rand(2, 1, H, W, generator=gen)
+    assert metrics.spearman(a, a).tolist() == pytest.approx([1.0, 1.0])
+    assert metrics.spearman(a, a.exp() * 3).tolist() == pytest.approx([1.0, 1.0])  # ranks only
+    assert metrics.spearman(a, -a).tolist() == pytest.approx([-1.0, -1.0])
+    assert math.isnan(metrics.spearman(a[:1], torch.ones(1, 1, H, W)).item())
+
+
+def test_spearman_on_the_union_support_ignores_pixels_zero_in_both_maps():
+    a = torch.zeros(1, 1, H, W)
+    b = torch.zeros(1, 1, H, W)
+    a[0, 0, 0, :4] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    b[0, 0, 0, :4] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # same support, reversed order
+    assert metrics.spearman(a, b).item() > 0.5  # all pixels: the shared zeros dominate
+    assert metrics.spearman(a, b, support="union").item() == pytest.approx(-1.0)
+
+
+def test_spearman_agrees_with_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    gen = torch.Generator().manual_seed(4)
+    a = torch.rand(3, 2, H, W, generator=gen)
+    b = (a + torch.rand(3, 2, H, W, generator=gen)).round(decimals=1)  # with ties
+    ours = metrics.spearman(a, b)
+    for i in range(3):
+        ref = stats.spearmanr(a[i].sum(0).flatten().numpy(), b[i].sum(0).flatten().numpy()).statistic
+        assert ours[i].item() == pytest.approx(ref, abs=1e-5)
+
+
+def test_per_channel_ranking_removes_pixel_channels():
+    """With per_channel=True only the ranked pixel-channels are removed, the other channels stay."""
+
+    class ChannelSum(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # logit of class 1 = 4 * mean of channel 1 - 2
+            s = 4 * x[:, 1].mean(dim=(1, 2)) - 2
+            return torch.stack([torch.zeros_like(s), s], 1)
+
+    x = torch.ones(1, 2, H, W)
+    maps = torch.zeros(1, 2, H, W)
+    maps[0, 0] = 2.0  # channel 0 ranked first everywhere, but the model only reads channel 1
+    maps[0, 1] = 1.0
+    fr = torch.tensor([0.0, 0.5, 1.0])
+    target = torch.tensor([1])
+    joint = metrics.perturbation_curve(ChannelSum(), x, maps, target, substrate="zero", fractions=fr)
+    split = metrics.perturbation_curve(ChannelSum(), x, maps, target, substrate="zero", fractions=fr,
+                                       per_channel=True)
+    p = [1 / (1 + math.exp(-v)) for v in (2, 0, -2)]
+    assert joint[0].tolist() == pytest.approx(p)  # joint: half of the pixels, both channels -> half of channel 1
+    assert split[0].tolist() == pytest.approx([p[0], p[0], p[2]])  # half of the pixel-channels = all of channel 0
+    with pytest.raises(ValueError, match="per_channel"):
+        metrics.perturbation_curve(ChannelSum(), x, maps[:, :1].expand(1, 3, H, W), target, per_channel=True)
 
 
 # --- fidelity: perturbation curves (RISE deletion / insertion) ----------------------------------------------
@@ -341,3 +434,23 @@ def test_pixel_auroc_agrees_with_sklearn(quantus):
     for i in range(len(maps)):
         ref = sklearn_metrics.roc_auc_score(mask[i].flatten().numpy(), maps[i].flatten().numpy())
         assert ours[i].item() == pytest.approx(ref, abs=1e-6)
+
+
+def test_rank_accuracy_agrees_with_quantus(quantus):
+    x, maps, mask = _random_case(14)
+    model = _conv()
+    y = model(x).argmax(1)
+    theirs = quantus.RelevanceRankAccuracy(disable_warnings=True, display_progressbar=False, normalise=False)(
+        model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=maps.numpy(),
+        s_batch=mask.numpy().astype(np.float32), channel_first=True, device="cpu")
+    np.testing.assert_allclose(metrics.rank_accuracy(maps, mask).numpy(), np.asarray(theirs), rtol=1e-6)
+
+
+def test_sparseness_agrees_with_quantus(quantus):
+    x, maps, _ = _random_case(15)
+    model = _conv()
+    y = model(x).argmax(1)
+    maps = maps.abs() + 1  # Quantus adds 1e-7 to every value: keep values far above it
+    theirs = quantus.Sparseness(disable_warnings=True, display_progressbar=False, normalise=False, abs=True)(
+        model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=maps.numpy(), channel_first=True, device="cpu")
+    np.testing.assert_allclose(metrics.sparseness(maps).numpy(), np.asarray(theirs), rtol=1e-5)

@@ -1,22 +1,122 @@
 """One entry point for every attribution method the `explain.method` key can name.
 
 `attribute(model, x, target, method, opts, seeds)` returns a `PcimResult` whatever the method, so the
-worker, the store and the CSV treat PCIM and the baselines alike (the fit-only statistics of a
-baseline, such as the mixed-image probability, are NaN).
+worker, the store and the CSV treat PCIM and the baselines alike. A baseline's maps are non-negative,
+one per channel when `opts.per_channel` (RISE and occlusion then perturb one channel at a time) and
+one shared map otherwise; the fit-only statistics (mixed / deleted probability, loss) are NaN and its
+step count is 0. Saliency, integrated gradients and occlusion use Captum when it is installed
+(`pip install pcim-cli[baselines]`) and the pure-torch versions in `baselines.py` otherwise; both
+compute the same quantity (tested). Only forward calls and input gradients: any TorchScript model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from pcim_cli.engine.pcim import Forward, PcimOptions, PcimResult, fit_pcim
+from pcim_cli.engine import baselines
+from pcim_cli.engine.pcim import Forward, PcimOptions, PcimResult, _FrozenModel, fit_pcim, target_log_probs
 
-METHODS = ("pcim",)
+METHODS = ("pcim", "saliency", "integrated-gradients", "occlusion", "rise")
+BACKENDS = ("auto", "captum", "torch")
+
+#: the PcimOptions fields each method reads (besides per_channel); the settings fingerprint uses them
+BASELINE_KEYS = ("ig_steps", "occlusion_window", "occlusion_stride", "rise_masks", "rise_cell", "rise_p")
+METHOD_KEYS = {
+    "saliency": (),
+    "integrated-gradients": ("ig_steps",),
+    "occlusion": ("occlusion_window", "occlusion_stride"),
+    "rise": ("rise_masks", "rise_cell", "rise_p"),
+}
+
+
+def method_settings(method: str, opts: PcimOptions) -> dict:
+    """The settings that change `method`'s maps: every PCIM field for pcim (as before baselines
+    existed, so PCIM fingerprints do not change), per_channel and the method's own keys otherwise."""
+    values = dataclasses.asdict(opts)
+    if method == "pcim":
+        return {k: v for k, v in values.items() if k not in BASELINE_KEYS}
+    return {k: values[k] for k in ("per_channel", *METHOD_KEYS.get(method, ()))}
+
+
+def captum_available() -> bool:
+    try:
+        import captum.attr  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def attribute(model: Forward, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
-              seeds: torch.Tensor | None = None) -> PcimResult:
-    """Maps (B, M, H, W) of `method` for images x (B, C, H, W) and their target classes (B,)."""
+              seeds: torch.Tensor | None = None, backend: str = "auto") -> PcimResult:
+    """Maps (B, M, H, W) of `method` for images x (B, C, H, W) and their target classes (B,).
+
+    backend: auto (Captum when installed), captum, or torch (the pure-torch baselines); PCIM and RISE
+    are always pure torch.
+    """
     if method == "pcim":
         return fit_pcim(model, x, target, opts, seeds=seeds)
-    raise ValueError(f"unknown attribution method {method!r}; one of {', '.join(METHODS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown attribution method {method!r}; one of {', '.join(METHODS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    use_captum = backend == "captum" or (backend == "auto" and captum_available())
+    b = x.shape[0]
+    x = x.detach()
+    target = target.to(device=x.device, dtype=torch.long).reshape(b)
+    seeds = opts.seed + torch.arange(b) if seeds is None else seeds.reshape(b)
+    with _FrozenModel(model):
+        with torch.no_grad():
+            prob_original = target_log_probs(model(x), target)[0].exp()
+        maps = _baseline(model, x, target, method, opts, seeds, use_captum)
+    nan = torch.full((b,), float("nan"), dtype=prob_original.dtype, device=x.device)
+    return PcimResult(maps=maps.clamp(min=0).detach(), prob_original=prob_original, prob_mixed=nan,
+                      prob_deleted=nan.clone(), loss=nan.clone(),
+                      steps=torch.zeros(b, dtype=torch.long, device=x.device))
+
+
+def _baseline(model: Forward, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
+              seeds: torch.Tensor, use_captum: bool) -> torch.Tensor:
+    pc = opts.per_channel
+    if method == "rise":
+        return baselines.rise(model, x, target, opts.rise_masks, opts.rise_cell, opts.rise_p, seeds=seeds,
+                              per_channel=pc)
+    if use_captum:
+        return _captum(model, x, target, method, opts)
+    if method == "saliency":
+        return baselines.saliency(model, x, target, per_channel=pc)
+    if method == "integrated-gradients":
+        return baselines.integrated_gradients(model, x, target, opts.ig_steps, per_channel=pc)
+    return baselines.occlusion(model, x, target, opts.occlusion_window, opts.occlusion_stride, per_channel=pc)
+
+
+def _captum(model: Forward, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions) -> torch.Tensor:
+    """The same three baselines through Captum (same definitions as baselines.py)."""
+    from captum import attr
+
+    c = x.shape[1]
+    pc = opts.per_channel
+    x = x.detach().requires_grad_(method != "occlusion")  # Captum warns when it has to set the flag itself
+    if method == "saliency":
+        g = attr.Saliency(model).attribute(x, target=target, abs=True)
+        return g if pc else g.amax(dim=1, keepdim=True)
+    if method == "integrated-gradients":
+        ig = attr.IntegratedGradients(model).attribute(
+            x, baselines=0.0, target=target, n_steps=opts.ig_steps, method="riemann_middle",
+            internal_batch_size=max(x.shape[0], 8 * x.shape[0]))
+        return ig.abs() if pc else ig.sum(dim=1, keepdim=True).abs()
+
+    def prob(z: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(model(z), dim=1)
+
+    win, stride = opts.occlusion_window, opts.occlusion_stride
+    h, w = x.shape[-2:]
+    win_h, win_w = min(win, h), min(win, w)
+    fill = x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous()
+    with torch.no_grad():
+        heat = attr.Occlusion(prob).attribute(
+            x, target=target, baselines=fill, sliding_window_shapes=(1 if pc else c, win_h, win_w),
+            strides=(1 if pc else c, stride, stride), perturbations_per_eval=max(1, 64 // x.shape[0]))
+    heat = torch.nan_to_num(heat, nan=0.0)
+    return heat if pc else heat.mean(dim=1, keepdim=True)

@@ -1,10 +1,13 @@
 """Fidelity and localisation scores of attribution maps: pure torch, vectorised over a batch.
 
 Every function takes maps (B, M, H, W) with M = 1 (one map for all channels) or M = C (one per
-channel), reduced to one pixel ranking by summing over M unless said otherwise.
+channel), reduced to one pixel ranking by summing over M unless said otherwise (deletion and
+insertion can rank pixel-channels instead: `per_channel=True`).
 
-Direction of each score (also in DIRECTIONS): deletion AUC lower is better; insertion AUC, pointing
-game, relevance mass, pixel AUROC higher is better.
+Direction of each score (DIRECTIONS, the single source for tables and tests): deletion AUC lower is
+better; insertion AUC, pointing game, relevance mass, relevance rank accuracy, pixel AUROC and
+sparseness (Gini) higher is better; rank correlation with the map of a randomised model (the sanity
+check of Adebayo et al. 2018) lower is better.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ DIRECTIONS = {
     "pointing_game": "higher",
     "relevance_mass": "higher",
     "pixel_auroc": "higher",
+    "rank_accuracy": "higher",
+    "sparseness": "higher",
+    "randomisation_spearman": "lower",
 }
 
 
@@ -58,22 +64,25 @@ def perturbation_curve(
     fractions: torch.Tensor | None = None,
     blur_sigma: float = 8.0,
     chunk: int = 64,
+    per_channel: bool = False,
 ) -> torch.Tensor:
     """p(target) as the most relevant pixels are removed (deletion) or revealed (insertion).
 
     RISE protocol (Petsiuk et al. 2018): pixels are ranked by the map; at each fraction f the top
     f*N pixels (all channels at once) are set to the substrate (deletion), or every pixel but those is
-    (insertion). Returns (B, S) probabilities at `fractions`.
+    (insertion). per_channel=True with per-channel maps (M = C) ranks the C*N pixel-channels instead,
+    and removes the top f*C*N of them. Returns (B, S) probabilities at `fractions`.
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be deletion or insertion, got {mode!r}")
     fractions = default_fractions() if fractions is None else fractions
     b, c, h, w = x.shape
-    n = h * w
+    score = _ranking_score(maps, c, per_channel)
+    m = score.shape[1]
     sub = mixing.substrate(x, substrate, blur_sigma)
     sub = torch.zeros_like(x) if sub is None else sub
-    ranks = _ranks(_joint(maps).flatten(1)).view(b, 1, h, w)
-    counts = (fractions.to(x.device) * n).round().long()
+    ranks = _ranks(score.flatten(1)).view(b, m, h, w)
+    counts = (fractions.to(x.device) * m * h * w).round().long()
     target = target.to(x.device).long()
     probs = torch.empty(b, len(counts), device=x.device)
     pairs = [(i, s) for i in range(b) for s in range(len(counts))]
@@ -87,6 +96,16 @@ def perturbation_curve(
         p = torch.softmax(model(batch), dim=1).gather(1, target[ii][:, None])[:, 0]
         probs[ii, ss] = p.to(probs.dtype)
     return probs
+
+
+def _ranking_score(maps: torch.Tensor, channels: int, per_channel: bool) -> torch.Tensor:
+    """(B, 1, H, W) joint pixel relevance, or (B, C, H, W) per pixel-channel when per_channel is asked."""
+    maps = maps if maps.dim() == 4 else maps[:, None]
+    if not per_channel or maps.shape[1] == 1:
+        return maps.sum(dim=1, keepdim=True)
+    if maps.shape[1] != channels:
+        raise ValueError(f"per_channel ranking needs one map per input channel ({channels}), got {maps.shape[1]}")
+    return maps
 
 
 def curve_auc(probs: torch.Tensor, fractions: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,6 +148,64 @@ def pointing_game(maps: torch.Tensor, mask: torch.Tensor, tolerance: int = 0) ->
     return torch.where(mask.flatten(1).any(1), hit, torch.full_like(hit, float("nan")))
 
 
+def rank_accuracy(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) relevance rank accuracy (Arras et al. 2022): share of the K top-ranked pixels inside the mask,
+    K = the mask's size. 1 when the map's top K are exactly the mask; NaN for empty masks. Ties are
+    broken by the same fixed random order as the deletion curves."""
+    m = _joint(maps).flatten(1)
+    inside_mask = mask.flatten(1).bool().to(m.device)
+    k = inside_mask.sum(1)
+    top = _ranks(m) < k[:, None]
+    share = (top & inside_mask).sum(1).to(m.dtype) / k.clamp(min=1).to(m.dtype)
+    return torch.where(k > 0, share, torch.full_like(share, float("nan")))
+
+
+def sparseness(maps: torch.Tensor) -> torch.Tensor:
+    """(B,) Gini index of |map| over pixels (Chalasani et al. 2020): 0 for a uniform map, (N-1)/N when
+    one pixel holds all relevance. NaN for an all-zero map (nothing to be sparse about)."""
+    a = _joint(maps).flatten(1).abs().double()
+    n = a.shape[1]
+    a_sorted = a.sort(dim=1).values
+    i = torch.arange(1, n + 1, dtype=a.dtype, device=a.device)
+    total = a.sum(1)
+    gini = ((2 * i - n - 1) * a_sorted).sum(1) / (n * total.clamp(min=1e-300))
+    return torch.where(total > 0, gini, torch.full_like(gini, float("nan"))).float()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor, support: str = "all") -> torch.Tensor:
+    """(B,) Spearman rank correlation between the joint pixel relevance of two batches of maps (ties get
+    their mean rank); NaN where either map is constant. The randomisation sanity check uses it.
+
+    support "union": only the pixels where either map is non-zero. Pixels that are 0 in both maps are
+    ties in both rankings and carry no information, but in sparse maps (PCIM's are ~90% zeros) they
+    dominate the all-pixel correlation: two maps with different tops then still correlate at ~0.6.
+    """
+    if support not in ("all", "union"):
+        raise ValueError(f"support must be all or union, got {support!r}")
+    fa, fb = _joint(a).flatten(1), _joint(b).flatten(1)
+    out = torch.full((fa.shape[0],), float("nan"))
+    for i in range(fa.shape[0]):
+        keep = (fa[i] != 0) | (fb[i] != 0) if support == "union" else torch.ones_like(fa[i], dtype=torch.bool)
+        if int(keep.sum()) < 2:
+            continue
+        ra, rb = _average_ranks(fa[i][keep][None])[0], _average_ranks(fb[i][keep][None])[0]
+        ra, rb = ra - ra.mean(), rb - rb.mean()
+        den = (ra.square().sum() * rb.square().sum()).sqrt()
+        if den > 0:
+            out[i] = float((ra * rb).sum() / den)
+    return out
+
+
+def _average_ranks(v: torch.Tensor) -> torch.Tensor:
+    """(B, N) float64 ranks 1..N per row, tied values sharing their mean rank."""
+    out = torch.empty(v.shape, dtype=torch.float64, device=v.device)
+    for i in range(v.shape[0]):
+        _, inv, counts = torch.unique(v[i], return_inverse=True, return_counts=True)
+        ends = counts.cumsum(0).double()
+        out[i] = (ends - (counts.double() - 1) / 2)[inv]
+    return out
+
+
 def relevance_mass(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) share of the (non-negative) relevance inside the mask (Arras et al. 2022); NaN for empty masks."""
     m = _joint(maps).clamp(min=0).flatten(1)
@@ -147,10 +224,7 @@ def pixel_auroc(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if pos == 0 or neg == 0:
             continue
         # average ranks (1-based) with ties sharing their mean rank: Mann-Whitney U
-        vals, inv, counts = torch.unique(m[i], return_inverse=True, return_counts=True)
-        ends = counts.cumsum(0).double()
-        avg_rank = ends - (counts.double() - 1) / 2
-        r = avg_rank[inv]
+        r = _average_ranks(m[i : i + 1])[0]
         out[i] = (r[y[i]].sum() - pos * (pos + 1) / 2) / (pos * neg)
     return out.float()
 
@@ -168,6 +242,9 @@ __all__: Sequence[str] = (
     "perturbation_curve",
     "pixel_auroc",
     "pointing_game",
+    "rank_accuracy",
     "relevance_mass",
+    "sparseness",
+    "spearman",
     "summarize",
 )

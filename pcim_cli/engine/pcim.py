@@ -49,6 +49,16 @@ class PcimOptions:
     patience: int = 0  # early stopping: stop an image after this many steps without improvement; 0 = off
     tol: float = 1e-3  # relative loss improvement that counts as improvement
     seed: int = 0
+    # weight the map by |x - deleted value| per pixel: the low-resolution weights only matter where deleting
+    # changes the pixel, so this puts a weight cell's relevance on the pixels it acts on, not on the background
+    map_contrast: bool = True
+    # settings of the baselines (explain.method != pcim); PCIM itself ignores them
+    ig_steps: int = 50  # integrated gradients: Riemann steps from the zero image
+    occlusion_window: int = 16  # occlusion: square window (px) set to the channel mean
+    occlusion_stride: int = 8  # occlusion: window step (px)
+    rise_masks: int = 1000  # RISE: random masks per map
+    rise_cell: int = 16  # RISE: size (px) of one cell of the random low-resolution grid
+    rise_p: float = 0.5  # RISE: probability that a cell is kept
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, list):  # from YAML / JSON
@@ -71,9 +81,13 @@ class PcimOptions:
                 problems.append(f"{name} must be one of {SUBSTRATES}, got {getattr(self, name)!r}")
         if self.patience < 0:
             problems.append(f"patience must be >= 0, got {self.patience}")
+        for name in ("ig_steps", "occlusion_window", "occlusion_stride", "rise_masks", "rise_cell"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.rise_p < 1:
+            problems.append(f"rise_p must be in (0, 1), got {self.rise_p}")
         if problems:
             raise ValueError("invalid PCIM options: " + "; ".join(problems))
-
 
     @property
     def budgets(self) -> tuple[float, ...]:
@@ -152,6 +166,34 @@ class _Adam:
         w[idx] -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
 
 
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class FastForward(torch.nn.Module):
+    """Speed levers for GPUs around any model, device-agnostic: `precision` bfloat16 / float16 runs the
+    forward (and so its backward) under torch.autocast on the input's device type (tensor cores);
+    `channels_last` hands the model NHWC inputs (faster convolutions on recent GPUs). Logits come back
+    as float32 and PCIM's own arithmetic stays float32. Reduced precision changes maps slightly
+    (benchmarks/bench.py measures by how much): prefer bfloat16, whose range matches float32.
+    """
+
+    def __init__(self, model: Forward, precision: str = "float32", channels_last: bool = False):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.model, self.precision, self.channels_last = model, precision, channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return self.model(x)
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            out = self.model(x)
+        return out.float()
+
+
 class _FrozenModel:
     """Evaluation mode and no parameter gradients for the fit; every flag is restored afterwards.
 
@@ -219,8 +261,11 @@ def fit_pcim(
         w, p_kept, p_deleted, loss, steps = _fit_rows(
             model, x.repeat(k, 1, 1, 1), target.repeat(k), seeds.repeat(k), budgets, opts)
     maps = attribution_map(w, (h, wd), budgets)
+    maps = maps.view(k, b, *maps.shape[1:]).mean(0)
+    if opts.map_contrast:
+        maps = maps * deletion_contrast(x, opts)
     return PcimResult(
-        maps=maps.view(k, b, *maps.shape[1:]).mean(0),
+        maps=maps,
         prob_original=prob_original,
         prob_mixed=p_kept.view(k, b).mean(0),
         prob_deleted=p_deleted.view(k, b).mean(0),
@@ -247,24 +292,41 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
     last_loss = torch.zeros(b, dtype=x.dtype, device=x.device)
     active = torch.ones(b, dtype=torch.bool, device=x.device)
 
+    stacked: list[torch.Tensor] = []  # [x; x] and [keep substrate; delete substrate], made once
+
+    def pairs(idx):
+        """Images and substrates of the rows idx, stacked for one kept-then-deleted batch."""
+        if idx.numel() < b:
+            xa = x[idx]
+            return torch.cat([xa, xa]), torch.cat([keep_sub[idx], del_sub[idx]])
+        if not stacked:  # every row still fits (most steps): no gathers, no copies per step
+            stacked.extend([torch.cat([x, x]), torch.cat([keep_sub, del_sub])])
+        return stacked[0], stacked[1]
+
     def mixed(w_a, idx, step=None, with_deleted=dual):
-        """Kept and deleted images for the rows idx; step None = no noise (final evaluation)."""
+        """The model's input for the rows idx: kept images, then deleted ones (when asked for); step
+        None = no noise (final evaluation)."""
         m_low = mixing.mixing_weights(w_a, None if budgets is None else budgets[idx])
         m = mixing.upsample(m_low, (h, wd))
+        noisy = opts.noise > 0 and step is not None
+        if with_deleted and keep_sub is not None and not noisy:
+            # both halves in one pass, with the same per-pixel arithmetic as two mixing.compose calls
+            x2, sub2 = pairs(idx)
+            return m_low, mixing.compose(x2, torch.cat([m, 1 - m.clamp(max=1.0)]), sub2)
         xa = x[idx]
-        if opts.noise > 0 and step is not None:
+        if noisy:
             xa = xa + _noise(xa.shape, seeds[idx.cpu()], step, opts.noise, x.device, x.dtype)
         kept = mixing.compose(xa, m, None if keep_sub is None else keep_sub[idx])
-        deleted = mixing.compose(xa, 1 - m.clamp(max=1.0), del_sub[idx]) if with_deleted else None
-        return m_low, kept, deleted
+        if not with_deleted:
+            return m_low, kept
+        return m_low, torch.cat([kept, mixing.compose(xa, 1 - m.clamp(max=1.0), del_sub[idx])])
 
     for step in range(opts.steps):
         idx = active.nonzero()[:, 0]
         if idx.numel() == 0:
             break
         w_a = w[idx].clone().requires_grad_(True)
-        m_low, kept, deleted = mixed(w_a, idx, step)
-        batch = kept if deleted is None else torch.cat([kept, deleted])
+        m_low, batch = mixed(w_a, idx, step)
         logits = model(batch)
         n = idx.numel()
         loss = _objective(logits[:n], logits[n:] if dual else None, target[idx], opts)
@@ -281,10 +343,21 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
                 active[idx] = since_best[idx] < opts.patience
 
     with torch.no_grad():
-        _, kept, deleted = mixed(w, torch.arange(b, device=x.device), with_deleted=True)
-        log_p, _ = target_log_probs(model(torch.cat([kept, deleted])), target.repeat(2))
+        _, batch = mixed(w, torch.arange(b, device=x.device), with_deleted=True)
+        log_p, _ = target_log_probs(model(batch), target.repeat(2))
         p = log_p.exp()
     return w, p[:b], p[b:], last_loss, adam.t.clone()
+
+
+def deletion_contrast(x: torch.Tensor, opts: PcimOptions) -> torch.Tensor:
+    """|x - deleted value| per pixel: (B, C, H, W) for per-channel maps, else summed over channels.
+
+    Deleting a pixel moves it to the deletion substrate, so a mixing weight acts on a pixel in
+    proportion to this difference; a pixel equal to its substrate is untouched whatever its weight.
+    """
+    sub = mixing.substrate(x, opts.delete_substrate, opts.blur_sigma)
+    diff = (x if sub is None else x - sub).abs()
+    return diff if opts.per_channel else diff.sum(dim=1, keepdim=True)
 
 
 def attribution_map(w: torch.Tensor, size: tuple[int, int], budgets: torch.Tensor | None = None) -> torch.Tensor:

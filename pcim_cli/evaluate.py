@@ -1,0 +1,400 @@
+"""`pcim evaluate`: how good are the maps? Every method on (a sample of) a plate, scored against masks.
+
+For each method (PCIM and the baselines of `explain.method`), the maps of the chosen fields are
+computed in-process with the plate's settings (nothing is written to the store) and scored against
+masks of the true evidence: localisation (pointing game at 0 and 3 px, relevance mass, relevance
+rank accuracy, pixel AUROC), fidelity (deletion AUC over the top 20% of pixels in 0.5% steps to the
+channel mean; insertion AUC over all pixels on a blurred image), sparseness (Gini) and seconds per
+map. The sanity check of Adebayo et al. (2018) recomputes every map on a copy of the model whose
+parameters are redrawn at random: a map that still looks the same (high Spearman rank correlation)
+does not depend on what the model learned. Writes comparison.{md,csv,json}, scores.csv, curves.png
+and overlays.png; returns an `Evaluation` (data; the CLI prints it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tifffile
+import torch
+
+from pcim_cli import explain, images, plate
+from pcim_cli.config import RunConfig
+from pcim_cli.engine import metrics
+from pcim_cli.engine.attribute import METHODS, attribute
+from pcim_cli.engine.pcim import PcimOptions
+from pcim_cli.errors import ConfigError, InputDataError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METHODS = METHODS
+#: deletion: the top 20% of pixels in 0.5% steps (the evidence is small; coarse steps saturate)
+DELETION_FRACTIONS = torch.linspace(0.0, 0.2, 41)
+INSERTION_FRACTIONS = torch.linspace(0.0, 1.0, 21)
+#: score columns in table order, with their labels
+COLUMNS = {
+    "pointing_game": "pointing",
+    "pointing_game_3px": "pointing 3px",
+    "relevance_mass": "mass",
+    "rank_accuracy": "rank acc.",
+    "pixel_auroc": "AUROC",
+    "deletion_auc": "deletion",
+    "insertion_auc": "insertion",
+    "sparseness": "Gini",
+    "randomisation_spearman": "rand. ρ",
+    "s_per_map": "s/map",
+}
+DIRECTIONS = {**metrics.DIRECTIONS, "pointing_game_3px": "higher", "s_per_map": "lower"}
+EXAMPLES = 3  # fields shown in overlays.png
+EXAMPLES_MAX = 16  # maps kept per method for the overlays (the examples are picked among them)
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` measured and where it wrote it."""
+
+    out: Path
+    table: pd.DataFrame  # one row per method: mean scores
+    scores: pd.DataFrame  # one row per (method, field): the scores of each map
+    files: dict[str, Path] = field(default_factory=dict)
+    fields: list[str] = field(default_factory=list)  # "A01 s1", the fields scored
+
+
+@dataclass
+class _Field:
+    well: str
+    site: int
+    x: torch.Tensor  # (C, H, W), normalised
+    mask: torch.Tensor | None  # (H, W) bool, None when no mask file was found
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("pcim evaluate draws its plots with matplotlib, which is not installed: "
+                          "pip install 'pcim-cli[evaluate]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def evaluate(cfg: RunConfig, masks: str, methods: Sequence[str] = DEFAULT_METHODS,
+             wells: int | Sequence[str] | None = None, out: Path | None = None, sanity: bool = True,
+             seed: int = 0) -> Evaluation:
+    """Score every method's maps against the masks named by `masks` (a path pattern with {well} or
+    {row}/{col}, and {field}, e.g. "masks/{well}_s{field}.tif"; nonzero = evidence).
+
+    wells: None = every well; an int N = N wells spread evenly over the plate, those whose masks mark
+    evidence first; a list = those wells. out: default `<csv folder>/<plate>_evaluate/`.
+    """
+    plt = _pyplot()
+    methods = _check_methods(methods)
+    if cfg.explain.target == "all":
+        raise ConfigError("explain.target: evaluate scores one map per field against its mask; use predicted, "
+                          "a class name or layout:<column>, not all")
+    inv = explain.inspect_plate(cfg)
+    chosen = _choose_wells(inv.fields, masks, wells)
+    fields = _read_fields(cfg, inv.fields, chosen, masks)
+    if not any(f.mask is not None and bool(f.mask.any()) for f in fields):
+        raise InputDataError(f"no mask with any evidence found for the chosen fields with --masks {masks!r}; "
+                             "check the pattern (tokens {well} or {row}/{col}, and {field})")
+    model = inv.model.module
+    x = torch.stack([f.x for f in fields]).to(inv.model.device)
+    target = _targets(cfg, inv, fields, model, x)
+    opts = explain.engine_options(cfg)
+    batch = cfg.compute.batch_size
+    random_model = randomized_copy(model, seed) if sanity else None
+
+    per_image, curves, maps_shown = [], {}, {}
+    for method in methods:
+        t0 = time.perf_counter()
+        maps = _maps(model, x, target, method, opts, batch)
+        seconds = (time.perf_counter() - t0) / len(fields)
+        scores, curve = _score(model, x, target, maps, fields)
+        if random_model is not None:
+            scores["randomisation_spearman"] = metrics.spearman(
+                maps, _maps(random_model, x, target, method, opts, batch), support="union").tolist()
+        curves[method] = curve
+        maps_shown[method] = maps[:EXAMPLES_MAX].sum(1).cpu()
+        for i, f in enumerate(fields):
+            per_image.append({"method": method, "well": f.well, "site": f.site, "target": int(target[i]),
+                              **{k: v[i] for k, v in scores.items()}, "s_per_map": seconds})
+        logger.info("%s: %d maps, %.2f s/map", method, len(fields), seconds)
+    scores_df = pd.DataFrame(per_image)
+    table = _table(scores_df, methods)
+    out = Path(out) if out is not None else Path(cfg.output.csv).parent / f"{cfg.plate.name}_evaluate"
+    out.mkdir(parents=True, exist_ok=True)
+    result = Evaluation(out=out, table=table, scores=scores_df, fields=[f"{f.well} s{f.site}" for f in fields])
+    result.files = _write(result, cfg, masks, methods, opts, curves, sanity)
+    result.files.update(_plots(plt, out, fields, x, maps_shown, curves))
+    return result
+
+
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    methods = [m.strip() for m in methods if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                          f"choose from {','.join(METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def mask_path(pattern: str, well: str, site: int) -> Path | None:
+    """The mask file of a field: the pattern with {well} (A01, else A1), {row}, {col} and {field}."""
+    w = plate.parse_well(well)
+    for name in dict.fromkeys((w.name, f"{w.row_letter}{w.col_number}")):
+        path = Path(pattern.format(well=name, row=w.row_letter, col=w.col_number, field=site)).expanduser()
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_mask(path: Path, shape: tuple[int, int]) -> torch.Tensor:
+    try:
+        arr = np.asarray(tifffile.imread(path))
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one data problem
+        raise InputDataError(f"mask {path} cannot be read: {exc}") from None
+    arr = arr.reshape(-1, *arr.shape[-2:]).max(0) if arr.ndim > 2 else arr
+    if arr.shape != shape:
+        raise InputDataError(f"mask {path} is {arr.shape[0]}x{arr.shape[1]} px but its field is "
+                             f"{shape[0]}x{shape[1]}; masks must have the size of the fields")
+    return torch.from_numpy(arr != 0)
+
+
+def _choose_wells(found: dict, pattern: str, wells: int | Sequence[str] | None) -> list[str]:
+    all_wells = sorted(found, key=plate.parse_well)
+    if wells is None:
+        return all_wells
+    if isinstance(wells, int):
+        if wells < 1:
+            raise ConfigError(f"--wells: give a number >= 1 or a list of wells, got {wells}")
+        marked = [w for w in all_wells if any(_has_evidence(pattern, w, src.field) for src in found[w])]
+        ranked = _spread(marked, wells) + _spread([w for w in all_wells if w not in marked], wells)
+        return sorted(ranked[:wells], key=plate.parse_well)
+    names = {plate.parse_well(w).name: w for w in all_wells}
+    missing = [w for w in wells if plate.parse_well(w).name not in names]
+    if missing:
+        raise ConfigError(f"--wells: {', '.join(missing)} not found on the plate (wells with images: "
+                          f"{', '.join(all_wells[:8])}{'…' if len(all_wells) > 8 else ''})")
+    return [names[plate.parse_well(w).name] for w in wells]
+
+
+def _spread(items: list[str], n: int) -> list[str]:
+    """Up to n items evenly spaced over the list (first and last included)."""
+    if len(items) <= n:
+        return items
+    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in dict.fromkeys(idx.tolist())]
+
+
+def _has_evidence(pattern: str, well: str, site: int) -> bool:
+    path = mask_path(pattern, well, site)
+    return path is not None and bool(np.any(tifffile.imread(path)))
+
+
+def _read_fields(cfg: RunConfig, found: dict, wells: list[str], pattern: str) -> list[_Field]:
+    norm = cfg.model.normalize.model_dump()
+    method = norm.pop("method", "percentile")
+    out, shapes = [], set()
+    for well in wells:
+        for src in found[well]:
+            img = images.normalize(images.read_field(src, len(cfg.plate.channels)), method, **norm)
+            path = mask_path(pattern, well, src.field)
+            if path is None:
+                logger.warning("%s field %s: no mask file for pattern %r; scored for fidelity only",
+                               well, src.field, pattern)
+            mask = _read_mask(path, img.shape[-2:]) if path is not None else None
+            out.append(_Field(well, src.field, torch.from_numpy(img), mask))
+            shapes.add(img.shape)
+    if len(shapes) > 1:
+        raise InputDataError(f"evaluate needs fields of one size, found {sorted(shapes)}; choose wells of one "
+                             "size with --wells")
+    if cfg.model.input_size is not None and tuple(out[0].x.shape[-2:]) != tuple(cfg.model.input_size):
+        raise ConfigError(f"model.input_size is {cfg.model.input_size} but the fields are "
+                          f"{tuple(out[0].x.shape[-2:])}; evaluate needs whole-field models (input_size: null)")
+    return out
+
+
+def _targets(cfg: RunConfig, inv, fields: list[_Field], model, x: torch.Tensor) -> torch.Tensor:
+    """One target class per field: the predicted class, or the class explain.target names."""
+    with torch.no_grad():
+        predicted = torch.cat([model(x[i : i + 16]).argmax(1) for i in range(0, len(x), 16)])
+    per_well = explain._targets_per_well(cfg, inv.classes, inv.layout, sorted({f.well for f in fields}))
+    out = []
+    for i, f in enumerate(fields):
+        t = per_well[f.well]
+        if isinstance(t, str):
+            raise ConfigError(t)
+        out.append(int(predicted[i]) if t is None else inv.classes.index(t[0]))
+    return torch.tensor(out, device=x.device)
+
+
+def _maps(model, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
+          batch: int) -> torch.Tensor:
+    seeds = opts.seed + torch.arange(len(x))
+    parts = [attribute(model, x[i : i + batch], target[i : i + batch], method, opts, seeds=seeds[i : i + batch]).maps
+             for i in range(0, len(x), batch)]
+    return torch.cat(parts)
+
+
+def _score(model, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor,
+           fields: list[_Field]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per-image scores (NaN localisation where a field has no mask) and the mean curves."""
+    h, w = x.shape[-2:]
+    mask = torch.stack([f.mask if f.mask is not None else torch.zeros(h, w, dtype=torch.bool) for f in fields])
+    mask = mask.to(maps.device)
+    dele = metrics.perturbation_curve(model, x, maps, target, "deletion", fractions=DELETION_FRACTIONS)
+    ins = metrics.perturbation_curve(model, x, maps, target, "insertion", substrate="blur",
+                                     fractions=INSERTION_FRACTIONS)
+    values = {
+        "pointing_game": metrics.pointing_game(maps, mask),
+        "pointing_game_3px": metrics.pointing_game(maps, mask, tolerance=3),
+        "relevance_mass": metrics.relevance_mass(maps, mask),
+        "rank_accuracy": metrics.rank_accuracy(maps, mask),
+        "pixel_auroc": metrics.pixel_auroc(maps, mask),
+        "deletion_auc": metrics.curve_auc(dele, DELETION_FRACTIONS),
+        "insertion_auc": metrics.curve_auc(ins, INSERTION_FRACTIONS),
+        "sparseness": metrics.sparseness(maps),
+    }
+    scores = {k: v.float().cpu().tolist() for k, v in values.items()}
+    curves = {"deletion": dele.mean(0).cpu().tolist(), "insertion": ins.mean(0).cpu().tolist()}
+    return scores, curves
+
+
+def _table(scores: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
+    cols = [c for c in COLUMNS if c in scores.columns]
+    table = scores.groupby("method", sort=False)[cols].mean()  # pandas' mean skips NaN
+    table.insert(0, "maps", scores.groupby("method", sort=False).size())
+    return table.loc[methods].reset_index()
+
+
+def randomized_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A copy of the model with every parameter redrawn from N(0, std of that parameter) (Adebayo 2018).
+
+    TorchScript modules are copied through a save / load round trip, others by deepcopy; the model
+    passed in is not touched. Buffers (BatchNorm running statistics) are kept.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        torch.jit.save(model, buf)
+        buf.seek(0)
+        clone = torch.jit.load(buf, map_location=next(iter(model.parameters()), torch.empty(0)).device)
+    else:
+        import copy
+
+        clone = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in clone.parameters():
+            std = float(p.std()) if p.numel() > 1 else 0.0
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+    return clone.eval()
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _fmt(v: float) -> str:
+    return "–" if v != v else f"{v:.3f}"
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The comparison as a markdown table, the best value of each score in bold, arrows for direction."""
+    cols = [c for c in COLUMNS if c in table.columns]
+    arrows = {"higher": " ↑", "lower": " ↓"}
+    head = "| method | maps | " + " | ".join(COLUMNS[c] + arrows[DIRECTIONS[c]] for c in cols) + " |"
+    lines = [head, "|---" * (len(cols) + 2) + "|"]
+    best = {}
+    for c in cols:
+        s = table[c].round(3)
+        best[c] = s.max() if DIRECTIONS[c] == "higher" else s.min()
+    for _, row in table.iterrows():
+        cells = []
+        for c in cols:
+            v = row[c]
+            text = _fmt(v)
+            cells.append(f"**{text}**" if v == v and round(v, 3) == best[c] and c != "s_per_map" else text)
+        lines.append(f"| {row['method']} | {int(row['maps'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write(result: Evaluation, cfg: RunConfig, masks: str, methods: list[str], opts: PcimOptions,
+           curves: dict, sanity: bool) -> dict[str, Path]:
+    out = result.out
+    files = {"csv": out / "comparison.csv", "json": out / "comparison.json", "md": out / "comparison.md",
+             "scores": out / "scores.csv"}
+    result.table.to_csv(files["csv"], index=False)
+    result.scores.to_csv(files["scores"], index=False)
+    doc = {
+        "plate": cfg.plate.name, "masks": masks, "methods": methods, "fields": result.fields,
+        "settings": dataclasses.asdict(opts), "target": cfg.explain.target,
+        "deletion_fractions": DELETION_FRACTIONS.tolist(), "insertion_fractions": INSERTION_FRACTIONS.tolist(),
+        "directions": {c: DIRECTIONS[c] for c in COLUMNS}, "sanity_check": sanity,
+        "table": json.loads(result.table.to_json(orient="records")), "curves": curves,
+    }
+    files["json"].write_text(json.dumps(doc, indent=1, default=str))
+    files["md"].write_text(
+        f"# How good are the maps? — plate {cfg.plate.name}\n\n"
+        f"{len(result.fields)} fields ({', '.join(result.fields[:12])}{' …' if len(result.fields) > 12 else ''}), "
+        f"masks `{masks}`, target `{cfg.explain.target}`.\n\n"
+        + markdown_table(result.table)
+        + "\n\n↑ higher is better, ↓ lower is better; best in bold. pointing: the map's maximum inside the mask "
+        "(3px: within 3 px); mass: share of the map inside the mask; rank acc.: share of the top-|mask| "
+        "pixels inside it; deletion: p(target) as the top 0-20% of pixels go to the channel mean (0.5% steps); "
+        "insertion: p(target) as pixels are revealed on a blurred field; Gini: sparseness; rand. ρ: Spearman "
+        "correlation with the map of the same method on a model with randomised parameters, over the pixels "
+        "where either map is non-zero (sanity check, Adebayo et al. 2018; near 0 = the map depends on what "
+        "the model learned).\n"
+    )
+    return files
+
+
+def _plots(plt, out: Path, fields: list[_Field], x: torch.Tensor, maps: dict[str, torch.Tensor],
+           curves: dict) -> dict[str, Path]:
+    files = {"curves": out / "curves.png", "overlays": out / "overlays.png"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, kind, fr in ((axes[0], "deletion", DELETION_FRACTIONS), (axes[1], "insertion", INSERTION_FRACTIONS)):
+        for method, c in curves.items():
+            ax.plot(fr.numpy(), c[kind], label=method)
+        ax.set_xlabel("share of pixels " + ("removed (most relevant first)" if kind == "deletion" else "revealed"))
+        ax.set_ylabel("mean p(target)")
+        ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} is better)")
+        ax.set_ylim(0, 1.02)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(files["curves"], dpi=100)
+    plt.close(fig)
+
+    shown = [i for i, f in enumerate(fields[:EXAMPLES_MAX]) if f.mask is not None and bool(f.mask.any())][:EXAMPLES]
+    shown = shown or list(range(min(EXAMPLES, len(fields))))
+    cols = 1 + len(maps)
+    fig, axes = plt.subplots(len(shown), cols, figsize=(2.2 * cols, 2.3 * len(shown)), squeeze=False)
+    for r, i in enumerate(shown):
+        img = x[i, :3].cpu().permute(1, 2, 0).numpy()
+        img = np.concatenate([img, np.zeros((*img.shape[:2], 3 - img.shape[2]), img.dtype)], 2)
+        axes[r, 0].imshow(img.clip(0, 1))
+        axes[r, 0].set_title(f"{fields[i].well} s{fields[i].site}", fontsize=8)
+        for k, (method, m) in enumerate(maps.items(), start=1):
+            axes[r, k].imshow(m[i].numpy(), cmap="magma")
+            if r == 0:
+                axes[r, k].set_title(method, fontsize=8)
+        for ax in axes[r]:
+            if fields[i].mask is not None:
+                ax.contour(fields[i].mask.numpy().astype(float), levels=[0.5], colors="cyan", linewidths=0.6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(files["overlays"], dpi=100)
+    plt.close(fig)
+    return files
