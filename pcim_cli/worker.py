@@ -2,9 +2,13 @@
 
 `explain_well` is the one function a scheduler sends out. Its argument is a small JSON-dumpable
 `WellTask` (everything a worker needs, no open handles), so the same call runs in-process, in a Dask
-worker process or on a SLURM node. The worker reads and normalises the well's fields, fits the maps in
-batches, writes its own field groups of the store, and returns one row per (field, target).
-A field that fails is recorded as failed with its message; the other fields go on.
+worker process or on a SLURM node. The worker reads and normalises the well's fields one at a time,
+cuts each into tiles of model.input_size (tiling.py; one tile when the field is the model's size or
+input_size is null), fits the (tile, target) pairs in chunks of compute.batch_size (halved while the
+device runs out of memory), stitches the tile maps into the field's map, writes its own field groups
+of the store, and returns one row per (field, target). A field's class probabilities and statistics
+are the means over its tiles. A field that fails is recorded as failed with its message; the other
+fields go on.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import logging
 import socket
 import time
 import zlib
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +26,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pcim_cli import __version__, images, store
+from pcim_cli import __version__, images, store, tiling
 from pcim_cli.engine import metrics
 from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import PcimError
-from pcim_cli.model import LoadedModel, load_model
+from pcim_cli.model import LoadedModel, _summary, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +61,7 @@ class WellTask(BaseModel):
     model_path: str
     model_sha256: str
     input_size: tuple[int, int] | None = None
+    field_size: tuple[int, int] | None = None  # (H, W) of the plate's fields; a field of another size fails
     method: str = "pcim"
     engine: dict[str, Any]
     batch_size: int = 16
@@ -98,117 +105,329 @@ def _read(task: WellTask, field: FieldFiles) -> np.ndarray:
 
 
 def explain_well(task: WellTask) -> list[dict[str, Any]]:
-    """Explain every field of one well; returns summary rows (one per field and target)."""
+    """Explain every field of one well; returns summary rows (one per field and target).
+
+    Fields are read one at a time and cut into tiles of model.input_size (one tile when input_size is
+    null or the field's size); the (tile, target) pairs of consecutive fields go through the fit in
+    chunks of compute.batch_size, so memory holds one chunk plus the fields it touches.
+    """
     opts = PcimOptions(**task.engine)
     rows: list[dict[str, Any]] = []
-    ready: list[tuple[FieldFiles, torch.Tensor, float]] = []
+    model: LoadedModel | None = None
+    batcher: _Batcher | None = None
     for field in task.fields:
         t0 = time.perf_counter()
         try:
-            ready.append((field, torch.from_numpy(_read(task, field)), time.perf_counter() - t0))
+            img = torch.from_numpy(_read(task, field))
         except PcimError as exc:
             logger.warning("%s", exc)
             rows.append(_failed_row(task, field, str(exc)))
-    if not ready:
-        return rows
-    try:
-        model = _model(task)
-    except PcimError as exc:
-        return rows + [_failed_row(task, f, str(exc)) for f, _, _ in ready]
-    # fields of one size are fitted together, batch_size maps at a time
-    by_shape: dict[tuple[int, ...], list[tuple[FieldFiles, torch.Tensor, float]]] = {}
-    for item in ready:
-        by_shape.setdefault(tuple(item[1].shape), []).append(item)
-    for group in by_shape.values():
-        for start in range(0, len(group), task.batch_size):
-            part = group[start : start + task.batch_size]
+            continue
+        read_s = time.perf_counter() - t0
+        if task.field_size is not None and tuple(img.shape[-2:]) != tuple(task.field_size):
+            msg = (f"{task.well} site {field.site}: the field is {img.shape[-2]}x{img.shape[-1]} px but the plate's "
+                   f"fields are {task.field_size[0]}x{task.field_size[1]} ({field.files[0]}); a field whose size "
+                   "differs from its siblings is a wrong or damaged export: export it again")
+            logger.warning("%s", msg)
+            rows.append(_failed_row(task, field, msg))
+            continue
+        if batcher is None:
             try:
-                rows += _explain_batch(task, model, opts, part)
+                model = _model(task)
             except PcimError as exc:
-                logger.warning("%s", exc)
-                rows += [_failed_row(task, f, str(exc)) for f, _, _ in part]
-            except (RuntimeError, ValueError) as exc:  # a model that fails on this input
-                msg = f"{task.well}: fitting failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-                logger.warning("%s", msg)
-                rows += [_failed_row(task, f, msg) for f, _, _ in part]
+                rows.append(_failed_row(task, field, str(exc)))
+                continue
+            batcher = _Batcher(task, model, opts)
+        rows += batcher.add(field, img, read_s)
+    if batcher is not None:
+        rows += batcher.finish()
     return rows
 
 
-def _explain_batch(task: WellTask, model: LoadedModel, opts: PcimOptions,
-                   part: list[tuple[FieldFiles, torch.Tensor, float]]) -> list[dict[str, Any]]:
-    """Fit the maps of some fields of one size (all their targets in one batch) and write them."""
-    device = torch.device(task.device)
-    x = torch.stack([img for _, img, _ in part]).to(device)
-    if task.input_size is not None and tuple(x.shape[-2:]) != tuple(task.input_size):
-        raise PcimError(
-            f"{task.well}: fields are {x.shape[-2]}x{x.shape[-1]} px but model.input_size is "
-            f"{task.input_size[0]}x{task.input_size[1]}; tiling is not supported yet - set "
-            "model.input_size: null if the model accepts whole fields"
-        )
-    with torch.no_grad():
-        probs = torch.softmax(model.module(x).float(), dim=1)
-    predicted = probs.argmax(1).tolist()
-    # one (field, target) pair per map
-    pairs = [(i, t) for i in range(len(part)) for t in _targets(task, predicted[i])]
-    xi = torch.tensor([i for i, _ in pairs], device=device)
-    tt = torch.tensor([task.classes.index(t) for _, t in pairs], device=device)
-    seeds = torch.tensor([field_seed(opts.seed, task.well, part[i][0].site, t) for i, t in pairs])
-    t0 = time.perf_counter()
-    result = attribute(model.module, x[xi], tt, task.method, opts, seeds=seeds)
-    if task.fidelity:
-        dele = metrics.deletion_auc(model.module, x[xi], result.maps, tt).tolist()
-        ins = metrics.insertion_auc(model.module, x[xi], result.maps, tt, substrate="blur").tolist()
-    else:
-        dele = ins = [float("nan")] * len(pairs)
-    fit_s = (time.perf_counter() - t0) / len(part)
+# --------------------------------------------------------------------------------------------------
+# batching: fields -> tiles -> (tile, target) units -> chunks of batch_size through the fit
 
-    rows = []
-    for i, (field, _, read_s) in enumerate(part):
-        own = [k for k, (j, _) in enumerate(pairs) if j == i]
-        targets = [pairs[k][1] for k in own]
-        maps = result.maps[own].flatten(0, 1).cpu().numpy()  # (targets * M, H, W)
-        per_target = {
-            pairs[k][1]: {
-                "prob_original": float(result.prob_original[k]),
-                "prob_mixed": float(result.prob_mixed[k]),
-                "prob_deleted": float(result.prob_deleted[k]),
-                "deletion_auc": dele[k],
-                "insertion_auc": ins[k],
-                "loss": float(result.loss[k]),
-                "steps": int(result.steps[k]),
-            }
-            for k in own
-        }
+
+class _BatchSize:
+    """compute.batch_size, halved for the rest of the well each time a chunk runs out of memory."""
+
+    def __init__(self, task: WellTask):
+        self.task = task
+        self.value = task.batch_size
+        self.warned = False
+
+    def shrink(self, tried: int) -> None:
+        """After an out-of-memory error at `tried` images: halve, or raise once at 1."""
+        if tried <= 1:
+            raise PcimError(
+                f"{self.task.well}: out of memory on {self.task.device} even with one image per batch "
+                f"(compute.batch_size: {self.task.batch_size} was halved down to 1); use a device with "
+                "more memory or a smaller model.input_size"
+            )
+        self.value = max(1, tried // 2)
+        _empty_cache(self.task.device)
+        log = logger.debug if self.warned else logger.warning
+        log("%s: out of memory with %d images per batch on %s; retrying with %d "
+            "(set compute.batch_size: %d or lower to skip the retries)",
+            self.task.well, tried, self.task.device, self.value, self.value)
+        self.warned = True
+
+
+#: what a model that fails on its input raises (TorchScript's own error is no RuntimeError)
+MODEL_ERRORS = (RuntimeError, ValueError, MemoryError, torch.jit.Error)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error, also when a TorchScript model re-raises it in its own error."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if isinstance(exc, MemoryError) or (oom is not None and isinstance(exc, oom)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, torch.jit.Error)) and (
+        "out of memory" in text or "can't allocate memory" in text)
+
+
+def _empty_cache(device: str) -> None:
+    """Give the blocks of the failed attempt back to the GPU before the retry."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class _Field:
+    """A field being explained: its tiles, class probabilities, targets and the maps stitched so far."""
+
+    files: FieldFiles
+    x: torch.Tensor  # (C, H, W), on the CPU
+    read_s: float
+    grid: tiling.TileGrid
+    probs: torch.Tensor  # (K,): mean over the tiles
+    targets: list[str]
+    stitch: tiling.Stitcher
+    stats: list[list[dict[str, float]]] = dc_field(default_factory=list)  # per target, one dict per tile
+    pending: int = 0  # units not fitted yet
+    fit_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One image of the fit: tile `tile` of a field, for its target number `k`."""
+
+    field: _Field
+    tile: int
+    k: int
+
+
+class _Batcher:
+    """Queues the units of each field and fits them in chunks, stitching and writing finished fields."""
+
+    def __init__(self, task: WellTask, model: LoadedModel, opts: PcimOptions):
+        self.task, self.model, self.opts = task, model, opts
+        self.device = torch.device(task.device)
+        self.batch = _BatchSize(task)
+        self.queues: dict[tuple[int, int], list[_Unit]] = {}  # by tile size: one chunk = one tensor shape
+        self.n_maps = len(task.channels) if opts.per_channel else 1
+
+    def add(self, files: FieldFiles, x: torch.Tensor, read_s: float) -> list[dict[str, Any]]:
+        """Plan and predict one field, queue its units; returns the rows of fields finished meanwhile."""
+        try:
+            field = self._prepare(files, x, read_s)
+        except PcimError as exc:
+            logger.warning("%s", exc)
+            return [_failed_row(self.task, files, str(exc))]
+        except MODEL_ERRORS as exc:
+            return [self._fail_row(files, exc)]
+        queue = self.queues.setdefault(field.grid.tile, [])
+        queue += [_Unit(field, i, k) for k in range(len(field.targets)) for i in range(field.grid.n_tiles)]
+        rows: list[dict[str, Any]] = []
+        while len(queue) >= self.batch.value:
+            rows += self._run(queue)
+        return rows
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Fit whatever is still queued."""
+        rows: list[dict[str, Any]] = []
+        for queue in self.queues.values():
+            while queue:
+                rows += self._run(queue)
+        return rows
+
+    def _prepare(self, files: FieldFiles, x: torch.Tensor, read_s: float) -> _Field:
+        task = self.task
+        try:
+            grid = tiling.plan_tiles(tuple(x.shape[-2:]), task.input_size)
+        except tiling.TileSizeError as exc:
+            raise PcimError(
+                f"{task.well} site {files.site}: {exc} (model.input_size {task.input_size[0]}x"
+                f"{task.input_size[1]}); fields must be at least the model's input size: set model.input_size "
+                "to at most the field size, or null if the model accepts any size"
+            ) from exc
+        probs = self._predict(x, grid)
+        targets = _targets(task, int(probs.argmax()))
+        field = _Field(files, x, read_s, grid, probs, targets,
+                       tiling.Stitcher(grid, len(targets) * self.n_maps),
+                       stats=[[] for _ in targets], pending=grid.n_tiles * len(targets))
+        return field
+
+    def _predict(self, x: torch.Tensor, grid: tiling.TileGrid) -> torch.Tensor:
+        """Mean class probabilities over the field's tiles (chunks of batch_size, with the OOM back-off)."""
+        total = torch.zeros(self.model.n_classes, dtype=torch.float64)
+        start = 0
+        while start < grid.n_tiles:
+            part = range(start, min(start + self.batch.value, grid.n_tiles))
+            try:
+                with torch.no_grad():
+                    logits = self.model.module(tiling.cut(x, grid, part).to(self.device))
+            except MODEL_ERRORS as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self.batch.shrink(len(part))
+                continue
+            total += torch.softmax(logits.float(), dim=1).sum(0).double().cpu()
+            start = part.stop
+        return (total / grid.n_tiles).float()
+
+    def _run(self, queue: list[_Unit]) -> list[dict[str, Any]]:
+        """Fit the first chunk of the queue (halving it on out-of-memory) and stitch its maps."""
+        chunk = queue[: self.batch.value]
+        try:
+            t0 = time.perf_counter()
+            result, dele, ins = self._fit(chunk)
+            per_unit = (time.perf_counter() - t0) / len(chunk)
+        except PcimError as exc:
+            return self._fail(queue, chunk, exc)
+        except MODEL_ERRORS as exc:
+            if not is_out_of_memory(exc):
+                return self._fail(queue, chunk, exc)
+            try:
+                self.batch.shrink(len(chunk))
+            except PcimError as err:
+                return self._fail(queue, chunk, err)
+            return []
+        del queue[: len(chunk)]
+        rows = []
+        for j, unit in enumerate(chunk):
+            f = unit.field
+            f.stitch.add(unit.tile, result.maps[j], slice(unit.k * self.n_maps, (unit.k + 1) * self.n_maps))
+            f.stats[unit.k].append(_unit_stats(result, j, dele[j], ins[j]))
+            f.fit_s += per_unit
+            f.pending -= 1
+            if f.pending == 0:
+                rows += self._write(f)
+        return rows
+
+    def _fit(self, chunk: list[_Unit]):
+        task, opts = self.task, self.opts
+        x = torch.cat([tiling.cut(u.field.x, u.field.grid, [u.tile]) for u in chunk]).to(self.device)
+        tt = torch.tensor([task.classes.index(u.field.targets[u.k]) for u in chunk], device=self.device)
+        seeds = torch.tensor([field_seed(opts.seed, task.well, u.field.files.site, u.field.targets[u.k]) + u.tile
+                              for u in chunk])
+        result = attribute(self.model.module, x, tt, task.method, opts, seeds=seeds)
+        if task.fidelity:  # perturbed images in forward batches no larger than the fit's
+            kw = {"chunk": min(64, 2 * len(chunk))}
+            dele = metrics.deletion_auc(self.model.module, x, result.maps, tt, **kw).tolist()
+            ins = metrics.insertion_auc(self.model.module, x, result.maps, tt, substrate="blur", **kw).tolist()
+        else:
+            dele = ins = [float("nan")] * len(chunk)
+        return result, dele, ins
+
+    def _fail(self, queue: list[_Unit], chunk: list[_Unit], exc: BaseException) -> list[dict[str, Any]]:
+        """Fail every field with a unit in the chunk and drop their queued units."""
+        fields = list({id(u.field): u.field for u in chunk}.values())
+        dead = {id(f) for f in fields}
+        queue[:] = [u for u in queue if id(u.field) not in dead]
+        return [self._fail_row(f.files, exc) for f in fields]
+
+    def _fail_row(self, files: FieldFiles, exc: BaseException) -> dict[str, Any]:
+        if isinstance(exc, PcimError):
+            msg = str(exc)
+        else:  # a model that fails on this input
+            msg = f"{self.task.well}: fitting failed: {type(exc).__name__}: {_summary(exc)}"
+        logger.warning("%s", msg)
+        return _failed_row(self.task, files, msg)
+
+    def _write(self, f: _Field) -> list[dict[str, Any]]:
+        """The field's record and maps into the store; its summary rows."""
+        task = self.task
+        per_target = {t: _mean_stats(f.stats[k]) for k, t in enumerate(f.targets)}
+        predicted = task.classes[int(f.probs.argmax())]
         record = {
             "status": "done",
-            "site": field.site,
-            "targets": targets,
-            "predicted_class": task.classes[predicted[i]],
-            "class_probabilities": dict(zip(task.classes, probs[i].tolist(), strict=True)),
+            "site": f.files.site,
+            "targets": f.targets,
+            "predicted_class": predicted,
+            "class_probabilities": dict(zip(task.classes, f.probs.tolist(), strict=True)),
             "results": per_target,
             "settings": {"normalize": task.normalize, "engine": task.engine, "channels": list(task.channels)},
             "fingerprint": task.fingerprint,
             "model_sha256": task.model_sha256,
             "pcim_version": __version__,
-            "seed": opts.seed,
+            "seed": self.opts.seed,
             "host": socket.gethostname(),
-            "timings_s": {"read": read_s, "fit": fit_s},
+            "tiling": f.grid.record(),
+            "batch_size": self.batch.value,
+            "timings_s": {"read": f.read_s, "fit": f.fit_s},
+            "peak_memory_mib": peak_memory_mib(task.device),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         t1 = time.perf_counter()
-        labels = map_labels(targets, task.channels, opts.per_channel)
-        rel = store.write_field(Path(task.store_path), task.well, field.index, maps, labels, record,
-                                format=task.store_format)
-        runtime = read_s + fit_s + time.perf_counter() - t1
-        for t, r in per_target.items():
-            rows.append({
-                "plate": task.plate, "well": task.well, "site": field.site, "target": t,
-                "predicted_class": task.classes[predicted[i]],
-                "prob_original": r["prob_original"], "prob_mixed": r["prob_mixed"],
-                "deletion_auc": r["deletion_auc"], "insertion_auc": r["insertion_auc"],
-                "status": "done", "error": "", "runtime_s": runtime, "zarr_path": rel,
-            })
-    return rows
+        labels = map_labels(f.targets, task.channels, self.opts.per_channel)
+        maps = f.stitch.out.numpy()  # (targets * M, H, W)
+        try:
+            rel = store.write_field(Path(task.store_path), task.well, f.files.index, maps, labels, record,
+                                    format=task.store_format)
+        except PcimError as exc:
+            logger.warning("%s", exc)
+            return [_failed_row(task, f.files, str(exc))]
+        runtime = f.read_s + f.fit_s + time.perf_counter() - t1
+        return [{
+            "plate": task.plate, "well": task.well, "site": f.files.site, "target": t,
+            "predicted_class": predicted,
+            "prob_original": r["prob_original"], "prob_mixed": r["prob_mixed"],
+            "deletion_auc": r["deletion_auc"], "insertion_auc": r["insertion_auc"],
+            "status": "done", "error": "", "runtime_s": runtime, "zarr_path": rel,
+        } for t, r in per_target.items()]
+
+
+_STATS = ("prob_original", "prob_mixed", "prob_deleted", "loss")
+
+
+def _unit_stats(result, j: int, dele: float, ins: float) -> dict[str, float]:
+    out = {k: float(getattr(result, k)[j]) for k in _STATS}
+    return {**out, "deletion_auc": float(dele), "insertion_auc": float(ins), "steps": int(result.steps[j])}
+
+
+def _mean_stats(tiles: list[dict[str, float]]) -> dict[str, float | int]:
+    """Per-field statistics: the mean over its tiles (steps stays an int when it is one)."""
+    keys = (*_STATS, "deletion_auc", "insertion_auc", "steps")
+    out: dict[str, float | int] = {k: float(np.mean([t[k] for t in tiles])) for k in keys}
+    steps = out["steps"]
+    out["steps"] = int(steps) if float(steps).is_integer() else steps
+    return out
+
+
+def peak_memory_mib(device: str = "cpu") -> dict[str, float | None]:
+    """Peak resident memory of this process and, on CUDA, peak memory allocated by torch (MiB).
+
+    Linux: VmHWM of /proc/self/status (the getrusage peak would include a forking parent's memory);
+    elsewhere getrusage where it exists.
+    """
+    rss = None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                rss = round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        try:
+            import resource
+
+            rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+        except ImportError:  # Windows
+            pass
+    cuda = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        cuda = round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, 1)
+    return {"rss": rss, "cuda": cuda}
 
 
 def _targets(task: WellTask, predicted: int) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pcim_cli.engine import mixing
-from pcim_cli.engine.pcim import PcimOptions, fit_pcim, target_log_probs
+from pcim_cli.engine.pcim import FastForward, PcimOptions, fit_pcim, target_log_probs
 
 BLOCK = (slice(8, 16), slice(20, 28))  # the only pixels the toy model reads
 
@@ -172,3 +172,85 @@ def test_target_log_probs_are_stable_for_confident_logits():
 def test_invalid_options_are_refused_with_every_problem():
     with pytest.raises(ValueError, match="steps.*budget"):
         PcimOptions(steps=0, budget=2.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# early stopping and the fused kept / deleted batch (issue 8)
+
+
+def test_a_stopped_image_keeps_its_map_while_the_others_go_on(block_model):
+    """An image that stopped after s steps has exactly the map of an s-step fit without early stopping."""
+    x = toy_images(4)
+    target = torch.tensor([1, 1, 0, 1])
+    opts = dataclasses.replace(FAST, steps=200, patience=10, tol=1e-2)
+    stopped = fit_pcim(block_model, x, target, opts, seeds=torch.arange(4))
+    steps = stopped.steps.tolist()
+    assert min(steps) < max(steps), steps  # some stopped while others continued
+    for i, s in enumerate(steps):
+        truncated = fit_pcim(block_model, x[i : i + 1], target[i : i + 1],
+                             dataclasses.replace(opts, steps=s, patience=0), seeds=torch.tensor([i]))
+        torch.testing.assert_close(stopped.maps[i], truncated.maps[0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(stopped.prob_mixed[i], truncated.prob_mixed[0], rtol=1e-5, atol=1e-7)
+
+
+def test_early_stopped_maps_match_the_full_fit_within_tolerance(block_model):
+    """Stated tolerance: relative L1 distance of the maps < 0.25, and both put their mass on the evidence."""
+    x = toy_images(4, seed=3)
+    target = torch.ones(4, dtype=torch.long)
+    full = fit_pcim(block_model, x, target, dataclasses.replace(FAST, steps=200))
+    early = fit_pcim(block_model, x, target, dataclasses.replace(FAST, steps=200, patience=20, tol=1e-3))
+    assert (early.steps < 200).all(), early.steps
+    rel = (early.maps - full.maps).abs().sum((1, 2, 3)) / full.maps.abs().sum((1, 2, 3))
+    assert (rel < 0.25).all(), rel
+    assert (block_mass(early.maps) > 0.6).all() and (block_mass(full.maps) > 0.6).all()
+
+
+class Recorder(torch.nn.Module):
+    """BlockReader that keeps the batches it is shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = BlockReader()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.inner(x)
+
+
+def test_kept_and_deleted_images_go_through_the_model_as_one_batch_bit_for_bit():
+    model = Recorder()
+    x = toy_images(3)
+    fit_pcim(model, x, torch.ones(3, dtype=torch.long), dataclasses.replace(FAST, steps=1))
+    first = model.seen[1]  # seen[0]: the unmixed images (prob_original)
+    w = torch.zeros(mixing.weight_shape(x.shape, FAST.per_channel, FAST.resolution))
+    m = mixing.upsample(mixing.mixing_weights(w, FAST.budget), (32, 32))
+    kept = mixing.compose(x, m, mixing.substrate(x, FAST.keep_substrate, FAST.blur_sigma))
+    deleted = mixing.compose(x, 1 - m.clamp(max=1.0), mixing.substrate(x, FAST.delete_substrate, FAST.blur_sigma))
+    assert torch.equal(first, torch.cat([kept, deleted]))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
+def test_fast_forward_levers_run_on_cpu_and_keep_the_answer(block_model, precision):
+    net = torch.jit.script(SmallCNN().eval())
+    x = toy_images(3)
+    fast = FastForward(net, precision=precision, channels_last=True)
+    with torch.no_grad():
+        ref, out = net(x), fast(x)
+    assert out.dtype == torch.float32
+    tol = 1e-5 if precision == "float32" else 5e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * ref.abs().max().item())
+    xx = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(fast(xx)[:, 1].sum(), xx)
+    assert g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0
+    result = fit_pcim(FastForward(block_model, precision, channels_last=True), x, torch.ones(3, dtype=torch.long),
+                      FAST)
+    assert (block_mass(result.maps) > 0.6).all()
+    if precision == "float32":  # channels_last alone changes nothing but the memory layout
+        plain = fit_pcim(block_model, x, torch.ones(3, dtype=torch.long), FAST)
+        torch.testing.assert_close(result.maps, plain.maps, rtol=1e-4, atol=1e-6)
+
+
+def test_fast_forward_refuses_an_unknown_precision():
+    with pytest.raises(ValueError, match="bfloat16"):
+        FastForward(SmallCNN(), precision="int8")
