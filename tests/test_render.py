@@ -1,0 +1,272 @@
+"""`pcim render` on a real store: PNG overlays, plate montage, report.html (checked in headless Chromium),
+and the store opening as a plate grid in napari-ome-zarr's reader (and ome-zarr's, which napari used to call)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pcim_cli import render, store
+from pcim_cli.errors import ConfigError, InputDataError
+
+DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
+_SCRIPT = Path(sys.executable).parent / "pcim"
+PCIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pcim_cli.cli"]
+WELLS = ["A01", "B03", "C02"]  # on a 12-well grid (3 x 4): the montage shows 9 empty wells
+FIELD = 128  # demo fields are 128 x 128 px
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                None)
+
+
+def run_pcim(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*PCIM, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def explain(out: Path, wells: list[str], *extra: str) -> Path:
+    proc = run_pcim("explain", str(DEMO / "plate.yaml"), "--set", f"plate.wells=[{','.join(wells)}]",
+                    "--set", "explain.steps=20", "--set", f"output.zarr={out}/demo.zarr",
+                    "--set", f"output.csv={out}/demo.csv", *extra, cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "demo.zarr"
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory) -> Path:
+    """Three demo wells (two fields each), 20 steps, NGFF 0.5; the CSV lies beside it as demo.csv."""
+    return explain(tmp_path_factory.mktemp("render"), WELLS)
+
+
+@pytest.fixture(scope="module")
+def rendered(demo_store, tmp_path_factory) -> render.RenderResult:
+    return render.render(demo_store, out_dir=tmp_path_factory.mktemp("pictures"), plate_yaml=DEMO / "plate.yaml")
+
+
+def overlay_size(n_panels: int) -> tuple[int, int]:
+    """A 128 px field is drawn at 2x (MIN_PANEL) with a colour bar, under two text lines."""
+    panel = render.MIN_PANEL + render.BAR + render.BAR_TEXT + 2 * render.GAP
+    return render.GAP + n_panels * panel, render.MIN_PANEL + 2 * render.LINE + 3 * render.GAP
+
+
+# --------------------------------------------------------------------------------------------------
+# files
+
+
+def test_render_writes_one_overlay_per_field_montage_and_report(rendered):
+    names = sorted(p.name for p in rendered.overlays)
+    assert names == sorted(f"{w}_s{s}.png" for w in WELLS for s in (1, 2))
+    assert rendered.montage.is_file() and rendered.report.is_file()
+    assert rendered.csv is not None and rendered.csv.name == "demo.csv"  # found beside the store
+    assert rendered.skipped == []
+
+
+def test_overlays_read_back_at_the_expected_size_with_a_map_over_the_cells(rendered):
+    for png in rendered.overlays:
+        with Image.open(png) as img:
+            assert img.mode == "RGB" and img.size == overlay_size(1)
+            pixels = np.asarray(img)
+        top = 2 * render.LINE + 2 * render.GAP
+        field = pixels[top: top + render.MIN_PANEL, render.GAP: render.GAP + render.MIN_PANEL]
+        assert field.std() > 5  # not blank
+        colourful = np.ptp(field.astype(int), axis=2) > 40  # the heat map's colours; the cells are grey
+        assert 0 < colourful.mean() < 0.9
+
+
+def test_per_channel_draws_one_panel_per_raw_channel(demo_store, tmp_path):
+    result = render.render(demo_store, out_dir=tmp_path, wells=["B03"], plate_yaml=DEMO / "plate.yaml",
+                           per_channel=True)
+    assert [p.name for p in result.overlays] == ["B03_s1.png", "B03_s2.png"]
+    with Image.open(result.overlays[0]) as img:
+        assert img.size == overlay_size(3)  # DNA, PH3, Actin
+
+
+def test_without_plate_yaml_the_map_is_drawn_alone(demo_store, tmp_path):
+    result = render.render(demo_store, out_dir=tmp_path, wells=["a1"])
+    with Image.open(result.overlays[0]) as img:
+        field = np.asarray(img)[2 * render.LINE + 2 * render.GAP:, render.GAP: render.GAP + render.MIN_PANEL]
+    lut = {tuple(c) for c in render.heat_lut()}
+    sample = field[: render.MIN_PANEL: 7, ::7].reshape(-1, 3)
+    assert all(tuple(c) in lut for c in sample)  # every pixel is a colour of the map, no grey cells
+
+
+def test_montage_is_the_plate_grid_with_empty_wells_grey(rendered):
+    with Image.open(rendered.montage) as img:
+        pixels = np.asarray(img)
+        width, height = img.size
+    rows, cols = 3, 4  # A01, B03, C02 -> smallest standard plate holding them: 12 wells
+    assert height == 40 + rows * (render.CELL + 2) + 2 + render.GAP
+    assert width > 28 + cols * (render.CELL + 2)
+
+    def cell_centre(row: int, col: int) -> tuple[int, int, int]:
+        y = 40 + 2 + row * (render.CELL + 2) + render.CELL // 2
+        x = 28 + 2 + col * (render.CELL + 2) + render.CELL // 2
+        return tuple(int(v) for v in pixels[y - 10: y + 10, x - 10: x + 10].reshape(-1, 3).mean(axis=0).round())
+
+    assert cell_centre(0, 1) == render.EMPTY_GREY  # A02: not in the store
+    assert cell_centre(3 - 1, 3) == render.EMPTY_GREY  # C04
+    assert cell_centre(0, 0) != render.EMPTY_GREY  # A01 has a map
+
+
+def test_report_has_the_csv_numbers_settings_and_relative_images(rendered):
+    text = rendered.report.read_text(encoding="utf-8")
+    sources = re.findall(r'<img[^>]* src="([^"]+)"', text)
+    assert len(sources) == len(rendered.overlays) + 1
+    for src in sources:
+        assert not src.startswith(("/", "file:")) and (rendered.out_dir / src).is_file()
+    table = pd.read_csv(rendered.csv)
+    assert len(table) == 6
+    for value in table["PCIM_DeletionAUC"]:
+        assert f"{value:.4g}" in text
+    assert "nocodazole" in text or "DMSO" in text  # layout annotation from the CSV
+    assert "<td>engine.steps</td><td>20</td>" in text
+    assert "<td>normalize.method</td><td>percentile</td>" in text
+    assert "Plate DEMO01" in text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI: bash scripts/install_chromium.sh)")
+def test_report_opens_in_headless_chromium_with_every_image_loaded(rendered):
+    """A copy of the report beside it (so relative paths resolve) reports its images' state into the DOM."""
+    check = rendered.out_dir / "report_check.html"
+    script = ("<script>window.addEventListener('load', () => { const imgs = [...document.images];"
+              " const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src);"
+              " const d = document.createElement('div'); d.id = 'imgcheck';"
+              " d.textContent = 'images ' + imgs.length + ' broken ' + bad.length + ' ' + bad.join(' ');"
+              " document.body.appendChild(d); });</script>")
+    check.write_text(rendered.report.read_text(encoding="utf-8").replace("</body>", script + "</body>"),
+                     encoding="utf-8")
+    proc = subprocess.run([CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--virtual-time-budget=10000",
+                           "--dump-dom", check.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r'<div id="imgcheck">images (\d+) broken (\d+)([^<]*)</div>', proc.stdout)
+    assert found, f"no result in the DOM; chromium said: {proc.stderr[-2000:]}"
+    assert int(found.group(1)) == len(rendered.overlays) + 1
+    assert found.group(2) == "0", f"images that did not load: {found.group(3)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI and errors
+
+
+def test_cli_render_prints_the_written_paths_as_json(demo_store, tmp_path):
+    proc = run_pcim("render", str(demo_store), "--wells", "C02,A01", "--plate-yaml", str(DEMO / "plate.yaml"),
+                    "--channel", "Actin", "--out", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert sorted(Path(p).name for p in doc["overlays"]) == ["A01_s1.png", "A01_s2.png", "C02_s1.png",
+                                                             "C02_s2.png"]
+    assert Path(doc["report"]) == tmp_path / "report.html" and (tmp_path / "montage.png").is_file()
+
+
+def test_cli_unknown_well_is_a_configuration_error(demo_store, tmp_path):
+    proc = run_pcim("render", str(demo_store), "--wells", "A01,D06", "--out", str(tmp_path))
+    assert proc.returncode == 78
+    assert "D06 is not in the store" in proc.stderr and "A01, B03, C02" in proc.stderr
+
+
+def test_cli_missing_store_names_the_path_and_the_fix(tmp_path):
+    proc = run_pcim("render", str(tmp_path / "nothing.zarr"))
+    assert proc.returncode == 65
+    assert str(tmp_path / "nothing.zarr") in proc.stderr and "pcim explain" in proc.stderr
+
+
+def test_a_folder_that_is_no_pcim_plate_is_an_input_error(tmp_path):
+    with pytest.raises(InputDataError, match="not a Zarr group"):
+        render.render(tmp_path)
+    import zarr
+
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    with pytest.raises(InputDataError, match="not an OME-Zarr HCS plate"):
+        render.render(tmp_path / "g.zarr")
+    store.create_plate(tmp_path / "empty.zarr", "P1", {"A01": 1})  # a plate whose fields were never written
+    with pytest.raises(InputDataError, match="no well of .*empty.zarr has a complete pcim map"):
+        render.render(tmp_path / "empty.zarr", out_dir=tmp_path / "pics")
+    assert not (tmp_path / "pics").exists()
+
+
+def test_channel_needs_the_plate_yaml_and_must_be_a_plate_channel(demo_store, tmp_path):
+    with pytest.raises(ConfigError, match="--plate-yaml"):
+        render.render(demo_store, out_dir=tmp_path, wells=["A01"], channel="DNA")
+    with pytest.raises(ConfigError, match="DNA, PH3, Actin"):
+        render.render(demo_store, out_dir=tmp_path, wells=["A01"], plate_yaml=DEMO / "plate.yaml", channel="GFP")
+
+
+def test_without_a_csv_the_report_takes_the_numbers_from_the_records(demo_store, tmp_path):
+    assert render.find_csv(tmp_path / "x.zarr", "P1", None) is None
+    beside = demo_store.with_suffix(".csv")
+    assert render.find_csv(tmp_path / "x.zarr", "P1", None, suggested=beside) == beside  # plate.yaml's output.csv
+    with pytest.raises(InputDataError, match="--csv"):
+        render.find_csv(demo_store, "DEMO01", tmp_path / "missing.csv")
+    plate = render.open_plate(demo_store)
+    fields = [render.read_level(plate, "A01", rel, level=2) for rel in render.field_paths(plate, "A01")]
+    assert [f.maps.shape for f in fields] == [(1, FIELD // 4, FIELD // 4)] * 2
+    rows = render._rows_from_records(fields)
+    assert list(rows["Metadata_Site"]) == [1, 2] and rows["PCIM_DeletionAUC"].between(0, 1).all()
+
+
+def test_levels_match_the_full_resolution_maps(demo_store):
+    plate = render.open_plate(demo_store)
+    full, _, record = store.read_field(demo_store, "B03", 1)
+    fld = render.read_level(plate, "B03", "B/3/1", level=1)
+    assert fld.record == record and fld.site == record["site"]
+    np.testing.assert_allclose(fld.maps, full.reshape(1, 64, 2, 64, 2).mean(axis=(2, 4)), rtol=1e-5, atol=1e-7)
+
+
+def test_heat_lut_rises_in_lightness():
+    lut = render.heat_lut()
+    lightness = render._rgb_to_oklab(lut / 255.0)[:, 0]
+    assert lut.shape == (256, 3) and lut.dtype == np.uint8
+    assert np.all(np.diff(lightness) > -1e-3) and lightness[-1] - lightness[0] > 0.7
+
+
+# --------------------------------------------------------------------------------------------------
+# viewers
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # napari / npe2 on pydantic 2
+def test_store_opens_as_a_plate_in_napari_ome_zarr(demo_store):
+    """napari-ome-zarr's reader (what `napari --plugin napari-ome-zarr` calls), no GUI needed."""
+    reader_mod = pytest.importorskip("napari_ome_zarr._reader",
+                                     reason="napari-ome-zarr is not installed (pip install -e '.[test]')")
+    reader = reader_mod.napari_get_reader(str(demo_store))
+    assert reader is not None
+    layers = reader(str(demo_store))
+    assert len(layers) == 1
+    data, meta, kind = layers[0]
+    assert kind == "image" and meta["channel_axis"] == 0 and meta["name"] == ["0: mitotic"]
+    # rows A-C and columns 1-3 of the plate metadata, one 128 px field per well, 3 pyramid levels
+    assert [d.shape for d in data] == [(1, 3 * FIELD, 3 * FIELD), (1, 3 * FIELD // 2, 3 * FIELD // 2),
+                                       (1, 3 * FIELD // 4, 3 * FIELD // 4)]
+    grid = np.asarray(data[0])
+    a01, _, _ = store.read_field(demo_store, "A01", 0)
+    np.testing.assert_array_equal(grid[:, :FIELD, :FIELD], a01)  # A01 top left
+    c02, _, _ = store.read_field(demo_store, "C02", 0)
+    np.testing.assert_array_equal(grid[:, 2 * FIELD:, FIELD: 2 * FIELD], c02)
+    assert not grid[:, :FIELD, FIELD: 2 * FIELD].any()  # A02: empty well
+
+
+def test_store_opens_as_a_plate_in_ome_zarr_reader(demo_store):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Plate, Reader
+
+    nodes = list(Reader(parse_url(str(demo_store)))())
+    assert any(isinstance(spec, Plate) for spec in nodes[0].specs)
+    assert nodes[0].data[0].shape == (1, 3 * FIELD, 3 * FIELD)
+    assert nodes[0].metadata["channel_names"] == ["mitotic"]
+
+
+def test_render_reads_an_ngff_04_store(tmp_path):
+    zarr_path = explain(tmp_path, ["D06"], "--set", "output.format=0.4")
+    assert (zarr_path / ".zgroup").is_file()
+    result = render.render(zarr_path, out_dir=tmp_path / "pics")
+    assert [p.name for p in result.overlays] == ["D06_s1.png", "D06_s2.png"]
+    with Image.open(result.montage) as img:
+        assert img.size[1] == 40 + 4 * (render.CELL + 2) + 2 + render.GAP  # D06: a 24-well grid
