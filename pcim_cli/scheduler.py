@@ -1,22 +1,62 @@
 """Where the wells run: in-process, on a local Dask cluster, an existing scheduler, or SLURM.
 
 `run_wells` is the one entry point the driver uses: tasks in, summary rows out (each well's rows
-reported through `on_well` as it finishes). Only `compute.cluster: none` is implemented here so far.
+reported through `on_well` as it finishes). The unit of work is one well (`worker.explain_well`).
+
+- ``compute.cluster: none``: one well after the other in this process.
+- ``local``: a `distributed.LocalCluster` of worker *processes*, one thread each: one per visible GPU
+  (each pinned to its GPU through CUDA_VISIBLE_DEVICES), or ``compute.workers`` CPU workers (auto: 1)
+  that share the CPUs of this machine or of this SLURM allocation.
+- ``address`` / ``scheduler-file``: attach to a running scheduler (``dask scheduler`` + ``dask worker``,
+  e.g. started with srun inside an sbatch job); its workers must see the same files.
+- ``slurm``: a `dask_jobqueue.SLURMCluster` whose worker jobs pcim submits (``compute.slurm``).
+
+Faults: a well whose task raises becomes failed rows (one per field) with the message; the run goes
+on. A worker process that dies has its wells rerun elsewhere; a well that kills
+``distributed.scheduler.allowed-failures`` + 1 workers (KilledWorker) is marked failed. SIGTERM / SIGINT
+stop dispatching: running wells get `grace_seconds()` to finish, then the result says
+``interrupted`` with the rows done (a second signal stops at once).
 """
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
+
 from pcim_cli.config import ComputeConfig
-from pcim_cli.worker import WellTask, explain_well
+from pcim_cli.errors import ConfigError, TemporaryFailure
+from pcim_cli.worker import WellTask, explain_well, failed_row
 
 logger = logging.getLogger(__name__)
 
 OnWell = Callable[[str, list[dict[str, Any]]], None]
+
+#: seconds running wells get to finish after SIGTERM / SIGINT (environment variable overrides)
+GRACE_ENV = "PCIM_GRACE_SECONDS"
+DEFAULT_GRACE_S = 60.0
+#: seconds to wait for a scheduler named by compute.address / compute.scheduler_file
+CONNECT_TIMEOUT_S = 20
+#: how often the dispatch loop wakes up to look at signals and deadlines
+POLL_S = 0.5
+#: Dask settings for the clusters pcim starts: a worker gets a new well only when a thread is free
+#: (so "stop dispatching" leaves queued wells on the scheduler), a dead worker's wells are rerun
+_DASK_CONFIG = {
+    "distributed.scheduler.worker-saturation": 1.0,
+    "distributed.scheduler.allowed-failures": 2,
+}
 
 
 @dataclass
@@ -27,12 +67,450 @@ class Dispatch:
     interrupted: bool = False
 
 
+def grace_seconds() -> float:
+    """Seconds running wells may take to finish after a stop signal (PCIM_GRACE_SECONDS, default 60)."""
+    text = os.environ.get(GRACE_ENV)
+    if text is None:
+        return DEFAULT_GRACE_S
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{GRACE_ENV}={text!r} is not a number of seconds; e.g. {GRACE_ENV}=60") from None
+    if value < 0:
+        raise ConfigError(f"{GRACE_ENV}={text!r}: give zero or more seconds")
+    return value
+
+
 def run_wells(tasks: Sequence[WellTask], compute: ComputeConfig, on_well: OnWell | None = None) -> Dispatch:
-    """Explain every task; each finished well's rows go to `on_well` and into the result."""
+    """Explain every task where `compute` says; each finished well's rows go to `on_well` and into the result."""
+    grace = grace_seconds()
+    if not tasks:
+        return Dispatch()
+    if compute.cluster == "none":
+        with _StopSignals(grace, raise_on_force=True) as stop:
+            return _run_in_process(tasks, on_well, stop)
+    with _client(compute, len(tasks)) as (client, opts), _StopSignals(grace, raise_on_force=False) as stop:
+        return _run_on_cluster(client, tasks, opts, on_well, stop)
+
+
+# --------------------------------------------------------------------------------------------------
+# stop signals
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT: the first asks for a graceful stop, a second one (or the grace period) forces it.
+
+    In-process runs (`raise_on_force`) are stopped by a KeyboardInterrupt in the main thread; cluster
+    runs poll `requested` / `forced`. Handlers are installed only in the main thread, and restored after.
+    """
+
+    def __init__(self, grace: float, raise_on_force: bool):
+        self.grace = grace
+        self.raise_on_force = raise_on_force
+        self.requested_at: float | None = None
+        self.forced = False
+        self._previous: dict[int, Any] = {}
+        self._timer: threading.Timer | None = None
+        self._expired = False
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+    @property
+    def overdue(self) -> bool:
+        return self.forced or (self.requested_at is not None and time.monotonic() - self.requested_at > self.grace)
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.disarm()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def disarm(self) -> None:
+        """No forced stop any more (the in-process loop is done)."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _grace_over(self) -> None:
+        self._expired = True
+        _thread.interrupt_main()  # runs _handle (SIGINT) in the main thread
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.requested_at is None:
+            self.requested_at = time.monotonic()
+            logger.warning("%s: no new wells; running wells get up to %.0f s to finish (%s to change; "
+                           "send the signal again to stop now)", name, self.grace, GRACE_ENV)
+            if self.raise_on_force:
+                self._timer = threading.Timer(self.grace, self._grace_over)
+                self._timer.daemon = True
+                self._timer.start()
+            return
+        if not self.forced:
+            logger.warning("%s: stopping now", "grace period over" if self._expired else f"{name} again")
+        self.forced = True
+        if self.raise_on_force:
+            raise KeyboardInterrupt
+
+
+# --------------------------------------------------------------------------------------------------
+# compute.cluster: none
+
+
+def _run_in_process(tasks: Sequence[WellTask], on_well: OnWell | None, stop: _StopSignals) -> Dispatch:
     out = Dispatch()
-    for task in tasks:
-        rows = explain_well(task)
-        out.rows += rows
-        if on_well is not None:
-            on_well(task.well, rows)
+    try:
+        for task in tasks:
+            if stop.requested:
+                break
+            _report(out, task, _explain_guarded(task), on_well)
+    except KeyboardInterrupt:
+        if not stop.requested:
+            raise
+        logger.warning("stopped in the middle of a well; its fields stay incomplete in the store")
+    finally:
+        stop.disarm()
+    out.interrupted = stop.requested
     return out
+
+
+def _explain_guarded(task: WellTask) -> list[dict[str, Any]]:
+    """explain_well, with an unexpected error turned into failed rows (the run goes on)."""
+    try:
+        return explain_well(task)
+    except Exception as exc:  # noqa: BLE001 - one bad well must not stop the plate
+        logger.warning("%s: %s: %s", task.well, type(exc).__name__, exc)
+        return _failed_rows(task, f"{task.well}: {type(exc).__name__}: {exc}")
+
+
+def _failed_rows(task: WellTask, error: str) -> list[dict[str, Any]]:
+    target = ",".join(task.targets) if task.targets else ""
+    return [failed_row(task.plate, task.well, f.site, f.index, error, target) for f in task.fields]
+
+
+def _report(out: Dispatch, task: WellTask, rows: list[dict[str, Any]], on_well: OnWell | None) -> None:
+    out.rows += rows
+    if on_well is not None:
+        on_well(task.well, rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# worker side
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a worker process runs its wells: device setting, torch threads, GPU slots per job."""
+
+    device: str = "auto"  # compute.device, resolved on the worker (the driver may have no GPU)
+    threads: int | None = None  # torch intra-op threads; None: leave the worker's setting
+    gpu_slots: int = 0  # >1: several worker processes share a SLURM job's GPUs, one each by name suffix
+    resources: dict[str, float] | None = None  # Dask resources each well asks for (e.g. {"GPU": 1})
+
+
+def explain_on_worker(task: dict[str, Any], opts: WorkerOptions) -> list[dict[str, Any]]:
+    """What a Dask worker runs: the task with this worker's own device, then `explain_well`."""
+    import torch
+
+    if opts.threads is not None and torch.get_num_threads() != opts.threads:
+        torch.set_num_threads(opts.threads)
+    return explain_well(WellTask.model_validate({**task, "device": worker_device(opts)}))
+
+
+def worker_device(opts: WorkerOptions) -> str:
+    """This worker's device: auto -> cuda when it sees a GPU; cuda -> its own GPU when several share a job."""
+    import torch
+
+    device = opts.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cuda" or opts.gpu_slots <= 1:
+        return device
+    from distributed import get_worker
+
+    match = re.search(r"-(\d+)$", str(get_worker().name))
+    slot = int(match.group(1)) if match else 0
+    return f"cuda:{slot % max(1, torch.cuda.device_count())}"
+
+
+#: Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 for their workers; with torch's many large tensors
+#: that makes a fit about 3x slower (every free goes back to the OS, every allocation faults pages in)
+MALLOC_VAR = "MALLOC_TRIM_THRESHOLD_"
+
+
+def _spawn_environ() -> dict[str, Any]:
+    """Dask config for the nannies pcim starts in this process: their default environment, less MALLOC_VAR."""
+    import dask
+
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    env.pop(MALLOC_VAR, None)
+    return {"distributed.nanny.pre-spawn-environ": env}
+
+
+class DefaultMalloc(NannyPlugin):
+    """Nanny plugin: restart the worker without MALLOC_VAR (for nannies on other hosts, e.g. SLURM jobs)."""
+
+    name = "pcim-default-malloc"
+    restart = True
+
+    def setup(self, nanny: Any) -> None:
+        for env in (nanny.pre_spawn_env, nanny.env):
+            env.pop(MALLOC_VAR, None)
+
+
+class IgnoreSigint(WorkerPlugin):
+    """Dask worker plugin: the worker process ignores SIGINT (the driver decides how a Ctrl-C stops)."""
+
+    name = "pcim-ignore-sigint"
+
+    def setup(self, worker: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# --------------------------------------------------------------------------------------------------
+# clusters
+
+
+def visible_gpus() -> list[str]:
+    """IDs of the GPUs this process may use (CUDA_VISIBLE_DEVICES entries, else 0..n-1)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env:
+        return [g.strip() for g in env.split(",") if g.strip()][: torch.cuda.device_count()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def available_cpus() -> int:
+    """CPUs this run may use: the SLURM allocation's when inside a job, else this process's affinity."""
+    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        if os.environ.get(var, "").isdigit():
+            return max(1, int(os.environ[var]))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def torch_threads(workers: int) -> int:
+    """torch threads per local worker: the CPUs shared out, capped by OMP_NUM_THREADS when it is set.
+
+    (Two threads per worker on a busy 2-core machine ran 10x slower than one: the cap lets a shared
+    machine keep one thread per worker.)
+    """
+    share = max(1, available_cpus() // workers)
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(share, int(cap)) if cap.isdigit() and int(cap) > 0 else share
+
+
+@contextlib.contextmanager
+def _client(compute: ComputeConfig, n_tasks: int) -> Iterator[tuple[Any, WorkerOptions]]:
+    """A Dask client for compute.cluster, and how its workers must run; closes what pcim started."""
+    import dask
+    import distributed  # noqa: F401 - loads its config defaults first: config.set below must not own them
+
+    starters = {"local": _local_cluster, "slurm": _slurm_cluster}
+    with dask.config.set(_DASK_CONFIG), dask.config.set(_spawn_environ()):
+        if compute.cluster in starters:
+            with starters[compute.cluster](compute, n_tasks) as (cluster, opts), _connect(cluster) as client:
+                if compute.cluster == "local":  # a terminal's Ctrl-C reaches the workers too: they ignore it
+                    client.register_plugin(IgnoreSigint())
+                else:  # remote nannies read their own Dask config: drop the malloc setting there
+                    client.register_plugin(DefaultMalloc())
+                logger.info("Dask dashboard: %s", _dashboard_link(client))
+                yield client, opts
+        else:
+            with _connect(_scheduler_of(compute)) as client:
+                n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+                logger.info("attached to Dask scheduler %s (%d workers now); dashboard: %s",
+                            client.scheduler.address, n, _dashboard_link(client))
+                yield client, WorkerOptions(device=compute.device)
+
+
+def _scheduler_of(compute: ComputeConfig) -> dict[str, Any]:
+    """Client arguments for compute.cluster: address / scheduler-file, checked."""
+    if compute.cluster == "address":
+        if not compute.address:
+            raise ConfigError("compute.cluster: address needs compute.address (e.g. tcp://node12:8786) or "
+                              "the environment variable DASK_SCHEDULER_ADDRESS")
+        return {"address": compute.address}
+    if compute.scheduler_file is None:
+        raise ConfigError("compute.cluster: scheduler-file needs compute.scheduler_file, the JSON file "
+                          "written by `dask scheduler --scheduler-file PATH`")
+    if not compute.scheduler_file.is_file():
+        raise TemporaryFailure(f"scheduler file {compute.scheduler_file} does not exist (yet): start "
+                               f"`dask scheduler --scheduler-file {compute.scheduler_file}` first, then retry")
+    return {"scheduler_file": str(compute.scheduler_file)}
+
+
+@contextlib.contextmanager
+def _connect(target: Any) -> Iterator[Any]:
+    """A Client for a cluster object or for {address | scheduler_file}; unreachable -> TemporaryFailure."""
+    from distributed import Client
+
+    kwargs = dict(target) if isinstance(target, dict) else {"address": target}
+    where = kwargs.get("address") or kwargs.get("scheduler_file")
+    try:
+        client = Client(**kwargs, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise TemporaryFailure(f"cannot reach the Dask scheduler {where} within {CONNECT_TIMEOUT_S} s "
+                               f"({type(exc).__name__}: {exc}); check that it runs and that this host can "
+                               "connect to it, then retry") from exc
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            client.close(timeout=10)
+
+
+@contextlib.contextmanager
+def _local_cluster(compute: ComputeConfig, n_tasks: int) -> Iterator[tuple[Any, WorkerOptions]]:
+    """LocalCluster: one worker process per visible GPU (pinned), else `compute.workers` CPU workers."""
+    from distributed import LocalCluster, Nanny
+
+    gpus = visible_gpus() if compute.device in ("auto", "cuda") else []
+    n = (len(gpus) or 1) if compute.workers == "auto" else compute.workers
+    threads = torch_threads(n)
+    resources = {"GPU": 1} if gpus else None
+    cluster = LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=_dashboard(),
+                           silence_logs=logging.ERROR)
+    try:
+        base = cluster.new_spec["options"]
+        for i in range(n):
+            options = {**base, "name": i}
+            if gpus:
+                options.update(resources=dict(resources), env={"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]})
+            cluster.worker_spec[i] = {"cls": Nanny, "options": options}
+        cluster.scale(n)  # starts the workers of worker_spec
+        what = f"GPU {', '.join(gpus)}" if gpus else f"CPU, {threads} torch thread(s) each"
+        logger.info("started a local Dask cluster: %d worker process(es) (%s) for %d wells", n, what, n_tasks)
+        yield cluster, WorkerOptions(device=compute.device, threads=threads, resources=resources)
+    finally:
+        cluster.close(timeout=30)
+
+
+@contextlib.contextmanager
+def _slurm_cluster(compute: ComputeConfig, n_tasks: int) -> Iterator[tuple[Any, WorkerOptions]]:
+    """SLURMCluster: `compute.slurm.jobs` jobs, each one worker process per GPU (else one), one thread each."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as exc:
+        raise ConfigError("compute.cluster: slurm needs dask-jobqueue: pip install dask-jobqueue") from exc
+    s = compute.slurm
+    processes = max(1, s.gpus)
+    directives = ([f"--gres=gpu:{s.gpus}"] if s.gpus else []) + list(s.job_extra)
+    resources = {"GPU": 1} if s.gpus else None
+    try:
+        cluster = SLURMCluster(
+            queue=s.queue, account=s.account, walltime=s.walltime, cores=processes, job_cpu=s.cores,
+            processes=processes, memory=s.memory, job_extra_directives=directives,
+            worker_extra_args=["--resources", "GPU=1"] if resources else [], python=sys.executable,
+            job_name="pcim-worker", scheduler_options={"dashboard_address": _dashboard()},
+            silence_logs="error",
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"compute.slurm: {exc}") from exc
+    try:
+        logger.debug("SLURM worker job script:\n%s", cluster.job_script())
+        cluster.scale(jobs=s.jobs)
+        logger.info("submitted %d SLURM worker job(s) (%d CPUs, %s, %s GPU(s) each) for %d wells; they start "
+                    "when SLURM schedules them (squeue --me)", s.jobs, s.cores, s.memory, s.gpus, n_tasks)
+        threads = max(1, s.cores // processes)
+        yield cluster, WorkerOptions(device=compute.device, threads=threads, gpu_slots=processes,
+                                     resources=resources)
+    finally:
+        cluster.close(timeout=30)
+
+
+def _dashboard_link(client: Any) -> str:
+    """The scheduler's dashboard URL, or why there is none (its pages need bokeh)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bokeh") is None:
+        return "none (pip install 'bokeh>=3.1' for one)"
+    return str(client.dashboard_link)
+
+
+def _dashboard() -> str:
+    """A free port for the scheduler's web server (two runs on one node must not clash on 8787)."""
+    return ":0"
+
+
+# --------------------------------------------------------------------------------------------------
+# dispatch on a Dask cluster
+
+
+def _run_on_cluster(client: Any, tasks: Sequence[WellTask], opts: WorkerOptions, on_well: OnWell | None,
+                    stop: _StopSignals) -> Dispatch:
+    """Submit one future per well; collect as they finish; on a stop signal let the running ones finish."""
+    from distributed import wait
+
+    run_id = uuid.uuid4().hex[:8]
+    futures = {
+        client.submit(explain_on_worker, task.model_dump(), opts, key=f"pcim-{task.well}-{run_id}",
+                      pure=False, resources=opts.resources): task
+        for task in tasks
+    }
+    out = Dispatch()
+    pending = set(futures)
+    stopping = False
+    while pending:
+        try:
+            with client.as_current():  # `wait` finds its client there
+                done, pending = wait(pending, timeout=POLL_S, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            done = set()
+        for fut in done:
+            rows = _rows_of(fut, futures[fut])
+            if rows is None:  # cancelled: by us (stopping) or the scheduler went away
+                out.interrupted = True
+                continue
+            _report(out, futures[fut], rows, on_well)
+        if stop.requested and not stopping:
+            stopping = True
+            pending = _keep_running(client, pending)
+        if stopping and pending and stop.overdue:
+            logger.warning("%d well(s) still running %s: cancelled, their fields stay incomplete in the store",
+                           len(pending), "after a second signal" if stop.forced else "after the grace period")
+            client.cancel(list(pending), force=True)
+            pending = set()
+    out.interrupted = out.interrupted or stop.requested
+    return out
+
+
+def _keep_running(client: Any, pending: set[Any]) -> set[Any]:
+    """Cancel the wells not yet started; return the futures of those running on a worker now."""
+    running_keys = {key for keys in client.processing().values() for key in keys}
+    running = {f for f in pending if f.key in running_keys}
+    queued = [f for f in pending if f not in running]
+    if queued:
+        client.cancel(queued)
+    logger.warning("stopping: %d well(s) not started are dropped, waiting for %d running", len(queued), len(running))
+    return running
+
+
+def _rows_of(fut: Any, task: WellTask) -> list[dict[str, Any]] | None:
+    """A finished future's rows: its result, failed rows for an error, None when it was cancelled."""
+    from distributed import KilledWorker
+
+    if fut.status == "finished":
+        return fut.result()
+    if fut.status in ("cancelled", "lost"):
+        return None
+    exc = fut.exception()
+    if isinstance(exc, KilledWorker):
+        msg = (f"{task.well}: worker processes died each time they explained this well (out of memory, or "
+               "a crash in the model?); see the Dask worker logs, or lower compute.batch_size")
+    else:
+        msg = f"{task.well}: {type(exc).__name__}: {exc}"
+    logger.warning("%s", msg)
+    return _failed_rows(task, msg)

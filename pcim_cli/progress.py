@@ -1,0 +1,150 @@
+"""Progress of a run, on stderr: a Rich bar on a terminal, plain periodic log lines elsewhere.
+
+    with WellProgress(fancy=cli.fancy_terminal(), quiet=quiet) as progress:
+        explain.run(cfg, on_well=progress.on_well, on_start=progress.start)
+
+- terminal: a live bar (wells done / total, failed, elapsed, ETA); log lines print above it;
+- not a terminal (cron mail, SLURM .out files, pipes): a line ``wells 120/384 done, 2 failed, ETA 00:41``
+  at most every `every_s` seconds, plus one at the end; each well's result at debug level (-v), a
+  well with failed fields at info level;
+- quiet: nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: seconds between two plain progress lines
+EVERY_S = 30.0
+
+
+def clock(seconds: float | None) -> str:
+    """mm:ss (or h:mm:ss) of a duration; --:-- when unknown."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "--:--"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+class WellCounter:
+    """Wells done / failed out of a total, and the time left at the rate so far."""
+
+    def __init__(self, total: int = 0, now: float | None = None):
+        self.total = total
+        self.done = 0
+        self.failed = 0  # wells with at least one failed field
+        self.started = time.monotonic() if now is None else now
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        self.done += 1
+        if any(r.get("status") == "failed" for r in rows):
+            self.failed += 1
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left at the mean rate so far (None before the first well)."""
+        if not self.done:
+            return None
+        elapsed = (time.monotonic() if now is None else now) - self.started
+        return elapsed / self.done * max(0, self.total - self.done)
+
+    def line(self, now: float | None = None) -> str:
+        return f"wells {self.done}/{self.total} done, {self.failed} failed, ETA {clock(self.eta(now))}"
+
+
+class WellProgress:
+    """Reports wells as they finish. `start(total)` once the plan is known, `on_well` per well, `close`."""
+
+    def __init__(self, fancy: bool, quiet: bool = False, every_s: float = EVERY_S):
+        self.fancy = fancy and not quiet
+        self.quiet = quiet
+        self.every_s = every_s
+        self.counter = WellCounter()
+        self._last_line = 0.0
+        self._logged = -1  # wells done at the last plain line
+        self._bar: Any = None
+        self._bar_task: Any = None
+        self._swapped: list[tuple[Any, Any]] = []
+
+    def __enter__(self) -> WellProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self, total: int) -> None:
+        """The run is about to explain `total` wells."""
+        self.counter = WellCounter(total)
+        self._last_line = time.monotonic()
+        if self.quiet or not total:
+            return
+        if self.fancy:
+            self._start_bar(total)
+        else:
+            self._log_line(self._last_line)
+
+    def on_well(self, well: str, rows: list[dict[str, Any]]) -> None:
+        """A well finished with these summary rows."""
+        self.counter.add(rows)
+        bad = [r for r in rows if r.get("status") == "failed"]
+        per_well = logging.INFO if bad else logging.DEBUG
+        logger.log(per_well, "%s: %s", well, ", ".join(f"site {r['site']} {r['status']}" for r in rows))
+        if self.quiet:
+            return
+        if self._bar is not None:
+            self._bar.update(self._bar_task, advance=1, failed=self.counter.failed)
+            return
+        now = time.monotonic()
+        if now - self._last_line >= self.every_s or self.counter.done == self.counter.total:
+            self._log_line(now)
+
+    def close(self) -> None:
+        """Stop the bar (it stays on screen); log lines go back to their own console."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        elif not self.quiet and self.counter.total and self._logged != self.counter.done:
+            self._log_line(time.monotonic())  # the end of an interrupted run
+        for handler, console in self._swapped:
+            handler.console = console
+        self._swapped = []
+
+    def _log_line(self, now: float) -> None:
+        self._last_line = now
+        self._logged = self.counter.done
+        logger.info("%s", self.counter.line(now))
+
+    def _start_bar(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        console = Console(stderr=True)
+        self._bar = Progress(
+            TextColumn("wells"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), console=console,
+        )
+        self._bar_task = self._bar.add_task("wells", total=total, failed=0)
+        self._route_rich_logs(console)
+        self._bar.start()
+
+    def _route_rich_logs(self, console: Any) -> None:
+        """Rich log handlers print through the bar's console, so lines appear above the bar."""
+        from rich.logging import RichHandler
+
+        for handler in logging.getLogger("pcim_cli").handlers:
+            if isinstance(handler, RichHandler):
+                self._swapped.append((handler, handler.console))
+                handler.console = console
