@@ -195,6 +195,41 @@ def read_record(path: Path, well: str, field: int) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# driver side: the plate record (failures, last run) and what the store holds
+
+
+def read_plate_record(path: Path) -> dict[str, Any]:
+    """The plate group's ``pcim`` attribute (``failed``: fields that failed, by path; ``last_run``); {} if none."""
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except FileNotFoundError:
+        return {}
+    return dict(root.attrs.get(RECORD_KEY) or {})
+
+
+def write_plate_record(path: Path, record: Mapping[str, Any]) -> None:
+    """Replace the plate group's ``pcim`` attribute. Only the driver calls this (after the workers)."""
+    try:
+        root = zarr.open_group(str(path), mode="r+")
+        root.update_attributes({RECORD_KEY: _jsonable(dict(record))})
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
+
+
+def plate_fields(path: Path) -> dict[str, int]:
+    """Wells (canonical ``A01``) -> number of fields the plate metadata lists; {} when no plate is there."""
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except FileNotFoundError:
+        return {}
+    return {_well_name(row, col): n for (row, col), n in _existing_wells(path, _format_of(root)).items()}
+
+
+def _well_name(row: str, col: str) -> str:
+    return parse_well(f"{row}{col}").name
+
+
+# --------------------------------------------------------------------------------------------------
 # helpers
 
 

@@ -73,6 +73,8 @@ def build_summary(rows: Iterable[Mapping[str, Any]], layout: pd.DataFrame | None
         table = pd.DataFrame(columns=list(COLUMNS))
     for column in FLOAT_COLUMNS:  # empty (None) metrics of failed rows must not make a column "object"
         table[column] = pd.to_numeric(table[column], errors="coerce").astype("float64")
+    # a site stays a whole number even when a row has none (a well with no image file at all)
+    table[ID_COLUMNS["site"]] = pd.to_numeric(table[ID_COLUMNS["site"]], errors="coerce").astype("Int64")
 
     layout_columns: list[str] = []
     if layout is not None:
@@ -90,6 +92,23 @@ def build_summary(rows: Iterable[Mapping[str, Any]], layout: pd.DataFrame | None
         )
     ids = list(ID_COLUMNS.values())
     return table[[*ids, *layout_columns, *RESULT_COLUMNS.values()]]
+
+
+def rows_from_record(plate: str, well: str, zarr_path: str, record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The summary rows (one per target) of a field's completion record in the store."""
+    timings = record.get("timings_s") or {}
+    runtime = sum(float(timings[k]) for k in ("read", "fit", "write") if k in timings)
+    rows = []
+    for target, result in (record.get("results") or {}).items():
+        rows.append({
+            "plate": plate, "well": well, "site": record.get("site"), "target": target,
+            "predicted_class": record.get("predicted_class", ""),
+            "prob_original": result.get("prob_original"), "prob_mixed": result.get("prob_mixed"),
+            "deletion_auc": result.get("deletion_auc"), "insertion_auc": result.get("insertion_auc"),
+            "status": record.get("status", "done"), "error": record.get("error", ""),
+            "runtime_s": runtime, "zarr_path": zarr_path,
+        })
+    return rows
 
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
