@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,18 @@ _FIXED_GROUPS = {
 #: images with more pixels than this are subsampled (strided) for percentile estimation
 PERCENTILE_SAMPLE_PIXELS = 1024 * 1024
 NORMALIZE_METHODS = ("percentile", "fixed", "none")
+
+
+class Problem(str):
+    """A discovery problem: its message, plus the well and field it concerns when it concerns one."""
+
+    well: str | None
+    field: int | None
+
+    def __new__(cls, message: str, well: str | None = None, field: int | None = None) -> Problem:
+        self = super().__new__(cls, message)
+        self.well, self.field = well, field
+        return self
 
 
 @dataclass(frozen=True)
@@ -96,7 +108,7 @@ def discover_fields(
     pattern: str,
     channels: Mapping[str, str],
     wells: Iterable[str] | None = None,
-) -> tuple[dict[str, list[FieldSource]], list[str]]:
+) -> tuple[dict[str, list[FieldSource]], list[Problem]]:
     """Group the image files of a plate into fields.
 
     `channels` maps channel name -> file-name token, in the model's channel order. Returns
@@ -116,7 +128,7 @@ def discover_fields(
     wanted = None if wells is None else {parse_well(w).name for w in wells}
 
     found: dict[tuple[Well, int], dict[str | None, list[Path]]] = defaultdict(lambda: defaultdict(list))
-    problems: list[str] = []
+    problems: list[Problem] = []
     files = _list_files(images_dir, recursive="/" in pattern)
     n_matched = 0
     for path in files:
@@ -130,7 +142,7 @@ def discover_fields(
         try:
             well = parse_well(text)
         except WellIdError as exc:
-            problems.append(f"{rel}: {exc}")
+            problems.append(Problem(f"{rel}: {exc}"))
             continue
         if wanted is not None and well.name not in wanted:
             continue
@@ -140,10 +152,10 @@ def discover_fields(
 
     if n_matched == 0:
         examples = ", ".join(p.relative_to(images_dir).as_posix() for p in files[:3]) or "none"
-        problems.append(
+        problems.append(Problem(
             f"no file in {images_dir} matches plate.pattern {pattern!r} "
             f"(channel tokens: {', '.join(tokens)}); files there look like: {examples}"
-        )
+        ))
 
     result: dict[str, list[FieldSource]] = {}
     for (well, field), by_key in sorted(found.items()):
@@ -156,10 +168,12 @@ def discover_fields(
             paths = by_key.get(token, [])
             label = "" if token is None else f" for channel {name}" + (f" (token {token})" if token != name else "")
             if not paths:
-                problems.append(f"{where}: no file{label}")
+                problems.append(Problem(f"{where}: no file{label}; restore it under {images_dir}",
+                                        well.name, field))
             elif len(paths) > 1:
                 listed = ", ".join(p.name for p in paths)
-                problems.append(f"{where}: {len(paths)} files{label} ({listed}); make plate.pattern more specific")
+                problems.append(Problem(f"{where}: {len(paths)} files{label} ({listed}); make plate.pattern more "
+                                        "specific", well.name, field))
             else:
                 chosen.append(paths[0])
         if len(chosen) == len(keys):
@@ -168,7 +182,7 @@ def discover_fields(
     if wanted is not None:
         for name in sorted(wanted - set(result), key=parse_well):
             if not any(w.name == name for w, _ in found):
-                problems.append(f"{name}: no image file matches plate.pattern {pattern!r}")
+                problems.append(Problem(f"{name}: no image file matches plate.pattern {pattern!r}", name))
     logger.debug("discovered %d fields in %d wells under %s", sum(map(len, result.values())), len(result),
                  images_dir)
     return result, problems
@@ -269,6 +283,28 @@ def read_field(src: FieldSource, n_channels: int) -> np.ndarray:
             )
         planes.append(img[0])
     return np.stack(planes)
+
+
+def field_size(src: FieldSource) -> tuple[int, int] | None:
+    """(H, W) of a field from its first file's TIFF header, without reading pixels; None if unreadable."""
+    try:
+        with tifffile.TiffFile(src.files[0]) as tif:
+            series = tif.series[0]
+            axes, shape = series.axes, series.shape
+        return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+    except Exception:  # noqa: BLE001 - a damaged file is reported when the field is read
+        return None
+
+
+def typical_size(fields: Iterable[FieldSource], sample: int = 24) -> tuple[int, int] | None:
+    """The (H, W) most fields have, from the headers of up to `sample` fields spread over the plate."""
+    fields = list(fields)
+    step = max(1, len(fields) // sample)
+    sizes = Counter(s for s in (field_size(f) for f in fields[::step][:sample]) if s is not None)
+    if not sizes:
+        return None
+    (size, count), *rest = sizes.most_common()
+    return size if not rest or count > rest[0][1] else None
 
 
 def _percentiles(channel: np.ndarray, low: float, high: float) -> tuple[float, float]:

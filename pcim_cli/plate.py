@@ -163,8 +163,40 @@ def _normalise_column(name: str) -> str:
     return re.sub(r"[\s_\-]", "", str(name)).lower()
 
 
+EXCEL_SUFFIXES = (".xlsx", ".xlsm")
+
+
+def _read_delimited(path: Path) -> pd.DataFrame:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputDataError(f"layout file {path} does not exist: fix plate.layout") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputDataError(f"cannot read layout file {path}: {exc}; save it as CSV, TSV or .xlsx") from exc
+    if not text.strip():
+        raise InputDataError(f"layout file {path} is empty: it needs a header with a 'well' column")
+    sep = _sniff_separator(path, text[:8192])
+    try:
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
+                           encoding="utf-8-sig", skip_blank_lines=True)
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise InputDataError(f"cannot parse layout file {path}: {exc}") from exc
+
+
+def _read_excel(path: Path) -> pd.DataFrame:
+    """The first sheet of an Excel workbook, as text (like a CSV)."""
+    if not path.is_file():
+        raise InputDataError(f"layout file {path} does not exist: fix plate.layout")
+    try:
+        table = pd.read_excel(path, sheet_name=0, dtype=str, keep_default_na=False, na_values=[""])
+    except Exception as exc:  # noqa: BLE001 - openpyxl raises many kinds for a damaged workbook
+        raise InputDataError(f"cannot read layout workbook {path} ({type(exc).__name__}: {exc}); "
+                             "save it again from Excel, or export the sheet as CSV") from exc
+    return table.dropna(how="all")
+
+
 def read_layout(path: str | Path, plate_format: int | None = None) -> pd.DataFrame:
-    """Read a plate map (CSV, TSV or ';'-separated; separator sniffed) with one row per well.
+    """Read a plate map (CSV, TSV or ';'-separated, separator sniffed; or an .xlsx workbook's first sheet).
 
     The well column may be spelled `well`, `Well`, `WELL`, `well_id`, `Metadata_Well`, …; it is
     returned as a column `well` holding canonical names (A01), first. Other columns are annotations,
@@ -173,20 +205,7 @@ def read_layout(path: str | Path, plate_format: int | None = None) -> pd.DataFra
     unparseable or off-plate well, or a well listed twice.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputDataError(f"layout file {path} does not exist: fix plate.layout") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputDataError(f"cannot read layout file {path}: {exc}") from exc
-    if not text.strip():
-        raise InputDataError(f"layout file {path} is empty: it needs a header with a 'well' column")
-    sep = _sniff_separator(path, text[:8192])
-    try:
-        table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
-                            encoding="utf-8-sig", skip_blank_lines=True)
-    except (pd.errors.ParserError, ValueError) as exc:
-        raise InputDataError(f"cannot parse layout file {path}: {exc}") from exc
+    table = _read_excel(path) if path.suffix.lower() in EXCEL_SUFFIXES else _read_delimited(path)
     table.columns = [str(c).strip() for c in table.columns]
 
     by_key = {_normalise_column(c): c for c in reversed(table.columns)}

@@ -44,7 +44,8 @@ def test_discover_per_channel_files_with_guid(guid_plate: Path) -> None:
     assert sorted(fields) == ["A01", "B03"]
     assert [f.field for f in fields["A01"]] == [1, 2]
     assert [f.field for f in fields["B03"]] == [1]  # field 2 is incomplete
-    assert problems == ["B03 field 2: no file for channel PH3 (token 2)"]
+    assert len(problems) == 1 and problems[0].startswith("B03 field 2: no file for channel PH3 (token 2); restore")
+    assert (problems[0].well, problems[0].field) == ("B03", 2)  # so the run can report it as that field
     src = fields["A01"][1]
     assert [p.name for p in src.files] == [f"A01_s2_w{c}{GUID}.tif" for c in (1, 2, 3)]
     img = read_field(src, 3)
@@ -64,8 +65,9 @@ def test_discover_wells_subset_and_missing_well(guid_plate: Path) -> None:
     fields, problems = discover_fields(guid_plate, "{well}_s{field}_w{channel}*.tif", CHANNELS,
                                        wells=["b3", "H12"])
     assert list(fields) == ["B03"]
-    assert "B03 field 2: no file for channel PH3 (token 2)" in problems
-    assert any(p.startswith("H12: no image file matches") for p in problems)
+    assert any(p.startswith("B03 field 2: no file for channel PH3 (token 2)") for p in problems)
+    missing = [p for p in problems if p.startswith("H12: no image file matches")]
+    assert len(missing) == 1 and (missing[0].well, missing[0].field) == ("H12", None)
 
 
 def test_discover_row_col_case_insensitive_and_no_field(tmp_path: Path) -> None:

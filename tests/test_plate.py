@@ -161,3 +161,19 @@ def test_layout_problems(tmp_path) -> None:
     blank.write_text("well,x\nA01,1\n,2\n")
     with pytest.raises(InputDataError, match="line 3: the well cell is empty"):
         read_layout(blank)
+
+
+def test_layout_from_an_excel_workbook(tmp_path) -> None:
+    import pandas as pd
+
+    from pcim_cli.plate import read_layout
+
+    path = tmp_path / "layout.xlsx"
+    pd.DataFrame({"Well": ["a1", "B/3"], "treatment": ["DMSO", "nocodazole"], "dose": ["0", "1.5"]}).to_excel(
+        path, index=False)
+    table = read_layout(path)
+    assert table["well"].tolist() == ["A01", "B03"]
+    assert table["treatment"].tolist() == ["DMSO", "nocodazole"] and table["dose"].tolist() == ["0", "1.5"]
+    path.write_bytes(b"PK\x03\x04 not really a workbook")
+    with pytest.raises(InputDataError, match="layout.xlsx.*export the sheet as CSV"):
+        read_layout(path)

@@ -1,0 +1,73 @@
+"""`pcim init`: a commented plate.yaml to start from (every key of shared/DESIGN.md §3.1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pcim_cli.errors import OutputError
+
+TEMPLATE = """\
+# plate.yaml for pcim — fill in the marked lines, then: pcim validate {name}
+# Relative paths resolve against this file's folder (never the working directory), so cron and
+# sbatch runs behave like runs by hand. Unknown keys are errors. Override any key without editing:
+#   PCIM_EXPLAIN__STEPS=100 pcim explain {name}      or      pcim explain {name} --set explain.steps=100
+plate:
+  name: null                        # Metadata_Plate in the CSV; null: this file's name without .yaml
+  images: images/                   # FILL IN: the folder with the TIFFs
+  pattern: "{{well}}_s{{field}}_w{{channel}}*.tif"
+      # tokens: {{well}} (A1, A01, A001 all accepted) or {{row}} and {{col}}; {{field}}; {{channel}};
+      # '*' matches anything (vendor GUIDs). Without {{channel}}, each file is one multi-channel stack
+      # (TIFF pages, or an OME-TIFF / ImageJ hyperstack with a C axis; a Z axis is max-projected).
+  channels: {{DNA: "1", PH3: "2", Actin: "3"}}
+      # FILL IN: the model's input channels in order; name -> the {{channel}} token in file names
+      # (a plain list [DNA, PH3, Actin] when file names carry the names themselves)
+  layout: null                      # optional CSV/TSV plate map: a 'well' column + annotation columns
+  wells: null                       # optional subset, e.g. [A01, B03]
+model:
+  path: classifier.ts               # FILL IN: TorchScript (.ts, .pt) or torch.export archive (.pt2)
+  classes: null                     # output names in order, e.g. [negative, mitotic]; null: "0", "1", ...
+  input_size: null                  # [H, W] the model needs (fields are tiled to it); null: whole fields
+  normalize: {{method: percentile, low: 1.0, high: 99.8}}
+      # per channel and field, as in training; or {{method: fixed, min: 0, max: 4095}}, {{method: none}}
+explain:
+  method: pcim                      # pcim | saliency | integrated-gradients | occlusion | rise
+  target: predicted                 # predicted | a class name | layout:<column> | all
+  steps: 300                        # optimisation steps per map
+  lr: 0.1
+  per_channel: false                # true: one map per input channel instead of one shared map
+  seed: 0
+  fidelity: true                    # deletion / insertion AUC of every map into the CSV
+compute:
+  cluster: local                    # none | local | address | scheduler-file | slurm
+  address: null                     # cluster: address (tcp://host:8786; or DASK_SCHEDULER_ADDRESS)
+  scheduler_file: null              # cluster: scheduler-file
+  workers: auto                     # local: one per visible GPU, else 1
+  device: auto                      # auto | cpu | cuda | cuda:<index>
+  batch_size: 16                    # images (fields or tiles) fitted together on one device
+  slurm:                            # cluster: slurm (dask-jobqueue SLURMCluster), one worker per job
+    queue: null
+    account: null
+    walltime: "01:00:00"
+    cores: 4
+    memory: 16GB
+    gpus: 1                         # per job
+    jobs: 1
+    job_extra: []                   # extra #SBATCH directives, e.g. ["--qos=high"]
+output:
+  zarr: out/{{plate}}.zarr          # OME-Zarr HCS store of the maps
+  csv: out/{{plate}}_pcim.csv       # one row per (well, field, target)
+  format: "0.5"                     # OME-NGFF 0.5 (Zarr v3) or "0.4" (Zarr v2)
+"""
+
+
+def write_template(path: Path, overwrite: bool = False) -> Path:
+    """Write the commented template to `path`; refuses to replace an existing file unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} exists; choose another name or pass --force to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(TEMPLATE.format(name=path.name), encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc}; choose a writable folder") from exc
+    return path
