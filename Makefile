@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench compare clean
+.PHONY: install demo test test-fast test-slurm lint bench compare clean
 
 install: $(STAMP)
 
@@ -27,8 +27,17 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# pcim on a real one-node SLURM cluster (installs and starts slurm-wlm + munge; needs root): ~1-2 min
+test-slurm: install
+	bash scripts/slurm_up.sh
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slurm tests/test_slurm.py
+
 lint: install
 	$(BIN)/ruff check pcim_cli tests benchmarks sample_plates
+
+# speed on this machine (one torch thread): table on stdout, benchmarks/results/bench.json; about 5-10 min
+bench: install
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench.py
 
 # how the defaults were chosen (docs/method.md); needs stardist's wheel from PyPI
 compare: install

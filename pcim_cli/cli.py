@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +16,7 @@ from typing import Annotated
 import typer
 
 from pcim_cli import __version__
-from pcim_cli.errors import EXIT_INTERNAL, PcimError
+from pcim_cli.errors import EXIT_INTERNAL, ConfigError, OutputError, PcimError
 
 logger = logging.getLogger("pcim_cli")
 
@@ -34,20 +35,84 @@ app = typer.Typer(
 )
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
+PLAIN_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
+def fancy_terminal() -> bool:
+    """stderr is a terminal and NO_COLOR is not set: Rich output; else plain lines, no control sequences."""
+    return sys.stderr.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _setup_logging(verbose: int, quiet: bool, log_file: Path | None = None) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     handler: logging.Handler
-    if sys.stderr.isatty():
+    if fancy_terminal():
         from rich.logging import RichHandler
 
         handler = RichHandler(show_path=False, rich_tracebacks=verbose > 0)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:  # cron mail, SLURM .out files, pipelines: plain timestamped lines, no control sequences
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler.setFormatter(PLAIN_FORMAT)
+    handler.setLevel(level)
     root = logging.getLogger("pcim_cli")
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    if log_file is not None:
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            to_file = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            error = OutputError(f"cannot open the log file {log_file}: {exc}; choose a writable --log-file")
+            raise _fail(error) from None
+        to_file.setFormatter(PLAIN_FORMAT)
+        to_file.setLevel(logging.DEBUG)
+        root.handlers.append(to_file)
+    root.setLevel(logging.DEBUG if log_file is not None else level)
+
+
+def _wells_option(text: str | None) -> frozenset[str] | None:
+    """`A01,b3, C/4` -> canonical well names; a bad name is a ConfigError naming it."""
+    if text is None:
+        return None
+    from pcim_cli.plate import WellIdError, parse_well
+
+    wells = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            wells.add(parse_well(part).name)
+        except WellIdError as exc:
+            raise ConfigError(f"--only: {exc}") from exc
+    if not wells:
+        raise ConfigError("--only needs at least one well, e.g. --only A01,B03")
+    return frozenset(wells)
+
+
+def _print_plan(p, as_json: bool) -> None:
+    """--dry-run: what a run would do, per action, with an estimate from the fields already done."""
+    counts = p.counts
+    fit = [f for f in p.fields if f.fitted]
+    done_times = [sum((f.record.get("timings_s") or {}).get(k, 0.0) for k in ("read", "fit"))
+                  for f in p.fields if f.record]
+    estimate = (sum(done_times) / len(done_times) * len(fit)) if done_times else None
+    doc = {"counts": counts, "wells": len(p.tasks), "estimated_s": estimate,
+           "fields": [{"well": f.well, "site": f.site, "action": f.action, "reason": f.reason} for f in p.fields],
+           "problems": p.problems, "unusable": [{"well": r["well"], "site": r["site"], "error": r["error"]}
+                                                for r in p.rows]}
+    if as_json:
+        typer.echo(json.dumps(doc, default=str))
+        return
+    typer.echo(f"would fit {counts['run'] + counts['redo']} fields in {len(p.tasks)} wells "
+               f"({counts['run']} new, {counts['redo']} redone); {counts['done']} already done; "
+               f"{counts['failed']} failed before (--retry-failed redoes them); {counts['excluded']} outside --only; "
+               f"{counts['unusable']} unusable")
+    if estimate is not None and fit:
+        typer.echo(f"estimated fitting time on one worker: {estimate / 60:.1f} min (from the fields already done)")
+    for f in fit:
+        typer.echo(f"  {f.action:4s} {f.well} site {f.site}" + (f" ({f.reason})" if f.reason else ""))
+    for r in p.rows:
+        typer.echo(f"  unusable {r['well']} site {r['site']}: {r['error']}")
+    for problem in p.problems:
+        typer.echo(f"  problem: {problem}")
 
 
 def _fail(exc: BaseException) -> typer.Exit:
@@ -78,34 +143,57 @@ def explain(
     plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set explain.steps=100 "
                                                    "(repeatable; beats PCIM_* environment variables).")] = None,
+    only: Annotated[str | None, typer.Option("--only", help="Only these wells, e.g. --only A01,B03 (the CSV "
+                                             "still lists the whole plate).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo every field, even those already done.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Redo fields that failed in an earlier "
+                                               "run with the same settings.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be done, skipped and redone; "
+                                          "write nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout at the end.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail.")] = 0,
+    log_file: Annotated[Path | None, typer.Option("--log-file", help="Also append detailed (debug) log lines "
+                                                  "to this file.")] = None,
 ) -> None:
-    """Fit PCIM maps for every field of a plate; write the OME-Zarr store and the CSV summary."""
+    """Fit PCIM maps for every field of a plate; write the OME-Zarr store and the CSV summary.
+
+    A rerun continues where the last one stopped: fields already done with the same settings are
+    skipped, fields whose settings or model changed are redone.
+    """
     from pcim_cli import explain as explain_lib
     from pcim_cli.config import load_config
+    from pcim_cli.rerun import Rerun
 
-    _setup_logging(verbose, quiet)
+    _setup_logging(verbose, quiet, log_file)
     try:
         cfg = load_config(plate_yaml, set_ or ())
-        result = explain_lib.run(cfg, on_well=lambda well, rows: logger.info(
-            "%s: %s", well, ", ".join(f"site {r['site']} {r['status']}" for r in rows)))
+        choice = Rerun(force=force, retry_failed=retry_failed, only=_wells_option(only))
+        if dry_run:
+            _print_plan(explain_lib.plan(cfg, choice, write=False), as_json)
+            raise typer.Exit(0)
+        from pcim_cli.progress import WellProgress
+
+        with WellProgress(fancy=fancy_terminal(), quiet=quiet) as progress:
+            result = explain_lib.run(cfg, on_well=progress.on_well, choice=choice, on_start=progress.start)
+    except typer.Exit:
+        raise
     except Exception as exc:  # noqa: BLE001 - every error becomes one message and an exit code
         raise _fail(exc) from None
     counts = result.counts
     failed = counts["failed"] + len(result.problems)
-    line = (f"{counts['done']} maps done, {failed} failed; store {result.store}; csv {result.csv}")
-    if failed or not quiet:
+    line = (f"{counts['done']} maps done ({result.fitted} fitted by this run), {failed} failed, "
+            f"{counts['skipped']} not run; store {result.store}; csv {result.csv}")
+    if failed or result.interrupted or not quiet:
         typer.echo(line, err=True)
     for f in result.failed:
         typer.echo(f"  failed {f['well']} site {f['site']}: {f['error']}", err=True)
     for p in result.problems:
         typer.echo(f"  not run: {p}", err=True)
     if as_json:
-        doc = {"status": "ok" if result.exit_code == 0 else "partial" if result.exit_code == 3 else "failed",
-               "exit_code": result.exit_code, "store": str(result.store), "csv": str(result.csv),
-               "counts": counts, "failed": result.failed, "problems": result.problems}
+        status = {0: "ok", 3: "partial", 75: "interrupted"}.get(result.exit_code, "failed")
+        doc = {"status": status, "exit_code": result.exit_code, "store": str(result.store), "csv": str(result.csv),
+               "counts": counts, "fitted": result.fitted, "failed": result.failed, "problems": result.problems}
         typer.echo(json.dumps(doc))
     raise typer.Exit(result.exit_code)
 
@@ -141,6 +229,129 @@ def validate(
         for p in found["problems"]:
             typer.echo(f"problem: {p}")
     raise typer.Exit(3 if found["problems"] else 0)
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def render(
+    store: Annotated[Path, typer.Argument(help="The OME-Zarr store that `pcim explain` wrote (output.zarr).")],
+    wells: Annotated[str | None, typer.Option("--wells", help="Wells to draw, comma-separated, e.g. A01,B03 "
+                                              "(default: every well in the store).")] = None,
+    plate_yaml: Annotated[Path | None, typer.Option("--plate-yaml", help="The plate.yaml, so the maps are "
+                                                    "drawn over the raw images (the store has none).")] = None,
+    channel: Annotated[str | None, typer.Option("--channel", help="Raw channel under the maps (default: the "
+                                                "first of plate.channels; needs --plate-yaml).")] = None,
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="One panel per channel instead of one "
+                                              "per target.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the PNGs and report.html "
+                                             "(default: <store>_render beside the store).")] = None,
+    csv: Annotated[Path | None, typer.Option("--csv", help="The CSV summary for the report (default: the "
+                                             "one beside the store).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the written paths as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail.")] = 0,
+) -> None:
+    """Draw the maps: PNG overlays per field, a plate montage and report.html (opens without a server)."""
+    from pcim_cli import render as render_lib
+
+    _setup_logging(verbose, quiet)
+    chosen = [w.strip() for w in wells.split(",") if w.strip()] if wells else None
+    try:
+        result = render_lib.render(store, out_dir=out, wells=chosen, plate_yaml=plate_yaml, channel=channel,
+                                   per_channel=per_channel, csv=csv)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        if not quiet:
+            typer.echo(f"{len(result.overlays)} overlays in {result.out_dir / 'wells'}; montage {result.montage}",
+                       err=True)
+        typer.echo(str(result.report))
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def status(
+    store_path: Annotated[Path, typer.Argument(metavar="OUT.zarr", help="A store written by pcim explain.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON on stdout.")] = False,
+) -> None:
+    """Done / failed / missing fields per well of a store; exit 0 when every field is done, else 3."""
+    from pcim_cli.status import store_status
+
+    try:
+        report = store_status(store_path)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), default=str))
+        raise typer.Exit(report.exit_code)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("well", "fields", "done", "failed", "missing", "errors", title=str(report.store))
+    for w in report.wells:
+        table.add_row(w.well, str(w.fields), str(w.done), str(w.failed), str(w.missing), "; ".join(w.errors)[:80])
+    totals = report.totals
+    table.add_row("all", *(str(totals[k]) for k in ("fields", "done", "failed", "missing")), "")
+    Console(no_color=not fancy_terminal(), width=None if fancy_terminal() else 120).print(table)
+    if report.fingerprints > 1:
+        typer.echo(f"note: the done fields were made with {report.fingerprints} different settings", err=True)
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the template.")] = Path("plate.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+) -> None:
+    """Write a commented plate.yaml template to fill in."""
+    from pcim_cli.template import write_template
+
+    try:
+        written = write_template(path, overwrite=force)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(exc) from None
+    typer.echo(f"wrote {written}; fill in the FILL IN lines, then run: pcim validate {written}", err=True)
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def evaluate(
+    plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml.")],
+    masks: Annotated[str, typer.Option("--masks", help="Mask file pattern with {well} (or {row}, {col}) and "
+                                       "{field}, e.g. masks/{well}_s{field}.tif; nonzero = true evidence.")],
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to compare.")] = (
+        "pcim,saliency,integrated-gradients,occlusion,rise"),
+    wells: Annotated[str | None, typer.Option("--wells", help="A number N (N wells spread over the plate, "
+                                              "wells with evidence first) or a list A01,B03. Default: all.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: next to the CSV, "
+                                             "<plate>_evaluate/).")] = None,
+    no_sanity: Annotated[bool, typer.Option("--no-sanity", help="Skip the randomised-model sanity check "
+                                            "(halves the time).")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, as for explain.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail.")] = 0,
+) -> None:
+    """Compare PCIM with the baselines on a plate with masks of the true evidence: tables and plots."""
+    from pcim_cli import evaluate as evaluate_lib
+    from pcim_cli.config import load_config
+
+    _setup_logging(verbose, quiet)
+    well_arg: int | list[str] | None = None
+    if wells is not None:
+        well_arg = int(wells) if wells.strip().isdigit() else [w.strip() for w in wells.split(",") if w.strip()]
+    try:
+        cfg = load_config(plate_yaml, set_ or ())
+        result = evaluate_lib.evaluate(cfg, masks, methods.split(","), well_arg, out, sanity=not no_sanity)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps({"out": str(result.out), "fields": result.fields,
+                               "files": {k: str(v) for k, v in result.files.items()},
+                               "table": json.loads(result.table.to_json(orient="records"))}))
+    else:
+        typer.echo(evaluate_lib.markdown_table(result.table))
+    if not quiet:
+        typer.echo(f"{len(result.fields)} fields; comparison in {result.out}", err=True)
 
 
 @app.command()

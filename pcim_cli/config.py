@@ -270,6 +270,14 @@ class ExplainConfig(_Section):
     noise: float = Field(_ENGINE.noise, ge=0)
     patience: int = Field(_ENGINE.patience, ge=0)  # early stopping; 0 = always run `steps`
     tol: float = Field(_ENGINE.tol, gt=0)
+    map_contrast: bool = _ENGINE.map_contrast  # map x |field - deleted value|: relevance on the pixels, not beside
+    # baseline settings (method: integrated-gradients | occlusion | rise); PCIM ignores them
+    ig_steps: PositiveInt = _ENGINE.ig_steps  # integrated gradients: Riemann steps from the zero image
+    occlusion_window: PositiveInt = _ENGINE.occlusion_window  # px, set to the channel mean
+    occlusion_stride: PositiveInt = _ENGINE.occlusion_stride  # px
+    rise_masks: PositiveInt = _ENGINE.rise_masks  # random masks per map
+    rise_cell: PositiveInt = _ENGINE.rise_cell  # px per cell of the random mask grid
+    rise_p: float = Field(_ENGINE.rise_p, gt=0, lt=1)  # probability that a cell is kept
     fidelity: bool = True  # deletion / insertion AUC of every map into the CSV
 
     @field_validator("budget")

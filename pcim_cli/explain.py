@@ -11,16 +11,19 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from pcim_cli import __version__, images, plate, scheduler, store, summary
+from pcim_cli import __version__, images, plate, rerun, scheduler, store, summary
 from pcim_cli.config import RunConfig
+from pcim_cli.engine.attribute import method_settings
 from pcim_cli.engine.pcim import PcimOptions
-from pcim_cli.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, ConfigError, InputDataError
+from pcim_cli.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, EXIT_TEMPFAIL, ConfigError, InputDataError
+from pcim_cli.lock import RunLock
 from pcim_cli.model import LoadedModel, check_classes, load_model, resolve_device
 from pcim_cli.worker import FieldFiles, WellTask, failed_row
 
@@ -37,7 +40,9 @@ class RunResult:
     store: Path
     csv: Path
     summary: pd.DataFrame
-    problems: list[str] = field(default_factory=list)  # fields left out at discovery (missing files)
+    problems: list[str] = field(default_factory=list)  # run-level problems (concern no single well)
+    fitted: int = 0  # maps computed by this run (the others in `summary` were already done or failed)
+    interrupted: bool = False  # SIGTERM / SIGINT: stopped early, what was done is recorded
 
     @property
     def counts(self) -> dict[str, int]:
@@ -53,9 +58,11 @@ class RunResult:
     @property
     def exit_code(self) -> int:
         counts = self.counts
+        if self.interrupted:
+            return EXIT_TEMPFAIL
         if counts["failed"] == 0 and not self.problems:
             return EXIT_OK
-        return EXIT_PARTIAL if counts["done"] + counts["skipped"] else EXIT_DATA
+        return EXIT_PARTIAL if counts["done"] else EXIT_DATA
 
 
 def engine_options(cfg: RunConfig) -> PcimOptions:
@@ -73,7 +80,7 @@ def fingerprint(cfg: RunConfig, model_sha256: str) -> str:
         "input_size": cfg.model.input_size,
         "target": cfg.explain.target,
         "method": cfg.explain.method,
-        "engine": dataclasses.asdict(engine_options(cfg)),
+        "engine": method_settings(cfg.explain.method, engine_options(cfg)),
         "pcim": __version__.rsplit(".", 1)[0],
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
@@ -132,9 +139,6 @@ class PlateInventory:
 
 def inspect_plate(cfg: RunConfig) -> PlateInventory:
     """Model probe, class names, layout and image discovery. Raises when no field at all is usable."""
-    if cfg.explain.method != "pcim":
-        raise ConfigError(f"explain.method: {cfg.explain.method!r} is not available in pcim {__version__} yet "
-                          "(the baselines arrive with `pcim evaluate`); use method: pcim")
     device = resolve_device(cfg.compute.device)
     model = load_model(cfg.model.path, len(cfg.plate.channels), cfg.model.input_size, device=device)
     classes = check_classes(model, cfg.model.classes)
@@ -151,48 +155,127 @@ def inspect_plate(cfg: RunConfig) -> PlateInventory:
     return PlateInventory(model, classes, layout, found, problems)
 
 
-def plan(cfg: RunConfig) -> tuple[list[WellTask], list[dict], list[str], pd.DataFrame | None, LoadedModel]:
-    """Everything before the fits: the plate inventory, each well's task, the store skeleton.
+@dataclass
+class Plan:
+    """Everything decided before the fits: each field's fate, the tasks, the rows of early failures."""
 
-    Returns (tasks, rows of wells that already failed at planning, problems, layout, model).
+    fields: list[rerun.FieldPlan]
+    tasks: list[WellTask]
+    rows: list[dict]  # fields that failed at planning (discovery, layout target), one row each
+    problems: list[str]  # run-level problems that concern no single well (e.g. an unparsable file name)
+    layout: pd.DataFrame | None
+    model: LoadedModel
+    fingerprint: str
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Fields per action (run, redo, done, failed, excluded) plus `unusable` (failed at planning)."""
+        out = {a: sum(f.action == a for f in self.fields) for a in rerun.ACTIONS}
+        out["unusable"] = len({(r["well"], r["site"]) for r in self.rows})
+        return out
+
+
+def _discovery_rows(plate_name: str, problems: list[images.Problem]) -> tuple[list[dict], list[str]]:
+    """Problems about one well or field become failed CSV rows; the others stay run-level problems."""
+    rows, general = [], []
+    for p in problems:
+        if p.well is None:
+            general.append(str(p))
+            continue
+        row = failed_row(plate_name, p.well, p.field, 0, str(p))
+        row["zarr_path"] = ""  # never written: the field has no place in the store
+        rows.append(row)
+    return rows, general
+
+
+def plan(cfg: RunConfig, choice: rerun.Rerun | None = None, write: bool = True) -> Plan:
+    """Inventory the plate, decide each field's fate against the store, build the well tasks.
+
+    With `write`, creates (or extends) the store's plate skeleton; without, touches nothing (--dry-run).
     """
+    choice = choice or rerun.Rerun()
     inv = inspect_plate(cfg)
-    model, classes, layout, found, problems = inv.model, inv.classes, inv.layout, inv.fields, inv.problems
-    device = model.device
+    model, classes, layout, found = inv.model, inv.classes, inv.layout, inv.fields
+    if choice.only is not None:
+        unknown = sorted(choice.only - set(found), key=plate.parse_well)
+        if unknown:
+            raise ConfigError(f"--only names {', '.join(unknown)}, which have no complete field here "
+                              f"(wells found: {len(found)}); check the well names")
+    rows, problems = _discovery_rows(cfg.plate.name, inv.problems)
     wells = sorted(found, key=plate.parse_well)
     targets = _targets_per_well(cfg, classes, layout, wells)
     opts = engine_options(cfg)
     print_fp = fingerprint(cfg, model.sha256)
     store_path = Path(cfg.output.zarr)
-    store.create_plate(store_path, cfg.plate.name, {w: len(found[w]) for w in wells},
-                       format=cfg.output.format)
+    if write:
+        store.create_plate(store_path, cfg.plate.name, {w: len(found[w]) for w in wells},
+                           format=cfg.output.format)
+    ledger = store.read_plate_record(store_path).get("failed", {})
+    field_size = images.typical_size(src for w in wells for src in found[w])
 
-    tasks, failed_rows = [], []
+    fields, tasks = [], []
     for well in wells:
-        fields = tuple(FieldFiles(site=src.field, index=i, files=tuple(str(f) for f in src.files))
-                       for i, src in enumerate(found[well]))
+        decided = []
+        for i, src in enumerate(found[well]):
+            path = store.field_path(well, i)
+            decided.append(rerun.decide(well, src.field, i, store.read_record(store_path, well, i),
+                                        ledger.get(path), print_fp, choice, rerun.input_signature(src.files)))
         well_targets = targets[well]
-        if isinstance(well_targets, str):
-            failed_rows += [failed_row(cfg.plate.name, well, f.site, f.index, well_targets) for f in fields]
+        if isinstance(well_targets, str):  # the layout gives this well no usable target
+            rows += [failed_row(cfg.plate.name, well, f.site, f.index, well_targets) for f in decided if f.fitted]
+            decided = [f for f in decided if not f.fitted]
+        fields += decided
+        todo = tuple(FieldFiles(site=f.site, index=f.index, files=tuple(str(p) for p in found[well][f.index].files))
+                     for f in decided if f.fitted)
+        if not todo:
             continue
         tasks.append(WellTask(
-            plate=cfg.plate.name, well=well, fields=fields, channels=tuple(cfg.plate.channels),
-            classes=tuple(classes), targets=well_targets, normalize=cfg.model.normalize.model_dump(),
-            model_path=str(model.path), model_sha256=model.sha256, input_size=cfg.model.input_size,
-            method=cfg.explain.method, engine=dataclasses.asdict(opts), batch_size=cfg.compute.batch_size,
-            device=device,
-            fidelity=cfg.explain.fidelity, store_path=str(store_path), store_format=cfg.output.format,
-            fingerprint=print_fp,
+            plate=cfg.plate.name, well=well, fields=todo, channels=tuple(cfg.plate.channels),
+            classes=tuple(classes), targets=None if well_targets is None else tuple(well_targets),
+            normalize=cfg.model.normalize.model_dump(), model_path=str(model.path), model_sha256=model.sha256,
+            input_size=cfg.model.input_size, field_size=field_size, method=cfg.explain.method,
+            engine=dataclasses.asdict(opts),
+            batch_size=cfg.compute.batch_size, device=model.device, fidelity=cfg.explain.fidelity,
+            store_path=str(store_path), store_format=cfg.output.format, fingerprint=print_fp,
         ))
-    return tasks, failed_rows, problems, layout, model
+    return Plan(fields, tasks, rows, problems, layout, model, print_fp)
 
 
-def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None) -> RunResult:
-    """Explain every planned well, then write the CSV. `on_well` is told about each finished well."""
-    tasks, rows, problems, layout, _ = plan(cfg)
-    logger.info("%d wells to explain (%d fields) -> %s", len(tasks), sum(len(t.fields) for t in tasks),
-                cfg.output.zarr)
-    rows += scheduler.run_wells(tasks, cfg.compute, on_well).rows
-    table = summary.build_summary(rows, layout)
-    summary.write_csv_atomic(table, Path(cfg.output.csv))
-    return RunResult(store=Path(cfg.output.zarr), csv=Path(cfg.output.csv), summary=table, problems=problems)
+def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None,
+        choice: rerun.Rerun | None = None, on_start: Callable[[int], None] | None = None) -> RunResult:
+    """Explain every field that needs it under the store's run lock; rebuild the CSV from the store.
+
+    `on_start` is told how many wells will be explained, `on_well` about each one as it finishes.
+    """
+    store_path, csv_path = Path(cfg.output.zarr), Path(cfg.output.csv)
+    with RunLock(store_path):
+        p = plan(cfg, choice)
+        counts = p.counts
+        logger.info("%d fields to fit (%d new, %d redone), %d already done, %d failed before; %d wells -> %s",
+                    counts["run"] + counts["redo"], counts["run"], counts["redo"], counts["done"],
+                    counts["failed"], len(p.tasks), store_path)
+        if on_start is not None:
+            on_start(len(p.tasks))
+        dispatch = scheduler.run_wells(p.tasks, cfg.compute, on_well)
+        table, ledger = collect(cfg, p, dispatch.rows)
+        record = {"failed": ledger, "last_run": {
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S%z"), "fingerprint": p.fingerprint,
+            "pcim_version": __version__, "interrupted": dispatch.interrupted}}
+        store.write_plate_record(store_path, record)
+        summary.write_csv_atomic(table, csv_path)
+    fitted = sum(1 for r in dispatch.rows if r["status"] == "done")
+    return RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
+                     interrupted=dispatch.interrupted)
+
+
+def collect(cfg: RunConfig, p: Plan, run_rows: list[dict]) -> tuple[pd.DataFrame, dict]:
+    """The whole plate's CSV table, rebuilt from the store's records, and the new failure ledger."""
+    by_field: dict[tuple[str, int], list[dict]] = {}
+    for row in run_rows:
+        by_field.setdefault((row["well"], row["site"]), []).append(row)
+    store_path = Path(cfg.output.zarr)
+    rows = list(p.rows)
+    for f in p.fields:
+        record = store.read_record(store_path, f.well, f.index) if f.fitted else f.record
+        rows += rerun.field_rows(cfg.plate.name, f, record, by_field.get((f.well, f.site)), p.fingerprint)
+    return summary.build_summary(rows, p.layout), rerun.next_ledger(p.fields, by_field, p.fingerprint)

@@ -164,11 +164,11 @@ def test_a_torch_export_archive_explains_the_demo_like_its_torchscript_twin(tmp_
     np.testing.assert_allclose(results["pt2"][0], results["ts"][0], rtol=1e-3, atol=1e-4)
 
 
-def test_a_method_that_is_not_available_is_refused_not_silently_replaced(tmp_path):
-    proc = run_pcim("explain", str(DEMO / "plate.yaml"), "--set", "explain.method=occlusion",
+def test_an_unknown_method_is_refused_not_silently_replaced(tmp_path):
+    proc = run_pcim("explain", str(DEMO / "plate.yaml"), "--set", "explain.method=gradcam",
                     "--set", f"output.zarr={tmp_path}/o.zarr", "--set", f"output.csv={tmp_path}/o.csv")
     assert proc.returncode == 78
-    assert "explain.method" in proc.stderr and "occlusion" in proc.stderr
+    assert "explain.method" in proc.stderr and "gradcam" in proc.stderr
     assert not (tmp_path / "o.zarr").exists()
 
 
