@@ -332,6 +332,10 @@ class ComputeConfig(_Section):
     workers: Literal["auto"] | PositiveInt = "auto"
     device: str = "auto"
     batch_size: PositiveInt = 16
+    # speed levers (benchmarks/bench.py): NHWC inputs, used only when the model gives the same logits with them
+    channels_last: bool = True
+    # reduced-precision forward (autocast): faster on GPUs, changes maps slightly (part of the fingerprint)
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @field_validator("workers", mode="before")

@@ -78,6 +78,7 @@ def fingerprint(cfg: RunConfig, model_sha256: str) -> str:
         "channels": list(cfg.plate.channels),
         "normalize": cfg.model.normalize.model_dump(),
         "input_size": cfg.model.input_size,
+        "precision": cfg.compute.precision,
         "target": cfg.explain.target,
         "method": cfg.explain.method,
         "engine": method_settings(cfg.explain.method, engine_options(cfg)),
@@ -235,7 +236,8 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None, write: bool = True) 
             normalize=cfg.model.normalize.model_dump(), model_path=str(model.path), model_sha256=model.sha256,
             input_size=cfg.model.input_size, field_size=field_size, method=cfg.explain.method,
             engine=dataclasses.asdict(opts),
-            batch_size=cfg.compute.batch_size, device=model.device, fidelity=cfg.explain.fidelity,
+            batch_size=cfg.compute.batch_size, channels_last=cfg.compute.channels_last,
+            precision=cfg.compute.precision, device=model.device, fidelity=cfg.explain.fidelity,
             store_path=str(store_path), store_format=cfg.output.format, fingerprint=print_fp,
         ))
     return Plan(fields, tasks, rows, problems, layout, model, print_fp)

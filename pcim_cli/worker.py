@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from pcim_cli import __version__, images, store, tiling
 from pcim_cli.engine import metrics
 from pcim_cli.engine.attribute import attribute
-from pcim_cli.engine.pcim import PcimOptions
+from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
 from pcim_cli.model import LoadedModel, _summary, load_model
 
@@ -65,6 +65,8 @@ class WellTask(BaseModel):
     method: str = "pcim"
     engine: dict[str, Any]
     batch_size: int = 16
+    channels_last: bool = True
+    precision: str = "float32"
     device: str = "cpu"
     fidelity: bool = True  # deletion / insertion AUC per map
     store_path: str
@@ -73,6 +75,41 @@ class WellTask(BaseModel):
 
 
 _MODELS: dict[tuple[str, str], LoadedModel] = {}
+_CHANNELS_LAST: dict[tuple[str, str], bool] = {}  # (model sha256, device) -> same logits with NHWC inputs
+
+
+def fast_forward(task: WellTask, model: LoadedModel, x: torch.Tensor) -> Forward:
+    """The model behind the speed levers the task asks for.
+
+    channels_last is kept only when the model runs with NHWC inputs and gives the same logits (a model
+    that calls `.view` on its activations cannot): probed once per worker process and model, on the
+    image `x` (C, H, W).
+    """
+    channels_last = False
+    if task.channels_last:
+        key = (task.model_sha256, task.device)
+        if key not in _CHANNELS_LAST:
+            _CHANNELS_LAST[key] = _same_with_channels_last(model.module, x.to(task.device))
+        channels_last = _CHANNELS_LAST[key]
+    if not channels_last and task.precision == "float32":
+        return model.module
+    return FastForward(model.module, task.precision, channels_last)
+
+
+def _same_with_channels_last(module: Forward, x: torch.Tensor) -> bool:
+    with torch.no_grad():
+        ref = module(x[None])
+        try:
+            got = module(x[None].contiguous(memory_format=torch.channels_last))
+        except Exception as exc:  # noqa: BLE001 - any failure means: keep NCHW
+            logger.info("model does not take channels-last inputs (%s); using NCHW", type(exc).__name__)
+            return False
+    same = got.shape == ref.shape and torch.allclose(got.float(), ref.float(), rtol=1e-4, atol=1e-5)
+    if not same:
+        logger.info("model gives other logits with channels-last inputs; using NCHW")
+    return bool(same)
+
+
 
 
 def _model(task: WellTask) -> LoadedModel:
@@ -223,6 +260,7 @@ class _Batcher:
 
     def __init__(self, task: WellTask, model: LoadedModel, opts: PcimOptions):
         self.task, self.model, self.opts = task, model, opts
+        self.forward: Forward | None = None  # the model behind the speed levers, set by the first field
         self.device = torch.device(task.device)
         self.batch = _BatchSize(task)
         self.queues: dict[tuple[int, int], list[_Unit]] = {}  # by tile size: one chunk = one tensor shape
@@ -262,6 +300,8 @@ class _Batcher:
                 f"{task.input_size[1]}); fields must be at least the model's input size: set model.input_size "
                 "to at most the field size, or null if the model accepts any size"
             ) from exc
+        if self.forward is None:
+            self.forward = fast_forward(task, self.model, tiling.cut(x, grid, range(1))[0])
         probs = self._predict(x, grid)
         targets = _targets(task, int(probs.argmax()))
         field = _Field(files, x, read_s, grid, probs, targets,
@@ -277,7 +317,7 @@ class _Batcher:
             part = range(start, min(start + self.batch.value, grid.n_tiles))
             try:
                 with torch.no_grad():
-                    logits = self.model.module(tiling.cut(x, grid, part).to(self.device))
+                    logits = self.forward(tiling.cut(x, grid, part).to(self.device))
             except MODEL_ERRORS as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -322,11 +362,11 @@ class _Batcher:
         tt = torch.tensor([task.classes.index(u.field.targets[u.k]) for u in chunk], device=self.device)
         seeds = torch.tensor([field_seed(opts.seed, task.well, u.field.files.site, u.field.targets[u.k]) + u.tile
                               for u in chunk])
-        result = attribute(self.model.module, x, tt, task.method, opts, seeds=seeds)
+        result = attribute(self.forward, x, tt, task.method, opts, seeds=seeds)
         if task.fidelity:  # perturbed images in forward batches no larger than the fit's
             kw = {"chunk": min(64, 2 * len(chunk))}
-            dele = metrics.deletion_auc(self.model.module, x, result.maps, tt, **kw).tolist()
-            ins = metrics.insertion_auc(self.model.module, x, result.maps, tt, substrate="blur", **kw).tolist()
+            dele = metrics.deletion_auc(self.forward, x, result.maps, tt, **kw).tolist()
+            ins = metrics.insertion_auc(self.forward, x, result.maps, tt, substrate="blur", **kw).tolist()
         else:
             dele = ins = [float("nan")] * len(chunk)
         return result, dele, ins
