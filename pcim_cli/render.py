@@ -34,10 +34,10 @@ from PIL import Image, ImageDraw, ImageFont
 from pcim_cli import __version__
 from pcim_cli.errors import ConfigError, InputDataError, OutputError, PcimError
 from pcim_cli.plate import WellIdError, infer_plate_format, parse_well, plate_shape, row_letter
+from pcim_cli.store import RECORD_KEY, ome_metadata
 
 logger = logging.getLogger(__name__)
 
-RECORD_KEY = "pcim"
 DEFAULT_MAX_SIZE = 1024  # overlays: the finest pyramid level whose longest side fits
 MIN_PANEL = 256  # smaller fields are enlarged (nearest neighbour) so the labels stay readable
 CELL = 96  # montage cell, pixels
@@ -115,10 +115,6 @@ class FieldLevel:
         return int(site) if isinstance(site, int) else self.index + 1
 
 
-def _ome(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(attrs.get("ome", attrs))
-
-
 def open_plate(path: Path) -> Plate:
     """Open a pcim store read-only; InputDataError naming the path and the fix when it is not one."""
     path = Path(path)
@@ -130,7 +126,7 @@ def open_plate(path: Path) -> Plate:
     except (OSError, ValueError) as exc:  # zarr's GroupNotFoundError is a FileNotFoundError
         raise InputDataError(f"{path} is not a Zarr group ({exc}): pass the output.zarr folder that "
                              "`pcim explain` wrote") from exc
-    plate = _ome(root.attrs.asdict()).get("plate")
+    plate = ome_metadata(root.attrs.asdict()).get("plate")
     if not isinstance(plate, Mapping) or not plate.get("wells"):
         raise InputDataError(f"{path} is not an OME-Zarr HCS plate (no plate metadata with wells): pass the "
                              "output.zarr folder that `pcim explain` wrote")
@@ -149,7 +145,7 @@ def field_paths(plate: Plate, well: str) -> list[str]:
     well_path = plate.wells[well]
     if well_path not in plate.root:
         return []
-    images = _ome(plate.root[well_path].attrs.asdict()).get("well", {}).get("images", [])
+    images = ome_metadata(plate.root[well_path].attrs.asdict()).get("well", {}).get("images", [])
     return [f"{well_path}/{image['path']}" for image in images]
 
 
@@ -164,7 +160,7 @@ def read_level(plate: Plate, well: str, rel: str, level: int = 0, *, fit: int | 
     if rel not in plate.root:
         return None
     group = plate.root[rel]
-    ome = _ome(group.attrs.asdict())
+    ome = ome_metadata(group.attrs.asdict())
     try:
         datasets = ome["multiscales"][0]["datasets"]
         shapes = [group[d["path"]].shape for d in datasets]

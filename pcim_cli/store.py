@@ -116,13 +116,13 @@ def _existing_wells(path: Path, format: str) -> dict[tuple[str, str], int]:
             f"{path} is an NGFF {found} store, but output.format is {format!r}: set output.format: "
             f"{found!r}, or choose another output.zarr path (or delete the old store)."
         )
-    plate = _ome(root.attrs.asdict()).get("plate") or {}
+    plate = ome_metadata(root.attrs.asdict()).get("plate") or {}
     wells: dict[tuple[str, str], int] = {}
     for entry in plate.get("wells", []):
         well_path = entry["path"]
         count = 0
         if well_path in root:
-            images = _ome(root[well_path].attrs.asdict()).get("well", {}).get("images", [])
+            images = ome_metadata(root[well_path].attrs.asdict()).get("well", {}).get("images", [])
             count = len(images)
         row, col = well_path.split("/")
         wells[(row, col)] = count
@@ -177,7 +177,7 @@ def read_field(path: Path, well: str, field: int) -> tuple[np.ndarray, list[str]
     Raises FileNotFoundError when the field was never written.
     """
     group = zarr.open_group(str(path), path=field_path(well, field), mode="r")
-    ome = _ome(group.attrs.asdict())
+    ome = ome_metadata(group.attrs.asdict())
     level0 = ome["multiscales"][0]["datasets"][0]["path"]
     labels = [channel.get("label", "") for channel in ome.get("omero", {}).get("channels", [])]
     record = group.attrs.get(RECORD_KEY)
@@ -257,7 +257,7 @@ def _check_store_format(path: Path, format: str) -> None:
         )
 
 
-def _ome(attrs: Mapping[str, Any]) -> dict[str, Any]:
+def ome_metadata(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """The NGFF metadata block: under ``ome`` (0.5) or the attributes themselves (0.4)."""
     return dict(attrs.get("ome", attrs))
 

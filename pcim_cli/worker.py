@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pcim_cli import __version__, images, store, tiling
+from pcim_cli import __version__, images, store, summary, tiling
 from pcim_cli.engine import metrics
 from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
@@ -410,7 +410,6 @@ class _Batcher:
             "peak_memory_mib": peak_memory_mib(task.device),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        t1 = time.perf_counter()
         labels = map_labels(f.targets, task.channels, self.opts.per_channel)
         maps = f.stitch.out.numpy()  # (targets * M, H, W)
         try:
@@ -419,14 +418,7 @@ class _Batcher:
         except PcimError as exc:
             logger.warning("%s", exc)
             return [_failed_row(task, f.files, str(exc))]
-        runtime = f.read_s + f.fit_s + time.perf_counter() - t1
-        return [{
-            "plate": task.plate, "well": task.well, "site": f.files.site, "target": t,
-            "predicted_class": predicted,
-            "prob_original": r["prob_original"], "prob_mixed": r["prob_mixed"],
-            "deletion_auc": r["deletion_auc"], "insertion_auc": r["insertion_auc"],
-            "status": "done", "error": "", "runtime_s": runtime, "zarr_path": rel,
-        } for t, r in per_target.items()]
+        return summary.rows_from_record(task.plate, task.well, rel, record)
 
 
 _STATS = ("prob_original", "prob_mixed", "prob_deleted", "loss")
