@@ -173,8 +173,10 @@ def bench_tiled(steps: int, batch: int) -> dict:
     """One 2160x2160x5 field, 256 px tiles, through the worker (in this process): time and peak memory."""
     import tifffile
 
-    from pcim_cli import store, tiling, worker
-    from pcim_cli.model import file_sha256
+    from pcim_cli.engine import tiling
+    from pcim_cli.io import store
+    from pcim_cli.io.model import file_sha256
+    from pcim_cli.run import worker
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -213,7 +215,9 @@ def bench_tiled(steps: int, batch: int) -> dict:
 def bench_demo(wells: list[str]) -> dict:
     """`pcim explain` (in this process: explain.run) on some demo wells at the shipped settings, in a fresh
     store, with the store writes timed; reading and fitting come from the field records."""
-    from pcim_cli import config, explain, store
+    from pcim_cli import config
+    from pcim_cli.io import store
+    from pcim_cli.run import explain
 
     writes: list[float] = []
     write_field = store.write_field

@@ -32,8 +32,8 @@ ALL_WELLS = [f"{r}{c:02d}" for r in "ABCD" for c in range(1, 7)]
 
 def run_once(wells: list[str], steps: int, cluster: str, workers: int) -> dict:
     """One explain.run on a fresh store; timings and counts."""
-    from pcim_cli import explain
     from pcim_cli.config import load_config
+    from pcim_cli.run import explain
 
     marks: dict[str, float] = {}
 
@@ -52,7 +52,7 @@ def run_once(wells: list[str], steps: int, cluster: str, workers: int) -> dict:
         t0 = time.perf_counter()
         result = explain.run(cfg, on_well=on_well, on_start=on_start)
         total = time.perf_counter() - t0
-    from pcim_cli.scheduler import torch_threads
+    from pcim_cli.run.scheduler import torch_threads
 
     dispatch = marks["last"] - marks["start"]
     steady = marks["last"] - marks["first"]

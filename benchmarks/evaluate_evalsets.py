@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/evaluate_evalsets.py --sets nuclei,nuclei-resnet --n 16
 
 Every method of `explain.method` with its default settings, scored exactly as `pcim evaluate` scores a
-plate (pcim_cli/evaluate.py), including the randomised-model sanity check. Prints one markdown table
+plate (pcim_cli/report/evaluate.py), including the randomised-model sanity check. Prints one markdown table
 per set and writes benchmarks/results/evaluate_<set>.csv.
 """
 
@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evalsets  # noqa: E402
 from compare_formulations import SETS  # noqa: E402
 
-from pcim_cli import evaluate  # noqa: E402
 from pcim_cli.engine import metrics  # noqa: E402
 from pcim_cli.engine.attribute import METHODS, attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
+from pcim_cli.report import evaluate  # noqa: E402
 
 
 def maps_of(model, x, target, method, opts, batch):

@@ -74,7 +74,7 @@ def _wells_option(text: str | None) -> frozenset[str] | None:
     """`A01,b3, C/4` -> canonical well names; a bad name is a ConfigError naming it."""
     if text is None:
         return None
-    from pcim_cli.plate import WellIdError, parse_well
+    from pcim_cli.io.plate import WellIdError, parse_well
 
     wells = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -161,9 +161,9 @@ def explain(
     A rerun continues where the last one stopped: fields already done with the same settings are
     skipped, fields whose settings or model changed are redone.
     """
-    from pcim_cli import explain as explain_lib
     from pcim_cli.config import load_config
-    from pcim_cli.rerun import Rerun
+    from pcim_cli.run import explain as explain_lib
+    from pcim_cli.run.rerun import Rerun
 
     _setup_logging(verbose, quiet, log_file)
     try:
@@ -172,7 +172,7 @@ def explain(
         if dry_run:
             _print_plan(explain_lib.plan(cfg, choice, write=False), as_json)
             raise typer.Exit(0)
-        from pcim_cli.progress import WellProgress
+        from pcim_cli.run.progress import WellProgress
 
         with WellProgress(fancy=fancy_terminal(), quiet=quiet) as progress:
             result = explain_lib.run(cfg, on_well=progress.on_well, choice=choice, on_start=progress.start)
@@ -205,8 +205,8 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON on stdout.")] = False,
 ) -> None:
     """Check plate.yaml, the layout, the images and the model without fitting or writing anything."""
-    from pcim_cli import explain as explain_lib
     from pcim_cli.config import load_config
+    from pcim_cli.run import explain as explain_lib
 
     _setup_logging(0, quiet=True)
     logging.getLogger("pcim_cli").setLevel(logging.ERROR)  # problems are part of the report below
@@ -251,7 +251,7 @@ def render(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail.")] = 0,
 ) -> None:
     """Draw the maps: PNG overlays per field, a plate montage and report.html (opens without a server)."""
-    from pcim_cli import render as render_lib
+    from pcim_cli.report import render as render_lib
 
     _setup_logging(verbose, quiet)
     chosen = [w.strip() for w in wells.split(",") if w.strip()] if wells else None
@@ -275,7 +275,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON on stdout.")] = False,
 ) -> None:
     """Done / failed / missing fields per well of a store; exit 0 when every field is done, else 3."""
-    from pcim_cli.status import store_status
+    from pcim_cli.report.status import store_status
 
     try:
         report = store_status(store_path)
@@ -332,8 +332,8 @@ def evaluate(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail.")] = 0,
 ) -> None:
     """Compare PCIM with the baselines on a plate with masks of the true evidence: tables and plots."""
-    from pcim_cli import evaluate as evaluate_lib
     from pcim_cli.config import load_config
+    from pcim_cli.report import evaluate as evaluate_lib
 
     _setup_logging(verbose, quiet)
     well_arg: int | list[str] | None = None

@@ -53,8 +53,8 @@ from pydantic import (
 
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import ConfigError
-from pcim_cli.images import compile_pattern
-from pcim_cli.plate import parse_well
+from pcim_cli.io.images import compile_pattern
+from pcim_cli.io.plate import parse_well
 
 logger = logging.getLogger(__name__)
 

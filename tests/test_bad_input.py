@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from plate_factory import make_plate, run_pcim
 
-from pcim_cli import store
+from pcim_cli.io import store
 
 GOOD = ("A01", "B01")
 

@@ -15,11 +15,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pcim_cli import explain, store
 from pcim_cli.config import load_config
 from pcim_cli.engine import baselines
 from pcim_cli.engine.attribute import BASELINE_KEYS, METHODS, attribute, captum_available, method_settings
 from pcim_cli.engine.pcim import PcimOptions, deletion_contrast
+from pcim_cli.io import store
+from pcim_cli.run import explain
 
 DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
 _SCRIPT = Path(sys.executable).parent / "pcim"

@@ -14,8 +14,8 @@ import pytest
 import tifffile
 import torch
 
-from pcim_cli import images, store, summary
 from pcim_cli.engine import baselines, metrics
+from pcim_cli.io import images, store, summary
 
 DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
 _SCRIPT = Path(sys.executable).parent / "pcim"  # the installed console script

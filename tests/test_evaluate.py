@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pcim_cli import evaluate
 from pcim_cli.config import load_config
 from pcim_cli.engine import metrics
 from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import ConfigError
+from pcim_cli.report import evaluate
 
 DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
 MASKS = str(DEMO / "masks" / "{well}_s{field}.tif")
@@ -100,14 +100,14 @@ def test_randomised_model_changes_the_maps():
 
 
 def _found(cfg):
-    from pcim_cli import images
+    from pcim_cli.io import images
 
     found, _ = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels, ["A01"])
     return found
 
 
 def test_wells_sample_prefers_wells_with_evidence():
-    from pcim_cli import images
+    from pcim_cli.io import images
 
     cfg = load_config(DEMO / "plate.yaml")
     found, _ = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels, None)

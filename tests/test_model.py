@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pcim_cli.errors import ModelError
-from pcim_cli.model import LoadedModel, check_classes, file_sha256, load_model
+from pcim_cli.io.model import LoadedModel, check_classes, file_sha256, load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 

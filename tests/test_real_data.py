@@ -13,7 +13,7 @@ import yaml
 from plate_factory import run_pcim
 from real_data import wheel_file
 
-from pcim_cli import images, store
+from pcim_cli.io import images, store
 
 pytestmark = pytest.mark.slow
 

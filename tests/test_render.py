@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pcim_cli import render, store
 from pcim_cli.errors import ConfigError, InputDataError
+from pcim_cli.io import store
+from pcim_cli.report import render
 
 DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
 _SCRIPT = Path(sys.executable).parent / "pcim"

@@ -24,8 +24,8 @@ from ome_zarr_models import v04, v05
 from ome_zarr_models.exceptions import ValidationWarning
 from plate_factory import DEMO, make_plate, run_pcim, start_pcim
 
-from pcim_cli import store
-from pcim_cli.lock import LOCK_NAME
+from pcim_cli.io import store
+from pcim_cli.io.lock import LOCK_NAME
 
 WELLS = ("A01", "A02", "B01", "B02")
 

@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pcim_cli import explain, progress, scheduler, store
 from pcim_cli.config import ComputeConfig, load_config
 from pcim_cli.errors import EXIT_TEMPFAIL, ConfigError, TemporaryFailure
+from pcim_cli.io import store
+from pcim_cli.run import explain, progress, scheduler
 
 DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
 _SCRIPT = Path(sys.executable).parent / "pcim"

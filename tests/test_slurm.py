@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pcim_cli import store
+from pcim_cli.io import store
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from plate_factory import make_plate, run_pcim
 
-from pcim_cli import store
-from pcim_cli.worker import _same_with_channels_last
+from pcim_cli.io import store
+from pcim_cli.run.worker import _same_with_channels_last
 
 
 class ViewNet(torch.nn.Module):

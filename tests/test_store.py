@@ -14,8 +14,8 @@ from ome_zarr.reader import Reader
 from ome_zarr_models import v04, v05
 from ome_zarr_models.exceptions import ValidationWarning
 
-from pcim_cli import store
 from pcim_cli.errors import OutputError
+from pcim_cli.io import store
 
 FIELDS = {"A01": 2, "B03": 1}
 SHAPE = (2, 64, 48)

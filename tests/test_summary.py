@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pcim_cli import store, summary
 from pcim_cli.errors import OutputError
+from pcim_cli.io import store, summary
 
 EXPECTED_COLUMNS = [
     "Metadata_Plate",

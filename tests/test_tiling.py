@@ -18,9 +18,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pcim_cli import store, tiling, worker
+from pcim_cli.engine import tiling
 from pcim_cli.engine.pcim import PcimOptions
-from pcim_cli.model import file_sha256
+from pcim_cli.io import store
+from pcim_cli.io.model import file_sha256
+from pcim_cli.run import worker
 
 TILE = 64
 STEPS = 4
@@ -231,7 +233,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_maps(tmp_path, fixed_
     task = make_task(tmp_path / "oom", fixed_model, shape, (TILE, TILE), batch_size=16, fidelity=False)
     flaky = OomAbove(torch.jit.load(str(fixed_model)), limit=limit)  # a fit step sends 2 images per map
     _with_model(monkeypatch, task, flaky)
-    with caplog.at_level(logging.WARNING, logger="pcim_cli.worker"):
+    with caplog.at_level(logging.WARNING, logger="pcim_cli.run.worker"):
         rows = worker.explain_well(task)
     assert [r["status"] for r in rows] == ["done"]
     maps, _, record = store.read_field(Path(task.store_path), "A01", 0)

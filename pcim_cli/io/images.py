@@ -21,7 +21,7 @@ import numpy as np
 import tifffile
 
 from pcim_cli.errors import ConfigError, InputDataError
-from pcim_cli.plate import Well, WellIdError, parse_well
+from pcim_cli.io.plate import Well, WellIdError, parse_well
 
 logger = logging.getLogger(__name__)
 

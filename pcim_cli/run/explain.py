@@ -18,14 +18,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from pcim_cli import __version__, images, plate, rerun, scheduler, store, summary
+from pcim_cli import __version__
 from pcim_cli.config import RunConfig
 from pcim_cli.engine.attribute import method_settings
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, EXIT_TEMPFAIL, ConfigError, InputDataError
-from pcim_cli.lock import RunLock
-from pcim_cli.model import LoadedModel, check_classes, load_model, resolve_device
-from pcim_cli.worker import FieldFiles, WellTask, failed_row
+from pcim_cli.io import images, plate, store, summary
+from pcim_cli.io.lock import RunLock
+from pcim_cli.io.model import LoadedModel, check_classes, load_model, resolve_device
+from pcim_cli.run import rerun, scheduler
+from pcim_cli.run.worker import FieldFiles, WellTask, failed_row
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from pcim_cli.errors import OutputError
-from pcim_cli.plate import parse_well
+from pcim_cli.io.plate import parse_well
 
 logger = logging.getLogger(__name__)
 

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pcim_cli import __version__, images, store, summary, tiling
-from pcim_cli.engine import metrics
+from pcim_cli import __version__
+from pcim_cli.engine import metrics, tiling
 from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
-from pcim_cli.model import LoadedModel, _summary, load_model
+from pcim_cli.io import images, store, summary
+from pcim_cli.io.model import LoadedModel, _summary, load_model
 
 logger = logging.getLogger(__name__)
 

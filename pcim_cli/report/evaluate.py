@@ -27,12 +27,13 @@ import pandas as pd
 import tifffile
 import torch
 
-from pcim_cli import explain, images, plate
 from pcim_cli.config import RunConfig
 from pcim_cli.engine import metrics
 from pcim_cli.engine.attribute import METHODS, attribute
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import ConfigError, InputDataError
+from pcim_cli.io import images, plate
+from pcim_cli.run import explain
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pcim_cli import store, summary
+from pcim_cli.io import store, summary
 
 #: what happens to a field in a run
 ACTIONS = ("run", "redo", "done", "failed", "excluded")

@@ -33,8 +33,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pcim_cli import __version__
 from pcim_cli.errors import ConfigError, InputDataError, OutputError, PcimError
-from pcim_cli.plate import WellIdError, infer_plate_format, parse_well, plate_shape, row_letter
-from pcim_cli.store import RECORD_KEY, ome_metadata
+from pcim_cli.io.plate import WellIdError, infer_plate_format, parse_well, plate_shape, row_letter
+from pcim_cli.io.store import RECORD_KEY, ome_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -396,7 +396,7 @@ class RawImages:
 
 def find_raw(cfg: Any, wells: Sequence[str]) -> RawImages:
     """Discover the raw TIFFs of ``wells`` through a loaded plate.yaml (a RunConfig)."""
-    from pcim_cli import images
+    from pcim_cli.io import images
 
     found, problems = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels, wells)
     for problem in problems:
@@ -407,7 +407,7 @@ def find_raw(cfg: Any, wells: Sequence[str]) -> RawImages:
 
 def raw_field(raw: RawImages, fld: FieldLevel) -> np.ndarray | None:
     """The field's raw image, normalised as in the run, pooled to the maps' level: (C, y, x) in [0, 1]."""
-    from pcim_cli import images
+    from pcim_cli.io import images
 
     src = raw.sources.get(fld.well, {}).get(fld.site)
     if src is None:

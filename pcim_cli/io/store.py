@@ -24,8 +24,8 @@ import numpy as np
 import zarr
 
 from pcim_cli.errors import OutputError
-from pcim_cli.plate import parse_well, row_letter
-from pcim_cli.plate import row_index as plate_row_index
+from pcim_cli.io.plate import parse_well, row_letter
+from pcim_cli.io.plate import row_index as plate_row_index
 
 logger = logging.getLogger(__name__)
 

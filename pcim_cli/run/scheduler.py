@@ -38,7 +38,7 @@ from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 
 from pcim_cli.config import ComputeConfig
 from pcim_cli.errors import ConfigError, TemporaryFailure
-from pcim_cli.worker import WellTask, explain_well, failed_row
+from pcim_cli.run.worker import WellTask, explain_well, failed_row
 
 logger = logging.getLogger(__name__)
 

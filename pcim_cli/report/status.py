@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pcim_cli import store
 from pcim_cli.errors import EXIT_OK, EXIT_PARTIAL, InputDataError
-from pcim_cli.plate import parse_well
+from pcim_cli.io import store
+from pcim_cli.io.plate import parse_well
 
 
 @dataclass
