@@ -183,17 +183,22 @@ def explain(
     counts = result.counts
     failed = counts["failed"] + len(result.problems)
     line = (f"{counts['done']} maps done ({result.fitted} fitted by this run), {failed} failed, "
-            f"{counts['skipped']} not run; store {result.store}; csv {result.csv}")
-    if failed or result.interrupted or not quiet:
+            f"{counts['skipped']} not run; store {result.store}; csv {result.csv}"
+            + "".join(f"; {name} {path}" for name, path in result.object_csvs.items()))
+    if failed or result.object_failures or result.interrupted or not quiet:
         typer.echo(line, err=True)
     for f in result.failed:
         typer.echo(f"  failed {f['well']} site {f['site']}: {f['error']}", err=True)
+    for f in result.object_failures:
+        typer.echo(f"  {f['object']} table failed {f['well']} site {f['site']} (map done): {f['error']}", err=True)
     for p in result.problems:
         typer.echo(f"  not run: {p}", err=True)
     if as_json:
         status = {0: "ok", 3: "partial", 75: "interrupted"}.get(result.exit_code, "failed")
         doc = {"status": status, "exit_code": result.exit_code, "store": str(result.store), "csv": str(result.csv),
-               "counts": counts, "fitted": result.fitted, "failed": result.failed, "problems": result.problems}
+               "counts": counts, "fitted": result.fitted, "failed": result.failed, "problems": result.problems,
+               "object_csvs": {k: str(v) for k, v in result.object_csvs.items()},
+               "object_failures": result.object_failures}
         typer.echo(json.dumps(doc))
     raise typer.Exit(result.exit_code)
 
@@ -212,7 +217,7 @@ def validate(
     logging.getLogger("pcim_cli").setLevel(logging.ERROR)  # problems are part of the report below
     try:
         cfg = load_config(plate_yaml, set_ or ())
-        found = explain_lib.inspect_plate(cfg).summary
+        found = explain_lib.inspect_plate(cfg, check_objects=True).summary
     except Exception as exc:  # noqa: BLE001
         raise _fail(exc) from None
     found = {"plate": cfg.plate.name, "channels": list(cfg.plate.channels), **found}
@@ -226,6 +231,8 @@ def validate(
                    f"classes {', '.join(model['classes'])}")
         if found["layout_columns"]:
             typer.echo(f"layout columns: {', '.join(found['layout_columns'])}")
+        for name, count in found["objects"].items():
+            typer.echo(f"objects {name}: label images for {count} of {found['fields']} fields")
         for p in found["problems"]:
             typer.echo(f"problem: {p}")
     raise typer.Exit(3 if found["problems"] else 0)

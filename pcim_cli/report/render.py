@@ -35,6 +35,7 @@ from pcim_cli import __version__
 from pcim_cli.errors import ConfigError, InputDataError, OutputError, PcimError
 from pcim_cli.io.plate import WellIdError, infer_plate_format, parse_well, plate_shape, row_letter
 from pcim_cli.io.store import RECORD_KEY, ome_metadata
+from pcim_cli.report import objects as report_objects
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +295,8 @@ class Panel:
     title: str
     values: np.ndarray  # (y, x)
     base: np.ndarray | None  # (y, x) in [0, 1]
+    target: str = ""
+    objects: report_objects.FieldObjects | None = None  # plate.objects: the target's top objects are outlined
 
 
 def draw_panels(panels: Sequence[Panel], title: str) -> Image.Image:
@@ -306,6 +309,8 @@ def draw_panels(panels: Sequence[Panel], title: str) -> Image.Image:
         rgb = Image.fromarray(overlay(panel.values, vmax, panel.base))
         if scale > 1:
             rgb = rgb.resize((w * scale, h * scale), Image.Resampling.NEAREST)
+        if panel.objects:
+            report_objects.draw_outlines(rgb, panel.objects, panel.target, scale)
         tiles.append((panel.title, rgb, colour_bar(rgb.height, vmax)))
     line = LINE
     width = sum(t[1].width + t[2].width + 2 * GAP for t in tiles) + GAP
@@ -465,17 +470,17 @@ def field_panels(fld: FieldLevel, raw: np.ndarray | None, raw_channels: Sequence
         return f" over {name}" if raw is not None and name in raw_channels else ""
 
     if not per_channel:
-        return [Panel(f"{target}{over(base_name)}", fld.maps[idx].sum(axis=0), base(base_name))
+        return [Panel(f"{target}{over(base_name)}", fld.maps[idx].sum(axis=0), base(base_name), target)
                 for target, idx in _targets(fld.labels).items()]
     panels = []
     for i, label in enumerate(fld.labels):
         if ":" in label:
             name = label.split(":", 1)[1]
-            panels.append(Panel(f"{label}{over(name)}", fld.maps[i], base(name)))
+            panels.append(Panel(f"{label}{over(name)}", fld.maps[i], base(name), label.split(":", 1)[0]))
         elif raw is not None:
-            panels.extend(Panel(f"{label}{over(name)}", fld.maps[i], base(name)) for name in raw_channels)
+            panels.extend(Panel(f"{label}{over(name)}", fld.maps[i], base(name), label) for name in raw_channels)
         else:
-            panels.append(Panel(label, fld.maps[i], None))
+            panels.append(Panel(label, fld.maps[i], None, label))
     return panels
 
 
@@ -564,14 +569,17 @@ th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; vertical-al
 th { background: #f0f0f0; }
 img.thumb { width: 192px; }
 img.montage { max-width: 100%; }
+ol.objects { margin: 0; padding-left: 1.4em; white-space: nowrap; }
 .failed { background: #fde8e8; }
 .note { color: #666; }
 """
 
 
 def write_report(path: Path, plate: Plate, table: pd.DataFrame, images: Mapping[str, str], montage: str,
-                 records: Sequence[Mapping[str, Any]], csv: Path | None) -> None:
-    """Write the self-contained HTML report; ``images`` maps a field's store path to its PNG (relative)."""
+                 records: Sequence[Mapping[str, Any]], csv: Path | None,
+                 objects: Mapping[tuple[str, str], str] | None = None) -> None:
+    """Write the self-contained HTML report; ``images`` maps a field's store path to its PNG (relative),
+    ``objects`` (store path, target) to the list of its top objects (plate.objects)."""
     settings, n_fingerprints = _settings_rows(records)
     columns = [c for c in table.columns if c not in ("Metadata_Plate", "PCIM_ZarrPath")]
     parts = [
@@ -585,7 +593,7 @@ def write_report(path: Path, plate: Plate, table: pd.DataFrame, images: Mapping[
         "<h2>Plate montage</h2>",
         f'<img class="montage" src="{html.escape(montage)}" alt="plate montage">',
         "<h2>Fields</h2>",
-        _fields_table(table, columns, images),
+        _fields_table(table, columns, images, objects or {}),
         "<h2>Settings</h2>",
     ]
     if n_fingerprints > 1:
@@ -606,9 +614,11 @@ def _short(column: str) -> str:
     return column
 
 
-def _fields_table(table: pd.DataFrame, columns: Sequence[str], images: Mapping[str, str]) -> str:
-    head = "<tr><th>map</th>" + "".join(f'<th title="{html.escape(c)}">{html.escape(_short(c))}</th>'
-                                        for c in columns) + "</tr>"
+def _fields_table(table: pd.DataFrame, columns: Sequence[str], images: Mapping[str, str],
+                  objects: Mapping[tuple[str, str], str]) -> str:
+    listed = bool(objects)
+    head = ("<tr><th>map</th>" + ("<th>top objects</th>" if listed else "")
+            + "".join(f'<th title="{html.escape(c)}">{html.escape(_short(c))}</th>' for c in columns) + "</tr>")
     body = []
     for _, row in table.iterrows():
         rel = row.get("PCIM_ZarrPath")
@@ -616,7 +626,8 @@ def _fields_table(table: pd.DataFrame, columns: Sequence[str], images: Mapping[s
         thumb = (f'<a href="{html.escape(src)}"><img class="thumb" src="{html.escape(src)}" '
                  f'alt="{html.escape(str(rel))}"></a>') if src else '<span class="note">no map</span>'
         css = ' class="failed"' if row.get("PCIM_Status") == "failed" else ""
-        body.append(f"<tr{css}><td>{thumb}</td>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns)
+        tops = f"<td>{objects.get((rel, str(row.get('PCIM_Target'))), '')}</td>" if listed else ""
+        body.append(f"<tr{css}><td>{thumb}</td>{tops}" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns)
                     + "</tr>")
     return f"<table>{head}{''.join(body)}</table>"
 
@@ -672,11 +683,11 @@ def render(
     out_dir = _make_out_dir(Path(out_dir) if out_dir is not None else store.parent / f"{store.stem}_render")
 
     result = RenderResult(out_dir, [], out_dir / "montage.png", out_dir / "report.html", csv_path)
-    images, fields = _draw_fields(plate, chosen, raw, channel, per_channel, max_size, result)
+    images, fields, tops = _draw_fields(plate, chosen, raw, channel, per_channel, max_size, result)
     draw_montage(plate, thumbs, f"{shown}, first field of each well").save(result.montage)
     table = _read_csv(csv_path, chosen) if csv_path is not None else _rows_from_records(fields)
     write_report(result.report, plate, table, images, result.montage.name,
-                 [f.record for f in fields if f.record], csv_path)
+                 [f.record for f in fields if f.record], csv_path, tops)
     logger.info("rendered %d fields of %d wells, the montage and the report in %s", len(result.overlays),
                 len(chosen), out_dir)
     return result
@@ -700,11 +711,14 @@ def _make_out_dir(out_dir: Path) -> Path:
 
 
 def _draw_fields(plate: Plate, wells: Sequence[str], raw: RawImages | None, channel: str | None,
-                 per_channel: bool, max_size: int, result: RenderResult) -> tuple[dict[str, str], list[FieldLevel]]:
+                 per_channel: bool, max_size: int, result: RenderResult
+                 ) -> tuple[dict[str, str], list[FieldLevel], dict[tuple[str, str], str]]:
     """Write one overlay per complete field (one field in memory at a time); the fields' PNG paths (relative
-    to the output folder, by store path) and the fields with their records (pixels dropped)."""
+    to the output folder, by store path), the fields with their records (pixels dropped) and the HTML
+    lists of their top objects by (store path, target)."""
     images: dict[str, str] = {}
     fields: list[FieldLevel] = []
+    tops: dict[tuple[str, str], str] = {}
     for well in wells:
         for rel in field_paths(plate, well):
             fld = read_level(plate, well, rel, fit=max_size)
@@ -713,12 +727,14 @@ def _draw_fields(plate: Plate, wells: Sequence[str], raw: RawImages | None, chan
                 logger.warning("%s (%s): no complete map in the store (not written, failed or interrupted); "
                                "skipped", well, rel)
                 continue
-            png = _write_overlay(fld, raw, channel, per_channel, result.out_dir)
+            objects = report_objects.field_objects(plate.root[rel], fld.record, fld.maps.shape[1:])
+            tops.update({(rel, t): report_objects.top_html(top) for t, top in objects.top.items()})
+            png = _write_overlay(fld, raw, channel, per_channel, result.out_dir, objects)
             result.overlays.append(png)
             images[rel] = png.relative_to(result.out_dir).as_posix()
             fld.maps = fld.maps[:0]  # keep the record, drop the pixels
             fields.append(fld)
-    return images, fields
+    return images, fields, tops
 
 
 def _suggested_csv(cfg: Any, store: Path) -> Path | None:
@@ -729,9 +745,11 @@ def _suggested_csv(cfg: Any, store: Path) -> Path | None:
 
 
 def _write_overlay(fld: FieldLevel, raw: RawImages | None, channel: str | None, per_channel: bool,
-                   out_dir: Path) -> Path:
+                   out_dir: Path, objects: report_objects.FieldObjects | None = None) -> Path:
     pixels = raw_field(raw, fld) if raw is not None else None
     panels = field_panels(fld, pixels, raw.channels if raw else [], channel, per_channel)
+    for panel in panels:
+        panel.objects = objects
     predicted = (fld.record or {}).get("predicted_class")
     title = f"{fld.well} site {fld.site}" + (f" (predicted {predicted})" if predicted else "")
     png = out_dir / "wells" / f"{fld.well}_s{fld.site}.png"

@@ -33,6 +33,7 @@ from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
 from pcim_cli.io import images, store, summary
 from pcim_cli.io.model import LoadedModel, _summary, load_model
+from pcim_cli.run import objects
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,11 @@ class FieldFiles(BaseModel):
     site: int
     index: int
     files: tuple[str, ...]
+    # plate.objects (run/objects.py): kind -> label file, kind -> why there is none, what they depend on
+    objects: dict[str, str] = {}
+    object_problems: dict[str, str] = {}
+    objects_signature: str = ""
+    objects_only: bool = False  # a done field whose object tables are (re)made from its stored map
 
 
 class WellTask(BaseModel):
@@ -70,6 +76,7 @@ class WellTask(BaseModel):
     precision: str = "float32"
     device: str = "cpu"
     fidelity: bool = True  # deletion / insertion AUC per map
+    top_objects: int = 3  # objects deleted together for a field's top-k drop (explain.top_objects)
     store_path: str
     store_format: str = "0.5"
     fingerprint: str
@@ -176,7 +183,7 @@ def explain_well(task: WellTask) -> list[dict[str, Any]]:
                 rows.append(_failed_row(task, field, str(exc)))
                 continue
             batcher = _Batcher(task, model, opts)
-        rows += batcher.add(field, img, read_s)
+        rows += batcher.refresh_objects(field, img) if field.objects_only else batcher.add(field, img, read_s)
     if batcher is not None:
         rows += batcher.finish()
     return rows
@@ -290,6 +297,23 @@ class _Batcher:
             while queue:
                 rows += self._run(queue)
         return rows
+
+    def refresh_objects(self, files: FieldFiles, x: torch.Tensor) -> list[dict[str, Any]]:
+        """A done field whose object tables need (re)making: measured from its stored map, no fit."""
+        task = self.task
+        try:
+            grid = tiling.plan_tiles(tuple(x.shape[-2:]), task.input_size)
+            if self.forward is None:
+                self.forward = fast_forward(task, self.model, tiling.cut(x, grid, range(1))[0])
+            record = objects.refresh_field(
+                Path(task.store_path), task.well, files.index, x, grid, self.forward, self.opts, task.classes,
+                task.channels, label_files=files.objects, label_problems=files.object_problems,
+                top_k=task.top_objects, batch_size=self.batch.value, device=task.device,
+                objects_signature=files.objects_signature, format=task.store_format)
+        except (PcimError, *MODEL_ERRORS) as exc:  # the map stays done; the tables are retried next run
+            logger.warning("%s site %s: object tables not remade: %s", task.well, files.site, exc)
+            return []
+        return summary.rows_from_record(task.plate, task.well, store.field_path(task.well, files.index), record)
 
     def _prepare(self, files: FieldFiles, x: torch.Tensor, read_s: float) -> _Field:
         task = self.task
@@ -412,10 +436,16 @@ class _Batcher:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         labels = map_labels(f.targets, task.channels, self.opts.per_channel)
+        found = objects.measure_field(
+            f.x, f.stitch.out, f.targets, task.classes, task.channels, f.grid, self.forward, self.opts,
+            label_files=f.files.objects, label_problems=f.files.object_problems, top_k=task.top_objects,
+            batch_size=self.batch.value, device=task.device, where=f"{task.well} site {f.files.site}",
+            objects_signature=f.files.objects_signature, format=task.store_format)
+        found.update_record(record)
         maps = f.stitch.out.numpy()  # (targets * M, H, W)
         try:
             rel = store.write_field(Path(task.store_path), task.well, f.files.index, maps, labels, record,
-                                    format=task.store_format)
+                                    format=task.store_format, extra=found.write)
         except PcimError as exc:
             logger.warning("%s", exc)
             return [_failed_row(task, f.files, str(exc))]
