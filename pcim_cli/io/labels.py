@@ -149,6 +149,8 @@ def read_labels(path: Path, shape: tuple[int, int], name: str = "objects") -> np
     except Exception as exc:  # tifffile raises many types for damaged files
         raise LabelError(f"cannot read label image {path} ({type(exc).__name__}: {exc}); it is truncated or "
                          f"not a TIFF: {fix}") from exc
+    if arr.size == 0:
+        raise LabelError(f"cannot read label image {path} (no pixels in it); it is truncated or not a TIFF: {fix}")
     arr = np.squeeze(arr)
     if arr.ndim != 2:
         raise LabelError(f"label image {path} has shape {arr.shape}; a label image is one 2-D plane "

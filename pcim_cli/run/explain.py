@@ -287,6 +287,9 @@ def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None
         logger.info("%d fields to fit (%d new, %d redone), %d already done, %d failed before; %d wells -> %s",
                     counts["run"] + counts["redo"], counts["run"], counts["redo"], counts["done"],
                     counts["failed"], len(p.tasks), store_path)
+        if counts["objects"]:
+            logger.info("%d done fields get their object tables (re)made from their maps (labels or "
+                        "explain.top_objects changed)", counts["objects"])
         if on_start is not None:
             on_start(len(p.tasks))
         dispatch = scheduler.run_wells(p.tasks, cfg.compute, on_well)

@@ -170,8 +170,9 @@ def measure_field(x: torch.Tensor, maps: torch.Tensor, targets: list[str], class
             entry, columns, table = _object_table(x, lab, per_channel, targets, classes, channels, grid, forward,
                                                   deleted, top_k, batch_size, device)
         except PcimError as exc:
-            logger.warning("%s: %s", where, exc)
-            found.objects[name] = {"status": "failed", "error": str(exc), "labels": path}
+            msg = f"{where}: {exc}"
+            logger.warning("%s", msg)
+            found.objects[name] = {"status": "failed", "error": msg, "labels": path}
             continue
         except (RuntimeError, ValueError, MemoryError, torch.jit.Error) as exc:  # the model fails on a deletion
             msg = f"{where}: deleting the {name} objects failed ({type(exc).__name__}: {exc})"
