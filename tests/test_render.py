@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 from PIL import Image
 
 from pcim_cli.errors import ConfigError, InputDataError
@@ -96,8 +97,11 @@ def test_without_plate_yaml_the_map_is_drawn_alone(demo_store, tmp_path):
     with Image.open(result.overlays[0]) as img:
         field = np.asarray(img)[2 * render.LINE + 2 * render.GAP:, render.GAP: render.GAP + render.MIN_PANEL]
     lut = {tuple(c) for c in render.heat_lut()}
+    # the demo's plate.objects: its top nuclei are outlined (and numbered, with a black shadow)
+    marks = {*render.report_objects.OUTLINE_COLOURS, (0, 0, 0)}
     sample = field[: render.MIN_PANEL: 7, ::7].reshape(-1, 3)
-    assert all(tuple(c) in lut for c in sample)  # every pixel is a colour of the map, no grey cells
+    assert all(tuple(c) in lut | marks for c in sample)  # every pixel is a colour of the map, no grey cells
+    assert sum(tuple(c) in lut for c in sample) > 0.95 * len(sample)
 
 
 def test_montage_is_the_plate_grid_with_empty_wells_grey(rendered):
@@ -240,7 +244,7 @@ def test_store_opens_as_a_plate_in_napari_ome_zarr(demo_store):
     reader = reader_mod.napari_get_reader(str(demo_store))
     assert reader is not None
     layers = reader(str(demo_store))
-    assert len(layers) == 1
+    assert [kind for _, _, kind in layers] == ["image", "labels"]  # the maps, and the demo's plate.objects nuclei
     data, meta, kind = layers[0]
     assert kind == "image" and meta["channel_axis"] == 0 and meta["name"] == ["0: mitotic"]
     # rows A-C and columns 1-3 of the plate metadata, one 128 px field per well, 3 pyramid levels
@@ -252,6 +256,9 @@ def test_store_opens_as_a_plate_in_napari_ome_zarr(demo_store):
     c02, _, _ = store.read_field(demo_store, "C02", 0)
     np.testing.assert_array_equal(grid[:, 2 * FIELD:, FIELD: 2 * FIELD], c02)
     assert not grid[:, :FIELD, FIELD: 2 * FIELD].any()  # A02: empty well
+    nuclei = np.asarray(layers[1][0][0])  # the nuclei label images on the same plate grid
+    assert nuclei.shape == (3 * FIELD, 3 * FIELD)
+    np.testing.assert_array_equal(nuclei[:FIELD, :FIELD], tifffile.imread(DEMO / "labels" / "A01_s1_nuclei.tif"))
 
 
 def test_store_opens_as_a_plate_in_ome_zarr_reader(demo_store):
