@@ -129,6 +129,24 @@ def test_tiled_deletion_runs_only_the_touched_tiles_and_aggregates_like_the_fiel
     assert torch.allclose(base, _field_probs(forward.model, x, grid), atol=1e-6)
 
 
+def test_deletion_aggregates_the_tiles_as_the_field_prediction_is_aggregated() -> None:
+    x, labels = demo_field("A01_s2")
+    grid = tiling.plan_tiles((128, 128), (64, 64))
+    deleted = mixing.substrate(x[None], "mean", 8.0)[0]
+    model = torch.jit.load(str(DEMO / "classifier.ts")).eval()
+
+    def max_prob(tile_logits: torch.Tensor) -> torch.Tensor:  # e.g. model.aggregate: max
+        return torch.log_softmax(tile_logits, dim=-1).amax(0)
+
+    ids = torch.unique(labels)[1:]
+    _, after = engine.deletion_probs(model, x, labels, [ids[:1]], deleted, grid, aggregate=max_prob)
+    gone = torch.where(torch.isin(labels, ids[:1])[None], deleted, x)
+    with torch.no_grad():
+        expected = torch.softmax(max_prob(model(tiling.cut(gone, grid, range(grid.n_tiles)))), dim=-1)
+    assert torch.allclose(after[0], expected, atol=1e-6)
+    assert not torch.allclose(after[0], _field_probs(model, gone, grid), atol=1e-3)  # not the mean
+
+
 def test_hundreds_of_objects_cost_a_few_forward_batches() -> None:
     x, _ = demo_field()
     labels = (torch.arange(128)[:, None] // 8 * 16 + torch.arange(128)[None, :] // 8 + 1)  # 256 objects

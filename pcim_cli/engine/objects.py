@@ -26,12 +26,13 @@ import torch
 from pcim_cli.engine import tiling
 from pcim_cli.engine.pcim import Forward
 
-Aggregate = Callable[[torch.Tensor], torch.Tensor]  # (n_tiles, K) tile probabilities -> (K,) field
+Aggregate = Callable[[torch.Tensor], torch.Tensor]  # (n_tiles, K) tile logits -> (K,) the field's logits
 
 
-def mean_aggregate(tile_probs: torch.Tensor) -> torch.Tensor:
-    """The field's class probabilities: the mean over its tiles."""
-    return tile_probs.mean(0)
+def mean_prob(tile_logits: torch.Tensor) -> torch.Tensor:
+    """The field's prediction as the mean of its tiles' class probabilities (as logits: log of the mean)."""
+    log_p = torch.log_softmax(tile_logits.float(), dim=-1)
+    return torch.logsumexp(log_p, dim=0) - torch.log(torch.tensor(float(tile_logits.shape[0])))
 
 
 @dataclass
@@ -135,25 +136,25 @@ def _tile_objects(labels: torch.Tensor, grid: tiling.TileGrid) -> list[torch.Ten
 @torch.no_grad()
 def deletion_probs(forward: Forward, x: torch.Tensor, labels: torch.Tensor, deletions: Sequence[torch.Tensor],
                    deleted: torch.Tensor, grid: tiling.TileGrid | None = None, batch_size: int = 16,
-                   aggregate: Aggregate = mean_aggregate, device: torch.device | str | None = None,
+                   aggregate: Aggregate = mean_prob, device: torch.device | str | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class probabilities of the field as it is (K,) and after each deletion (D, K).
 
     x (C, H, W) is the field, labels (H, W) its objects, `deleted` (C, H, W) the values deleted pixels
     take (the deletion substrate of the whole field), each deletion a tensor of label values removed
     together. The (deletion, tile) pairs whose tile holds a deleted object go through `forward` in
-    batches of `batch_size`; the other tiles keep their probabilities; `aggregate` turns a field's tile
-    probabilities into its own. A field of hundreds of objects thus costs about
+    batches of `batch_size`; the other tiles keep their outputs; `aggregate` turns a field's tile logits
+    into the field's logits, as for its prediction. A field of hundreds of objects thus costs about
     (objects x tiles each touches) / batch_size forward passes.
     """
     grid = grid if grid is not None else tiling.plan_tiles(tuple(x.shape[-2:]), None)
     device = torch.device(device) if device is not None else x.device
     th, tw = grid.tile
 
-    def probs(batch: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(forward(batch.to(device)).float(), dim=1).cpu()
+    def logits(batch: torch.Tensor) -> torch.Tensor:
+        return forward(batch.to(device)).float().cpu()
 
-    base_tiles = torch.cat([probs(tiling.cut(x, grid, range(s, min(s + batch_size, grid.n_tiles))))
+    base_tiles = torch.cat([logits(tiling.cut(x, grid, range(s, min(s + batch_size, grid.n_tiles))))
                             for s in range(0, grid.n_tiles, batch_size)])
     tiles_of: dict[int, list[int]] = {}
     for i, present in enumerate(_tile_objects(labels, grid)):
@@ -170,8 +171,9 @@ def deletion_probs(forward: Forward, x: torch.Tensor, labels: torch.Tensor, dele
             region = (slice(None), slice(y0, y0 + th), slice(x0, x0 + tw))
             inside = torch.isin(labels[region[1:]], deletions[d])
             batch.append(torch.where(inside[None], deleted[region], x[region]))
-        for (d, i), p in zip(part, probs(torch.stack(batch)), strict=True):
-            per_deletion[d][i] = p
-    base = aggregate(base_tiles)
-    after = torch.stack([aggregate(t) for t in per_deletion]) if deletions else base.new_zeros(0, base.numel())
+        for (d, i), out in zip(part, logits(torch.stack(batch)), strict=True):
+            per_deletion[d][i] = out
+    base = torch.softmax(aggregate(base_tiles), dim=-1)
+    after = (torch.softmax(torch.stack([aggregate(t) for t in per_deletion]), dim=-1) if deletions
+             else base.new_zeros(0, base.numel()))
     return base, after

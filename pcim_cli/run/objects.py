@@ -150,8 +150,10 @@ def measure_field(x: torch.Tensor, maps: torch.Tensor, targets: list[str], class
                   channels: tuple[str, ...], grid: tiling.TileGrid, forward: Forward, opts: PcimOptions, *,
                   label_files: Mapping[str, str], label_problems: Mapping[str, str], top_k: int,
                   batch_size: int, device: str, where: str, objects_signature: str = "",
-                  format: str = "0.5") -> FieldObjects:
-    """Channel shares and object tables of one field from its final map (T*M, H, W) and image x (C, H, W)."""
+                  format: str = "0.5", aggregate: engine.Aggregate = engine.mean_prob) -> FieldObjects:
+    """Channel shares and object tables of one field from its final map (T*M, H, W) and image x (C, H, W).
+
+    `aggregate` turns the tile logits of a field into its prediction's logits, as the worker does."""
     t0 = time.perf_counter()
     c, h, w = x.shape
     per_target = maps.reshape(len(targets), -1, h, w).float()
@@ -168,7 +170,7 @@ def measure_field(x: torch.Tensor, maps: torch.Tensor, targets: list[str], class
         try:
             lab = label_io.read_labels(Path(path), (h, w), name)
             entry, columns, table = _object_table(x, lab, per_channel, targets, classes, channels, grid, forward,
-                                                  deleted, top_k, batch_size, device)
+                                                  deleted, top_k, batch_size, device, aggregate)
         except PcimError as exc:
             msg = f"{where}: {exc}"
             logger.warning("%s", msg)
@@ -187,14 +189,15 @@ def measure_field(x: torch.Tensor, maps: torch.Tensor, targets: list[str], class
 
 
 def _object_table(x, lab: np.ndarray, per_channel: torch.Tensor, targets: list[str], classes, channels, grid,
-                  forward: Forward, deleted: torch.Tensor, top_k: int, batch_size: int, device: str):
+                  forward: Forward, deleted: torch.Tensor, top_k: int, batch_size: int, device: str,
+                  aggregate: engine.Aggregate):
     """The record entry, columns and (N, columns) rows of one object kind."""
     labels_t = torch.from_numpy(lab.astype(np.int64))
     m = engine.measure(per_channel, labels_t)
     n = m.ids.numel()
     tops = engine.top_objects(m.sum, m.ids, top_k)
     deletions = [m.ids[i : i + 1] for i in range(n)] + tops
-    base, after = _deletion_probs(forward, x, labels_t, deletions, deleted, grid, batch_size, device)
+    base, after = _deletion_probs(forward, x, labels_t, deletions, deleted, grid, batch_size, device, aggregate)
     tidx = torch.tensor([classes.index(t) for t in targets])
     single = base[tidx][:, None] - after[:n, tidx].T  # (T, N) drop of p(target) per object
     columns = list(object_tables.OBJECT_ID_COLUMNS)
@@ -212,14 +215,14 @@ def _object_table(x, lab: np.ndarray, per_channel: torch.Tensor, targets: list[s
     return entry, columns, table
 
 
-def _deletion_probs(forward, x, labels_t, deletions, deleted, grid, batch_size: int, device: str):
+def _deletion_probs(forward, x, labels_t, deletions, deleted, grid, batch_size: int, device: str, aggregate):
     """engine.deletion_probs, halving the batch while the device runs out of memory."""
     from pcim_cli.run.worker import is_out_of_memory  # the worker's test of torch's OOM errors
 
     while True:
         try:
             return engine.deletion_probs(forward, x, labels_t, deletions, deleted, grid, batch_size=batch_size,
-                                         device=device)
+                                         aggregate=aggregate, device=device)
         except (RuntimeError, MemoryError, torch.jit.Error) as exc:
             if not is_out_of_memory(exc) or batch_size <= 1:
                 raise
