@@ -23,6 +23,8 @@ plate:
       # (a plain list [DNA, PH3, Actin] when file names carry the names themselves)
   layout: null                      # optional CSV/TSV plate map: a 'well' column + annotation columns
   wells: null                       # optional subset, e.g. [A01, B03]
+  objects: null                     # optional label images (0 = background, 1..N = objects) -> per-object
+      # tables {{plate}}_pcim_<Object>.csv, e.g. {{Nuclei: "labels/{{well}}_s{{field}}_nuclei.tif"}} (tokens as pattern)
 model:
   path: classifier.ts               # FILL IN: TorchScript (.ts, .pt) or torch.export archive (.pt2)
   classes: null                     # output names in order, e.g. [negative, mitotic]; null: "0", "1", ...
@@ -37,6 +39,7 @@ explain:
   per_channel: false                # true: one map per input channel instead of one shared map
   seed: 0
   fidelity: true                    # deletion / insertion AUC of every map into the CSV
+  top_objects: 3                    # plate.objects: top objects per field deleted together and outlined
 compute:
   cluster: local                    # none | local | address | scheduler-file | slurm
   address: null                     # cluster: address (tcp://host:8786; or DASK_SCHEDULER_ADDRESS)
