@@ -182,7 +182,10 @@ def explain(
         raise _fail(exc) from None
     counts = result.counts
     failed = counts["failed"] + len(result.problems)
-    line = (f"{counts['done']} maps done ({result.fitted} fitted by this run), {failed} failed, "
+    fits = result.fits
+    weak = (f" ({fits['weak']} weak, {fits['failed']} failed fits: see PCIM_Fit)"
+            if fits["weak"] + fits["failed"] else "")
+    line = (f"{counts['done']} maps done{weak} ({result.fitted} fitted by this run), {failed} failed, "
             f"{counts['skipped']} not run; store {result.store}; csv {result.csv}")
     if failed or result.interrupted or not quiet:
         typer.echo(line, err=True)
@@ -193,7 +196,8 @@ def explain(
     if as_json:
         status = {0: "ok", 3: "partial", 75: "interrupted"}.get(result.exit_code, "failed")
         doc = {"status": status, "exit_code": result.exit_code, "store": str(result.store), "csv": str(result.csv),
-               "counts": counts, "fitted": result.fitted, "failed": result.failed, "problems": result.problems}
+               "counts": counts, "fits": fits, "fitted": result.fitted, "failed": result.failed,
+               "problems": result.problems}
         typer.echo(json.dumps(doc))
     raise typer.Exit(result.exit_code)
 
