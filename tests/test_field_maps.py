@@ -162,3 +162,37 @@ def test_whole_field_runs_the_model_on_the_untiled_field(tmp_path, aggregate):
     maps, _, record = store.read_field(tmp_path / "out" / "TILED.zarr", "A01", 0)
     # the whole field: 4 objects of ~49 px over 14400 px -> logit 300 * 0.0061 - 1.5 > 0 -> pos
     assert record["predicted_class"] == "pos" and maps.shape == (1, SIZE, SIZE) and maps.max() > 0
+
+
+def test_validate_says_what_explain_will_do(tmp_path):
+    plate = make_plate(tmp_path, {"A01": objects_field(THREE_AND_ONE), "A02": objects_field(DENSE)},
+                       explain={"target": "layout:expected"}, model={"aggregate": "mean-logit"})
+    (tmp_path / "layout.csv").write_text("well,expected\nA01,pos\nA02,neg\n")
+    config = yaml.safe_load(plate.read_text())
+    config["plate"]["layout"] = "layout.csv"
+    plate.write_text(yaml.safe_dump(config))
+    proc = run_pcim("validate", str(plate), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout)["plan"]
+    (size,) = plan["sizes"]
+    assert size["field"] == [SIZE, SIZE] and size["fields"] == 2 and size["n_tiles"] == 4
+    assert size["grid"] == [2, 2] and size["tile"] == [TILE, TILE] and size["overlap"] == [8, 8]
+    assert size["whole_field_accepted"] is True  # the toy model pools globally: any size
+    assert plan["targets"] == {"A01": "pos", "A02": "neg"} and plan["aggregate"] == "mean-logit"
+    # 2 maps x (4 tiles x 100 steps x kept + deleted + 42 fidelity passes x 4 tiles) + 2 fields x 4 tiles
+    assert plan["maps"] == 2 and plan["model_passes"] == 2 * (2 * 4 * 100 + 42 * 4) + 2 * 4
+    assert plan["seconds_per_pass"] > 0
+    assert plan["eta_s"] == pytest.approx(plan["model_passes"] * plan["seconds_per_pass"])
+
+    text = run_pcim("validate", str(plate), "--no-probe")
+    assert text.returncode == 0, text.stderr[-2000:]
+    assert "2 field(s) of 120x120 px: 4 tiles of 64x64 px (2 x 2, overlap 8x8 px)" in text.stdout
+    assert "model.aggregate mean-logit" in text.stdout and "accepts the untiled field" in text.stdout
+    assert "target pos: A01" in text.stdout and "target neg: A02" in text.stdout
+    assert "cost: 2 maps, 1,944 model passes" in text.stdout
+
+
+def test_validate_help_lists_validates_exit_codes():
+    proc = run_pcim("validate", "--help", COLUMNS="200")
+    assert proc.returncode == 0
+    assert "3 problems found" in proc.stdout and "every unit done" not in proc.stdout
