@@ -217,9 +217,9 @@ class ModelConfig(_Section):
     path: ConfigPath
     classes: list[str] | None = None
     input_size: tuple[PositiveInt, PositiveInt] | None = None
-    # a tiled field's prediction: mean of the tiles' probabilities, of their logits, the largest
-    # probability per class, or the model on the untiled field (models that accept any size)
-    aggregate: Literal["mean-prob", "mean-logit", "max", "whole-field"] = "mean-prob"
+    # a tiled field's prediction: mean of the tiles' logits (measured default, docs/method.md), of their
+    # probabilities, the largest probability per class, or the model on the untiled field (any-size models)
+    aggregate: Literal["mean-prob", "mean-logit", "max", "whole-field"] = "mean-logit"
     normalize: Normalize = Field(default_factory=NormalizePercentile)
 
     @field_validator("normalize", mode="before")

@@ -95,7 +95,8 @@ def test_one_map_per_field_gives_the_tile_with_three_objects_more_mass_than_the_
 def test_model_aggregate_decides_the_field_prediction_and_the_record_keeps_every_tile(tmp_path):
     # tile logits: 3 objects ~ +3.9 (p 0.98), 1 object ~ +0.3 (p 0.57), empty -1.5 (p 0.18) twice:
     # mean probability 0.48 -> neg; mean logit +0.3 -> pos
-    plate = make_plate(tmp_path, {"A01": objects_field(THREE_AND_ONE)}, explain={"target": "predicted"})
+    plate = make_plate(tmp_path, {"A01": objects_field(THREE_AND_ONE)}, explain={"target": "predicted"},
+                       model={"aggregate": "mean-prob"})
     first = run_pcim("explain", str(plate))
     assert first.returncode == 0, first.stderr[-2000:]
     df = pd.read_csv(tmp_path / "out" / "TILED.csv")

@@ -98,12 +98,11 @@ def fingerprint(cfg: RunConfig, model_sha256: str) -> str:
 
 
 def _field_settings(cfg: RunConfig) -> dict:
-    """Settings of tiled fields and of the budget that change maps, in the fingerprint only when not
-    at their defaults (so fingerprints of plates made before they existed do not change)."""
+    """Settings of tiled fields and of the budget that change maps; only where they apply (so fingerprints
+    of untiled plates made before they existed do not change)."""
     out = {}
-    if cfg.model.aggregate != "mean-prob":
+    if cfg.model.input_size is not None or cfg.model.aggregate == "whole-field":  # only tiled fields use them
         out["aggregate"] = cfg.model.aggregate
-    if cfg.model.input_size is not None or cfg.model.aggregate == "whole-field":
         out["tile_maps"] = cfg.explain.tile_maps
     if cfg.explain.adaptive_budget is not None:
         out["adaptive_budget"] = cfg.explain.adaptive_budget

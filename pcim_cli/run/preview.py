@@ -35,7 +35,7 @@ class Plan:
 
     sizes: list[dict] = field(default_factory=list)  # per field size: fields, tile plan, whole-field check
     targets: dict[str, str] = field(default_factory=dict)  # well -> target(s) or why none
-    aggregate: str = "mean-prob"
+    aggregate: str = "mean-logit"
     tile_maps: str = "field"
     maps: int = 0  # (field, target) maps to make
     model_passes: int = 0  # forward (+ backward) passes of one image through the model

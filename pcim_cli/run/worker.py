@@ -66,7 +66,7 @@ class WellTask(BaseModel):
     model_sha256: str
     input_size: tuple[int, int] | None = None
     field_size: tuple[int, int] | None = None  # (H, W) of the plate's fields; a field of another size fails
-    aggregate: str = "mean-prob"  # how a tiled field's prediction is made (model.aggregate)
+    aggregate: str = "mean-logit"  # how a tiled field's prediction is made (model.aggregate)
     tile_maps: str = "field"  # one fit over a tiled field's pixels, or per tile (explain.tile_maps)
     adaptive_budget: float | None = None  # grow the budget up to this share until the class is lost; None: fixed
     method: str = "pcim"
