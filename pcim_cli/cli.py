@@ -186,6 +186,9 @@ def explain(
         raise
     except Exception as exc:  # noqa: BLE001 - every error becomes one message and an exit code
         raise _fail(exc) from None
+    advice = explain_lib.fit_advice(result, cfg)
+    if advice:  # once per run; a weak map is no failure: cron (-q) gets it only in --log-file
+        logger.log(logging.INFO if quiet else logging.WARNING, "%s", advice)
     counts = result.counts
     failed = counts["failed"] + len(result.problems)
     fits = result.fits

@@ -292,26 +292,25 @@ def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None
     fitted = sum(1 for r in dispatch.rows if r["status"] == "done")
     result = RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
                        interrupted=dispatch.interrupted)
-    warn_weak_fits(result, cfg)
     return result
 
 
-def warn_weak_fits(result: RunResult, cfg: RunConfig) -> None:
-    """One warning per run when maps did not achieve their objective, with the likely cause and fix."""
+def fit_advice(result: RunResult, cfg: RunConfig) -> str | None:
+    """The one warning of a run whose maps did not all achieve their objective: how many, the likely
+    cause and the fix (None when every fit is ok)."""
     fits = result.fits
     bad = fits["weak"] + fits["failed"]
     if not bad:
-        return
+        return None
     total = sum(fits.values())
     grow = ("raise explain.budget (now "
             f"{cfg.explain.budget}) or set explain.adaptive_budget: 0.32" if cfg.explain.adaptive_budget is None
             else f"raise explain.adaptive_budget (now {cfg.explain.adaptive_budget})")
-    logger.warning(
-        "%d of %d maps are weak (%d) or failed (%d) fits (PCIM_Fit in %s): deleting their pixels did not remove "
-        "the class (PCIM_ProbDeleted stays near PCIM_ProbOriginal). Likely causes: evidence larger than the "
-        "budget (confluence, density, texture) -> %s; or evidence that is an absence (the class means "
-        "'no X') -> explain the other class (explain.target)", bad, total, fits["weak"], fits["failed"],
-        result.csv, grow)
+    return (f"{bad} of {total} maps are weak ({fits['weak']}) or failed ({fits['failed']}) fits (PCIM_Fit in "
+            f"{result.csv}): deleting their pixels did not remove the class (PCIM_ProbDeleted stays near "
+            "PCIM_ProbOriginal). Likely causes: evidence larger than the budget (confluence, density, texture) "
+            f"-> {grow}; or evidence that is an absence (the class means 'no X') -> explain the other class "
+            "(explain.target)")
 
 
 def collect(cfg: RunConfig, p: Plan, run_rows: list[dict]) -> tuple[pd.DataFrame, dict]:
