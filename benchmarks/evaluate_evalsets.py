@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evalsets  # noqa: E402
 from compare_formulations import SETS  # noqa: E402
-from evalsets.tiled import TiledModel, per_tile_maps  # noqa: E402
+from evalsets.tiled import TiledModel, field_maps  # noqa: E402
 
 from pcim_cli.engine import metrics  # noqa: E402
 from pcim_cli.engine.attribute import METHODS, attribute  # noqa: E402
@@ -31,10 +31,9 @@ from pcim_cli.report import evaluate  # noqa: E402
 
 
 def maps_of(model, x, target, method, opts, batch, tile=None):
-    """Maps of every field; with a `tile`, explained tile by tile and stitched (as pcim's worker does)."""
+    """Maps of every field; with a `tile`, one map per field through its tiles (as pcim explain does)."""
     if tile is not None:
-        return per_tile_maps(lambda m, xs, ts: attribute(m, xs, ts, method, opts).maps, model, x, target, tile,
-                             batch)
+        return field_maps(lambda m, xs, ts: attribute(m, xs, ts, method, opts).maps, model, x, target, tile)
     return torch.cat([attribute(model, x[i : i + batch], target[i : i + batch], method, opts,
                                 seeds=torch.arange(i, min(i + batch, len(x)))).maps
                       for i in range(0, len(x), batch)])
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
         model, x, target, tile = data["model"], data["x"], data["target"], data.get("tile")
         fields = [evaluate._Field("-", i, x[i], data["mask"][i]) for i in range(len(x))]
         rand = evaluate.randomized_copy(model, seed=0)
-        scorer = TiledModel(model, tile) if tile is not None else model  # whole fields: tiles' mean probability
+        scorer = TiledModel(model, tile) if tile is not None else model  # whole fields through their tiles
         rows = []
         for method in args.methods.split(","):
             t0 = time.perf_counter()
