@@ -533,6 +533,7 @@ def _rows_from_records(fields: Sequence[FieldLevel]) -> pd.DataFrame:
                          "PCIM_PredictedClass": record.get("predicted_class"),
                          "PCIM_ProbOriginal": result.get("prob_original"),
                          "PCIM_ProbMixed": result.get("prob_mixed"),
+                         "PCIM_ProbDeleted": result.get("prob_deleted"), "PCIM_Fit": result.get("fit"),
                          "PCIM_DeletionAUC": result.get("deletion_auc"),
                          "PCIM_InsertionAUC": result.get("insertion_auc"),
                          "PCIM_Status": record.get("status"), "PCIM_ZarrPath": fld.rel})
