@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evalsets  # noqa: E402
 from compare_formulations import SETS  # noqa: E402
-from evalsets.tiled import TiledModel, per_tile_maps  # noqa: E402
+from evalsets.tiled import TiledModel, field_maps  # noqa: E402
 
 from pcim_cli.engine import metrics  # noqa: E402
 from pcim_cli.engine.attribute import METHODS, attribute  # noqa: E402
@@ -35,10 +35,9 @@ from pcim_cli.report import evaluate, object_ranking  # noqa: E402
 
 
 def maps_of(model, x, target, method, opts, batch, tile=None):
-    """Maps of every field; with a `tile`, explained tile by tile and stitched (as pcim's worker does)."""
+    """Maps of every field; with a `tile`, one map per field through its tiles (as pcim explain does)."""
     if tile is not None:
-        return per_tile_maps(lambda m, xs, ts: attribute(m, xs, ts, method, opts).maps, model, x, target, tile,
-                             batch)
+        return field_maps(lambda m, xs, ts: attribute(m, xs, ts, method, opts).maps, model, x, target, tile)
     return torch.cat([attribute(model, x[i : i + batch], target[i : i + batch], method, opts,
                                 seeds=torch.arange(i, min(i + batch, len(x)))).maps
                       for i in range(0, len(x), batch)])
@@ -61,7 +60,7 @@ def main(argv=None) -> int:
         model, x, target, tile = data["model"], data["x"], data["target"], data.get("tile")
         fields = [evaluate._Field("-", i, x[i], data["mask"][i]) for i in range(len(x))]
         rand = None if args.no_sanity else evaluate.randomized_copy(model, seed=0)
-        scorer = TiledModel(model, tile) if tile is not None else model  # whole fields: tiles' mean probability
+        scorer = TiledModel(model, tile) if tile is not None else model  # whole fields through their tiles
         objects = None
         if "labels" in data:
             objects = object_ranking.ObjectScorer(scorer, x, target, list(data["labels"]), list(data["mask"]), opts,

@@ -247,6 +247,9 @@ class ModelConfig(_Section):
     path: ConfigPath
     classes: list[str] | None = None
     input_size: tuple[PositiveInt, PositiveInt] | None = None
+    # a tiled field's prediction: mean of the tiles' logits (measured default, docs/method.md), of their
+    # probabilities, the largest probability per class, or the model on the untiled field (any-size models)
+    aggregate: Literal["mean-prob", "mean-logit", "max", "whole-field"] = "mean-logit"
     normalize: Normalize = Field(default_factory=NormalizePercentile)
 
     @field_validator("normalize", mode="before")
@@ -311,6 +314,11 @@ class ExplainConfig(_Section):
     fidelity: bool = True  # deletion / insertion AUC of every map into the CSV
     # plate.objects: how many top objects (by share) are deleted together for the field's drop, and outlined
     top_objects: PositiveInt = 3
+    # tiled fields: one fit over the whole field (one softmax, the budget spent over the field) or per tile
+    tile_maps: Literal["field", "per-tile", "evidence"] = "field"
+    # grow the budget (x2 per refit) until deleting the map's pixels removes half of p(target), up to this
+    # share of the field; null: the fixed budget
+    adaptive_budget: float | None = Field(None, gt=0, le=1)
 
     @field_validator("budget")
     @classmethod
@@ -475,6 +483,14 @@ class RunConfig(_Section):
             elif classes is None and not target.isdigit():
                 problems.append(("explain.target", f"{target!r} is not a class: model.classes is not set, so "
                                  "classes are named 0, 1, …; list model.classes or use predicted / all"))
+        budget = self.explain.budget
+        if self.explain.adaptive_budget is not None:
+            if not isinstance(budget, (int, float)):
+                problems.append(("explain.adaptive_budget", "grows one budget: set explain.budget to one share "
+                                 f"(it is {budget}), or adaptive_budget to null"))
+            elif budget > self.explain.adaptive_budget:
+                problems.append(("explain.adaptive_budget", f"{self.explain.adaptive_budget} is below explain.budget "
+                                 f"({budget}): give the largest share the budget may grow to"))
         compute = self.compute
         if compute.cluster == "address" and not compute.address:
             problems.append(("compute.address", "required with compute.cluster: address "

@@ -21,6 +21,7 @@ from ome_zarr_models.exceptions import ValidationWarning
 from PIL import Image
 from plate_factory import DEMO, make_plate, run_pcim
 
+from pcim_cli.engine import field as field_maps
 from pcim_cli.engine import mixing, tiling
 from pcim_cli.io import images, store
 from pcim_cli.report import render
@@ -295,7 +296,7 @@ def test_tiled_fields_cut_and_stitch_the_objects_consistently(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     zarr_path = tmp_path / "out" / "P1.zarr"
     record = store.read_record(zarr_path, "A01", 0)
-    assert record["tiling"]["n_tiles"] == 9
+    assert record["tiling"]["n_tiles"] == 9 and record["tiling"]["aggregate"] == "mean-logit"
     np.testing.assert_array_equal(zarr.open_group(str(zarr_path), mode="r")["A/1/0/labels/Nuclei/0"][...],
                                   label_image("A01", 1))
     table = pd.read_csv(tmp_path / "out" / "P1_pcim_Nuclei.csv")
@@ -307,9 +308,11 @@ def test_tiled_fields_cut_and_stitch_the_objects_consistently(tmp_path) -> None:
     grid = tiling.plan_tiles((128, 128), (64, 64))
     deleted = mixing.substrate(x[None], "mean", 8.0)[0]
 
+    field_model = field_maps.TiledForward(model, grid, record["tiling"]["aggregate"])  # model.aggregate
+
     def p_mitotic(img: torch.Tensor) -> float:
         with torch.no_grad():
-            return float(torch.softmax(model(tiling.cut(img, grid, range(9))), 1).mean(0)[1])
+            return float(torch.softmax(field_model(img[None]), 1)[0, 1])
 
     assert record["results"]["mitotic"]["prob_original"] == pytest.approx(p_mitotic(x), abs=1e-5)
     for row in rows.itertuples():

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from pcim_cli.engine.budget import fit_quality
 from pcim_cli.errors import OutputError
 from pcim_cli.io.plate import parse_well
 
@@ -37,8 +38,10 @@ RESULT_COLUMNS: dict[str, str] = {
     "predicted_class": "PCIM_PredictedClass",
     "prob_original": "PCIM_ProbOriginal",
     "prob_mixed": "PCIM_ProbMixed",
+    "prob_deleted": "PCIM_ProbDeleted",
     "deletion_auc": "PCIM_DeletionAUC",
     "insertion_auc": "PCIM_InsertionAUC",
+    "fit": "PCIM_Fit",
     "status": "PCIM_Status",
     "error": "PCIM_Error",
     "runtime_s": "PCIM_Runtime_s",
@@ -49,11 +52,14 @@ COLUMNS: tuple[str, ...] = (*ID_COLUMNS.values(), *RESULT_COLUMNS.values())
 FLOAT_COLUMNS = (
     "PCIM_ProbOriginal",
     "PCIM_ProbMixed",
+    "PCIM_ProbDeleted",
     "PCIM_DeletionAUC",
     "PCIM_InsertionAUC",
     "PCIM_Runtime_s",
 )
 STATUSES = ("done", "failed", "skipped")
+#: PCIM_Fit: did the fit achieve its objective (pcim_cli/engine/budget.py); empty for methods that fit nothing
+FITS = ("ok", "weak", "failed")
 
 
 def layout_column_name(column: str) -> str:
@@ -117,10 +123,14 @@ def rows_from_record(plate: str, well: str, zarr_path: str, record: Mapping[str,
                                                     for name, o in objects.items() if o.get("status") == "failed")])
     rows = []
     for target, result in (record.get("results") or {}).items():
+        fit = result.get("fit")
+        if fit is None:  # a record made before fits were judged: judge it from its probabilities
+            fit = fit_quality(*(_number(result.get(k)) for k in ("prob_original", "prob_mixed", "prob_deleted")))
         rows.append({
             "plate": plate, "well": well, "site": record.get("site"), "target": target,
             "predicted_class": record.get("predicted_class", ""),
             "prob_original": result.get("prob_original"), "prob_mixed": result.get("prob_mixed"),
+            "prob_deleted": result.get("prob_deleted"), "fit": fit,
             "deletion_auc": result.get("deletion_auc"), "insertion_auc": result.get("insertion_auc"),
             "status": record.get("status", "done"), "error": error.strip("; "),
             "runtime_s": runtime, "zarr_path": zarr_path, **_share_columns(result, objects, target),
@@ -140,6 +150,11 @@ def _share_columns(result: Mapping[str, Any], objects: Mapping[str, Any], target
         out[f"PCIM_{word}_Count"] = entry.get("count") if done else None
         out[f"PCIM_{word}_TopDeltaP"] = ((entry.get("top") or {}).get(target) or {}).get("delta_p") if done else None
     return out
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from pcim_cli.io import labels as label_io
 from pcim_cli.io import object_tables, store
 from pcim_cli.io.summary import column_word
+from pcim_cli.report import composite
 
 #: outline colours per object kind (first kind cyan: far from the map's violet-to-yellow scale)
 OUTLINE_COLOURS = ((0, 255, 255), (120, 255, 80), (255, 255, 255), (80, 160, 255))
@@ -111,9 +112,10 @@ def draw_outlines(image: Image.Image, objects: FieldObjects, target: str, scale:
         texts.append((int(xs.max()) + 2, max(0, int(ys.min()) - 4), str(obj.number), objects.colours[obj.kind]))
     image.paste(Image.fromarray(pixels))
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
+    font = composite.font()  # the report's font
     for x, y, text, colour in texts:
-        x = min(x, image.width - 6 * len(text) - 1)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        x, y = min(x, image.width - (right - left) - 2), max(0, y - (bottom - top) // 2)
         draw.text((x + 1, y + 1), text, fill=(0, 0, 0), font=font)
         draw.text((x, y), text, fill=colour, font=font)
 

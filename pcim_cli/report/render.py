@@ -35,6 +35,7 @@ from pcim_cli import __version__
 from pcim_cli.errors import ConfigError, InputDataError, OutputError, PcimError
 from pcim_cli.io.plate import WellIdError, infer_plate_format, parse_well, plate_shape, row_letter
 from pcim_cli.io.store import RECORD_KEY, ome_metadata
+from pcim_cli.report import composite
 from pcim_cli.report import objects as report_objects
 
 logger = logging.getLogger(__name__)
@@ -239,14 +240,15 @@ def colourise(values: np.ndarray, vmax: float) -> np.ndarray:
 
 
 def overlay(values: np.ndarray, vmax: float, base: np.ndarray | None) -> np.ndarray:
-    """The map in colour, blended over a grey ``base`` image in [0, 1] where given (weak values show
-    the cells through; strong ones cover them)."""
+    """The map in colour, blended over a ``base`` image in [0, 1] where given: grey ``(y, x)`` or colour
+    ``(y, x, 3)`` (weak values show the cells through; strong ones cover them)."""
     colour = colourise(values, vmax)
     if base is None:
         return colour
     alpha = (_scaled(values, vmax) ** 0.7 * 0.85)[..., None]
-    grey = np.repeat((np.clip(base, 0.0, 1.0) * 255)[..., None], 3, axis=2)
-    return np.round(grey * (1 - alpha) + colour * alpha).astype(np.uint8)
+    under = np.clip(base, 0.0, 1.0) * 255
+    under = under if under.ndim == 3 else np.repeat(under[..., None], 3, axis=2)
+    return np.round(under * (1 - alpha) + colour * alpha).astype(np.uint8)
 
 
 def robust_vmax(values: np.ndarray) -> float:
@@ -263,7 +265,7 @@ def robust_vmax(values: np.ndarray) -> float:
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
+    return composite.font()
 
 
 def _text_size(draw: ImageDraw.ImageDraw, text: str) -> tuple[int, int]:
@@ -294,7 +296,7 @@ class Panel:
 
     title: str
     values: np.ndarray  # (y, x)
-    base: np.ndarray | None  # (y, x) in [0, 1]
+    base: np.ndarray | None  # (y, x) grey or (y, x, 3) colour, in [0, 1]
     target: str = ""
     objects: report_objects.FieldObjects | None = None  # plate.objects: the target's top objects are outlined
 
@@ -341,9 +343,10 @@ def _thumb(values: np.ndarray, cell: int) -> np.ndarray:
 
 
 def draw_montage(plate: Plate, thumbs: Mapping[str, np.ndarray | None], caption: str,
-                 cell: int = CELL) -> Image.Image:
+                 cell: int = CELL, labels: Mapping[str, str] | None = None) -> Image.Image:
     """Thumbnails at plate positions: rows A.., columns 1..; wells not in the store grey, wells without
-    a complete first field dark grey. One colour scale (bar on the right) for the whole plate."""
+    a complete first field dark grey. One colour scale (bar on the right) for the whole plate. `labels`
+    (well -> text, e.g. its target when wells have different ones) are written at each cell's foot."""
     present = [t for t in thumbs.values() if t is not None]
     vmax = robust_vmax(np.concatenate([t.ravel() for t in present])) if present else 1.0
     left, top = 28, 40
@@ -364,6 +367,9 @@ def draw_montage(plate: Plate, thumbs: Mapping[str, np.ndarray | None], caption:
             x0, y0 = left + 2 + c * (cell + 2), top + 2 + r * (cell + 2)
             name = f"{row_letter(r)}{c + 1:02d}"
             _draw_cell(image, draw, (x0, y0), cell, name, thumbs, vmax)
+            if labels and labels.get(name) and thumbs.get(name) is not None:
+                _, th = _text_size(draw, labels[name])
+                draw.text((x0 + 2, y0 + cell - th - 4), labels[name], fill=(255, 255, 255), font=_font())
     image.paste(bar, (left + grid_w + 2 * GAP, top))
     return image
 
@@ -460,13 +466,18 @@ def field_panels(fld: FieldLevel, raw: np.ndarray | None, raw_channels: Sequence
     """One panel per target (per-channel maps summed), or with ``per_channel`` one per map channel
     (a shared map drawn over each raw channel in turn)."""
     base_name = channel or (raw_channels[0] if raw_channels else None)
+    mixed = composite.is_composite(channel)
 
     def base(name: str | None) -> np.ndarray | None:
+        if raw is not None and mixed and name == channel:
+            return composite.composite(raw, channel, list(raw_channels))
         if raw is None or name not in raw_channels:
             return None
         return raw[list(raw_channels).index(name)]
 
     def over(name: str | None) -> str:
+        if raw is not None and mixed and name == channel:
+            return f" over {composite.label(channel)}"
         return f" over {name}" if raw is not None and name in raw_channels else ""
 
     if not per_channel:
@@ -527,6 +538,7 @@ def _rows_from_records(fields: Sequence[FieldLevel]) -> pd.DataFrame:
                          "PCIM_PredictedClass": record.get("predicted_class"),
                          "PCIM_ProbOriginal": result.get("prob_original"),
                          "PCIM_ProbMixed": result.get("prob_mixed"),
+                         "PCIM_ProbDeleted": result.get("prob_deleted"), "PCIM_Fit": result.get("fit"),
                          "PCIM_DeletionAUC": result.get("deletion_auc"),
                          "PCIM_InsertionAUC": result.get("insertion_auc"),
                          "PCIM_Status": record.get("status"), "PCIM_ZarrPath": fld.rel})
@@ -680,11 +692,16 @@ def render(
     _check_channel(raw, channel)
     csv_path = find_csv(store, plate.name, csv, _suggested_csv(cfg, store))
     thumbs, shown = montage_thumbs(plate)
+    shown_targets = set(shown.values())
     out_dir = _make_out_dir(Path(out_dir) if out_dir is not None else store.parent / f"{store.stem}_render")
 
     result = RenderResult(out_dir, [], out_dir / "montage.png", out_dir / "report.html", csv_path)
     images, fields, tops = _draw_fields(plate, chosen, raw, channel, per_channel, max_size, result)
-    draw_montage(plate, thumbs, f"{shown}, first field of each well").save(result.montage)
+    if len(shown_targets) == 1:  # one target everywhere: say it once in the title
+        draw_montage(plate, thumbs, f"{shown_targets.pop()}, first field of each well").save(result.montage)
+    else:  # layout targets: each well's map is for its own target, written in its cell
+        draw_montage(plate, thumbs, "each well's target (in its cell), first field of each well",
+                     labels=shown).save(result.montage)
     table = _read_csv(csv_path, chosen) if csv_path is not None else _rows_from_records(fields)
     write_report(result.report, plate, table, images, result.montage.name,
                  [f.record for f in fields if f.record], csv_path, tops)
@@ -698,8 +715,11 @@ def _check_channel(raw: RawImages | None, channel: str | None) -> None:
         return
     if raw is None:
         raise ConfigError("--channel picks a raw image channel: give --plate-yaml too, so the raw TIFFs can be found")
-    if channel not in raw.channels:
-        raise ConfigError(f"--channel {channel!r} is not one of plate.channels ({', '.join(raw.channels)})")
+    if composite.is_composite(channel):
+        composite.parse_spec(channel, raw.channels)  # ConfigError naming a bad channel or colour
+    elif channel not in raw.channels:
+        raise ConfigError(f"--channel {channel!r} is not one of plate.channels ({', '.join(raw.channels)}), "
+                          "nor rgb or a composite such as DNA,PH3 or DNA=blue,PH3=green")
 
 
 def _make_out_dir(out_dir: Path) -> Path:
@@ -757,11 +777,11 @@ def _write_overlay(fld: FieldLevel, raw: RawImages | None, channel: str | None, 
     return png
 
 
-def montage_thumbs(plate: Plate) -> tuple[dict[str, np.ndarray | None], str]:
+def montage_thumbs(plate: Plate) -> tuple[dict[str, np.ndarray | None], dict[str, str]]:
     """Thumbnails (None: no complete map) of each well's first field, its first target, from a coarse
-    pyramid level; and that target's name. InputDataError when no well has a pcim map at all."""
+    pyramid level; and that target's name per well. InputDataError when no well has a pcim map at all."""
     thumbs: dict[str, np.ndarray | None] = {}
-    shown = ""
+    shown: dict[str, str] = {}
     for well in plate.wells:
         rels = field_paths(plate, well)
         fld = read_level(plate, well, rels[0], thumb=CELL) if rels else None
@@ -769,7 +789,7 @@ def montage_thumbs(plate: Plate) -> tuple[dict[str, np.ndarray | None], str]:
             thumbs[well] = None
             continue
         target, idx = next(iter(_targets(fld.labels).items()))
-        shown = shown or target
+        shown[well] = target
         thumbs[well] = _thumb(fld.maps[idx].sum(axis=0), CELL)
     if not shown:
         raise InputDataError(

@@ -54,6 +54,13 @@ class RunResult:
         return {s: int((status == s).sum()) for s in summary.STATUSES}
 
     @property
+    def fits(self) -> dict[str, int]:
+        """Done maps per PCIM_Fit verdict (ok / weak / failed; methods that fit nothing are not counted)."""
+        done = self.summary[self.summary["PCIM_Status"] == "done"] if len(self.summary) else self.summary
+        fit = done["PCIM_Fit"] if len(done) else pd.Series(dtype=str)
+        return {v: int((fit == v).sum()) for v in summary.FITS}
+
+    @property
     def failed(self) -> list[dict[str, str]]:
         bad = self.summary[self.summary["PCIM_Status"] == "failed"]
         return [{"well": r.Metadata_Well, "site": int(r.Metadata_Site), "error": r.PCIM_Error}
@@ -82,6 +89,7 @@ def fingerprint(cfg: RunConfig, model_sha256: str) -> str:
         "channels": list(cfg.plate.channels),
         "normalize": cfg.model.normalize.model_dump(),
         "input_size": cfg.model.input_size,
+        **_field_settings(cfg),
         "precision": cfg.compute.precision,
         "target": cfg.explain.target,
         "method": cfg.explain.method,
@@ -89,6 +97,18 @@ def fingerprint(cfg: RunConfig, model_sha256: str) -> str:
         "pcim": __version__.rsplit(".", 1)[0],
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _field_settings(cfg: RunConfig) -> dict:
+    """Settings of tiled fields and of the budget that change maps; only where they apply (so fingerprints
+    of untiled plates made before they existed do not change)."""
+    out = {}
+    if cfg.model.input_size is not None or cfg.model.aggregate == "whole-field":  # only tiled fields use them
+        out["aggregate"] = cfg.model.aggregate
+        out["tile_maps"] = cfg.explain.tile_maps
+    if cfg.explain.adaptive_budget is not None:
+        out["adaptive_budget"] = cfg.explain.adaptive_budget
+    return out
 
 
 def _targets_per_well(cfg: RunConfig, classes: list[str], layout: pd.DataFrame | None,
@@ -266,6 +286,8 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None, write: bool = True) 
             classes=tuple(classes), targets=None if well_targets is None else tuple(well_targets),
             normalize=cfg.model.normalize.model_dump(), model_path=str(model.path), model_sha256=model.sha256,
             input_size=cfg.model.input_size, field_size=field_size, method=cfg.explain.method,
+            aggregate=cfg.model.aggregate, tile_maps=cfg.explain.tile_maps,
+            adaptive_budget=cfg.explain.adaptive_budget,
             engine=dataclasses.asdict(opts),
             batch_size=cfg.compute.batch_size, channels_last=cfg.compute.channels_last,
             precision=cfg.compute.precision, device=model.device, fidelity=cfg.explain.fidelity,
@@ -302,8 +324,27 @@ def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None
         object_csvs, object_failures = objects.write_tables(store_path, cfg.plate.name, csv_path,
                                                             list(cfg.plate.objects or {}), table)
     fitted = sum(1 for r in dispatch.rows if r["status"] == "done" and r["zarr_path"] not in p.objects_refresh)
-    return RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
-                     interrupted=dispatch.interrupted, object_csvs=object_csvs, object_failures=object_failures)
+    result = RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
+                       interrupted=dispatch.interrupted, object_csvs=object_csvs, object_failures=object_failures)
+    return result
+
+
+def fit_advice(result: RunResult, cfg: RunConfig) -> str | None:
+    """The one warning of a run whose maps did not all achieve their objective: how many, the likely
+    cause and the fix (None when every fit is ok)."""
+    fits = result.fits
+    bad = fits["weak"] + fits["failed"]
+    if not bad:
+        return None
+    total = sum(fits.values())
+    grow = ("raise explain.budget (now "
+            f"{cfg.explain.budget}) or set explain.adaptive_budget: 0.32" if cfg.explain.adaptive_budget is None
+            else f"raise explain.adaptive_budget (now {cfg.explain.adaptive_budget})")
+    return (f"{bad} of {total} maps are weak ({fits['weak']}) or failed ({fits['failed']}) fits (PCIM_Fit in "
+            f"{result.csv}): deleting their pixels did not remove the class (PCIM_ProbDeleted stays near "
+            "PCIM_ProbOriginal). Likely causes: evidence larger than the budget (confluence, density, texture) "
+            f"-> {grow}; or evidence that is an absence (the class means 'no X') -> explain the other class "
+            "(explain.target)")
 
 
 def collect(cfg: RunConfig, p: Plan, run_rows: list[dict]) -> tuple[pd.DataFrame, dict]:

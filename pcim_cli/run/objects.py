@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import zarr
 
+from pcim_cli.engine import field as field_maps
 from pcim_cli.engine import mixing, tiling
 from pcim_cli.engine import objects as engine
 from pcim_cli.engine.pcim import Forward, PcimOptions
@@ -150,10 +151,10 @@ def measure_field(x: torch.Tensor, maps: torch.Tensor, targets: list[str], class
                   channels: tuple[str, ...], grid: tiling.TileGrid, forward: Forward, opts: PcimOptions, *,
                   label_files: Mapping[str, str], label_problems: Mapping[str, str], top_k: int,
                   batch_size: int, device: str, where: str, objects_signature: str = "",
-                  format: str = "0.5", aggregate: engine.Aggregate = engine.mean_prob) -> FieldObjects:
+                  format: str = "0.5", aggregate: str = "mean-prob") -> FieldObjects:
     """Channel shares and object tables of one field from its final map (T*M, H, W) and image x (C, H, W).
 
-    `aggregate` turns the tile logits of a field into its prediction's logits, as the worker does."""
+    `aggregate` is model.aggregate: the deletions' field probabilities are made like the field's prediction."""
     t0 = time.perf_counter()
     c, h, w = x.shape
     per_target = maps.reshape(len(targets), -1, h, w).float()
@@ -169,8 +170,9 @@ def measure_field(x: torch.Tensor, maps: torch.Tensor, targets: list[str], class
     for name, path in label_files.items():
         try:
             lab = label_io.read_labels(Path(path), (h, w), name)
-            entry, columns, table = _object_table(x, lab, per_channel, targets, classes, channels, grid, forward,
-                                                  deleted, top_k, batch_size, device, aggregate)
+            entry, columns, table = _object_table(x, lab, per_channel, targets, classes, channels,
+                                                  *prediction(grid, aggregate), forward, deleted, top_k,
+                                                  batch_size, device)
         except PcimError as exc:
             msg = f"{where}: {exc}"
             logger.warning("%s", msg)
@@ -188,9 +190,18 @@ def measure_field(x: torch.Tensor, maps: torch.Tensor, targets: list[str], class
     return found
 
 
+def prediction(grid: tiling.TileGrid, aggregate: str) -> tuple[tiling.TileGrid, engine.Aggregate]:
+    """How the worker predicts a field (run/worker.py `_predict`): the grid whose tiles the model sees and
+    how their logits make the field's. `whole-field` runs the model on the untiled field; an untiled
+    field is its one tile."""
+    if grid.n_tiles == 1 or aggregate == "whole-field":
+        return tiling.plan_tiles(grid.field, None), engine.mean_prob
+    return grid, lambda tile_logits: field_maps.aggregate_logits(tile_logits[None], aggregate)[0]
+
+
 def _object_table(x, lab: np.ndarray, per_channel: torch.Tensor, targets: list[str], classes, channels, grid,
-                  forward: Forward, deleted: torch.Tensor, top_k: int, batch_size: int, device: str,
-                  aggregate: engine.Aggregate):
+                  aggregate: engine.Aggregate, forward: Forward, deleted: torch.Tensor, top_k: int, batch_size: int,
+                  device: str):
     """The record entry, columns and (N, columns) rows of one object kind."""
     labels_t = torch.from_numpy(lab.astype(np.int64))
     m = engine.measure(per_channel, labels_t)
@@ -233,7 +244,8 @@ def _deletion_probs(forward, x, labels_t, deletions, deleted, grid, batch_size: 
 def refresh_field(store_path: Path, well: str, index: int, x: torch.Tensor, grid: tiling.TileGrid,
                   forward: Forward, opts: PcimOptions, classes: tuple[str, ...], channels: tuple[str, ...], *,
                   label_files: Mapping[str, str], label_problems: Mapping[str, str], top_k: int,
-                  batch_size: int, device: str, objects_signature: str, format: str) -> dict[str, Any]:
+                  batch_size: int, device: str, objects_signature: str, format: str,
+                  aggregate: str = "mean-prob") -> dict[str, Any]:
     """Measure the objects of a done field again from the map in the store (no fit); its new record."""
     maps, _, record = store.read_field(store_path, well, index)
     if record is None:
@@ -241,7 +253,7 @@ def refresh_field(store_path: Path, well: str, index: int, x: torch.Tensor, grid
     found = measure_field(x, torch.from_numpy(maps), list(record["targets"]), classes, channels, grid, forward,
                           opts, label_files=label_files, label_problems=label_problems, top_k=top_k,
                           batch_size=batch_size, device=device, where=f"{well} site {record.get('site')}",
-                          objects_signature=objects_signature, format=format)
+                          objects_signature=objects_signature, format=format, aggregate=aggregate)
     record = found.update_record(dict(record))
     store.update_field(store_path, well, index, found.write, record)
     return record
