@@ -247,3 +247,23 @@ def test_object_patterns_resolve_against_the_yaml_folder(tmp_path: Path) -> None
 def test_bad_object_settings_are_reported_at_their_yaml_path(tmp_path: Path, objects, message) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(_yaml(tmp_path, objects))
+
+
+def test_object_deletions_are_predicted_like_the_field_for_every_model_aggregate() -> None:
+    from pcim_cli.engine import field as field_maps
+    from pcim_cli.run import objects as run_objects
+
+    x, labels = demo_field("A01_s1")
+    model = torch.jit.load(str(DEMO / "classifier.ts")).eval()
+    grid = tiling.plan_tiles((128, 128), (64, 64))
+    deleted = mixing.substrate(x[None], "mean", 8.0)[0]
+    ids = torch.unique(labels)[1:]
+    gone = torch.where(torch.isin(labels, ids[:2])[None], deleted, x)
+    for how in field_maps.AGGREGATES:
+        used_grid, aggregate = run_objects.prediction(grid, how)
+        assert used_grid.n_tiles == (1 if how == "whole-field" else 9)
+        base, after = engine.deletion_probs(model, x, labels, [ids[:2]], deleted, used_grid, aggregate=aggregate)
+        field_model = field_maps.TiledForward(model, grid, how)  # what the worker predicts fields with
+        with torch.no_grad():
+            assert torch.allclose(base, torch.softmax(field_model(x[None]), 1)[0], atol=1e-5), how
+            assert torch.allclose(after[0], torch.softmax(field_model(gone[None]), 1)[0], atol=1e-5), how
