@@ -148,7 +148,10 @@ def main(
 
 @app.command(epilog=EXIT_CODES_HELP)
 def explain(
-    plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml.")],
+    plate_yamls: Annotated[list[str], typer.Argument(metavar="PLATE_YAML...", help="The plate's plate.yaml; or "
+                                                     "several, quoted globs ('screen/*/plate.yaml', expanded by "
+                                                     "pcim) or a screen file (screen.yaml with plates:): a screen, "
+                                                     "run on one cluster.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set explain.steps=100 "
                                                    "(repeatable; beats PCIM_* environment variables).")] = None,
     only: Annotated[str | None, typer.Option("--only", help="Only these wells, e.g. --only A01,B03 (the CSV "
@@ -163,8 +166,11 @@ def explain(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail.")] = 0,
     log_file: Annotated[Path | None, typer.Option("--log-file", help="Also append detailed (debug) log lines "
                                                   "to this file.")] = None,
+    max_plates_in_flight: Annotated[int, typer.Option("--max-plates-in-flight", min=1, help="Screens: plates "
+                                                      "planned and locked at once (bounds the driver's memory).")] = 4,
 ) -> None:
-    """Fit PCIM maps for every field of a plate; write the OME-Zarr store and the CSV summary.
+    """Fit PCIM maps for every field of a plate (or of every plate of a screen); write each plate's
+    OME-Zarr store and CSV summary.
 
     A rerun continues where the last one stopped: fields already done with the same settings are
     skipped, fields whose settings or model changed are redone.
@@ -175,8 +181,14 @@ def explain(
 
     _setup_logging(verbose, quiet, log_file)
     try:
-        cfg = load_config(plate_yaml, set_ or ())
         choice = Rerun(force=force, retry_failed=retry_failed, only=_wells_option(only))
+        from pcim_cli import screen_cli
+
+        if screen_cli.is_screen(plate_yamls):
+            code = screen_cli.explain_screen(plate_yamls, set_ or (), choice, dry_run=dry_run, as_json=as_json,
+                                             quiet=quiet, fancy=fancy_terminal(), max_in_flight=max_plates_in_flight)
+            raise typer.Exit(code)
+        cfg = load_config(plate_yamls[0], set_ or ())
         if dry_run:
             _print_plan(explain_lib.plan(cfg, choice, write=False), as_json)
             raise typer.Exit(0)
@@ -324,14 +336,25 @@ def render(
 
 @app.command(epilog=EXIT_CODES_HELP)
 def status(
-    store_path: Annotated[Path, typer.Argument(metavar="OUT.zarr", help="A store written by pcim explain.")],
+    store_paths: Annotated[list[str], typer.Argument(metavar="OUT.zarr...", help="A store written by pcim "
+                                                     "explain; or several stores, plate.yaml files or a screen "
+                                                     "file: one row per plate.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON on stdout.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key of the plate configs, as for "
+                                                   "explain (where their stores are).")] = None,
 ) -> None:
-    """Done / failed / missing fields per well of a store; exit 0 when every field is done, else 3."""
+    """Done / failed / missing fields per well of a store (per plate of a screen); exit 0 when every field
+    is done, else 3."""
     from pcim_cli.report.status import store_status
 
     try:
-        report = store_status(store_path)
+        from pcim_cli import screen_cli
+
+        if not screen_cli.is_single_store(store_paths):
+            raise typer.Exit(screen_cli.status_screen(store_paths, set_ or (), as_json, fancy_terminal()))
+        report = store_status(Path(store_paths[0]))
+    except typer.Exit:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise _fail(exc) from None
     if as_json:

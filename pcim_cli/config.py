@@ -408,12 +408,20 @@ def _check_template(value: Any) -> Any:
 OutputPath = Annotated[ConfigPath, BeforeValidator(_check_template)]
 
 
+def _no_placeholder(value: Any) -> Any:
+    if isinstance(value, str) and "{" in value:
+        raise ValueError("one file for the whole screen: no {placeholders} (e.g. out/screen_pcim.csv)")
+    return value
+
+
 class OutputConfig(_Section):
     """`output:` — the OME-Zarr store and the CSV summary."""
 
     zarr: OutputPath = Field(Path("out/{plate}.zarr"), validate_default=True)
     csv: OutputPath = Field(Path("out/{plate}_pcim.csv"), validate_default=True)
     format: Literal["0.5", "0.4"] = "0.5"
+    #: one CSV for a whole screen: every plate's rows, rebuilt at the end of every run (pcim_cli/screen.py)
+    screen_csv: Annotated[ConfigPath, BeforeValidator(_no_placeholder)] | None = None
 
     @field_validator("format", mode="before")
     @classmethod
@@ -716,14 +724,27 @@ def load_config(
     Raises ConfigError naming the file and listing every problem as `<yaml.path>: <what is wrong>`.
     """
     path = Path(path).expanduser().absolute()
-    environ = os.environ if environ is None else environ
     data = _read_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with the sections "
                           f"{', '.join(RunConfig.model_fields)}, got {type(data).__name__}")
+    return config_from_data(data, path, overrides, environ)
 
+
+def config_from_data(
+    data: dict[str, Any],
+    path: Path,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+    where: str | None = None,
+    default_name: str | None = None,
+) -> RunConfig:
+    """Validate the sections read from `path` (relative paths resolve against its folder) with the
+    environment and `--set` overrides on top. `where` names the config in messages (default: the path);
+    `default_name` is plate.name when the sections give none (default: the file's stem)."""
+    environ = os.environ if environ is None else environ
     problems: list[str] = []
     origins: dict[str, str] = {}
     for keys, text, origin in _env_overrides(environ) + _cli_overrides(overrides, problems):
@@ -741,13 +762,37 @@ def load_config(
 
     config: RunConfig | None = None
     try:
-        config = RunConfig.model_validate(data, context={"base_dir": path.parent, "default_name": path.stem})
+        config = RunConfig.model_validate(data, context={"base_dir": path.parent,
+                                                         "default_name": default_name or path.stem})
     except ValidationError as exc:
         problems.extend(_with_origin(p, m, origins) for p, m in _format_problems(exc))
     if problems or config is None:
         listed = "\n".join(f"  {p}" for p in problems)
         noun = "problem" if len(problems) == 1 else "problems"
-        raise ConfigError(f"invalid configuration {path} ({len(problems)} {noun}):\n{listed}")
+        raise ConfigError(f"invalid configuration {where or path} ({len(problems)} {noun}):\n{listed}")
     config._config_path = path
     logger.debug("loaded %s (plate %s, %d override(s))", path, config.plate.name, len(origins))
     return config
+
+
+def _is_path(annotation: Any) -> bool:
+    """The annotation is (or holds) a ConfigPath: a path anchored at the YAML file's folder."""
+    if typing.get_origin(annotation) is Annotated:
+        if any(getattr(m, "func", None) is _resolve_path for m in annotation.__metadata__):
+            return True
+        return _is_path(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return any(_is_path(a) for a in typing.get_args(annotation))
+    return False
+
+
+def path_keys() -> list[tuple[str, str]]:
+    """(section, key) of every key whose value is a path relative to the YAML file (screen.py merges
+    sections read from different files by anchoring these first)."""
+    out = []
+    for section, info in RunConfig.model_fields.items():
+        model = _section_of(info.annotation)
+        if inspect.isclass(model):
+            out += [(section, key) for key, f in model.model_fields.items()
+                    if _is_path(f.annotation) or any(getattr(m, "func", None) is _resolve_path for m in f.metadata)]
+    return out

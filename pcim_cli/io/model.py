@@ -6,11 +6,12 @@ differentiated with respect to its input: x (B, C, H, W) float32 -> logits (B, K
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,9 @@ def load_model(
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist or is not a file: fix model.path")
     sha = file_sha256(path)
+    key = (str(path), sha, n_channels, input_size, device, probe_size)
+    if _SHARED is not None and key in _SHARED:
+        return _SHARED[key]
     try:
         module, kind = _load_module(path, device)
     except Exception as exc:  # torch raises RuntimeError, BadZipFile, pickling errors, …
@@ -138,7 +142,26 @@ def load_model(
         raise ModelError(f"model {path} returned a {out.dtype} tensor of shape {tuple(out.shape)} for {expected}")
     n_classes = int(out.shape[1])
     logger.info("loaded %s model %s (sha256 %s…, %d classes) on %s", kind, path, sha[:12], n_classes, device)
-    return LoadedModel(path=path, sha256=sha, kind=kind, module=module, n_classes=n_classes, device=device)
+    loaded = LoadedModel(path=path, sha256=sha, kind=kind, module=module, n_classes=n_classes, device=device)
+    if _SHARED is not None:
+        _SHARED[key] = loaded
+    return loaded
+
+
+#: models loaded and checked once for the plates of a screen (active inside `shared_models`)
+_SHARED: dict[tuple, LoadedModel] | None = None
+
+
+@contextlib.contextmanager
+def shared_models() -> Iterator[None]:
+    """Within this block, a model file loaded again (same contents, channels, size, device) is not loaded
+    and probed again: the plates of a screen share it."""
+    global _SHARED
+    previous, _SHARED = _SHARED, {}
+    try:
+        yield
+    finally:
+        _SHARED = previous
 
 
 def check_classes(loaded: LoadedModel, classes: Sequence[str] | None) -> list[str]:

@@ -69,3 +69,78 @@ def store_status(path: Path) -> StoreStatus:
                 status.missing += 1
         out.append(status)
     return StoreStatus(path, out, len(fingerprints), plate_record.get("last_run", {}))
+
+
+# ---------------------------------------------------------------- several plates: a screen
+
+
+#: the columns of a screen's status table, in order (stale / damaged where the store tells them)
+TOTALS = ("fields", "done", "failed", "missing", "stale", "damaged")
+
+
+@dataclass
+class PlateStatus:
+    """One plate of `pcim status` over several plates: its store's totals, or why there are none."""
+
+    plate: str
+    source: str  # the store, plate.yaml or screen entry it was named by
+    store: Path | None
+    totals: dict[str, int] = field(default_factory=dict)  # fields, done, failed, missing (+ stale, damaged)
+    problem: str | None = None  # invalid config, no store yet, not a pcim store
+
+    @property
+    def complete(self) -> bool:
+        t = self.totals
+        return self.problem is None and t.get("fields", 0) > 0 and not t.get("failed") and not t.get("missing")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"plate": self.plate, "source": self.source, "store": None if self.store is None else str(self.store),
+                "totals": self.totals, "complete": self.complete, "problem": self.problem}
+
+
+@dataclass
+class ScreenStatus:
+    plates: list[PlateStatus]
+
+    @property
+    def totals(self) -> dict[str, int]:
+        seen = {k for p in self.plates for k in p.totals}
+        keys = [k for k in TOTALS if k in seen] + sorted(seen - set(TOTALS))
+        return {k: sum(p.totals.get(k, 0) for p in self.plates) for k in keys}
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.plates and all(p.complete for p in self.plates) else EXIT_PARTIAL
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"plates": [p.as_dict() for p in self.plates], "totals": self.totals,
+                "complete": sum(p.complete for p in self.plates), "exit_code": self.exit_code}
+
+
+def screen_status(args: list[str], overrides: list[str] | tuple[str, ...] = ()) -> ScreenStatus:
+    """Status of every plate named by `args`: stores (folders), plate.yaml files, screen files, globs of
+    them. A plate.yaml's store is its output.zarr; an invalid config is a row with its problem."""
+    from pcim_cli.screen import expand_arguments, load_screen
+
+    plates: list[PlateStatus] = []
+    for path in expand_arguments(args):
+        if path.is_dir():
+            plates.append(_plate_status(path.name, str(path), path))
+            continue
+        for entry in load_screen([path], overrides).entries:
+            if entry.config is None:
+                plates.append(PlateStatus(entry.name, entry.source, None, problem=entry.problem))
+            else:
+                plates.append(_plate_status(entry.config.plate.name, entry.source, Path(entry.config.output.zarr)))
+    return ScreenStatus(plates)
+
+
+def _plate_status(name: str, source: str, path: Path) -> PlateStatus:
+    if not path.exists():
+        return PlateStatus(name, source, path, problem="no store yet (never run)")
+    try:
+        report = store_status(path)
+    except InputDataError as exc:
+        return PlateStatus(name, source, path, problem=str(exc))
+    plate_name = str(store.read_plate_record(path).get("plate") or name)
+    return PlateStatus(plate_name, source, path, totals=report.totals)

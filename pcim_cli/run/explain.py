@@ -296,37 +296,75 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None, write: bool = True) 
     return Plan(fields, tasks, rows, problems, layout, model, print_fp, refresh)
 
 
+@dataclass
+class OpenPlate:
+    """A plate of a run between `open_plate` and `finish_plate`: its lock held, its wells planned."""
+
+    cfg: RunConfig
+    plan: Plan
+    lock: RunLock
+
+    def release(self) -> None:
+        """Give the run lock back (finish_plate does; call it when the run fails in between)."""
+        self.lock.__exit__(None, None, None)
+
+
+def open_plate(cfg: RunConfig, choice: rerun.Rerun | None = None) -> OpenPlate:
+    """Take the store's run lock and plan the plate (creating its store skeleton). A held lock raises
+    TemporaryFailure (75), as every planning error does with the lock given back."""
+    store_path = Path(cfg.output.zarr)
+    lock = RunLock(store_path).__enter__()
+    try:
+        p = plan(cfg, choice)
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
+    counts = p.counts
+    logger.info("%s: %d fields to fit (%d new, %d redone), %d already done, %d failed before; %d wells -> %s",
+                cfg.plate.name, counts["run"] + counts["redo"], counts["run"], counts["redo"], counts["done"],
+                counts["failed"], len(p.tasks), store_path)
+    if counts["objects"]:
+        logger.info("%d done fields get their object tables (re)made from their maps (labels or "
+                    "explain.top_objects changed)", counts["objects"])
+    return OpenPlate(cfg, p, lock)
+
+
+def finish_plate(opened: OpenPlate, rows: list[dict], interrupted: bool) -> RunResult:
+    """The plate's rows are all in (or the run was interrupted): write its plate record, rebuild its CSV
+    and object tables from the store, give the lock back."""
+    cfg, p = opened.cfg, opened.plan
+    store_path, csv_path = Path(cfg.output.zarr), Path(cfg.output.csv)
+    try:
+        table, ledger = collect(cfg, p, rows)
+        record = {"failed": ledger, "last_run": {
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S%z"), "fingerprint": p.fingerprint,
+            "pcim_version": __version__, "interrupted": interrupted}}
+        store.write_plate_record(store_path, record)
+        summary.write_csv_atomic(table, csv_path)
+        object_csvs, object_failures = objects.write_tables(store_path, cfg.plate.name, csv_path,
+                                                            list(cfg.plate.objects or {}), table)
+    finally:
+        opened.release()
+    fitted = sum(1 for r in rows if r["status"] == "done" and r["zarr_path"] not in p.objects_refresh)
+    return RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
+                     interrupted=interrupted, object_csvs=object_csvs, object_failures=object_failures)
+
+
 def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None,
         choice: rerun.Rerun | None = None, on_start: Callable[[int], None] | None = None) -> RunResult:
     """Explain every field that needs it under the store's run lock; rebuild the CSV from the store.
 
     `on_start` is told how many wells will be explained, `on_well` about each one as it finishes.
     """
-    store_path, csv_path = Path(cfg.output.zarr), Path(cfg.output.csv)
-    with RunLock(store_path):
-        p = plan(cfg, choice)
-        counts = p.counts
-        logger.info("%d fields to fit (%d new, %d redone), %d already done, %d failed before; %d wells -> %s",
-                    counts["run"] + counts["redo"], counts["run"], counts["redo"], counts["done"],
-                    counts["failed"], len(p.tasks), store_path)
-        if counts["objects"]:
-            logger.info("%d done fields get their object tables (re)made from their maps (labels or "
-                        "explain.top_objects changed)", counts["objects"])
+    opened = open_plate(cfg, choice)
+    try:
         if on_start is not None:
-            on_start(len(p.tasks))
-        dispatch = scheduler.run_wells(p.tasks, cfg.compute, on_well)
-        table, ledger = collect(cfg, p, dispatch.rows)
-        record = {"failed": ledger, "last_run": {
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S%z"), "fingerprint": p.fingerprint,
-            "pcim_version": __version__, "interrupted": dispatch.interrupted}}
-        store.write_plate_record(store_path, record)
-        summary.write_csv_atomic(table, csv_path)
-        object_csvs, object_failures = objects.write_tables(store_path, cfg.plate.name, csv_path,
-                                                            list(cfg.plate.objects or {}), table)
-    fitted = sum(1 for r in dispatch.rows if r["status"] == "done" and r["zarr_path"] not in p.objects_refresh)
-    result = RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
-                       interrupted=dispatch.interrupted, object_csvs=object_csvs, object_failures=object_failures)
-    return result
+            on_start(len(opened.plan.tasks))
+        dispatch = scheduler.run_wells(opened.plan.tasks, cfg.compute, on_well)
+    except BaseException:
+        opened.release()
+        raise
+    return finish_plate(opened, dispatch.rows, dispatch.interrupted)
 
 
 def fit_advice(result: RunResult, cfg: RunConfig) -> str | None:

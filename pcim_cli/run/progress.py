@@ -148,3 +148,40 @@ class WellProgress:
             if isinstance(handler, RichHandler):
                 self._swapped.append((handler, handler.console))
                 handler.console = console
+
+
+class ScreenProgress(WellProgress):
+    """Progress of a screen: one bar (or plain line) over the wells of every plate planned so far, and a
+    line per plate as it completes. Plates are planned as they are reached, so the total grows (`add`);
+    the ETA is the measured wells/min applied to the wells planned so far."""
+
+    def __init__(self, fancy: bool, quiet: bool = False, plates: int = 0, every_s: float = EVERY_S):
+        super().__init__(fancy, quiet, every_s)
+        self.plates = plates
+        self.plates_done = 0
+
+    def start(self, total: int = 0) -> None:
+        self.counter = WellCounter(total)
+        self._last_line = time.monotonic()
+
+    def add(self, wells: int) -> None:
+        """A plate with `wells` wells to explain was planned."""
+        if not wells:
+            return
+        self.counter.total += wells
+        if self.quiet:
+            return
+        if self.fancy and self._bar is None:
+            self._start_bar(self.counter.total)
+        elif self._bar is not None:
+            self._bar.update(self._bar_task, total=self.counter.total)
+
+    def plate_finished(self, name: str, text: str, level: int = logging.INFO) -> None:
+        """Plate `name` is complete (or could not run): one line saying how it went."""
+        self.plates_done += 1
+        logger.log(level, "plate %s (%d/%d): %s", name, self.plates_done, self.plates, text)
+
+    def _log_line(self, now: float) -> None:
+        self._last_line = now
+        self._logged = self.counter.done
+        logger.info("plates %d/%d done; %s", self.plates_done, self.plates, self.counter.line(now))

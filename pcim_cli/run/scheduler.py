@@ -21,6 +21,7 @@ stop dispatching: running wells get `grace_seconds()` to finish, then the result
 from __future__ import annotations
 
 import _thread
+import collections
 import contextlib
 import logging
 import os
@@ -43,6 +44,8 @@ from pcim_cli.run.worker import WellTask, explain_well, failed_row
 logger = logging.getLogger(__name__)
 
 OnWell = Callable[[str, list[dict[str, Any]]], None]
+#: more wells to explain, asked for at the start and after each finished well (run_stream)
+Feed = Callable[[], Sequence[WellTask]]
 
 #: seconds running wells get to finish after SIGTERM / SIGINT (environment variable overrides)
 GRACE_ENV = "PCIM_GRACE_SECONDS"
@@ -83,14 +86,30 @@ def grace_seconds() -> float:
 
 def run_wells(tasks: Sequence[WellTask], compute: ComputeConfig, on_well: OnWell | None = None) -> Dispatch:
     """Explain every task where `compute` says; each finished well's rows go to `on_well` and into the result."""
+    handed = [False]
+
+    def once() -> list[WellTask]:
+        first = [] if handed[0] else list(tasks)
+        handed[0] = True
+        return first
+
+    return run_stream(compute, once, on_well)
+
+
+def run_stream(compute: ComputeConfig, feed: Feed, on_well: OnWell | None = None) -> Dispatch:
+    """Explain the wells `feed` hands out, on one cluster: it is called once at the start and again after
+    every finished well, and returns the wells to add (none: nothing more for now). The run ends when no
+    well is left and `feed` has none; no cluster is started when its first answer is none. A screen
+    feeds plate after plate through here, so workers never wait between plates."""
     grace = grace_seconds()
-    if not tasks:
+    first = list(feed())
+    if not first:
         return Dispatch()
     if compute.cluster == "none":
         with _StopSignals(grace, raise_on_force=True) as stop:
-            return _run_in_process(tasks, on_well, stop)
-    with _client(compute, len(tasks)) as (client, opts), _StopSignals(grace, raise_on_force=False) as stop:
-        return _run_on_cluster(client, tasks, opts, on_well, stop)
+            return _run_in_process(first, feed, on_well, stop)
+    with _client(compute, len(first)) as (client, opts), _StopSignals(grace, raise_on_force=False) as stop:
+        return _run_on_cluster(client, first, feed, opts, on_well, stop)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,13 +182,17 @@ class _StopSignals:
 # compute.cluster: none
 
 
-def _run_in_process(tasks: Sequence[WellTask], on_well: OnWell | None, stop: _StopSignals) -> Dispatch:
+def _run_in_process(tasks: Sequence[WellTask], feed: Feed, on_well: OnWell | None, stop: _StopSignals) -> Dispatch:
     out = Dispatch()
+    queue = collections.deque(tasks)
     try:
-        for task in tasks:
+        while queue:
             if stop.requested:
                 break
+            task = queue.popleft()
             _report(out, task, _explain_guarded(task), on_well)
+            if not stop.requested:
+                queue.extend(feed())
     except KeyboardInterrupt:
         if not stop.requested:
             raise
@@ -449,19 +472,23 @@ def _dashboard() -> str:
 # dispatch on a Dask cluster
 
 
-def _run_on_cluster(client: Any, tasks: Sequence[WellTask], opts: WorkerOptions, on_well: OnWell | None,
-                    stop: _StopSignals) -> Dispatch:
-    """Submit one future per well; collect as they finish; on a stop signal let the running ones finish."""
+def _run_on_cluster(client: Any, tasks: Sequence[WellTask], feed: Feed, opts: WorkerOptions,
+                    on_well: OnWell | None, stop: _StopSignals) -> Dispatch:
+    """Submit one future per well (more as `feed` hands them out); collect as they finish; on a stop
+    signal let the running ones finish."""
     from distributed import wait
 
     run_id = uuid.uuid4().hex[:8]
-    futures = {
-        client.submit(explain_on_worker, task.model_dump(), opts, key=f"pcim-{task.well}-{run_id}",
-                      pure=False, resources=opts.resources): task
-        for task in tasks
-    }
+    futures: dict[Any, WellTask] = {}
+
+    def submit(more: Sequence[WellTask]) -> set[Any]:
+        new = {client.submit(explain_on_worker, task.model_dump(), opts, key=f"pcim-{task.plate}-{task.well}-{run_id}",
+                             pure=False, resources=opts.resources): task for task in more}
+        futures.update(new)
+        return set(new)
+
     out = Dispatch()
-    pending = set(futures)
+    pending = submit(tasks)
     stopping = False
     while pending:
         try:
@@ -475,6 +502,8 @@ def _run_on_cluster(client: Any, tasks: Sequence[WellTask], opts: WorkerOptions,
                 out.interrupted = True
                 continue
             _report(out, futures[fut], rows, on_well)
+        if done and not stop.requested:
+            pending |= submit(feed())
         if stop.requested and not stopping:
             stopping = True
             pending = _keep_running(client, pending)

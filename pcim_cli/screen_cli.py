@@ -1,0 +1,124 @@
+"""What `pcim explain` and `pcim status` print for a screen (several plates); cli.py dispatches here.
+
+Like cli.py, this only calls one library function (run/screen.run_screen, report/status.screen_status)
+and turns its result into lines, JSON and an exit code.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import typer
+
+from pcim_cli.run.rerun import Rerun
+
+
+def is_screen(args: Sequence[str]) -> bool:
+    """Several arguments, a glob, or a screen file: the screen path of `pcim explain`."""
+    from pcim_cli.screen import is_screen_file
+
+    if len(args) != 1:
+        return True
+    path = Path(args[0]).expanduser()
+    if not path.exists() and glob.has_magic(args[0]):
+        return True
+    return path.is_file() and is_screen_file(path)
+
+
+def is_single_store(args: Sequence[str]) -> bool:
+    """One argument that is a store folder (or names nothing at all): the single-store `pcim status`."""
+    if len(args) != 1:
+        return False
+    path = Path(args[0]).expanduser()
+    return path.is_dir() or (not path.exists() and not glob.has_magic(args[0]))
+
+
+def explain_screen(args: Sequence[str], overrides: Sequence[str], choice: Rerun, dry_run: bool, as_json: bool,
+                   quiet: bool, fancy: bool, max_in_flight: int) -> int:
+    """`pcim explain` over several plates; returns the exit code."""
+    from pcim_cli.run.progress import ScreenProgress
+    from pcim_cli.run.screen import run_screen
+    from pcim_cli.screen import load_screen
+
+    screen = load_screen(args, overrides)
+    if dry_run:
+        return _dry_run(screen, choice, as_json)
+    with ScreenProgress(fancy=fancy, quiet=quiet, plates=len(screen.entries)) as progress:
+        result = run_screen(screen, choice, max_in_flight=max_in_flight, progress=progress)
+    counts = result.counts
+    code = result.exit_code
+    complete = sum(p.exit_code == 0 for p in result.plates)
+    line = (f"screen: {len(result.plates)} plates, {complete} complete; {counts['done']} maps done "
+            f"({result.fitted} fitted by this run), {counts['failed']} failed, {counts['skipped']} not run; "
+            f"exit {code}" + (f"; screen csv {result.screen_csv}" if result.screen_csv else ""))
+    if code or not quiet:
+        typer.echo(line, err=True)
+    for p in result.plates:
+        if p.exit_code == 0:
+            continue
+        typer.echo(f"  plate {p.name}: exit {p.exit_code}: "
+                   + (p.error or f"{len(p.result.failed) if p.result else 0} field(s) failed"), err=True)
+        for f in (p.result.failed if p.result else [])[:20]:
+            typer.echo(f"    failed {f['well']} site {f['site']}: {f['error']}", err=True)
+    if as_json:
+        status = {0: "ok", 3: "partial", 75: "interrupted"}.get(code, "failed")
+        doc = {"status": status, "exit_code": code, "counts": counts, "fitted": result.fitted,
+               "screen_csv": None if result.screen_csv is None else str(result.screen_csv),
+               "plates": [p.as_dict() for p in result.plates]}
+        typer.echo(json.dumps(doc, default=str))
+    return code
+
+
+def _dry_run(screen, choice: Rerun, as_json: bool) -> int:
+    """--dry-run over a screen: each plate's plan (nothing written)."""
+    from pcim_cli.errors import PcimError
+    from pcim_cli.run import explain as explain_lib
+
+    docs = []
+    for entry in screen.entries:
+        doc: dict = {"plate": entry.name, "source": entry.source}
+        if entry.config is None:
+            doc["error"] = entry.problem
+        else:
+            try:
+                p = explain_lib.plan(entry.config, choice, write=False)
+                doc.update(counts=p.counts, wells=len(p.tasks))
+            except PcimError as exc:
+                doc["error"] = str(exc)
+        docs.append(doc)
+        if not as_json:
+            if "error" in doc:
+                typer.echo(f"plate {doc['plate']}: not run: {doc['error']}")
+            else:
+                c = doc["counts"]
+                typer.echo(f"plate {doc['plate']}: would fit {c['run'] + c['redo']} fields in {doc['wells']} wells "
+                           f"({c['run']} new, {c['redo']} redone); {c['done']} already done; {c['failed']} failed "
+                           f"before; {c['unusable']} unusable")
+    if as_json:
+        typer.echo(json.dumps({"plates": docs}, default=str))
+    return 0
+
+
+def status_screen(args: Sequence[str], overrides: Sequence[str], as_json: bool, fancy: bool) -> int:
+    """`pcim status` over several plates: one row per plate; returns the exit code."""
+    from pcim_cli.report.status import screen_status
+
+    report = screen_status(list(args), list(overrides))
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), default=str))
+        return report.exit_code
+    from rich.console import Console
+    from rich.table import Table
+
+    totals = report.totals
+    columns = [k for k in totals]
+    table = Table("plate", *columns, "complete", "store / problem", title=f"{len(report.plates)} plates")
+    for p in report.plates:
+        where = p.problem.splitlines()[0][:100] if p.problem else str(p.store)
+        table.add_row(p.plate, *(str(p.totals.get(k, "")) for k in columns), "yes" if p.complete else "no", where)
+    table.add_row("all", *(str(totals[k]) for k in columns), f"{sum(p.complete for p in report.plates)}", "")
+    Console(no_color=not fancy, width=None if fancy else 160).print(table)
+    return report.exit_code
