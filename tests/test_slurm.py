@@ -6,6 +6,7 @@ skipped otherwise. Run with `pytest -m slurm`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -91,3 +92,28 @@ def test_pcim_submits_its_own_slurm_worker_jobs(tmp_path) -> None:
     assert "submitted 1 SLURM worker job(s)" in proc.stderr
     check_outputs(tmp_path)
     assert list(tmp_path.glob("slurm-*.out"))  # the worker job ran (its log lands in the working directory)
+
+
+def test_a_two_plate_screen_runs_on_its_own_slurm_worker_jobs(tmp_path) -> None:
+    """`pcim explain screen.yaml` with cluster: slurm: the wells of both plates on one set of worker jobs."""
+    shared = {"model": {"path": str(DEMO / "classifier.ts"), "classes": ["negative", "mitotic"]},
+              "explain": {"steps": 10},
+              "compute": {"cluster": "slurm", "slurm": {"cores": 1, "memory": "2GB", "gpus": 0, "jobs": 1,
+                                                        "walltime": "00:10:00"}},
+              "output": {"zarr": "out/{plate}.zarr", "csv": "out/{plate}.csv", "screen_csv": "out/screen.csv"},
+              "plates": [{"plate": {"name": name, "images": str(DEMO / "images"), "wells": [well],
+                                    "channels": {"DNA": "1", "PH3": "2", "Actin": "3"}}}
+                         for name, well in (("S1", "A01"), ("S2", "B02"))]}
+    (tmp_path / "screen.yaml").write_text(json.dumps(shared))  # JSON is YAML
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*PCIM, "explain", "screen.yaml"], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("submitted 1 SLURM worker job(s)") == 1  # one cluster for both plates
+    table = pd.read_csv(tmp_path / "out" / "screen.csv")
+    assert list(table["Metadata_Plate"].unique()) == ["S1", "S2"] and len(table) == 4
+    assert (table["PCIM_Status"] == "done").all(), table[["Metadata_Plate", "PCIM_Status", "PCIM_Error"]]
+    for row in table.itertuples():
+        index = int(row.PCIM_ZarrPath.rsplit("/", 1)[1])
+        _, _, record = store.read_field(tmp_path / "out" / f"{row.Metadata_Plate}.zarr", row.Metadata_Well, index)
+        assert record is not None and record["status"] == "done"
