@@ -1,6 +1,6 @@
 """How fast is pcim on the machine at hand? One run, ratios measured within it.
 
-    .venv/bin/python benchmarks/bench.py [--quick] [--only bound,batch,baselines,tiled,demo,workers]
+    .venv/bin/python benchmarks/bench.py [--quick] [--only bound,batch,baselines,tiled,demo,workers,screens]
     .venv/bin/python benchmarks/bench.py --only early-stopping [--n 12]   # the patience study (slow)
 
 Sections (one torch thread, OMP_NUM_THREADS=1, so figures from a busy shared machine stay comparable):
@@ -18,6 +18,8 @@ Sections (one torch thread, OMP_NUM_THREADS=1, so figures from a busy shared mac
              shipped settings: fields per minute and the share of wall time reading TIFFs, fitting,
              writing the store
   workers    benchmarks/bench_workers.py (wells/min with 1 vs 2 local Dask workers), when it exists
+  screens    benchmarks/bench_screens.py: two plates in one command vs two commands (wall-time ratio on a
+             2-worker local cluster), and the no-op rerun of 20 complete plates (seconds, cluster started?)
   objects    plate.objects: the demo wells of `demo` with and without their nuclei tables (wall time
              ratio, and the object seconds the records hold), and one dense 512x512 field of the demo
              generator (~200 nuclei, untiled) at the shipped settings: the share of its time spent on
@@ -53,7 +55,7 @@ from pcim_cli.engine.pcim import FastForward, PcimOptions, fit_pcim  # noqa: E40
 
 DEMO = ROOT / "sample_plates" / "demo"
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("bound", "batch", "levers", "baselines", "tiled", "demo", "workers", "objects")
+SECTIONS = ("bound", "batch", "levers", "baselines", "tiled", "demo", "workers", "objects", "screens")
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -329,10 +331,11 @@ def bench_objects(wells: list[str], dense_size: int = 512) -> dict:
     return out
 
 
-def bench_workers() -> dict:
-    script = ROOT / "benchmarks" / "bench_workers.py"
+def bench_workers(name: str = "bench_workers.py") -> dict:
+    """Run benchmarks/`name` (its own JSON document on stdout)."""
+    script = ROOT / "benchmarks" / name
     if not script.exists():
-        return {"skipped": "benchmarks/bench_workers.py does not exist"}
+        return {"skipped": f"benchmarks/{name} does not exist"}
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     result: dict = {"returncode": proc.returncode, "output": proc.stdout[-4000:]}
@@ -479,12 +482,16 @@ def main() -> None:
         res["workers"] = bench_workers()
     if "objects" in only:
         res["objects"] = bench_objects(["A01"] if q else ["A01", "A02", "B01", "B02"], 256 if q else 512)
+    if "screens" in only:
+        res["screens"] = bench_workers("bench_screens.py")
     res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench.json").write_text(json.dumps(res, indent=1))
     print(table(res))
     if "workers" in res:
         print("\nbench_workers.py:", res["workers"].get("output") or res["workers"])
+    if "screens" in res:
+        print("\nbench_screens.py:", res["screens"].get("output") or res["screens"])
     print(f"\nmachine: {res['machine']}; written to {RESULTS / 'bench.json'}")
 
 
