@@ -65,6 +65,7 @@ output:
   zarr: out/{{plate}}.zarr          # OME-Zarr HCS store of the maps
   csv: out/{{plate}}_pcim.csv       # one row per (well, field, target)
   format: "0.5"                     # OME-NGFF 0.5 (Zarr v3) or "0.4" (Zarr v2)
+  screen_csv: null                  # several plates in one command: every plate's rows in one CSV
 """
 
 
