@@ -178,6 +178,11 @@ def test_screen_file_with_overrides_and_relative_paths_from_another_directory(tm
     status = run_pcim("status", str(screen), "--json", cwd=elsewhere)  # before any run: nothing complete
     assert status.returncode == 3 and all(not p["complete"] for p in json.loads(status.stdout)["plates"])
 
+    dry = run_pcim("explain", str(screen), "--dry-run", "--json", cwd=elsewhere)  # writes nothing
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert [p["counts"]["run"] for p in json.loads(dry.stdout)["plates"]] == [2 * len(w) for w in PLATES.values()]
+    assert not (tmp_path / "site" / "results").exists()
+
     proc = run_pcim("explain", str(screen), cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = tmp_path / "site" / "results"
@@ -227,3 +232,27 @@ def test_screen_loader_precedence_duplicates_and_the_exit_code_order(tmp_path: P
     assert combine_exit_codes([0, 0]) == 0 and combine_exit_codes([1, 78]) == 1
     with pytest.raises(Exception, match="no file matches"):
         load_screen([str(tmp_path / "nothing-*" / "plate.yaml")])
+
+
+def test_sigterm_mid_screen_records_the_open_plate_and_leaves_the_unopened_ones_untouched(tmp_path: Path) -> None:
+    plates = _make_plates(tmp_path, steps=150, compute={"batch_size": 1})
+    zarr_a = plates["PA"].parent / "out" / "PA.zarr"
+    proc = start_pcim("explain", *map(str, plates.values()), "--max-plates-in-flight", "1", "--json",
+                      PCIM_GRACE_SECONDS="30")
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if zarr_a.exists() and store.read_record(zarr_a, "A01", 0) is not None:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    doc = json.loads(out)
+    assert {p["plate"]: p["exit_code"] for p in doc["plates"]} == {"PA": 75, "PB": 75, "PC": 75}
+    assert "not run (interrupted)" in err
+    df = pd.read_csv(plates["PA"].parent / "out" / "PA.csv")  # the open plate: what was done is recorded
+    assert len(df) == 2 * len(PLATES["PA"]) and (df["PCIM_Status"] == "done").any()
+    assert (df["PCIM_Status"] == "skipped").any()
+    assert not (zarr_a / LOCK_NAME).exists()
+    for name in ("PB", "PC"):  # one plate in flight: the others were never opened, nothing written
+        assert not (plates[name].parent / "out").exists()
