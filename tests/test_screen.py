@@ -256,3 +256,21 @@ def test_sigterm_mid_screen_records_the_open_plate_and_leaves_the_unopened_ones_
     assert not (zarr_a / LOCK_NAME).exists()
     for name in ("PB", "PC"):  # one plate in flight: the others were never opened, nothing written
         assert not (plates[name].parent / "out").exists()
+
+
+def test_screen_progress_counts_plates_and_grows_its_total_as_plates_are_planned(caplog) -> None:
+    from pcim_cli.run.progress import ScreenProgress
+
+    caplog.set_level("INFO", logger="pcim_cli")
+    with ScreenProgress(fancy=False, plates=2, every_s=0) as progress:
+        progress.start()
+        progress.add(2)
+        progress.on_well("A01", [{"site": 1, "status": "done"}])
+        progress.on_well("A02", [{"site": 1, "status": "failed"}])
+        progress.plate_finished("P1", "2 maps done")
+        progress.add(1)
+        assert progress.counter.total == 3
+        progress.on_well("B01", [{"site": 1, "status": "done"}])
+    lines = [r.getMessage() for r in caplog.records]
+    assert "plate P1 (1/2): 2 maps done" in lines
+    assert any(line.startswith("plates 1/2 done; wells 3/3 done, 1 failed, ETA") for line in lines)
