@@ -1,7 +1,9 @@
 """Where the wells run: in-process, on a local Dask cluster, an existing scheduler, or SLURM.
 
-`run_wells` is the one entry point the driver uses: tasks in, summary rows out (each well's rows
-reported through `on_well` as it finishes). The unit of work is one well (`worker.explain_well`).
+`run_wells` is the entry point of a plate's run: tasks in, summary rows out (each well's rows
+reported through `on_well` as it finishes); `run_stream` is the same with the wells handed out as it
+goes (a screen's plates, one after the other, on one cluster). The unit of work is one well
+(`worker.explain_well`).
 
 - ``compute.cluster: none``: one well after the other in this process.
 - ``local``: a `distributed.LocalCluster` of worker *processes*, one thread each: one per visible GPU
