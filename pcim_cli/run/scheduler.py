@@ -14,14 +14,17 @@ reported through `on_well` as it finishes). The unit of work is one well (`worke
 Faults: a well whose task raises becomes failed rows (one per field) with the message; the run goes
 on. A worker process that dies has its wells rerun elsewhere; a well that kills
 ``distributed.scheduler.allowed-failures`` + 1 workers (KilledWorker) is marked failed. SIGTERM / SIGINT
-stop dispatching: running wells get `grace_seconds()` to finish, then the result says
-``interrupted`` with the rows done (a second signal stops at once).
+(`StopSignals`, installed by the driver for the whole run, planning included) stop dispatching: running
+wells get `grace_seconds()` to finish, then the result says ``interrupted`` with the rows done (a second
+signal stops at once). `check_compute` checks the settings a run needs (the grace period, the scheduler
+file) before anything is written.
 """
 
 from __future__ import annotations
 
 import _thread
 import contextlib
+import json
 import logging
 import os
 import re
@@ -36,8 +39,8 @@ from typing import Any
 
 from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 
-from pcim_cli.config import ComputeConfig
-from pcim_cli.errors import ConfigError, TemporaryFailure
+from pcim_cli.config import DASK_ADDRESS, ComputeConfig
+from pcim_cli.errors import ConfigError, TemporaryFailure, short
 from pcim_cli.run.worker import WellTask, explain_well, failed_row
 
 logger = logging.getLogger(__name__)
@@ -81,30 +84,87 @@ def grace_seconds() -> float:
     return value
 
 
-def run_wells(tasks: Sequence[WellTask], compute: ComputeConfig, on_well: OnWell | None = None) -> Dispatch:
-    """Explain every task where `compute` says; each finished well's rows go to `on_well` and into the result."""
-    grace = grace_seconds()
-    if not tasks:
-        return Dispatch()
+def check_compute(compute: ComputeConfig) -> None:
+    """What can be checked before a run writes anything: the grace period and the scheduler file.
+
+    A scheduler file that does not exist yet, or is empty (the scheduler is still writing it), is a
+    TemporaryFailure (retry later); one that is not what `dask scheduler --scheduler-file` writes is a
+    ConfigError naming compute.scheduler_file.
+    """
+    grace_seconds()
+    if compute.cluster == "scheduler-file" and compute.scheduler_file is not None:
+        _read_scheduler_file(compute.scheduler_file)
+
+
+def _read_scheduler_file(path: Any) -> str:
+    """The scheduler address in a Dask scheduler file, checked."""
+    fix = (f"point compute.scheduler_file at the JSON file that `dask scheduler --scheduler-file {path}` "
+           "writes")
+    if not path.is_file():
+        raise TemporaryFailure(f"scheduler file {path} does not exist (yet): start "
+                               f"`dask scheduler --scheduler-file {path}` first, then retry")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"compute.scheduler_file: cannot read {path} ({exc}); {fix}") from None
+    if not text.strip():
+        raise TemporaryFailure(f"scheduler file {path} is empty: the scheduler may still be writing it; retry")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"compute.scheduler_file: {path} is not a Dask scheduler file (not JSON: starts "
+                          f"{short(text[:40])}); {fix}") from None
+    address = doc.get("address") if isinstance(doc, dict) else None
+    if not isinstance(address, str) or not DASK_ADDRESS.fullmatch(address):
+        raise ConfigError(f"compute.scheduler_file: {path} holds no scheduler address (its 'address' is "
+                          f"{short(address)}); {fix}")
+    return address
+
+
+def run_wells(tasks: Sequence[WellTask], compute: ComputeConfig, on_well: OnWell | None = None,
+              stop: StopSignals | None = None) -> Dispatch:
+    """Explain every task where `compute` says; each finished well's rows go to `on_well` and into the result.
+
+    `stop`: the driver's signal handlers (installed here for the dispatch when None).
+    """
+    if stop is None:
+        with StopSignals(grace_seconds()) as own:
+            return run_wells(tasks, compute, on_well, own)
+    if not tasks or stop.requested:
+        return Dispatch(interrupted=stop.requested)
     if compute.cluster == "none":
-        with _StopSignals(grace, raise_on_force=True) as stop:
-            return _run_in_process(tasks, on_well, stop)
-    with _client(compute, len(tasks)) as (client, opts), _StopSignals(grace, raise_on_force=False) as stop:
-        return _run_on_cluster(client, tasks, opts, on_well, stop)
+        return _run_in_process(tasks, on_well, stop)
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(stop.deferred())  # left last: polling and closing the cluster are not interrupted
+            stop.raise_on_force = True  # ... but a second signal while the cluster starts stops at once
+            client, opts = stack.enter_context(_client(compute, len(tasks)))
+            stop.raise_on_force = False
+            if stop.requested:  # a signal while the cluster started: nothing is sent to it
+                logger.warning("stopping before any well was sent to the cluster")
+                return Dispatch(interrupted=True)
+            return _run_on_cluster(client, tasks, opts, on_well, stop)
+    except Exception as exc:  # noqa: BLE001 - e.g. worker processes killed by the same Ctrl-C while starting
+        if not stop.requested:
+            raise
+        logger.warning("stopped while the cluster started (%s: %s)", type(exc).__name__, exc)
+        return Dispatch(interrupted=True)
 
 
 # --------------------------------------------------------------------------------------------------
 # stop signals
 
 
-class _StopSignals:
+class StopSignals:
     """SIGTERM / SIGINT: the first asks for a graceful stop, a second one (or the grace period) forces it.
 
-    In-process runs (`raise_on_force`) are stopped by a KeyboardInterrupt in the main thread; cluster
-    runs poll `requested` / `forced`. Handlers are installed only in the main thread, and restored after.
+    The driver installs it for a whole run. While `raise_on_force` (planning, in-process fits, starting a
+    cluster) a forced stop is a KeyboardInterrupt in the main thread; inside `deferred()` (polling a
+    cluster, writing the CSV) it only sets `forced`, which the code there looks at. Handlers are installed
+    only in the main thread, and restored after.
     """
 
-    def __init__(self, grace: float, raise_on_force: bool):
+    def __init__(self, grace: float, raise_on_force: bool = True):
         self.grace = grace
         self.raise_on_force = raise_on_force
         self.requested_at: float | None = None
@@ -121,7 +181,7 @@ class _StopSignals:
     def overdue(self) -> bool:
         return self.forced or (self.requested_at is not None and time.monotonic() - self.requested_at > self.grace)
 
-    def __enter__(self) -> _StopSignals:
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -137,9 +197,19 @@ class _StopSignals:
         if self._timer is not None:
             self._timer.cancel()
 
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Signals inside only set `requested` / `forced`: no KeyboardInterrupt while the code there runs."""
+        previous, self.raise_on_force = self.raise_on_force, False
+        try:
+            yield
+        finally:
+            self.raise_on_force = previous
+
     def _grace_over(self) -> None:
         self._expired = True
-        _thread.interrupt_main()  # runs _handle (SIGINT) in the main thread
+        if self.raise_on_force:
+            _thread.interrupt_main()  # runs _handle (SIGINT) in the main thread
 
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
@@ -147,10 +217,9 @@ class _StopSignals:
             self.requested_at = time.monotonic()
             logger.warning("%s: no new wells; running wells get up to %.0f s to finish (%s to change; "
                            "send the signal again to stop now)", name, self.grace, GRACE_ENV)
-            if self.raise_on_force:
-                self._timer = threading.Timer(self.grace, self._grace_over)
-                self._timer.daemon = True
-                self._timer.start()
+            self._timer = threading.Timer(self.grace, self._grace_over)
+            self._timer.daemon = True
+            self._timer.start()
             return
         if not self.forced:
             logger.warning("%s: stopping now", "grace period over" if self._expired else f"{name} again")
@@ -163,7 +232,7 @@ class _StopSignals:
 # compute.cluster: none
 
 
-def _run_in_process(tasks: Sequence[WellTask], on_well: OnWell | None, stop: _StopSignals) -> Dispatch:
+def _run_in_process(tasks: Sequence[WellTask], on_well: OnWell | None, stop: StopSignals) -> Dispatch:
     out = Dispatch()
     try:
         for task in tasks:
@@ -174,8 +243,6 @@ def _run_in_process(tasks: Sequence[WellTask], on_well: OnWell | None, stop: _St
         if not stop.requested:
             raise
         logger.warning("stopped in the middle of a well; its fields stay incomplete in the store")
-    finally:
-        stop.disarm()
     out.interrupted = stop.requested
     return out
 
@@ -346,9 +413,7 @@ def _scheduler_of(compute: ComputeConfig) -> dict[str, Any]:
     if compute.scheduler_file is None:
         raise ConfigError("compute.cluster: scheduler-file needs compute.scheduler_file, the JSON file "
                           "written by `dask scheduler --scheduler-file PATH`")
-    if not compute.scheduler_file.is_file():
-        raise TemporaryFailure(f"scheduler file {compute.scheduler_file} does not exist (yet): start "
-                               f"`dask scheduler --scheduler-file {compute.scheduler_file}` first, then retry")
+    _read_scheduler_file(compute.scheduler_file)
     return {"scheduler_file": str(compute.scheduler_file)}
 
 
@@ -450,7 +515,7 @@ def _dashboard() -> str:
 
 
 def _run_on_cluster(client: Any, tasks: Sequence[WellTask], opts: WorkerOptions, on_well: OnWell | None,
-                    stop: _StopSignals) -> Dispatch:
+                    stop: StopSignals) -> Dispatch:
     """Submit one future per well; collect as they finish; on a stop signal let the running ones finish."""
     from distributed import wait
 

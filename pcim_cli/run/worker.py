@@ -7,8 +7,12 @@ cuts each into tiles of model.input_size (tiling.py; one tile when the field is 
 input_size is null), fits the (tile, target) pairs in chunks of compute.batch_size (halved while the
 device runs out of memory), stitches the tile maps into the field's map, writes its own field groups
 of the store, and returns one row per (field, target). A field's class probabilities and statistics
-are the means over its tiles. A field that fails is recorded as failed with its message; the other
-fields go on.
+are the means over its tiles. A field that fails is recorded as failed with its message and its cause
+(data: its images; model: the model raises, returns non-finite values, or needs a larger input than the
+field; output: the store cannot be written); the other fields go on, and no error of one field reaches
+a field already written. A map or a prediction with NaN or infinite values is never written. Each
+field's record keeps the signature of its input files (io/signature.py) and warnings (a constant
+channel) that its CSV row shows.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pcim_cli.engine import metrics, tiling
 from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
-from pcim_cli.io import images, store, summary
+from pcim_cli.io import images, signature, store, summary
 from pcim_cli.io.model import LoadedModel, _summary, load_model
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,7 @@ class FieldFiles(BaseModel):
     site: int
     index: int
     files: tuple[str, ...]
+    stat: list[dict[str, Any]] = []  # the planner's stat signature of `files` (io/signature.py)
 
 
 class WellTask(BaseModel):
@@ -134,12 +139,23 @@ def map_labels(targets: list[str], channels: tuple[str, ...], per_channel: bool)
     return list(targets)
 
 
-def _read(task: WellTask, field: FieldFiles) -> np.ndarray:
+def _read_raw(task: WellTask, field: FieldFiles) -> np.ndarray:
     src = images.FieldSource(task.well, field.site, tuple(Path(f) for f in field.files))
-    img = images.read_field(src, len(task.channels))
+    return images.read_field(src, len(task.channels))
+
+
+def _normalise(task: WellTask, img: np.ndarray) -> np.ndarray:
     norm = dict(task.normalize)
     method = norm.pop("method", "percentile")
     return images.normalize(img, method, **norm)
+
+
+class FieldError(PcimError):
+    """One field cannot be explained; `cause` says whose fault: data | model | output | other."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
 
 
 def explain_well(task: WellTask) -> list[dict[str, Any]]:
@@ -147,39 +163,72 @@ def explain_well(task: WellTask) -> list[dict[str, Any]]:
 
     Fields are read one at a time and cut into tiles of model.input_size (one tile when input_size is
     null or the field's size); the (tile, target) pairs of consecutive fields go through the fit in
-    chunks of compute.batch_size, so memory holds one chunk plus the fields it touches.
+    chunks of compute.batch_size, so memory holds one chunk plus the fields it touches. An unexpected
+    error fails the fields not written yet, never those already in the store.
     """
     opts = PcimOptions(**task.engine)
     rows: list[dict[str, Any]] = []
-    model: LoadedModel | None = None
     batcher: _Batcher | None = None
-    for field in task.fields:
-        t0 = time.perf_counter()
-        try:
-            img = torch.from_numpy(_read(task, field))
-        except PcimError as exc:
-            logger.warning("%s", exc)
-            rows.append(_failed_row(task, field, str(exc)))
-            continue
-        read_s = time.perf_counter() - t0
-        if task.field_size is not None and tuple(img.shape[-2:]) != tuple(task.field_size):
-            msg = (f"{task.well} site {field.site}: the field is {img.shape[-2]}x{img.shape[-1]} px but the plate's "
-                   f"fields are {task.field_size[0]}x{task.field_size[1]} ({field.files[0]}); a field whose size "
-                   "differs from its siblings is a wrong or damaged export: export it again")
-            logger.warning("%s", msg)
-            rows.append(_failed_row(task, field, msg))
-            continue
-        if batcher is None:
-            try:
-                model = _model(task)
-            except PcimError as exc:
-                rows.append(_failed_row(task, field, str(exc)))
+    try:
+        for field in task.fields:
+            read = _read_checked(task, field)
+            if isinstance(read, dict):  # a failed row
+                rows.append(read)
                 continue
-            batcher = _Batcher(task, model, opts)
-        rows += batcher.add(field, img, read_s)
-    if batcher is not None:
-        rows += batcher.finish()
+            img, read_s, inputs, warnings = read
+            if batcher is None:
+                try:
+                    batcher = _Batcher(task, _model(task), opts)
+                except PcimError as exc:
+                    rows.append(_failed_row(task, field, str(exc), "model", inputs))
+                    continue
+            rows += batcher.add(field, img, read_s, inputs, warnings)
+        if batcher is not None:
+            rows += batcher.finish()
+    except Exception as exc:  # noqa: BLE001 - a bug must not fail the fields already written
+        reported = {r["site"] for r in rows}
+        msg = f"{task.well}: {type(exc).__name__}: {_summary(exc)}"
+        logger.warning("%s", msg, exc_info=logger.isEnabledFor(logging.DEBUG))
+        rows += [_failed_row(task, f, msg, "other") for f in task.fields if f.site not in reported]
     return rows
+
+
+def _read_checked(task: WellTask, field: FieldFiles):
+    """(image, seconds, input signature, warnings) of a field, or its failed row."""
+    t0 = time.perf_counter()
+    inputs = signature.signature(field.files, field.stat or None)
+    try:
+        raw = _read_raw(task, field)
+    except PcimError as exc:
+        logger.warning("%s", exc)
+        return _failed_row(task, field, str(exc), "data", inputs)
+    warnings = constant_channels(raw, task.channels, field.files)
+    img = torch.from_numpy(_normalise(task, raw))
+    read_s = time.perf_counter() - t0
+    if task.field_size is not None and tuple(img.shape[-2:]) != tuple(task.field_size):
+        msg = images.size_problem(task.well, field.site, tuple(img.shape[-2:]), task.field_size, field.files[0])
+        logger.warning("%s", msg)
+        return _failed_row(task, field, msg, "data", inputs)
+    for w in warnings:
+        logger.warning("%s site %d: %s", task.well, field.site, w)
+    return img, read_s, inputs, warnings
+
+
+def constant_channels(raw: np.ndarray, channels: tuple[str, ...], files: tuple[str, ...]) -> list[str]:
+    """Warnings for channels whose every pixel has one value (a blank or failed acquisition)."""
+    out = []
+    flat = raw.reshape(raw.shape[0], -1)
+    for c, name in enumerate(channels[: raw.shape[0]]):
+        lo, hi = float(flat[c].min()), float(flat[c].max())
+        if lo == hi:
+            where = Path(files[c] if len(files) == len(channels) else files[0]).name
+            out.append(f"channel {name} is constant (every pixel {lo:g}) in {where}: a blank or failed "
+                       "acquisition? its map says nothing about that channel")
+    if len(out) == len(channels) and len(out) > 1:
+        names = ", ".join(Path(f).name for f in files)
+        return [f"the field is blank or constant (every channel is constant, in {names}): a failed acquisition? "
+                "its map says nothing"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,6 +294,8 @@ class _Field:
     stats: list[list[dict[str, float]]] = dc_field(default_factory=list)  # per target, one dict per tile
     pending: int = 0  # units not fitted yet
     fit_s: float = 0.0
+    inputs: dict[str, Any] = dc_field(default_factory=dict)  # signature of the input files
+    warnings: list[str] = dc_field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -267,15 +318,20 @@ class _Batcher:
         self.queues: dict[tuple[int, int], list[_Unit]] = {}  # by tile size: one chunk = one tensor shape
         self.n_maps = len(task.channels) if opts.per_channel else 1
 
-    def add(self, files: FieldFiles, x: torch.Tensor, read_s: float) -> list[dict[str, Any]]:
+    def add(self, files: FieldFiles, x: torch.Tensor, read_s: float, inputs: dict[str, Any] | None = None,
+            warnings: list[str] | None = None) -> list[dict[str, Any]]:
         """Plan and predict one field, queue its units; returns the rows of fields finished meanwhile."""
         try:
             field = self._prepare(files, x, read_s)
+        except FieldError as exc:
+            logger.warning("%s", exc)
+            return [_failed_row(self.task, files, str(exc), exc.cause, inputs)]
         except PcimError as exc:
             logger.warning("%s", exc)
-            return [_failed_row(self.task, files, str(exc))]
+            return [_failed_row(self.task, files, str(exc), "model", inputs)]
         except MODEL_ERRORS as exc:
-            return [self._fail_row(files, exc)]
+            return [self._fail_row(files, exc, inputs)]
+        field.inputs, field.warnings = inputs or {}, warnings or []
         queue = self.queues.setdefault(field.grid.tile, [])
         queue += [_Unit(field, i, k) for k in range(len(field.targets)) for i in range(field.grid.n_tiles)]
         rows: list[dict[str, Any]] = []
@@ -296,14 +352,12 @@ class _Batcher:
         try:
             grid = tiling.plan_tiles(tuple(x.shape[-2:]), task.input_size)
         except tiling.TileSizeError as exc:
-            raise PcimError(
-                f"{task.well} site {files.site}: {exc} (model.input_size {task.input_size[0]}x"
-                f"{task.input_size[1]}); fields must be at least the model's input size: set model.input_size "
-                "to at most the field size, or null if the model accepts any size"
-            ) from exc
+            raise FieldError(tile_size_problem(task.well, files.site, exc, task.input_size), "model") from exc
         if self.forward is None:
             self.forward = fast_forward(task, self.model, tiling.cut(x, grid, range(1))[0])
         probs = self._predict(x, grid)
+        if not torch.isfinite(probs).all():
+            raise FieldError(non_finite_problem(task.well, files.site, task.model_path, x, "logits"), "model")
         targets = _targets(task, int(probs.argmax()))
         field = _Field(files, x, read_s, grid, probs, targets,
                        tiling.Stitcher(grid, len(targets) * self.n_maps),
@@ -377,20 +431,29 @@ class _Batcher:
         fields = list({id(u.field): u.field for u in chunk}.values())
         dead = {id(f) for f in fields}
         queue[:] = [u for u in queue if id(u.field) not in dead]
-        return [self._fail_row(f.files, exc) for f in fields]
+        return [self._fail_row(f.files, exc, f.inputs) for f in fields]
 
-    def _fail_row(self, files: FieldFiles, exc: BaseException) -> dict[str, Any]:
-        if isinstance(exc, PcimError):
-            msg = str(exc)
+    def _fail_row(self, files: FieldFiles, exc: BaseException, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+        if isinstance(exc, FieldError):
+            msg, cause = str(exc), exc.cause
+        elif isinstance(exc, PcimError):
+            msg, cause = str(exc), "other"
         else:  # a model that fails on this input
-            msg = f"{self.task.well}: fitting failed: {type(exc).__name__}: {_summary(exc)}"
+            msg, cause = model_error_problem(self.task.well, exc), "model"
         logger.warning("%s", msg)
-        return _failed_row(self.task, files, msg)
+        return _failed_row(self.task, files, msg, cause, inputs)
 
     def _write(self, f: _Field) -> list[dict[str, Any]]:
-        """The field's record and maps into the store; its summary rows."""
+        """The field's record and maps into the store; its summary rows. A map with NaN or infinite values
+        is not written: the field fails, naming the model."""
         task = self.task
+        maps = f.stitch.out.numpy()  # (targets * M, H, W)
         per_target = {t: _mean_stats(f.stats[k]) for k, t in enumerate(f.targets)}
+        probabilities = [v for stats in per_target.values() for k, v in stats.items() if k.startswith("prob_")]
+        if not np.isfinite(maps).all() or not np.isfinite(probabilities).all():
+            msg = non_finite_problem(task.well, f.files.site, task.model_path, f.x, "values during the fit")
+            logger.warning("%s", msg)
+            return [_failed_row(task, f.files, msg, "model", f.inputs)]
         predicted = task.classes[int(f.probs.argmax())]
         record = {
             "status": "done",
@@ -401,6 +464,8 @@ class _Batcher:
             "results": per_target,
             "settings": {"normalize": task.normalize, "engine": task.engine, "channels": list(task.channels)},
             "fingerprint": task.fingerprint,
+            "inputs": f.inputs,
+            "warnings": f.warnings,
             "model_sha256": task.model_sha256,
             "pcim_version": __version__,
             "seed": self.opts.seed,
@@ -412,13 +477,12 @@ class _Batcher:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         labels = map_labels(f.targets, task.channels, self.opts.per_channel)
-        maps = f.stitch.out.numpy()  # (targets * M, H, W)
         try:
             rel = store.write_field(Path(task.store_path), task.well, f.files.index, maps, labels, record,
                                     format=task.store_format)
         except PcimError as exc:
             logger.warning("%s", exc)
-            return [_failed_row(task, f.files, str(exc))]
+            return [_failed_row(task, f.files, str(exc), "output", f.inputs)]
         return summary.rows_from_record(task.plate, task.well, rel, record)
 
 
@@ -467,16 +531,48 @@ def _targets(task: WellTask, predicted: int) -> list[str]:
     return list(task.targets) if task.targets is not None else [task.classes[predicted]]
 
 
-def failed_row(plate: str, well: str, site: int, index: int, error: str, target: str = "") -> dict[str, Any]:
-    """The summary row of a field that could not be explained (the store path it would have had)."""
+def failed_row(plate: str, well: str, site: int | None, index: int, error: str, target: str = "",
+               cause: str = "other", inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The summary row of a field that could not be explained (the store path it would have had).
+
+    `cause` (data | model | output | other) and `inputs` (the files' signature) go to the failure ledger.
+    """
     nan = float("nan")
     return {
         "plate": plate, "well": well, "site": site, "target": target, "predicted_class": "",
         "prob_original": nan, "prob_mixed": nan, "deletion_auc": nan, "insertion_auc": nan,
         "status": "failed", "error": error, "runtime_s": nan, "zarr_path": store.field_path(well, index),
+        "cause": cause, "inputs": inputs or {},
     }
 
 
-def _failed_row(task: WellTask, field: FieldFiles, error: str) -> dict[str, Any]:
+def _failed_row(task: WellTask, field: FieldFiles, error: str, cause: str = "other",
+                inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     target = ",".join(task.targets) if task.targets else ""
-    return failed_row(task.plate, task.well, field.site, field.index, error, target)
+    return failed_row(task.plate, task.well, field.site, field.index, error, target, cause,
+                      inputs or {"stat": field.stat})
+
+
+def model_error_problem(well: str, exc: BaseException) -> str:
+    """The message of a model that raised on a field's input."""
+    return f"{well}: fitting failed: {type(exc).__name__}: {_summary(exc)}"
+
+
+def tile_size_problem(well: str, site: int, exc: BaseException, input_size: tuple[int, int] | None) -> str:
+    """The message of a field smaller than model.input_size (explain and validate say the same)."""
+    h, w = input_size or (0, 0)
+    return (f"{well} site {site}: {exc} (model.input_size {h}x{w}); fields must be at least the model's input "
+            "size: set model.input_size to at most the field size, or null if the model accepts any size")
+
+
+def non_finite_problem(well: str, site: int, model_path: str, x: torch.Tensor, what: str) -> str:
+    """The message of a model that returned NaN or infinite values on a field, with the likely cause."""
+    flat = x.reshape(x.shape[0], -1)
+    constant = bool((flat.amax(dim=1) == flat.amin(dim=1)).all())
+    hint = ("; the field is blank or constant (after model.normalize every pixel has one value per channel), "
+            "which a model that divides by the image's standard deviation cannot score" if constant else
+            " (a blank or constant field? a model that divides by a standard deviation, or computes a statistic "
+            "over the batch?)")
+    return (f"{well} site {site}: model {model_path} returned non-finite {what} (NaN or infinite) on this "
+            f"field{hint}; check the field's images, or make the model robust to such input (e.g. add a small "
+            "epsilon where it divides)")
