@@ -157,9 +157,14 @@ def _traceback_note(exc: BaseException) -> str:
     return f"traceback in {path}; -v prints it"
 
 
+_BEFORE_RUN = [True]
+
+
 def _stop_early(signum: int, frame: object) -> None:
-    """SIGTERM before the run installed its own handlers: stop like Ctrl-C (nothing written yet)."""
-    raise KeyboardInterrupt
+    """SIGTERM / SIGINT outside the run's own handlers: before it, stop (nothing written yet); after it
+    (the run is recorded), change nothing."""
+    if _BEFORE_RUN[0]:
+        raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -216,7 +221,8 @@ def explain(
     skipped, fields whose settings or model changed are redone.
     """
     with contextlib.suppress(ValueError):  # not the main thread (called from a test's thread): no handler
-        signal.signal(signal.SIGTERM, _stop_early)  # until the run installs its own handlers
+        for sig in (signal.SIGTERM, signal.SIGINT):  # until the run installs its own handlers
+            signal.signal(sig, _stop_early)
     try:
         _setup_logging(verbose, quiet, log_file)
         from pcim_cli.config import load_config
@@ -232,10 +238,8 @@ def explain(
         from pcim_cli.run.progress import WellProgress
 
         with WellProgress(fancy=fancy_terminal(), quiet=quiet) as progress:
+            _BEFORE_RUN[0] = False  # from here the run's handlers decide; after it, signals change nothing
             result = explain_lib.run(cfg, on_well=progress.on_well, choice=choice, on_start=progress.start)
-        with contextlib.suppress(ValueError):  # the run is recorded: a late signal changes nothing now
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
     except typer.Exit:
         raise
     except KeyboardInterrupt:  # a signal before the run began: nothing was written

@@ -224,11 +224,9 @@ def _discovery_rows(plate_name: str, problems: list[images.Problem]) -> tuple[li
     return rows, general
 
 
-def plan(cfg: RunConfig, choice: rerun.Rerun | None = None, write: bool = False) -> Plan:
-    """Inventory the plate and decide each field's fate against the store; reads, never writes.
-
-    (`write` is accepted for callers of the earlier API; writing is `prepare_store`'s job.)
-    """
+def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
+    """Inventory the plate and decide each field's fate against the store; reads, never writes
+    (`prepare_store` writes what the plan needs; --dry-run stops here)."""
     choice = choice or rerun.Rerun()
     inv = inspect_plate(cfg)
     model, classes, layout, found = inv.model, inv.classes, inv.layout, inv.fields
@@ -303,10 +301,9 @@ def prepare_store(cfg: RunConfig, p: Plan, owner: ownership.Ownership) -> None:
     for f in p.fields:
         if f.stale:
             store.update_record(store_path, f.well, f.index, {"status": "stale", "stale": f.stale})
-        elif f.refresh:
-            record = f.record or {}
-            store.update_record(store_path, f.well, f.index, {"inputs": {**(record.get("inputs") or {}),
-                                                                         "stat": f.stat}})
+        elif f.refresh:  # the same pixels under new file dates: the next rerun decides from the stat alone
+            inputs = (store.read_record(store_path, f.well, f.index) or {}).get("inputs") or {}
+            store.update_record(store_path, f.well, f.index, {"inputs": {**inputs, "stat": f.stat}})
 
 
 def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None,
@@ -318,8 +315,8 @@ def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None
     """
     choice = choice or rerun.Rerun()
     store_path = Path(cfg.output.zarr)
-    preflight(cfg, choice)  # raises with nothing written; ownership is checked again under the lock
     with scheduler.StopSignals(scheduler.grace_seconds()) as stop:
+        preflight(cfg, choice)  # raises with nothing written; ownership is checked again under the lock
         try:
             with RunLock(store_path):
                 return _run_locked(cfg, choice, stop, on_well, on_start)
@@ -338,8 +335,8 @@ def _run_locked(cfg: RunConfig, choice: rerun.Rerun, stop: scheduler.StopSignals
     prepared = False
     dispatch = scheduler.Dispatch()
     try:
-        p = plan(cfg, choice)
-        if not stop.requested:
+        p = None if stop.requested else plan(cfg, choice)
+        if p is not None and not stop.requested:
             prepared = True
             prepare_store(cfg, p, owner)
             counts = p.counts
@@ -354,7 +351,8 @@ def _run_locked(cfg: RunConfig, choice: rerun.Rerun, stop: scheduler.StopSignals
             raise
         logger.warning("stopped at once")
     interrupted = stop.requested or dispatch.interrupted
-    if p is None or not prepared:  # stopped before anything was written: the store and its CSV are as they were
+    if p is None or not prepared or not store.has_root(store_path):  # stopped before anything was written:
+        # the store and its CSV are as they were
         logger.warning("stopped before any field was written; rerun the same command to explain the plate")
         return RunResult(store=store_path, csv=None, summary=summary.build_summary([]),
                          problems=p.problems if p else [], interrupted=True)

@@ -446,8 +446,10 @@ def _local_cluster(compute: ComputeConfig, n_tasks: int) -> Iterator[tuple[Any, 
     n = (len(gpus) or 1) if compute.workers == "auto" else compute.workers
     threads = torch_threads(n)
     resources = {"GPU": 1} if gpus else None
+    # CRITICAL: a worker whose heartbeat meets a scheduler being closed (a run stopped while its cluster
+    # starts) logs a traceback at ERROR; what a well's worker raises comes back through its future
     cluster = LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=_dashboard(),
-                           silence_logs=logging.ERROR)
+                           silence_logs=logging.CRITICAL)
     try:
         base = cluster.new_spec["options"]
         for i in range(n):
