@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from plate_factory import make_plate, run_pcim, start_pcim
 from truth import assert_consistent, field_record, record_states
@@ -40,11 +40,20 @@ def _stale(zarr_path: Path, images: Path, steps: int) -> list[str]:
     return out
 
 
+@st.composite
+def sequences(draw) -> list[str]:
+    """A few operations in random order, always with a file damaged, a subset run and a run stopped by a
+    signal."""
+    ops = draw(st.lists(st.sampled_from(OPS), min_size=1, max_size=3))
+    ops += [draw(st.sampled_from(("SIGTERM", "kill -9"))), "damage a file",
+            draw(st.sampled_from(("only A01", "plate.wells A02")))]
+    return draw(st.permutations(ops))
+
+
 @pytest.mark.slow
 @settings(max_examples=3, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(ops=st.lists(st.sampled_from(OPS), min_size=4, max_size=6),
-       delays=st.lists(st.floats(min_value=0.5, max_value=12.0), min_size=6, max_size=6))
+@given(ops=sequences(), delays=st.lists(st.floats(min_value=0.5, max_value=12.0), min_size=6, max_size=6))
 def test_csv_records_and_status_agree_after_any_sequence_of_runs(tmp_path_factory, ops, delays) -> None:
     root = tmp_path_factory.mktemp("plate")
     plate = make_plate(root, wells=("A01", "A02"), steps=3)
@@ -52,7 +61,8 @@ def test_csv_records_and_status_agree_after_any_sequence_of_runs(tmp_path_factor
     good = (images / DAMAGED).read_bytes()
     steps = 3
     history = []
-    for op, delay in zip(["run", *ops], [0.0, *delays], strict=False):
+    event(" > ".join(["run", *ops]))  # shown with --hypothesis-show-statistics
+    for op, delay in zip(["run", *ops], [0.0, *delays, *delays], strict=False):
         history.append(op)
         args = ["explain", str(plate), "--set", f"explain.steps={steps}"]
         if op == "other steps":
