@@ -46,7 +46,8 @@ from pcim_cli.io import images, ownership, plate, records, store, summary
 from pcim_cli.io.lock import RunLock
 from pcim_cli.io.model import LoadedModel, check_classes, load_model, resolve_device
 from pcim_cli.run import rerun, scheduler
-from pcim_cli.run.worker import FieldFiles, WellTask, failed_row
+from pcim_cli.run.failures import failed_row
+from pcim_cli.run.worker import FieldFiles, WellTask
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pcim_cli.config import RunConfig
 from pcim_cli.engine import tiling
 from pcim_cli.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, InputDataError
 from pcim_cli.io import images, signature
-from pcim_cli.run import explain, worker
+from pcim_cli.run import explain, failures, worker
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _field_problem(cfg: RunConfig, model, src: images.FieldSource, expected: tup
     try:
         grid = tiling.plan_tiles(shape, cfg.model.input_size)
     except tiling.TileSizeError as exc:
-        return worker.tile_size_problem(src.well, src.field, exc, cfg.model.input_size)
+        return failures.tile_size_problem(src.well, src.field, exc, cfg.model.input_size)
     if not pixels:
         return None
     norm = cfg.model.normalize.model_dump()
@@ -126,7 +126,7 @@ def _field_problem(cfg: RunConfig, model, src: images.FieldSource, expected: tup
                 part = range(start, min(start + batch, grid.n_tiles))
                 logits = model.module(tiling.cut(x, grid, part).to(model.device))
                 if not torch.isfinite(logits).all():
-                    return worker.non_finite_problem(src.well, src.field, str(model.path), x, "logits")
+                    return failures.non_finite_problem(src.well, src.field, str(model.path), x, "logits")
     except worker.MODEL_ERRORS as exc:
-        return worker.model_error_problem(src.well, exc)
+        return failures.model_error_problem(src.well, exc)
     return None
