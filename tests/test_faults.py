@@ -102,6 +102,10 @@ def test_explain_never_writes_into_a_path_it_did_not_create(tmp_path: Path, kind
     assert line.startswith("pcim: error:") and str(target) in line, proc.stderr[-2000:]
     assert (tree_digest(target) if target.is_dir() else target.read_bytes()) == before
     assert not (tmp_path / "out").exists()  # no CSV either
+    if kind == "raw OME-Zarr plate":  # status and render refuse it too
+        assert run_pcim("status", str(target)).returncode == 65
+        assert run_pcim("render", str(target), "--out", str(tmp_path / "pictures")).returncode == 65
+        assert tree_digest(target) == before
 
 
 def test_an_empty_folder_is_used_as_a_new_store(tmp_path: Path) -> None:

@@ -63,6 +63,9 @@ def store_status(path: Path) -> StoreStatus:
         raise InputDataError(f"{path} is not a pcim store (no OME-Zarr plate there); check the path, "
                              "or run `pcim explain plate.yaml` first")
     states, plate_record = records.store_states(path)
+    if not plate_record:
+        raise InputDataError(f"{path} is an OME-Zarr plate that pcim did not write (it has no pcim plate record); "
+                             "pass the output.zarr of a pcim explain run")
     by_well: dict[str, WellStatus] = {}
     for s in states:
         status = by_well.setdefault(s.well, WellStatus(s.well, 0))
