@@ -432,7 +432,8 @@ class _Batcher:
         task = self.task
         maps = f.stitch.out.numpy()  # (targets * M, H, W)
         per_target = {t: _mean_stats(f.stats[k]) for k, t in enumerate(f.targets)}
-        probabilities = [v for stats in per_target.values() for k, v in stats.items() if k.startswith("prob_")]
+        # prob_mixed / prob_deleted are NaN by design for the gradient baselines; prob_original never is
+        probabilities = [stats["prob_original"] for stats in per_target.values()]
         if not np.isfinite(maps).all() or not np.isfinite(probabilities).all():
             msg = non_finite_problem(task.well, f.files.site, task.model_path, f.x, "values during the fit")
             logger.warning("%s", msg)
