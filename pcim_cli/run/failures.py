@@ -35,8 +35,9 @@ def failed_row(plate: str, well: str, site: int | None, index: int, error: str, 
     nan = float("nan")
     return {
         "plate": plate, "well": well, "site": site, "target": target, "predicted_class": "",
-        "prob_original": nan, "prob_mixed": nan, "deletion_auc": nan, "insertion_auc": nan,
-        "status": "failed", "error": error, "runtime_s": nan, "zarr_path": store.field_path(well, index),
+        "prob_original": nan, "prob_mixed": nan, "prob_deleted": nan, "deletion_auc": nan,
+        "insertion_auc": nan, "fit": "", "status": "failed", "error": error, "runtime_s": nan,
+        "zarr_path": store.field_path(well, index),
         "cause": cause, "inputs": inputs or {},
     }
 

@@ -4,8 +4,9 @@ Config, layout, model (loaded and probed), image discovery, then each field: its
 count, pixel type, size against its siblings and against model.input_size) and, on small plates or with
 `--pixels`, its pixels (truncated files, NaN pixels) and one forward pass of the model on them (NaN or
 infinite logits, a model that raises on the field). The messages are the ones `pcim explain` writes into
-the CSV, from the same functions. Returns a `Validation` (data the CLI prints); more findings (a tile
-plan, a cost estimate) are added as fields of it.
+the CSV, from the same functions. Label images of plate.objects are checked too (their problems fail
+object tables only). Returns a `Validation` (data the CLI prints), with the plan of the run
+(run/preview.py: tiles, targets, cost).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pcim_cli.config import RunConfig
 from pcim_cli.engine import tiling
 from pcim_cli.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, InputDataError
 from pcim_cli.io import images, signature
-from pcim_cli.run import explain, failures, worker
+from pcim_cli.run import explain, failures, preview, worker
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +50,13 @@ class Validation:
     usable: int = 0  # fields found complete and without a problem
     field_problems: list[FieldProblem] = field(default_factory=list)  # incomplete fields too
     run_problems: list[str] = field(default_factory=list)  # concern no single field
+    objects: dict[str, int] = field(default_factory=dict)  # plate.objects kind -> fields with a usable label file
+    object_problems: list[str] = field(default_factory=list)  # fail those object tables only
+    plan: preview.Plan | None = None  # what explain will do (tiles, targets, cost)
 
     @property
     def problems(self) -> list[str]:
-        return [*self.run_problems, *(p.error for p in self.field_problems)]
+        return [*self.run_problems, *(p.error for p in self.field_problems), *self.object_problems]
 
     @property
     def exit_code(self) -> int:
@@ -63,15 +67,16 @@ class Validation:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(problems=self.problems, exit_code=self.exit_code)
+        out.update(problems=self.problems, exit_code=self.exit_code,
+                   plan=None if self.plan is None else self.plan.as_dict())
         return out
 
 
-def validate_plate(cfg: RunConfig, pixels: bool | None = None) -> Validation:
+def validate_plate(cfg: RunConfig, pixels: bool | None = None, probe: bool = True) -> Validation:
     """Check everything `pcim explain` needs. `pixels`: read every field's pixels (None: when the plate's
-    files total at most PIXELS_AUTO_BYTES). Raises like explain for a run-level failure (no field found,
-    a model that does not load)."""
-    inv = explain.inspect_plate(cfg)
+    files total at most PIXELS_AUTO_BYTES); `probe`: time a fit step for the plan's ETA. Raises like
+    explain for a run-level failure (no field found, a model that does not load)."""
+    inv = explain.inspect_plate(cfg, check_objects=True)
     sources = [src for well in sorted(inv.fields) for src in inv.fields[well]]
     if pixels is None:
         size = sum(f["size"] or 0 for src in sources for f in signature.stat_signature(src.files))
@@ -82,7 +87,8 @@ def validate_plate(cfg: RunConfig, pixels: bool | None = None) -> Validation:
     summary = inv.summary
     out = Validation(plate=cfg.plate.name, channels=list(cfg.plate.channels), wells=summary["wells"],
                      fields=summary["fields"], model=summary["model"], layout_columns=summary["layout_columns"],
-                     checked="pixels" if pixels else "headers")
+                     checked="pixels" if pixels else "headers", objects=inv.objects,
+                     object_problems=list(inv.object_problems))
     for p in inv.problems:
         if p.well is None:
             out.run_problems.append(str(p))
@@ -98,6 +104,7 @@ def validate_plate(cfg: RunConfig, pixels: bool | None = None) -> Validation:
             out.usable += 1
         else:
             out.field_problems.append(FieldProblem(src.well, src.field, problem))
+    out.plan = preview.plan_run(cfg, inv, probe=probe)
     return out
 
 
