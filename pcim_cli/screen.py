@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pcim_cli.config import ComputeConfig, RunConfig, _read_yaml, config_from_data, path_keys
+from pcim_cli.config import ComputeConfig, RunConfig, config_from_data, path_keys
 from pcim_cli.errors import ConfigError
+from pcim_cli.yaml_reader import read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def expand_arguments(args: Sequence[str | Path]) -> list[Path]:
 def is_screen_file(path: Path) -> bool:
     """A YAML file with a top-level `plates:` key."""
     try:
-        data = _read_yaml(Path(path).expanduser().absolute())
+        data = read_yaml(Path(path).expanduser().absolute())
     except ConfigError:
         return False
     return isinstance(data, dict) and PLATES_KEY in data
@@ -130,7 +131,7 @@ def load_screen(args: Sequence[str | Path], overrides: Sequence[str] = (),
     entries: list[PlateEntry] = []
     for path in files:
         path = path.absolute()
-        data = _read_yaml(path)
+        data = read_yaml(path)
         if isinstance(data, dict) and PLATES_KEY in data:
             entries += _screen_entries(path, data, overrides, environ)
         else:
@@ -198,7 +199,7 @@ def _screen_entries(path: Path, data: dict[str, Any], overrides: Sequence[str],
         plate_yaml = (path.parent / Path(str(config)).expanduser()).absolute()
         source = f"{where} ({plate_yaml})"
         try:
-            plate_data = _read_yaml(plate_yaml)
+            plate_data = read_yaml(plate_yaml)
         except ConfigError as exc:
             out.append(PlateEntry(source, problem=f"{where}: {exc}"))
             continue

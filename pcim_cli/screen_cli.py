@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import typer
@@ -37,8 +37,9 @@ def is_single_store(args: Sequence[str]) -> bool:
 
 
 def explain_screen(args: Sequence[str], overrides: Sequence[str], choice: Rerun, dry_run: bool, as_json: bool,
-                   quiet: bool, fancy: bool, max_in_flight: int) -> int:
-    """`pcim explain` over several plates; returns the exit code."""
+                   quiet: bool, fancy: bool, max_in_flight: int, on_run: Callable[[], None] | None = None) -> int:
+    """`pcim explain` over several plates; returns the exit code. `on_run` is called when the run (and its
+    own signal handling) begins."""
     from pcim_cli.run.progress import ScreenProgress
     from pcim_cli.run.screen import run_screen
     from pcim_cli.screen import load_screen
@@ -46,6 +47,8 @@ def explain_screen(args: Sequence[str], overrides: Sequence[str], choice: Rerun,
     screen = load_screen(args, overrides)
     if dry_run:
         return _dry_run(screen, choice, as_json)
+    if on_run is not None:
+        on_run()
     with ScreenProgress(fancy=fancy, quiet=quiet, plates=len(screen.entries)) as progress:
         result = run_screen(screen, choice, max_in_flight=max_in_flight, progress=progress)
     counts = result.counts
@@ -84,7 +87,8 @@ def _dry_run(screen, choice: Rerun, as_json: bool) -> int:
             doc["error"] = entry.problem
         else:
             try:
-                p = explain_lib.plan(entry.config, choice, write=False)
+                explain_lib.preflight(entry.config, choice)
+                p = explain_lib.plan(entry.config, choice)
                 doc.update(counts=p.counts, wells=len(p.tasks))
             except PcimError as exc:
                 doc["error"] = str(exc)

@@ -36,6 +36,7 @@ from pcim_cli.io import summary
 from pcim_cli.io.model import shared_models
 from pcim_cli.run import explain, rerun, scheduler
 from pcim_cli.run.progress import ScreenProgress
+from pcim_cli.run.signals import StopSignals, grace_seconds
 from pcim_cli.run.worker import WellTask
 from pcim_cli.screen import PlateEntry, Screen
 
@@ -131,12 +132,13 @@ def run_screen(screen: Screen, choice: rerun.Rerun | None = None, max_in_flight:
 
     def finish(name: str, interrupted: bool) -> None:
         act = active.pop(name)
-        act.outcome.result = explain.finish_plate(act.opened, act.rows, interrupted)
+        with stop.deferred():  # the plate's ledger and CSV are written whatever signal comes now
+            act.outcome.result = explain.finish_plate(act.opened, act.rows, interrupted)
         _finished(act.outcome, progress)
 
     def open_more() -> list[WellTask]:
         tasks: list[WellTask] = []
-        while queue and len(active) < max_in_flight:
+        while queue and len(active) < max_in_flight and not stop.requested:
             outcome, cfg = queue.popleft()
             try:
                 opened = explain.open_plate(cfg, choice)
@@ -148,7 +150,8 @@ def run_screen(screen: Screen, choice: rerun.Rerun | None = None, max_in_flight:
                 _not_run(outcome, EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {exc}", progress)
                 continue
             if not opened.plan.tasks:  # complete (or nothing to do): finished at once, nothing started
-                outcome.result = explain.finish_plate(opened, [], False)
+                with stop.deferred():
+                    outcome.result = explain.finish_plate(opened, [], False)
                 _finished(outcome, progress)
                 continue
             active[outcome.name] = _Active(opened, outcome, {t.well for t in opened.plan.tasks})
@@ -167,10 +170,17 @@ def run_screen(screen: Screen, choice: rerun.Rerun | None = None, max_in_flight:
             finish(act.outcome.name, False)
 
     interrupted = False
-    with shared_models():
+    stop = StopSignals(grace_seconds())
+    with stop, shared_models():
         try:
-            dispatch = scheduler.run_stream(compute, open_more, on_well)
-            interrupted = dispatch.interrupted
+            dispatch = scheduler.run_stream(compute, open_more, on_well, stop)
+            interrupted = dispatch.interrupted or stop.requested
+        except KeyboardInterrupt:  # a forced stop while planning a plate or fitting in-process
+            if not stop.requested:
+                for act in active.values():
+                    act.opened.release()
+                raise
+            interrupted = True
         except PcimError as exc:  # the cluster could not be started or reached: no plate ran
             for act in list(active.values()):
                 act.opened.release()
@@ -183,8 +193,8 @@ def run_screen(screen: Screen, choice: rerun.Rerun | None = None, max_in_flight:
             for act in active.values():
                 act.opened.release()
             raise
-    for name in list(active):  # interrupted: what was done is recorded, the rest says skipped
-        finish(name, True)
+        for name in list(active):  # interrupted: what was done is recorded, the rest says skipped
+            finish(name, True)
     for outcome, _ in queue:
         _not_run(outcome, EXIT_TEMPFAIL, "not run (interrupted); run the same command again", progress)
     progress.close()
