@@ -274,3 +274,16 @@ def test_screen_progress_counts_plates_and_grows_its_total_as_plates_are_planned
     lines = [r.getMessage() for r in caplog.records]
     assert "plate P1 (1/2): 2 maps done" in lines
     assert any(line.startswith("plates 1/2 done; wells 3/3 done, 1 failed, ETA") for line in lines)
+
+
+def test_a_plate_whose_store_pcim_did_not_create_is_refused_alone(tmp_path: Path) -> None:
+    plates = _make_plates(tmp_path)
+    foreign = plates["PB"].parent / "out" / "PB.zarr"
+    foreign.mkdir(parents=True)
+    (foreign / "raw_image.tif").write_bytes(b"the microscope's")
+    proc = run_pcim("explain", *map(str, plates.values()), "--json")
+    assert proc.returncode == 65, proc.stderr[-3000:]  # 65 beats 0 (and 75, 3)
+    assert {p["plate"]: p["exit_code"] for p in json.loads(proc.stdout)["plates"]} == {"PA": 0, "PB": 65, "PC": 0}
+    assert sorted(p.name for p in foreign.iterdir()) == ["raw_image.tif"]  # nothing written, not even a lock
+    for name in ("PA", "PC"):
+        assert (_csv(plates[name], name)["PCIM_Status"] == "done").all()
