@@ -18,6 +18,10 @@ Sections (one torch thread, OMP_NUM_THREADS=1, so figures from a busy shared mac
              shipped settings: fields per minute and the share of wall time reading TIFFs, fitting,
              writing the store
   workers    benchmarks/bench_workers.py (wells/min with 1 vs 2 local Dask workers), when it exists
+  busy       a busy machine: `pcim explain` (a subprocess, cluster none, no OMP_NUM_THREADS) on demo wells
+             while two other torch jobs with torch's default threads run beside it, with
+             compute.threads auto and with as many threads as CPUs (what torch takes by itself), vs
+             the one-thread bound measured under the same load (steps x fwd+bwd of the same batch)
 Writes benchmarks/results/bench.json (and early_stopping.json) and prints a table.
 """
 
@@ -49,7 +53,7 @@ from pcim_cli.engine.pcim import FastForward, PcimOptions, fit_pcim  # noqa: E40
 
 DEMO = ROOT / "sample_plates" / "demo"
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("bound", "batch", "levers", "baselines", "tiled", "demo", "workers")
+SECTIONS = ("bound", "batch", "levers", "baselines", "tiled", "demo", "workers", "busy")
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -270,6 +274,76 @@ def bench_workers() -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# a busy machine: the plate beside two other torch jobs
+
+_COMPETITOR = """
+import torch
+conv = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1))
+x = torch.rand(16, 3, 128, 128, requires_grad=True)
+while True:
+    conv(x).sum().backward()
+"""
+
+
+def _free_env() -> dict:
+    """This environment without OMP_NUM_THREADS: torch and pcim choose their threads themselves."""
+    return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+
+
+def _pair_bound(model, x: torch.Tensor, steps: int, repeats: int = 3) -> float:
+    """Seconds for `steps` fwd+bwd of the kept+deleted batch of x at one thread (median of repeats)."""
+    pairs = torch.cat([x, x])
+    _fwd_bwd(model, pairs)
+    return float(np.median([_timed(lambda: [_fwd_bwd(model, pairs) for _ in range(steps)])
+                            for _ in range(repeats)]))
+
+
+def bench_busy(wells: list[str], steps: int) -> dict:
+    """The demo wells through `pcim explain` beside two torch jobs, vs the one-thread bound under that load."""
+    from pcim_cli.io import store
+    from pcim_cli.run import threads
+
+    cpus = threads.read_limits(_free_env()).usable
+    model = _demo_model()
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))  # a chunk: the 2 fields of a well
+    torch.set_num_threads(1)
+    quiet_step = _pair_bound(model, x, steps) / steps
+    jobs = [subprocess.Popen([sys.executable, "-c", _COMPETITOR], env=_free_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for _ in range(2)]
+    out: dict = {"wells": wells, "steps": steps, "cpus": cpus, "competitors": 2, "runs": {},
+                 "quiet_step_s": quiet_step}
+    try:
+        time.sleep(3)  # let them start
+        bound_before = _pair_bound(model, x, steps)
+        for setting in ("auto", str(cpus)):
+            with tempfile.TemporaryDirectory() as tmp:
+                log = Path(tmp) / "run.log"
+                proc = subprocess.run(
+                    [sys.executable, "-m", "pcim_cli.cli", "explain", str(DEMO / "plate.yaml"), "-q",
+                     "--log-file", str(log), "--set", "compute.cluster=none", "--set", "explain.fidelity=false",
+                     "--set", f"explain.steps={steps}", "--set", f"compute.threads={setting}",
+                     "--set", f"plate.wells=[{','.join(wells)}]", "--set", f"output.zarr={tmp}/b.zarr",
+                     "--set", f"output.csv={tmp}/b.csv"], cwd=ROOT, env=_free_env(), capture_output=True, text=True)
+                fit = sum(store.read_record(Path(tmp) / "b.zarr", w, i)["timings_s"]["fit"]
+                          for w in wells for i in range(2)) if proc.returncode == 0 else float("nan")
+                chosen = [line.split("torch threads: ", 1)[1] for line in log.read_text().splitlines()
+                          if "torch threads: " in line] if log.exists() else []
+            out["runs"][setting] = {"returncode": proc.returncode, "fit_s": fit, "threads_log": chosen,
+                                    "stderr": proc.stderr[-500:]}
+        bound_after = _pair_bound(model, x, steps)
+    finally:
+        for job in jobs:
+            job.kill()
+            job.wait()
+    bound = len(wells) * (bound_before + bound_after) / 2  # one chunk (2 maps) per well
+    out.update(bound_s=bound, bound_before_s=bound_before * len(wells), bound_after_s=bound_after * len(wells),
+               load_slowdown_of_one_thread=(bound_before + bound_after) / 2 / steps / quiet_step)
+    for r in out["runs"].values():
+        r["ratio_to_bound"] = r["fit_s"] / bound
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # early stopping: is a nonzero default patience worth it?
 
 
@@ -358,6 +432,14 @@ def table(res: dict) -> str:
             f"| share of wall time: read TIFFs / fit / write store / other | {100 * d['share_read']:.1f} / "
             f"{100 * d['share_fit']:.1f} / {100 * d['share_write']:.1f} / {100 * d['share_other']:.1f} % |",
         ]
+    if "busy" in res:
+        b = res["busy"]
+        for setting, r in b["runs"].items():
+            what = "compute.threads auto" if setting == "auto" else f"{setting} threads (torch's own choice)"
+            lines.append(f"| busy machine: demo plate ({len(b['wells'])} wells, T={b['steps']}) beside 2 torch jobs, "
+                         f"{what} | {r['ratio_to_bound']:.2f}x the one-thread bound under the same load "
+                         f"({r['fit_s']:.1f} s vs {b['bound_s']:.1f} s) |")
+        lines.append(f"| the load itself: one thread's step under it / quiet | {b['load_slowdown_of_one_thread']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -397,6 +479,8 @@ def main() -> None:
         res["demo"] = bench_demo(["A01"] if q else ["A01", "A02", "B01", "B02"])
     if "workers" in only:
         res["workers"] = bench_workers()
+    if "busy" in only:
+        res["busy"] = bench_busy(["A01"] if q else ["A01", "A02", "B01", "B02"], steps=20 if q else PcimOptions().steps)
     res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench.json").write_text(json.dumps(res, indent=1))

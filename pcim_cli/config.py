@@ -332,13 +332,16 @@ class ComputeConfig(_Section):
     workers: Literal["auto"] | PositiveInt = "auto"
     device: str = "auto"
     batch_size: PositiveInt = 16
+    # torch threads per fitting process: auto = the CPUs it may really use (affinity, cgroup quota, SLURM,
+    # OMP_NUM_THREADS) shared among the workers of a host, or 1 when the first fit steps are faster so
+    threads: Literal["auto"] | PositiveInt = "auto"
     # speed levers (benchmarks/bench.py): NHWC inputs, used only when the model gives the same logits with them
     channels_last: bool = True
     # reduced-precision forward (autocast): faster on GPUs, changes maps slightly (part of the fingerprint)
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
-    @field_validator("workers", mode="before")
+    @field_validator("workers", "threads", mode="before")
     @classmethod
     def _check_workers(cls, value: Any) -> Any:
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):

@@ -44,6 +44,7 @@ compute:
   workers: auto                     # local: one per visible GPU, else 1
   device: auto                      # auto | cpu | cuda | cuda:<index>
   batch_size: 16                    # images (fields or tiles) fitted together on one device
+  threads: auto                     # torch threads per process: auto (the CPUs it may use; 1 when faster) | N
   channels_last: true               # NHWC inputs when the model gives the same logits with them (faster)
   precision: float32                # bfloat16 / float16: faster on GPUs, maps change slightly
   slurm:                            # cluster: slurm (dask-jobqueue SLURMCluster), one worker per job

@@ -33,6 +33,7 @@ from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
 from pcim_cli.io import images, store, summary
 from pcim_cli.io.model import LoadedModel, _summary, load_model
+from pcim_cli.run import threads
 
 logger = logging.getLogger(__name__)
 
@@ -301,8 +302,9 @@ class _Batcher:
                 f"{task.input_size[1]}); fields must be at least the model's input size: set model.input_size "
                 "to at most the field size, or null if the model accepts any size"
             ) from exc
-        if self.forward is None:
-            self.forward = fast_forward(task, self.model, tiling.cut(x, grid, range(1))[0])
+        if self.forward is None:  # on a CPU, the first fit steps may decide the torch threads (threads.py)
+            self.forward = threads.probing(fast_forward(task, self.model, tiling.cut(x, grid, range(1))[0]),
+                                           task.device)
         probs = self._predict(x, grid)
         targets = _targets(task, int(probs.argmax()))
         field = _Field(files, x, read_s, grid, probs, targets,
