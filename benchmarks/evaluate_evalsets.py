@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/evaluate_evalsets.py --sets nuclei,nuclei-resnet --n 16
 
 Every method of `explain.method` with its default settings, scored exactly as `pcim evaluate` scores a
-plate (pcim_cli/report/evaluate.py), including the randomised-model sanity check. Prints one markdown table
-per set and writes benchmarks/results/evaluate_<set>.csv.
+plate (pcim_cli/report/evaluate.py), including the randomised-model sanity check; `pcim-old` is PCIM
+with the default before issue 14 (300 steps at a constant lr 0.1). Prints one markdown table per set
+and writes benchmarks/results/evaluate_<set>.csv.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evalsets  # noqa: E402
-from compare_formulations import SETS  # noqa: E402
+from compare_formulations import OLD_DEFAULT, SETS  # noqa: E402
 
 from pcim_cli.engine import metrics  # noqa: E402
 from pcim_cli.engine.attribute import METHODS, attribute  # noqa: E402
@@ -29,7 +30,12 @@ from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
 from pcim_cli.report import evaluate  # noqa: E402
 
 
+#: method names of this script that are PCIM with other settings
+PRESETS = {"pcim-old": ("pcim", OLD_DEFAULT)}
+
+
 def maps_of(model, x, target, method, opts, batch):
+    method, opts = PRESETS.get(method, (method, opts))
     return torch.cat([attribute(model, x[i : i + batch], target[i : i + batch], method, opts,
                                 seeds=torch.arange(i, min(i + batch, len(x)))).maps
                       for i in range(0, len(x), batch)])
@@ -38,7 +44,7 @@ def maps_of(model, x, target, method, opts, batch):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="nuclei,nuclei-resnet")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(["pcim-old", *METHODS]))
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args(argv)
