@@ -439,7 +439,8 @@ def table(res: dict) -> str:
             lines.append(f"| busy machine: demo plate ({len(b['wells'])} wells, T={b['steps']}) beside 2 torch jobs, "
                          f"{what} | {r['ratio_to_bound']:.2f}x the one-thread bound under the same load "
                          f"({r['fit_s']:.1f} s vs {b['bound_s']:.1f} s) |")
-        lines.append(f"| the load itself: one thread's step under it / quiet | {b['load_slowdown_of_one_thread']:.2f}x |")
+        lines.append(f"| the load itself: one thread's step under it / quiet | "
+                     f"{b['load_slowdown_of_one_thread']:.2f}x |")
     return "\n".join(lines)
 
 
