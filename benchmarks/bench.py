@@ -53,6 +53,9 @@ from pcim_cli.engine.pcim import FastForward, PcimOptions, fit_pcim  # noqa: E40
 
 DEMO = ROOT / "sample_plates" / "demo"
 RESULTS = ROOT / "benchmarks" / "results"
+#: classifier steps per map of the default fit, and of the default before issue 14 (for comparison)
+DEFAULT_T = PcimOptions().steps
+OLD_T = 300
 SECTIONS = ("bound", "batch", "levers", "baselines", "tiled", "demo", "workers", "busy")
 
 
@@ -117,7 +120,7 @@ def bench_batch(steps: int, sizes: tuple[int, ...]) -> list[dict]:
             fwd = FastForward(model, channels_last=cl)
             secs = _timed(lambda x=x, target=target, fwd=fwd: fit_pcim(fwd, x, target, PcimOptions(steps=steps)))
             out.append({"batch": b, "channels_last": cl, "steps": steps, "s": secs, "maps_per_s": b / secs,
-                        "s_per_map_at_300_steps": secs / b * 300 / steps})
+                        "s_per_map_at_default_steps": secs / b * DEFAULT_T / steps})
     return out
 
 
@@ -141,16 +144,19 @@ def bench_levers(steps: int, batch: int) -> list[dict]:
     return out
 
 
-def bench_baselines(batch: int, pcim_s_per_map_300: float) -> dict:
+def bench_baselines(batch: int, pcim_s_per_step_per_map: float) -> dict:
     model = _demo_model()
     x, target = _demo_images(batch)
     backend = "captum" if attribute_mod.captum_available() else "torch (pcim_cli.engine.baselines)"
     opts = PcimOptions()
-    out = {"backend": backend, "batch": batch, "pcim_s_per_map_300_steps": pcim_s_per_map_300, "methods": {}}
+    pcim_default, pcim_old = pcim_s_per_step_per_map * DEFAULT_T, pcim_s_per_step_per_map * OLD_T
+    out = {"backend": backend, "batch": batch, "pcim_default_steps": DEFAULT_T, "pcim_s_per_map": pcim_default,
+           "pcim_s_per_map_old_300_steps": pcim_old, "methods": {}}
     for method in ("saliency", "integrated-gradients", "occlusion"):
         secs = _timed(lambda m=method: attribute_mod.attribute(model, x, target, m, opts))
         out["methods"][method] = {"s_per_map": secs / batch,
-                                  "pcim_over_method": pcim_s_per_map_300 / (secs / batch)}
+                                  "pcim_over_method": pcim_default / (secs / batch),
+                                  "pcim_old_over_method": pcim_old / (secs / batch)}
     out["methods"]["integrated-gradients"]["steps"] = opts.ig_steps
     out["methods"]["occlusion"]["window_stride"] = [opts.occlusion_window, opts.occlusion_stride]
     return out
@@ -398,15 +404,16 @@ def table(res: dict) -> str:
         b = res["bound"]
         lines += [
             f"| classifier bound, T x fwd+bwd (T={b['steps']}, {2 * b['batch']} images of 3x128x128) "
-            f"| {b['bound_s_per_map'] * 300 / b['steps']:.2f} s per map at T=300 |",
-            f"| PCIM fit (B={b['batch']}, same T) | {b['pcim_s_per_map'] * 300 / b['steps']:.2f} s per map at T=300 |",
+            f"| {b['bound_s_per_map'] * DEFAULT_T / b['steps']:.2f} s per map at T={DEFAULT_T} |",
+            f"| PCIM fit (B={b['batch']}, same T) | {b['pcim_s_per_map'] * DEFAULT_T / b['steps']:.2f} s per map at "
+            f"T={DEFAULT_T} |",
             f"| PCIM / bound | {b['ratio']:.3f} (runs: {', '.join(f'{r:.3f}' for r in b['ratios'])}) |",
             f"| mixing + Adam alone (free model) / bound | {b['mixing_share_of_bound']:.3f} |",
         ]
     for r in res.get("batch", []):
         lines.append(f"| batch {r['batch']}{' + channels_last' if r['channels_last'] else ''}: maps per second "
-                     f"(T={r['steps']}) | {r['maps_per_s']:.2f} ({r['s_per_map_at_300_steps']:.2f} s per map "
-                     "at T=300) |")
+                     f"(T={r['steps']}) | {r['maps_per_s']:.2f} ({r['s_per_map_at_default_steps']:.2f} s per map "
+                     f"at T={DEFAULT_T}) |")
     for r in res.get("levers", []):
         lines.append(f"| {r['precision']}{' + channels_last' if r['channels_last'] else ''} "
                      f"(B={r['batch']}, T={r['steps']}) | time x{r['time_vs_float32']:.2f} of float32; "
@@ -414,8 +421,9 @@ def table(res: dict) -> str:
     if "baselines" in res:
         bl = res["baselines"]
         for m, r in bl["methods"].items():
-            lines.append(f"| {m} ({bl['backend']}) | {r['s_per_map']:.3f} s per map; PCIM at T=300 is "
-                         f"{r['pcim_over_method']:.0f}x slower |")
+            lines.append(f"| {m} ({bl['backend']}) | {r['s_per_map']:.3f} s per map; PCIM at T={DEFAULT_T} is "
+                         f"{r['pcim_over_method']:.1f}x slower (at the old T={OLD_T}: "
+                         f"{r['pcim_old_over_method']:.0f}x) |")
     if "tiled" in res and "error" not in res["tiled"]:
         t = res["tiled"]
         lines += [
@@ -470,8 +478,8 @@ def main() -> None:
     if "levers" in only:
         res["levers"] = bench_levers(steps=3 if q else 10, batch=16)
     if "baselines" in only:
-        per_map = res["bound"]["pcim_s_per_map"] * 300 / res["bound"]["steps"] if "bound" in res else float("nan")
-        res["baselines"] = bench_baselines(4 if q else 16, per_map)
+        per_step = res["bound"]["pcim_s_per_map"] / res["bound"]["steps"] if "bound" in res else float("nan")
+        res["baselines"] = bench_baselines(4 if q else 16, per_step)
     if "tiled" in only:  # in a fresh process, so that its peak memory is its own
         proc = subprocess.run([sys.executable, __file__, "--child-tiled", str(1 if q else 2)], capture_output=True,
                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

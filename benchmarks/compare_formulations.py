@@ -37,7 +37,7 @@ DEFAULT = PcimOptions()
 #: the default before issue 14 (300 steps at a constant lr 0.1 from zero logits); the dual-* variants and
 #: the first sweep of docs/method.md are built on it
 OLD_DEFAULT = dataclasses.replace(DEFAULT, steps=300, lr=0.1, schedule="constant", warmup=0, coarse=0,
-                                  init="zero", beta1=0.9, beta2=0.999)
+                                  init="zero", noise=0.0, beta1=0.9, beta2=0.999)
 
 LADDER = (0.02, 0.05, 0.15)
 
@@ -186,6 +186,8 @@ def main(argv=None) -> int:
             res = run_method(method, data, args.batch, per_image)
             rows.append({"set": set_name, "method": method, **res})
             images += [{"set": set_name, "method": method, **r} for r in per_image]
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as it goes: long runs can be read early
+            pd.DataFrame(images).to_csv(Path(args.out).with_suffix(".images.csv"), index=False)
             print(f"{set_name:18s} {method:24s} " + " ".join(
                 f"{k}={v:.3f}" for k, v in res.items()), flush=True)
     df = pd.DataFrame(rows)

@@ -269,6 +269,12 @@ class ExplainConfig(_Section):
     tv: float = Field(_ENGINE.tv, ge=0)
     noise: float = Field(_ENGINE.noise, ge=0)
     patience: int = Field(_ENGINE.patience, ge=0)  # early stopping; 0 = always run `steps`
+    # how the fit proceeds (engine/schedule.py; docs/method.md "Fewer passes per map"): lr schedule, linear
+    # warm-up steps, first logits (gradient: from the input gradient, one more pass) and their peak
+    schedule: Literal["constant", "cosine", "step"] = _ENGINE.schedule
+    warmup: int = Field(_ENGINE.warmup, ge=0)
+    init: Literal["zero", "gradient"] = _ENGINE.init
+    init_scale: float = Field(_ENGINE.init_scale, gt=0)
     tol: float = Field(_ENGINE.tol, gt=0)
     map_contrast: bool = _ENGINE.map_contrast  # map x |field - deleted value|: relevance on the pixels, not beside
     # baseline settings (method: integrated-gradients | occlusion | rise); PCIM ignores them

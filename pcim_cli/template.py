@@ -32,8 +32,10 @@ model:
 explain:
   method: pcim                      # pcim | saliency | integrated-gradients | occlusion | rise
   target: predicted                 # predicted | a class name | layout:<column> | all
-  steps: 300                        # optimisation steps per map
-  lr: 0.1
+  steps: 49                         # optimisation steps per map (x 2 images + 1 gradient pass = 99 passes)
+  lr: 0.3
+  schedule: constant                # learning rate over the steps: constant | cosine | step
+  init: gradient                    # first mixing logits: gradient (input gradient) | zero
   per_channel: false                # true: one map per input channel instead of one shared map
   seed: 0
   fidelity: true                    # deletion / insertion AUC of every map into the CSV

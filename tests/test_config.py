@@ -53,7 +53,8 @@ def test_minimal_config_defaults_and_paths(tmp_path: Path, monkeypatch: pytest.M
     assert cfg.model.normalize == NormalizePercentile(low=1.0, high=99.8)
     explain = cfg.explain.model_dump()
     assert {k: explain[k] for k in ("method", "target", "steps", "lr", "per_channel", "seed")} == {
-        "method": "pcim", "target": "predicted", "steps": 300, "lr": 0.1, "per_channel": False, "seed": 0}
+        "method": "pcim", "target": "predicted", "steps": 49, "lr": 0.3, "per_channel": False, "seed": 0}
+    assert (cfg.explain.schedule, cfg.explain.init, cfg.explain.noise) == ("constant", "gradient", 0.02)
     assert cfg.compute.cluster == "local" and cfg.compute.workers == "auto"
     assert cfg.compute.device == "auto" and cfg.compute.batch_size == 16
     assert cfg.compute.slurm.walltime == "01:00:00" and cfg.compute.slurm.job_extra == []

@@ -112,3 +112,44 @@ def test_invalid_schedule_options_are_refused() -> None:
     with pytest.raises(ValueError, match="beta1"):
         dataclasses.replace(PcimOptions(), beta2=1.0)
     assert math.isclose(schedule.FLOOR, 0.05)
+
+
+# ---------------------------------------------------------------------------------------- through the CLI
+
+#: the default before issue 14, as README's --set line gives it (with fewer steps, to keep the test short)
+OLD_STYLE = ("explain.schedule=constant", "explain.lr=0.1", "explain.init=zero", "explain.noise=0")
+
+
+def test_the_old_default_is_reachable_by_settings_and_a_new_default_redoes_the_fields(tmp_path) -> None:
+    """The --set line of the old default runs the old fit exactly (the engine called with the old options
+    gives the same maps); the settings fingerprint differs, so a run with the new defaults redoes them."""
+    import numpy as np
+    from plate_factory import make_plate, run_pcim
+
+    from pcim_cli.io import images, store
+
+    plate = make_plate(tmp_path, wells=("A02",), steps=8)
+    sets = [a for s in OLD_STYLE for a in ("--set", s)]
+    old = run_pcim("explain", str(plate), *sets)
+    assert old.returncode == 0, old.stderr[-2000:]
+    zarr_path = tmp_path / "out" / "P1.zarr"
+    stored, _, record = store.read_field(zarr_path, "A02", 0)
+    assert (record["settings"]["engine"]["init"], record["settings"]["engine"]["noise"]) == ("zero", 0.0)
+
+    files = sorted((tmp_path / "images").glob("A02_s1_w*.tif"))
+    src = images.FieldSource("A02", 1, tuple(files))
+    x = torch.from_numpy(images.normalize(images.read_field(src, 3), "percentile", low=1.0, high=99.8))[None]
+    model = torch.jit.load(str(tmp_path / "classifier.ts")).eval()
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    opts = PcimOptions(steps=8, lr=0.1, schedule="constant", init="zero", noise=0.0)
+    direct = fit_pcim(model, x, target, opts).maps[0].numpy()
+    np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-6)
+
+    new = run_pcim("explain", str(plate))  # the new defaults: another fingerprint, every field redone
+    assert new.returncode == 0, new.stderr[-2000:]
+    assert "(2 fitted by this run)" in new.stderr, new.stderr[-2000:]
+    again = run_pcim("explain", str(plate))
+    assert "(0 fitted by this run)" in again.stderr, again.stderr[-2000:]
+    record = store.read_field(zarr_path, "A02", 0)[2]
+    assert (record["settings"]["engine"]["init"], record["settings"]["engine"]["schedule"]) == ("gradient", "constant")
