@@ -25,8 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import evalsets  # noqa: E402
-from compare_formulations import OLD_DEFAULT, SETS  # noqa: E402
+from compare_formulations import OLD_DEFAULT, load_set  # noqa: E402
 from evalsets.tiled import TiledModel, field_maps  # noqa: E402
 
 from pcim_cli.engine import metrics  # noqa: E402
@@ -60,8 +59,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     opts = PcimOptions()
     for set_name in args.sets.split(","):
-        spec = dict(SETS[set_name])
-        data = evalsets.load(spec.pop("name"), n=args.n, **spec)
+        data = load_set(set_name, args.n)
         model, x, target, tile = data["model"], data["x"], data["target"], data.get("tile")
         fields = [evaluate._Field("-", i, x[i], data["mask"][i]) for i in range(len(x))]
         rand = None if args.no_sanity else evaluate.randomized_copy(model, seed=0)

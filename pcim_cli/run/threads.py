@@ -224,9 +224,12 @@ class ThreadProbe(torch.nn.Module):
     """A forward callable that times the fit's own steps at `n` threads and at one, then keeps the faster.
 
     A PCIM step calls the model once with gradients on; the time from one such call to the next is one
-    whole step (forward, backward, mixing, Adam) at the thread count set for it. The first step at each
-    count is a warm-up (thread pool start, kernel choice); then `rounds` steps each, alternating (fewer
-    when one count is `CLEAR` times faster than the other after a round). Calls
+    whole step (forward, backward, mixing, Adam) at the thread count set for it. The first step, at one
+    thread, is a warm-up (a TorchScript model's profiling run, kernel choice); then `rounds` steps at
+    each count, alternating, n first (fewer when one count is `CLEAR` times faster than the other after
+    a round). No warm-up at n: on a busy node a step at n threads can cost 7x one at one thread, and
+    starting n threads' pool costs milliseconds (what it adds to the first timed step at n only
+    favours one thread, the count that takes nothing from the node's other jobs). Calls
     without gradients (p(target | x), the final evaluation, fidelity curves) and steps of another batch
     shape are not timed. Once decided, the choice is set with torch.set_num_threads and recorded for the
     process; the wrapper then only forwards.
@@ -236,7 +239,7 @@ class ThreadProbe(torch.nn.Module):
                  clock: Callable[[], float] = time.perf_counter):
         super().__init__()
         self.model, self.n, self.clock = model, n, clock
-        self.plan = [n, 1] + [n, 1] * rounds  # thread count for each timed step; the first two warm up
+        self.plan = [1] + [n, 1] * rounds  # thread count for each timed step; the first warms up
         self.timings: dict[int, list[float]] = {n: [], 1: []}
         self._last: tuple[float, int, tuple[int, ...]] | None = None  # (time, threads, shape) of the open step
         self.done = False
@@ -263,14 +266,19 @@ class ThreadProbe(torch.nn.Module):
     def _clear(self) -> bool:
         """After a timed step at each count: one count already `CLEAR` times faster than the other
         (on a busy node n threads can be 10x slower: no need to pay for more such steps)."""
-        a, b = self.timings[self.n][1:], self.timings[1][1:]
+        warm = self.warm()
+        a, b = warm[self.n], warm[1]
         if not a or not b or len(a) != len(b):
             return False
         ratio = statistics.median(a) / statistics.median(b)
         return ratio > CLEAR or ratio < 1 / CLEAR
 
+    def warm(self) -> dict[int, list[float]]:
+        """Step times per thread count, without the warm-up step (the first, at one thread)."""
+        return {self.n: list(self.timings[self.n]), 1: self.timings[1][1:]}
+
     def _finish(self) -> None:
-        warm = {k: v[1:] for k, v in self.timings.items()}  # the first step at each count warmed up
+        warm = self.warm()
         chosen = decide(warm)
         torch.set_num_threads(chosen)
         _POLICY.chosen, _POLICY.decided_at = chosen, self.clock()
