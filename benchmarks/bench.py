@@ -376,7 +376,7 @@ def _pair_bound(model, x: torch.Tensor, steps: int, repeats: int = 3) -> float:
                             for _ in range(repeats)]))
 
 
-def bench_busy(wells: list[str], steps: int) -> dict:
+def bench_busy(wells: list[str], steps: int, settings: tuple[str, ...] = ("auto", "cpus")) -> dict:
     """The demo wells through `pcim explain` beside two torch jobs, vs the one-thread bound under that load."""
     from pcim_cli.io import store
     from pcim_cli.run import threads
@@ -393,7 +393,7 @@ def bench_busy(wells: list[str], steps: int) -> dict:
     try:
         time.sleep(3)  # let them start
         bound_before = _pair_bound(model, x, steps)
-        for setting in ("auto", str(cpus)):
+        for setting in (str(cpus) if s == "cpus" else s for s in settings):
             with tempfile.TemporaryDirectory() as tmp:
                 log = Path(tmp) / "run.log"
                 proc = subprocess.run(
@@ -413,7 +413,9 @@ def bench_busy(wells: list[str], steps: int) -> dict:
         for job in jobs:
             job.kill()
             job.wait()
-    bound = len(wells) * (bound_before + bound_after) / 2  # one chunk (2 maps) per well
+    # one chunk (2 maps) per well; the default fit's gradient init adds one pass of the 2 images (half a pair)
+    passes = (steps + 0.5 * (PcimOptions().init == "gradient")) / steps
+    bound = len(wells) * (bound_before + bound_after) / 2 * passes
     out.update(bound_s=bound, bound_before_s=bound_before * len(wells), bound_after_s=bound_after * len(wells),
                load_slowdown_of_one_thread=(bound_before + bound_after) / 2 / steps / quiet_step)
     for r in out["runs"].values():
@@ -536,6 +538,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(SECTIONS), help="sections, comma-separated, or early-stopping")
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats (a smoke run)")
+    ap.add_argument("--busy-threads", default="auto,cpus",
+                    help="busy: compute.threads settings to run beside the load (cpus = as many as CPUs)")
     ap.add_argument("--n", type=int, default=12, help="images per eval set (early-stopping)")
     ap.add_argument("--patience", default="0,20,50", help="patience values (early-stopping)")
     ap.add_argument("--child-tiled", type=int, help=argparse.SUPPRESS)
@@ -569,7 +573,8 @@ def main() -> None:
     if "workers" in only:
         res["workers"] = bench_workers()
     if "busy" in only:
-        res["busy"] = bench_busy(["A01"] if q else ["A01", "A02", "B01", "B02"], steps=20 if q else PcimOptions().steps)
+        res["busy"] = bench_busy(["A01"] if q else ["A01", "A02", "B01", "B02"], steps=20 if q else PcimOptions().steps,
+                                 settings=tuple(args.busy_threads.split(",")))
     if "objects" in only:
         res["objects"] = bench_objects(["A01"] if q else ["A01", "A02", "B01", "B02"], 256 if q else 512)
     res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
