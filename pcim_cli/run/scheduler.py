@@ -7,12 +7,12 @@ reported through `on_well` as it finishes). The unit of work is one well (`worke
 - ``local``: a `distributed.LocalCluster` of worker *processes*, one thread each: one per visible GPU
   (each pinned to its GPU through CUDA_VISIBLE_DEVICES), or ``compute.workers`` CPU workers (auto: 1)
   that share the CPUs of this machine or of this SLURM allocation.
-
-Torch threads per fitting process follow ``compute.threads`` (run/threads.py: the CPUs the process may
-really use, shared among the workers of a host, and on a busy CPU only as many as pay).
 - ``address`` / ``scheduler-file``: attach to a running scheduler (``dask scheduler`` + ``dask worker``,
   e.g. started with srun inside an sbatch job); its workers must see the same files.
 - ``slurm``: a `dask_jobqueue.SLURMCluster` whose worker jobs pcim submits (``compute.slurm``).
+
+Torch threads per fitting process follow ``compute.threads`` (run/threads.py: the CPUs the process may
+really use, shared among the workers of a host, and on a busy CPU only as many as pay).
 
 Faults: a well whose task raises becomes failed rows (one per field) with the message; the run goes
 on. A worker process that dies has its wells rerun elsewhere; a well that kills
