@@ -59,13 +59,16 @@ class PcimOptions:
     rise_masks: int = 1000  # RISE: random masks per map
     rise_cell: int = 16  # RISE: size (px) of one cell of the random low-resolution grid
     rise_p: float = 0.5  # RISE: probability that a cell is kept
+    # pcim-amortised (engine/explainer.py): per-image fit steps continued from the explainer's logits, their lr
+    refine_steps: int = 0
+    refine_lr: float = 0.05
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, list):  # from YAML / JSON
             object.__setattr__(self, "budget", tuple(self.budget))
         problems = []
-        if self.steps < 1:
-            problems.append(f"steps must be >= 1, got {self.steps}")
+        if self.steps < 0:  # 0: no fit, the maps and probabilities of fit_pcim's `init` logits
+            problems.append(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.resolution < 1:
@@ -84,6 +87,10 @@ class PcimOptions:
         for name in ("ig_steps", "occlusion_window", "occlusion_stride", "rise_masks", "rise_cell"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.refine_steps < 0:
+            problems.append(f"refine_steps must be >= 0, got {self.refine_steps}")
+        if not self.refine_lr > 0:
+            problems.append(f"refine_lr must be > 0, got {self.refine_lr}")
         if not 0 < self.rise_p < 1:
             problems.append(f"rise_p must be in (0, 1), got {self.rise_p}")
         if problems:
@@ -236,6 +243,7 @@ def fit_pcim(
     target: torch.Tensor,
     opts: PcimOptions | None = None,
     seeds: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
 ) -> PcimResult:
     """Fit one mixing layer per image of x (B, C, H, W) for its target class (B,) against model.
 
@@ -244,6 +252,8 @@ def fit_pcim(
     opts.seed + arange(B). With several budgets, each image is fitted once per budget in the same
     batch and its maps are averaged (so pixels kept even under the smallest budget rank highest);
     the probabilities reported are the means over the budgets. Returns maps of the input's size.
+    init: initial mixing logits (B, M, h, w) of weight_shape (default zeros), e.g. an explainer's, to
+    continue ("refine") from them.
     """
     opts = opts or PcimOptions()
     if x.dim() != 4:
@@ -259,7 +269,8 @@ def fit_pcim(
         with torch.no_grad():
             prob_original = target_log_probs(model(x), target)[0].exp()
         w, p_kept, p_deleted, loss, steps = _fit_rows(
-            model, x.repeat(k, 1, 1, 1), target.repeat(k), seeds.repeat(k), budgets, opts)
+            model, x.repeat(k, 1, 1, 1), target.repeat(k), seeds.repeat(k), budgets, opts,
+            None if init is None else init.repeat(k, 1, 1, 1))
     maps = attribution_map(w, (h, wd), budgets)
     maps = maps.view(k, b, *maps.shape[1:]).mean(0)
     if opts.map_contrast:
@@ -275,7 +286,7 @@ def fit_pcim(
 
 
 def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torch.Tensor,
-              budgets: torch.Tensor | None, opts: PcimOptions):
+              budgets: torch.Tensor | None, opts: PcimOptions, init: torch.Tensor | None = None):
     """The Adam loop over rows of x, each row with its own logits, target, seed and budget."""
     b, _, h, wd = x.shape
     keep_sub = mixing.substrate(x, opts.keep_substrate, opts.blur_sigma)
@@ -284,12 +295,15 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
         del_sub = torch.zeros_like(x)
     dual = opts.objective == "keep-delete"
 
-    w = torch.zeros(mixing.weight_shape(x.shape, opts.per_channel, opts.resolution), dtype=x.dtype,
-                    device=x.device)
+    shape = mixing.weight_shape(x.shape, opts.per_channel, opts.resolution)
+    if init is not None and tuple(init.shape) != shape:
+        raise ValueError(f"init must have the weights' shape {shape}, got {tuple(init.shape)}")
+    w = torch.zeros(shape, dtype=x.dtype, device=x.device) if init is None else \
+        init.detach().to(dtype=x.dtype, device=x.device).clone()
     adam = _Adam(w, opts.lr)
     best = torch.full((b,), float("inf"), dtype=x.dtype, device=x.device)
     since_best = torch.zeros(b, dtype=torch.long, device=x.device)
-    last_loss = torch.zeros(b, dtype=x.dtype, device=x.device)
+    last_loss = torch.full((b,), float("nan"), dtype=x.dtype, device=x.device)  # NaN: no step taken
     active = torch.ones(b, dtype=torch.bool, device=x.device)
 
     stacked: list[torch.Tensor] = []  # [x; x] and [keep substrate; delete substrate], made once

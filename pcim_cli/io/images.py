@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -283,6 +284,13 @@ def read_field(src: FieldSource, n_channels: int) -> np.ndarray:
             )
         planes.append(img[0])
     return np.stack(planes)
+
+
+def read_normalized(src: FieldSource, n_channels: int, settings: Mapping[str, Any]) -> np.ndarray:
+    """read_field, then normalize with the keys of `model.normalize` (a dict with its `method`)."""
+    norm = dict(settings)
+    method = norm.pop("method", "percentile")
+    return normalize(read_field(src, n_channels), method, **norm)
 
 
 def field_size(src: FieldSource) -> tuple[int, int] | None:

@@ -24,6 +24,7 @@ from pcim_cli.engine.attribute import method_settings
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, EXIT_TEMPFAIL, ConfigError, InputDataError
 from pcim_cli.io import images, plate, store, summary
+from pcim_cli.io.explainer import LoadedExplainer, check_explainer, load_explainer
 from pcim_cli.io.lock import RunLock
 from pcim_cli.io.model import LoadedModel, check_classes, load_model, resolve_device
 from pcim_cli.run import rerun, scheduler
@@ -73,8 +74,9 @@ def engine_options(cfg: RunConfig) -> PcimOptions:
     return PcimOptions(**{k: values[k] for k in ENGINE_KEYS if k in values})
 
 
-def fingerprint(cfg: RunConfig, model_sha256: str) -> str:
-    """sha256 of every setting that changes a map: model, channels, normalisation, target, engine."""
+def fingerprint(cfg: RunConfig, model_sha256: str, explainer_sha256: str | None = None) -> str:
+    """sha256 of every setting that changes a map: model, channels, normalisation, target, engine (and
+    for pcim-amortised the explainer's sha256)."""
     settings = {
         "model": model_sha256,
         "channels": list(cfg.plate.channels),
@@ -86,6 +88,8 @@ def fingerprint(cfg: RunConfig, model_sha256: str) -> str:
         "engine": method_settings(cfg.explain.method, engine_options(cfg)),
         "pcim": __version__.rsplit(".", 1)[0],
     }
+    if cfg.explain.method == "pcim-amortised":
+        settings["explainer"] = explainer_sha256
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -127,6 +131,7 @@ class PlateInventory:
     layout: pd.DataFrame | None
     fields: dict[str, list[images.FieldSource]]
     problems: list[str]
+    explainer: LoadedExplainer | None = None  # pcim-amortised: loaded and checked against the model
 
     @property
     def summary(self) -> dict:
@@ -140,11 +145,18 @@ class PlateInventory:
         }
 
 
-def inspect_plate(cfg: RunConfig) -> PlateInventory:
-    """Model probe, class names, layout and image discovery. Raises when no field at all is usable."""
+def inspect_plate(cfg: RunConfig, explainer: bool | None = None) -> PlateInventory:
+    """Model probe, class names, layout and image discovery. Raises when no field at all is usable.
+
+    explainer: load explain.explainer and refuse one trained for another classifier, channels,
+    normalisation or objective (ConfigError); None = when explain.method is pcim-amortised.
+    """
     device = resolve_device(cfg.compute.device)
     model = load_model(cfg.model.path, len(cfg.plate.channels), cfg.model.input_size, device=device)
     classes = check_classes(model, cfg.model.classes)
+    loaded = None
+    if explainer or (explainer is None and cfg.explain.method == "pcim-amortised"):
+        loaded = load_checked_explainer(cfg, model, classes)
     layout = plate.read_layout(cfg.plate.layout) if cfg.plate.layout is not None else None
     found, problems = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels,
                                              cfg.plate.wells)
@@ -155,7 +167,19 @@ def inspect_plate(cfg: RunConfig) -> PlateInventory:
             f"no complete field found under {cfg.plate.images}: "
             + ("; ".join(problems[:5]) or f"check plate.images and plate.pattern ({cfg.plate.pattern!r})")
         )
-    return PlateInventory(model, classes, layout, found, problems)
+    return PlateInventory(model, classes, layout, found, problems, loaded)
+
+
+def load_checked_explainer(cfg: RunConfig, model: LoadedModel, classes: list[str]) -> LoadedExplainer:
+    """explain.explainer, loaded on the model's device and checked against this plate's setup."""
+    hint = str(cfg.config_path or "plate.yaml")
+    if cfg.explain.explainer is None:
+        raise ConfigError("explain.explainer: not set; name the file that `pcim train-explainer "
+                          f"{hint} --out explainer.pt` wrote (e.g. --set explain.explainer=explainer.pt)")
+    loaded = load_explainer(cfg.explain.explainer, device=model.device, hint=hint)
+    check_explainer(loaded, model_sha256=model.sha256, model_path=model.path, channels=list(cfg.plate.channels),
+                    normalize=cfg.model.normalize.model_dump(), classes=classes, opts=engine_options(cfg), hint=hint)
+    return loaded
 
 
 @dataclass
@@ -208,7 +232,8 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None, write: bool = True) 
     wells = sorted(found, key=plate.parse_well)
     targets = _targets_per_well(cfg, classes, layout, wells)
     opts = engine_options(cfg)
-    print_fp = fingerprint(cfg, model.sha256)
+    explainer = inv.explainer
+    print_fp = fingerprint(cfg, model.sha256, None if explainer is None else explainer.sha256)
     store_path = Path(cfg.output.zarr)
     if write:
         store.create_plate(store_path, cfg.plate.name, {w: len(found[w]) for w in wells},
@@ -238,6 +263,8 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None, write: bool = True) 
             normalize=cfg.model.normalize.model_dump(), model_path=str(model.path), model_sha256=model.sha256,
             input_size=cfg.model.input_size, field_size=field_size, method=cfg.explain.method,
             engine=dataclasses.asdict(opts),
+            explainer_path=None if explainer is None else str(explainer.path),
+            explainer_sha256=None if explainer is None else explainer.sha256,
             batch_size=cfg.compute.batch_size, channels_last=cfg.compute.channels_last,
             precision=cfg.compute.precision, device=model.device, fidelity=cfg.explain.fidelity,
             store_path=str(store_path), store_format=cfg.output.format, fingerprint=print_fp,

@@ -32,6 +32,7 @@ from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
 from pcim_cli.io import images, store, summary
+from pcim_cli.io.explainer import load_explainer
 from pcim_cli.io.model import LoadedModel, _summary, load_model
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class WellTask(BaseModel):
     field_size: tuple[int, int] | None = None  # (H, W) of the plate's fields; a field of another size fails
     method: str = "pcim"
     engine: dict[str, Any]
+    explainer_path: str | None = None  # pcim-amortised: the trained explainer (checked by the driver)
+    explainer_sha256: str | None = None
     batch_size: int = 16
     channels_last: bool = True
     precision: str = "float32"
@@ -76,6 +79,7 @@ class WellTask(BaseModel):
 
 
 _MODELS: dict[tuple[str, str], LoadedModel] = {}
+_EXPLAINERS: dict[tuple[str, str], Forward] = {}
 _CHANNELS_LAST: dict[tuple[str, str], bool] = {}  # (model sha256, device) -> same logits with NHWC inputs
 
 
@@ -113,6 +117,23 @@ def _same_with_channels_last(module: Forward, x: torch.Tensor) -> bool:
 
 
 
+def _explainer(task: WellTask) -> Forward | None:
+    """The task's explainer (pcim-amortised), loaded once per worker process, behind compute.precision."""
+    if task.method != "pcim-amortised":
+        return None
+    key = (str(task.explainer_sha256), task.device)
+    if key not in _EXPLAINERS:
+        if task.explainer_path is None:
+            raise PcimError(f"{task.well}: explain.method pcim-amortised but no explainer; set explain.explainer")
+        loaded = load_explainer(task.explainer_path, device=task.device)
+        if loaded.sha256 != task.explainer_sha256:
+            raise PcimError(f"{task.well}: the explainer {task.explainer_path} changed during the run (sha256 "
+                            f"{loaded.sha256}, planned with {task.explainer_sha256}); rerun pcim explain")
+        module = loaded.module
+        _EXPLAINERS[key] = module if task.precision == "float32" else FastForward(module, task.precision)
+    return _EXPLAINERS[key]
+
+
 def _model(task: WellTask) -> LoadedModel:
     """The task's model, loaded once per worker process (keyed by its sha256 and device)."""
     key = (task.model_sha256, task.device)
@@ -136,10 +157,7 @@ def map_labels(targets: list[str], channels: tuple[str, ...], per_channel: bool)
 
 def _read(task: WellTask, field: FieldFiles) -> np.ndarray:
     src = images.FieldSource(task.well, field.site, tuple(Path(f) for f in field.files))
-    img = images.read_field(src, len(task.channels))
-    norm = dict(task.normalize)
-    method = norm.pop("method", "percentile")
-    return images.normalize(img, method, **norm)
+    return images.read_normalized(src, len(task.channels), task.normalize)
 
 
 def explain_well(task: WellTask) -> list[dict[str, Any]]:
@@ -172,10 +190,11 @@ def explain_well(task: WellTask) -> list[dict[str, Any]]:
         if batcher is None:
             try:
                 model = _model(task)
+                explainer = _explainer(task)
             except PcimError as exc:
                 rows.append(_failed_row(task, field, str(exc)))
                 continue
-            batcher = _Batcher(task, model, opts)
+            batcher = _Batcher(task, model, opts, explainer)
         rows += batcher.add(field, img, read_s)
     if batcher is not None:
         rows += batcher.finish()
@@ -259,8 +278,8 @@ class _Unit:
 class _Batcher:
     """Queues the units of each field and fits them in chunks, stitching and writing finished fields."""
 
-    def __init__(self, task: WellTask, model: LoadedModel, opts: PcimOptions):
-        self.task, self.model, self.opts = task, model, opts
+    def __init__(self, task: WellTask, model: LoadedModel, opts: PcimOptions, explainer: Forward | None = None):
+        self.task, self.model, self.opts, self.explainer = task, model, opts, explainer
         self.forward: Forward | None = None  # the model behind the speed levers, set by the first field
         self.device = torch.device(task.device)
         self.batch = _BatchSize(task)
@@ -277,7 +296,8 @@ class _Batcher:
         except MODEL_ERRORS as exc:
             return [self._fail_row(files, exc)]
         queue = self.queues.setdefault(field.grid.tile, [])
-        queue += [_Unit(field, i, k) for k in range(len(field.targets)) for i in range(field.grid.n_tiles)]
+        # a tile's targets in a row: pcim-amortised makes all of them from one explainer forward
+        queue += [_Unit(field, i, k) for i in range(field.grid.n_tiles) for k in range(len(field.targets))]
         rows: list[dict[str, Any]] = []
         while len(queue) >= self.batch.value:
             rows += self._run(queue)
@@ -363,7 +383,7 @@ class _Batcher:
         tt = torch.tensor([task.classes.index(u.field.targets[u.k]) for u in chunk], device=self.device)
         seeds = torch.tensor([field_seed(opts.seed, task.well, u.field.files.site, u.field.targets[u.k]) + u.tile
                               for u in chunk])
-        result = attribute(self.forward, x, tt, task.method, opts, seeds=seeds)
+        result = attribute(self.forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
         if task.fidelity:  # perturbed images in forward batches no larger than the fit's
             kw = {"chunk": min(64, 2 * len(chunk))}
             dele = metrics.deletion_auc(self.forward, x, result.maps, tt, **kw).tolist()
@@ -402,6 +422,7 @@ class _Batcher:
             "settings": {"normalize": task.normalize, "engine": task.engine, "channels": list(task.channels)},
             "fingerprint": task.fingerprint,
             "model_sha256": task.model_sha256,
+            **({"explainer_sha256": task.explainer_sha256} if task.explainer_sha256 else {}),
             "pcim_version": __version__,
             "seed": self.opts.seed,
             "host": socket.gethostname(),
