@@ -318,8 +318,9 @@ def evaluate(
     plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml.")],
     masks: Annotated[str, typer.Option("--masks", help="Mask file pattern with {well} (or {row}, {col}) and "
                                        "{field}, e.g. masks/{well}_s{field}.tif; nonzero = true evidence.")],
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to compare.")] = (
-        "pcim,saliency,integrated-gradients,occlusion,rise"),
+    methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated methods to compare (default: "
+                                                "pcim,saliency,integrated-gradients,occlusion,rise, and "
+                                                "pcim-amortised when explain.explainer is set).")] = None,
     wells: Annotated[str | None, typer.Option("--wells", help="A number N (N wells spread over the plate, "
                                               "wells with evidence first) or a list A01,B03. Default: all.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: next to the CSV, "
@@ -341,7 +342,8 @@ def evaluate(
         well_arg = int(wells) if wells.strip().isdigit() else [w.strip() for w in wells.split(",") if w.strip()]
     try:
         cfg = load_config(plate_yaml, set_ or ())
-        result = evaluate_lib.evaluate(cfg, masks, methods.split(","), well_arg, out, sanity=not no_sanity)
+        result = evaluate_lib.evaluate(cfg, masks, None if methods is None else methods.split(","), well_arg, out,
+                                       sanity=not no_sanity)
     except Exception as exc:  # noqa: BLE001
         raise _fail(exc) from None
     if as_json:

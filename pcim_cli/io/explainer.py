@@ -55,8 +55,10 @@ def save_explainer(module: torch.nn.Module, path: str | Path, meta: dict[str, An
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        scripted = torch.jit.script(module.eval())
-        torch.jit.save(scripted, str(tmp), _extra_files={META_NAME: text})
+        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; it is still our model format
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit\.")
+            scripted = torch.jit.script(module.eval())
+            torch.jit.save(scripted, str(tmp), _extra_files={META_NAME: text})
         os.replace(tmp, path)
         sha = file_sha256(path)
         side = sidecar_path(path)
