@@ -392,11 +392,11 @@ def train_explainer(
     from pcim_cli.run.progress import StepProgress
 
     _setup_logging(verbose, quiet)
-    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "crop": crop, "seed": seed,
-             "checkpoint_every": checkpoint_every,
-             "val_wells": None if val_wells is None else tuple(w.strip() for w in val_wells.split(",") if w.strip())}
+    engine = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+    run = {"crop": crop, "checkpoint_every": checkpoint_every,
+           "val_wells": None if val_wells is None else tuple(w.strip() for w in val_wells.split(",") if w.strip())}
     try:
-        settings = train_lib.TrainSettings(**{k: v for k, v in given.items() if v is not None})
+        settings = train_lib.settings(engine, run)
         cfgs = [load_config(p, set_ or ()) for p in plate_yamls]
         with StepProgress(fancy=fancy_terminal(), quiet=quiet) as progress:
             result = train_lib.train_explainer(cfgs, out, settings, progress=progress, fresh=fresh)
@@ -414,8 +414,8 @@ def train_explainer(
         typer.echo(f"explainer {result.out} (sha256 {result.sha256[:12]}…): {state}; objective "
                    f"{training['train_objective']:.4f} on training crops, {training['validation_objective']:.4f} on "
                    f"{training['validation_tiles']} validation tiles (untrained "
-                   f"{training['validation_objective_untrained']:.4f}); use it with --set explain.method=pcim-amortised "
-                   f"--set explain.explainer={result.out}", err=True)
+                   f"{training['validation_objective_untrained']:.4f}); use it with "
+                   f"--set explain.method=pcim-amortised --set explain.explainer={result.out}", err=True)
 
 
 @app.command()

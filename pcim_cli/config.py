@@ -14,10 +14,11 @@ a value that is not valid YAML (e.g. ``{well}_s{field}.tif``) is taken as plain 
 ``compute.cluster: address`` and no address anywhere, ``DASK_SCHEDULER_ADDRESS`` fills it in.
 
 Relative paths (``plate.images``, ``plate.layout``, ``model.path``, ``explain.explainer``,
-``output.zarr``, ``output.csv``, ``compute.scheduler_file``) resolve against the YAML file's folder -- also when they come from an
-override -- never against the working directory; ``~`` is expanded. ``{plate}`` in the output paths
-becomes the plate name, which defaults to the YAML file's stem. Unknown keys are errors, and every
-problem is reported at once in one ConfigError, each as ``<yaml.path>: <what is wrong>``.
+``output.zarr``, ``output.csv``, ``compute.scheduler_file``) resolve against the YAML file's folder --
+also when they come from an override -- never against the working directory; ``~`` is expanded.
+``{plate}`` in the output paths becomes the plate name, which defaults to the YAML file's stem.
+Unknown keys are errors, and every problem is reported at once in one ConfigError, each as
+``<yaml.path>: <what is wrong>``.
 
 YAML quirks handled: duplicate keys are errors (PyYAML would keep the last silently), and
 ``01:00:00`` stays text (YAML 1.1 would read ``1:00:00`` as the number 3600).

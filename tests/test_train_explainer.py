@@ -159,8 +159,10 @@ def test_a_killed_training_run_resumes_from_its_checkpoint_to_the_same_result(tm
     a = torch.jit.load(str(out)).state_dict()
     b = torch.jit.load(str(tmp_path / "straight.pt")).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ma, mb = (json.loads(explainer_file.sidecar_path(p).read_text())["training"] for p in (out, tmp_path / "straight.pt"))
-    assert ma["objective_curve"] == mb["objective_curve"] and ma["validation_objective"] == mb["validation_objective"]
+    ma, mb = (json.loads(explainer_file.sidecar_path(p).read_text())["training"]
+              for p in (out, tmp_path / "straight.pt"))
+    assert ma["objective_curve"] == mb["objective_curve"]
+    assert ma["validation_objective"] == mb["validation_objective"]
 
 
 def test_plain_training_progress_lines(caplog):

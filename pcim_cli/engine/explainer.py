@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,7 @@ from torch import nn
 
 from pcim_cli.engine import mixing
 from pcim_cli.engine.pcim import (
+    FastForward,
     Forward,
     PcimOptions,
     PcimResult,
@@ -163,6 +167,121 @@ def train_step(explainer: nn.Module, model: Forward, optimizer: torch.optim.Opti
         loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How an explainer is trained (defaults measured: docs/method.md, "Amortised PCIM")."""
+
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 2e-3  # peak of the one-cycle schedule (Adam)
+    width: int = 16  # channels of the explainer's first block
+    seed: int = 0  # initial weights, and the crops of every step
+    other_targets: float = 0.25  # share of crops trained for a class other than the predicted one
+
+    def __post_init__(self) -> None:
+        problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("steps", "batch_size", "width")
+                    if getattr(self, k) < 1]
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.other_targets < 1:
+            problems.append(f"other_targets must be in [0, 1), got {self.other_targets}")
+        if problems:
+            raise ValueError("invalid training options: " + "; ".join(problems))
+
+
+class Trainer:
+    """Trains an explainer on crops of in-memory images (C, H, W), one `step()` at a time.
+
+    Each step draws `batch_size` crops of `crop` px at random positions of random images, each flipped /
+    rotated by a multiple of 90 degrees at random, targets them at the classifier's predicted class (or,
+    for a share `other_targets`, at another class: the explainer answers for every class), and takes one
+    Adam step with a one-cycle learning-rate schedule. A step's crops depend only on (seed, step), and
+    `state_dict` / `load_state_dict` carry the rest, so a run resumed from a saved state ends exactly
+    where an uninterrupted one does (on the same device and thread count).
+    """
+
+    def __init__(self, model: Forward, images: Sequence[torch.Tensor], n_classes: int, opts: PcimOptions,
+                 topts: TrainOptions, crop: tuple[int, int], device: str | torch.device = "cpu",
+                 precision: str = "float32"):
+        if not images:
+            raise ValueError("no images to train on")
+        if any(im.shape[-2] < crop[0] or im.shape[-1] < crop[1] for im in images):
+            raise ValueError(f"every image must be at least the {crop[0]}x{crop[1]} crop")
+        self.model = model if precision == "float32" else FastForward(model, precision)
+        self.images, self.n_classes, self.opts, self.topts = list(images), n_classes, opts, topts
+        self.crop, self.device = (int(crop[0]), int(crop[1])), device
+        self.net = make_explainer(images[0].shape[0], n_classes, opts, topts.width, topts.seed).to(device)
+        self.runner = self.net if precision == "float32" else FastForward(self.net, precision)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=topts.lr)
+        self.schedule = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=topts.lr,
+                                                            total_steps=topts.steps, pct_start=0.15)
+        self.done = 0
+        self.losses: list[float] = []
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The crops of step `step` and their targets: a function of (seed, step) alone."""
+        g = torch.Generator().manual_seed(self.topts.seed * 1_000_003 + step)
+        ch, cw = self.crop
+        crops = []
+        for i in torch.randint(len(self.images), (self.topts.batch_size,), generator=g).tolist():
+            im = self.images[i]
+            y0 = int(torch.randint(im.shape[-2] - ch + 1, (1,), generator=g))
+            x0 = int(torch.randint(im.shape[-1] - cw + 1, (1,), generator=g))
+            crops.append(_augment(im[:, y0 : y0 + ch, x0 : x0 + cw], int(torch.randint(8, (1,), generator=g))))
+        x = torch.stack(crops).contiguous().to(self.device)
+        target = predicted(self.model, x)
+        if self.n_classes > 1 and self.topts.other_targets > 0:
+            other = (torch.rand(len(x), generator=g) < self.topts.other_targets).to(target.device)
+            shift = torch.randint(1, self.n_classes, (len(x),), generator=g).to(target.device)
+            target = torch.where(other, (target + shift) % self.n_classes, target)
+        return x, target
+
+    def step(self) -> float:
+        """One training step; returns its mean objective."""
+        x, target = self.batch(self.done)
+        loss = train_step(self.runner, self.model, self.optimizer, x, target, self.opts)
+        self.schedule.step()
+        self.done += 1
+        self.losses.append(loss)
+        return loss
+
+    def validation(self, x: torch.Tensor, target: torch.Tensor | None = None) -> float:
+        """Mean objective on held-out images x (targets: the predicted classes)."""
+        if not len(x):
+            return float("nan")
+        x = x.to(self.device)
+        target = predicted(self.model, x) if target is None else target
+        return mean_objective(self.runner, self.model, x, target, self.opts, self.topts.batch_size * 2)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"explainer": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "done": self.done, "losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["explainer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.done, self.losses = int(state["done"]), list(state["losses"])
+
+
+def _augment(x: torch.Tensor, op: int) -> torch.Tensor:
+    """One of the 8 flips / rotations by 90 degrees of a square crop (of the 4 flips of another)."""
+    if x.shape[-1] == x.shape[-2]:
+        x = torch.rot90(x, op % 4, dims=(-2, -1)) if op % 4 else x
+        return x.flip(-1) if op >= 4 else x
+    if op & 1:
+        x = x.flip(-1)
+    return x.flip(-2) if op & 2 else x
+
+
+@torch.no_grad()
+def predicted(model: Forward, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """The classifier's predicted class of each image."""
+    if not len(x):
+        return torch.zeros(0, dtype=torch.long, device=x.device)
+    return torch.cat([model(x[i : i + batch]).argmax(1) for i in range(0, len(x), batch)])
 
 
 @torch.no_grad()

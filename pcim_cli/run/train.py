@@ -38,7 +38,7 @@ from pcim_cli import __version__
 from pcim_cli.config import RunConfig
 from pcim_cli.engine import explainer as ex
 from pcim_cli.engine import tiling
-from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
+from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import ConfigError, InputDataError, PcimError, TemporaryFailure
 from pcim_cli.io import explainer as explainer_file
 from pcim_cli.io import images, plate
@@ -49,32 +49,31 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How an explainer is trained (defaults measured: docs/method.md, "Amortised PCIM")."""
+    """A training run: the engine's TrainOptions plus what data it sees and how it is saved."""
 
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 2e-3  # peak of the one-cycle schedule (Adam)
-    width: int = 16  # channels of the explainer's first block
-    seed: int = 0
+    train: ex.TrainOptions = field(default_factory=ex.TrainOptions)
     crop: int | None = None  # px; None: model.input_size, or whole fields for whole-field models
     val_wells: tuple[str, ...] | None = None  # held out on every plate; None: every 5th well, spread
-    other_targets: float = 0.25  # share of crops trained for a class other than the predicted one
     checkpoint_every: int = 25
     max_val_tiles: int = 64
     memory_gib: float = 2.0  # training fields kept in memory
 
     def __post_init__(self) -> None:
-        problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("steps", "batch_size", "width",
-                                                                           "checkpoint_every", "max_val_tiles")
+        problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("checkpoint_every", "max_val_tiles")
                     if getattr(self, k) < 1]
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
         if self.crop is not None and self.crop < 8:
             problems.append(f"crop must be >= 8 px, got {self.crop}")
-        if not 0 <= self.other_targets < 1:
-            problems.append(f"other_targets must be in [0, 1), got {self.other_targets}")
         if problems:
             raise ConfigError("train-explainer: " + "; ".join(problems))
+
+
+def settings(engine: dict[str, Any], run: dict[str, Any]) -> TrainSettings:
+    """TrainSettings from the command line's values (None: the default); ConfigError names a bad one."""
+    try:
+        topts = ex.TrainOptions(**{k: v for k, v in engine.items() if v is not None})
+    except ValueError as exc:
+        raise ConfigError(f"train-explainer: {exc}") from None
+    return TrainSettings(train=topts, **{k: v for k, v in run.items() if v is not None})
 
 
 @dataclass
@@ -130,62 +129,50 @@ def train_explainer(cfgs: Sequence[RunConfig], out: str | Path, settings: TrainS
             return done
     device = first.inv.model.device
     precision = first.cfg.compute.precision
-    model: Forward = first.inv.model.module
-    if precision != "float32":
-        model = FastForward(model, precision)
     t_start = time.perf_counter()
     data = _load(plates, settings)
-    n_channels, classes = len(first.cfg.plate.channels), first.inv.classes
-    net = ex.make_explainer(n_channels, len(classes), opts, settings.width, settings.seed).to(device)
-    runner: torch.nn.Module = net if precision == "float32" else FastForward(net, precision)
-    optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=settings.steps,
-                                                   pct_start=0.15)
-    val_x = data.val_x.to(device)
-    val_t = _predicted(model, val_x, settings.batch_size * 2)
+    classes, topts = first.inv.classes, settings.train
+    trainer = ex.Trainer(first.inv.model.module, data.fields, len(classes), opts, topts, data.crop, device, precision)
     ckpt = checkpoint_path(out)
-    state = _resume(ckpt, key, net, optimizer, schedule) if not fresh else None
-    if state is None:
-        val_before = ex.mean_objective(runner, model, val_x, val_t, opts) if len(val_x) else float("nan")
-        state = {"step": 0, "val_before": val_before, "losses": [], "seconds": 0.0}
-    resumed_from = state["step"]
+    extra = None if fresh else _resume(ckpt, key, trainer)
+    if extra is None:
+        extra = {"val_before": trainer.validation(data.val_x), "seconds": 0.0}
+    resumed_from = trainer.done
     if resumed_from:
-        logger.info("resuming from %s at step %d of %d", ckpt, resumed_from, settings.steps)
+        logger.info("resuming from %s at step %d of %d", ckpt, resumed_from, topts.steps)
     logger.info("training an explainer for %s (%d classes) on %s: %d training fields, %d validation tiles, "
                 "crops %dx%d, %d steps of %d", first.inv.model.path.name, len(classes), device, len(data.fields),
-                len(val_x), *data.crop, settings.steps, settings.batch_size)
+                len(data.val_x), *data.crop, topts.steps, topts.batch_size)
     from pcim_cli.run.scheduler import _StopSignals
 
     if progress is not None:
-        progress.start(settings.steps, state["step"])
+        progress.start(topts.steps, trainer.done)
     t_loop = time.perf_counter()
     with _StopSignals(grace=3600.0, raise_on_force=True) as stop:
         try:
-            while state["step"] < settings.steps:
-                x, t = _batch(data, model, settings, state["step"], len(classes), device)
-                state["losses"].append(ex.train_step(runner, model, optimizer, x, t, opts))
-                schedule.step()
-                state["step"] += 1
+            while trainer.done < topts.steps:
+                trainer.step()
                 if progress is not None:
-                    progress.update(state["step"], float(np.mean(state["losses"][-20:])))
-                due = state["step"] % settings.checkpoint_every == 0 and state["step"] < settings.steps
+                    progress.update(trainer.done, float(np.mean(trainer.losses[-20:])))
+                due = trainer.done % settings.checkpoint_every == 0 and trainer.done < topts.steps
                 if due or stop.requested:
-                    _save_checkpoint(ckpt, key, net, optimizer, schedule, state, time.perf_counter() - t_loop)
+                    seconds = extra["seconds"] + time.perf_counter() - t_loop
+                    _save_checkpoint(ckpt, key, trainer, {**extra, "seconds": seconds})
                 if stop.requested:
-                    raise TemporaryFailure(f"training interrupted at step {state['step']} of {settings.steps}; "
+                    raise TemporaryFailure(f"training interrupted at step {trainer.done} of {topts.steps}; "
                                            f"checkpoint {ckpt}: rerun the same command to resume")
         except KeyboardInterrupt:
-            raise TemporaryFailure(f"training stopped at step {state['step']} of {settings.steps}; rerun the same "
+            raise TemporaryFailure(f"training stopped at step {trainer.done} of {topts.steps}; rerun the same "
                                    f"command to resume from the last checkpoint ({ckpt})") from None
-    train_s = state["seconds"] + time.perf_counter() - t_loop
-    val_after = ex.mean_objective(runner, model, val_x, val_t, opts) if len(val_x) else float("nan")
-    meta = _meta(plates, settings, opts, data, state, key, val_after, train_s, time.perf_counter() - t_start,
-                 str(device), precision, net)
-    sha = explainer_file.save_explainer(net.cpu(), out, meta)
+    train_s = extra["seconds"] + time.perf_counter() - t_loop
+    val_after = trainer.validation(data.val_x)
+    meta = _meta(plates, settings, opts, data, trainer, extra["val_before"], key, val_after, train_s,
+                 time.perf_counter() - t_start, str(device), precision)
+    sha = explainer_file.save_explainer(trainer.net.cpu(), out, meta)
     ckpt.unlink(missing_ok=True)
     logger.info("wrote %s (sha256 %s…): objective %.4f on the training crops, %.4f on %d validation tiles "
-                "(untrained %.4f)", out, sha[:12], meta["training"]["train_objective"], val_after, len(val_x),
-                state["val_before"])
+                "(untrained %.4f)", out, sha[:12], meta["training"]["train_objective"], val_after, len(data.val_x),
+                extra["val_before"])
     return TrainResult(out=out, sidecar=explainer_file.sidecar_path(out), sha256=sha, meta=meta,
                        resumed_from=resumed_from)
 
@@ -305,53 +292,11 @@ def _load(plates: list[_Plate], settings: TrainSettings) -> _Data:
     return _Data(fields=fields, val_x=val_x, crop=crop, skipped=skipped)
 
 
-def _augment(x: torch.Tensor, op: int) -> torch.Tensor:
-    """One of the 8 flips / rotations by 90 degrees (square crops), or of the 4 flips (others)."""
-    square = x.shape[-1] == x.shape[-2]
-    if square and op % 4:
-        x = torch.rot90(x, op % 4, dims=(-2, -1))
-    if op >= 4 or (not square and op % 2):
-        x = x.flip(-1)
-    if not square and op in (2, 3, 6, 7):
-        x = x.flip(-2)
-    return x
-
-
-def _batch(data: _Data, model: Forward, settings: TrainSettings, step: int, n_classes: int,
-           device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The crops of one step and their targets: a function of (seed, step) alone, so resuming repeats them."""
-    g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-    ch, cw = data.crop
-    crops = []
-    for i in torch.randint(len(data.fields), (settings.batch_size,), generator=g).tolist():
-        f = data.fields[i]
-        y0 = int(torch.randint(f.shape[-2] - ch + 1, (1,), generator=g))
-        x0 = int(torch.randint(f.shape[-1] - cw + 1, (1,), generator=g))
-        op = int(torch.randint(8, (1,), generator=g))
-        crops.append(_augment(f[:, y0 : y0 + ch, x0 : x0 + cw], op))
-    x = torch.stack(crops).contiguous().to(device)
-    target = _predicted(model, x, len(x))
-    if n_classes > 1 and settings.other_targets > 0:
-        other = torch.rand(len(x), generator=g) < settings.other_targets
-        shift = torch.randint(1, n_classes, (len(x),), generator=g)
-        target = torch.where(other.to(target.device), (target + shift.to(target.device)) % n_classes, target)
-    return x, target
-
-
-@torch.no_grad()
-def _predicted(model: Forward, x: torch.Tensor, batch: int) -> torch.Tensor:
-    if not len(x):
-        return torch.zeros(0, dtype=torch.long, device=x.device)
-    return torch.cat([model(x[i : i + batch]).argmax(1) for i in range(0, len(x), batch)])
-
-
 # ---------------------------------------------------------------- checkpoints and the result
 
 
-def _save_checkpoint(path: Path, key: str, net, optimizer, schedule, state: dict, loop_s: float) -> None:
-    doc = {"key": key, "explainer": net.state_dict(), "optimizer": optimizer.state_dict(),
-           "schedule": schedule.state_dict(), "state": {**state, "seconds": state["seconds"] + loop_s},
-           "rng": torch.get_rng_state()}
+def _save_checkpoint(path: Path, key: str, trainer: ex.Trainer, extra: dict) -> None:
+    doc = {"key": key, "trainer": trainer.state_dict(), "extra": extra}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(doc, tmp)
@@ -360,25 +305,23 @@ def _save_checkpoint(path: Path, key: str, net, optimizer, schedule, state: dict
         tmp.unlink(missing_ok=True)
         logger.warning("cannot write the checkpoint %s (%s); training goes on without it", path, exc)
         return
-    logger.debug("checkpoint %s at step %d", path, state["step"])
+    logger.debug("checkpoint %s at step %d", path, trainer.done)
 
 
-def _resume(path: Path, key: str, net, optimizer, schedule) -> dict | None:
+def _resume(path: Path, key: str, trainer: ex.Trainer) -> dict | None:
+    """Load the checkpoint into the trainer; its extra record (None without a usable checkpoint)."""
     if not path.is_file():
         return None
     try:
         doc = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint (killed mid-write) is not used
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is not used
         logger.warning("cannot read the checkpoint %s (%s); starting from step 0", path, exc)
         return None
     if doc.get("key") != key:
         raise ConfigError(f"checkpoint {path} belongs to a training run with other settings, plates or classifier; "
                           "rerun with the same settings to resume it, or with --fresh to start over")
-    net.load_state_dict(doc["explainer"])
-    optimizer.load_state_dict(doc["optimizer"])
-    schedule.load_state_dict(doc["schedule"])
-    torch.set_rng_state(doc["rng"])
-    return doc["state"]
+    trainer.load_state_dict(doc["trainer"])
+    return doc["extra"]
 
 
 def _existing(out: Path, key: str) -> TrainResult | None:
@@ -392,10 +335,11 @@ def _existing(out: Path, key: str) -> TrainResult | None:
                        up_to_date=True)
 
 
-def _meta(plates: list[_Plate], settings: TrainSettings, opts: PcimOptions, data: _Data, state: dict, key: str,
-          val_after: float, train_s: float, total_s: float, device: str, precision: str, net) -> dict[str, Any]:
+def _meta(plates: list[_Plate], settings: TrainSettings, opts: PcimOptions, data: _Data, trainer: ex.Trainer,
+          val_before: float, key: str, val_after: float, train_s: float, total_s: float, device: str,
+          precision: str) -> dict[str, Any]:
     first = plates[0]
-    losses = state["losses"]
+    net, losses = trainer.net, trainer.losses
     tail = losses[-max(1, min(len(losses), 20)):]
     return {
         "pcim_version": __version__,
@@ -407,15 +351,17 @@ def _meta(plates: list[_Plate], settings: TrainSettings, opts: PcimOptions, data
         "crop": list(data.crop),
         "classes": list(first.inv.classes),
         "engine": explainer_file.engine_record(opts),
-        "architecture": {"name": "Explainer", "width": settings.width, "in_channels": net.in_channels,
+        "architecture": {"name": "Explainer", "width": net.width, "in_channels": net.in_channels,
                          "n_classes": net.n_classes, "maps_per_class": net.maps_per_class,
                          "resolution": net.resolution, "parameters": sum(p.numel() for p in net.parameters())},
         "training": {
-            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()},
+            **dataclasses.asdict(settings.train),
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()
+               if k != "train"},
             "key": key, "device": device, "precision": precision,
             "train_objective": float(np.mean(tail)) if tail else float("nan"),
             "validation_objective": val_after,
-            "validation_objective_untrained": state["val_before"],
+            "validation_objective_untrained": val_before,
             "validation_tiles": int(len(data.val_x)),
             "train_fields": len(data.fields), "skipped_fields": len(data.skipped),
             "train_seconds": round(train_s, 2), "total_seconds": round(total_s, 2),
