@@ -69,35 +69,38 @@ def maps_of(model, x, target, method, opts, batch, explainer=None):
                       for i in range(0, len(x), batch)])
 
 
-def plate_explainer(steps: int) -> tuple[torch.nn.Module, float]:
-    """An explainer trained on the bundled demo plate through run.train (what the CLI runs)."""
-    import tempfile
-
+def plate_explainer(steps: int, out: Path) -> dict:
+    """An explainer trained on the bundled demo plate through run.train (what the CLI runs), written to out."""
     from pcim_cli.config import load_config
-    from pcim_cli.io.explainer import load_explainer
     from pcim_cli.run import train
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(_common.DEMO_DIR / "plate.yaml")
-        result = train.train_explainer([cfg], Path(tmp) / "demo.pt", train.settings({"steps": steps}, {}))
-        return load_explainer(result.out).module, result.meta["training"]["train_seconds"]
+    cfg = load_config(_common.DEMO_DIR / "plate.yaml")
+    result = train.train_explainer([cfg], out, train.settings({"steps": steps}, {}), fresh=True)
+    return result.meta
 
 
-def run_set(set_name: str, args) -> tuple[pd.DataFrame, dict]:
+def run_set(set_name: str, args, net: torch.nn.Module | None = None, net_label: str = "") -> tuple[pd.DataFrame, dict]:
+    """The comparison on one set; `net`: use this explainer (e.g. trained on the demo plate) instead of
+    training one on the set's training images."""
     spec = dict(SETS[set_name])
     data = evalsets.load(spec.pop("name"), n=args.n, **spec)
     model, x, target = data["model"], data["x"], data["target"]
     fields = [evaluate._Field("-", i, x[i], data["mask"][i]) for i in range(len(x))]
     opts = PcimOptions()
-    topts = ex.TrainOptions(steps=args.train_steps)
-    images = list(training_images(set_name, args.train_n))
-    t0 = time.perf_counter()
-    trainer = ex.Trainer(model, images, len(data["classes"]), opts, topts, crop=tuple(x.shape[-2:]))
-    for _ in range(topts.steps):
-        trainer.step()
-    train_s = time.perf_counter() - t0
-    net = trainer.net.eval()
-    untrained = ex.make_explainer(x.shape[1], len(data["classes"]), opts, topts.width, seed=topts.seed).eval()
+    info = {"set": set_name, "model": data["name"], "fields": len(x), "train_steps": args.train_steps}
+    if net is None:
+        topts = ex.TrainOptions(steps=args.train_steps)
+        images = list(training_images(set_name, args.train_n))
+        t0 = time.perf_counter()
+        trainer = ex.Trainer(model, images, len(data["classes"]), opts, topts, crop=tuple(x.shape[-2:]))
+        for _ in range(topts.steps):
+            trainer.step()
+        net = trainer.net.eval()
+        info.update(train_images=len(images), train_seconds=round(time.perf_counter() - t0, 1),
+                    train_objective_first_last=[trainer.losses[0], float(sum(trainer.losses[-20:]) / 20)])
+    else:
+        info.update(explainer=net_label)
+    untrained = ex.make_explainer(x.shape[1], len(data["classes"]), opts, net.width, seed=ex.TrainOptions().seed).eval()
     refine = [int(n) for n in args.refine.split(",") if n]
     old = dataclasses.replace(opts, steps=300, lr=0.1)
     methods: list[tuple[str, str, PcimOptions, object]] = [("per-image 300 steps, lr 0.1", "pcim", old, None)]
@@ -110,9 +113,13 @@ def run_set(set_name: str, args) -> tuple[pd.DataFrame, dict]:
         methods.append((f"per-image {max(refine)} steps from zero", "pcim",
                         dataclasses.replace(opts, steps=max(refine), lr=args.refine_lr), None))
     methods.append(("untrained explainer (control)", "pcim-amortised", opts, untrained))
-    if args.plate_explainer and set_name == "demo":
-        plate_net, plate_s = plate_explainer(args.train_steps)
-        methods.append((f"amortised, trained on the demo plate ({plate_s:.0f} s)", "pcim-amortised", opts, plate_net))
+    if getattr(args, "plate_explainer", False) and set_name == "demo":
+        from pcim_cli.io.explainer import load_explainer
+
+        meta = plate_explainer(args.train_steps, RESULTS / "demo_plate_explainer.pt")
+        plate_net = load_explainer(RESULTS / "demo_plate_explainer.pt").module
+        info["plate_explainer_train_seconds"] = meta["training"]["train_seconds"]
+        methods.append(("amortised, trained on the demo plate", "pcim-amortised", opts, plate_net))
     if args.baselines:
         methods += [("saliency", "saliency", opts, None), ("integrated-gradients", "integrated-gradients", opts, None)]
     rows = []
@@ -124,9 +131,6 @@ def run_set(set_name: str, args) -> tuple[pd.DataFrame, dict]:
         rows += [{"method": label, **{k: v[i] for k, v in scores.items()}, "s_per_map": seconds} for i in range(len(x))]
         print(f"{set_name}: {label}: {seconds:.3f} s/map", file=sys.stderr, flush=True)
     table = evaluate._table(pd.DataFrame(rows), [m[0] for m in methods])
-    info = {"set": set_name, "model": data["name"], "fields": len(x), "train_steps": topts.steps,
-            "train_images": len(images), "train_seconds": round(train_s, 1),
-            "train_objective_first_last": [trainer.losses[0], float(sum(trainer.losses[-20:]) / 20)]}
     return table, info
 
 
@@ -145,6 +149,17 @@ def goals(table: pd.DataFrame) -> list[dict]:
         out.append({"method": row["method"], "vs": ref_label, "speedup": ref["s_per_map"] / row["s_per_map"],
                     **{f"quality_{k}": v for k, v in ratio.items()}, "min_quality": min(ratio.values())})
     return out
+
+
+def describe(info: dict, table: pd.DataFrame, goal_rows: list[dict]) -> str:
+    how = (f"explainer trained {info['train_steps']} steps on {info['train_images']} other fields in "
+           f"{info['train_seconds']:.0f} s" if "train_seconds" in info else f"explainer: {info.get('explainer')}")
+    lines = [f"\n**{info['set']}** ({info['model']}, {info['fields']} fields; {how})\n", evaluate.markdown_table(table)]
+    for g in goal_rows:
+        lines.append(f"  {g['method']}: {g['speedup']:.0f}x faster than {g['vs']}, quality ratios deletion "
+                     f"{g['quality_deletion_auc']:.2f} mass {g['quality_relevance_mass']:.2f} AUROC "
+                     f"{g['quality_pixel_auroc']:.2f}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -169,13 +184,7 @@ def main(argv=None) -> int:
         table.to_csv(RESULTS / f"amortised_{set_name}.csv", index=False)
         report["sets"][set_name] = {**info, "table": json.loads(table.to_json(orient="records")),
                                     "goals": goals(table)}
-        print(f"\n**{set_name}** ({info['model']}, {info['fields']} fields; explainer trained {info['train_steps']} "
-              f"steps on {info['train_images']} other fields in {info['train_seconds']:.0f} s)\n\n"
-              f"{evaluate.markdown_table(table)}", flush=True)
-        for g in report["sets"][set_name]["goals"]:
-            print(f"  {g['method']}: {g['speedup']:.0f}x faster than {g['vs']}, quality ratios deletion "
-                  f"{g['quality_deletion_auc']:.2f} mass {g['quality_relevance_mass']:.2f} AUROC "
-                  f"{g['quality_pixel_auroc']:.2f}", flush=True)
+        print(describe(info, table, report["sets"][set_name]["goals"]), flush=True)
         Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     return 0
 
