@@ -149,7 +149,7 @@ def test_a_killed_training_run_resumes_from_its_checkpoint_to_the_same_result(tm
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert ckpt.exists() and not out.exists(), "the run ended before it could be killed mid-way"
-    step = torch.load(ckpt, weights_only=False)["state"]["step"]
+    step = torch.load(ckpt, weights_only=False)["trainer"]["done"]
     assert 4 <= step < 40
     resumed = run_pcim(*args, "--out", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -163,6 +163,24 @@ def test_a_killed_training_run_resumes_from_its_checkpoint_to_the_same_result(tm
               for p in (out, tmp_path / "straight.pt"))
     assert ma["objective_curve"] == mb["objective_curve"]
     assert ma["validation_objective"] == mb["validation_objective"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_with_a_checkpoint_and_exit_75(tmp_path):
+    yaml_path = make_plate(tmp_path, TRAIN[:2] + HELD[:1])
+    out = tmp_path / "e.pt"
+    ckpt = out.with_name(out.name + ".ckpt")
+    proc = start_pcim("train-explainer", str(yaml_path), "--out", str(out), "--steps", "200",
+                      "--checkpoint-every", "2", "--val-wells", HELD[0])
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert "rerun the same command to resume" in err and "pcim: error:" in err
+    assert ckpt.exists() and not out.exists()
+    assert torch.load(ckpt, weights_only=False)["trainer"]["done"] < 200
 
 
 def test_plain_training_progress_lines(caplog):

@@ -61,7 +61,7 @@ class PcimOptions:
     rise_p: float = 0.5  # RISE: probability that a cell is kept
     # pcim-amortised (engine/explainer.py): per-image fit steps continued from the explainer's logits, their lr
     refine_steps: int = 0
-    refine_lr: float = 0.05
+    refine_lr: float = 0.2
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, list):  # from YAML / JSON

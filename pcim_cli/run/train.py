@@ -25,6 +25,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -143,12 +145,10 @@ def train_explainer(cfgs: Sequence[RunConfig], out: str | Path, settings: TrainS
     logger.info("training an explainer for %s (%d classes) on %s: %d training fields, %d validation tiles, "
                 "crops %dx%d, %d steps of %d", first.inv.model.path.name, len(classes), device, len(data.fields),
                 len(data.val_x), *data.crop, topts.steps, topts.batch_size)
-    from pcim_cli.run.scheduler import _StopSignals
-
     if progress is not None:
         progress.start(topts.steps, trainer.done)
     t_loop = time.perf_counter()
-    with _StopSignals(grace=3600.0, raise_on_force=True) as stop:
+    with _StopAfterStep() as stop:
         try:
             while trainer.done < topts.steps:
                 trainer.step()
@@ -175,6 +175,32 @@ def train_explainer(cfgs: Sequence[RunConfig], out: str | Path, settings: TrainS
                 extra["val_before"])
     return TrainResult(out=out, sidecar=explainer_file.sidecar_path(out), sha256=sha, meta=meta,
                        resumed_from=resumed_from)
+
+
+class _StopAfterStep:
+    """SIGTERM / SIGINT: finish the current step, write a checkpoint, exit 75; a second signal stops at once
+    (the last periodic checkpoint remains). Handlers only in the main thread, restored afterwards."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopAfterStep:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("%s: stopping after this step with a checkpoint (send it again to stop now)",
+                       signal.Signals(signum).name)
 
 
 # ---------------------------------------------------------------- plates and wells
