@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evalsets  # noqa: E402
 from compare_formulations import SETS  # noqa: E402
+from evalsets.tiled import TiledModel, per_tile_maps  # noqa: E402
 
 from pcim_cli.engine import metrics  # noqa: E402
 from pcim_cli.engine.attribute import METHODS, attribute  # noqa: E402
@@ -29,7 +30,11 @@ from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
 from pcim_cli.report import evaluate  # noqa: E402
 
 
-def maps_of(model, x, target, method, opts, batch):
+def maps_of(model, x, target, method, opts, batch, tile=None):
+    """Maps of every field; with a `tile`, explained tile by tile and stitched (as pcim's worker does)."""
+    if tile is not None:
+        return per_tile_maps(lambda m, xs, ts: attribute(m, xs, ts, method, opts).maps, model, x, target, tile,
+                             batch)
     return torch.cat([attribute(model, x[i : i + batch], target[i : i + batch], method, opts,
                                 seeds=torch.arange(i, min(i + batch, len(x)))).maps
                       for i in range(0, len(x), batch)])
@@ -47,17 +52,18 @@ def main(argv=None) -> int:
     for set_name in args.sets.split(","):
         spec = dict(SETS[set_name])
         data = evalsets.load(spec.pop("name"), n=args.n, **spec)
-        model, x, target = data["model"], data["x"], data["target"]
+        model, x, target, tile = data["model"], data["x"], data["target"], data.get("tile")
         fields = [evaluate._Field("-", i, x[i], data["mask"][i]) for i in range(len(x))]
         rand = evaluate.randomized_copy(model, seed=0)
+        scorer = TiledModel(model, tile) if tile is not None else model  # whole fields: tiles' mean probability
         rows = []
         for method in args.methods.split(","):
             t0 = time.perf_counter()
-            maps = maps_of(model, x, target, method, opts, args.batch)
+            maps = maps_of(model, x, target, method, opts, args.batch, tile)
             seconds = (time.perf_counter() - t0) / len(x)
-            scores, _ = evaluate._score(model, x, target, maps, fields)
+            scores, _ = evaluate._score(scorer, x, target, maps, fields)
             scores["randomisation_spearman"] = metrics.spearman(
-                maps, maps_of(rand, x, target, method, opts, args.batch), support="union").tolist()
+                maps, maps_of(rand, x, target, method, opts, args.batch, tile), support="union").tolist()
             rows += [{"method": method, **{k: v[i] for k, v in scores.items()}, "s_per_map": seconds}
                      for i in range(len(x))]
             print(f"{set_name} {method} done ({seconds:.2f} s/map)", file=sys.stderr, flush=True)
