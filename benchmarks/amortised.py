@@ -69,9 +69,9 @@ def training_images(set_name: str, n: int, size: int = 128) -> torch.Tensor:
         x, _, _ = _common.demo_module().make_dataset(n, 11, size)
         return x
     if base == "ihc":  # whole 176 px fields of the training region; the trainer cuts 64 px crops
-        from evalsets import ihc
+        from evalsets.ihc import FIELD, make_set
 
-        return ihc.make_set(n, 31, ihc.FIELD, "train", classes=(0, 1, 2))[0]
+        return make_set(n, 31, FIELD, "train", classes=(0, 1, 2))[0]
     from evalsets.nuclei import make_set
 
     return make_set(n, 21, size, "train")[0]
