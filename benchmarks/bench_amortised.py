@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import amortised  # noqa: E402
 import bench  # noqa: E402
 
-from pcim_cli.engine.explainer import make_explainer  # noqa: E402
+from pcim_cli.engine.explainer import TrainOptions, make_explainer  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
 from pcim_cli.io.explainer import engine_record, load_explainer, save_explainer  # noqa: E402
 
@@ -98,7 +98,7 @@ def main() -> None:
     res: dict = {"machine": bench.machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     explainer = RESULTS / "demo_plate_explainer.pt"
     if "train" in only or not explainer.exists():
-        res["train"] = bench_train(30 if q else 300, explainer)
+        res["train"] = bench_train(30 if q else TrainOptions().steps, explainer)
     if "demo" in only:
         res["demo"] = bench_plate(explainer, WELLS[:1] if q else WELLS)
     if "tiled" in only:

@@ -362,7 +362,7 @@ def train_explainer(
                                                       "classifier, channels and normalisation).")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the explainer (TorchScript); its JSON "
                                       "sidecar goes to <out>.json, the checkpoint to <out>.ckpt.")],
-    steps: Annotated[int | None, typer.Option("--steps", help="Training steps (default 300).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Training steps (default 1000).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Crops per step (default 8).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate of the one-cycle schedule "
                                              "(default 0.002).")] = None,

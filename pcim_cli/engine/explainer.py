@@ -173,7 +173,7 @@ def train_step(explainer: nn.Module, model: Forward, optimizer: torch.optim.Opti
 class TrainOptions:
     """How an explainer is trained (defaults measured: docs/method.md, "Amortised PCIM")."""
 
-    steps: int = 300
+    steps: int = 1000
     batch_size: int = 8
     lr: float = 2e-3  # peak of the one-cycle schedule (Adam)
     width: int = 16  # channels of the explainer's first block
