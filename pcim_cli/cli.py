@@ -226,6 +226,9 @@ def validate(
                    f"classes {', '.join(model['classes'])}")
         if found["layout_columns"]:
             typer.echo(f"layout columns: {', '.join(found['layout_columns'])}")
+        if "explainer" in found:
+            typer.echo(f"explainer {found['explainer']['path']} (sha256 {found['explainer']['sha256'][:12]}…) fits "
+                       "this plate's classifier, channels, normalisation and settings")
         for p in found["problems"]:
             typer.echo(f"problem: {p}")
     raise typer.Exit(3 if found["problems"] else 0)

@@ -144,7 +144,8 @@ def evaluate(cfg: RunConfig, masks: str, methods: Sequence[str] | None = None,
     out = Path(out) if out is not None else Path(cfg.output.csv).parent / f"{cfg.plate.name}_evaluate"
     out.mkdir(parents=True, exist_ok=True)
     result = Evaluation(out=out, table=table, scores=scores_df, fields=[f"{f.well} s{f.site}" for f in fields])
-    result.files = _write(result, cfg, masks, methods, opts, curves, sanity)
+    result.files = _write(result, cfg, masks, methods, opts, curves, sanity,
+                          None if inv.explainer is None else inv.explainer.sha256)
     result.files.update(_plots(plt, out, fields, x, maps_shown, curves))
     return result
 
@@ -338,7 +339,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def _write(result: Evaluation, cfg: RunConfig, masks: str, methods: list[str], opts: PcimOptions,
-           curves: dict, sanity: bool) -> dict[str, Path]:
+           curves: dict, sanity: bool, explainer_sha256: str | None = None) -> dict[str, Path]:
     out = result.out
     files = {"csv": out / "comparison.csv", "json": out / "comparison.json", "md": out / "comparison.md",
              "scores": out / "scores.csv"}
@@ -346,7 +347,7 @@ def _write(result: Evaluation, cfg: RunConfig, masks: str, methods: list[str], o
     result.scores.to_csv(files["scores"], index=False)
     doc = {
         "plate": cfg.plate.name, "masks": masks, "methods": methods, "fields": result.fields,
-        "settings": dataclasses.asdict(opts), "target": cfg.explain.target,
+        "settings": dataclasses.asdict(opts), "target": cfg.explain.target, "explainer_sha256": explainer_sha256,
         "deletion_fractions": DELETION_FRACTIONS.tolist(), "insertion_fractions": INSERTION_FRACTIONS.tolist(),
         "directions": {c: DIRECTIONS[c] for c in COLUMNS}, "sanity_check": sanity,
         "table": json.loads(result.table.to_json(orient="records")), "curves": curves,

@@ -142,6 +142,8 @@ class PlateInventory:
                       "classes": self.classes},
             "layout_columns": [] if self.layout is None else [c for c in self.layout.columns if c != "well"],
             "problems": self.problems,
+            **({"explainer": {"path": str(self.explainer.path), "sha256": self.explainer.sha256,
+                              "trained": self.explainer.meta.get("finished")}} if self.explainer else {}),
         }
 
 
