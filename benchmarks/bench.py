@@ -183,8 +183,9 @@ class _TileNet(torch.nn.Module):
         return self.head(self.body(x).flatten(1))
 
 
-def bench_tiled(steps: int, batch: int) -> dict:
-    """One 2160x2160x5 field, 256 px tiles, through the worker (in this process): time and peak memory."""
+def bench_tiled(steps: int, batch: int, method: str = "pcim", explainer: str | None = None) -> dict:
+    """One 2160x2160x5 field, 256 px tiles, through the worker (in this process): time and peak memory.
+    method pcim-amortised takes the explainer file `explainer` (benchmarks/bench_amortised.py)."""
     import tifffile
 
     from pcim_cli.engine import tiling
@@ -208,7 +209,8 @@ def bench_tiled(steps: int, batch: int) -> dict:
             normalize={"method": "percentile", "low": 1.0, "high": 99.8}, model_path=str(model_path),
             model_sha256=file_sha256(model_path), input_size=(256, 256),
             engine=dataclasses.asdict(PcimOptions(steps=steps)), batch_size=batch, fidelity=False,
-            store_path=str(tmp / "out.zarr"), fingerprint="bench")
+            store_path=str(tmp / "out.zarr"), fingerprint="bench", method=method, explainer_path=explainer,
+            explainer_sha256=None if explainer is None else file_sha256(explainer))
         rss_before = worker.peak_memory_mib()["rss"]
         wall = _timed(lambda: worker.explain_well(task))
         _, _, record = store.read_field(tmp / "out.zarr", "A01", 0)
@@ -226,9 +228,10 @@ def bench_tiled(steps: int, batch: int) -> dict:
     }
 
 
-def bench_demo(wells: list[str]) -> dict:
-    """`pcim explain` (in this process: explain.run) on some demo wells at the shipped settings, in a fresh
-    store, with the store writes timed; reading and fitting come from the field records."""
+def bench_demo(wells: list[str], overrides: tuple[str, ...] = ()) -> dict:
+    """`pcim explain` (in this process: explain.run) on some demo wells at the shipped settings (plus
+    `overrides`, --set style), in a fresh store, with the store writes timed; reading and fitting come from
+    the field records."""
     from pcim_cli import config
     from pcim_cli.io import store
     from pcim_cli.run import explain
@@ -246,7 +249,7 @@ def bench_demo(wells: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config.load_config(DEMO / "plate.yaml", overrides=[
             f"output.zarr={tmp}/d.zarr", f"output.csv={tmp}/d.csv", f"plate.wells=[{','.join(wells)}]",
-            "compute.cluster=none"])
+            "compute.cluster=none", *overrides])
         store.write_field = timed_write
         try:
             t0 = time.perf_counter()

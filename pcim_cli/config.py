@@ -13,11 +13,12 @@ Override values are parsed as YAML (``[A01, B03]`` is a list, ``null`` is null);
 valid YAML (e.g. ``{well}_s{field}.tif``) is taken as plain text. With
 ``compute.cluster: address`` and no address anywhere, ``DASK_SCHEDULER_ADDRESS`` fills it in.
 
-Relative paths (``plate.images``, ``plate.layout``, ``model.path``, ``output.zarr``, ``output.csv``,
-``compute.scheduler_file``) resolve against the YAML file's folder -- also when they come from an
-override -- never against the working directory; ``~`` is expanded. ``{plate}`` in the output paths
-becomes the plate name, which defaults to the YAML file's stem. Unknown keys are errors, and every
-problem is reported at once in one ConfigError, each as ``<yaml.path>: <what is wrong>``.
+Relative paths (``plate.images``, ``plate.layout``, ``model.path``, ``explain.explainer``,
+``output.zarr``, ``output.csv``, ``compute.scheduler_file``) resolve against the YAML file's folder --
+also when they come from an override -- never against the working directory; ``~`` is expanded.
+``{plate}`` in the output paths becomes the plate name, which defaults to the YAML file's stem.
+Unknown keys are errors, and every problem is reported at once in one ConfigError, each as
+``<yaml.path>: <what is wrong>``.
 
 YAML (pcim_cli/yaml_reader.py): every plain scalar is read as the text it is written as, and the models
 below parse numbers and booleans from it, in decimal: a plate barcode ``0012345`` stays ``0012345``,
@@ -285,8 +286,12 @@ _ENGINE = PcimOptions()  # the engine's defaults are the config's defaults
 class ExplainConfig(_Section):
     """`explain:` — what to attribute and how. Engine settings are flat keys of this section."""
 
-    method: Literal["pcim", "saliency", "integrated-gradients", "occlusion", "rise"] = "pcim"
+    method: Literal["pcim", "pcim-amortised", "saliency", "integrated-gradients", "occlusion", "rise"] = "pcim"
     target: str = "predicted"  # predicted | a class name | layout:<column> | all
+    # pcim-amortised: the file `pcim train-explainer` wrote; refine_steps of the per-image fit from its logits
+    explainer: ConfigPath | None = None
+    refine_steps: int = Field(_ENGINE.refine_steps, ge=0)
+    refine_lr: float = Field(_ENGINE.refine_lr, gt=0)
     steps: PositiveInt = _ENGINE.steps
     lr: float = Field(_ENGINE.lr, gt=0)
     per_channel: bool = _ENGINE.per_channel
@@ -512,6 +517,9 @@ class RunConfig(_Section):
             elif classes is None and not target.isdigit():
                 problems.append(("explain.target", f"{short(target)} is not a class: model.classes is not set, so "
                                  "classes are named 0, 1, …; list model.classes or use predicted / all"))
+        if self.explain.method == "pcim-amortised" and self.explain.explainer is None:
+            problems.append(("explain.explainer", "required with explain.method: pcim-amortised: the file that "
+                             "`pcim train-explainer plate.yaml --out explainer.pt` wrote"))
         budget = self.explain.budget
         if self.explain.adaptive_budget is not None:
             if not isinstance(budget, (int, float)):

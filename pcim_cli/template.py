@@ -33,8 +33,10 @@ model:
   normalize: {{method: percentile, low: 1.0, high: 99.8}}
       # per channel and field, as in training; or {{method: fixed, min: 0, max: 4095}}, {{method: none}}
 explain:
-  method: pcim                      # pcim | saliency | integrated-gradients | occlusion | rise
+  method: pcim                      # pcim | pcim-amortised | saliency | integrated-gradients | occlusion | rise
   target: predicted                 # predicted | a class name | layout:<column> | all
+  explainer: null                   # pcim-amortised: the file `pcim train-explainer plate.yaml --out …` wrote
+  refine_steps: 0                   # pcim-amortised: per-image fit steps continued from the explainer's maps
   steps: 49                         # optimisation steps per map (x 2 images + 1 gradient pass = 99 passes)
   lr: 0.3
   schedule: constant                # learning rate over the steps: constant | cosine | step

@@ -190,8 +190,8 @@ def test_all_problems_reported_at_once_with_paths(tmp_path: Path) -> None:
         "model.normalize.method: 'percentil' is not allowed: use one of percentile, fixed, none "
         "(did you mean 'percentile'?)",
         "explain.stpes: unknown key (did you mean 'steps'?)",
-        "explain.method: 'gradcam' is not allowed: use one of pcim, saliency, integrated-gradients, occlusion, "
-        "rise",
+        "explain.method: 'gradcam' is not allowed: use one of pcim, pcim-amortised, saliency, integrated-gradients, "
+        "occlusion, rise",
         "explain.lr: input should be greater than 0 (got -1)",
         "explain.seed: input should be greater than or equal to 0 (got -2) [from --set explain.seed=-2]",
         "compute.workers: must be 'auto' or a positive whole number, got 'none'",

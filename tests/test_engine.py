@@ -171,7 +171,7 @@ def test_target_log_probs_are_stable_for_confident_logits():
 
 def test_invalid_options_are_refused_with_every_problem():
     with pytest.raises(ValueError, match="steps.*budget"):
-        PcimOptions(steps=0, budget=2.0)
+        PcimOptions(steps=-1, budget=2.0)  # steps=0 is valid: no fit, the maps of `init`
 
 
 # --------------------------------------------------------------------------------------------------

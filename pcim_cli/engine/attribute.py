@@ -1,5 +1,8 @@
 """One entry point for every attribution method the `explain.method` key can name.
 
+pcim-amortised (engine/explainer.py) takes the maps from a trained explainer's logits, refined by
+`refine_steps` steps of the per-image fit.
+
 `attribute(model, x, target, method, opts, seeds)` returns a `PcimResult` whatever the method, so the
 worker, the store and the CSV treat PCIM and the baselines alike. A baseline's maps are non-negative,
 one per channel when `opts.per_channel` (RISE and occlusion then perturb one channel at a time) and
@@ -16,13 +19,16 @@ import dataclasses
 import torch
 
 from pcim_cli.engine import baselines
+from pcim_cli.engine.explainer import amortised_pcim
 from pcim_cli.engine.pcim import Forward, PcimOptions, PcimResult, _FrozenModel, fit_pcim, target_log_probs
 
-METHODS = ("pcim", "saliency", "integrated-gradients", "occlusion", "rise")
+METHODS = ("pcim", "pcim-amortised", "saliency", "integrated-gradients", "occlusion", "rise")
 BACKENDS = ("auto", "captum", "torch")
 
 #: the PcimOptions fields each method reads (besides per_channel); the settings fingerprint uses them
 BASELINE_KEYS = ("ig_steps", "occlusion_window", "occlusion_stride", "rise_masks", "rise_cell", "rise_p")
+#: read by pcim-amortised only (which ignores steps and lr: its refine has its own)
+AMORTISED_KEYS = ("refine_steps", "refine_lr")
 METHOD_KEYS = {
     "saliency": (),
     "integrated-gradients": ("ig_steps",),
@@ -33,10 +39,13 @@ METHOD_KEYS = {
 
 def method_settings(method: str, opts: PcimOptions) -> dict:
     """The settings that change `method`'s maps: every PCIM field for pcim (as before baselines
-    existed, so PCIM fingerprints do not change), per_channel and the method's own keys otherwise."""
+    existed, so PCIM fingerprints do not change), those and the refine settings but not steps / lr for
+    pcim-amortised, per_channel and the method's own keys otherwise."""
     values = dataclasses.asdict(opts)
     if method == "pcim":
-        return {k: v for k, v in values.items() if k not in BASELINE_KEYS}
+        return {k: v for k, v in values.items() if k not in BASELINE_KEYS + AMORTISED_KEYS}
+    if method == "pcim-amortised":
+        return {k: v for k, v in values.items() if k not in BASELINE_KEYS + ("steps", "lr")}
     return {k: values[k] for k in ("per_channel", *METHOD_KEYS.get(method, ()))}
 
 
@@ -49,14 +58,19 @@ def captum_available() -> bool:
 
 
 def attribute(model: Forward, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
-              seeds: torch.Tensor | None = None, backend: str = "auto") -> PcimResult:
+              seeds: torch.Tensor | None = None, backend: str = "auto",
+              explainer: Forward | None = None) -> PcimResult:
     """Maps (B, M, H, W) of `method` for images x (B, C, H, W) and their target classes (B,).
 
     backend: auto (Captum when installed), captum, or torch (the pure-torch baselines); PCIM and RISE
-    are always pure torch.
+    are always pure torch. explainer: the trained explainer module pcim-amortised needs.
     """
     if method == "pcim":
         return fit_pcim(model, x, target, opts, seeds=seeds)
+    if method == "pcim-amortised":
+        if explainer is None:
+            raise ValueError("pcim-amortised needs a trained explainer (explainer=...)")
+        return amortised_pcim(model, explainer, x, target, opts, seeds=seeds)
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; one of {', '.join(METHODS)}")
     if backend not in BACKENDS:

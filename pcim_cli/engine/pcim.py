@@ -71,13 +71,16 @@ class PcimOptions:
     rise_masks: int = 1000  # RISE: random masks per map
     rise_cell: int = 16  # RISE: size (px) of one cell of the random low-resolution grid
     rise_p: float = 0.5  # RISE: probability that a cell is kept
+    # pcim-amortised (engine/explainer.py): per-image fit steps continued from the explainer's logits, their lr
+    refine_steps: int = 0
+    refine_lr: float = 0.2
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, list):  # from YAML / JSON
             object.__setattr__(self, "budget", tuple(self.budget))
         problems = []
-        if self.steps < 1:
-            problems.append(f"steps must be >= 1, got {self.steps}")
+        if self.steps < 0:  # 0: no fit, the maps and probabilities of fit_pcim's `init` logits
+            problems.append(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.resolution < 1:
@@ -108,6 +111,10 @@ class PcimOptions:
         for name in ("ig_steps", "occlusion_window", "occlusion_stride", "rise_masks", "rise_cell"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.refine_steps < 0:
+            problems.append(f"refine_steps must be >= 0, got {self.refine_steps}")
+        if not self.refine_lr > 0:
+            problems.append(f"refine_lr must be > 0, got {self.refine_lr}")
         if not 0 < self.rise_p < 1:
             problems.append(f"rise_p must be in (0, 1), got {self.rise_p}")
         if problems:
@@ -327,7 +334,7 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
 
     best = torch.full((b,), float("inf"), dtype=x.dtype, device=x.device)
     since_best = torch.zeros(b, dtype=torch.long, device=x.device)
-    last_loss = torch.zeros(b, dtype=x.dtype, device=x.device)
+    last_loss = torch.full((b,), float("nan"), dtype=x.dtype, device=x.device)  # NaN: no step taken
     active = torch.ones(b, dtype=torch.bool, device=x.device)
     taken = torch.zeros(b, dtype=torch.long, device=x.device)
 
@@ -365,6 +372,8 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
     for resolution, n_steps in plan:
         shape = mixing.weight_shape(x.shape, opts.per_channel, resolution)
         if w is None:
+            if w0 is not None and tuple(w0.shape) != shape:
+                raise ValueError(f"init must have the weights' shape {shape}, got {tuple(w0.shape)}")
             w = torch.zeros(shape, dtype=x.dtype, device=x.device) if w0 is None else w0.clone()
         else:  # next phase: the same mixing weights on a finer grid, a fresh Adam
             w = schedule.refine_logits(w, shape)

@@ -39,7 +39,8 @@ from pcim_cli.run import explain, objects
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHODS = METHODS
+#: compared by default; pcim-amortised joins them when explain.explainer names a trained explainer
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "pcim-amortised")
 #: deletion: the top 20% of pixels in 0.5% steps (the evidence is small; coarse steps saturate)
 DELETION_FRACTIONS = torch.linspace(0.0, 0.2, 41)
 INSERTION_FRACTIONS = torch.linspace(0.0, 1.0, 21)
@@ -95,7 +96,7 @@ def _pyplot():
     return plt
 
 
-def evaluate(cfg: RunConfig, masks: str, methods: Sequence[str] = DEFAULT_METHODS,
+def evaluate(cfg: RunConfig, masks: str, methods: Sequence[str] | None = None,
              wells: int | Sequence[str] | None = None, out: Path | None = None, sanity: bool = True,
              seed: int = 0) -> Evaluation:
     """Score every method's maps against the masks named by `masks` (a path pattern with {well} or
@@ -103,13 +104,19 @@ def evaluate(cfg: RunConfig, masks: str, methods: Sequence[str] = DEFAULT_METHOD
 
     wells: None = every well; an int N = N wells spread evenly over the plate, those whose masks mark
     evidence first; a list = those wells. out: default `<csv folder>/<plate>_evaluate/`.
+    methods: default DEFAULT_METHODS, plus pcim-amortised when explain.explainer is set. The sanity
+    check of pcim-amortised keeps the explainer (trained for the real model) and randomises the model:
+    without refine steps its maps do not depend on the model at all (rand. rho = 1), by construction.
     """
     plt = _pyplot()
+    if methods is None:
+        methods = DEFAULT_METHODS + (("pcim-amortised",) if cfg.explain.explainer is not None else ())
     methods = _check_methods(methods)
     if cfg.explain.target == "all":
         raise ConfigError("explain.target: evaluate scores one map per field against its mask; use predicted, "
                           "a class name or layout:<column>, not all")
-    inv = explain.inspect_plate(cfg)
+    inv = explain.inspect_plate(cfg, explainer="pcim-amortised" in methods)
+    explainer = None if inv.explainer is None else inv.explainer.module
     chosen = _choose_wells(inv.fields, masks, wells)
     fields = _read_fields(cfg, inv.fields, chosen, masks)
     if not any(f.mask is not None and bool(f.mask.any()) for f in fields):
@@ -129,14 +136,14 @@ def evaluate(cfg: RunConfig, masks: str, methods: Sequence[str] = DEFAULT_METHOD
     per_image, curves, maps_shown = [], {}, {}
     for method in methods:
         t0 = time.perf_counter()
-        maps = _maps(model, x, target, method, opts, batch)
+        maps = _maps(model, x, target, method, opts, batch, explainer)
         seconds = (time.perf_counter() - t0) / len(fields)
         scores, curve = _score(model, x, target, maps, fields)
         if scorer is not None:
             scores.update(scorer.scores(maps))
         if random_model is not None:
             scores["randomisation_spearman"] = metrics.spearman(
-                maps, _maps(random_model, x, target, method, opts, batch), support="union").tolist()
+                maps, _maps(random_model, x, target, method, opts, batch, explainer), support="union").tolist()
         curves[method] = curve
         maps_shown[method] = maps[:EXAMPLES_MAX].sum(1).cpu()
         for i, f in enumerate(fields):
@@ -148,7 +155,8 @@ def evaluate(cfg: RunConfig, masks: str, methods: Sequence[str] = DEFAULT_METHOD
     out = Path(out) if out is not None else Path(cfg.output.csv).parent / f"{cfg.plate.name}_evaluate"
     out.mkdir(parents=True, exist_ok=True)
     result = Evaluation(out=out, table=table, scores=scores_df, fields=[f"{f.well} s{f.site}" for f in fields])
-    result.files = _write(result, cfg, masks, methods, opts, curves, sanity)
+    result.files = _write(result, cfg, masks, methods, opts, curves, sanity,
+                          None if inv.explainer is None else inv.explainer.sha256)
     result.files.update(_plots(plt, out, fields, x, maps_shown, curves))
     return result
 
@@ -217,12 +225,11 @@ def _has_evidence(pattern: str, well: str, site: int) -> bool:
 
 def _read_fields(cfg: RunConfig, found: dict, wells: list[str], pattern: str) -> list[_Field]:
     norm = cfg.model.normalize.model_dump()
-    method = norm.pop("method", "percentile")
     kinds = dict(list(objects.label_kinds(cfg.plate.objects).items())[:1])  # the first kind is scored
     out, shapes = [], set()
     for well in wells:
         for src in found[well]:
-            img = images.normalize(images.read_field(src, len(cfg.plate.channels)), method, **norm)
+            img = images.read_normalized(src, len(cfg.plate.channels), norm)
             path = mask_path(pattern, well, src.field)
             if path is None:
                 logger.warning("%s field %s: no mask file for pattern %r; scored for fidelity only",
@@ -268,9 +275,10 @@ def _targets(cfg: RunConfig, inv, fields: list[_Field], model, x: torch.Tensor) 
 
 
 def _maps(model, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
-          batch: int) -> torch.Tensor:
+          batch: int, explainer=None) -> torch.Tensor:
     seeds = opts.seed + torch.arange(len(x))
-    parts = [attribute(model, x[i : i + batch], target[i : i + batch], method, opts, seeds=seeds[i : i + batch]).maps
+    parts = [attribute(model, x[i : i + batch], target[i : i + batch], method, opts, seeds=seeds[i : i + batch],
+                       explainer=explainer).maps
              for i in range(0, len(x), batch)]
     return torch.cat(parts)
 
@@ -357,7 +365,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def _write(result: Evaluation, cfg: RunConfig, masks: str, methods: list[str], opts: PcimOptions,
-           curves: dict, sanity: bool) -> dict[str, Path]:
+           curves: dict, sanity: bool, explainer_sha256: str | None = None) -> dict[str, Path]:
     out = result.out
     files = {"csv": out / "comparison.csv", "json": out / "comparison.json", "md": out / "comparison.md",
              "scores": out / "scores.csv"}
@@ -365,7 +373,7 @@ def _write(result: Evaluation, cfg: RunConfig, masks: str, methods: list[str], o
     result.scores.to_csv(files["scores"], index=False)
     doc = {
         "plate": cfg.plate.name, "masks": masks, "methods": methods, "fields": result.fields,
-        "settings": dataclasses.asdict(opts), "target": cfg.explain.target,
+        "settings": dataclasses.asdict(opts), "target": cfg.explain.target, "explainer_sha256": explainer_sha256,
         "deletion_fractions": DELETION_FRACTIONS.tolist(), "insertion_fractions": INSERTION_FRACTIONS.tolist(),
         "directions": {c: DIRECTIONS[c] for c in COLUMNS}, "sanity_check": sanity,
         "table": json.loads(result.table.to_json(orient="records")), "curves": curves,

@@ -43,6 +43,7 @@ from pcim_cli.errors import (
     InputDataError,
 )
 from pcim_cli.io import images, labels, ownership, plate, records, store, summary
+from pcim_cli.io.explainer import LoadedExplainer, check_explainer, load_explainer
 from pcim_cli.io.lock import RunLock
 from pcim_cli.io.model import LoadedModel, check_classes, load_model, resolve_device
 from pcim_cli.run import objects, rerun, scheduler
@@ -107,9 +108,10 @@ def engine_options(cfg: RunConfig) -> PcimOptions:
     return PcimOptions(**{k: values[k] for k in ENGINE_KEYS if k in values})
 
 
-def fingerprint(cfg: RunConfig, model_sha256: str, classes: list[str] | None = None) -> str:
+def fingerprint(cfg: RunConfig, model_sha256: str, classes: list[str] | None = None,
+                explainer_sha256: str | None = None) -> str:
     """sha256 of every setting that changes a map or its CSV rows: model, channels and their file
-    tokens, class names, normalisation, target, engine."""
+    tokens, class names, normalisation, target, engine (and for pcim-amortised the explainer's sha256)."""
     settings = {
         "model": model_sha256,
         "channels": list(cfg.plate.channels.items()),
@@ -123,6 +125,8 @@ def fingerprint(cfg: RunConfig, model_sha256: str, classes: list[str] | None = N
         "engine": method_settings(cfg.explain.method, engine_options(cfg)),
         "pcim": __version__.rsplit(".", 1)[0],
     }
+    if cfg.explain.method == "pcim-amortised":
+        settings["explainer"] = explainer_sha256
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -178,6 +182,7 @@ class PlateInventory:
     problems: list[str]
     objects: dict[str, int] = field(default_factory=dict)  # plate.objects kind -> fields with a usable label file
     object_problems: list[str] = field(default_factory=list)  # fail those object tables only (validate)
+    explainer: LoadedExplainer | None = None  # pcim-amortised: loaded and checked against the model
 
     @property
     def summary(self) -> dict:
@@ -189,18 +194,25 @@ class PlateInventory:
             "layout_columns": [] if self.layout is None else [c for c in self.layout.columns if c != "well"],
             "objects": self.objects,
             "problems": self.problems + self.object_problems,
+            **({"explainer": {"path": str(self.explainer.path), "sha256": self.explainer.sha256,
+                              "trained": self.explainer.meta.get("finished")}} if self.explainer else {}),
         }
 
 
-def inspect_plate(cfg: RunConfig, check_objects: bool = False) -> PlateInventory:
+def inspect_plate(cfg: RunConfig, check_objects: bool = False, explainer: bool | None = None) -> PlateInventory:
     """Model probe, class names, layout and image discovery. Raises when no field at all is usable.
 
     With `check_objects` (pcim validate), every field's label images (plate.objects) are looked up and
     their headers checked against the field size; their problems fail object tables only, not fields.
+    explainer: load explain.explainer and refuse one trained for another classifier, channels,
+    normalisation or objective (ConfigError); None = when explain.method is pcim-amortised.
     """
     device = resolve_device(cfg.compute.device)
     model = load_model(cfg.model.path, len(cfg.plate.channels), cfg.model.input_size, device=device)
     classes = check_classes(model, cfg.model.classes)
+    loaded = None
+    if explainer or (explainer is None and cfg.explain.method == "pcim-amortised"):
+        loaded = load_checked_explainer(cfg, model, classes)
     layout = plate.read_layout(cfg.plate.layout) if cfg.plate.layout is not None else None
     found, problems = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels,
                                              cfg.plate.wells)
@@ -211,7 +223,7 @@ def inspect_plate(cfg: RunConfig, check_objects: bool = False) -> PlateInventory
             f"no complete field found under {cfg.plate.images}: "
             + ("; ".join(problems[:5]) or f"check plate.images and plate.pattern ({cfg.plate.pattern!r})")
         )
-    inv = PlateInventory(model, classes, layout, found, problems)
+    inv = PlateInventory(model, classes, layout, found, problems, explainer=loaded)
     if check_objects and cfg.plate.objects:
         kinds = objects.label_kinds(cfg.plate.objects)
         size = images.typical_size(src for sources in found.values() for src in sources)
@@ -219,6 +231,18 @@ def inspect_plate(cfg: RunConfig, check_objects: bool = False) -> PlateInventory
         inv.objects = {name: sum(kind.problem(w, src.field) is None for w, srcs in found.items() for src in srcs)
                        for name, kind in kinds.items()}
     return inv
+
+
+def load_checked_explainer(cfg: RunConfig, model: LoadedModel, classes: list[str]) -> LoadedExplainer:
+    """explain.explainer, loaded on the model's device and checked against this plate's setup."""
+    hint = str(cfg.config_path or "plate.yaml")
+    if cfg.explain.explainer is None:
+        raise ConfigError("explain.explainer: not set; name the file that `pcim train-explainer "
+                          f"{hint} --out explainer.pt` wrote (e.g. --set explain.explainer=explainer.pt)")
+    loaded = load_explainer(cfg.explain.explainer, device=model.device, hint=hint)
+    check_explainer(loaded, model_sha256=model.sha256, model_path=model.path, channels=list(cfg.plate.channels),
+                    normalize=cfg.model.normalize.model_dump(), classes=classes, opts=engine_options(cfg), hint=hint)
+    return loaded
 
 
 @dataclass
@@ -279,7 +303,8 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
     wells = sorted(found, key=plate.parse_well)
     targets = _targets_per_well(cfg, classes, layout, wells)
     opts = engine_options(cfg)
-    print_fp = fingerprint(cfg, model.sha256, classes)
+    explainer = inv.explainer
+    print_fp = fingerprint(cfg, model.sha256, classes, None if explainer is None else explainer.sha256)
     store_path = Path(cfg.output.zarr)
     exists = (store_path.is_dir()
               and ownership.check_owner(store_path, cfg.plate.name, force=True) is ownership.Ownership.OURS)
@@ -323,6 +348,8 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             aggregate=cfg.model.aggregate, tile_maps=cfg.explain.tile_maps,
             adaptive_budget=cfg.explain.adaptive_budget,
             engine=dataclasses.asdict(opts),
+            explainer_path=None if explainer is None else str(explainer.path),
+            explainer_sha256=None if explainer is None else explainer.sha256,
             batch_size=cfg.compute.batch_size, channels_last=cfg.compute.channels_last,
             precision=cfg.compute.precision, device=model.device, fidelity=cfg.explain.fidelity,
             store_path=str(store_path), store_format=cfg.output.format, fingerprint=print_fp,

@@ -39,6 +39,7 @@ from pcim_cli.engine.budget import fit_adaptive, fit_quality
 from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
 from pcim_cli.io import images, signature, store, summary
+from pcim_cli.io.explainer import load_explainer
 from pcim_cli.io.model import LoadedModel, _summary, load_model
 from pcim_cli.run import objects, threads
 from pcim_cli.run.failures import (
@@ -90,6 +91,8 @@ class WellTask(BaseModel):
     adaptive_budget: float | None = None  # grow the budget up to this share until the class is lost; None: fixed
     method: str = "pcim"
     engine: dict[str, Any]
+    explainer_path: str | None = None  # pcim-amortised: the trained explainer (checked by the driver)
+    explainer_sha256: str | None = None
     batch_size: int = 16
     channels_last: bool = True
     precision: str = "float32"
@@ -102,6 +105,7 @@ class WellTask(BaseModel):
 
 
 _MODELS: dict[tuple[str, str], LoadedModel] = {}
+_EXPLAINERS: dict[tuple[str, str], Forward] = {}
 _CHANNELS_LAST: dict[tuple[str, str], bool] = {}  # (model sha256, device) -> same logits with NHWC inputs
 
 
@@ -137,6 +141,23 @@ def _same_with_channels_last(module: Forward, x: torch.Tensor) -> bool:
     return bool(same)
 
 
+
+
+def _explainer(task: WellTask) -> Forward | None:
+    """The task's explainer (pcim-amortised), loaded once per worker process, behind compute.precision."""
+    if task.method != "pcim-amortised":
+        return None
+    key = (str(task.explainer_sha256), task.device)
+    if key not in _EXPLAINERS:
+        if task.explainer_path is None:
+            raise PcimError(f"{task.well}: explain.method pcim-amortised but no explainer; set explain.explainer")
+        loaded = load_explainer(task.explainer_path, device=task.device)
+        if loaded.sha256 != task.explainer_sha256:
+            raise PcimError(f"{task.well}: the explainer {task.explainer_path} changed during the run (sha256 "
+                            f"{loaded.sha256}, planned with {task.explainer_sha256}); rerun pcim explain")
+        module = loaded.module
+        _EXPLAINERS[key] = module if task.precision == "float32" else FastForward(module, task.precision)
+    return _EXPLAINERS[key]
 
 
 def _model(task: WellTask) -> LoadedModel:
@@ -191,7 +212,7 @@ def explain_well(task: WellTask) -> list[dict[str, Any]]:
             img, read_s, inputs, warnings = read
             if batcher is None:
                 try:
-                    batcher = _Batcher(task, _model(task), opts)
+                    batcher = _Batcher(task, _model(task), opts, _explainer(task))
                 except PcimError as exc:
                     rows.append(_failed_row(task, field, str(exc), "model", inputs))
                     continue
@@ -317,8 +338,8 @@ WHOLE = -1
 class _Batcher:
     """Queues the units of each field and fits them in chunks, stitching and writing finished fields."""
 
-    def __init__(self, task: WellTask, model: LoadedModel, opts: PcimOptions):
-        self.task, self.model, self.opts = task, model, opts
+    def __init__(self, task: WellTask, model: LoadedModel, opts: PcimOptions, explainer: Forward | None = None):
+        self.task, self.model, self.opts, self.explainer = task, model, opts, explainer
         self.forward: Forward | None = None  # the model behind the speed levers, set by the first field
         self.device = torch.device(task.device)
         self.batch = _BatchSize(task)
@@ -342,9 +363,9 @@ class _Batcher:
         if self._whole(field):  # one unit per target: the field's tiles fitted together
             queue = self.queues.setdefault(("field", *field.grid.field), [])
             queue += [_Unit(field, WHOLE, k) for k in range(len(field.targets))]
-        else:
+        else:  # a tile's targets in a row: pcim-amortised makes all of them from one explainer forward
             queue = self.queues.setdefault(field.grid.tile, [])
-            queue += [_Unit(field, i, k) for k in range(len(field.targets)) for i in range(field.grid.n_tiles)]
+            queue += [_Unit(field, i, k) for i in range(field.grid.n_tiles) for k in range(len(field.targets))]
         rows: list[dict[str, Any]] = []
         while sum(u.images for u in queue) >= self.batch.value:
             rows += self._run(queue)
@@ -484,7 +505,7 @@ class _Batcher:
             result, budgets = fit_adaptive(forward, x, tt, opts, seeds=seeds, max_budget=task.adaptive_budget)
             result.budget = budgets
         else:
-            result = attribute(forward, x, tt, task.method, opts, seeds=seeds)
+            result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
         if task.fidelity:  # perturbed images in forward batches no larger than the fit's
             kw = {"chunk": min(64, 2 * len(chunk))}
             dele = metrics.deletion_auc(forward, x, result.maps, tt, **kw).tolist()
@@ -535,6 +556,7 @@ class _Batcher:
             "inputs": f.inputs,
             "warnings": f.warnings,
             "model_sha256": task.model_sha256,
+            **({"explainer_sha256": task.explainer_sha256} if task.explainer_sha256 else {}),
             "pcim_version": __version__,
             "seed": self.opts.seed,
             "host": socket.gethostname(),
