@@ -4,9 +4,11 @@
 
 For every evaluation set (benchmarks/evalsets) and every method, reports the mean over images of
 pointing game, relevance mass, pixel AUROC (localisation; higher is better), deletion AUC over the top
-20% of pixels in 0.5% steps (fidelity; lower is better; fine steps because the evidence is small),
-insertion AUC over all pixels (higher is better), and seconds per map. Writes a markdown table to
-stdout and a CSV to benchmarks/results/.
+20% of pixels in 0.5% steps and over the top 2% in 0.1% steps (fidelity; lower is better; fine steps
+because the evidence is small), insertion AUC over all pixels (higher is better), and seconds per map.
+The baselines include the maps without a model (`intensity`: the channel whose intensity deletes the
+class fastest on the set; `contrast`: |x - channel mean| over channels; engine/trivial.py). Writes a
+markdown table to stdout and a CSV to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evalsets  # noqa: E402
 
-from pcim_cli.engine import baselines, metrics  # noqa: E402
+from pcim_cli.engine import baselines, metrics, trivial  # noqa: E402
+from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions, fit_pcim  # noqa: E402
 
 DEFAULT = PcimOptions()
@@ -57,7 +60,7 @@ VARIANTS: dict[str, PcimOptions] = {
     "ladder-tv": dataclasses.replace(DEFAULT, budget=LADDER, tv=1.0),
 }
 
-BASELINES = ("random", "saliency", "integrated-gradients", "occlusion")
+BASELINES = ("random", "saliency", "integrated-gradients", "occlusion", *trivial.TRIVIAL)
 
 # evaluation sets: two datasets x two architectures, a saturated (confident) model, a larger image
 SETS = {
@@ -71,13 +74,13 @@ SETS = {
 
 
 def score(model, x, mask, target, maps) -> dict[str, float]:
-    fine = torch.linspace(0, 0.2, 41)
     values = {
         "pointing_game": metrics.pointing_game(maps, mask),
         "pointing_game_3px": metrics.pointing_game(maps, mask, tolerance=3),
         "relevance_mass": metrics.relevance_mass(maps, mask),
         "pixel_auroc": metrics.pixel_auroc(maps, mask),
-        "deletion_auc": metrics.deletion_auc(model, x, maps, target, fractions=fine),
+        "deletion_auc": metrics.deletion_auc(model, x, maps, target, fractions=torch.linspace(0, 0.2, 41)),
+        "fine_deletion_auc": metrics.deletion_auc(model, x, maps, target, fractions=torch.linspace(0, 0.02, 21)),
         "insertion_auc": metrics.insertion_auc(model, x, maps, target, substrate="blur"),
     }
     return metrics.summarize(values)
@@ -87,7 +90,10 @@ def run_method(name: str, data: dict, batch: int) -> dict[str, float]:
     model, x, target = data["model"], data["x"], data["target"]
     t0 = time.perf_counter()
     extra = {}
-    if name in BASELINES:
+    if name in trivial.TRIVIAL:  # intensity: one channel for the set (as pcim evaluate chooses it)
+        opts = dataclasses.replace(DEFAULT, intensity_channel=int(trivial.best_channel(model, x, target, False)))
+        maps = attribute(model, x, target, name, opts).maps
+    elif name in BASELINES:
         maps = torch.cat([baselines.METHODS[name](model, x[i : i + batch], target[i : i + batch])
                           for i in range(0, len(x), batch)])
     else:

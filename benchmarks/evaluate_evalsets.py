@@ -1,15 +1,23 @@
-"""The `pcim evaluate` comparison on the evaluation sets with known evidence (benchmarks/evalsets).
+"""The `pcim evaluate` comparison on every evaluation set with known evidence (benchmarks/evalsets).
 
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/evaluate_evalsets.py                 # every set
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/evaluate_evalsets.py --sets nuclei,nuclei-resnet --n 16
+    .venv/bin/python benchmarks/evaluate_evalsets.py --combine                          # tables only
 
-Every method of `explain.method` with its default settings, scored exactly as `pcim evaluate` scores a
-plate (pcim_cli/report/evaluate.py), including the randomised-model sanity check. Prints one markdown table
-per set and writes benchmarks/results/evaluate_<set>.csv.
+Every method of `explain.method` (PCIM, the gradient and perturbation baselines, the trivial maps
+`intensity` and `contrast`) with its default settings, scored exactly as `pcim evaluate` scores a plate
+(pcim_cli/report/evaluate.py `compare`): deletion over the top 0-20 % and the top 0-2 % of pixels, the
+randomised-model sanity check for every method, `intensity_channel: auto` resolved per set, and the stain
+verdict. Per set: benchmarks/results/evaluate_<set>.{csv,json,md}. Then every per-set result present is
+combined into benchmarks/results/evaluate_evalsets.md (the README / docs/method.md tables), in the order
+of the sets, with one line per set saying whether PCIM beats the best trivial map on fine and coarse
+deletion. Sets can run in separate processes (e.g. in parallel); `--combine` rebuilds the tables alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,48 +31,93 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evalsets  # noqa: E402
 from compare_formulations import SETS  # noqa: E402
 
-from pcim_cli.engine import metrics  # noqa: E402
 from pcim_cli.engine.attribute import METHODS, attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
+from pcim_cli.engine.trivial import TRIVIAL  # noqa: E402
 from pcim_cli.report import evaluate  # noqa: E402
 
+RESULTS = Path(__file__).resolve().parent / "results"
 
-def maps_of(model, x, target, method, opts, batch):
-    return torch.cat([attribute(model, x[i : i + batch], target[i : i + batch], method, opts,
-                                seeds=torch.arange(i, min(i + batch, len(x)))).maps
-                      for i in range(0, len(x), batch)])
+
+def run_set(set_name: str, methods: list[str], n: int, batch: int) -> dict:
+    spec = dict(SETS[set_name])
+    data = evalsets.load(spec.pop("name"), n=n, **spec)
+    model, x, target = data["model"], data["x"], data["target"]
+    fields = [evaluate._Field("-", i, x[i], data["mask"][i]) for i in range(len(x))]
+    tiled = {}
+    if data.get("tile") is not None:  # fixed-input model: explained tile by tile, scored on whole fields
+        from evalsets.tiled import TiledModel, per_tile_maps
+
+        def maps_fn(m, xs, ts, method, opts, b):
+            return per_tile_maps(lambda mm, xt, tt: attribute(mm, xt, tt, method, opts).maps, m, xs, ts,
+                                 data["tile"], b)
+
+        tiled = {"maps_fn": maps_fn, "scorer": TiledModel(model, data["tile"])}
+    t0 = time.perf_counter()
+    comp = evaluate.compare(model, x, target, fields, methods, PcimOptions(), batch, data["channels"],
+                            data["classes"], evaluate.randomized_copy(model, seed=0), **tiled)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    comp.table.to_csv(RESULTS / f"evaluate_{set_name}.csv", index=False)
+    doc = {"set": set_name, "name": data["name"], "fields": len(x), "channels": data["channels"],
+           "intensity_channel": comp.intensity_channel, "verdicts": [v.to_dict() for v in comp.verdicts],
+           "minutes": (time.perf_counter() - t0) / 60, "torch_threads": torch.get_num_threads(),
+           "finished": time.strftime("%Y-%m-%d %H:%M")}
+    (RESULTS / f"evaluate_{set_name}.json").write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+def beats_trivial(table: pd.DataFrame, reference: str = "pcim") -> str:
+    """One line: does the reference beat every trivial map on fine and coarse deletion (lower is better)?"""
+    t = table.set_index("method")
+    if reference not in t.index or not any(m in t.index for m in TRIVIAL):
+        return ""
+    parts = []
+    for col, label in (("fine_deletion_auc", "top 2 %"), ("deletion_auc", "top 20 %")):
+        best = t.loc[[m for m in TRIVIAL if m in t.index], col]
+        ok = t.loc[reference, col] < best.min()
+        parts.append(f"{label}: {reference} {t.loc[reference, col]:.3f} vs best trivial {best.min():.3f} "
+                     f"({best.idxmin()}) — {'beats it' if ok else 'does NOT beat it'}")
+    return "; ".join(parts)
+
+
+def combine(set_names: list[str]) -> str:
+    """The per-set results present, as one markdown table (a set column) plus verdict lines."""
+    head, rows, notes = None, [], []
+    for set_name in set_names:
+        csv = RESULTS / f"evaluate_{set_name}.csv"
+        if not csv.exists():
+            continue
+        table = pd.read_csv(csv)
+        doc = json.loads((RESULTS / f"evaluate_{set_name}.json").read_text())
+        lines = evaluate.markdown_table(table).splitlines()
+        head = head or ["| set " + lines[0], "|---" + lines[1]]
+        label = f"{set_name} ({doc['fields']} fields)"
+        rows += [f"| {label if i == 0 else ''} " + line for i, line in enumerate(lines[2:])]
+        intensity = f"`intensity` = {doc['intensity_channel']}; " if doc.get("intensity_channel") else ""
+        verdicts = " ".join(f"Verdict ({v['target']}): {v['sentence']}." for v in doc["verdicts"])
+        notes.append(f"- **{set_name}**: {intensity}{beats_trivial(table)}. {verdicts}")
+    if head is None:
+        return ""
+    return "\n".join([*head, *rows]) + "\n\n" + "\n".join(notes) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sets", default="nuclei,nuclei-resnet")
+    ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, from {', '.join(SETS)}")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--combine", action="store_true", help="only rebuild evaluate_evalsets.md from the results")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    opts = PcimOptions()
-    for set_name in args.sets.split(","):
-        spec = dict(SETS[set_name])
-        data = evalsets.load(spec.pop("name"), n=args.n, **spec)
-        model, x, target = data["model"], data["x"], data["target"]
-        fields = [evaluate._Field("-", i, x[i], data["mask"][i]) for i in range(len(x))]
-        rand = evaluate.randomized_copy(model, seed=0)
-        rows = []
-        for method in args.methods.split(","):
-            t0 = time.perf_counter()
-            maps = maps_of(model, x, target, method, opts, args.batch)
-            seconds = (time.perf_counter() - t0) / len(x)
-            scores, _ = evaluate._score(model, x, target, maps, fields)
-            scores["randomisation_spearman"] = metrics.spearman(
-                maps, maps_of(rand, x, target, method, opts, args.batch), support="union").tolist()
-            rows += [{"method": method, **{k: v[i] for k, v in scores.items()}, "s_per_map": seconds}
-                     for i in range(len(x))]
-            print(f"{set_name} {method} done ({seconds:.2f} s/map)", file=sys.stderr, flush=True)
-        table = evaluate._table(pd.DataFrame(rows), args.methods.split(","))
-        Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-        table.to_csv(f"benchmarks/results/evaluate_{set_name}.csv", index=False)
-        print(f"\n**{set_name}** ({data['name']}, {len(x)} fields)\n\n{evaluate.markdown_table(table)}", flush=True)
+    methods = [m for m in args.methods.split(",") if m]
+    if not args.combine:
+        for set_name in args.sets.split(","):
+            doc = run_set(set_name, methods, args.n, args.batch)
+            print(f"{set_name}: done in {doc['minutes']:.1f} min", file=sys.stderr, flush=True)
+    text = combine(list(SETS))
+    (RESULTS / "evaluate_evalsets.md").write_text(text)
+    print(text, flush=True)
     return 0
 
 

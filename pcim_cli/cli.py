@@ -190,10 +190,13 @@ def explain(
         typer.echo(f"  failed {f['well']} site {f['site']}: {f['error']}", err=True)
     for p in result.problems:
         typer.echo(f"  not run: {p}", err=True)
+    for v in [] if quiet else result.verdicts:
+        typer.echo(f"verdict: {v.sentence}", err=True)
     if as_json:
         status = {0: "ok", 3: "partial", 75: "interrupted"}.get(result.exit_code, "failed")
         doc = {"status": status, "exit_code": result.exit_code, "store": str(result.store), "csv": str(result.csv),
-               "counts": counts, "fitted": result.fitted, "failed": result.failed, "problems": result.problems}
+               "counts": counts, "fitted": result.fitted, "failed": result.failed, "problems": result.problems,
+               "verdicts": [v.to_dict() for v in result.verdicts]}
         typer.echo(json.dumps(doc))
     raise typer.Exit(result.exit_code)
 
@@ -318,8 +321,9 @@ def evaluate(
     plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml.")],
     masks: Annotated[str, typer.Option("--masks", help="Mask file pattern with {well} (or {row}, {col}) and "
                                        "{field}, e.g. masks/{well}_s{field}.tif; nonzero = true evidence.")],
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to compare.")] = (
-        "pcim,saliency,integrated-gradients,occlusion,rise"),
+    methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated methods to compare (default: "
+                                                "every explain.method: pcim, the baselines and the trivial maps "
+                                                "intensity, contrast).")] = None,
     wells: Annotated[str | None, typer.Option("--wells", help="A number N (N wells spread over the plate, "
                                               "wells with evidence first) or a list A01,B03. Default: all.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: next to the CSV, "
@@ -341,15 +345,20 @@ def evaluate(
         well_arg = int(wells) if wells.strip().isdigit() else [w.strip() for w in wells.split(",") if w.strip()]
     try:
         cfg = load_config(plate_yaml, set_ or ())
-        result = evaluate_lib.evaluate(cfg, masks, methods.split(","), well_arg, out, sanity=not no_sanity)
+        chosen = methods.split(",") if methods is not None else evaluate_lib.DEFAULT_METHODS
+        result = evaluate_lib.evaluate(cfg, masks, chosen, well_arg, out, sanity=not no_sanity)
     except Exception as exc:  # noqa: BLE001
         raise _fail(exc) from None
     if as_json:
         typer.echo(json.dumps({"out": str(result.out), "fields": result.fields,
                                "files": {k: str(v) for k, v in result.files.items()},
+                               "intensity_channel": result.intensity_channel,
+                               "verdicts": [v.to_dict() for v in result.verdicts],
                                "table": json.loads(result.table.to_json(orient="records"))}))
     else:
         typer.echo(evaluate_lib.markdown_table(result.table))
+        for v in result.verdicts:
+            typer.echo(f"verdict ({v.target}): {v.sentence}")
     if not quiet:
         typer.echo(f"{len(result.fields)} fields; comparison in {result.out}", err=True)
 

@@ -51,6 +51,7 @@ from pydantic import (
     model_validator,
 )
 
+from pcim_cli.engine.attribute import METHODS
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import ConfigError
 from pcim_cli.io.images import compile_pattern
@@ -250,7 +251,7 @@ _ENGINE = PcimOptions()  # the engine's defaults are the config's defaults
 class ExplainConfig(_Section):
     """`explain:` — what to attribute and how. Engine settings are flat keys of this section."""
 
-    method: Literal["pcim", "saliency", "integrated-gradients", "occlusion", "rise"] = "pcim"
+    method: Literal[METHODS] = "pcim"  # pcim, the baselines, the trivial maps (engine/attribute.py)
     target: str = "predicted"  # predicted | a class name | layout:<column> | all
     steps: PositiveInt = _ENGINE.steps
     lr: float = Field(_ENGINE.lr, gt=0)
@@ -278,6 +279,9 @@ class ExplainConfig(_Section):
     rise_masks: PositiveInt = _ENGINE.rise_masks  # random masks per map
     rise_cell: PositiveInt = _ENGINE.rise_cell  # px per cell of the random mask grid
     rise_p: float = Field(_ENGINE.rise_p, gt=0, lt=1)  # probability that a cell is kept
+    # intensity: the channel shown (a name of plate.channels); auto: per image, the channel whose intensity
+    # removes the class fastest (pcim evaluate reports the best one for the plate)
+    intensity_channel: str = "auto"
     fidelity: bool = True  # deletion / insertion AUC of every map into the CSV
 
     @field_validator("budget")
@@ -443,6 +447,11 @@ class RunConfig(_Section):
             elif classes is None and not target.isdigit():
                 problems.append(("explain.target", f"{target!r} is not a class: model.classes is not set, so "
                                  "classes are named 0, 1, …; list model.classes or use predicted / all"))
+        channel = self.explain.intensity_channel
+        if channel != "auto" and channel not in self.plate.channels:
+            problems.append(("explain.intensity_channel", f"{channel!r} is not in plate.channels "
+                             f"({', '.join(self.plate.channels)}); use one of them or auto"
+                             + _did_you_mean(channel, list(self.plate.channels))))
         compute = self.compute
         if compute.cluster == "address" and not compute.address:
             problems.append(("compute.address", "required with compute.cluster: address "

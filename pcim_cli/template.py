@@ -30,7 +30,7 @@ model:
   normalize: {{method: percentile, low: 1.0, high: 99.8}}
       # per channel and field, as in training; or {{method: fixed, min: 0, max: 4095}}, {{method: none}}
 explain:
-  method: pcim                      # pcim | saliency | integrated-gradients | occlusion | rise
+  method: pcim                      # pcim | saliency | integrated-gradients | occlusion | rise | intensity | contrast
   target: predicted                 # predicted | a class name | layout:<column> | all
   steps: 300                        # optimisation steps per map
   lr: 0.1

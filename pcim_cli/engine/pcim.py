@@ -59,6 +59,7 @@ class PcimOptions:
     rise_masks: int = 1000  # RISE: random masks per map
     rise_cell: int = 16  # RISE: size (px) of one cell of the random low-resolution grid
     rise_p: float = 0.5  # RISE: probability that a cell is kept
+    intensity_channel: int | None = None  # intensity: the channel shown; None = auto (engine/trivial.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, list):  # from YAML / JSON
@@ -84,6 +85,8 @@ class PcimOptions:
         for name in ("ig_steps", "occlusion_window", "occlusion_stride", "rise_masks", "rise_cell"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.intensity_channel is not None and self.intensity_channel < 0:
+            problems.append(f"intensity_channel must be >= 0 or None, got {self.intensity_channel}")
         if not 0 < self.rise_p < 1:
             problems.append(f"rise_p must be in (0, 1), got {self.rise_p}")
         if problems:
@@ -107,6 +110,7 @@ class PcimResult:
     prob_deleted: torch.Tensor  # p(target | deleted image) after the fit (keep-delete evidence check)
     loss: torch.Tensor  # final loss per image
     steps: torch.Tensor  # Adam steps each image took (< options.steps when stopped early)
+    channel: torch.Tensor | None = None  # intensity maps: the channel each image's map shows
 
 
 def target_log_probs(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,9 @@
 """`pcim explain`: the driver. Plan the wells, create the store, run the wells, write the CSV.
 
 The driver is the only writer of plate-level metadata and of the CSV; each well is explained by
-`worker.explain_well`, here in-process (`compute.cluster: none`). Returns data (a RunResult); the
-CLI decides what to print and which exit code that means.
+`worker.explain_well`, here in-process (`compute.cluster: none`). With explain.fidelity on, the run
+ends with the plate's stain verdict (report/verdict.py) from the done fields' records. Returns data
+(a RunResult); the CLI decides what to print and which exit code that means.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pcim_cli.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, EXIT_TEMPFAIL, Con
 from pcim_cli.io import images, plate, store, summary
 from pcim_cli.io.lock import RunLock
 from pcim_cli.io.model import LoadedModel, check_classes, load_model, resolve_device
+from pcim_cli.report import verdict
 from pcim_cli.run import rerun, scheduler
 from pcim_cli.run.worker import FieldFiles, WellTask, failed_row
 
@@ -45,6 +47,7 @@ class RunResult:
     problems: list[str] = field(default_factory=list)  # run-level problems (concern no single well)
     fitted: int = 0  # maps computed by this run (the others in `summary` were already done or failed)
     interrupted: bool = False  # SIGTERM / SIGINT: stopped early, what was done is recorded
+    verdicts: list[verdict.Verdict] = field(default_factory=list)  # stain verdict per target (fidelity on)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -68,8 +71,10 @@ class RunResult:
 
 
 def engine_options(cfg: RunConfig) -> PcimOptions:
-    """The PcimOptions the `explain` section asks for."""
+    """The PcimOptions the `explain` section asks for (intensity_channel: a channel's index, None = auto)."""
     values = cfg.explain.model_dump()
+    channel = values.pop("intensity_channel")
+    values["intensity_channel"] = None if channel == "auto" else list(cfg.plate.channels).index(channel)
     return PcimOptions(**{k: values[k] for k in ENGINE_KEYS if k in values})
 
 
@@ -261,25 +266,30 @@ def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None
         if on_start is not None:
             on_start(len(p.tasks))
         dispatch = scheduler.run_wells(p.tasks, cfg.compute, on_well)
-        table, ledger = collect(cfg, p, dispatch.rows)
+        table, ledger, done = collect(cfg, p, dispatch.rows)
+        verdicts = verdict.from_records(done, cfg.explain.method) if cfg.explain.fidelity else []
         record = {"failed": ledger, "last_run": {
             "finished": time.strftime("%Y-%m-%d %H:%M:%S%z"), "fingerprint": p.fingerprint,
-            "pcim_version": __version__, "interrupted": dispatch.interrupted}}
+            "pcim_version": __version__, "interrupted": dispatch.interrupted,
+            "verdicts": [v.to_dict() for v in verdicts]}}
         store.write_plate_record(store_path, record)
         summary.write_csv_atomic(table, csv_path)
     fitted = sum(1 for r in dispatch.rows if r["status"] == "done")
     return RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
-                     interrupted=dispatch.interrupted)
+                     interrupted=dispatch.interrupted, verdicts=verdicts)
 
 
-def collect(cfg: RunConfig, p: Plan, run_rows: list[dict]) -> tuple[pd.DataFrame, dict]:
-    """The whole plate's CSV table, rebuilt from the store's records, and the new failure ledger."""
+def collect(cfg: RunConfig, p: Plan, run_rows: list[dict]) -> tuple[pd.DataFrame, dict, list[dict]]:
+    """The whole plate's CSV table, rebuilt from the store's records, the new failure ledger, and the
+    records of the fields whose maps are current."""
     by_field: dict[tuple[str, int], list[dict]] = {}
     for row in run_rows:
         by_field.setdefault((row["well"], row["site"]), []).append(row)
     store_path = Path(cfg.output.zarr)
-    rows = list(p.rows)
+    rows, done = list(p.rows), []
     for f in p.fields:
         record = store.read_record(store_path, f.well, f.index) if f.fitted else f.record
         rows += rerun.field_rows(cfg.plate.name, f, record, by_field.get((f.well, f.site)), p.fingerprint)
-    return summary.build_summary(rows, p.layout), rerun.next_ledger(p.fields, by_field, p.fingerprint)
+        if rerun.is_current(record, p.fingerprint, f.site):
+            done.append(record)
+    return summary.build_summary(rows, p.layout), rerun.next_ledger(p.fields, by_field, p.fingerprint), done

@@ -7,8 +7,9 @@ cuts each into tiles of model.input_size (tiling.py; one tile when the field is 
 input_size is null), fits the (tile, target) pairs in chunks of compute.batch_size (halved while the
 device runs out of memory), stitches the tile maps into the field's map, writes its own field groups
 of the store, and returns one row per (field, target). A field's class probabilities and statistics
-are the means over its tiles. A field that fails is recorded as failed with its message; the other
-fields go on.
+are the means over its tiles. With fidelity on, each map's record also carries its stain check
+(engine/trivial.py: the deletion AUCs of the map and of the maps without a model, for the plate's
+verdict). A field that fails is recorded as failed with its message; the other fields go on.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from pcim_cli import __version__
-from pcim_cli.engine import metrics, tiling
+from pcim_cli.engine import metrics, tiling, trivial
 from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
@@ -333,7 +334,7 @@ class _Batcher:
         chunk = queue[: self.batch.value]
         try:
             t0 = time.perf_counter()
-            result, dele, ins = self._fit(chunk)
+            result, dele, ins, checks = self._fit(chunk)
             per_unit = (time.perf_counter() - t0) / len(chunk)
         except PcimError as exc:
             return self._fail(queue, chunk, exc)
@@ -350,7 +351,7 @@ class _Batcher:
         for j, unit in enumerate(chunk):
             f = unit.field
             f.stitch.add(unit.tile, result.maps[j], slice(unit.k * self.n_maps, (unit.k + 1) * self.n_maps))
-            f.stats[unit.k].append(_unit_stats(result, j, dele[j], ins[j]))
+            f.stats[unit.k].append(_unit_stats(result, j, dele[j], ins[j], checks))
             f.fit_s += per_unit
             f.pending -= 1
             if f.pending == 0:
@@ -364,13 +365,15 @@ class _Batcher:
         seeds = torch.tensor([field_seed(opts.seed, task.well, u.field.files.site, u.field.targets[u.k]) + u.tile
                               for u in chunk])
         result = attribute(self.forward, x, tt, task.method, opts, seeds=seeds)
+        dele = ins = [float("nan")] * len(chunk)
+        checks = None
         if task.fidelity:  # perturbed images in forward batches no larger than the fit's
             kw = {"chunk": min(64, 2 * len(chunk))}
             dele = metrics.deletion_auc(self.forward, x, result.maps, tt, **kw).tolist()
             ins = metrics.insertion_auc(self.forward, x, result.maps, tt, substrate="blur", **kw).tolist()
-        else:
-            dele = ins = [float("nan")] * len(chunk)
-        return result, dele, ins
+            if task.method not in trivial.TRIVIAL:  # the stain check, for the plate's verdict
+                checks = trivial.stain_check(self.forward, x, result.maps, tt, opts, task.channels, **kw)
+        return result, dele, ins, checks
 
     def _fail(self, queue: list[_Unit], chunk: list[_Unit], exc: BaseException) -> list[dict[str, Any]]:
         """Fail every field with a unit in the chunk and drop their queued units."""
@@ -390,7 +393,7 @@ class _Batcher:
     def _write(self, f: _Field) -> list[dict[str, Any]]:
         """The field's record and maps into the store; its summary rows."""
         task = self.task
-        per_target = {t: _mean_stats(f.stats[k]) for k, t in enumerate(f.targets)}
+        per_target = {t: _mean_stats(f.stats[k], task.channels) for k, t in enumerate(f.targets)}
         predicted = task.classes[int(f.probs.argmax())]
         record = {
             "status": "done",
@@ -425,17 +428,29 @@ class _Batcher:
 _STATS = ("prob_original", "prob_mixed", "prob_deleted", "loss")
 
 
-def _unit_stats(result, j: int, dele: float, ins: float) -> dict[str, float]:
-    out = {k: float(getattr(result, k)[j]) for k in _STATS}
-    return {**out, "deletion_auc": float(dele), "insertion_auc": float(ins), "steps": int(result.steps[j])}
+def _unit_stats(result, j: int, dele: float, ins: float, checks: dict | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {k: float(getattr(result, k)[j]) for k in _STATS}
+    out.update(deletion_auc=float(dele), insertion_auc=float(ins), steps=int(result.steps[j]))
+    if result.channel is not None:  # intensity maps: the channel shown
+        out["channel"] = int(result.channel[j])
+    if checks is not None:  # name -> [fine, coarse] deletion AUC
+        out["stain_check"] = {name: [float(fine[j]), float(coarse[j])] for name, (fine, coarse) in checks.items()}
+    return out
 
 
-def _mean_stats(tiles: list[dict[str, float]]) -> dict[str, float | int]:
-    """Per-field statistics: the mean over its tiles (steps stays an int when it is one)."""
+def _mean_stats(tiles: list[dict[str, Any]], channels: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Per-field statistics: the mean over its tiles (steps stays an int when it is one); an intensity
+    map's channel: the one most of its tiles show."""
     keys = (*_STATS, "deletion_auc", "insertion_auc", "steps")
-    out: dict[str, float | int] = {k: float(np.mean([t[k] for t in tiles])) for k in keys}
+    out: dict[str, Any] = {k: float(np.mean([t[k] for t in tiles])) for k in keys}
     steps = out["steps"]
     out["steps"] = int(steps) if float(steps).is_integer() else steps
+    if "channel" in tiles[0]:
+        shown = [t["channel"] for t in tiles]
+        out["intensity_channel"] = channels[max(set(shown), key=shown.count)]
+    if "stain_check" in tiles[0]:
+        out["stain_check"] = {name: np.mean([t["stain_check"][name] for t in tiles], axis=0).tolist()
+                              for name in tiles[0]["stain_check"]}
     return out
 
 
