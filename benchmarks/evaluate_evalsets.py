@@ -8,7 +8,7 @@ Every method of `explain.method` (PCIM, the gradient and perturbation baselines,
 `intensity` and `contrast`) with its default settings, scored exactly as `pcim evaluate` scores a plate
 (pcim_cli/report/evaluate.py `compare`): deletion over the top 0-20 % and the top 0-2 % of pixels, the
 randomised-model sanity check for every method, `intensity_channel: auto` resolved per set, and the stain
-verdict. Per set: benchmarks/results/evaluate_<set>.{csv,json,md}. Then every per-set result present is
+verdict. Per set: benchmarks/results/evaluate_<set>.{csv,json}. Then every per-set result present is
 combined into benchmarks/results/evaluate_evalsets.md (the README / docs/method.md tables), in the order
 of the sets, with one line per set saying whether PCIM beats the best trivial map on fine and coarse
 deletion. Sets can run in separate processes (e.g. in parallel); `--combine` rebuilds the tables alone.
@@ -39,11 +39,12 @@ from pcim_cli.report import evaluate  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_set(set_name: str, methods: list[str], n: int, batch: int) -> dict:
+def run_set(set_name: str, methods: list[str], n: int, batch: int, device: str = "cpu",
+            results: Path = RESULTS) -> dict:
     spec = dict(SETS[set_name])
     data = evalsets.load(spec.pop("name"), n=n, **spec)
-    model, x, target = data["model"], data["x"], data["target"]
-    fields = [evaluate._Field("-", i, x[i], data["mask"][i]) for i in range(len(x))]
+    model, x, target = data["model"].to(device), data["x"].to(device), data["target"].to(device)
+    fields = [evaluate._Field("-", i, x[i], data["mask"][i].to(device)) for i in range(len(x))]
     tiled = {}
     if data.get("tile") is not None:  # fixed-input model: explained tile by tile, scored on whole fields
         from evalsets.tiled import TiledModel, per_tile_maps
@@ -56,13 +57,13 @@ def run_set(set_name: str, methods: list[str], n: int, batch: int) -> dict:
     t0 = time.perf_counter()
     comp = evaluate.compare(model, x, target, fields, methods, PcimOptions(), batch, data["channels"],
                             data["classes"], evaluate.randomized_copy(model, seed=0), **tiled)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    comp.table.to_csv(RESULTS / f"evaluate_{set_name}.csv", index=False)
+    results.mkdir(parents=True, exist_ok=True)
+    comp.table.to_csv(results / f"evaluate_{set_name}.csv", index=False)
     doc = {"set": set_name, "name": data["name"], "fields": len(x), "channels": data["channels"],
            "intensity_channel": comp.intensity_channel, "verdicts": [v.to_dict() for v in comp.verdicts],
-           "minutes": (time.perf_counter() - t0) / 60, "torch_threads": torch.get_num_threads(),
+           "minutes": (time.perf_counter() - t0) / 60, "torch_threads": torch.get_num_threads(), "device": device,
            "finished": time.strftime("%Y-%m-%d %H:%M")}
-    (RESULTS / f"evaluate_{set_name}.json").write_text(json.dumps(doc, indent=1))
+    (results / f"evaluate_{set_name}.json").write_text(json.dumps(doc, indent=1))
     return doc
 
 
@@ -80,22 +81,22 @@ def beats_trivial(table: pd.DataFrame, reference: str = "pcim") -> str:
     return "; ".join(parts)
 
 
-def combine(set_names: list[str]) -> str:
+def combine(set_names: list[str], results: Path = RESULTS) -> str:
     """The per-set results present, as one markdown table (a set column) plus verdict lines."""
     head, rows, notes = None, [], []
     for set_name in set_names:
-        csv = RESULTS / f"evaluate_{set_name}.csv"
+        csv = results / f"evaluate_{set_name}.csv"
         if not csv.exists():
             continue
         table = pd.read_csv(csv)
-        doc = json.loads((RESULTS / f"evaluate_{set_name}.json").read_text())
+        doc = json.loads((results / f"evaluate_{set_name}.json").read_text())
         lines = evaluate.markdown_table(table).splitlines()
         head = head or ["| set " + lines[0], "|---" + lines[1]]
         label = f"{set_name} ({doc['fields']} fields)"
         rows += [f"| {label if i == 0 else ''} " + line for i, line in enumerate(lines[2:])]
-        intensity = f"`intensity` = {doc['intensity_channel']}; " if doc.get("intensity_channel") else ""
-        verdicts = " ".join(f"Verdict ({v['target']}): {v['sentence']}." for v in doc["verdicts"])
-        notes.append(f"- **{set_name}**: {intensity}{beats_trivial(table)}. {verdicts}")
+        parts = [f"`intensity` = {doc['intensity_channel']}" if doc.get("intensity_channel") else "",
+                 beats_trivial(table)] + [f"verdict ({v['target']}): {v['sentence']}" for v in doc["verdicts"]]
+        notes.append(f"- **{set_name}**: " + "; ".join(p for p in parts if p) + ".")
     if head is None:
         return ""
     return "\n".join([*head, *rows]) + "\n\n" + "\n".join(notes) + "\n"
@@ -107,16 +108,19 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the maps differ by float rounding only)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the per-set results")
     ap.add_argument("--combine", action="store_true", help="only rebuild evaluate_evalsets.md from the results")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     methods = [m for m in args.methods.split(",") if m]
     if not args.combine:
         for set_name in args.sets.split(","):
-            doc = run_set(set_name, methods, args.n, args.batch)
+            doc = run_set(set_name, methods, args.n, args.batch, args.device, args.results)
             print(f"{set_name}: done in {doc['minutes']:.1f} min", file=sys.stderr, flush=True)
-    text = combine(list(SETS))
-    (RESULTS / "evaluate_evalsets.md").write_text(text)
+    text = combine(list(SETS), args.results)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "evaluate_evalsets.md").write_text(text)
     print(text, flush=True)
     return 0
 

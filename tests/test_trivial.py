@@ -197,8 +197,10 @@ def test_verdict_levels_follow_the_share_of_the_decision_explained():
     assert verdict.decide("mitotic", "pcim", 1.0, (0.46, 0.2), cands).level == "detector"  # 0.5/0.54 = 0.93
     low = verdict.decide("mitotic", "pcim", 1.0, (0.0, 0.0), {"contrast": (0.8, 0.7)})
     assert low.level == "more" and low.trivial == "contrast" and "20 %" in low.sentence
-    none = verdict.decide("mitotic", "pcim", 0.5, (0.48, 0.47), cands)
+    none = verdict.decide("mitotic", "pcim", 0.5, (0.48, 0.47), {"contrast": (0.49, 0.46)})
     assert none.level == "none" and math.isnan(none.share)
+    # a method whose maps remove nothing, beside a stain that removes the class: the stain explains the calls
+    assert verdict.decide("mitotic", "saliency", 1.0, (0.99, 0.99), cands).level == "detector"
     assert verdict.decide("mitotic", "pcim", 1.0, (0.4, 0.1), {}) is None
     # just under the threshold never reads as it: 0.8999 -> "89 %", level partly
     assert "89 %" in verdict.decide("m", "pcim", 1.0, (0.0, 0.0), {"contrast": (0.1001, 0.1001)}).sentence
@@ -272,12 +274,14 @@ def test_pcim_explain_says_when_the_classifier_is_a_stain_detector(tmp_path):
     proc = run_pcim("explain", str(yaml_path), "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (v,) = json.loads(proc.stdout)["verdicts"]
-    assert v["level"] == "detector" and v["trivial"] == "intensity:PH3" and v["maps"] == 2
+    assert v["level"] == "detector" and v["trivial"] == "intensity:PH3" and v["maps"] == 1  # first field of A01
     assert "the PH3 channel alone explains the classifier's mitotic calls as well as pcim's maps" in v["sentence"]
     assert f"verdict: {v['sentence']}" in proc.stderr
     _, _, record = store.read_field(tmp_path / "out" / "P1.zarr", "A01", 0)
     check = record["results"]["mitotic"]["stain_check"]
     assert set(check) == {"map", "intensity:DNA", "intensity:PH3", "intensity:Actin", "contrast"}
+    assert check["intensity:PH3"][0] <= check["map"][0] + 1e-6  # no map deletes faster than the read channel
+    assert "stain_check" not in store.read_field(tmp_path / "out" / "P1.zarr", "A01", 1)[2]["results"]["mitotic"]
     plate_record = store.read_plate_record(tmp_path / "out" / "P1.zarr")
     assert plate_record["last_run"]["verdicts"][0]["level"] == "detector"
     # fidelity off: no stain check, no verdict

@@ -14,7 +14,7 @@ scales). The best trivial map is the one with the lowest mean of its fine and co
 - share >= 0.9: "detector": the stain alone explains the calls as well as the method's maps;
 - 0.5 <= share < 0.9: "partly";
 - share < 0.5: "more": the classifier uses more than any stain;
-- E(M) < 0.05 (the method's own maps barely lower p(target)): "none", no verdict.
+- neither the method's maps nor the trivial map lower p(target) by 0.05 at either scale: "none".
 
 One verdict per target class (a classifier can be a PH3 detector for `mitotic` and something else for
 `negative`). `pcim evaluate` computes it from its scores, `pcim explain` (explain.fidelity on) from
@@ -85,11 +85,11 @@ def decide(target: str, reference: str, prob_original: float, reference_aucs: tu
     common = {"target": target, "reference": reference, "trivial": best, "prob_original": prob_original,
               "deletion": numbers, "maps": maps,
               "candidates": {k: {"fine": v[0], "coarse": v[1]} for k, v in cands.items()}}
-    if min(explained_ref) < MIN_EXPLAINED:
-        return Verdict("none", f"on this plate, deleting the top pixels of {reference}'s maps of {target} barely "
-                       f"lowers p({target}), so no map can be compared with the stain ({shown})",
+    if max(*explained_ref, *explained_t) < MIN_EXPLAINED:
+        return Verdict("none", f"on this plate, deleting the top pixels of neither {reference}'s maps nor the stain "
+                       f"lowers p({target}) much, so there is nothing to compare ({shown})",
                        share=float("nan"), **common)
-    share = min(e_t / e_r for e_t, e_r in zip(explained_t, explained_ref, strict=True))
+    share = min(e_t / max(e_r, 1e-9) for e_t, e_r in zip(explained_t, explained_ref, strict=True))
     if share >= DETECTOR:
         detector = (f"a {best.split(':', 1)[1]} detector" if best.startswith("intensity:")
                     else "a contrast detector (it keys on where the field differs from its background)")

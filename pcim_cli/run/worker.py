@@ -7,9 +7,9 @@ cuts each into tiles of model.input_size (tiling.py; one tile when the field is 
 input_size is null), fits the (tile, target) pairs in chunks of compute.batch_size (halved while the
 device runs out of memory), stitches the tile maps into the field's map, writes its own field groups
 of the store, and returns one row per (field, target). A field's class probabilities and statistics
-are the means over its tiles. With fidelity on, each map's record also carries its stain check
-(engine/trivial.py: the deletion AUCs of the map and of the maps without a model, for the plate's
-verdict). A field that fails is recorded as failed with its message; the other fields go on.
+are the means over its tiles. With fidelity on, the maps of each well's first field also carry their
+stain check (engine/trivial.py: the deletion AUCs of the map and of the maps without a model, for the
+plate's verdict). A field that fails is recorded as failed with its message; the other fields go on.
 """
 
 from __future__ import annotations
@@ -351,7 +351,7 @@ class _Batcher:
         for j, unit in enumerate(chunk):
             f = unit.field
             f.stitch.add(unit.tile, result.maps[j], slice(unit.k * self.n_maps, (unit.k + 1) * self.n_maps))
-            f.stats[unit.k].append(_unit_stats(result, j, dele[j], ins[j], checks))
+            f.stats[unit.k].append(_unit_stats(result, j, dele[j], ins[j], checks[j]))
             f.fit_s += per_unit
             f.pending -= 1
             if f.pending == 0:
@@ -366,13 +366,14 @@ class _Batcher:
                               for u in chunk])
         result = attribute(self.forward, x, tt, task.method, opts, seeds=seeds)
         dele = ins = [float("nan")] * len(chunk)
-        checks = None
+        checks: list[dict | None] = [None] * len(chunk)
         if task.fidelity:  # perturbed images in forward batches no larger than the fit's
             kw = {"chunk": min(64, 2 * len(chunk))}
             dele = metrics.deletion_auc(self.forward, x, result.maps, tt, **kw).tolist()
             ins = metrics.insertion_auc(self.forward, x, result.maps, tt, substrate="blur", **kw).tolist()
-            if task.method not in trivial.TRIVIAL:  # the stain check, for the plate's verdict
-                checks = trivial.stain_check(self.forward, x, result.maps, tt, opts, task.channels, **kw)
+            if task.method not in trivial.TRIVIAL:  # for the plate's verdict, on each well's first field (cheap)
+                checks = trivial.stain_check_rows(self.forward, x, result.maps, tt, opts, task.channels,
+                                                  [u.field.files.index == 0 for u in chunk], **kw)
         return result, dele, ins, checks
 
     def _fail(self, queue: list[_Unit], chunk: list[_Unit], exc: BaseException) -> list[dict[str, Any]]:
@@ -428,13 +429,13 @@ class _Batcher:
 _STATS = ("prob_original", "prob_mixed", "prob_deleted", "loss")
 
 
-def _unit_stats(result, j: int, dele: float, ins: float, checks: dict | None = None) -> dict[str, Any]:
+def _unit_stats(result, j: int, dele: float, ins: float, check: dict | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {k: float(getattr(result, k)[j]) for k in _STATS}
     out.update(deletion_auc=float(dele), insertion_auc=float(ins), steps=int(result.steps[j]))
     if result.channel is not None:  # intensity maps: the channel shown
         out["channel"] = int(result.channel[j])
-    if checks is not None:  # name -> [fine, coarse] deletion AUC
-        out["stain_check"] = {name: [float(fine[j]), float(coarse[j])] for name, (fine, coarse) in checks.items()}
+    if check is not None:  # name -> [fine, coarse] deletion AUC
+        out["stain_check"] = check
     return out
 
 
