@@ -54,22 +54,15 @@ def deletion_aucs(model: Forward, x: torch.Tensor, maps: Mapping[str, torch.Tens
                   chunk: int = 64) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(fine, coarse) deletion AUCs (B,) of each map in `maps` (name -> (B, M, H, W)).
 
-    Both grids start at 0; they are measured as one curve per map (the points of `fine`, then those of
-    `coarse` after 0), with every map's images in the same forward batches.
+    Both grids start at 0; they are measured as one curve per map: the points of `fine`, then those of
+    `coarse` after 0 (maps one after the other, so memory does not grow with their number).
     """
     if float(fine[0]) != 0.0 or float(coarse[0]) != 0.0:
         raise ValueError("deletion grids must start at 0")
-    names = list(maps)
-    if not names:
-        return {}
-    b, nf = x.shape[0], len(fine)
-    fractions = torch.cat([fine, coarse[1:]])
-    stacked = torch.cat([maps[n].sum(1, keepdim=True) for n in names])
-    curves = metrics.perturbation_curve(model, x.repeat(len(names), 1, 1, 1), stacked,
-                                        target.repeat(len(names)), "deletion", fractions=fractions, chunk=chunk)
+    nf, fractions = len(fine), torch.cat([fine, coarse[1:]])
     out = {}
-    for k, name in enumerate(names):
-        c = curves[k * b : (k + 1) * b]
+    for name, m in maps.items():
+        c = metrics.perturbation_curve(model, x, m, target, "deletion", fractions=fractions, chunk=chunk)
         out[name] = (metrics.curve_auc(c[:, :nf], fine),
                      metrics.curve_auc(torch.cat([c[:, :1], c[:, nf:]], 1), coarse))
     return out
