@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/pcim explain sample_plates/demo/plate.yaml
-	@echo "maps: sample_plates/demo/out/DEMO01.zarr   summary: sample_plates/demo/out/DEMO01_pcim.csv"
+	@echo "maps: sample_plates/demo/out/DEMO01.zarr   summary: sample_plates/demo/out/DEMO01_pcim.csv   nuclei: sample_plates/demo/out/DEMO01_pcim_Nuclei.csv"
 
 test: install
 	$(BIN)/python -m pytest -q

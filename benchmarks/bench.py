@@ -18,6 +18,10 @@ Sections (one torch thread, OMP_NUM_THREADS=1, so figures from a busy shared mac
              shipped settings: fields per minute and the share of wall time reading TIFFs, fitting,
              writing the store
   workers    benchmarks/bench_workers.py (wells/min with 1 vs 2 local Dask workers), when it exists
+  objects    plate.objects: the demo wells of `demo` with and without their nuclei tables (wall time
+             ratio, and the object seconds the records hold), and one dense 512x512 field of the demo
+             generator (~200 nuclei, untiled) at the shipped settings: the share of its time spent on
+             the object table (per-object deletions in batches of compute.batch_size)
 Writes benchmarks/results/bench.json (and early_stopping.json) and prints a table.
 """
 
@@ -49,7 +53,7 @@ from pcim_cli.engine.pcim import FastForward, PcimOptions, fit_pcim  # noqa: E40
 
 DEMO = ROOT / "sample_plates" / "demo"
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("bound", "batch", "levers", "baselines", "tiled", "demo", "workers")
+SECTIONS = ("bound", "batch", "levers", "baselines", "tiled", "demo", "workers", "objects")
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -257,6 +261,74 @@ def bench_demo(wells: list[str]) -> dict:
     }
 
 
+def _objects_run(tmp: str, name: str, overrides: list[str]) -> tuple[float, list[dict]]:
+    """Wall time of explain.run on the demo plate with these overrides, and the records it wrote."""
+    from pcim_cli import config
+    from pcim_cli.io import store
+    from pcim_cli.run import explain
+
+    cfg = config.load_config(DEMO / "plate.yaml", overrides=[
+        f"output.zarr={tmp}/{name}.zarr", f"output.csv={tmp}/{name}.csv", "compute.cluster=none", *overrides])
+    t0 = time.perf_counter()
+    result = explain.run(cfg)
+    wall = time.perf_counter() - t0
+    records = []
+    for path in result.summary["PCIM_ZarrPath"]:
+        row, col, index = str(path).split("/")
+        records.append(store.read_record(Path(cfg.output.zarr), f"{row}{int(col):02d}", int(index)))
+    return wall, records
+
+
+def bench_objects(wells: list[str], dense_size: int = 512) -> dict:
+    """Object tables' cost: demo wells with / without plate.objects (same process, alternating), and a
+    dense field."""
+    import tifffile
+
+    sys.path.insert(0, str(DEMO))
+    import make_demo
+
+    out: dict = {"wells": wells}
+    with tempfile.TemporaryDirectory() as tmp:
+        walls: dict[str, list[float]] = {"with": [], "without": []}
+        objects_s = fit_s = 0.0
+        for rep in range(2):  # alternate, so that load changes on a shared machine hit both alike
+            for kind in (("without", "with") if rep == 0 else ("with", "without")):
+                extra = [f"plate.wells=[{','.join(wells)}]"] + (["plate.objects=null"] if kind == "without" else [])
+                wall, records = _objects_run(tmp, f"{kind}{rep}", extra)
+                walls[kind].append(wall)
+                if kind == "with":
+                    objects_s += sum(r["timings_s"].get("objects", 0.0) for r in records)
+                    fit_s += sum(r["timings_s"]["fit"] for r in records)
+        out.update(walls=walls, wall_ratio=sum(walls["with"]) / sum(walls["without"]),
+                   objects_s=objects_s, objects_share_of_fit=objects_s / fit_s,
+                   objects_share_of_wall=objects_s / sum(walls["with"]))
+        # one dense field: the generator at dense_size px keeps the nuclei density (~200 at 512 px)
+        plate = Path(tmp) / "dense"
+        (plate / "images").mkdir(parents=True)
+        (plate / "labels").mkdir()
+        img, _, lab = make_demo.make_field(np.random.default_rng([7, dense_size]), True, dense_size,
+                                           return_labels=True)
+        for c in range(3):
+            tifffile.imwrite(plate / "images" / f"A01_s1_w{c + 1}.tif", img[c])
+        tifffile.imwrite(plate / "labels" / "A01_s1_nuclei.tif", lab)
+        text = (DEMO / "plate.yaml").read_text().replace("images: images/", f"images: {plate / 'images'}")
+        text = text.replace("labels/{well}", f"{plate / 'labels'}/{{well}}").replace("path: classifier.ts",
+                                                                                     f"path: {DEMO / 'classifier.ts'}")
+        (plate / "plate.yaml").write_text(text.replace("layout: layout.csv", "layout: null"))
+        from pcim_cli import config
+        from pcim_cli.io import store
+        from pcim_cli.run import explain
+
+        cfg = config.load_config(plate / "plate.yaml", overrides=["compute.cluster=none"])
+        explain.run(cfg)
+        record = store.read_record(Path(cfg.output.zarr), "A01", 0)
+        t = record["timings_s"]
+        out["dense"] = {"size": dense_size, "objects": record["objects"]["Nuclei"]["count"],
+                        "batch_size": cfg.compute.batch_size, "fit_s": t["fit"], "objects_s": t["objects"],
+                        "objects_share": t["objects"] / (t["fit"] + t["objects"] + t["read"])}
+    return out
+
+
 def bench_workers() -> dict:
     script = ROOT / "benchmarks" / "bench_workers.py"
     if not script.exists():
@@ -358,6 +430,14 @@ def table(res: dict) -> str:
             f"| share of wall time: read TIFFs / fit / write store / other | {100 * d['share_read']:.1f} / "
             f"{100 * d['share_fit']:.1f} / {100 * d['share_write']:.1f} / {100 * d['share_other']:.1f} % |",
         ]
+    if "objects" in res:
+        o = res["objects"]
+        lines.append(f"| object tables (plate.objects, demo {len(o['wells'])} wells, ~12 nuclei per 128 px field): "
+                     f"wall time with / without | x{o['wall_ratio']:.3f} (object seconds in the records: "
+                     f"{100 * o['objects_share_of_wall']:.2f} % of the wall time) |")
+        d = o["dense"]
+        lines.append(f"| one dense {d['size']}x{d['size']} field, {d['objects']} nuclei, untiled (B={d['batch_size']}) "
+                     f"| object table {d['objects_s']:.1f} s = {100 * d['objects_share']:.1f} % of the field's time |")
     return "\n".join(lines)
 
 
@@ -397,6 +477,8 @@ def main() -> None:
         res["demo"] = bench_demo(["A01"] if q else ["A01", "A02", "B01", "B02"])
     if "workers" in only:
         res["workers"] = bench_workers()
+    if "objects" in only:
+        res["objects"] = bench_objects(["A01"] if q else ["A01", "A02", "B01", "B02"], 256 if q else 512)
     res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench.json").write_text(json.dumps(res, indent=1))

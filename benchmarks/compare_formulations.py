@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evalsets  # noqa: E402
-from evalsets.tiled import TiledModel, per_tile_maps  # noqa: E402
+from evalsets.tiled import TiledModel, field_maps  # noqa: E402
 
 from pcim_cli.engine import baselines, metrics, trivial  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
@@ -90,8 +90,8 @@ def score(model, x, mask, target, maps) -> dict[str, float]:
 
 
 def run_method(name: str, data: dict, batch: int) -> dict[str, float]:
-    """Maps of one method on a set, scored; a set with a `tile` is explained tile by tile and scored on
-    the whole stitched field with the tiles' mean probability (evalsets.tiled)."""
+    """Maps of one method on a set, scored; a set with a `tile` is explained and scored on the whole field
+    through its tiles, as pcim explain does (evalsets.tiled)."""
     model, x, target = data["model"], data["x"], data["target"]
     t0 = time.perf_counter()
     extra = {}
@@ -109,8 +109,8 @@ def run_method(name: str, data: dict, batch: int) -> dict[str, float]:
         stats.append(fit_pcim(m, xs, ts, VARIANTS[name]))
         return stats[-1].maps
 
-    if "tile" in data:
-        maps = per_tile_maps(fit, model, x, target, data["tile"], batch)
+    if "tile" in data:  # as pcim explain does: one map per field through its tiles
+        maps = field_maps(fit, model, x, target, data["tile"])
     else:
         maps = torch.cat([fit(model, x[i : i + batch], target[i : i + batch]) for i in range(0, len(x), batch)])
     if stats:

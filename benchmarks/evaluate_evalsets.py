@@ -7,11 +7,17 @@
 Every method of `explain.method` (PCIM, the gradient and perturbation baselines, the trivial maps
 `intensity` and `contrast`) with its default settings, scored exactly as `pcim evaluate` scores a plate
 (pcim_cli/report/evaluate.py `compare`): deletion over the top 0-20 % and the top 0-2 % of pixels, the
-randomised-model sanity check for every method, `intensity_channel: auto` resolved per set, and the stain
-verdict. Per set: benchmarks/results/evaluate_<set>.{csv,json}. Then every per-set result present is
-combined into benchmarks/results/evaluate_evalsets.md (the README / docs/method.md tables), in the order
-of the sets, with one line per set saying whether PCIM beats the best trivial map on fine and coarse
-deletion. Sets can run in separate processes (e.g. in parallel); `--combine` rebuilds the tables alone.
+randomised-model sanity check for every method (`--no-sanity` skips it), `intensity_channel: auto`
+resolved per set, the stain verdict and, where a set has object labels, the object ranking of
+plate.objects (report/object_ranking.py). Fixed-input models get one map per field through its tiles,
+as pcim explain does. Per set: benchmarks/results/evaluate_<set>[_<tag>].{csv,json}. Then every per-set
+result present is combined into benchmarks/results/evaluate_evalsets[_<tag>].md (the README /
+docs/method.md tables), in the order of the sets, with one line per set saying whether PCIM beats the
+best trivial map on fine and coarse deletion. Sets can run in separate processes (e.g. in parallel);
+`--combine` rebuilds the tables alone.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/evaluate_evalsets.py --sets demo,demo-resnet,nuclei,nuclei-resnet \
+        --n 16 --no-sanity --tag objects                     # the object ranking figures of the README
 """
 
 from __future__ import annotations
@@ -30,40 +36,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evalsets  # noqa: E402
 from compare_formulations import SETS  # noqa: E402
+from evalsets.tiled import TiledModel, field_maps  # noqa: E402
 
 from pcim_cli.engine.attribute import METHODS, attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
 from pcim_cli.engine.trivial import TRIVIAL  # noqa: E402
-from pcim_cli.report import evaluate  # noqa: E402
+from pcim_cli.report import evaluate, object_ranking  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+
 def run_set(set_name: str, methods: list[str], n: int, batch: int, device: str = "cpu",
-            results: Path = RESULTS) -> dict:
+            results: Path = RESULTS, sanity: bool = True, tag: str = "") -> dict:
     spec = dict(SETS[set_name])
     data = evalsets.load(spec.pop("name"), n=n, **spec)
     model, x, target = data["model"].to(device), data["x"].to(device), data["target"].to(device)
     fields = [evaluate._Field("-", i, x[i], data["mask"][i].to(device)) for i in range(len(x))]
-    tiled = {}
-    if data.get("tile") is not None:  # fixed-input model: explained tile by tile, scored on whole fields
-        from evalsets.tiled import TiledModel, per_tile_maps
+    opts, tile, kw = PcimOptions(), data.get("tile"), {}
+    if tile is not None:  # fixed-input model: one map per field through its tiles, scored on whole fields
 
-        def maps_fn(m, xs, ts, method, opts, b):
-            return per_tile_maps(lambda mm, xt, tt: attribute(mm, xt, tt, method, opts).maps, m, xs, ts,
-                                 data["tile"], b)
+        def maps_fn(m, xs, ts, method, o, b):
+            return field_maps(lambda mm, xt, tt: attribute(mm, xt, tt, method, o).maps, m, xs, ts, tile)
 
-        tiled = {"maps_fn": maps_fn, "scorer": TiledModel(model, data["tile"])}
+        kw = {"maps_fn": maps_fn, "scorer": TiledModel(model, tile)}
+    if "labels" in data:
+        kw["objects_scorer"] = object_ranking.ObjectScorer(kw.get("scorer", model), x, target,
+                                                           [lab.to(device) for lab in data["labels"]],
+                                                           [m.to(device) for m in data["mask"]], opts, batch_size=batch)
     t0 = time.perf_counter()
-    comp = evaluate.compare(model, x, target, fields, methods, PcimOptions(), batch, data["channels"],
-                            data["classes"], evaluate.randomized_copy(model, seed=0), **tiled)
+    comp = evaluate.compare(model, x, target, fields, methods, opts, batch, data["channels"], data["classes"],
+                            evaluate.randomized_copy(model, seed=0) if sanity else None, **kw)
     results.mkdir(parents=True, exist_ok=True)
-    comp.table.to_csv(results / f"evaluate_{set_name}.csv", index=False)
+    suffix = f"_{tag}" if tag else ""
+    comp.table.to_csv(results / f"evaluate_{set_name}{suffix}.csv", index=False)
     doc = {"set": set_name, "name": data["name"], "fields": len(x), "channels": data["channels"],
            "intensity_channel": comp.intensity_channel, "verdicts": [v.to_dict() for v in comp.verdicts],
            "minutes": (time.perf_counter() - t0) / 60, "torch_threads": torch.get_num_threads(), "device": device,
            "finished": time.strftime("%Y-%m-%d %H:%M")}
-    (results / f"evaluate_{set_name}.json").write_text(json.dumps(doc, indent=1))
+    (results / f"evaluate_{set_name}{suffix}.json").write_text(json.dumps(doc, indent=1))
     return doc
 
 
@@ -81,15 +92,17 @@ def beats_trivial(table: pd.DataFrame, reference: str = "pcim") -> str:
     return "; ".join(parts)
 
 
-def combine(set_names: list[str], results: Path = RESULTS) -> str:
+def combine(set_names: list[str], results: Path = RESULTS, tag: str = "") -> str:
     """The per-set results present, as one markdown table (a set column) plus verdict lines."""
     head, rows, notes = None, [], []
+    suffix = f"_{tag}" if tag else ""
     for set_name in set_names:
-        csv = results / f"evaluate_{set_name}.csv"
+        csv = results / f"evaluate_{set_name}{suffix}.csv"
         if not csv.exists():
             continue
         table = pd.read_csv(csv)
-        doc = json.loads((results / f"evaluate_{set_name}.json").read_text())
+        js = results / f"evaluate_{set_name}{suffix}.json"
+        doc = json.loads(js.read_text()) if js.exists() else {"fields": "?", "verdicts": []}
         lines = evaluate.markdown_table(table).splitlines()
         head = head or ["| set " + lines[0], "|---" + lines[1]]
         label = f"{set_name} ({doc['fields']} fields)"
@@ -111,16 +124,19 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the maps differ by float rounding only)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the per-set results")
     ap.add_argument("--combine", action="store_true", help="only rebuild evaluate_evalsets.md from the results")
+    ap.add_argument("--no-sanity", action="store_true", help="skip the randomised-model check (half the time)")
+    ap.add_argument("--tag", default="", help="suffix of the result files, evaluate_<set>[_<tag>].csv")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     methods = [m for m in args.methods.split(",") if m]
     if not args.combine:
         for set_name in args.sets.split(","):
-            doc = run_set(set_name, methods, args.n, args.batch, args.device, args.results)
+            doc = run_set(set_name, methods, args.n, args.batch, args.device, args.results, not args.no_sanity,
+                          args.tag)
             print(f"{set_name}: done in {doc['minutes']:.1f} min", file=sys.stderr, flush=True)
-    text = combine(list(SETS), args.results)
+    text = combine(list(SETS), args.results, args.tag)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "evaluate_evalsets.md").write_text(text)
+    (args.results / f"evaluate_evalsets{'_' + args.tag if args.tag else ''}.md").write_text(text)
     print(text, flush=True)
     return 0
 

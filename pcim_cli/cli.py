@@ -26,6 +26,12 @@ EXIT_CODES_HELP = (
     "78 configuration invalid."
 )
 
+VALIDATE_EXIT_CODES_HELP = (
+    "Exit codes: 0 everything checked is usable; 1 internal error; 2 usage error; 3 problems found (listed; "
+    "explain would fail those fields or wells); 65 input data unusable (no field could be found or read); "
+    "78 configuration invalid (plate.yaml, overrides, or a model that does not fit the channels)."
+)
+
 app = typer.Typer(
     name="pcim",
     help="PCIM pixel-attribution maps for high-content-imaging plates. " + EXIT_CODES_HELP,
@@ -105,6 +111,8 @@ def _print_plan(p, as_json: bool) -> None:
                f"({counts['run']} new, {counts['redo']} redone); {counts['done']} already done; "
                f"{counts['failed']} failed before (--retry-failed redoes them); {counts['excluded']} outside --only; "
                f"{counts['unusable']} unusable")
+    if counts.get("objects"):
+        typer.echo(f"{counts['objects']} done fields would get their object tables (re)made from their maps")
     if estimate is not None and fit:
         typer.echo(f"estimated fitting time on one worker: {estimate / 60:.1f} min (from the fields already done)")
     for f in fit:
@@ -180,14 +188,23 @@ def explain(
         raise
     except Exception as exc:  # noqa: BLE001 - every error becomes one message and an exit code
         raise _fail(exc) from None
+    advice = explain_lib.fit_advice(result, cfg)
+    if advice:  # once per run; a weak map is no failure: cron (-q) gets it only in --log-file
+        logger.log(logging.INFO if quiet else logging.WARNING, "%s", advice)
     counts = result.counts
     failed = counts["failed"] + len(result.problems)
-    line = (f"{counts['done']} maps done ({result.fitted} fitted by this run), {failed} failed, "
-            f"{counts['skipped']} not run; store {result.store}; csv {result.csv}")
-    if failed or result.interrupted or not quiet:
+    fits = result.fits
+    weak = (f" ({fits['weak']} weak, {fits['failed']} failed fits: see PCIM_Fit)"
+            if fits["weak"] + fits["failed"] else "")
+    line = (f"{counts['done']} maps done{weak} ({result.fitted} fitted by this run), {failed} failed, "
+            f"{counts['skipped']} not run; store {result.store}; csv {result.csv}"
+            + "".join(f"; {name} {path}" for name, path in result.object_csvs.items()))
+    if failed or result.object_failures or result.interrupted or not quiet:
         typer.echo(line, err=True)
     for f in result.failed:
         typer.echo(f"  failed {f['well']} site {f['site']}: {f['error']}", err=True)
+    for f in result.object_failures:
+        typer.echo(f"  {f['object']} table failed {f['well']} site {f['site']} (map done): {f['error']}", err=True)
     for p in result.problems:
         typer.echo(f"  not run: {p}", err=True)
     for v in [] if quiet else result.verdicts:
@@ -195,30 +212,36 @@ def explain(
     if as_json:
         status = {0: "ok", 3: "partial", 75: "interrupted"}.get(result.exit_code, "failed")
         doc = {"status": status, "exit_code": result.exit_code, "store": str(result.store), "csv": str(result.csv),
-               "counts": counts, "fitted": result.fitted, "failed": result.failed, "problems": result.problems,
-               "verdicts": [v.to_dict() for v in result.verdicts]}
+               "counts": counts, "fits": fits, "fitted": result.fitted, "failed": result.failed,
+               "problems": result.problems, "object_csvs": {k: str(v) for k, v in result.object_csvs.items()},
+               "object_failures": result.object_failures, "verdicts": [v.to_dict() for v in result.verdicts]}
         typer.echo(json.dumps(doc))
     raise typer.Exit(result.exit_code)
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(epilog=VALIDATE_EXIT_CODES_HELP)
 def validate(
     plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, as for explain.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON on stdout.")] = False,
+    no_probe: Annotated[bool, typer.Option("--no-probe", help="Do not time a fit step for the ETA.")] = False,
 ) -> None:
-    """Check plate.yaml, the layout, the images and the model without fitting or writing anything."""
+    """Check plate.yaml, the layout, the images and the model without fitting or writing anything, and say
+    what explain will do: tiles per field size, each well's target, the aggregation and the estimated cost."""
     from pcim_cli.config import load_config
     from pcim_cli.run import explain as explain_lib
+    from pcim_cli.run import preview
 
     _setup_logging(0, quiet=True)
     logging.getLogger("pcim_cli").setLevel(logging.ERROR)  # problems are part of the report below
     try:
         cfg = load_config(plate_yaml, set_ or ())
-        found = explain_lib.inspect_plate(cfg).summary
+        inventory = explain_lib.inspect_plate(cfg, check_objects=True)
+        found = inventory.summary
+        plan = preview.plan_run(cfg, inventory, probe=not no_probe)
     except Exception as exc:  # noqa: BLE001
         raise _fail(exc) from None
-    found = {"plate": cfg.plate.name, "channels": list(cfg.plate.channels), **found}
+    found = {"plate": cfg.plate.name, "channels": list(cfg.plate.channels), **found, "plan": plan.as_dict()}
     if as_json:
         typer.echo(json.dumps(found))
     else:
@@ -229,9 +252,38 @@ def validate(
                    f"classes {', '.join(model['classes'])}")
         if found["layout_columns"]:
             typer.echo(f"layout columns: {', '.join(found['layout_columns'])}")
+        for name, count in found["objects"].items():
+            typer.echo(f"objects {name}: label images for {count} of {found['fields']} fields")
         for p in found["problems"]:
             typer.echo(f"problem: {p}")
+        _print_run_plan(plan)
     raise typer.Exit(3 if found["problems"] else 0)
+
+
+def _print_run_plan(plan) -> None:
+    """validate's plan section: what explain will do."""
+    typer.echo("plan (what explain will do):")
+    for s in plan.sizes:
+        head = f"  {s['fields']} field(s) of {s['field'][0]}x{s['field'][1]} px: "
+        if "problem" in s:
+            typer.echo(head + s["problem"])
+        elif s["n_tiles"] == 1:
+            typer.echo(head + "one tile (the whole field)")
+        else:
+            whole = {True: "accepts", False: "does not accept"}[s["whole_field_accepted"]]
+            typer.echo(head + f"{s['n_tiles']} tiles of {s['tile'][0]}x{s['tile'][1]} px ({s['grid'][0]} x "
+                       f"{s['grid'][1]}, overlap {s['overlap'][0]}x{s['overlap'][1]} px); field prediction: "
+                       f"model.aggregate {plan.aggregate}; maps: explain.tile_maps {plan.tile_maps}; the model "
+                       f"{whole} the untiled field (model.aggregate: whole-field)")
+    targets: dict[str, list[str]] = {}
+    for well, t in plan.targets.items():
+        targets.setdefault(t, []).append(well)
+    for t, wells in targets.items():
+        shown = ", ".join(wells[:8]) + (f" … ({len(wells)} wells)" if len(wells) > 8 else "")
+        typer.echo(f"  target {t}: {shown}")
+    eta = "" if plan.eta_s is None else (f"; about {plan.eta_s / 60:.1f} min on {plan.device} with one worker "
+                                         f"({plan.seconds_per_pass * 1000:.2f} ms per image pass, timed)")
+    typer.echo(f"  cost: {plan.maps} maps, {plan.model_passes:,} model passes{eta}")
 
 
 @app.command(epilog=EXIT_CODES_HELP)

@@ -101,6 +101,8 @@ class PlateConfig(_Section):
     channels: dict[str, str]
     layout: ConfigPath | None = None
     wells: list[str] | None = None
+    # object kind -> label-image pattern ({well}/{row}+{col}, {field}, *), relative to the YAML's folder
+    objects: dict[str, str] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -154,6 +156,34 @@ class PlateConfig(_Section):
         dupes = sorted({t for t in tokens if tokens.count(t) > 1})
         if dupes:
             raise ValueError(f"file-name token(s) {', '.join(dupes)} used for more than one channel")
+        return out
+
+    @field_validator("objects", mode="before")
+    @classmethod
+    def _check_objects(cls, value: Any, info: ValidationInfo) -> Any:
+        """Object names usable in file and column names; patterns as plate.pattern (no {channel}),
+        anchored at the YAML file's folder."""
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not value:
+            raise ValueError("give a mapping object name -> label-image pattern, e.g. "
+                             "{Nuclei: 'labels/{well}_s{field}_nuclei.tif'}")
+        base = (info.context or {}).get("base_dir")
+        out: dict[str, str] = {}
+        for name, pattern in value.items():
+            name = str(name)
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+                raise ValueError(f"object name {name!r}: use letters, digits and '_' (it names "
+                                 "{plate}_pcim_<name>.csv and the store's labels), e.g. Nuclei")
+            if not isinstance(pattern, str) or not pattern.strip():
+                raise ValueError(f"{name}: give the label images' file pattern, e.g. labels/{{well}}_s{{field}}.tif")
+            if "{channel}" in pattern:
+                raise ValueError(f"{name}: a label image has no channels; remove {{channel}} from {pattern!r}")
+            compile_pattern(pattern)  # unknown or repeated placeholders, no well
+            path = Path(pattern).expanduser()
+            if base is not None and not path.is_absolute():
+                path = Path(base) / path
+            out[name] = path.as_posix()
         return out
 
     @field_validator("wells", mode="before")
@@ -218,6 +248,9 @@ class ModelConfig(_Section):
     path: ConfigPath
     classes: list[str] | None = None
     input_size: tuple[PositiveInt, PositiveInt] | None = None
+    # a tiled field's prediction: mean of the tiles' logits (measured default, docs/method.md), of their
+    # probabilities, the largest probability per class, or the model on the untiled field (any-size models)
+    aggregate: Literal["mean-prob", "mean-logit", "max", "whole-field"] = "mean-logit"
     normalize: Normalize = Field(default_factory=NormalizePercentile)
 
     @field_validator("normalize", mode="before")
@@ -283,6 +316,13 @@ class ExplainConfig(_Section):
     # removes the class fastest (pcim evaluate reports the best one for the plate)
     intensity_channel: str = "auto"
     fidelity: bool = True  # deletion / insertion AUC of every map into the CSV
+    # plate.objects: how many top objects (by share) are deleted together for the field's drop, and outlined
+    top_objects: PositiveInt = 3
+    # tiled fields: one fit over the whole field (one softmax, the budget spent over the field) or per tile
+    tile_maps: Literal["field", "per-tile", "evidence"] = "field"
+    # grow the budget (x2 per refit) until deleting the map's pixels removes half of p(target), up to this
+    # share of the field; null: the fixed budget
+    adaptive_budget: float | None = Field(None, gt=0, le=1)
 
     @field_validator("budget")
     @classmethod
@@ -452,6 +492,14 @@ class RunConfig(_Section):
             problems.append(("explain.intensity_channel", f"{channel!r} is not in plate.channels "
                              f"({', '.join(self.plate.channels)}); use one of them or auto"
                              + _did_you_mean(channel, list(self.plate.channels))))
+        budget = self.explain.budget
+        if self.explain.adaptive_budget is not None:
+            if not isinstance(budget, (int, float)):
+                problems.append(("explain.adaptive_budget", "grows one budget: set explain.budget to one share "
+                                 f"(it is {budget}), or adaptive_budget to null"))
+            elif budget > self.explain.adaptive_budget:
+                problems.append(("explain.adaptive_budget", f"{self.explain.adaptive_budget} is below explain.budget "
+                                 f"({budget}): give the largest share the budget may grow to"))
         compute = self.compute
         if compute.cluster == "address" and not compute.address:
             problems.append(("compute.address", "required with compute.cluster: address "

@@ -23,10 +23,13 @@ plate:
       # (a plain list [DNA, PH3, Actin] when file names carry the names themselves)
   layout: null                      # optional CSV/TSV plate map: a 'well' column + annotation columns
   wells: null                       # optional subset, e.g. [A01, B03]
+  objects: null                     # optional label images (0 = background, 1..N = objects) -> per-object
+      # tables {{plate}}_pcim_<Object>.csv, e.g. {{Nuclei: "labels/{{well}}_s{{field}}_nuclei.tif"}} (tokens as pattern)
 model:
   path: classifier.ts               # FILL IN: TorchScript (.ts, .pt) or torch.export archive (.pt2)
   classes: null                     # output names in order, e.g. [negative, mitotic]; null: "0", "1", ...
   input_size: null                  # [H, W] the model needs (fields are tiled to it); null: whole fields
+  aggregate: mean-logit             # a tiled field's prediction: mean-logit | mean-prob | max | whole-field
   normalize: {{method: percentile, low: 1.0, high: 99.8}}
       # per channel and field, as in training; or {{method: fixed, min: 0, max: 4095}}, {{method: none}}
 explain:
@@ -37,6 +40,9 @@ explain:
   per_channel: false                # true: one map per input channel instead of one shared map
   seed: 0
   fidelity: true                    # deletion / insertion AUC of every map into the CSV
+  top_objects: 3                    # plate.objects: top objects per field deleted together and outlined
+  tile_maps: field                  # tiled fields: one map over the field | per-tile | evidence
+  adaptive_budget: null             # e.g. 0.32: grow the budget until deleting the map removes the class
 compute:
   cluster: local                    # none | local | address | scheduler-file | slurm
   address: null                     # cluster: address (tcp://host:8786; or DASK_SCHEDULER_ADDRESS)

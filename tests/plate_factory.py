@@ -19,17 +19,22 @@ DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
 CHANNEL_TOKENS = {"DNA": "1", "PH3": "2", "Actin": "3"}
 
 
-def make_plate(root: Path, wells: Iterable[str] = ("A01", "A02", "B01"), steps: int = 5,
+def make_plate(root: Path, wells: Iterable[str] = ("A01", "A02", "B01"), steps: int = 5, objects: bool = False,
                **sections: dict) -> Path:
     """Copy the demo fields of `wells` into root/images and write root/plate.yaml; returns its path.
 
-    `sections` are merged into the YAML's sections (e.g. explain={"target": "all"}).
+    `sections` are merged into the YAML's sections (e.g. explain={"target": "all"}). With `objects`, the
+    demo's nuclei label images come along (root/labels) as plate.objects.Nuclei.
     """
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
     for well in wells:
         for path in DEMO.glob(f"images/{well}_s*_w*.tif"):
             shutil.copy(path, images / path.name)
+        if objects:
+            (root / "labels").mkdir(exist_ok=True)
+            for path in DEMO.glob(f"labels/{well}_s*_nuclei.tif"):
+                shutil.copy(path, root / "labels" / path.name)
     shutil.copy(DEMO / "layout.csv", root / "layout.csv")
     shutil.copy(DEMO / "classifier.ts", root / "classifier.ts")
     config = {
@@ -40,6 +45,8 @@ def make_plate(root: Path, wells: Iterable[str] = ("A01", "A02", "B01"), steps: 
         "compute": {"cluster": "none"},
         "output": {"zarr": "out/{plate}.zarr", "csv": "out/{plate}.csv"},
     }
+    if objects:
+        config["plate"]["objects"] = {"Nuclei": "labels/{well}_s{field}_nuclei.tif"}
     for key, value in sections.items():
         config.setdefault(key, {}).update(value)
     path = root / "plate.yaml"

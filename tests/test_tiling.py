@@ -166,7 +166,8 @@ def test_a_field_of_the_model_size_gives_the_same_map_tiled_and_untiled(tmp_path
         rows = worker.explain_well(task)
         assert [r["status"] for r in rows] == ["done"]
         arr, _, record = store.read_field(Path(task.store_path), "A01", 0)
-        assert record["tiling"] == {"tile": [TILE, TILE], "overlap": [0, 0], "n_tiles": 1, "grid": [1, 1]}
+        assert {k: record["tiling"][k] for k in ("tile", "overlap", "n_tiles", "grid")} == {
+            "tile": [TILE, TILE], "overlap": [0, 0], "n_tiles": 1, "grid": [1, 1]}
         maps.append(arr)
     assert np.array_equal(maps[0], maps[1])
 
@@ -226,11 +227,13 @@ def _with_model(monkeypatch, task: worker.WellTask, module: torch.nn.Module) -> 
 def test_out_of_memory_halves_the_batch_and_gives_the_same_maps(tmp_path, fixed_model, monkeypatch, caplog,
                                                                  limit, batch):
     shape = [(150, 100)]  # 6 tiles
-    ref_task = make_task(tmp_path / "ref", fixed_model, shape, (TILE, TILE), batch_size=16, fidelity=False)
+    ref_task = make_task(tmp_path / "ref", fixed_model, shape, (TILE, TILE), batch_size=16, fidelity=False,
+                         tile_maps="per-tile")
     assert [r["status"] for r in worker.explain_well(ref_task)] == ["done"]
     reference, _, _ = store.read_field(Path(ref_task.store_path), "A01", 0)
 
-    task = make_task(tmp_path / "oom", fixed_model, shape, (TILE, TILE), batch_size=16, fidelity=False)
+    task = make_task(tmp_path / "oom", fixed_model, shape, (TILE, TILE), batch_size=16, fidelity=False,
+                     tile_maps="per-tile")
     flaky = OomAbove(torch.jit.load(str(fixed_model)), limit=limit)  # a fit step sends 2 images per map
     _with_model(monkeypatch, task, flaky)
     with caplog.at_level(logging.WARNING, logger="pcim_cli.run.worker"):
@@ -241,6 +244,14 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_maps(tmp_path, fixed_
     assert record["batch_size"] == batch
     warnings = [r for r in caplog.records if "out of memory" in r.getMessage()]
     assert len(warnings) == 1 and "compute.batch_size" in warnings[0].getMessage()  # warned once
+
+
+def test_out_of_memory_on_one_whole_field_fails_it_naming_tile_maps(tmp_path, fixed_model, monkeypatch):
+    task = make_task(tmp_path, fixed_model, [(150, 100)], (TILE, TILE), batch_size=16, fidelity=False)
+    _with_model(monkeypatch, task, OomAbove(torch.jit.load(str(fixed_model)), limit=7))  # a step needs 12
+    rows = worker.explain_well(task)
+    assert [r["status"] for r in rows] == ["failed"]
+    assert "out of memory" in rows[0]["error"] and "explain.tile_maps: per-tile" in rows[0]["error"]
 
 
 def test_out_of_memory_at_one_image_fails_the_field_naming_the_setting(tmp_path, fixed_model, monkeypatch):

@@ -43,12 +43,13 @@ def demo(n: int = 32, arch: str = "maxpool", size: int = 128, seed: int = EVAL_S
     else:
         raise ValueError(f"arch must be 'maxpool' or 'resnet', got {arch!r}")
     rng = np.random.default_rng([seed, size])
-    xs, ms, ns = [], [], []
+    xs, ms, ns, ls = [], [], [], []
     for _ in range(n):
-        img, m, null = dm.make_field(rng, True, size, return_null=True)
+        img, m, null, lab = dm.make_field(rng, True, size, return_null=True, return_labels=True)
         xs.append(dm.percentile_normalize(img))
         ns.append(dm.percentile_normalize(null))
         ms.append(m)
+        ls.append(lab.astype(np.int32))
     return {
         "name": f"demo-{arch}" + ("" if size == 128 else f"-{size}"),
         "x": torch.from_numpy(np.stack(xs)),
@@ -56,6 +57,7 @@ def demo(n: int = 32, arch: str = "maxpool", size: int = 128, seed: int = EVAL_S
         "target": torch.ones(n, dtype=torch.long),
         "model": model,
         "x_null": torch.from_numpy(np.stack(ns)),
+        "labels": torch.from_numpy(np.stack(ls)),
         "classes": list(dm.CLASSES),
         "channels": list(dm.CHANNELS),
         "info": info,

@@ -176,7 +176,8 @@ def make_set(n, seed, size, split, positive_only=False, augment=True):
     """n normalised crops: split 'train' (left 3/4) or 'eval' (ending at the right edge).
 
     Returns x float32 (n, 2, size, size), y long (n,), mask bool (n, size, size), x_null float32 (the
-    same crops without the evidence, each normalised on its own). Classes alternate (or all positive).
+    same crops without the evidence, each normalised on its own), labels int32 (n, size, size) (the
+    hand-drawn nuclei of the crop, stardist's mask2d). Classes alternate (or all positive).
     """
     dm = C.demo_module()
     img, lab = stardist_data()
@@ -185,7 +186,7 @@ def make_set(n, seed, size, split, positive_only=False, augment=True):
     if size > H:
         raise ValueError(f"size must be <= {H}, got {size}")
     rng = np.random.default_rng([seed, size])
-    xs, ys, ms, ns = [], [], [], []
+    xs, ys, ms, ns, ls = [], [], [], [], []
     for i in range(n):
         pos = True if positive_only else (i % 2 == 1)
         while True:
@@ -199,18 +200,22 @@ def make_set(n, seed, size, split, positive_only=False, augment=True):
             if not pos or _eligible(boxes, y0, x0, size, xmin, xmax):
                 break
         crop, m, null = make_crop(rng, img, lab, boxes, y0, x0, size, pos, xmin, xmax)
+        lab_crop = lab[y0 : y0 + size, x0 : x0 + size]
         if augment:
             op = int(rng.integers(0, 8))
             crop, m, null = _dihedral_np(crop, op), _dihedral_np(m, op), _dihedral_np(null, op)
+            lab_crop = _dihedral_np(lab_crop, op)
         xs.append(dm.percentile_normalize(crop))
         ns.append(dm.percentile_normalize(null))
         ys.append(int(pos))
         ms.append(m)
+        ls.append(lab_crop)
     return (
         torch.from_numpy(np.stack(xs)),
         torch.tensor(ys, dtype=torch.long),
         torch.from_numpy(np.stack(ms)),
         torch.from_numpy(np.stack(ns)),
+        torch.from_numpy(np.stack(ls)),
     )
 
 
@@ -232,7 +237,7 @@ def _model(arch: str):
                 label=f"nuclei-{arch}",
             )
             for sz in (128, 256):
-                x, y, _, xn = make_set(100, TEST_SEED + 100, sz, "eval", positive_only=True)
+                x, y, _, xn, _ = make_set(100, TEST_SEED + 100, sz, "eval", positive_only=True)
                 for k, v in C.evidence_check(net, x, xn, y).items():
                     info[f"evidence_{k}_{sz}"] = v
             ts = C.export(net, 2)
@@ -247,7 +252,7 @@ def nuclei(n: int = 32, size: int = 128, arch: str = "maxpool", seed: int = EVAL
     if arch not in C.ARCHS:
         raise ValueError(f"arch must be one of {sorted(C.ARCHS)}, got {arch!r}")
     model, info = _model(arch)
-    x, _, mask, x_null = make_set(n, seed, size, "eval", positive_only=True)
+    x, _, mask, x_null, labels = make_set(n, seed, size, "eval", positive_only=True)
     return {
         "name": f"nuclei-{arch}-{size}",
         "x": x,
@@ -255,6 +260,7 @@ def nuclei(n: int = 32, size: int = 128, arch: str = "maxpool", seed: int = EVAL
         "target": torch.ones(n, dtype=torch.long),
         "model": model,
         "x_null": x_null,
+        "labels": labels,
         "classes": ["negative", "mitotic"],
         "channels": ["DNA", "marker"],
         "info": info,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -141,12 +141,14 @@ def write_field(
     labels: Sequence[str],
     record: Mapping[str, Any],
     format: str = "0.5",
+    extra: Callable[[zarr.Group, int], None] | None = None,
 ) -> str:
     """Write one field's attribution maps ``(c, y, x)`` as a multiscale image, then its record.
 
     Replaces any earlier content of the field group (a rerun). The completion record goes into the
     group's attribute ``pcim`` last, so a crash leaves the field visibly incomplete. Touches only the
-    field group. Returns the relative path, e.g. ``"A/1/0"``.
+    field group. ``extra(group, n_levels)`` writes more members (object labels and tables) after the
+    maps and before the record. Returns the relative path, e.g. ``"A/1/0"``.
     """
     zarr_format = _zarr_format(format)
     maps = np.asarray(maps, dtype=np.float32)
@@ -162,6 +164,8 @@ def write_field(
         )
         for level, data in enumerate(levels):
             group.create_array(str(level), data=data, **_array_options(data.shape, zarr_format))
+        if extra is not None:
+            extra(group, len(levels))
         group.update_attributes({RECORD_KEY: record_json})
     except OutputError:
         raise
@@ -169,6 +173,26 @@ def write_field(
         raise _output_error(path, exc) from exc
     logger.debug("wrote %s/%s: %s, %d levels", path, rel, maps.shape, len(levels))
     return rel
+
+
+def update_field(path: Path, well: str, field: int, write: Callable[[zarr.Group, int], None],
+                 record: Mapping[str, Any]) -> None:
+    """Rewrite members of a complete field beside its maps (``write(group, n_levels)``), then its record.
+
+    The record's ``objects`` entry is dropped first, so a crash in between leaves the members visibly
+    stale (the next run makes them again); the maps are not touched.
+    """
+    record_json = _jsonable(dict(record))
+    try:
+        group = zarr.open_group(str(path), path=field_path(well, field), mode="r+")
+        old = dict(group.attrs.get(RECORD_KEY) or {})
+        old.pop("objects", None)
+        group.update_attributes({RECORD_KEY: _jsonable(old)})
+        n_levels = len(ome_metadata(group.attrs.asdict())["multiscales"][0]["datasets"])
+        write(group, n_levels)
+        group.update_attributes({RECORD_KEY: record_json})
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
 
 
 def read_field(path: Path, well: str, field: int) -> tuple[np.ndarray, list[str], dict | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from pcim_cli.engine.budget import fit_quality
 from pcim_cli.errors import OutputError
 from pcim_cli.io.plate import parse_well
 
@@ -36,8 +38,10 @@ RESULT_COLUMNS: dict[str, str] = {
     "predicted_class": "PCIM_PredictedClass",
     "prob_original": "PCIM_ProbOriginal",
     "prob_mixed": "PCIM_ProbMixed",
+    "prob_deleted": "PCIM_ProbDeleted",
     "deletion_auc": "PCIM_DeletionAUC",
     "insertion_auc": "PCIM_InsertionAUC",
+    "fit": "PCIM_Fit",
     "status": "PCIM_Status",
     "error": "PCIM_Error",
     "runtime_s": "PCIM_Runtime_s",
@@ -48,11 +52,14 @@ COLUMNS: tuple[str, ...] = (*ID_COLUMNS.values(), *RESULT_COLUMNS.values())
 FLOAT_COLUMNS = (
     "PCIM_ProbOriginal",
     "PCIM_ProbMixed",
+    "PCIM_ProbDeleted",
     "PCIM_DeletionAUC",
     "PCIM_InsertionAUC",
     "PCIM_Runtime_s",
 )
 STATUSES = ("done", "failed", "skipped")
+#: PCIM_Fit: did the fit achieve its objective (pcim_cli/engine/budget.py); empty for methods that fit nothing
+FITS = ("ok", "weak", "failed")
 
 
 def layout_column_name(column: str) -> str:
@@ -60,19 +67,32 @@ def layout_column_name(column: str) -> str:
     return column if column.startswith(METADATA_PREFIX) else METADATA_PREFIX + column
 
 
+def column_word(name: str) -> str:
+    """A class, channel or object name as part of a column name (letters, digits, '_')."""
+    return re.sub(r"\W+", "_", str(name)).strip("_") or "_"
+
+
 def build_summary(rows: Iterable[Mapping[str, Any]], layout: pd.DataFrame | None = None) -> pd.DataFrame:
     """The summary table: result rows joined with the layout's annotations, in plate order.
 
-    Each row has the keys of ``ID_COLUMNS`` and ``RESULT_COLUMNS`` (a missing key is left empty).
-    ``layout`` has a canonical ``well`` column plus annotation columns. Rows are sorted by well (row
-    then column), site and target.
+    Each row has the keys of ``ID_COLUMNS`` and ``RESULT_COLUMNS`` (a missing key is left empty), and
+    may carry more numeric ``PCIM_*`` columns (channel shares, object counts), which follow the fixed
+    columns in order of first appearance. ``layout`` has a canonical ``well`` column plus annotation
+    columns. Rows are sorted by well (row then column), site and target.
     """
+    rows = list(rows)
     keys = {**ID_COLUMNS, **RESULT_COLUMNS}
-    table = pd.DataFrame([{column: row.get(key) for key, column in keys.items()} for row in rows])
+    fixed = set(keys.values())
+    extra = list(dict.fromkeys(k for row in rows for k in row if k.startswith("PCIM_") and k not in fixed))
+    table = pd.DataFrame([{**{column: row.get(key) for key, column in keys.items()},
+                           **{column: row.get(column) for column in extra}} for row in rows])
     if table.empty:
-        table = pd.DataFrame(columns=list(COLUMNS))
-    for column in FLOAT_COLUMNS:  # empty (None) metrics of failed rows must not make a column "object"
+        table = pd.DataFrame(columns=[*COLUMNS, *extra])
+    for column in (*FLOAT_COLUMNS, *extra):  # empty (None) metrics of failed rows must not make a column "object"
         table[column] = pd.to_numeric(table[column], errors="coerce").astype("float64")
+    for column in extra:  # counts stay whole numbers beside the empty cells of failed rows
+        if column.endswith("_Count"):
+            table[column] = table[column].round().astype("Int64")
     # a site stays a whole number even when a row has none (a well with no image file at all)
     table[ID_COLUMNS["site"]] = pd.to_numeric(table[ID_COLUMNS["site"]], errors="coerce").astype("Int64")
 
@@ -91,24 +111,50 @@ def build_summary(rows: Iterable[Mapping[str, Any]], layout: pd.DataFrame | None
             .reset_index(drop=True)
         )
     ids = list(ID_COLUMNS.values())
-    return table[[*ids, *layout_columns, *RESULT_COLUMNS.values()]]
+    return table[[*ids, *layout_columns, *RESULT_COLUMNS.values(), *extra]]
 
 
 def rows_from_record(plate: str, well: str, zarr_path: str, record: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The summary rows (one per target) of a field's completion record in the store."""
     timings = record.get("timings_s") or {}
     runtime = sum(float(timings[k]) for k in ("read", "fit", "write") if k in timings)
+    objects = record.get("objects") or {}
+    error = "; ".join([record.get("error") or "", *(f"{name} table: {o.get('error', '')}"
+                                                    for name, o in objects.items() if o.get("status") == "failed")])
     rows = []
     for target, result in (record.get("results") or {}).items():
+        fit = result.get("fit")
+        if fit is None:  # a record made before fits were judged: judge it from its probabilities
+            fit = fit_quality(*(_number(result.get(k)) for k in ("prob_original", "prob_mixed", "prob_deleted")))
         rows.append({
             "plate": plate, "well": well, "site": record.get("site"), "target": target,
             "predicted_class": record.get("predicted_class", ""),
             "prob_original": result.get("prob_original"), "prob_mixed": result.get("prob_mixed"),
+            "prob_deleted": result.get("prob_deleted"), "fit": fit,
             "deletion_auc": result.get("deletion_auc"), "insertion_auc": result.get("insertion_auc"),
-            "status": record.get("status", "done"), "error": record.get("error", ""),
-            "runtime_s": runtime, "zarr_path": zarr_path,
+            "status": record.get("status", "done"), "error": error.strip("; "),
+            "runtime_s": runtime, "zarr_path": zarr_path, **_share_columns(result, objects, target),
         })
     return rows
+
+
+def _share_columns(result: Mapping[str, Any], objects: Mapping[str, Any], target: str) -> dict[str, Any]:
+    """``PCIM_Share_<channel>`` (the channel split of the map) and, per object kind,
+    ``PCIM_<Object>_Count`` and ``PCIM_<Object>_TopDeltaP`` (the drop of p(target) when the target's
+    explain.top_objects objects holding most attribution are deleted together)."""
+    out: dict[str, Any] = {f"PCIM_Share_{column_word(c)}": v
+                           for c, v in (result.get("channel_shares") or {}).items()}
+    for name, entry in objects.items():
+        word = column_word(name)
+        done = entry.get("status") == "done"
+        out[f"PCIM_{word}_Count"] = entry.get("count") if done else None
+        out[f"PCIM_{word}_TopDeltaP"] = ((entry.get("top") or {}).get(target) or {}).get("delta_p") if done else None
+    return out
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:

@@ -37,8 +37,10 @@ from pcim_cli.engine.attribute import METHODS, attribute
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import ConfigError, InputDataError
 from pcim_cli.io import images, plate
+from pcim_cli.io import labels as label_io
+from pcim_cli.report import object_ranking
 from pcim_cli.report.verdict import Verdict, decide
-from pcim_cli.run import explain
+from pcim_cli.run import explain, objects
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +62,11 @@ COLUMNS = {
     "insertion_auc": "insertion",
     "sparseness": "Gini",
     "randomisation_spearman": "rand. ρ",
+    **object_ranking.COLUMNS,  # with plate.objects only
     "s_per_map": "s/map",
 }
 DIRECTIONS = {**metrics.DIRECTIONS, "pointing_game_3px": "higher", "fine_deletion_auc": "lower",
-              "s_per_map": "lower"}
+              "s_per_map": "lower", **dict.fromkeys(object_ranking.COLUMNS, "higher")}
 EXAMPLES = 3  # fields shown in overlays.png
 EXAMPLES_MAX = 16  # maps kept per method for the overlays (the examples are picked among them)
 
@@ -99,6 +102,7 @@ class _Field:
     site: int
     x: torch.Tensor  # (C, H, W), normalised
     mask: torch.Tensor | None  # (H, W) bool, None when no mask file was found
+    labels: torch.Tensor | None = None  # (H, W) objects of the first plate.objects kind, when there is one
 
 
 def _pyplot():
@@ -137,20 +141,27 @@ def evaluate(cfg: RunConfig, masks: str, methods: Sequence[str] = DEFAULT_METHOD
     x = torch.stack([f.x for f in fields]).to(inv.model.device)
     target = _targets(cfg, inv, fields, model, x)
     random_model = randomized_copy(model, seed) if sanity else None
-    comp = compare(model, x, target, fields, methods, explain.engine_options(cfg), cfg.compute.batch_size,
-                   list(cfg.plate.channels), inv.classes, random_model)
+    opts = explain.engine_options(cfg)
+    batch = cfg.compute.batch_size
+    objects_scorer = None
+    if any(f.labels is not None for f in fields):
+        objects_scorer = object_ranking.ObjectScorer(model, x, target, [f.labels for f in fields],
+                                                     [f.mask for f in fields], opts, cfg.explain.top_objects, batch)
+    comp = compare(model, x, target, fields, methods, opts, batch, list(cfg.plate.channels), inv.classes,
+                   random_model, objects_scorer=objects_scorer)
     out = Path(out) if out is not None else Path(cfg.output.csv).parent / f"{cfg.plate.name}_evaluate"
     out.mkdir(parents=True, exist_ok=True)
     result = Evaluation(out=out, table=comp.table, scores=comp.scores, fields=[f"{f.well} s{f.site}" for f in fields],
                         intensity_channel=comp.intensity_channel, verdicts=comp.verdicts)
-    result.files = _write(result, cfg, masks, methods, explain.engine_options(cfg), comp.curves, sanity)
+    result.files = _write(result, cfg, masks, methods, opts, comp.curves, sanity)
     result.files.update(_plots(plt, out, fields, x, comp.maps_shown, comp.curves))
     return result
 
 
 def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[_Field], methods: Sequence[str],
             opts: PcimOptions, batch: int, channels: Sequence[str], classes: Sequence[str],
-            random_model=None, maps_fn: Callable | None = None, scorer=None) -> Comparison:
+            random_model=None, maps_fn: Callable | None = None, scorer=None,
+            objects_scorer=None) -> Comparison:
     """Every method's maps of x (B, C, H, W) for target (B,), scored against the fields' masks; the
     sanity check on `random_model` when given; intensity_channel auto resolved for the whole batch; the
     stain verdict per target class (PCIM's maps, or the first non-trivial method's, against the best
@@ -159,6 +170,7 @@ def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[_Field], 
     maps_fn(model, x, target, method, opts, batch) -> maps (default: `attribute` in batches) and scorer
     (the forward that deletion and insertion ask; default: model) let a caller explain fields tile by
     tile and score the stitched maps on whole fields (benchmarks with fixed-input models).
+    objects_scorer (report/object_ranking.ObjectScorer) adds the object ranking scores (plate.objects).
     """
     maps_fn = maps_fn or _maps
     scorer = model if scorer is None else scorer
@@ -176,6 +188,8 @@ def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[_Field], 
         maps = maps_fn(model, x, target, method, m_opts, batch)
         seconds = (time.perf_counter() - t0) / len(fields)
         scores, curve = _score(scorer, x, target, maps, fields)
+        if objects_scorer is not None:
+            scores.update(objects_scorer.scores(maps))
         if random_model is not None:
             scores["randomisation_spearman"] = metrics.spearman(
                 maps, maps_fn(random_model, x, target, method, m_opts, batch), support="union").tolist()
@@ -274,6 +288,7 @@ def _has_evidence(pattern: str, well: str, site: int) -> bool:
 def _read_fields(cfg: RunConfig, found: dict, wells: list[str], pattern: str) -> list[_Field]:
     norm = cfg.model.normalize.model_dump()
     method = norm.pop("method", "percentile")
+    kinds = dict(list(objects.label_kinds(cfg.plate.objects).items())[:1])  # the first kind is scored
     out, shapes = [], set()
     for well in wells:
         for src in found[well]:
@@ -283,7 +298,8 @@ def _read_fields(cfg: RunConfig, found: dict, wells: list[str], pattern: str) ->
                 logger.warning("%s field %s: no mask file for pattern %r; scored for fidelity only",
                                well, src.field, pattern)
             mask = _read_mask(path, img.shape[-2:]) if path is not None else None
-            out.append(_Field(well, src.field, torch.from_numpy(img), mask))
+            out.append(_Field(well, src.field, torch.from_numpy(img), mask, _read_objects(kinds, well, src.field,
+                                                                                          img.shape[-2:])))
             shapes.add(img.shape)
     if len(shapes) > 1:
         raise InputDataError(f"evaluate needs fields of one size, found {sorted(shapes)}; choose wells of one "
@@ -292,6 +308,19 @@ def _read_fields(cfg: RunConfig, found: dict, wells: list[str], pattern: str) ->
         raise ConfigError(f"model.input_size is {cfg.model.input_size} but the fields are "
                           f"{tuple(out[0].x.shape[-2:])}; evaluate needs whole-field models (input_size: null)")
     return out
+
+
+def _read_objects(kinds: dict, well: str, site: int, shape: tuple[int, int]) -> torch.Tensor | None:
+    """The field's label image of the first plate.objects kind (None without one, with a warning)."""
+    for name, kind in kinds.items():
+        path = kind.path(well, site)
+        try:
+            if path is None:
+                raise label_io.LabelError(kind.problem(well, site) or f"{well} site {site}: no {name} labels")
+            return torch.from_numpy(label_io.read_labels(path, tuple(shape), name).astype("int64"))
+        except label_io.LabelError as exc:
+            logger.warning("%s; objects of this field not scored", exc)
+    return None
 
 
 def _targets(cfg: RunConfig, inv, fields: list[_Field], model, x: torch.Tensor) -> torch.Tensor:
@@ -437,7 +466,10 @@ def _write(result: Evaluation, cfg: RunConfig, masks: str, methods: list[str], o
         "insertion: p(target) as pixels are revealed on a blurred field; Gini: sparseness; rand. ρ: Spearman "
         "correlation with the map of the same method on a model with randomised parameters, over the pixels "
         "where either map is non-zero (sanity check, Adebayo et al. 2018; near 0 = the map depends on what "
-        "the model learned).\n"
+        "the model learned). With plate.objects (first kind): obj. AUROC share / ΔP: per field with positive "
+        "objects (at least half inside the mask) and others, the AUROC of the object's share of the map / of the drop "
+        "of p(target) when it alone is deleted (ΔP does not depend on the map), averaged over fields; top-k ΔP: the "
+        "drop when the map's top explain.top_objects objects are deleted together.\n"
     )
     return files
 

@@ -35,6 +35,8 @@ from pcim_cli import __version__
 from pcim_cli.errors import ConfigError, InputDataError, OutputError, PcimError
 from pcim_cli.io.plate import WellIdError, infer_plate_format, parse_well, plate_shape, row_letter
 from pcim_cli.io.store import RECORD_KEY, ome_metadata
+from pcim_cli.report import composite
+from pcim_cli.report import objects as report_objects
 
 logger = logging.getLogger(__name__)
 
@@ -238,14 +240,15 @@ def colourise(values: np.ndarray, vmax: float) -> np.ndarray:
 
 
 def overlay(values: np.ndarray, vmax: float, base: np.ndarray | None) -> np.ndarray:
-    """The map in colour, blended over a grey ``base`` image in [0, 1] where given (weak values show
-    the cells through; strong ones cover them)."""
+    """The map in colour, blended over a ``base`` image in [0, 1] where given: grey ``(y, x)`` or colour
+    ``(y, x, 3)`` (weak values show the cells through; strong ones cover them)."""
     colour = colourise(values, vmax)
     if base is None:
         return colour
     alpha = (_scaled(values, vmax) ** 0.7 * 0.85)[..., None]
-    grey = np.repeat((np.clip(base, 0.0, 1.0) * 255)[..., None], 3, axis=2)
-    return np.round(grey * (1 - alpha) + colour * alpha).astype(np.uint8)
+    under = np.clip(base, 0.0, 1.0) * 255
+    under = under if under.ndim == 3 else np.repeat(under[..., None], 3, axis=2)
+    return np.round(under * (1 - alpha) + colour * alpha).astype(np.uint8)
 
 
 def robust_vmax(values: np.ndarray) -> float:
@@ -262,7 +265,7 @@ def robust_vmax(values: np.ndarray) -> float:
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
+    return composite.font()
 
 
 def _text_size(draw: ImageDraw.ImageDraw, text: str) -> tuple[int, int]:
@@ -293,7 +296,9 @@ class Panel:
 
     title: str
     values: np.ndarray  # (y, x)
-    base: np.ndarray | None  # (y, x) in [0, 1]
+    base: np.ndarray | None  # (y, x) grey or (y, x, 3) colour, in [0, 1]
+    target: str = ""
+    objects: report_objects.FieldObjects | None = None  # plate.objects: the target's top objects are outlined
 
 
 def draw_panels(panels: Sequence[Panel], title: str) -> Image.Image:
@@ -306,6 +311,8 @@ def draw_panels(panels: Sequence[Panel], title: str) -> Image.Image:
         rgb = Image.fromarray(overlay(panel.values, vmax, panel.base))
         if scale > 1:
             rgb = rgb.resize((w * scale, h * scale), Image.Resampling.NEAREST)
+        if panel.objects:
+            report_objects.draw_outlines(rgb, panel.objects, panel.target, scale)
         tiles.append((panel.title, rgb, colour_bar(rgb.height, vmax)))
     line = LINE
     width = sum(t[1].width + t[2].width + 2 * GAP for t in tiles) + GAP
@@ -336,9 +343,10 @@ def _thumb(values: np.ndarray, cell: int) -> np.ndarray:
 
 
 def draw_montage(plate: Plate, thumbs: Mapping[str, np.ndarray | None], caption: str,
-                 cell: int = CELL) -> Image.Image:
+                 cell: int = CELL, labels: Mapping[str, str] | None = None) -> Image.Image:
     """Thumbnails at plate positions: rows A.., columns 1..; wells not in the store grey, wells without
-    a complete first field dark grey. One colour scale (bar on the right) for the whole plate."""
+    a complete first field dark grey. One colour scale (bar on the right) for the whole plate. `labels`
+    (well -> text, e.g. its target when wells have different ones) are written at each cell's foot."""
     present = [t for t in thumbs.values() if t is not None]
     vmax = robust_vmax(np.concatenate([t.ravel() for t in present])) if present else 1.0
     left, top = 28, 40
@@ -359,6 +367,9 @@ def draw_montage(plate: Plate, thumbs: Mapping[str, np.ndarray | None], caption:
             x0, y0 = left + 2 + c * (cell + 2), top + 2 + r * (cell + 2)
             name = f"{row_letter(r)}{c + 1:02d}"
             _draw_cell(image, draw, (x0, y0), cell, name, thumbs, vmax)
+            if labels and labels.get(name) and thumbs.get(name) is not None:
+                _, th = _text_size(draw, labels[name])
+                draw.text((x0 + 2, y0 + cell - th - 4), labels[name], fill=(255, 255, 255), font=_font())
     image.paste(bar, (left + grid_w + 2 * GAP, top))
     return image
 
@@ -455,27 +466,32 @@ def field_panels(fld: FieldLevel, raw: np.ndarray | None, raw_channels: Sequence
     """One panel per target (per-channel maps summed), or with ``per_channel`` one per map channel
     (a shared map drawn over each raw channel in turn)."""
     base_name = channel or (raw_channels[0] if raw_channels else None)
+    mixed = composite.is_composite(channel)
 
     def base(name: str | None) -> np.ndarray | None:
+        if raw is not None and mixed and name == channel:
+            return composite.composite(raw, channel, list(raw_channels))
         if raw is None or name not in raw_channels:
             return None
         return raw[list(raw_channels).index(name)]
 
     def over(name: str | None) -> str:
+        if raw is not None and mixed and name == channel:
+            return f" over {composite.label(channel)}"
         return f" over {name}" if raw is not None and name in raw_channels else ""
 
     if not per_channel:
-        return [Panel(f"{target}{over(base_name)}", fld.maps[idx].sum(axis=0), base(base_name))
+        return [Panel(f"{target}{over(base_name)}", fld.maps[idx].sum(axis=0), base(base_name), target)
                 for target, idx in _targets(fld.labels).items()]
     panels = []
     for i, label in enumerate(fld.labels):
         if ":" in label:
             name = label.split(":", 1)[1]
-            panels.append(Panel(f"{label}{over(name)}", fld.maps[i], base(name)))
+            panels.append(Panel(f"{label}{over(name)}", fld.maps[i], base(name), label.split(":", 1)[0]))
         elif raw is not None:
-            panels.extend(Panel(f"{label}{over(name)}", fld.maps[i], base(name)) for name in raw_channels)
+            panels.extend(Panel(f"{label}{over(name)}", fld.maps[i], base(name), label) for name in raw_channels)
         else:
-            panels.append(Panel(label, fld.maps[i], None))
+            panels.append(Panel(label, fld.maps[i], None, label))
     return panels
 
 
@@ -522,6 +538,7 @@ def _rows_from_records(fields: Sequence[FieldLevel]) -> pd.DataFrame:
                          "PCIM_PredictedClass": record.get("predicted_class"),
                          "PCIM_ProbOriginal": result.get("prob_original"),
                          "PCIM_ProbMixed": result.get("prob_mixed"),
+                         "PCIM_ProbDeleted": result.get("prob_deleted"), "PCIM_Fit": result.get("fit"),
                          "PCIM_DeletionAUC": result.get("deletion_auc"),
                          "PCIM_InsertionAUC": result.get("insertion_auc"),
                          "PCIM_Status": record.get("status"), "PCIM_ZarrPath": fld.rel})
@@ -564,14 +581,17 @@ th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; vertical-al
 th { background: #f0f0f0; }
 img.thumb { width: 192px; }
 img.montage { max-width: 100%; }
+ol.objects { margin: 0; padding-left: 1.4em; white-space: nowrap; }
 .failed { background: #fde8e8; }
 .note { color: #666; }
 """
 
 
 def write_report(path: Path, plate: Plate, table: pd.DataFrame, images: Mapping[str, str], montage: str,
-                 records: Sequence[Mapping[str, Any]], csv: Path | None) -> None:
-    """Write the self-contained HTML report; ``images`` maps a field's store path to its PNG (relative)."""
+                 records: Sequence[Mapping[str, Any]], csv: Path | None,
+                 objects: Mapping[tuple[str, str], str] | None = None) -> None:
+    """Write the self-contained HTML report; ``images`` maps a field's store path to its PNG (relative),
+    ``objects`` (store path, target) to the list of its top objects (plate.objects)."""
     settings, n_fingerprints = _settings_rows(records)
     columns = [c for c in table.columns if c not in ("Metadata_Plate", "PCIM_ZarrPath")]
     parts = [
@@ -585,7 +605,7 @@ def write_report(path: Path, plate: Plate, table: pd.DataFrame, images: Mapping[
         "<h2>Plate montage</h2>",
         f'<img class="montage" src="{html.escape(montage)}" alt="plate montage">',
         "<h2>Fields</h2>",
-        _fields_table(table, columns, images),
+        _fields_table(table, columns, images, objects or {}),
         "<h2>Settings</h2>",
     ]
     if n_fingerprints > 1:
@@ -606,9 +626,11 @@ def _short(column: str) -> str:
     return column
 
 
-def _fields_table(table: pd.DataFrame, columns: Sequence[str], images: Mapping[str, str]) -> str:
-    head = "<tr><th>map</th>" + "".join(f'<th title="{html.escape(c)}">{html.escape(_short(c))}</th>'
-                                        for c in columns) + "</tr>"
+def _fields_table(table: pd.DataFrame, columns: Sequence[str], images: Mapping[str, str],
+                  objects: Mapping[tuple[str, str], str]) -> str:
+    listed = bool(objects)
+    head = ("<tr><th>map</th>" + ("<th>top objects</th>" if listed else "")
+            + "".join(f'<th title="{html.escape(c)}">{html.escape(_short(c))}</th>' for c in columns) + "</tr>")
     body = []
     for _, row in table.iterrows():
         rel = row.get("PCIM_ZarrPath")
@@ -616,7 +638,8 @@ def _fields_table(table: pd.DataFrame, columns: Sequence[str], images: Mapping[s
         thumb = (f'<a href="{html.escape(src)}"><img class="thumb" src="{html.escape(src)}" '
                  f'alt="{html.escape(str(rel))}"></a>') if src else '<span class="note">no map</span>'
         css = ' class="failed"' if row.get("PCIM_Status") == "failed" else ""
-        body.append(f"<tr{css}><td>{thumb}</td>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns)
+        tops = f"<td>{objects.get((rel, str(row.get('PCIM_Target'))), '')}</td>" if listed else ""
+        body.append(f"<tr{css}><td>{thumb}</td>{tops}" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns)
                     + "</tr>")
     return f"<table>{head}{''.join(body)}</table>"
 
@@ -669,14 +692,19 @@ def render(
     _check_channel(raw, channel)
     csv_path = find_csv(store, plate.name, csv, _suggested_csv(cfg, store))
     thumbs, shown = montage_thumbs(plate)
+    shown_targets = set(shown.values())
     out_dir = _make_out_dir(Path(out_dir) if out_dir is not None else store.parent / f"{store.stem}_render")
 
     result = RenderResult(out_dir, [], out_dir / "montage.png", out_dir / "report.html", csv_path)
-    images, fields = _draw_fields(plate, chosen, raw, channel, per_channel, max_size, result)
-    draw_montage(plate, thumbs, f"{shown}, first field of each well").save(result.montage)
+    images, fields, tops = _draw_fields(plate, chosen, raw, channel, per_channel, max_size, result)
+    if len(shown_targets) == 1:  # one target everywhere: say it once in the title
+        draw_montage(plate, thumbs, f"{shown_targets.pop()}, first field of each well").save(result.montage)
+    else:  # layout targets: each well's map is for its own target, written in its cell
+        draw_montage(plate, thumbs, "each well's target (in its cell), first field of each well",
+                     labels=shown).save(result.montage)
     table = _read_csv(csv_path, chosen) if csv_path is not None else _rows_from_records(fields)
     write_report(result.report, plate, table, images, result.montage.name,
-                 [f.record for f in fields if f.record], csv_path)
+                 [f.record for f in fields if f.record], csv_path, tops)
     logger.info("rendered %d fields of %d wells, the montage and the report in %s", len(result.overlays),
                 len(chosen), out_dir)
     return result
@@ -687,8 +715,11 @@ def _check_channel(raw: RawImages | None, channel: str | None) -> None:
         return
     if raw is None:
         raise ConfigError("--channel picks a raw image channel: give --plate-yaml too, so the raw TIFFs can be found")
-    if channel not in raw.channels:
-        raise ConfigError(f"--channel {channel!r} is not one of plate.channels ({', '.join(raw.channels)})")
+    if composite.is_composite(channel):
+        composite.parse_spec(channel, raw.channels)  # ConfigError naming a bad channel or colour
+    elif channel not in raw.channels:
+        raise ConfigError(f"--channel {channel!r} is not one of plate.channels ({', '.join(raw.channels)}), "
+                          "nor rgb or a composite such as DNA,PH3 or DNA=blue,PH3=green")
 
 
 def _make_out_dir(out_dir: Path) -> Path:
@@ -700,11 +731,14 @@ def _make_out_dir(out_dir: Path) -> Path:
 
 
 def _draw_fields(plate: Plate, wells: Sequence[str], raw: RawImages | None, channel: str | None,
-                 per_channel: bool, max_size: int, result: RenderResult) -> tuple[dict[str, str], list[FieldLevel]]:
+                 per_channel: bool, max_size: int, result: RenderResult
+                 ) -> tuple[dict[str, str], list[FieldLevel], dict[tuple[str, str], str]]:
     """Write one overlay per complete field (one field in memory at a time); the fields' PNG paths (relative
-    to the output folder, by store path) and the fields with their records (pixels dropped)."""
+    to the output folder, by store path), the fields with their records (pixels dropped) and the HTML
+    lists of their top objects by (store path, target)."""
     images: dict[str, str] = {}
     fields: list[FieldLevel] = []
+    tops: dict[tuple[str, str], str] = {}
     for well in wells:
         for rel in field_paths(plate, well):
             fld = read_level(plate, well, rel, fit=max_size)
@@ -713,12 +747,14 @@ def _draw_fields(plate: Plate, wells: Sequence[str], raw: RawImages | None, chan
                 logger.warning("%s (%s): no complete map in the store (not written, failed or interrupted); "
                                "skipped", well, rel)
                 continue
-            png = _write_overlay(fld, raw, channel, per_channel, result.out_dir)
+            objects = report_objects.field_objects(plate.root[rel], fld.record, fld.maps.shape[1:])
+            tops.update({(rel, t): report_objects.top_html(top) for t, top in objects.top.items()})
+            png = _write_overlay(fld, raw, channel, per_channel, result.out_dir, objects)
             result.overlays.append(png)
             images[rel] = png.relative_to(result.out_dir).as_posix()
             fld.maps = fld.maps[:0]  # keep the record, drop the pixels
             fields.append(fld)
-    return images, fields
+    return images, fields, tops
 
 
 def _suggested_csv(cfg: Any, store: Path) -> Path | None:
@@ -729,9 +765,11 @@ def _suggested_csv(cfg: Any, store: Path) -> Path | None:
 
 
 def _write_overlay(fld: FieldLevel, raw: RawImages | None, channel: str | None, per_channel: bool,
-                   out_dir: Path) -> Path:
+                   out_dir: Path, objects: report_objects.FieldObjects | None = None) -> Path:
     pixels = raw_field(raw, fld) if raw is not None else None
     panels = field_panels(fld, pixels, raw.channels if raw else [], channel, per_channel)
+    for panel in panels:
+        panel.objects = objects
     predicted = (fld.record or {}).get("predicted_class")
     title = f"{fld.well} site {fld.site}" + (f" (predicted {predicted})" if predicted else "")
     png = out_dir / "wells" / f"{fld.well}_s{fld.site}.png"
@@ -739,11 +777,11 @@ def _write_overlay(fld: FieldLevel, raw: RawImages | None, channel: str | None, 
     return png
 
 
-def montage_thumbs(plate: Plate) -> tuple[dict[str, np.ndarray | None], str]:
+def montage_thumbs(plate: Plate) -> tuple[dict[str, np.ndarray | None], dict[str, str]]:
     """Thumbnails (None: no complete map) of each well's first field, its first target, from a coarse
-    pyramid level; and that target's name. InputDataError when no well has a pcim map at all."""
+    pyramid level; and that target's name per well. InputDataError when no well has a pcim map at all."""
     thumbs: dict[str, np.ndarray | None] = {}
-    shown = ""
+    shown: dict[str, str] = {}
     for well in plate.wells:
         rels = field_paths(plate, well)
         fld = read_level(plate, well, rels[0], thumb=CELL) if rels else None
@@ -751,7 +789,7 @@ def montage_thumbs(plate: Plate) -> tuple[dict[str, np.ndarray | None], str]:
             thumbs[well] = None
             continue
         target, idx = next(iter(_targets(fld.labels).items()))
-        shown = shown or target
+        shown[well] = target
         thumbs[well] = _thumb(fld.maps[idx].sum(axis=0), CELL)
     if not shown:
         raise InputDataError(

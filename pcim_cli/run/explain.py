@@ -24,11 +24,11 @@ from pcim_cli.config import RunConfig
 from pcim_cli.engine.attribute import method_settings
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, EXIT_TEMPFAIL, ConfigError, InputDataError
-from pcim_cli.io import images, plate, store, summary
+from pcim_cli.io import images, labels, plate, store, summary
 from pcim_cli.io.lock import RunLock
 from pcim_cli.io.model import LoadedModel, check_classes, load_model, resolve_device
 from pcim_cli.report import verdict
-from pcim_cli.run import rerun, scheduler
+from pcim_cli.run import objects, rerun, scheduler
 from pcim_cli.run.worker import FieldFiles, WellTask, failed_row
 
 logger = logging.getLogger(__name__)
@@ -48,11 +48,20 @@ class RunResult:
     fitted: int = 0  # maps computed by this run (the others in `summary` were already done or failed)
     interrupted: bool = False  # SIGTERM / SIGINT: stopped early, what was done is recorded
     verdicts: list[verdict.Verdict] = field(default_factory=list)  # stain verdict per target (fidelity on)
+    object_csvs: dict[str, Path] = field(default_factory=dict)  # plate.objects: {plate}_pcim_{Object}.csv
+    object_failures: list[dict] = field(default_factory=list)  # object tables that failed (maps done)
 
     @property
     def counts(self) -> dict[str, int]:
         status = self.summary["PCIM_Status"] if len(self.summary) else pd.Series(dtype=str)
         return {s: int((status == s).sum()) for s in summary.STATUSES}
+
+    @property
+    def fits(self) -> dict[str, int]:
+        """Done maps per PCIM_Fit verdict (ok / weak / failed; methods that fit nothing are not counted)."""
+        done = self.summary[self.summary["PCIM_Status"] == "done"] if len(self.summary) else self.summary
+        fit = done["PCIM_Fit"] if len(done) else pd.Series(dtype=str)
+        return {v: int((fit == v).sum()) for v in summary.FITS}
 
     @property
     def failed(self) -> list[dict[str, str]]:
@@ -65,7 +74,7 @@ class RunResult:
         counts = self.counts
         if self.interrupted:
             return EXIT_TEMPFAIL
-        if counts["failed"] == 0 and not self.problems:
+        if counts["failed"] == 0 and not self.problems and not self.object_failures:
             return EXIT_OK
         return EXIT_PARTIAL if counts["done"] else EXIT_DATA
 
@@ -85,6 +94,7 @@ def fingerprint(cfg: RunConfig, model_sha256: str) -> str:
         "channels": list(cfg.plate.channels),
         "normalize": cfg.model.normalize.model_dump(),
         "input_size": cfg.model.input_size,
+        **_field_settings(cfg),
         "precision": cfg.compute.precision,
         "target": cfg.explain.target,
         "method": cfg.explain.method,
@@ -92,6 +102,18 @@ def fingerprint(cfg: RunConfig, model_sha256: str) -> str:
         "pcim": __version__.rsplit(".", 1)[0],
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _field_settings(cfg: RunConfig) -> dict:
+    """Settings of tiled fields and of the budget that change maps; only where they apply (so fingerprints
+    of untiled plates made before they existed do not change)."""
+    out = {}
+    if cfg.model.input_size is not None or cfg.model.aggregate == "whole-field":  # only tiled fields use them
+        out["aggregate"] = cfg.model.aggregate
+        out["tile_maps"] = cfg.explain.tile_maps
+    if cfg.explain.adaptive_budget is not None:
+        out["adaptive_budget"] = cfg.explain.adaptive_budget
+    return out
 
 
 def _targets_per_well(cfg: RunConfig, classes: list[str], layout: pd.DataFrame | None,
@@ -132,6 +154,8 @@ class PlateInventory:
     layout: pd.DataFrame | None
     fields: dict[str, list[images.FieldSource]]
     problems: list[str]
+    objects: dict[str, int] = field(default_factory=dict)  # plate.objects kind -> fields with a usable label file
+    object_problems: list[str] = field(default_factory=list)  # fail those object tables only (validate)
 
     @property
     def summary(self) -> dict:
@@ -141,12 +165,17 @@ class PlateInventory:
             "model": {"path": str(self.model.path), "kind": self.model.kind, "sha256": self.model.sha256,
                       "classes": self.classes},
             "layout_columns": [] if self.layout is None else [c for c in self.layout.columns if c != "well"],
-            "problems": self.problems,
+            "objects": self.objects,
+            "problems": self.problems + self.object_problems,
         }
 
 
-def inspect_plate(cfg: RunConfig) -> PlateInventory:
-    """Model probe, class names, layout and image discovery. Raises when no field at all is usable."""
+def inspect_plate(cfg: RunConfig, check_objects: bool = False) -> PlateInventory:
+    """Model probe, class names, layout and image discovery. Raises when no field at all is usable.
+
+    With `check_objects` (pcim validate), every field's label images (plate.objects) are looked up and
+    their headers checked against the field size; their problems fail object tables only, not fields.
+    """
     device = resolve_device(cfg.compute.device)
     model = load_model(cfg.model.path, len(cfg.plate.channels), cfg.model.input_size, device=device)
     classes = check_classes(model, cfg.model.classes)
@@ -160,7 +189,14 @@ def inspect_plate(cfg: RunConfig) -> PlateInventory:
             f"no complete field found under {cfg.plate.images}: "
             + ("; ".join(problems[:5]) or f"check plate.images and plate.pattern ({cfg.plate.pattern!r})")
         )
-    return PlateInventory(model, classes, layout, found, problems)
+    inv = PlateInventory(model, classes, layout, found, problems)
+    if check_objects and cfg.plate.objects:
+        kinds = objects.label_kinds(cfg.plate.objects)
+        size = images.typical_size(src for sources in found.values() for src in sources)
+        inv.object_problems = labels.problems_for(kinds.values(), found, size)
+        inv.objects = {name: sum(kind.problem(w, src.field) is None for w, srcs in found.items() for src in srcs)
+                       for name, kind in kinds.items()}
+    return inv
 
 
 @dataclass
@@ -174,12 +210,15 @@ class Plan:
     layout: pd.DataFrame | None
     model: LoadedModel
     fingerprint: str
+    objects_refresh: set[str] = field(default_factory=set)  # done fields whose object tables are remade
 
     @property
     def counts(self) -> dict[str, int]:
-        """Fields per action (run, redo, done, failed, excluded) plus `unusable` (failed at planning)."""
+        """Fields per action (run, redo, done, failed, excluded) plus `unusable` (failed at planning) and
+        `objects` (done fields whose object tables are (re)made)."""
         out = {a: sum(f.action == a for f in self.fields) for a in rerun.ACTIONS}
         out["unusable"] = len({(r["well"], r["site"]) for r in self.rows})
+        out["objects"] = len(self.objects_refresh)
         return out
 
 
@@ -220,8 +259,10 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None, write: bool = True) 
                            format=cfg.output.format)
     ledger = store.read_plate_record(store_path).get("failed", {})
     field_size = images.typical_size(src for w in wells for src in found[w])
+    kinds = objects.label_kinds(cfg.plate.objects)
+    top_k = cfg.explain.top_objects
 
-    fields, tasks = [], []
+    fields, tasks, refresh = [], [], set()
     for well in wells:
         decided = []
         for i, src in enumerate(found[well]):
@@ -233,21 +274,31 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None, write: bool = True) 
             rows += [failed_row(cfg.plate.name, well, f.site, f.index, well_targets) for f in decided if f.fitted]
             decided = [f for f in decided if not f.fitted]
         fields += decided
-        todo = tuple(FieldFiles(site=f.site, index=f.index, files=tuple(str(p) for p in found[well][f.index].files))
-                     for f in decided if f.fitted)
+        todo = []
+        for f in decided:
+            inputs = objects.field_inputs(kinds, well, f.site, top_k, opts)
+            only = f.action == "done" and objects.needs_refresh(f.record, inputs["objects_signature"],
+                                                                choice.retry_failed)
+            if f.fitted or only:
+                todo.append(FieldFiles(site=f.site, index=f.index, objects_only=only,
+                                       files=tuple(str(p) for p in found[well][f.index].files), **inputs))
+                refresh |= {f.path} if only else set()
         if not todo:
             continue
         tasks.append(WellTask(
-            plate=cfg.plate.name, well=well, fields=todo, channels=tuple(cfg.plate.channels),
+            plate=cfg.plate.name, well=well, channels=tuple(cfg.plate.channels),
+            fields=tuple(todo), top_objects=top_k,
             classes=tuple(classes), targets=None if well_targets is None else tuple(well_targets),
             normalize=cfg.model.normalize.model_dump(), model_path=str(model.path), model_sha256=model.sha256,
             input_size=cfg.model.input_size, field_size=field_size, method=cfg.explain.method,
+            aggregate=cfg.model.aggregate, tile_maps=cfg.explain.tile_maps,
+            adaptive_budget=cfg.explain.adaptive_budget,
             engine=dataclasses.asdict(opts),
             batch_size=cfg.compute.batch_size, channels_last=cfg.compute.channels_last,
             precision=cfg.compute.precision, device=model.device, fidelity=cfg.explain.fidelity,
             store_path=str(store_path), store_format=cfg.output.format, fingerprint=print_fp,
         ))
-    return Plan(fields, tasks, rows, problems, layout, model, print_fp)
+    return Plan(fields, tasks, rows, problems, layout, model, print_fp, refresh)
 
 
 def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None,
@@ -263,6 +314,9 @@ def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None
         logger.info("%d fields to fit (%d new, %d redone), %d already done, %d failed before; %d wells -> %s",
                     counts["run"] + counts["redo"], counts["run"], counts["redo"], counts["done"],
                     counts["failed"], len(p.tasks), store_path)
+        if counts["objects"]:
+            logger.info("%d done fields get their object tables (re)made from their maps (labels or "
+                        "explain.top_objects changed)", counts["objects"])
         if on_start is not None:
             on_start(len(p.tasks))
         dispatch = scheduler.run_wells(p.tasks, cfg.compute, on_well)
@@ -274,9 +328,31 @@ def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None
             "verdicts": [v.to_dict() for v in verdicts]}}
         store.write_plate_record(store_path, record)
         summary.write_csv_atomic(table, csv_path)
-    fitted = sum(1 for r in dispatch.rows if r["status"] == "done")
-    return RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
-                     interrupted=dispatch.interrupted, verdicts=verdicts)
+        object_csvs, object_failures = objects.write_tables(store_path, cfg.plate.name, csv_path,
+                                                            list(cfg.plate.objects or {}), table)
+    fitted = sum(1 for r in dispatch.rows if r["status"] == "done" and r["zarr_path"] not in p.objects_refresh)
+    result = RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
+                       interrupted=dispatch.interrupted, object_csvs=object_csvs, object_failures=object_failures,
+                       verdicts=verdicts)
+    return result
+
+
+def fit_advice(result: RunResult, cfg: RunConfig) -> str | None:
+    """The one warning of a run whose maps did not all achieve their objective: how many, the likely
+    cause and the fix (None when every fit is ok)."""
+    fits = result.fits
+    bad = fits["weak"] + fits["failed"]
+    if not bad:
+        return None
+    total = sum(fits.values())
+    grow = ("raise explain.budget (now "
+            f"{cfg.explain.budget}) or set explain.adaptive_budget: 0.32" if cfg.explain.adaptive_budget is None
+            else f"raise explain.adaptive_budget (now {cfg.explain.adaptive_budget})")
+    return (f"{bad} of {total} maps are weak ({fits['weak']}) or failed ({fits['failed']}) fits (PCIM_Fit in "
+            f"{result.csv}): deleting their pixels did not remove the class (PCIM_ProbDeleted stays near "
+            "PCIM_ProbOriginal). Likely causes: evidence larger than the budget (confluence, density, texture) "
+            f"-> {grow}; or evidence that is an absence (the class means 'no X') -> explain the other class "
+            "(explain.target)")
 
 
 def collect(cfg: RunConfig, p: Plan, run_rows: list[dict]) -> tuple[pd.DataFrame, dict, list[dict]]:
@@ -288,7 +364,8 @@ def collect(cfg: RunConfig, p: Plan, run_rows: list[dict]) -> tuple[pd.DataFrame
     store_path = Path(cfg.output.zarr)
     rows, done = list(p.rows), []
     for f in p.fields:
-        record = store.read_record(store_path, f.well, f.index) if f.fitted else f.record
+        record = store.read_record(store_path, f.well, f.index) if f.fitted or f.path in p.objects_refresh \
+            else f.record
         rows += rerun.field_rows(cfg.plate.name, f, record, by_field.get((f.well, f.site)), p.fingerprint)
         if rerun.is_current(record, p.fingerprint, f.site):
             done.append(record)

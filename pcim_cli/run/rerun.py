@@ -118,8 +118,8 @@ def field_rows(plate: str, plan: FieldPlan, record: Mapping[str, Any] | None,
 def _row(plate: str, plan: FieldPlan, status: str, error: str) -> dict[str, Any]:
     nan = float("nan")
     return {"plate": plate, "well": plan.well, "site": plan.site, "target": "", "predicted_class": "",
-            "prob_original": nan, "prob_mixed": nan, "deletion_auc": nan, "insertion_auc": nan,
-            "status": status, "error": error, "runtime_s": nan, "zarr_path": plan.path}
+            "prob_original": nan, "prob_mixed": nan, "prob_deleted": nan, "deletion_auc": nan,
+            "insertion_auc": nan, "fit": "", "status": status, "error": error, "runtime_s": nan, "zarr_path": plan.path}
 
 
 def next_ledger(plans: Iterable[FieldPlan], rows_by_field: Mapping[tuple[str, int], list[dict[str, Any]]],

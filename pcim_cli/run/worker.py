@@ -4,12 +4,14 @@
 `WellTask` (everything a worker needs, no open handles), so the same call runs in-process, in a Dask
 worker process or on a SLURM node. The worker reads and normalises the well's fields one at a time,
 cuts each into tiles of model.input_size (tiling.py; one tile when the field is the model's size or
-input_size is null), fits the (tile, target) pairs in chunks of compute.batch_size (halved while the
-device runs out of memory), stitches the tile maps into the field's map, writes its own field groups
-of the store, and returns one row per (field, target). A field's class probabilities and statistics
-are the means over its tiles. With fidelity on, the maps of each well's first field also carry their
-stain check (engine/trivial.py: the deletion AUCs of the map and of the maps without a model, for the
-plate's verdict). A field that fails is recorded as failed with its message; the other fields go on.
+input_size is null), makes the field's prediction from its tiles (model.aggregate, engine/field.py),
+fits in chunks of compute.batch_size model inputs (halved while the device runs out of memory) either
+each field as a whole through its tiles (explain.tile_maps: field, one map over the field) or every
+(tile, target) pair alone (per-tile / evidence, stitched), writes its own field groups of the store,
+and returns one row per (field, target). The record keeps every tile's class probabilities. With
+fidelity on, the maps of each well's first field also carry their stain check (engine/trivial.py: the
+deletion AUCs of the map and of the maps without a model, for the plate's verdict). A field that fails
+is recorded as failed with its message; the other fields go on.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from pcim_cli import __version__
+from pcim_cli.engine import field as field_maps
 from pcim_cli.engine import metrics, tiling, trivial
 from pcim_cli.engine.attribute import attribute
+from pcim_cli.engine.budget import fit_adaptive, fit_quality
 from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
 from pcim_cli.io import images, store, summary
 from pcim_cli.io.model import LoadedModel, _summary, load_model
+from pcim_cli.run import objects
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,11 @@ class FieldFiles(BaseModel):
     site: int
     index: int
     files: tuple[str, ...]
+    # plate.objects (run/objects.py): kind -> label file, kind -> why there is none, what they depend on
+    objects: dict[str, str] = {}
+    object_problems: dict[str, str] = {}
+    objects_signature: str = ""
+    objects_only: bool = False  # a done field whose object tables are (re)made from its stored map
 
 
 class WellTask(BaseModel):
@@ -64,6 +74,9 @@ class WellTask(BaseModel):
     model_sha256: str
     input_size: tuple[int, int] | None = None
     field_size: tuple[int, int] | None = None  # (H, W) of the plate's fields; a field of another size fails
+    aggregate: str = "mean-logit"  # how a tiled field's prediction is made (model.aggregate)
+    tile_maps: str = "field"  # one fit over a tiled field's pixels, or per tile (explain.tile_maps)
+    adaptive_budget: float | None = None  # grow the budget up to this share until the class is lost; None: fixed
     method: str = "pcim"
     engine: dict[str, Any]
     batch_size: int = 16
@@ -71,6 +84,7 @@ class WellTask(BaseModel):
     precision: str = "float32"
     device: str = "cpu"
     fidelity: bool = True  # deletion / insertion AUC per map
+    top_objects: int = 3  # objects deleted together for a field's top-k drop (explain.top_objects)
     store_path: str
     store_format: str = "0.5"
     fingerprint: str
@@ -177,7 +191,7 @@ def explain_well(task: WellTask) -> list[dict[str, Any]]:
                 rows.append(_failed_row(task, field, str(exc)))
                 continue
             batcher = _Batcher(task, model, opts)
-        rows += batcher.add(field, img, read_s)
+        rows += batcher.refresh_objects(field, img) if field.objects_only else batcher.add(field, img, read_s)
     if batcher is not None:
         rows += batcher.finish()
     return rows
@@ -240,9 +254,10 @@ class _Field:
     x: torch.Tensor  # (C, H, W), on the CPU
     read_s: float
     grid: tiling.TileGrid
-    probs: torch.Tensor  # (K,): mean over the tiles
+    probs: torch.Tensor  # (K,): the field's prediction (model.aggregate over its tiles)
     targets: list[str]
     stitch: tiling.Stitcher
+    tile_probs: torch.Tensor | None = None  # (n_tiles, K): what the model said about each tile
     stats: list[list[dict[str, float]]] = dc_field(default_factory=list)  # per target, one dict per tile
     pending: int = 0  # units not fitted yet
     fit_s: float = 0.0
@@ -250,11 +265,20 @@ class _Field:
 
 @dataclass(frozen=True)
 class _Unit:
-    """One image of the fit: tile `tile` of a field, for its target number `k`."""
+    """One image of the fit: tile `tile` of a field (WHOLE: the whole field, fitted through its tiles at
+    once), for its target number `k`."""
 
     field: _Field
     tile: int
     k: int
+
+    @property
+    def images(self) -> int:
+        """Model inputs this unit puts in a batch (a whole field: one per tile)."""
+        return self.field.grid.n_tiles if self.tile == WHOLE else 1
+
+
+WHOLE = -1
 
 
 class _Batcher:
@@ -277,12 +301,24 @@ class _Batcher:
             return [_failed_row(self.task, files, str(exc))]
         except MODEL_ERRORS as exc:
             return [self._fail_row(files, exc)]
-        queue = self.queues.setdefault(field.grid.tile, [])
-        queue += [_Unit(field, i, k) for k in range(len(field.targets)) for i in range(field.grid.n_tiles)]
+        if self._whole(field):  # one unit per target: the field's tiles fitted together
+            queue = self.queues.setdefault(("field", *field.grid.field), [])
+            queue += [_Unit(field, WHOLE, k) for k in range(len(field.targets))]
+        else:
+            queue = self.queues.setdefault(field.grid.tile, [])
+            queue += [_Unit(field, i, k) for k in range(len(field.targets)) for i in range(field.grid.n_tiles)]
         rows: list[dict[str, Any]] = []
-        while len(queue) >= self.batch.value:
+        while sum(u.images for u in queue) >= self.batch.value:
             rows += self._run(queue)
         return rows
+
+    def _whole(self, field: _Field) -> bool:
+        """Is the field fitted as a whole (one map over all its tiles) rather than tile by tile?"""
+        return field.grid.n_tiles > 1 and (self.task.tile_maps == "field" or self.task.aggregate == "whole-field")
+
+    def _field_forward(self, field: _Field) -> Forward:
+        """The model as the field's classifier (its tiles, aggregated as model.aggregate says)."""
+        return field_maps.TiledForward(self.forward, field.grid, self.task.aggregate)
 
     def finish(self) -> list[dict[str, Any]]:
         """Fit whatever is still queued."""
@@ -291,6 +327,23 @@ class _Batcher:
             while queue:
                 rows += self._run(queue)
         return rows
+
+    def refresh_objects(self, files: FieldFiles, x: torch.Tensor) -> list[dict[str, Any]]:
+        """A done field whose object tables need (re)making: measured from its stored map, no fit."""
+        task = self.task
+        try:
+            grid = tiling.plan_tiles(tuple(x.shape[-2:]), task.input_size)
+            if self.forward is None:
+                self.forward = fast_forward(task, self.model, tiling.cut(x, grid, range(1))[0])
+            record = objects.refresh_field(
+                Path(task.store_path), task.well, files.index, x, grid, self.forward, self.opts, task.classes,
+                task.channels, label_files=files.objects, label_problems=files.object_problems,
+                top_k=task.top_objects, batch_size=self.batch.value, device=task.device,
+                objects_signature=files.objects_signature, format=task.store_format, aggregate=task.aggregate)
+        except (PcimError, *MODEL_ERRORS) as exc:  # the map stays done; the tables are retried next run
+            logger.warning("%s site %s: object tables not remade: %s", task.well, files.site, exc)
+            return []
+        return summary.rows_from_record(task.plate, task.well, store.field_path(task.well, files.index), record)
 
     def _prepare(self, files: FieldFiles, x: torch.Tensor, read_s: float) -> _Field:
         task = self.task
@@ -304,34 +357,42 @@ class _Batcher:
             ) from exc
         if self.forward is None:
             self.forward = fast_forward(task, self.model, tiling.cut(x, grid, range(1))[0])
-        probs = self._predict(x, grid)
+        probs, tile_probs = self._predict(x, grid)
         targets = _targets(task, int(probs.argmax()))
         field = _Field(files, x, read_s, grid, probs, targets,
                        tiling.Stitcher(grid, len(targets) * self.n_maps),
-                       stats=[[] for _ in targets], pending=grid.n_tiles * len(targets))
+                       stats=[[] for _ in targets], tile_probs=tile_probs)
+        field.pending = len(targets) * (1 if self._whole(field) else grid.n_tiles)
         return field
 
-    def _predict(self, x: torch.Tensor, grid: tiling.TileGrid) -> torch.Tensor:
-        """Mean class probabilities over the field's tiles (chunks of batch_size, with the OOM back-off)."""
-        total = torch.zeros(self.model.n_classes, dtype=torch.float64)
+    def _predict(self, x: torch.Tensor, grid: tiling.TileGrid) -> tuple[torch.Tensor, torch.Tensor]:
+        """The field's class probabilities (model.aggregate over its tiles, or the model on the whole
+        field) and each tile's (chunks of batch_size, with the OOM back-off)."""
+        logits = []
         start = 0
         while start < grid.n_tiles:
             part = range(start, min(start + self.batch.value, grid.n_tiles))
             try:
                 with torch.no_grad():
-                    logits = self.forward(tiling.cut(x, grid, part).to(self.device))
+                    logits.append(self.forward(tiling.cut(x, grid, part).to(self.device)).float().cpu())
             except MODEL_ERRORS as exc:
                 if not is_out_of_memory(exc):
                     raise
                 self.batch.shrink(len(part))
                 continue
-            total += torch.softmax(logits.float(), dim=1).sum(0).double().cpu()
             start = part.stop
-        return (total / grid.n_tiles).float()
+        tile_logits = torch.cat(logits)
+        if self.task.aggregate == "whole-field" and grid.n_tiles > 1:
+            with torch.no_grad():
+                field_logits = self.forward(x[None].to(self.device)).float().cpu()[0]
+        else:
+            field_logits = field_maps.aggregate_logits(tile_logits[None], self.task.aggregate
+                                                       if grid.n_tiles > 1 else "mean-prob")[0]
+        return torch.softmax(field_logits, dim=0), torch.softmax(tile_logits, dim=1)
 
     def _run(self, queue: list[_Unit]) -> list[dict[str, Any]]:
         """Fit the first chunk of the queue (halving it on out-of-memory) and stitch its maps."""
-        chunk = queue[: self.batch.value]
+        chunk = _take(queue, self.batch.value)
         try:
             t0 = time.perf_counter()
             result, dele, ins, checks = self._fit(chunk)
@@ -341,16 +402,29 @@ class _Batcher:
         except MODEL_ERRORS as exc:
             if not is_out_of_memory(exc):
                 return self._fail(queue, chunk, exc)
+            if len(chunk) == 1 and chunk[0].tile == WHOLE:  # one field is the least a field-level fit needs
+                f = chunk[0].field
+                return self._fail(queue, chunk, PcimError(
+                    f"{self.task.well} site {f.files.site}: out of memory on {self.task.device} fitting the "
+                    f"field's {f.grid.n_tiles} tiles together (explain.tile_maps: field); set explain.tile_maps: "
+                    "per-tile, or use a device with more memory"))
             try:
-                self.batch.shrink(len(chunk))
+                self.batch.shrink(sum(u.images for u in chunk))
             except PcimError as err:
                 return self._fail(queue, chunk, err)
             return []
         del queue[: len(chunk)]
         rows = []
+        weights = (field_maps.evidence_weights(result.prob_original, result.prob_deleted)
+                   if self.task.tile_maps == "evidence" else None)
         for j, unit in enumerate(chunk):
             f = unit.field
-            f.stitch.add(unit.tile, result.maps[j], slice(unit.k * self.n_maps, (unit.k + 1) * self.n_maps))
+            rows_k = slice(unit.k * self.n_maps, (unit.k + 1) * self.n_maps)
+            if unit.tile == WHOLE:
+                f.stitch.out[rows_k] += result.maps[j].to(f.stitch.out.dtype).cpu()
+            else:
+                tile_map = result.maps[j] if weights is None or f.grid.n_tiles == 1 else result.maps[j] * weights[j]
+                f.stitch.add(unit.tile, tile_map, rows_k)
             f.stats[unit.k].append(_unit_stats(result, j, dele[j], ins[j], checks[j]))
             f.fit_s += per_unit
             f.pending -= 1
@@ -360,19 +434,28 @@ class _Batcher:
 
     def _fit(self, chunk: list[_Unit]):
         task, opts = self.task, self.opts
-        x = torch.cat([tiling.cut(u.field.x, u.field.grid, [u.tile]) for u in chunk]).to(self.device)
+        forward = self.forward
+        if chunk[0].tile == WHOLE:  # whole fields through their tiles (one queue per field size)
+            x = torch.stack([u.field.x for u in chunk]).to(self.device)
+            forward = self._field_forward(chunk[0].field)
+        else:
+            x = torch.cat([tiling.cut(u.field.x, u.field.grid, [u.tile]) for u in chunk]).to(self.device)
         tt = torch.tensor([task.classes.index(u.field.targets[u.k]) for u in chunk], device=self.device)
-        seeds = torch.tensor([field_seed(opts.seed, task.well, u.field.files.site, u.field.targets[u.k]) + u.tile
-                              for u in chunk])
-        result = attribute(self.forward, x, tt, task.method, opts, seeds=seeds)
+        seeds = torch.tensor([field_seed(opts.seed, task.well, u.field.files.site, u.field.targets[u.k])
+                              + max(u.tile, 0) for u in chunk])
+        if task.adaptive_budget is not None and task.method == "pcim":
+            result, budgets = fit_adaptive(forward, x, tt, opts, seeds=seeds, max_budget=task.adaptive_budget)
+            result.budget = budgets
+        else:
+            result = attribute(forward, x, tt, task.method, opts, seeds=seeds)
         dele = ins = [float("nan")] * len(chunk)
         checks: list[dict | None] = [None] * len(chunk)
         if task.fidelity:  # perturbed images in forward batches no larger than the fit's
             kw = {"chunk": min(64, 2 * len(chunk))}
-            dele = metrics.deletion_auc(self.forward, x, result.maps, tt, **kw).tolist()
-            ins = metrics.insertion_auc(self.forward, x, result.maps, tt, substrate="blur", **kw).tolist()
+            dele = metrics.deletion_auc(forward, x, result.maps, tt, **kw).tolist()
+            ins = metrics.insertion_auc(forward, x, result.maps, tt, substrate="blur", **kw).tolist()
             if task.method not in trivial.TRIVIAL:  # for the plate's verdict, on each well's first field (cheap)
-                checks = trivial.stain_check_rows(self.forward, x, result.maps, tt, opts, task.channels,
+                checks = trivial.stain_check_rows(forward, x, result.maps, tt, opts, task.channels,
                                                   [u.field.files.index == 0 for u in chunk], **kw)
         return result, dele, ins, checks
 
@@ -409,17 +492,25 @@ class _Batcher:
             "pcim_version": __version__,
             "seed": self.opts.seed,
             "host": socket.gethostname(),
-            "tiling": f.grid.record(),
+            "tiling": {**f.grid.record(), "aggregate": task.aggregate,
+                       "maps": "field" if self._whole(f) else task.tile_maps,
+                       "tile_probabilities": [[round(float(p), 6) for p in row] for row in f.tile_probs]},
             "batch_size": self.batch.value,
             "timings_s": {"read": f.read_s, "fit": f.fit_s},
             "peak_memory_mib": peak_memory_mib(task.device),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         labels = map_labels(f.targets, task.channels, self.opts.per_channel)
+        found = objects.measure_field(
+            f.x, f.stitch.out, f.targets, task.classes, task.channels, f.grid, self.forward, self.opts,
+            label_files=f.files.objects, label_problems=f.files.object_problems, top_k=task.top_objects,
+            batch_size=self.batch.value, device=task.device, where=f"{task.well} site {f.files.site}",
+            objects_signature=f.files.objects_signature, format=task.store_format, aggregate=task.aggregate)
+        found.update_record(record)
         maps = f.stitch.out.numpy()  # (targets * M, H, W)
         try:
             rel = store.write_field(Path(task.store_path), task.well, f.files.index, maps, labels, record,
-                                    format=task.store_format)
+                                    format=task.store_format, extra=found.write)
         except PcimError as exc:
             logger.warning("%s", exc)
             return [_failed_row(task, f.files, str(exc))]
@@ -429,8 +520,20 @@ class _Batcher:
 _STATS = ("prob_original", "prob_mixed", "prob_deleted", "loss")
 
 
+def _take(queue: list[_Unit], images: int) -> list[_Unit]:
+    """The first units of the queue that fit in `images` model inputs (at least one unit)."""
+    n, used = 0, 0
+    while n < len(queue) and (n == 0 or used + queue[n].images <= images):
+        used += queue[n].images
+        n += 1
+    return queue[:n]
+
+
 def _unit_stats(result, j: int, dele: float, ins: float, check: dict | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {k: float(getattr(result, k)[j]) for k in _STATS}
+    budget = getattr(result, "budget", None)
+    if budget is not None:
+        out["budget"] = float(budget[j])
     out.update(deletion_auc=float(dele), insertion_auc=float(ins), steps=int(result.steps[j]))
     if result.channel is not None:  # intensity maps: the channel shown
         out["channel"] = int(result.channel[j])
@@ -440,12 +543,14 @@ def _unit_stats(result, j: int, dele: float, ins: float, check: dict | None = No
 
 
 def _mean_stats(tiles: list[dict[str, Any]], channels: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Per-field statistics: the mean over its tiles (steps stays an int when it is one); an intensity
-    map's channel: the one most of its tiles show."""
-    keys = (*_STATS, "deletion_auc", "insertion_auc", "steps")
+    """Per-field statistics: the mean over its tiles (steps stays an int when it is one), the fit's
+    verdict (ok / weak / failed, engine/budget.py) from the field's probabilities; an intensity map's
+    channel: the one most of its tiles show."""
+    keys = [k for k in (*_STATS, "budget", "deletion_auc", "insertion_auc", "steps") if k in tiles[0]]
     out: dict[str, Any] = {k: float(np.mean([t[k] for t in tiles])) for k in keys}
     steps = out["steps"]
     out["steps"] = int(steps) if float(steps).is_integer() else steps
+    out["fit"] = fit_quality(out["prob_original"], out["prob_mixed"], out["prob_deleted"])
     if "channel" in tiles[0]:
         shown = [t["channel"] for t in tiles]
         out["intensity_channel"] = channels[max(set(shown), key=shown.count)]
@@ -488,8 +593,8 @@ def failed_row(plate: str, well: str, site: int, index: int, error: str, target:
     nan = float("nan")
     return {
         "plate": plate, "well": well, "site": site, "target": target, "predicted_class": "",
-        "prob_original": nan, "prob_mixed": nan, "deletion_auc": nan, "insertion_auc": nan,
-        "status": "failed", "error": error, "runtime_s": nan, "zarr_path": store.field_path(well, index),
+        "prob_original": nan, "prob_mixed": nan, "prob_deleted": nan, "deletion_auc": nan, "insertion_auc": nan,
+        "fit": "", "status": "failed", "error": error, "runtime_s": nan, "zarr_path": store.field_path(well, index),
     }
 
 

@@ -5,6 +5,7 @@
     python sample_plates/demo/make_demo.py --out DIR  # writes elsewhere
 
     python sample_plates/demo/make_demo.py --threads 1  # on a busy machine (another, equally good model)
+    python sample_plates/demo/make_demo.py --plate-only # images, masks, labels, layout, plate.yaml; no training
 
 Deterministic: seeded numpy + torch, a fixed torch thread count (2); two runs on the same machine give
 byte-identical files. Another thread count, or a CPU with other vector units, gives other model bits
@@ -16,6 +17,8 @@ What it writes:
                                    128x128 uint16, zlib-compressed (ImageXpress-style names)
   masks/{well}_s{field}.tif        uint8 0/1 ground truth: the PH3-positive (mitotic) nuclei, dilated 1 px;
                                    all zeros in negative fields
+  labels/{well}_s{field}_nuclei.tif  uint16 nuclei label images (0 = background, 1..N = nuclei), as a
+                                   segmentation tool writes them: plate.objects.Nuclei
   layout.csv                       well,treatment,concentration_uM,expected_class
   classifier.ts                    TorchScript (traced) DemoNet, logits for [negative, mitotic]; made
                                    byte-reproducible by canonical_torchscript
@@ -134,13 +137,18 @@ def _spots(yy, xx, centers, sigmas, amps) -> np.ndarray:
     return out
 
 
-def make_field(rng: np.random.Generator, positive: bool, size: int = 128, return_null: bool = False):
+def make_field(rng: np.random.Generator, positive: bool, size: int = 128, return_null: bool = False,
+               return_labels: bool = False):
     """One synthetic 3-channel field (DNA, PH3, Actin).
 
     Returns (img, mask): img uint16 (3, size, size); mask bool (size, size) = the PH3-positive nuclei
     (the class-defining evidence), dilated by 1 px; all False when `positive` is False.
     With return_null=True, (img, mask, img_null): img_null is the same field (same draws, same noise)
     with the mitotic cells' signal subtracted in every channel — the evidence removed.
+    With return_labels=True, a nuclei label image is appended: uint16 (size, size), 0 = background,
+    nucleus i (in drawing order) = i + 1, its drawn ellipse (a later nucleus wins where two overlap), as
+    a segmentation would give it; debris is not labelled. It takes no random draws, so img and mask are
+    the same with or without it.
     Nuclei density is that of 8-15 nuclei per 128x128 field, whatever `size`.
     """
     H = W = int(size)
@@ -167,6 +175,7 @@ def make_field(rng: np.random.Generator, positive: bool, size: int = 128, return
     ph3 = np.zeros((H, W))
     actin = np.zeros((H, W))
     mask = np.zeros((H, W), dtype=bool)
+    labels = np.zeros((H, W), dtype=np.uint16)
     dna_m, ph3_m, actin_m = np.zeros((H, W)), np.zeros((H, W)), np.zeros((H, W))  # mitotic cells only
     chromatin = _smooth_noise(rng, (H, W), 1.2)
     fibres = _smooth_noise(rng, (H, W), 0.8) + 0.6 * _smooth_noise(rng, (H, W), 3.0)
@@ -197,6 +206,7 @@ def make_field(rng: np.random.Generator, positive: bool, size: int = 128, return
             ph3 += t
             ph3_m += t
             mask |= r <= 1.0
+            labels[r <= 1.0] = i + 1
             R = a2 * rng.uniform(1.5, 1.9)
             rc = _ellipse_r(yy, xx, cy, cx, R, R * rng.uniform(0.9, 1.0), th)
             cell = _soft(rc, R, 2.0)
@@ -207,6 +217,7 @@ def make_field(rng: np.random.Generator, positive: bool, size: int = 128, return
             actin_m += t
         else:
             r = _ellipse_r(yy, xx, cy, cx, a, b, th)
+            labels[r <= 1.0] = i + 1
             body = _soft(r, a, 1.0)
             dna_amp = rng.uniform(900, 1600)
             dna += dna_amp * body * (1.0 + 0.22 * chromatin) * (1.0 - 0.25 * r.clip(0, 1) ** 2)
@@ -257,9 +268,8 @@ def make_field(rng: np.random.Generator, positive: bool, size: int = 128, return
         out[c] = np.clip(np.rint(x), 0, 65535).astype(np.uint16)
         if return_null:
             null[c] = np.clip(np.rint(x - mit[c] * illum), 0, 65535).astype(np.uint16)
-    if return_null:
-        return out, _dilate(mask, 1), null
-    return out, _dilate(mask, 1)
+    result = (out, _dilate(mask, 1)) + ((null,) if return_null else ()) + ((labels,) if return_labels else ())
+    return result
 
 
 def percentile_normalize(img, low: float = NORM_LOW, high: float = NORM_HIGH) -> np.ndarray:
@@ -472,6 +482,8 @@ plate:
   channels: {DNA: "1", PH3: "2", Actin: "3"}  # model input order; name -> {channel} token in file names
   layout: layout.csv                      # plate map: well,treatment,concentration_uM,expected_class
   wells: null                             # all 24 wells; e.g. [A01, D06] for a subset
+  objects:                                # label images (0 = background, 1..N = objects): per-object tables
+    Nuclei: labels/{well}_s{field}_nuclei.tif   # -> out/DEMO01_pcim_Nuclei.csv
 model:
   path: classifier.ts                     # TorchScript DemoNet (make_demo.py), logits for the classes below
   classes: [negative, mitotic]            # output names, in order
@@ -485,7 +497,8 @@ explain:
   per_channel: false                      # one shared map per field
   seed: 0
 compute:
-  cluster: none                           # run in-process; no Dask cluster needed for 48 small fields
+  cluster: local                          # a Dask LocalCluster on this machine (none: in-process)
+  workers: 2                              # CPU worker processes (on GPUs: auto = one per GPU)
   device: auto                            # cuda when available, else cpu
   batch_size: 16                          # fields fitted together
 output:
@@ -502,19 +515,20 @@ def _write_tiff(path: Path, arr: np.ndarray) -> None:
 
 
 def write_plate(out: Path, seed: int = PLATE_SEED):
-    """Write images/, masks/, layout.csv; returns [(well, field, expected_positive, x_normalised)]."""
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    """Write images/, masks/, labels/, layout.csv; returns [(well, field, expected_positive, x_normalised)]."""
+    for folder in ("images", "masks", "labels"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
     fields = []
     wells = plate_wells()
     for wi, (well, _t, _c, cls) in enumerate(wells):
         for f in FIELDS:
             rng = np.random.default_rng([seed, wi, f])
             pos = cls == "mitotic"
-            img, m = make_field(rng, pos, 128)
+            img, m, lab = make_field(rng, pos, 128, return_labels=True)
             for n in range(3):
                 _write_tiff(out / "images" / f"{well}_s{f}_w{n + 1}.tif", img[n])
             _write_tiff(out / "masks" / f"{well}_s{f}.tif", m.astype(np.uint8))
+            _write_tiff(out / "labels" / f"{well}_s{f}_nuclei.tif", lab)
             fields.append((well, f, pos, percentile_normalize(img)))
     with open(out / "layout.csv", "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
@@ -530,6 +544,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--threads", type=int, default=TORCH_THREADS, help="torch threads (the bundled files: 2)")
+    ap.add_argument("--plate-only", action="store_true",
+                    help="write images, masks, labels, layout.csv and plate.yaml; keep classifier.ts (seconds)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -540,6 +556,8 @@ def main(argv=None) -> int:
     fields = write_plate(out)
     (out / "plate.yaml").write_text(PLATE_YAML)
     print(f"plate written: {len(fields)} fields ({time.perf_counter() - t0:.1f}s)")
+    if args.plate_only:
+        return 0
 
     model, metrics = train_model(n_train=args.n_train, epochs=args.epochs)
     x = torch.from_numpy(np.stack([f[3] for f in fields]))

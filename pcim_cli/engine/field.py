@@ -1,0 +1,88 @@
+"""One map per field when the field is larger than the model's input: pure torch, no paths.
+
+A field of H x W pixels is cut into overlapping tiles of the model's input size (tiling.py). The
+model then says something per tile, and pcim has to say two things per field:
+
+- **the field's prediction** (`model.aggregate`): the tiles' class probabilities averaged
+  (`mean-prob`), their logits averaged (`mean-logit`), the largest probability of each class over the
+  tiles, renormalised (`max`), or the model run on the untiled field (`whole-field`, for models that
+  accept any size, e.g. global average pooling). `TiledForward` makes any of these one differentiable
+  callable: fields (B, C, H, W) in, logits (B, K) of the field's prediction out.
+- **the field's map** (`explain.tile_maps`): `field` fits ONE mixing layer over the whole field: one
+  softmax over all of its pixels, the budget spent over the field, every tile's kept and deleted
+  image cut from the field-level images, and the objective on the field's aggregated prediction. So
+  map values mean the same in every tile, and a tile holding more evidence gets more of the budget.
+  `per-tile` fits every tile on its own (each spends its own budget: every tile gets about the same
+  mass whatever it holds), `evidence` does that and then weights each tile's map by its measured
+  evidence, p(target | tile) - p(target | tile without its map's pixels). docs/method.md compares them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from pcim_cli.engine import tiling
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+AGGREGATES = ("mean-prob", "mean-logit", "max", "whole-field")
+TILE_MAPS = ("field", "per-tile", "evidence")
+
+
+def aggregate_logits(tile_logits: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, n, K) logits of the n tiles of B fields -> (B, K) logits whose softmax is the field's
+    prediction: log of the mean probability (mean-prob), mean logit (mean-logit), log of the largest
+    probability per class (max; the softmax renormalises it)."""
+    if how == "mean-logit":
+        return tile_logits.mean(1)
+    log_p = torch.log_softmax(tile_logits.float(), dim=-1)
+    n = tile_logits.shape[1]
+    if how == "mean-prob":
+        return torch.logsumexp(log_p, dim=1) - torch.log(torch.tensor(float(n), device=log_p.device))
+    if how == "max":
+        return log_p.amax(1)
+    raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES[:3])} for tiles, got {how!r}")
+
+
+class TiledForward(torch.nn.Module):
+    """The model as a field classifier: fields (B, C, H, W) -> (B, K) logits of the field's prediction.
+
+    Every field is cut into the tiles of `grid` (differentiably), the model runs on all tiles of the
+    batch at once, and the tiles' outputs are combined by `aggregate`; `whole-field` (or a one-tile
+    grid) runs the model on the field itself. `tile_logits(x)` gives the (B, n, K) per-tile logits.
+    """
+
+    def __init__(self, model: Forward, grid: tiling.TileGrid, aggregate: str = "mean-prob"):
+        super().__init__()
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+        self.model, self.grid, self.aggregate = model, grid, aggregate
+
+    @property
+    def whole(self) -> bool:
+        return self.aggregate == "whole-field" or self.grid.n_tiles == 1
+
+    def tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """(B * n, C, th, tw): the tiles of every field, field after field, row-major within a field."""
+        th, tw = self.grid.tile
+        parts = []
+        for i in range(self.grid.n_tiles):
+            y0, x0 = self.grid.origin(i)
+            parts.append(x[:, :, y0 : y0 + th, x0 : x0 + tw])
+        return torch.stack(parts, dim=1).flatten(0, 1)
+
+    def tile_logits(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(self.tiles(x))
+        return out.view(x.shape[0], self.grid.n_tiles, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.whole:
+            return self.model(x)
+        return aggregate_logits(self.tile_logits(x), self.aggregate)
+
+
+def evidence_weights(prob_original: torch.Tensor, prob_deleted: torch.Tensor) -> torch.Tensor:
+    """Each tile's measured evidence: how much p(target) falls when its map's pixels are deleted (>= 0)."""
+    return (prob_original - prob_deleted).clamp(min=0).nan_to_num(0.0)
