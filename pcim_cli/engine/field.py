@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from pcim_cli.engine import tiling
 
@@ -50,15 +51,24 @@ class TiledForward(torch.nn.Module):
     """The model as a field classifier: fields (B, C, H, W) -> (B, K) logits of the field's prediction.
 
     Every field is cut into the tiles of `grid` (differentiably), the model runs on all tiles of the
-    batch at once, and the tiles' outputs are combined by `aggregate`; `whole-field` (or a one-tile
-    grid) runs the model on the field itself. `tile_logits(x)` gives the (B, n, K) per-tile logits.
+    batch in calls of at most `chunk` tiles (None: all at once), and the tiles' outputs are combined by
+    `aggregate`; `whole-field` (or a one-tile grid) runs the model on the field itself.
+    `tile_logits(x)` gives the (B, n, K) per-tile logits.
+
+    With a chunk and gradients on, every call is checkpointed (torch.utils.checkpoint): its activations
+    are dropped after the forward and recomputed chunk by chunk in the backward, so a field of ~100 tiles
+    (x2 for the kept and deleted images of a fit) needs the activations of one chunk, not of all its
+    tiles; logits and gradients are the same as unchunked (one more forward per step).
     """
 
-    def __init__(self, model: Forward, grid: tiling.TileGrid, aggregate: str = "mean-prob"):
+    def __init__(self, model: Forward, grid: tiling.TileGrid, aggregate: str = "mean-prob",
+                 chunk: int | None = None):
         super().__init__()
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
-        self.model, self.grid, self.aggregate = model, grid, aggregate
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1 tiles, got {chunk}")
+        self.model, self.grid, self.aggregate, self.chunk = model, grid, aggregate, chunk
 
     @property
     def whole(self) -> bool:
@@ -74,7 +84,15 @@ class TiledForward(torch.nn.Module):
         return torch.stack(parts, dim=1).flatten(0, 1)
 
     def tile_logits(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(self.tiles(x))
+        tiles = self.tiles(x)
+        if self.chunk is None or len(tiles) <= self.chunk:
+            out = self.model(tiles)
+        else:
+            grad = torch.is_grad_enabled() and tiles.requires_grad
+            # no early stop: the recomputation would stop by raising inside TorchScript, which rewraps it
+            with set_checkpoint_early_stop(False):
+                out = torch.cat([checkpoint(self.model, part, use_reentrant=False) if grad else self.model(part)
+                                 for part in tiles.split(self.chunk)])
         return out.view(x.shape[0], self.grid.n_tiles, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -317,8 +317,10 @@ class _Batcher:
         return field.grid.n_tiles > 1 and (self.task.tile_maps == "field" or self.task.aggregate == "whole-field")
 
     def _field_forward(self, field: _Field) -> Forward:
-        """The model as the field's classifier (its tiles, aggregated as model.aggregate says)."""
-        return field_maps.TiledForward(self.forward, field.grid, self.task.aggregate)
+        """The model as the field's classifier (its tiles, aggregated as model.aggregate says), in model
+        calls of at most 2 x the batch size tiles: the kept and deleted images of batch-size units, as a
+        per-tile fit batches them (checkpointed, so memory follows the batch size, not the field)."""
+        return field_maps.TiledForward(self.forward, field.grid, self.task.aggregate, chunk=2 * self.batch.value)
 
     def finish(self) -> list[dict[str, Any]]:
         """Fit whatever is still queued."""
@@ -402,14 +404,17 @@ class _Batcher:
         except MODEL_ERRORS as exc:
             if not is_out_of_memory(exc):
                 return self._fail(queue, chunk, exc)
-            if len(chunk) == 1 and chunk[0].tile == WHOLE:  # one field is the least a field-level fit needs
+            tried = sum(u.images for u in chunk)
+            if len(chunk) == 1 and chunk[0].tile == WHOLE:  # one field: its tiles go in smaller model calls
                 f = chunk[0].field
-                return self._fail(queue, chunk, PcimError(
-                    f"{self.task.well} site {f.files.site}: out of memory on {self.task.device} fitting the "
-                    f"field's {f.grid.n_tiles} tiles together (explain.tile_maps: field); set explain.tile_maps: "
-                    "per-tile, or use a device with more memory"))
+                if self.batch.value <= 1:
+                    return self._fail(queue, chunk, PcimError(
+                        f"{self.task.well} site {f.files.site}: out of memory on {self.task.device} fitting the "
+                        f"field's {f.grid.n_tiles} tiles together (explain.tile_maps: field), even 2 tiles per "
+                        "model call; set explain.tile_maps: per-tile, or use a device with more memory"))
+                tried = min(tried, self.batch.value)
             try:
-                self.batch.shrink(sum(u.images for u in chunk))
+                self.batch.shrink(tried)
             except PcimError as err:
                 return self._fail(queue, chunk, err)
             return []
