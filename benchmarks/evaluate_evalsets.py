@@ -96,11 +96,12 @@ def combine(set_names: list[str], results: Path = RESULTS, tag: str = "") -> str
     """The per-set results present, as one markdown table (a set column) plus verdict lines."""
     head, rows, notes = None, [], []
     suffix = f"_{tag}" if tag else ""
-    for set_name in set_names:
-        csv = results / f"evaluate_{set_name}{suffix}.csv"
-        if not csv.exists():
-            continue
-        table = pd.read_csv(csv)
+    tables = {s: pd.read_csv(results / f"evaluate_{s}{suffix}.csv") for s in set_names
+              if (results / f"evaluate_{s}{suffix}.csv").exists()}
+    # one header for every set: the score columns any set has (the object ranking has its own table)
+    cols = [c for c in evaluate.COLUMNS if c not in object_ranking.COLUMNS and any(c in t for t in tables.values())]
+    for set_name, table in tables.items():
+        table = table.reindex(columns=["method", "maps", *cols])
         js = results / f"evaluate_{set_name}{suffix}.json"
         doc = json.loads(js.read_text()) if js.exists() else {"fields": "?", "verdicts": []}
         lines = evaluate.markdown_table(table).splitlines()

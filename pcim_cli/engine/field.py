@@ -74,26 +74,45 @@ class TiledForward(torch.nn.Module):
     def whole(self) -> bool:
         return self.aggregate == "whole-field" or self.grid.n_tiles == 1
 
-    def tiles(self, x: torch.Tensor) -> torch.Tensor:
-        """(B * n, C, th, tw): the tiles of every field, field after field, row-major within a field."""
+    def tiles(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(B * n, C, th, tw): the tiles of every field, field after field, row-major within a field
+        (or the tiles start:stop of that sequence)."""
         th, tw = self.grid.tile
-        parts = []
-        for i in range(self.grid.n_tiles):
-            y0, x0 = self.grid.origin(i)
-            parts.append(x[:, :, y0 : y0 + th, x0 : x0 + tw])
-        return torch.stack(parts, dim=1).flatten(0, 1)
+        n = self.grid.n_tiles
+        if start == 0 and stop is None:
+            parts = []
+            for i in range(n):
+                y0, x0 = self.grid.origin(i)
+                parts.append(x[:, :, y0 : y0 + th, x0 : x0 + tw])
+            return torch.stack(parts, dim=1).flatten(0, 1)
+        out = []
+        for k in range(start, x.shape[0] * n if stop is None else stop):
+            y0, x0 = self.grid.origin(k % n)
+            out.append(x[k // n, :, y0 : y0 + th, x0 : x0 + tw])
+        return torch.stack(out)
 
     def tile_logits(self, x: torch.Tensor) -> torch.Tensor:
-        tiles = self.tiles(x)
-        if self.chunk is None or len(tiles) <= self.chunk:
-            out = self.model(tiles)
+        total = x.shape[0] * self.grid.n_tiles
+        if self.chunk is None or total <= self.chunk:
+            out = self.model(self.tiles(x))
         else:
-            grad = torch.is_grad_enabled() and tiles.requires_grad
+            # each call cuts its own tiles from the fields: with gradients, the call (cut + model) is
+            # checkpointed, so neither the tile images nor the activations of all calls are kept at once;
             # no early stop: the recomputation would stop by raising inside TorchScript, which rewraps it
+            grad = torch.is_grad_enabled() and x.requires_grad
+            parts = []
             with set_checkpoint_early_stop(False):
-                out = torch.cat([checkpoint(self.model, part, use_reentrant=False) if grad else self.model(part)
-                                 for part in tiles.split(self.chunk)])
+                for start in range(0, total, self.chunk):
+                    stop = min(start + self.chunk, total)
+                    if grad:
+                        parts.append(checkpoint(self._call, x, start, stop, use_reentrant=False))
+                    else:
+                        parts.append(self._call(x, start, stop))
+            out = torch.cat(parts)
         return out.view(x.shape[0], self.grid.n_tiles, -1)
+
+    def _call(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return self.model(self.tiles(x, start, stop))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.whole:
