@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -94,7 +95,7 @@ def beats_trivial(table: pd.DataFrame, reference: str = "pcim") -> str:
 
 def combine(set_names: list[str], results: Path = RESULTS, tag: str = "") -> str:
     """The per-set results present, as one markdown table (a set column) plus verdict lines."""
-    head, rows, notes = None, [], []
+    head, rows, notes, summary = None, [], [], []
     suffix = f"_{tag}" if tag else ""
     tables = {s: pd.read_csv(results / f"evaluate_{s}{suffix}.csv") for s in set_names
               if (results / f"evaluate_{s}{suffix}.csv").exists()}
@@ -111,9 +112,32 @@ def combine(set_names: list[str], results: Path = RESULTS, tag: str = "") -> str
         parts = [f"`intensity` = {doc['intensity_channel']}" if doc.get("intensity_channel") else "",
                  beats_trivial(table)] + [f"verdict ({v['target']}): {v['sentence']}" for v in doc["verdicts"]]
         notes.append(f"- **{set_name}**: " + "; ".join(p for p in parts if p) + ".")
+        summary.append(_summary_row(set_name, doc, table))
     if head is None:
         return ""
-    return "\n".join([*head, *rows]) + "\n\n" + "\n".join(notes) + "\n"
+    summary_head = ["| set | fields | `intensity` channel | top 2 %: pcim / best trivial | top 20 %: pcim / best "
+                    "trivial | verdict (target: level, share) |", "|---|---|---|---|---|---|"]
+    return ("\n".join([*head, *rows]) + "\n\n" + "\n".join(notes) + "\n\nPCIM against the best map without a "
+            "model (deletion AUC, lower is better):\n\n" + "\n".join([*summary_head, *summary]) + "\n")
+
+
+def _summary_row(set_name: str, doc: dict, table: pd.DataFrame) -> str:
+    """One line of the pcim-vs-trivial summary: both deletion AUCs, the best trivial map, the verdicts."""
+    t = table.set_index("method")
+    cells = []
+    for col in ("fine_deletion_auc", "deletion_auc"):
+        trivial = [m for m in TRIVIAL if m in t.index]
+        if "pcim" not in t.index or not trivial:
+            cells.append("–")
+            continue
+        best = t.loc[trivial, col]
+        mark = "**" if t.loc["pcim", col] < best.min() else ""
+        cells.append(f"{mark}{t.loc['pcim', col]:.3f}{mark} / {best.min():.3f} ({best.idxmin()})")
+    verdicts = "; ".join(f"{v['target']}: {v['level']}" + (f", {math.floor(100 * v['share'])} %"
+                                                          if v["share"] == v["share"] else "")
+                         for v in doc["verdicts"])
+    return (f"| {set_name} | {doc['fields']} | {doc.get('intensity_channel') or '–'} | {cells[0]} | {cells[1]} | "
+            f"{verdicts or '–'} |")
 
 
 def main(argv=None) -> int:
