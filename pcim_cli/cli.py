@@ -2,21 +2,31 @@
 
 Exit codes (shared/DESIGN.md §3.4): 0 all done; 1 internal error; 2 usage; 3 some units failed;
 65 input data unusable; 75 retry later; 78 configuration invalid.
+
+Every error ends in one line `pcim: error: ...` on stderr; an internal error (a bug, or the machine
+failing under pcim) adds where its traceback was written (the --log-file, or a crash log in the
+temporary folder), and prints the traceback itself only with -v. With --json, stdout holds one JSON
+document for every exit, errors included: `{"status": "error", "exit_code": N, "message": ...}`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from pcim_cli import __version__
-from pcim_cli.errors import EXIT_INTERNAL, ConfigError, OutputError, PcimError
+from pcim_cli.errors import EXIT_INTERNAL, EXIT_TEMPFAIL, ConfigError, OutputError, PcimError
 
 logger = logging.getLogger("pcim_cli")
 
@@ -123,13 +133,62 @@ def _print_plan(p, as_json: bool) -> None:
         typer.echo(f"  problem: {problem}")
 
 
-def _fail(exc: BaseException) -> typer.Exit:
+def _error_doc(code: int, message: str, status: str = "error") -> str:
+    return json.dumps({"status": status, "exit_code": code, "message": message})
+
+
+def _fail(exc: BaseException, as_json: bool = False) -> typer.Exit:
+    """One `pcim: error:` line (and, with --json, the error document) for an exception; its exit code."""
     if isinstance(exc, PcimError):
-        typer.echo(f"pcim: error: {exc}", err=True)
-        return typer.Exit(exc.exit_code)
-    logger.exception("internal error")
-    typer.echo(f"pcim: internal error: {type(exc).__name__}: {exc} (rerun with -v for details)", err=True)
-    return typer.Exit(EXIT_INTERNAL)
+        code, message = exc.exit_code, str(exc)
+    else:
+        code = EXIT_INTERNAL
+        logger.debug("internal error", exc_info=exc)  # on stderr with -v, and into --log-file
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        message = f"internal error: {type(exc).__name__}: {first} ({_traceback_note(exc)})"
+    typer.echo(f"pcim: error: {message}", err=True)
+    if as_json:
+        typer.echo(_error_doc(code, message))
+    return typer.Exit(code)
+
+
+def _traceback_note(exc: BaseException) -> str:
+    """Where the traceback of an internal error is: the --log-file, or a crash log written now."""
+    for handler in logging.getLogger("pcim_cli").handlers:
+        if isinstance(handler, logging.FileHandler):
+            return f"traceback in {handler.baseFilename}"
+    path = Path(tempfile.gettempdir()) / f"pcim-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        path.write_text(f"pcim {__version__}: {' '.join(sys.argv)}\n" + "".join(traceback.format_exception(exc)))
+    except OSError:
+        return "rerun with -v to see the traceback"
+    return f"traceback in {path}; -v prints it"
+
+
+_BEFORE_RUN = [True]
+
+
+def _stop_early(signum: int, frame: object) -> None:
+    """SIGTERM / SIGINT outside the run's own handlers: before it, stop (nothing written yet); after it
+    (the run is recorded), change nothing."""
+    if _BEFORE_RUN[0]:
+        raise KeyboardInterrupt
+
+
+def main() -> None:
+    """The console script: the Typer app, with a JSON document (--json) for usage errors too."""
+    args = sys.argv[1:]
+    try:
+        code = typer.main.get_command(app).main(args=args, prog_name="pcim", standalone_mode=False)
+    except typer.TyperException as exc:  # usage errors (exit 2), from Typer's own click
+        code = getattr(exc, "exit_code", 2)
+        if "--json" in args:
+            typer.echo(_error_doc(code, exc.format_message() if hasattr(exc, "format_message") else str(exc)))
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            typer.echo(f"pcim: error: {exc}", err=True)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _version(value: bool) -> None:
@@ -139,7 +198,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(
+def root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
@@ -169,25 +228,36 @@ def explain(
     A rerun continues where the last one stopped: fields already done with the same settings are
     skipped, fields whose settings or model changed are redone.
     """
-    from pcim_cli.config import load_config
-    from pcim_cli.run import explain as explain_lib
-    from pcim_cli.run.rerun import Rerun
-
-    _setup_logging(verbose, quiet, log_file)
+    with contextlib.suppress(ValueError):  # not the main thread (called from a test's thread): no handler
+        for sig in (signal.SIGTERM, signal.SIGINT):  # until the run installs its own handlers
+            signal.signal(sig, _stop_early)
     try:
+        _setup_logging(verbose, quiet, log_file)
+        from pcim_cli.config import load_config
+        from pcim_cli.run import explain as explain_lib
+        from pcim_cli.run.rerun import Rerun
+
         cfg = load_config(plate_yaml, set_ or ())
         choice = Rerun(force=force, retry_failed=retry_failed, only=_wells_option(only))
         if dry_run:
-            _print_plan(explain_lib.plan(cfg, choice, write=False), as_json)
+            explain_lib.preflight(cfg, choice)
+            _print_plan(explain_lib.plan(cfg, choice), as_json)
             raise typer.Exit(0)
         from pcim_cli.run.progress import WellProgress
 
         with WellProgress(fancy=fancy_terminal(), quiet=quiet) as progress:
+            _BEFORE_RUN[0] = False  # from here the run's handlers decide; after it, signals change nothing
             result = explain_lib.run(cfg, on_well=progress.on_well, choice=choice, on_start=progress.start)
     except typer.Exit:
         raise
+    except KeyboardInterrupt:  # a signal before the run began: nothing was written
+        message = "interrupted before the run began (SIGTERM / Ctrl-C); nothing was written: rerun the command"
+        typer.echo(f"pcim: error: {message}", err=True)
+        if as_json:
+            typer.echo(_error_doc(EXIT_TEMPFAIL, message, status="interrupted"))
+        raise typer.Exit(EXIT_TEMPFAIL) from None
     except Exception as exc:  # noqa: BLE001 - every error becomes one message and an exit code
-        raise _fail(exc) from None
+        raise _fail(exc, as_json) from None
     advice = explain_lib.fit_advice(result, cfg)
     if advice:  # once per run; a weak map is no failure: cron (-q) gets it only in --log-file
         logger.log(logging.INFO if quiet else logging.WARNING, "%s", advice)
@@ -196,9 +266,12 @@ def explain(
     fits = result.fits
     weak = (f" ({fits['weak']} weak, {fits['failed']} failed fits: see PCIM_Fit)"
             if fits["weak"] + fits["failed"] else "")
-    line = (f"{counts['done']} maps done{weak} ({result.fitted} fitted by this run), {failed} failed, "
-            f"{counts['skipped']} not run; store {result.store}; csv {result.csv}"
-            + "".join(f"; {name} {path}" for name, path in result.object_csvs.items()))
+    if result.csv is None:
+        line = f"stopped before anything was written to {result.store}; rerun the same command"
+    else:
+        line = (f"{counts['done']} maps done{weak} ({result.fitted} fitted by this run), {failed} failed, "
+                f"{counts['skipped']} not run; store {result.store}; csv {result.csv}"
+                + "".join(f"; {name} {path}" for name, path in result.object_csvs.items()))
     if failed or result.object_failures or result.interrupted or not quiet:
         typer.echo(line, err=True)
     for f in result.failed:
@@ -211,10 +284,12 @@ def explain(
         typer.echo(f"verdict: {v.sentence}", err=True)
     if as_json:
         status = {0: "ok", 3: "partial", 75: "interrupted"}.get(result.exit_code, "failed")
-        doc = {"status": status, "exit_code": result.exit_code, "store": str(result.store), "csv": str(result.csv),
-               "counts": counts, "fits": fits, "fitted": result.fitted, "failed": result.failed,
-               "problems": result.problems, "object_csvs": {k: str(v) for k, v in result.object_csvs.items()},
-               "object_failures": result.object_failures, "verdicts": [v.to_dict() for v in result.verdicts]}
+        doc = {"status": status, "exit_code": result.exit_code, "store": str(result.store),
+               "csv": None if result.csv is None else str(result.csv), "counts": counts, "fits": fits,
+               "fitted": result.fitted, "failed": result.failed, "problems": result.problems,
+               "object_csvs": {k: str(v) for k, v in result.object_csvs.items()},
+               "object_failures": result.object_failures, "message": line,
+               "verdicts": [v.to_dict() for v in result.verdicts]}
         typer.echo(json.dumps(doc))
     raise typer.Exit(result.exit_code)
 
@@ -223,41 +298,47 @@ def explain(
 def validate(
     plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, as for explain.")] = None,
+    pixels: Annotated[bool | None, typer.Option("--pixels/--headers-only", help="Read every field's pixels and "
+                                                "score it once with the model (default: on plates whose files "
+                                                "total at most 1 GB), or only read TIFF headers.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON on stdout.")] = False,
     no_probe: Annotated[bool, typer.Option("--no-probe", help="Do not time a fit step for the ETA.")] = False,
 ) -> None:
-    """Check plate.yaml, the layout, the images and the model without fitting or writing anything, and say
-    what explain will do: tiles per field size, each well's target, the aggregation and the estimated cost."""
-    from pcim_cli.config import load_config
-    from pcim_cli.run import explain as explain_lib
-    from pcim_cli.run import preview
+    """Check plate.yaml, the layout, every field's images and the model; fit nothing, write nothing; and say
+    what explain will do: tiles per field size, each well's target, the aggregation and the estimated cost.
 
+    Exit 0: no problem; 3: some fields would fail (listed with the messages explain would write);
+    65: no field would work; 78: configuration invalid.
+    """
     _setup_logging(0, quiet=True)
     logging.getLogger("pcim_cli").setLevel(logging.ERROR)  # problems are part of the report below
     try:
+        from pcim_cli.config import load_config
+        from pcim_cli.run import validate as validate_lib
+
         cfg = load_config(plate_yaml, set_ or ())
-        inventory = explain_lib.inspect_plate(cfg, check_objects=True)
-        found = inventory.summary
-        plan = preview.plan_run(cfg, inventory, probe=not no_probe)
+        found = validate_lib.validate_plate(cfg, pixels, probe=not no_probe)
     except Exception as exc:  # noqa: BLE001
-        raise _fail(exc) from None
-    found = {"plate": cfg.plate.name, "channels": list(cfg.plate.channels), **found, "plan": plan.as_dict()}
+        raise _fail(exc, as_json) from None
     if as_json:
-        typer.echo(json.dumps(found))
+        typer.echo(json.dumps(found.to_dict()))
     else:
-        model = found["model"]
-        typer.echo(f"plate {found['plate']}: {found['wells']} wells, {found['fields']} fields, "
-                   f"channels {', '.join(found['channels'])}")
+        model = found.model
+        typer.echo(f"plate {found.plate}: {found.wells} wells, {found.fields} fields, "
+                   f"channels {', '.join(found.channels)}")
         typer.echo(f"model {model['path']} ({model['kind']}, sha256 {model['sha256'][:12]}…), "
                    f"classes {', '.join(model['classes'])}")
-        if found["layout_columns"]:
-            typer.echo(f"layout columns: {', '.join(found['layout_columns'])}")
-        for name, count in found["objects"].items():
-            typer.echo(f"objects {name}: label images for {count} of {found['fields']} fields")
-        for p in found["problems"]:
+        if found.layout_columns:
+            typer.echo(f"layout columns: {', '.join(found.layout_columns)}")
+        typer.echo(f"checked: {'pixels and model output' if found.checked == 'pixels' else 'TIFF headers'} of "
+                   f"every field; {found.usable} of {found.fields} fields usable")
+        for name, count in found.objects.items():
+            typer.echo(f"objects {name}: label images for {count} of {found.fields} fields")
+        for p in found.problems:
             typer.echo(f"problem: {p}")
-        _print_run_plan(plan)
-    raise typer.Exit(3 if found["problems"] else 0)
+        if found.plan is not None:
+            _print_run_plan(found.plan)
+    raise typer.Exit(found.exit_code)
 
 
 def _print_run_plan(plan) -> None:
@@ -314,7 +395,7 @@ def render(
         result = render_lib.render(store, out_dir=out, wells=chosen, plate_yaml=plate_yaml, channel=channel,
                                    per_channel=per_channel, csv=csv)
     except Exception as exc:  # noqa: BLE001
-        raise _fail(exc) from None
+        raise _fail(exc, as_json) from None
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
     else:
@@ -330,12 +411,12 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON on stdout.")] = False,
 ) -> None:
     """Done / failed / missing fields per well of a store; exit 0 when every field is done, else 3."""
-    from pcim_cli.report.status import store_status
-
     try:
+        from pcim_cli.report.status import store_status
+
         report = store_status(store_path)
     except Exception as exc:  # noqa: BLE001
-        raise _fail(exc) from None
+        raise _fail(exc, as_json) from None
     if as_json:
         typer.echo(json.dumps(report.as_dict(), default=str))
         raise typer.Exit(report.exit_code)
@@ -348,8 +429,12 @@ def status(
     totals = report.totals
     table.add_row("all", *(str(totals[k]) for k in ("fields", "done", "failed", "missing")), "")
     Console(no_color=not fancy_terminal(), width=None if fancy_terminal() else 120).print(table)
+    for f in report.fields:
+        if f.state in ("damaged", "stale"):
+            typer.echo(f"{f.state} {f.path} (well {f.well}): {f.error}")
     if report.fingerprints > 1:
-        typer.echo(f"note: the done fields were made with {report.fingerprints} different settings", err=True)
+        typer.echo(f"note: the maps in the store were made with {report.fingerprints} different settings; those "
+                   "not made with the last run's are stale and the next run redoes them", err=True)
     raise typer.Exit(report.exit_code)
 
 
@@ -400,7 +485,7 @@ def evaluate(
         chosen = methods.split(",") if methods is not None else evaluate_lib.DEFAULT_METHODS
         result = evaluate_lib.evaluate(cfg, masks, chosen, well_arg, out, sanity=not no_sanity)
     except Exception as exc:  # noqa: BLE001
-        raise _fail(exc) from None
+        raise _fail(exc, as_json) from None
     if as_json:
         typer.echo(json.dumps({"out": str(result.out), "fields": result.fields,
                                "files": {k: str(v) for k, v in result.files.items()},
@@ -424,4 +509,4 @@ def schema() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

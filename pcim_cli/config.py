@@ -9,8 +9,8 @@ Precedence, lowest first:
    with a ``__`` are read, and every one of them must name a real key;
 4. command-line overrides ``--set explain.steps=100`` (dotted keys), in the order given.
 
-Override values are parsed as YAML (``100`` is a number, ``[A01, B03]`` a list, ``null`` is null);
-a value that is not valid YAML (e.g. ``{well}_s{field}.tif``) is taken as plain text. With
+Override values are parsed as YAML (``[A01, B03]`` is a list, ``null`` is null); a value that is not
+valid YAML (e.g. ``{well}_s{field}.tif``) is taken as plain text. With
 ``compute.cluster: address`` and no address anywhere, ``DASK_SCHEDULER_ADDRESS`` fills it in.
 
 Relative paths (``plate.images``, ``plate.layout``, ``model.path``, ``output.zarr``, ``output.csv``,
@@ -19,8 +19,10 @@ override -- never against the working directory; ``~`` is expanded. ``{plate}`` 
 becomes the plate name, which defaults to the YAML file's stem. Unknown keys are errors, and every
 problem is reported at once in one ConfigError, each as ``<yaml.path>: <what is wrong>``.
 
-YAML quirks handled: duplicate keys are errors (PyYAML would keep the last silently), and
-``01:00:00`` stays text (YAML 1.1 would read ``1:00:00`` as the number 3600).
+YAML (pcim_cli/yaml_reader.py): every plain scalar is read as the text it is written as, and the models
+below parse numbers and booleans from it, in decimal: a plate barcode ``0012345`` stays ``0012345``,
+``classes: [no, yes]`` stays two class names, ``steps: 010`` is ten. Hostile files (alias bombs, deep
+nesting) end in one short ConfigError, and values quoted in messages are cut to a readable length.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -53,9 +54,10 @@ from pydantic import (
 
 from pcim_cli.engine.attribute import METHODS
 from pcim_cli.engine.pcim import PcimOptions
-from pcim_cli.errors import ConfigError
+from pcim_cli.errors import ConfigError, short, shown
 from pcim_cli.io.images import compile_pattern
 from pcim_cli.io.plate import parse_well
+from pcim_cli.yaml_reader import parse_value, read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ class PlateConfig(_Section):
         if not value.strip():
             raise ValueError("empty plate name")
         if re.search(r"[/\\]", value):
-            raise ValueError(f"{value!r}: a plate name cannot contain '/' or '\\' (it is used in file names)")
+            raise ValueError(f"{short(value)}: a plate name cannot contain '/' or '\\' (it is used in file names)")
         return value
 
     @field_validator("pattern")
@@ -145,12 +147,12 @@ class PlateConfig(_Section):
         out: dict[str, str] = {}
         for name, token in items:
             if not isinstance(name, (str, int)) or not isinstance(token, (str, int)):
-                raise ValueError(f"channel {name!r}: names and tokens must be text, got {token!r}")
+                raise ValueError(f"channel {short(name)}: names and tokens must be text, got {short(token)}")
             name, token = str(name), str(token)
             if not name.strip() or not token.strip():
                 raise ValueError("channel names and tokens cannot be empty")
             if name in out:
-                raise ValueError(f"channel {name!r} is listed twice")
+                raise ValueError(f"channel {short(name)} is listed twice")
             out[name] = token
         tokens = [t.lower() for t in out.values()]
         dupes = sorted({t for t in tokens if tokens.count(t) > 1})
@@ -331,7 +333,7 @@ class ExplainConfig(_Section):
         if isinstance(value, list) and not value:
             raise ValueError("empty list: give one budget, several, or null")
         if any(not 0 < v <= 1 for v in values):
-            raise ValueError(f"every budget must be a share of the field in (0, 1], got {value}")
+            raise ValueError(f"every budget must be a share of the field in (0, 1], got {short(value)}")
         return value
 
     @field_validator("target")
@@ -363,8 +365,12 @@ class SlurmConfig(_Section):
     @classmethod
     def _check_walltime(cls, value: str) -> str:
         if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", value.strip()):
-            raise ValueError(f"{value!r} is not a Slurm time limit (e.g. \"01:00:00\" or \"2-00:00:00\")")
+            raise ValueError(f"{short(value)} is not a Slurm time limit (e.g. \"01:00:00\" or \"2-00:00:00\")")
         return value.strip()
+
+
+#: a Dask scheduler address: optional protocol, host (name, IPv4 or [IPv6]), port
+DASK_ADDRESS = re.compile(r"(?:(?:tcp|tls|ws|wss|ucx)://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})")
 
 
 class ComputeConfig(_Section):
@@ -385,16 +391,30 @@ class ComputeConfig(_Section):
     @field_validator("workers", mode="before")
     @classmethod
     def _check_workers(cls, value: Any) -> Any:
+        if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+            value = int(value)
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             return value
-        raise ValueError(f"must be 'auto' or a positive whole number, got {value!r}")
+        raise ValueError(f"must be 'auto' or a positive whole number, got {short(value)}")
 
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:<index>")
+            raise ValueError(f"{short(value)} is not a device: use auto, cpu, cuda or cuda:<index>")
         return value
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str | None) -> str | None:
+        """A Dask scheduler address: [tcp|tls|ws|wss|ucx://]host:port (checked here, not by a hung connect)."""
+        if value is None:
+            return None
+        match = DASK_ADDRESS.fullmatch(value.strip())
+        if match is None or not 0 < int(match.group("port")) < 65536:
+            raise ValueError(f"{short(value)} is not a Dask scheduler address: give scheme://host:port, e.g. "
+                             "tcp://node12:8786 (what `dask scheduler` prints as 'Scheduler at')")
+        return value.strip()
 
 
 # ---------------------------------------------------------------- output
@@ -478,14 +498,14 @@ class RunConfig(_Section):
         problems: list[tuple[str, str]] = []
         target = self.explain.target
         if target.startswith("layout:") and self.plate.layout is None:
-            problems.append(("explain.target", f"{target!r} reads the layout, but plate.layout is not set"))
+            problems.append(("explain.target", f"{short(target)} reads the layout, but plate.layout is not set"))
         elif target not in ("predicted", "all") and not target.startswith("layout:"):
             classes = self.model.classes
             if classes is not None and target not in classes:
-                problems.append(("explain.target", f"{target!r} is not in model.classes ({', '.join(classes)})"
+                problems.append(("explain.target", f"{short(target)} is not in model.classes ({', '.join(classes)})"
                                  + _did_you_mean(target, classes)))
             elif classes is None and not target.isdigit():
-                problems.append(("explain.target", f"{target!r} is not a class: model.classes is not set, so "
+                problems.append(("explain.target", f"{short(target)} is not a class: model.classes is not set, so "
                                  "classes are named 0, 1, …; list model.classes or use predicted / all"))
         channel = self.explain.intensity_channel
         if channel != "auto" and channel not in self.plate.channels:
@@ -511,68 +531,6 @@ class RunConfig(_Section):
         return self
 
 
-# ---------------------------------------------------------------- YAML reading
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys and keeps 1:00:00 as text."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(
-                        "while reading a mapping", node.start_mark,
-                        f"found duplicate key {key_node.value!r}", key_node.start_mark)
-                seen.add(key_node.value)
-        return super().construct_mapping(node, deep)
-
-
-def _no_sexagesimal(tag: str) -> Any:
-    base = yaml.SafeLoader.yaml_constructors[tag]
-
-    def construct(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
-        if isinstance(node, yaml.ScalarNode) and ":" in node.value:
-            return node.value
-        return base(loader, node)
-
-    return construct
-
-
-for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
-    _Loader.add_constructor(_tag, _no_sexagesimal(_tag))
-
-
-def _yaml_error(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    if mark is not None:
-        return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
-    return f"YAML syntax error: {problem}"
-
-
-def _read_yaml(path: Path) -> Any:
-    if not path.exists():
-        raise ConfigError(f"configuration file {path} does not exist")
-    if not path.is_file():
-        raise ConfigError(f"configuration file {path} is not a file")
-    try:
-        with path.open(encoding="utf-8") as fh:
-            return yaml.load(fh, Loader=_Loader)  # a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: {_yaml_error(exc)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read configuration file {path}: {exc}") from None
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError:
-        return text
-
-
 # ---------------------------------------------------------------- overrides
 
 
@@ -584,7 +542,7 @@ def _set_key(data: dict[str, Any], keys: list[str], value: Any) -> str | None:
         if child is None:
             child = node[key] = {}
         elif not isinstance(child, dict):
-            return f"cannot set a key below {'.'.join(keys[: i + 1])}: it is {child!r}, not a mapping"
+            return f"cannot set a key below {'.'.join(keys[: i + 1])}: it is {short(child)}, not a mapping"
         node = child
     node[keys[-1]] = value
     return None
@@ -671,21 +629,22 @@ def _describe(err: Mapping[str, Any]) -> tuple[str, str]:
         return path, "required key missing"
     if kind == "literal_error":
         allowed = _quoted(ctx.get("expected", ""))
-        return path, f"{value!r} is not allowed: use one of {', '.join(allowed)}{_did_you_mean(str(value), allowed)}"
+        return path, (f"{short(value)} is not allowed: use one of {', '.join(allowed)}"
+                      f"{_did_you_mean(str(value), allowed)}")
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         allowed = _quoted(ctx.get("expected_tags", "")) or ["percentile", "fixed", "none"]
         where = f"{path}.method" if path else "method"
         if kind == "union_tag_not_found":
             return where, f"required key missing (one of {', '.join(allowed)})"
         tag = str(ctx.get("tag"))
-        return where, f"{tag!r} is not allowed: use one of {', '.join(allowed)}{_did_you_mean(tag, allowed)}"
+        return where, f"{short(tag)} is not allowed: use one of {', '.join(allowed)}{_did_you_mean(tag, allowed)}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return path, f"must be a mapping of keys, got {value!r}"
+        return path, f"must be a mapping of keys, got {short(value)}"
     if kind == "value_error":
         return path, str(ctx.get("error", err["msg"]))
     message = err["msg"][:1].lower() + err["msg"][1:]
     if value is None or isinstance(value, (str, int, float, bool)):
-        message += f" (got {value!r})"
+        message += f" (got {shown(value)})"
     return path, message
 
 
@@ -726,7 +685,7 @@ def load_config(
     """
     path = Path(path).expanduser().absolute()
     environ = os.environ if environ is None else environ
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -736,7 +695,7 @@ def load_config(
     problems: list[str] = []
     origins: dict[str, str] = {}
     for keys, text, origin in _env_overrides(environ) + _cli_overrides(overrides, problems):
-        trouble = _set_key(data, keys, _parse_value(text))
+        trouble = _set_key(data, keys, parse_value(text, origin))
         if trouble:
             problems.append(f"{'.'.join(keys)}: {trouble} [from {origin}]")
         else:

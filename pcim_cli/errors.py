@@ -6,6 +6,10 @@ Only `cli.py` turns these into exit codes (shared/DESIGN.md §3.4).
 
 from __future__ import annotations
 
+import errno
+import re
+import reprlib
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -49,3 +53,43 @@ class TemporaryFailure(PcimError, RuntimeError):
     """Retry later: lock held, cluster unreachable, run interrupted."""
 
     exit_code = EXIT_TEMPFAIL
+
+
+# --------------------------------------------------------------------------------------------------
+# message helpers: user values and OS errors as one short, readable line
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+_SHORT.maxlevel = 2
+SHORT_CHARS = 100
+_NUMBER = re.compile(r"[-+]?(\d[\d_]*)?\.?\d*([eE][-+]?\d+)?")
+
+
+def short(value: object) -> str:
+    """repr() of a user's value, cut to a readable length (a huge YAML value must not flood a message)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= SHORT_CHARS else text[: SHORT_CHARS - 4] + " ..."
+
+
+def shown(value: object) -> str:
+    """A value as a message shows it: numbers read as text bare (`-1`), everything else as short()."""
+    if isinstance(value, str) and value.strip() and len(value) < 40 and _NUMBER.fullmatch(value.strip()):
+        return value.strip()
+    return short(value)
+
+
+_OS_REASONS = {
+    errno.ENOSPC: "the disk is full (no space left on device)",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def os_reason(exc: BaseException) -> str:
+    """What went wrong in an OSError, saying plainly when the disk is full."""
+    reason = _OS_REASONS.get(getattr(exc, "errno", None))
+    if reason is None and isinstance(exc.__cause__, OSError):
+        reason = _OS_REASONS.get(exc.__cause__.errno)
+    return f"{reason} ({exc})" if reason else str(exc)

@@ -312,3 +312,63 @@ def test_explain_section_is_open_for_new_keys() -> None:
     fields = ExplainConfig.model_fields
     assert {"method", "target", "steps", "lr", "per_channel", "seed"} <= set(fields)
     assert ExplainConfig.model_config["extra"] == "forbid"
+
+
+def test_scalars_are_the_text_written_and_numbers_are_decimal(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+    plate:
+      name: 0012345
+      images: images/
+      channels: {DNA: 01, PH3: 02}
+    model:
+      path: classifier.ts
+      classes: [no, yes, on]
+      input_size: &size [064, 064]
+    explain:
+      <<: {steps: 010, lr: 1e-3}
+      per_channel: yes
+    compute:
+      workers: 2
+      slurm: {walltime: 01:00:00, jobs: 003}
+    """)
+    cfg = load_config(path, environ={"PCIM_EXPLAIN__SEED": "007"})
+    assert cfg.plate.name == "0012345" and cfg.plate.channels == {"DNA": "01", "PH3": "02"}
+    assert cfg.model.classes == ["no", "yes", "on"] and cfg.model.input_size == (64, 64)
+    assert cfg.explain.steps == 10 and cfg.explain.lr == 0.001 and cfg.explain.per_channel is True
+    assert cfg.explain.seed == 7 and cfg.compute.workers == 2 and cfg.compute.slurm.jobs == 3
+    assert cfg.compute.slurm.walltime == "01:00:00"
+    again = load_config(path, ["plate.name=0012345", "model.classes=[off, 'true']"], environ={})
+    assert again.plate.name == "0012345" and again.model.classes == ["off", "true"]
+    with pytest.raises(ConfigError, match=r"explain.steps: input should be a valid integer.*\(got '0x10'\)"):
+        load_config(path, ["explain.steps=0x10"], environ={})
+
+
+def test_alias_bombs_and_deep_nesting_are_refused_with_a_short_message(tmp_path: Path) -> None:
+    levels = ["  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for prev, name in zip("abcdef", "bcdefg", strict=True):
+        levels.append(f"  {name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    bomb = write(tmp_path, "plate:\n" + "\n".join(levels) + "\n  wells: *g\nmodel: {path: m.ts}\n", "bomb.yaml")
+    with pytest.raises(ConfigError, match="expand this document to more than 100000 values") as info:
+        load_config(bomb, environ={})
+    assert len(str(info.value)) < 400
+    deep = write(tmp_path, "plate: " + "[" * 5000 + "]" * 5000 + "\n", "deep.yaml")
+    with pytest.raises(ConfigError, match="nested more than 32 levels deep"):
+        load_config(deep, environ={})
+    long_value = write(tmp_path, MINIMAL + "compute:\n  device: " + "x" * 100_000 + "\n", "long.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(long_value, environ={})
+    assert "compute.device" in str(info.value) and len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize(("address", "ok"), [
+    ("tcp://node12:8786", True), ("node12:8786", True), ("tls://10.0.0.1:8786", True), ("[::1]:8786", True),
+    ("nonsense", False), ("tcp://node12", False), ("tcp://node12:99999", False), ("tcp://:8786", False),
+])
+def test_a_scheduler_address_is_host_and_port(tmp_path: Path, address: str, ok: bool) -> None:
+    path = write(tmp_path, MINIMAL)
+    sets = ["compute.cluster=address", f"compute.address={address}"]
+    if ok:
+        assert load_config(path, sets, environ={}).compute.address == address
+    else:
+        with pytest.raises(ConfigError, match="compute.address: .* is not a Dask scheduler address"):
+            load_config(path, sets, environ={})

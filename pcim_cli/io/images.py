@@ -230,23 +230,34 @@ def _to_cyx(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
     return arr if arr.ndim == 3 else arr[np.newaxis]
 
 
-def _read_cyx(path: Path) -> np.ndarray:
+def _check_file(path: Path) -> None:
     if not path.is_file():
         raise InputDataError(f"image file {path} is missing (moved or deleted?); restore it or rerun discovery")
     if path.stat().st_size == 0:
         raise InputDataError(f"image file {path} is empty (0 bytes): the copy failed; copy it again")
+
+
+def _unreadable(path: Path, exc: BaseException) -> InputDataError:
+    return InputDataError(
+        f"cannot read image file {path} ({type(exc).__name__}: {exc}); "
+        "it is truncated or not a TIFF: copy or export it again"
+    )
+
+
+def _check_dtype(path: Path, dtype: np.dtype) -> None:
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == np.bool_):
+        raise InputDataError(f"image file {path} has pixel type {dtype}; use uint8, uint16 or float32")
+
+
+def _read_cyx(path: Path) -> np.ndarray:
+    _check_file(path)
     try:
         arr, axes = _read_tiff(path)
     except MemoryError:
         raise
     except Exception as exc:  # tifffile raises many types for damaged files
-        raise InputDataError(
-            f"cannot read image file {path} ({type(exc).__name__}: {exc}); "
-            "it is truncated or not a TIFF: copy or export it again"
-        ) from exc
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-            or arr.dtype == np.bool_):
-        raise InputDataError(f"image file {path} has pixel type {arr.dtype}; use uint8, uint16 or float32")
+        raise _unreadable(path, exc) from exc
+    _check_dtype(path, arr.dtype)
     cyx = _to_cyx(arr, axes, path).astype(np.float32)
     bad = int(np.count_nonzero(~np.isfinite(cyx))) if np.issubdtype(arr.dtype, np.floating) else 0
     if bad:
@@ -254,11 +265,39 @@ def _read_cyx(path: Path) -> np.ndarray:
     return cyx
 
 
-def read_field(src: FieldSource, n_channels: int) -> np.ndarray:
-    """Read one field as float32 (C, H, W), C == n_channels. Raises InputDataError naming the file."""
+def _header_cyx(path: Path) -> np.ndarray:
+    """A zero-stride stand-in of the (C, Y, X) image, from the TIFF header alone (no pixel data read)."""
+    _check_file(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series
+            if not series:
+                raise ValueError("no image in the file")
+            first = series[0]
+            shape, axes, dtype = first.shape, first.axes, first.dtype
+            same = all(s.shape == first.shape and s.axes == first.axes for s in series)
+            if len(series) > 1 and same and not (tif.is_ome or tif.is_imagej) and first.axes == "YX":
+                shape, axes = (len(series), *shape), "I" + axes
+    except Exception as exc:  # noqa: BLE001 - as _read_cyx
+        raise _unreadable(path, exc) from exc
+    _check_dtype(path, np.dtype(dtype))
+    arr = np.broadcast_to(np.zeros((), np.float32), shape)
+    if "Z" in axes:  # a view of the first plane: the shape _to_cyx gives after its max projection
+        arr = arr[(slice(None),) * axes.index("Z") + (0,)]
+        axes = axes.replace("Z", "")
+    return _to_cyx(arr, axes, path)
+
+
+def read_field(src: FieldSource, n_channels: int, pixels: bool = True) -> np.ndarray:
+    """Read one field as float32 (C, H, W), C == n_channels. Raises InputDataError naming the file.
+
+    pixels=False checks the same from the TIFF headers only (no NaN check) and returns a zero-stride
+    array of the field's shape (`pcim validate` on large plates).
+    """
+    read = _read_cyx if pixels else _header_cyx
     where = f"{src.well} field {src.field}"
     if len(src.files) == 1:
-        img = _read_cyx(src.files[0])
+        img = read(src.files[0])
         if img.shape[0] != n_channels:
             raise InputDataError(
                 f"{where}: {src.files[0]} holds {img.shape[0]} channel(s) but plate.channels lists "
@@ -269,7 +308,7 @@ def read_field(src: FieldSource, n_channels: int) -> np.ndarray:
         raise InputDataError(f"{where}: {len(src.files)} files for {n_channels} channels")
     planes = []
     for path in src.files:
-        img = _read_cyx(path)
+        img = read(path)
         if img.shape[0] != 1:
             raise InputDataError(
                 f"{where}: {path} holds {img.shape[0]} planes, expected one 2-D image per channel file; "
@@ -282,7 +321,16 @@ def read_field(src: FieldSource, n_channels: int) -> np.ndarray:
                 f"{h0}x{w0}; all channels of a field must have the same size"
             )
         planes.append(img[0])
+    if not pixels:
+        return np.broadcast_to(np.zeros((), np.float32), (n_channels, *planes[0].shape))
     return np.stack(planes)
+
+
+def size_problem(well: str, site: int, size: tuple[int, int], expected: tuple[int, int], file: Path | str) -> str:
+    """The message of a field whose size differs from its siblings' (explain and validate say the same)."""
+    return (f"{well} site {site}: the field is {size[0]}x{size[1]} px but the plate's fields are "
+            f"{expected[0]}x{expected[1]} ({file}); a field whose size differs from its siblings is a wrong or "
+            "damaged export: export it again")
 
 
 def field_size(src: FieldSource) -> tuple[int, int] | None:

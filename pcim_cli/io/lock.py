@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pcim_cli.errors import OutputError, TemporaryFailure
+from pcim_cli.errors import OutputError, TemporaryFailure, os_reason
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class RunLock:
         self.heartbeat_s = heartbeat_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._created = False
         self.me = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -73,10 +74,11 @@ class RunLock:
         }
 
     def __enter__(self) -> RunLock:
+        self._created = not self.store.exists()  # a folder made only for the lock is removed with it
         try:
             self.store.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot create the store folder {self.store}: {exc}; make its parent "
+            raise OutputError(f"cannot create the store folder {self.store}: {os_reason(exc)}; make its parent "
                               "writable or set output.zarr to a writable path") from exc
         for _ in range(3):  # create; or find a stale lock, remove it, try again
             if self._create():
@@ -102,6 +104,9 @@ class RunLock:
         if self._read().get("pid") == self.me["pid"] and self._read().get("host") == self.me["host"]:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        if self._created:  # nothing was written into it (a run stopped before its store was made)
+            with contextlib.suppress(OSError):
+                self.store.rmdir()
 
     def _create(self) -> bool:
         try:
@@ -109,9 +114,16 @@ class RunLock:
         except FileExistsError:
             return False
         except OSError as exc:
-            raise OutputError(f"cannot write the lock file {self.path}: {exc}; make the store writable") from exc
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.me, handle)
+            raise OutputError(f"cannot write the lock file {self.path}: {os_reason(exc)}; make the store writable "
+                              "(with free space)") from exc
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.me, handle)
+        except OSError as exc:  # a full disk: no half-written lock left behind
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            raise OutputError(f"cannot write the lock file {self.path}: {os_reason(exc)}; free space on that "
+                              "disk, or set output.zarr to another one") from exc
         return True
 
     def _read(self) -> dict[str, Any]:

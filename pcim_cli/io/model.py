@@ -95,9 +95,11 @@ def load_model(
 ) -> LoadedModel:
     """Load a TorchScript file (.ts, .pt, …) or a torch.export archive (.pt2) and check it.
 
-    The model is called once on zeros of shape 2 x n_channels x (input_size or probe_size); it must
-    return a float tensor of shape (2, K). Raises ModelError naming the file, what was expected and
-    what came back, for a missing or unreadable file and for a model that does not fit.
+    The model is called once on a fixed pseudo-random image in [0, 1) of shape 2 x n_channels x
+    (input_size or probe_size) (not zeros: a model that standardises each image would divide by zero);
+    it must return a float tensor of shape (2, K) of finite logits. Raises ModelError naming the file,
+    what was expected and what came back, for a missing or unreadable file and for a model that does not
+    fit.
     """
     path = Path(path)
     device = resolve_device(device)
@@ -124,7 +126,8 @@ def load_model(
     expected = f"a {' x '.join(map(str, shape))} input (batch x channels x H x W) giving (batch, classes) logits"
     try:
         with torch.no_grad():
-            out = module(torch.zeros(shape, dtype=torch.float32, device=device))
+            probe = torch.rand(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+            out = module(probe.to(device))
     except Exception as exc:
         message = _summary(exc)
         hint = _channel_hint(message, n_channels)
@@ -136,6 +139,10 @@ def load_model(
                          "it must return one tensor of logits")
     if out.ndim != 2 or out.shape[0] != PROBE_BATCH or not out.is_floating_point():
         raise ModelError(f"model {path} returned a {out.dtype} tensor of shape {tuple(out.shape)} for {expected}")
+    if not torch.isfinite(out).all():
+        raise ModelError(f"model {path} returned non-finite logits (NaN or infinite) for {expected} of "
+                         "pseudo-random pixels in [0, 1); it cannot score any field: check the export (e.g. "
+                         "weights saved after a diverged training run)")
     n_classes = int(out.shape[1])
     logger.info("loaded %s model %s (sha256 %s…, %d classes) on %s", kind, path, sha[:12], n_classes, device)
     return LoadedModel(path=path, sha256=sha, kind=kind, module=module, n_classes=n_classes, device=device)

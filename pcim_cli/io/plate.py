@@ -8,6 +8,7 @@ Wells are written `A01` everywhere pcim writes them (CSV `Metadata_Well`, logs, 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import re
 from collections.abc import Iterable
@@ -177,8 +178,8 @@ def _read_delimited(path: Path) -> pd.DataFrame:
         raise InputDataError(f"layout file {path} is empty: it needs a header with a 'well' column")
     sep = _sniff_separator(path, text[:8192])
     try:
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
-                           encoding="utf-8-sig", skip_blank_lines=True)
+        return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_values=[""],
+                           skip_blank_lines=True)  # the text read above: the file is read once
     except (pd.errors.ParserError, ValueError) as exc:
         raise InputDataError(f"cannot parse layout file {path}: {exc}") from exc
 

@@ -10,12 +10,21 @@ Two kinds of writers, so that concurrent workers never race on shared metadata:
 - each worker calls :func:`write_field`, which touches only its own field group ``{row}/{col}/{field}``
   and writes the completion record (attribute ``pcim``) last. A field group with arrays but no
   ``pcim`` attribute is *incomplete* (a crash mid-write) and is redone on the next run.
+
+A store belongs to one plate: its plate record (the root group's ``pcim`` attribute, written together
+with the plate metadata when the store is created) names that plate; io/ownership.py checks it before
+anything is written.
+
+Damaged metadata (a ``zarr.json`` that is not JSON any more) never stops a reader: a field whose group
+metadata cannot be read has the record ``{"status": "damaged", ...}`` and is redone by the next run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
@@ -23,7 +32,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pcim_cli.errors import OutputError
+from pcim_cli import __version__
+from pcim_cli.errors import OutputError, os_reason
 from pcim_cli.io.plate import parse_well, row_letter
 from pcim_cli.io.plate import row_index as plate_row_index
 
@@ -36,7 +46,11 @@ MAX_CHUNK = 1024
 WINDOW_PERCENTILES = (0.5, 99.5)
 # Channel colours for napari / OMERO (hex RRGGBB); attribution maps of one target are one channel.
 COLOURS = ("FF00FF", "00FF00", "00FFFF", "FFFF00", "FF0000", "0000FF", "FF8000", "FFFFFF")
-
+LOCK_NAME = ".pcim-lock"  # the run lock (io/lock.py) lives in the store folder
+#: errors of reading a group whose metadata is damaged (not JSON, wrong types, a missing key) ...
+BAD_METADATA = (ValueError, KeyError, TypeError, AttributeError)
+#: ... or cannot be read at all
+DAMAGE_ERRORS = (*BAD_METADATA, OSError)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,13 +73,16 @@ def field_path(well: str, field: int) -> str:
 # driver side: plate and well metadata
 
 
-def create_plate(path: Path, plate_name: str, fields: Mapping[str, int], format: str = "0.5") -> None:
+def create_plate(path: Path, plate_name: str, fields: Mapping[str, int], format: str = "0.5",
+                 record: Mapping[str, Any] | None = None) -> None:
     """Create (or reopen) the HCS plate at ``path`` with one well group per well of ``fields``.
 
     ``fields`` maps canonical well names (``A01``) to the number of fields in that well. Reopening an
     existing store keeps its field data and merges its wells into the metadata (a run on a subset of
     wells must not hide wells written by an earlier run). Rows and columns are listed from A / 1 to the
-    largest one used, so viewers lay the wells out at their plate positions.
+    largest one used, so viewers lay the wells out at their plate positions. The plate record names the
+    plate (and takes the keys of ``record``); a new store gets it in the same write as its plate
+    metadata, so no pcim store ever lacks it. Call ``ownership.check_owner`` first.
     """
     zarr_format = _zarr_format(format)
     existing = _existing_wells(path, format)
@@ -91,25 +108,39 @@ def create_plate(path: Path, plate_name: str, fields: Mapping[str, int], format:
         "version": format,  # 0.5 moved versions to ``ome.version``, yet its plate section still asks
     }
     try:
-        root = zarr.open_group(str(path), mode="a", zarr_format=zarr_format)
-        _set_ome(root, format, "plate", plate)
+        pcim = {**(read_plate_record(path) if has_root(path) else {"created": _now(), "created_by": __version__}),
+                **dict(record or {}), "plate": plate_name}
+        attrs = {**_ome_attrs(format, "plate", plate), RECORD_KEY: _jsonable(pcim)}
+        if has_root(path):
+            root = zarr.open_group(str(path), mode="r+")
+            root.update_attributes(attrs)
+        else:  # one write: the plate metadata and the record that says pcim made this store
+            root = zarr.create_group(str(path), zarr_format=zarr_format, attributes=attrs)
         for row, col in cells:
-            well_group = root.require_group(row).require_group(col)
             images = [{"path": str(i)} for i in range(merged[(row, col)])]
-            _set_ome(well_group, format, "well", {"images": images})
+            try:
+                well_group = root.require_group(row).require_group(col)
+                _set_ome(well_group, format, "well", {"images": images})
+            except BAD_METADATA:  # a damaged row or well zarr.json: written again, its fields kept
+                _rewrite_group(path / row, format, {})
+                _rewrite_group(path / row / col, format, _ome_attrs(format, "well", {"images": images}))
     except OSError as exc:
-        raise _output_error(path, exc) from exc
+        raise output_error(path, exc) from exc
     logger.info("plate %s: %d wells in %s (NGFF %s)", plate_name, len(cells), path, format)
 
 
 def _existing_wells(path: Path, format: str) -> dict[tuple[str, str], int]:
-    """Wells (``("A", "1")`` -> field count) already described by a store at ``path``; {} if none."""
-    if not (path / "zarr.json").exists() and not (path / ".zgroup").exists():
+    """Wells (``("A", "1")`` -> field count) already described by a store at ``path``; {} if none.
+
+    A well whose metadata is damaged counts the field groups found in its folder (create_plate then
+    writes its metadata again).
+    """
+    if not has_root(path):
         return {}
     try:
         root = zarr.open_group(str(path), mode="r")
-    except (OSError, ValueError) as exc:
-        raise _output_error(path, exc) from exc
+    except DAMAGE_ERRORS as exc:
+        raise damaged_root(path, exc) from exc
     found = _format_of(root)
     if found != format:
         raise OutputError(
@@ -119,14 +150,48 @@ def _existing_wells(path: Path, format: str) -> dict[tuple[str, str], int]:
     plate = ome_metadata(root.attrs.asdict()).get("plate") or {}
     wells: dict[tuple[str, str], int] = {}
     for entry in plate.get("wells", []):
-        well_path = entry["path"]
-        count = 0
-        if well_path in root:
-            images = ome_metadata(root[well_path].attrs.asdict()).get("well", {}).get("images", [])
-            count = len(images)
+        well_path = str(entry.get("path", "")) if isinstance(entry, Mapping) else ""
+        if well_path.count("/") != 1:
+            continue
         row, col = well_path.split("/")
-        wells[(row, col)] = count
+        wells[(row, col)] = _well_field_count(path, root, well_path)
     return wells
+
+
+def _well_field_count(path: Path, root: zarr.Group, well_path: str) -> int:
+    try:
+        if well_path not in root:
+            return 0
+        images = ome_metadata(root[well_path].attrs.asdict()).get("well", {}).get("images", [])
+        return len(images)
+    except DAMAGE_ERRORS:
+        logger.warning("the well metadata %s/%s/zarr.json cannot be read (damaged); it is written again",
+                       path, well_path)
+        folder = path / well_path
+        return len([p for p in folder.iterdir() if p.name.isdigit()]) if folder.is_dir() else 0
+
+
+def _rewrite_group(folder: Path, format: str, attrs: dict[str, Any]) -> None:
+    """Replace a group's damaged metadata file with a fresh one holding `attrs`; its children are kept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if format == "0.5":
+        doc = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+        (folder / "zarr.json").write_text(json.dumps(doc))
+    else:
+        (folder / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+        (folder / ".zattrs").write_text(json.dumps(attrs))
+    logger.warning("rewrote the damaged group metadata of %s", folder)
+
+
+def has_root(path: Path) -> bool:
+    return (Path(path) / "zarr.json").exists() or (Path(path) / ".zgroup").exists()
+
+
+def damaged_root(path: Path, exc: BaseException) -> OutputError:
+    name = "zarr.json" if (Path(path) / "zarr.json").exists() else ".zattrs"
+    return OutputError(f"the plate metadata {Path(path) / name} cannot be read ({type(exc).__name__}: "
+                       f"{os_reason(exc)}); the store is damaged: restore that file from a backup, or set "
+                       "output.zarr to a new path (the maps in the store stay readable by their field paths)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,7 +235,7 @@ def write_field(
     except OutputError:
         raise
     except OSError as exc:
-        raise _output_error(path, exc) from exc
+        raise output_error(path, exc) from exc
     logger.debug("wrote %s/%s: %s, %d levels", path, rel, maps.shape, len(levels))
     return rel
 
@@ -192,7 +257,7 @@ def update_field(path: Path, well: str, field: int, write: Callable[[zarr.Group,
         write(group, n_levels)
         group.update_attributes({RECORD_KEY: record_json})
     except OSError as exc:
-        raise _output_error(path, exc) from exc
+        raise output_error(path, exc) from exc
 
 
 def read_field(path: Path, well: str, field: int) -> tuple[np.ndarray, list[str], dict | None]:
@@ -209,13 +274,37 @@ def read_field(path: Path, well: str, field: int) -> tuple[np.ndarray, list[str]
 
 
 def read_record(path: Path, well: str, field: int) -> dict | None:
-    """The field's completion record, or None when the field is missing or incomplete (no arrays read)."""
+    """The field's completion record, or None when the field is missing or incomplete (no arrays read).
+
+    A field whose group metadata cannot be read gives ``{"status": "damaged", "error": ...}``.
+    """
+    rel = field_path(well, field)
     try:
-        group = zarr.open_group(str(path), path=field_path(well, field), mode="r")
+        group = zarr.open_group(str(path), path=rel, mode="r")
+        record = group.attrs.get(RECORD_KEY)
     except FileNotFoundError:  # zarr's GroupNotFoundError is one
         return None
-    record = group.attrs.get(RECORD_KEY)
+    except DAMAGE_ERRORS as exc:
+        return damaged_record(path, rel, exc)
+    if record is not None and not isinstance(record, Mapping):
+        return damaged_record(path, rel, TypeError(f"its record is a {type(record).__name__}"))
     return dict(record) if record is not None else None
+
+
+def damaged_record(path: Path, rel: str, exc: BaseException) -> dict[str, Any]:
+    """The record that stands for a field group whose metadata cannot be read."""
+    return {"status": "damaged", "error": f"the field metadata {Path(path) / rel / 'zarr.json'} cannot be read "
+            f"({type(exc).__name__}: {os_reason(exc)}); the next pcim explain redoes the field"}
+
+
+def update_record(path: Path, well: str, field: int, changes: Mapping[str, Any]) -> None:
+    """Change keys of an existing field record (the driver marks records stale, or refreshes their inputs)."""
+    try:
+        group = zarr.open_group(str(path), path=field_path(well, field), mode="r+")
+        record = dict(group.attrs.get(RECORD_KEY) or {})
+        group.update_attributes({RECORD_KEY: _jsonable({**record, **changes})})
+    except OSError as exc:
+        raise output_error(path, exc) from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,21 +312,27 @@ def read_record(path: Path, well: str, field: int) -> dict | None:
 
 
 def read_plate_record(path: Path) -> dict[str, Any]:
-    """The plate group's ``pcim`` attribute (``failed``: fields that failed, by path; ``last_run``); {} if none."""
+    """The plate group's ``pcim`` attribute (``plate``, ``fingerprint``, ``failed``: fields that failed, by
+    path; ``last_run``); {} if none. Raises OutputError when the plate metadata cannot be read."""
     try:
         root = zarr.open_group(str(path), mode="r")
+        record = root.attrs.get(RECORD_KEY)
     except FileNotFoundError:
         return {}
-    return dict(root.attrs.get(RECORD_KEY) or {})
+    except DAMAGE_ERRORS as exc:
+        raise damaged_root(path, exc) from exc
+    return dict(record) if isinstance(record, Mapping) else {}
 
 
-def write_plate_record(path: Path, record: Mapping[str, Any]) -> None:
-    """Replace the plate group's ``pcim`` attribute. Only the driver calls this (after the workers)."""
+def update_plate_record(path: Path, changes: Mapping[str, Any]) -> None:
+    """Set keys of the plate group's ``pcim`` attribute, keeping the others. Only the driver calls this."""
     try:
         root = zarr.open_group(str(path), mode="r+")
-        root.update_attributes({RECORD_KEY: _jsonable(dict(record))})
+        record = root.attrs.get(RECORD_KEY)
+        record = dict(record) if isinstance(record, Mapping) else {}
+        root.update_attributes({RECORD_KEY: _jsonable({**record, **changes})})
     except OSError as exc:
-        raise _output_error(path, exc) from exc
+        raise output_error(path, exc) from exc
 
 
 def plate_fields(path: Path) -> dict[str, int]:
@@ -246,7 +341,15 @@ def plate_fields(path: Path) -> dict[str, int]:
         root = zarr.open_group(str(path), mode="r")
     except FileNotFoundError:
         return {}
-    return {_well_name(row, col): n for (row, col), n in _existing_wells(path, _format_of(root)).items()}
+    except DAMAGE_ERRORS as exc:
+        raise damaged_root(path, exc) from exc
+    out = {}
+    for (row, col), n in _existing_wells(path, _format_of(root)).items():
+        try:
+            out[_well_name(row, col)] = n
+        except ValueError:
+            logger.warning("%s: the plate metadata lists a well %s/%s that is no well name; ignored", path, row, col)
+    return out
 
 
 def _well_name(row: str, col: str) -> str:
@@ -284,6 +387,13 @@ def _check_store_format(path: Path, format: str) -> None:
 def ome_metadata(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """The NGFF metadata block: under ``ome`` (0.5) or the attributes themselves (0.4)."""
     return dict(attrs.get("ome", attrs))
+
+
+def _ome_attrs(format: str, key: str, value: dict[str, Any]) -> dict[str, Any]:
+    """Attributes that hold one NGFF metadata entry (a new group's)."""
+    if format == "0.5":
+        return {"ome": {"version": "0.5", key: value}}
+    return {key: {**value, "version": "0.4"}}
 
 
 def _set_ome(group: zarr.Group, format: str, key: str, value: dict[str, Any]) -> None:
@@ -399,11 +509,16 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"completion record value {value!r} ({type(value).__name__}) is not JSON-serialisable")
 
 
-def _output_error(path: Path, exc: BaseException) -> OutputError:
+def output_error(path: Path, exc: BaseException) -> OutputError:
     return OutputError(
-        f"cannot write the output store {path}: {exc}. Make sure every folder above it is a writable "
-        f"folder (not a file), or set output.zarr to a writable path."
+        f"cannot write the output store {path}: {os_reason(exc)}. Make sure every folder above it is a "
+        f"writable folder (not a file) with free space, or set output.zarr to a writable path; the fields "
+        f"already done are kept."
     )
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S%z")
 
 
 __all__ = [

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from pcim_cli.engine.budget import fit_quality
-from pcim_cli.errors import OutputError
+from pcim_cli.errors import OutputError, os_reason
 from pcim_cli.io.plate import parse_well
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,8 @@ def rows_from_record(plate: str, well: str, zarr_path: str, record: Mapping[str,
             "prob_original": result.get("prob_original"), "prob_mixed": result.get("prob_mixed"),
             "prob_deleted": result.get("prob_deleted"), "fit": fit,
             "deletion_auc": result.get("deletion_auc"), "insertion_auc": result.get("insertion_auc"),
-            "status": record.get("status", "done"), "error": error.strip("; "),
+            "status": record.get("status", "done"),
+            "error": "; ".join([*(f"warning: {w}" for w in record.get("warnings") or []), error]).strip("; "),
             "runtime_s": runtime, "zarr_path": zarr_path, **_share_columns(result, objects, target),
         })
     return rows
@@ -177,10 +178,30 @@ def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise OutputError(
-            f"cannot write the CSV summary {path}: {exc}. Make sure its folder is writable "
-            f"(or set output.csv to a writable path)."
+            f"cannot write the CSV summary {path}: {os_reason(exc)}. Make sure its folder is writable and has "
+            f"free space (or set output.csv to a writable path); the store keeps every map done, and the next "
+            f"run writes the CSV again."
         ) from exc
     logger.info("wrote %d rows to %s", len(df), path)
+
+
+def check_csv_path(path: Path) -> None:
+    """Raise OutputError (before any fitting) when the CSV could not be written at `path`; creates nothing.
+
+    The path must not be a folder, and its nearest existing parent must be a writable folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"output.csv {path} is a folder: set output.csv to a file path, e.g. out/{{plate}}_pcim.csv")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write the CSV summary {path}: {parent} is a file, not a folder; set output.csv "
+                          "to a writable path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the CSV summary {path}: {parent} is not writable; set output.csv to a "
+                          "writable path")
 
 
 def _annotations(layout: pd.DataFrame) -> pd.DataFrame:

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pcim_cli import __version__
 from pcim_cli.errors import ConfigError, InputDataError, OutputError, PcimError
 from pcim_cli.io.plate import WellIdError, infer_plate_format, parse_well, plate_shape, row_letter
-from pcim_cli.io.store import RECORD_KEY, ome_metadata
+from pcim_cli.io.store import DAMAGE_ERRORS, RECORD_KEY, ome_metadata
 from pcim_cli.report import composite
 from pcim_cli.report import objects as report_objects
 
@@ -145,10 +145,15 @@ def open_plate(path: Path) -> Plate:
 def field_paths(plate: Plate, well: str) -> list[str]:
     """Relative paths of a well's field groups (``A/1/0``, …) as listed in its well metadata."""
     well_path = plate.wells[well]
-    if well_path not in plate.root:
+    try:
+        if well_path not in plate.root:
+            return []
+        images = ome_metadata(plate.root[well_path].attrs.asdict()).get("well", {}).get("images", [])
+        return [f"{well_path}/{image['path']}" for image in images]
+    except DAMAGE_ERRORS as exc:
+        logger.warning("%s/%s: the well metadata cannot be read (%s: %s); its fields are not drawn",
+                       plate.path, well_path, type(exc).__name__, exc)
         return []
-    images = ome_metadata(plate.root[well_path].attrs.asdict()).get("well", {}).get("images", [])
-    return [f"{well_path}/{image['path']}" for image in images]
 
 
 def read_level(plate: Plate, well: str, rel: str, level: int = 0, *, fit: int | None = None,
@@ -159,18 +164,21 @@ def read_level(plate: Plate, well: str, rel: str, level: int = 0, *, fit: int | 
 
     None when the field group or its arrays are missing (never written, or a crash mid-write).
     """
-    if rel not in plate.root:
-        return None
-    group = plate.root[rel]
-    ome = ome_metadata(group.attrs.asdict())
     try:
+        if rel not in plate.root:
+            return None
+        group = plate.root[rel]
+        ome = ome_metadata(group.attrs.asdict())
         datasets = ome["multiscales"][0]["datasets"]
         shapes = [group[d["path"]].shape for d in datasets]
-    except (KeyError, IndexError, FileNotFoundError):
+        chosen = _pick_level(shapes, level, fit, thumb)
+        labels = [c.get("label", str(i)) for i, c in enumerate(ome.get("omero", {}).get("channels", []))]
+        maps = np.asarray(group[datasets[chosen]["path"]][...], dtype=np.float32)
+    except (IndexError, *DAMAGE_ERRORS) as exc:  # incomplete (a crash mid-write) or damaged: not drawn
+        if not isinstance(exc, (KeyError, FileNotFoundError)):
+            logger.warning("%s/%s cannot be read (%s: %s); drawn as incomplete", plate.path, rel,
+                           type(exc).__name__, exc)
         return None
-    chosen = _pick_level(shapes, level, fit, thumb)
-    labels = [c.get("label", str(i)) for i, c in enumerate(ome.get("omero", {}).get("channels", []))]
-    maps = np.asarray(group[datasets[chosen]["path"]][...], dtype=np.float32)
     labels = labels if len(labels) == maps.shape[0] else [str(i) for i in range(maps.shape[0])]
     record = group.attrs.get(RECORD_KEY)
     return FieldLevel(well, int(rel.rsplit("/", 1)[1]), rel, maps, labels,

@@ -1,13 +1,19 @@
-"""`pcim status`: what a store holds, per well — done, failed, missing — read from its records alone."""
+"""`pcim status`: what a store holds, per well — done, failed, missing — read from its records alone.
+
+The states come from `io/records.store_states`, the same function the CSV summary is built from, so
+`status` and the CSV of the last run always agree. Fields whose metadata is damaged, or whose maps were
+made with other settings than the plate's last run (stale), are not done: they count as missing, and
+are listed with their store path.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pcim_cli.errors import EXIT_OK, EXIT_PARTIAL, InputDataError
-from pcim_cli.io import store
+from pcim_cli.io import records, store
 from pcim_cli.io.plate import parse_well
 
 
@@ -17,7 +23,7 @@ class WellStatus:
     fields: int
     done: int = 0
     failed: int = 0
-    missing: int = 0
+    missing: int = 0  # not done: never run, interrupted, stale or damaged
     errors: list[str] = field(default_factory=list)
 
 
@@ -25,12 +31,16 @@ class WellStatus:
 class StoreStatus:
     store: Path
     wells: list[WellStatus]
-    fingerprints: int  # distinct settings fingerprints among done fields (> 1: made with mixed settings)
+    fields: list[records.FieldState]
+    fingerprints: int  # distinct settings among the finished maps, current or stale (> 1: mixed settings)
     last_run: dict[str, Any]
 
     @property
     def totals(self) -> dict[str, int]:
-        return {k: sum(getattr(w, k) for w in self.wells) for k in ("fields", "done", "failed", "missing")}
+        out = {k: sum(getattr(w, k) for w in self.wells) for k in ("fields", "done", "failed", "missing")}
+        out["damaged"] = sum(f.state == "damaged" for f in self.fields)
+        out["stale"] = sum(f.state == "stale" for f in self.fields)
+        return out
 
     @property
     def exit_code(self) -> int:
@@ -40,7 +50,9 @@ class StoreStatus:
     def as_dict(self) -> dict[str, Any]:
         return {"store": str(self.store), "totals": self.totals, "fingerprints": self.fingerprints,
                 "last_run": self.last_run, "exit_code": self.exit_code,
-                "wells": [vars(w) for w in self.wells]}
+                "wells": [asdict(w) for w in self.wells],
+                "fields": [{"well": f.well, "site": f.site, "path": f.path, "state": f.state, "error": f.error}
+                           for f in self.fields]}
 
 
 def store_status(path: Path) -> StoreStatus:
@@ -50,22 +62,25 @@ def store_status(path: Path) -> StoreStatus:
     if not wells:
         raise InputDataError(f"{path} is not a pcim store (no OME-Zarr plate there); check the path, "
                              "or run `pcim explain plate.yaml` first")
-    plate_record = store.read_plate_record(path)
-    ledger = plate_record.get("failed", {})
-    fingerprints: set[str] = set()
-    out = []
-    for well in sorted(wells, key=parse_well):
-        status = WellStatus(well, wells[well])
-        for index in range(wells[well]):
-            record = store.read_record(path, well, index)
-            failure = ledger.get(store.field_path(well, index))
-            if record is not None and record.get("status") == "done" and failure is None:
-                status.done += 1
-                fingerprints.add(str(record.get("fingerprint")))
-            elif failure is not None:
-                status.failed += 1
-                status.errors.append(f"site {failure.get('site')}: {failure.get('error', '')}")
-            else:
-                status.missing += 1
-        out.append(status)
-    return StoreStatus(path, out, len(fingerprints), plate_record.get("last_run", {}))
+    states, plate_record = records.store_states(path)
+    if not plate_record:
+        raise InputDataError(f"{path} is an OME-Zarr plate that pcim did not write (it has no pcim plate record); "
+                             "pass the output.zarr of a pcim explain run")
+    by_well: dict[str, WellStatus] = {}
+    for s in states:
+        status = by_well.setdefault(s.well, WellStatus(s.well, 0))
+        status.fields += 1
+        if s.state == "done":
+            status.done += 1
+        elif s.state == "failed":
+            status.failed += 1
+            status.errors.append(f"site {s.site}: {s.error}")
+        else:
+            status.missing += 1
+            if s.state in ("damaged", "stale"):
+                status.errors.append(f"{s.path} {s.state}: {s.error}")
+    for well, n in wells.items():
+        by_well.setdefault(well, WellStatus(well, n))
+    fingerprints = {str(s.record.get("fingerprint")) for s in states if s.record and s.record.get("status") == "done"}
+    return StoreStatus(path, [by_well[w] for w in sorted(by_well, key=parse_well)], states, len(fingerprints),
+                       plate_record.get("last_run", {}))

@@ -1,9 +1,20 @@
-"""`pcim explain`: the driver. Plan the wells, create the store, run the wells, write the CSV.
+"""`pcim explain`: the driver. Check, plan the wells, prepare the store, run the wells, write the CSV.
 
 The driver is the only writer of plate-level metadata and of the CSV; each well is explained by
-`worker.explain_well`, here in-process (`compute.cluster: none`). With explain.fidelity on, the run
-ends with the plate's stain verdict (report/verdict.py) from the done fields' records. Returns data
-(a RunResult); the CLI decides what to print and which exit code that means.
+`worker.explain_well` (in-process or on Dask workers, run/scheduler.py). With explain.fidelity on,
+the run ends with the plate's stain verdict (report/verdict.py) from the done fields' records. Returns
+data (a RunResult); the CLI decides what to print and which exit code that means.
+
+Order of a run, so that a bad setting or a stop signal never leaves a half-written store behind:
+
+1. `preflight`: everything that can be checked without writing (PCIM_GRACE_SECONDS, the CSV path,
+   the scheduler file, who owns output.zarr); a problem ends the run with nothing written;
+2. under the run lock, `plan`: model, layout, images and the store's records, read only;
+3. `prepare_store`: the plate skeleton, the plate record (plate name, fingerprint), stale marks;
+4. the wells run; SIGTERM / SIGINT at any moment up to here stop the run (exit 75) — before step 3
+   with nothing written, later with the CSV rebuilt from the store;
+5. `collect`: the failure ledger into the plate record, then the whole store's CSV from its records
+   (io/records.py), so the CSV, `pcim status` and the exit code agree.
 """
 
 from __future__ import annotations
@@ -23,13 +34,22 @@ from pcim_cli import __version__
 from pcim_cli.config import RunConfig
 from pcim_cli.engine.attribute import method_settings
 from pcim_cli.engine.pcim import PcimOptions
-from pcim_cli.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, EXIT_TEMPFAIL, ConfigError, InputDataError
-from pcim_cli.io import images, labels, plate, store, summary
+from pcim_cli.errors import (
+    EXIT_CONFIG,
+    EXIT_DATA,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_TEMPFAIL,
+    ConfigError,
+    InputDataError,
+)
+from pcim_cli.io import images, labels, ownership, plate, records, store, summary
 from pcim_cli.io.lock import RunLock
 from pcim_cli.io.model import LoadedModel, check_classes, load_model, resolve_device
 from pcim_cli.report import verdict
 from pcim_cli.run import objects, rerun, scheduler
-from pcim_cli.run.worker import FieldFiles, WellTask, failed_row
+from pcim_cli.run.failures import failed_row
+from pcim_cli.run.worker import FieldFiles, WellTask
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +62,13 @@ class RunResult:
     """What a run did: where it wrote, what it counted, and the exit code that means."""
 
     store: Path
-    csv: Path
+    csv: Path | None  # None: nothing was written (stopped before the store was touched)
     summary: pd.DataFrame
     problems: list[str] = field(default_factory=list)  # run-level problems (concern no single well)
     fitted: int = 0  # maps computed by this run (the others in `summary` were already done or failed)
     interrupted: bool = False  # SIGTERM / SIGINT: stopped early, what was done is recorded
     verdicts: list[verdict.Verdict] = field(default_factory=list)  # stain verdict per target (fidelity on)
+    causes: list[str] = field(default_factory=list)  # why each failed field failed: data | model | output | other
     object_csvs: dict[str, Path] = field(default_factory=dict)  # plate.objects: {plate}_pcim_{Object}.csv
     object_failures: list[dict] = field(default_factory=list)  # object tables that failed (maps done)
 
@@ -71,12 +92,16 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
+        """75 interrupted; 0 nothing failed; 3 some done, some failed; else 78 when every failure was the
+        model's (it raises, returns non-finite values, or needs a larger input than the fields), 65."""
         counts = self.counts
         if self.interrupted:
             return EXIT_TEMPFAIL
         if counts["failed"] == 0 and not self.problems and not self.object_failures:
             return EXIT_OK
-        return EXIT_PARTIAL if counts["done"] else EXIT_DATA
+        if counts["done"]:
+            return EXIT_PARTIAL
+        return EXIT_CONFIG if self.causes and set(self.causes) == {"model"} and not self.problems else EXIT_DATA
 
 
 def engine_options(cfg: RunConfig) -> PcimOptions:
@@ -87,11 +112,13 @@ def engine_options(cfg: RunConfig) -> PcimOptions:
     return PcimOptions(**{k: values[k] for k in ENGINE_KEYS if k in values})
 
 
-def fingerprint(cfg: RunConfig, model_sha256: str) -> str:
-    """sha256 of every setting that changes a map: model, channels, normalisation, target, engine."""
+def fingerprint(cfg: RunConfig, model_sha256: str, classes: list[str] | None = None) -> str:
+    """sha256 of every setting that changes a map or its CSV rows: model, channels and their file
+    tokens, class names, normalisation, target, engine."""
     settings = {
         "model": model_sha256,
-        "channels": list(cfg.plate.channels),
+        "channels": list(cfg.plate.channels.items()),
+        "classes": list(classes if classes is not None else cfg.model.classes or []),
         "normalize": cfg.model.normalize.model_dump(),
         "input_size": cfg.model.input_size,
         **_field_settings(cfg),
@@ -210,6 +237,7 @@ class Plan:
     layout: pd.DataFrame | None
     model: LoadedModel
     fingerprint: str
+    wells: dict[str, int] = field(default_factory=dict)  # fields per well found (the store's skeleton)
     objects_refresh: set[str] = field(default_factory=set)  # done fields whose object tables are remade
 
     @property
@@ -221,6 +249,11 @@ class Plan:
         out["objects"] = len(self.objects_refresh)
         return out
 
+    @property
+    def scope(self) -> set[str]:
+        """The wells this run looked at (found, or named by a discovery problem); others are left alone."""
+        return set(self.wells) | {r["well"] for r in self.rows}
+
 
 def _discovery_rows(plate_name: str, problems: list[images.Problem]) -> tuple[list[dict], list[str]]:
     """Problems about one well or field become failed CSV rows; the others stay run-level problems."""
@@ -231,15 +264,14 @@ def _discovery_rows(plate_name: str, problems: list[images.Problem]) -> tuple[li
             continue
         row = failed_row(plate_name, p.well, p.field, 0, str(p))
         row["zarr_path"] = ""  # never written: the field has no place in the store
+        row["cause"] = "data"
         rows.append(row)
     return rows, general
 
 
-def plan(cfg: RunConfig, choice: rerun.Rerun | None = None, write: bool = True) -> Plan:
-    """Inventory the plate, decide each field's fate against the store, build the well tasks.
-
-    With `write`, creates (or extends) the store's plate skeleton; without, touches nothing (--dry-run).
-    """
+def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
+    """Inventory the plate and decide each field's fate against the store; reads, never writes
+    (`prepare_store` writes what the plan needs; --dry-run stops here)."""
     choice = choice or rerun.Rerun()
     inv = inspect_plate(cfg)
     model, classes, layout, found = inv.model, inv.classes, inv.layout, inv.fields
@@ -252,12 +284,11 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None, write: bool = True) 
     wells = sorted(found, key=plate.parse_well)
     targets = _targets_per_well(cfg, classes, layout, wells)
     opts = engine_options(cfg)
-    print_fp = fingerprint(cfg, model.sha256)
+    print_fp = fingerprint(cfg, model.sha256, classes)
     store_path = Path(cfg.output.zarr)
-    if write:
-        store.create_plate(store_path, cfg.plate.name, {w: len(found[w]) for w in wells},
-                           format=cfg.output.format)
-    ledger = store.read_plate_record(store_path).get("failed", {})
+    exists = (store_path.is_dir()
+              and ownership.check_owner(store_path, cfg.plate.name, force=True) is ownership.Ownership.OURS)
+    ledger = store.read_plate_record(store_path).get("failed", {}) if exists else {}
     field_size = images.typical_size(src for w in wells for src in found[w])
     kinds = objects.label_kinds(cfg.plate.objects)
     top_k = cfg.explain.top_objects
@@ -267,11 +298,14 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None, write: bool = True) 
         decided = []
         for i, src in enumerate(found[well]):
             path = store.field_path(well, i)
-            decided.append(rerun.decide(well, src.field, i, store.read_record(store_path, well, i),
-                                        ledger.get(path), print_fp, choice, rerun.input_signature(src.files)))
+            record = store.read_record(store_path, well, i) if exists else None
+            decided.append(rerun.decide(well, src.field, i, record, ledger.get(path), print_fp, choice, src.files))
         well_targets = targets[well]
         if isinstance(well_targets, str):  # the layout gives this well no usable target
-            rows += [failed_row(cfg.plate.name, well, f.site, f.index, well_targets) for f in decided if f.fitted]
+            for f in decided:
+                if f.fitted:
+                    row = failed_row(cfg.plate.name, well, f.site, f.index, well_targets)
+                    rows.append({**row, "key": f.path, "cause": "data", "inputs": {"stat": f.stat}})
             decided = [f for f in decided if not f.fitted]
         fields += decided
         todo = []
@@ -280,7 +314,7 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None, write: bool = True) 
             only = f.action == "done" and objects.needs_refresh(f.record, inputs["objects_signature"],
                                                                 choice.retry_failed)
             if f.fitted or only:
-                todo.append(FieldFiles(site=f.site, index=f.index, objects_only=only,
+                todo.append(FieldFiles(site=f.site, index=f.index, objects_only=only, stat=f.stat,
                                        files=tuple(str(p) for p in found[well][f.index].files), **inputs))
                 refresh |= {f.path} if only else set()
         if not todo:
@@ -298,7 +332,35 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None, write: bool = True) 
             precision=cfg.compute.precision, device=model.device, fidelity=cfg.explain.fidelity,
             store_path=str(store_path), store_format=cfg.output.format, fingerprint=print_fp,
         ))
-    return Plan(fields, tasks, rows, problems, layout, model, print_fp, refresh)
+    return Plan(fields, tasks, rows, problems, layout, model, print_fp, {w: len(found[w]) for w in wells},
+                refresh)
+
+
+def preflight(cfg: RunConfig, choice: rerun.Rerun) -> ownership.Ownership:
+    """Everything checked before anything is written: raises with nothing touched."""
+    scheduler.grace_seconds()
+    summary.check_csv_path(Path(cfg.output.csv))
+    scheduler.check_compute(cfg.compute)
+    return ownership.check_owner(Path(cfg.output.zarr), cfg.plate.name, force=choice.force)
+
+
+def prepare_store(cfg: RunConfig, p: Plan, owner: ownership.Ownership) -> None:
+    """The plate skeleton and record; records of fields whose map is no longer current marked stale."""
+    store_path = Path(cfg.output.zarr)
+    if owner is ownership.Ownership.TAKEOVER:
+        previous = store.read_plate_record(store_path).get("plate")
+        n = ownership.clear_store(store_path)
+        logger.warning("--force: replaced the %d field(s) of plate %s in %s by plate %s", n, previous, store_path,
+                       cfg.plate.name)
+    started = time.strftime("%Y-%m-%d %H:%M:%S%z")
+    store.create_plate(store_path, cfg.plate.name, p.wells, format=cfg.output.format,
+                       record={"fingerprint": p.fingerprint, "started": started})
+    for f in p.fields:
+        if f.stale:
+            store.update_record(store_path, f.well, f.index, {"status": "stale", "stale": f.stale})
+        elif f.refresh:  # the same pixels under new file dates: the next rerun decides from the stat alone
+            inputs = (store.read_record(store_path, f.well, f.index) or {}).get("inputs") or {}
+            store.update_record(store_path, f.well, f.index, {"inputs": {**inputs, "stat": f.stat}})
 
 
 def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None,
@@ -306,35 +368,68 @@ def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None
     """Explain every field that needs it under the store's run lock; rebuild the CSV from the store.
 
     `on_start` is told how many wells will be explained, `on_well` about each one as it finishes.
+    SIGTERM / SIGINT from here on stop the run: the result says interrupted (exit 75).
     """
+    choice = choice or rerun.Rerun()
+    store_path = Path(cfg.output.zarr)
+    with scheduler.StopSignals(scheduler.grace_seconds()) as stop:
+        preflight(cfg, choice)  # raises with nothing written; ownership is checked again under the lock
+        try:
+            with RunLock(store_path):
+                return _run_locked(cfg, choice, stop, on_well, on_start)
+        except KeyboardInterrupt:  # a forced stop while taking or releasing the lock
+            if not stop.requested:
+                raise
+            return RunResult(store=store_path, csv=None, summary=summary.build_summary([]), interrupted=True)
+
+
+def _run_locked(cfg: RunConfig, choice: rerun.Rerun, stop: scheduler.StopSignals,
+                on_well: Callable[[str, list[dict]], None] | None,
+                on_start: Callable[[int], None] | None) -> RunResult:
     store_path, csv_path = Path(cfg.output.zarr), Path(cfg.output.csv)
-    with RunLock(store_path):
-        p = plan(cfg, choice)
-        counts = p.counts
-        logger.info("%d fields to fit (%d new, %d redone), %d already done, %d failed before; %d wells -> %s",
-                    counts["run"] + counts["redo"], counts["run"], counts["redo"], counts["done"],
-                    counts["failed"], len(p.tasks), store_path)
-        if counts["objects"]:
-            logger.info("%d done fields get their object tables (re)made from their maps (labels or "
-                        "explain.top_objects changed)", counts["objects"])
-        if on_start is not None:
-            on_start(len(p.tasks))
-        dispatch = scheduler.run_wells(p.tasks, cfg.compute, on_well)
-        table, ledger, done = collect(cfg, p, dispatch.rows)
+    owner = ownership.check_owner(store_path, cfg.plate.name, force=choice.force)  # again, now under the lock
+    p: Plan | None = None
+    prepared = False
+    dispatch = scheduler.Dispatch()
+    try:
+        p = None if stop.requested else plan(cfg, choice)
+        if p is not None and not stop.requested:
+            prepared = True
+            prepare_store(cfg, p, owner)
+            counts = p.counts
+            logger.info("%d fields to fit (%d new, %d redone), %d already done, %d failed before; %d wells -> %s",
+                        counts["run"] + counts["redo"], counts["run"], counts["redo"], counts["done"],
+                        counts["failed"], len(p.tasks), store_path)
+            if counts["objects"]:
+                logger.info("%d done fields get their object tables (re)made from their maps (labels or "
+                            "explain.top_objects changed)", counts["objects"])
+            if on_start is not None:
+                on_start(len(p.tasks))
+            dispatch = scheduler.run_wells(p.tasks, cfg.compute, on_well, stop)
+    except KeyboardInterrupt:
+        if not stop.requested:
+            raise
+        logger.warning("stopped at once")
+    interrupted = stop.requested or dispatch.interrupted
+    if p is None or not prepared or not store.has_root(store_path):  # stopped before anything was written:
+        # the store and its CSV are as they were
+        logger.warning("stopped before any field was written; rerun the same command to explain the plate")
+        return RunResult(store=store_path, csv=None, summary=summary.build_summary([]),
+                         problems=p.problems if p else [], interrupted=True)
+    with stop.deferred():  # the ledger and the CSV are written whatever signal comes now
+        table, causes, done = collect(cfg, p, dispatch.rows, interrupted)
         verdicts = verdict.from_records(done, cfg.explain.method) if cfg.explain.fidelity else []
-        record = {"failed": ledger, "last_run": {
+        store.update_plate_record(store_path, {"last_run": {
             "finished": time.strftime("%Y-%m-%d %H:%M:%S%z"), "fingerprint": p.fingerprint,
-            "pcim_version": __version__, "interrupted": dispatch.interrupted,
-            "verdicts": [v.to_dict() for v in verdicts]}}
-        store.write_plate_record(store_path, record)
+            "pcim_version": __version__, "interrupted": interrupted,
+            "verdicts": [v.to_dict() for v in verdicts]}})
         summary.write_csv_atomic(table, csv_path)
         object_csvs, object_failures = objects.write_tables(store_path, cfg.plate.name, csv_path,
                                                             list(cfg.plate.objects or {}), table)
     fitted = sum(1 for r in dispatch.rows if r["status"] == "done" and r["zarr_path"] not in p.objects_refresh)
-    result = RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
-                       interrupted=dispatch.interrupted, object_csvs=object_csvs, object_failures=object_failures,
-                       verdicts=verdicts)
-    return result
+    return RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
+                     interrupted=interrupted, causes=causes, object_csvs=object_csvs,
+                     object_failures=object_failures, verdicts=verdicts)
 
 
 def fit_advice(result: RunResult, cfg: RunConfig) -> str | None:
@@ -355,18 +450,48 @@ def fit_advice(result: RunResult, cfg: RunConfig) -> str | None:
             "(explain.target)")
 
 
-def collect(cfg: RunConfig, p: Plan, run_rows: list[dict]) -> tuple[pd.DataFrame, dict, list[dict]]:
-    """The whole plate's CSV table, rebuilt from the store's records, the new failure ledger, and the
-    records of the fields whose maps are current."""
+def collect(cfg: RunConfig, p: Plan, run_rows: list[dict],
+            interrupted: bool = False) -> tuple[pd.DataFrame, list, list[dict]]:
+    """Write the failure ledger, then build the whole store's CSV table from its records (io/records.py).
+
+    Returns the table, the causes of its failed rows, and the records of the fields whose maps are
+    current (for the stain verdict).
+    """
     by_field: dict[tuple[str, int], list[dict]] = {}
     for row in run_rows:
         by_field.setdefault((row["well"], row["site"]), []).append(row)
     store_path = Path(cfg.output.zarr)
-    rows, done = list(p.rows), []
-    for f in p.fields:
-        record = store.read_record(store_path, f.well, f.index) if f.fitted or f.path in p.objects_refresh \
-            else f.record
-        rows += rerun.field_rows(cfg.plate.name, f, record, by_field.get((f.well, f.site)), p.fingerprint)
-        if rerun.is_current(record, p.fingerprint, f.site):
-            done.append(record)
-    return summary.build_summary(rows, p.layout), rerun.next_ledger(p.fields, by_field, p.fingerprint), done
+    old = store.read_plate_record(store_path).get("failed") or {}
+    ledger = rerun.next_ledger(old, p.fields, p.rows, by_field, p.fingerprint, p.scope)
+    store.update_plate_record(store_path, {"failed": ledger})
+    states, _ = records.store_states(store_path, p.fingerprint)
+    plans = {f.path: f for f in p.fields}
+    rows, causes, done = [], [], []
+    for s in states:
+        if s.state == "done":
+            rows += summary.rows_from_record(cfg.plate.name, s.well, s.path, s.record)
+            done.append(s.record)
+            continue
+        if s.state == "failed":
+            causes.append(s.cause)
+            error = s.error
+            now = any(r["status"] == "failed" for r in by_field.get((s.well, s.site), []))
+            if s.path in plans and not now:  # a failure of an earlier run, still standing
+                error += f" (failed on {(s.failure or {}).get('at', '?')}; rerun with --retry-failed)"
+        else:
+            error = _why_not_done(s, plans.get(s.path), interrupted)
+        site = s.site if s.site is not None else (plans[s.path].site if s.path in plans else None)
+        rows.append(failed_row(cfg.plate.name, s.well, site, s.index or 0, error) | {
+            "status": "failed" if s.state == "failed" else "skipped", "zarr_path": s.path})
+    return summary.build_summary(rows, p.layout), causes, done
+
+
+def _why_not_done(s: records.FieldState, f: rerun.FieldPlan | None, interrupted: bool) -> str:
+    """The PCIM_Error of a skipped row: why the field has no current map."""
+    if f is None:
+        return f"not in this run (outside plate.wells); {s.state}" + (f": {s.error}" if s.error else "")
+    if f.action == "excluded":
+        return "not in --only" + (f" ({s.state}: {s.error})" if s.state in ("stale", "damaged") else "")
+    if f.fitted:
+        return "not run (interrupted)" if interrupted else f"not written ({s.state}{': ' + s.error if s.error else ''})"
+    return f.reason or s.error or s.state

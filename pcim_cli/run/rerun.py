@@ -1,25 +1,27 @@
-"""Reruns that never lose or redo work: what to do with each field, and its CSV rows afterwards.
+"""Reruns that never lose or redo work, and never keep a stale map: what to do with each field.
 
 A field is *done* when its group in the store has a completion record with status done, the
-fingerprint of the current settings and the same site; it is then skipped. A field whose record has
-another fingerprint (settings or model changed) or none (a crash mid-write) is redone. A field that
-failed with the current settings (the plate record's `failed` ledger) stays failed unless
-`--retry-failed` or its input files changed since (a file restored or copied again is retried without
-asking); `--force` redoes everything; `--only` restricts the run to some wells, while the
-CSV still lists every field of the plate.
+fingerprint of the current settings, the same site and the same input files (io/signature.py: name,
+size and modification time, and when those changed, a digest of the files' content); it is then
+skipped. A field whose record has another fingerprint (settings, model, channels or class names
+changed), another site, other input files, or no record at all (a crash mid-write) is redone; the
+driver marks the record of a field whose input files changed *stale* before anything runs, so a run
+that is stopped never leaves a stale map counted as done. A field that failed with the current
+settings (the plate record's failure ledger) stays failed unless `--retry-failed` or its input files
+changed since (a file restored or exported again is retried without asking); `--force` redoes
+everything; `--only` restricts the run to some wells. What each field *is* afterwards is decided by
+io/records.py from the store alone.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pcim_cli.io import store, summary
+from pcim_cli.io import records, signature, store
 
 #: what happens to a field in a run
 ACTIONS = ("run", "redo", "done", "failed", "excluded")
@@ -45,7 +47,9 @@ class FieldPlan:
     reason: str = ""
     record: dict[str, Any] | None = None  # the current completion record (action done)
     failure: dict[str, Any] | None = None  # the ledger entry (action failed)
-    inputs: str = ""  # signature of the input files (input_signature)
+    stat: list[dict[str, Any]] = field(default_factory=list)  # stat signature of the input files
+    stale: str = ""  # the record's map is no longer current (inputs or site changed): mark it so
+    refresh: bool = False  # same pixels, new file stats: update the record's signature
 
     @property
     def path(self) -> str:
@@ -62,25 +66,24 @@ def is_current(record: Mapping[str, Any] | None, fingerprint: str, site: int) ->
             and record.get("site") == site)
 
 
-def input_signature(files: Iterable[Path]) -> str:
-    """Names, sizes and modification times of a field's files: changes when a file is replaced."""
-    parts = []
-    for path in files:
-        try:
-            st = os.stat(path)
-            parts.append(f"{Path(path).name}:{st.st_size}:{st.st_mtime_ns}")
-        except OSError:
-            parts.append(f"{Path(path).name}:missing")
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()
-
-
 def decide(well: str, site: int, index: int, record: dict[str, Any] | None, failure: dict[str, Any] | None,
-           fingerprint: str, rerun: Rerun, inputs: str = "") -> FieldPlan:
+           fingerprint: str, rerun: Rerun, files: Iterable[Path] = ()) -> FieldPlan:
     """What to do with one field, given its record in the store and its entry in the failure ledger."""
-    plan = FieldPlan(well, site, index, "run", inputs=inputs)
-    current = is_current(record, fingerprint, site)
-    standing = (failure is not None and failure.get("fingerprint") == fingerprint
-                and failure.get("site") == site and failure.get("inputs", "") == inputs)
+    files = tuple(files)
+    stat = signature.stat_signature(files)
+    plan = FieldPlan(well, site, index, "run", stat=stat)
+    settings_current = is_current(record, fingerprint, site)
+    inputs_same, refresh = (signature.same_inputs(record.get("inputs"), files, stat) if settings_current
+                            else (False, False))
+    current = settings_current and inputs_same
+    plan.refresh = current and refresh
+    if record is not None and record.get("status") == "done" and not current:
+        if settings_current:
+            plan.stale = "its input files changed since"
+        elif record.get("fingerprint") == fingerprint:
+            plan.stale = f"its site changed (site {record.get('site')} then, {site} now)"
+    standing = (failure is not None and failure.get("fingerprint") == fingerprint and failure.get("site") == site
+                and signature.same_inputs(failure.get("inputs"), files, stat)[0])
     if rerun.only is not None and well not in rerun.only:
         plan.action, plan.reason = "excluded", "not in --only"
         plan.record = record if current else None
@@ -93,46 +96,38 @@ def decide(well: str, site: int, index: int, record: dict[str, Any] | None, fail
         plan.action, plan.failure = "failed", failure
     elif record is not None:
         plan.action = "redo"
-        plan.reason = ("settings or model changed" if record.get("fingerprint") != fingerprint
-                       else "incomplete" if record.get("status") != "done" else "site changed")
+        plan.reason = (plan.stale or ("its metadata was damaged" if record.get("status") == "damaged"
+                                      else "settings or model changed" if record.get("fingerprint") != fingerprint
+                                      else "incomplete"))
     elif failure is not None:
-        plan.action, plan.reason = "run", ("failed before, input files changed since"
-                                           if failure.get("inputs", "") != inputs else "failed before")
+        plan.action, plan.reason = "run", ("failed before" if standing else "failed before, input files changed since")
     return plan
 
 
-def field_rows(plate: str, plan: FieldPlan, record: Mapping[str, Any] | None,
-               run_rows: list[dict[str, Any]] | None, fingerprint: str) -> list[dict[str, Any]]:
-    """The CSV rows of one field after the run: from its record when its map is current, else why not."""
-    if run_rows and any(r["status"] == "failed" for r in run_rows):
-        return run_rows
-    if is_current(record, fingerprint, plan.site):
-        return summary.rows_from_record(plate, plan.well, plan.path, record)
-    if plan.action in ("failed", "excluded") and plan.failure is not None:
-        return [_row(plate, plan, "failed", f"{plan.failure.get('error', '')} (failed on "
-                     f"{plan.failure.get('at', '?')}; rerun with --retry-failed)")]
-    why = plan.reason if plan.action == "excluded" else "not run (interrupted)" if plan.fitted else plan.reason
-    return [_row(plate, plan, "skipped", why or "not run")]
+def next_ledger(old: Mapping[str, Any], plans: Iterable[FieldPlan], early: Iterable[Mapping[str, Any]],
+                rows_by_field: Mapping[tuple[str, int], list[dict[str, Any]]], fingerprint: str,
+                wells: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The failure ledger after this run.
 
-
-def _row(plate: str, plan: FieldPlan, status: str, error: str) -> dict[str, Any]:
-    nan = float("nan")
-    return {"plate": plate, "well": plan.well, "site": plan.site, "target": "", "predicted_class": "",
-            "prob_original": nan, "prob_mixed": nan, "prob_deleted": nan, "deletion_auc": nan,
-            "insertion_auc": nan, "fit": "", "status": status, "error": error, "runtime_s": nan, "zarr_path": plan.path}
-
-
-def next_ledger(plans: Iterable[FieldPlan], rows_by_field: Mapping[tuple[str, int], list[dict[str, Any]]],
-                fingerprint: str) -> dict[str, dict[str, Any]]:
-    """The failure ledger after this run: fields that failed now, plus earlier failures still standing."""
-    ledger: dict[str, dict[str, Any]] = {}
+    Fields this run planned: failed now (from the workers' rows), or a failure still standing. Fields
+    that failed before they had a place in the store (`early` rows: a missing channel file) are keyed by
+    records.unplaced_key. Entries of wells outside this run (a `plate.wells` subset) are kept as they are.
+    """
+    wells = set(wells)
+    ledger = {k: v for k, v in old.items() if isinstance(v, Mapping) and v.get("well") not in wells}
     now = time.strftime("%Y-%m-%d %H:%M:%S%z")
     for plan in plans:
         rows = rows_by_field.get((plan.well, plan.site)) or []
         failed = [r for r in rows if r["status"] == "failed"]
         if plan.fitted and failed:
             ledger[plan.path] = {"well": plan.well, "site": plan.site, "error": failed[0]["error"],
-                                 "fingerprint": fingerprint, "inputs": plan.inputs, "at": now}
+                                 "cause": failed[0].get("cause", "other"), "fingerprint": fingerprint,
+                                 "inputs": failed[0].get("inputs") or {"stat": plan.stat}, "at": now}
         elif plan.action in ("failed", "excluded") and plan.failure is not None:
             ledger[plan.path] = plan.failure
+    for row in early:
+        key = row.get("key") or records.unplaced_key(row["well"], row["site"])
+        ledger[key] = {"well": row["well"], "site": row["site"], "error": row["error"],
+                       "cause": row.get("cause", "data"), "fingerprint": fingerprint,
+                       "inputs": row.get("inputs") or {}, "at": now}
     return ledger

@@ -14,21 +14,22 @@ reported through `on_well` as it finishes). The unit of work is one well (`worke
 Faults: a well whose task raises becomes failed rows (one per field) with the message; the run goes
 on. A worker process that dies has its wells rerun elsewhere; a well that kills
 ``distributed.scheduler.allowed-failures`` + 1 workers (KilledWorker) is marked failed. SIGTERM / SIGINT
-stop dispatching: running wells get `grace_seconds()` to finish, then the result says
-``interrupted`` with the rows done (a second signal stops at once).
+(`run/signals.StopSignals`, installed by the driver for the whole run, planning included) stop dispatching: running
+wells get `grace_seconds()` to finish, then the result says ``interrupted`` with the rows done (a second
+signal stops at once). `check_compute` checks the settings a run needs (the grace period, the scheduler
+file) before anything is written.
 """
 
 from __future__ import annotations
 
-import _thread
 import contextlib
+import json
 import logging
 import os
 import re
 import signal
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,17 +37,18 @@ from typing import Any
 
 from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 
-from pcim_cli.config import ComputeConfig
-from pcim_cli.errors import ConfigError, TemporaryFailure
-from pcim_cli.run.worker import WellTask, explain_well, failed_row
+from pcim_cli.config import DASK_ADDRESS, ComputeConfig
+from pcim_cli.errors import ConfigError, TemporaryFailure, short
+from pcim_cli.run.failures import failed_row
+from pcim_cli.run.signals import DEFAULT_GRACE_S, GRACE_ENV, StopSignals, grace_seconds
+from pcim_cli.run.worker import WellTask, explain_well
+
+__all__ = ["DEFAULT_GRACE_S", "GRACE_ENV", "Dispatch", "StopSignals", "check_compute", "grace_seconds", "run_wells"]
 
 logger = logging.getLogger(__name__)
 
 OnWell = Callable[[str, list[dict[str, Any]]], None]
 
-#: seconds running wells get to finish after SIGTERM / SIGINT (environment variable overrides)
-GRACE_ENV = "PCIM_GRACE_SECONDS"
-DEFAULT_GRACE_S = 60.0
 #: seconds to wait for a scheduler named by compute.address / compute.scheduler_file
 CONNECT_TIMEOUT_S = 20
 #: how often the dispatch loop wakes up to look at signals and deadlines
@@ -67,103 +69,78 @@ class Dispatch:
     interrupted: bool = False
 
 
-def grace_seconds() -> float:
-    """Seconds running wells may take to finish after a stop signal (PCIM_GRACE_SECONDS, default 60)."""
-    text = os.environ.get(GRACE_ENV)
-    if text is None:
-        return DEFAULT_GRACE_S
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{GRACE_ENV}={text!r} is not a number of seconds; e.g. {GRACE_ENV}=60") from None
-    if value < 0:
-        raise ConfigError(f"{GRACE_ENV}={text!r}: give zero or more seconds")
-    return value
+def check_compute(compute: ComputeConfig) -> None:
+    """What can be checked before a run writes anything: the grace period and the scheduler file.
 
-
-def run_wells(tasks: Sequence[WellTask], compute: ComputeConfig, on_well: OnWell | None = None) -> Dispatch:
-    """Explain every task where `compute` says; each finished well's rows go to `on_well` and into the result."""
-    grace = grace_seconds()
-    if not tasks:
-        return Dispatch()
-    if compute.cluster == "none":
-        with _StopSignals(grace, raise_on_force=True) as stop:
-            return _run_in_process(tasks, on_well, stop)
-    with _client(compute, len(tasks)) as (client, opts), _StopSignals(grace, raise_on_force=False) as stop:
-        return _run_on_cluster(client, tasks, opts, on_well, stop)
-
-
-# --------------------------------------------------------------------------------------------------
-# stop signals
-
-
-class _StopSignals:
-    """SIGTERM / SIGINT: the first asks for a graceful stop, a second one (or the grace period) forces it.
-
-    In-process runs (`raise_on_force`) are stopped by a KeyboardInterrupt in the main thread; cluster
-    runs poll `requested` / `forced`. Handlers are installed only in the main thread, and restored after.
+    A scheduler file that does not exist yet, or is empty (the scheduler is still writing it), is a
+    TemporaryFailure (retry later); one that is not what `dask scheduler --scheduler-file` writes is a
+    ConfigError naming compute.scheduler_file.
     """
+    grace_seconds()
+    if compute.cluster == "scheduler-file" and compute.scheduler_file is not None:
+        _read_scheduler_file(compute.scheduler_file)
 
-    def __init__(self, grace: float, raise_on_force: bool):
-        self.grace = grace
-        self.raise_on_force = raise_on_force
-        self.requested_at: float | None = None
-        self.forced = False
-        self._previous: dict[int, Any] = {}
-        self._timer: threading.Timer | None = None
-        self._expired = False
 
-    @property
-    def requested(self) -> bool:
-        return self.requested_at is not None
+def _read_scheduler_file(path: Any) -> str:
+    """The scheduler address in a Dask scheduler file, checked."""
+    fix = (f"point compute.scheduler_file at the JSON file that `dask scheduler --scheduler-file {path}` "
+           "writes")
+    if not path.is_file():
+        raise TemporaryFailure(f"scheduler file {path} does not exist (yet): start "
+                               f"`dask scheduler --scheduler-file {path}` first, then retry")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"compute.scheduler_file: cannot read {path} ({exc}); {fix}") from None
+    if not text.strip():
+        raise TemporaryFailure(f"scheduler file {path} is empty: the scheduler may still be writing it; retry")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"compute.scheduler_file: {path} is not a Dask scheduler file (not JSON: starts "
+                          f"{short(text[:40])}); {fix}") from None
+    address = doc.get("address") if isinstance(doc, dict) else None
+    if not isinstance(address, str) or not DASK_ADDRESS.fullmatch(address):
+        raise ConfigError(f"compute.scheduler_file: {path} holds no scheduler address (its 'address' is "
+                          f"{short(address)}); {fix}")
+    return address
 
-    @property
-    def overdue(self) -> bool:
-        return self.forced or (self.requested_at is not None and time.monotonic() - self.requested_at > self.grace)
 
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
+def run_wells(tasks: Sequence[WellTask], compute: ComputeConfig, on_well: OnWell | None = None,
+              stop: StopSignals | None = None) -> Dispatch:
+    """Explain every task where `compute` says; each finished well's rows go to `on_well` and into the result.
 
-    def __exit__(self, *exc: object) -> None:
-        self.disarm()
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def disarm(self) -> None:
-        """No forced stop any more (the in-process loop is done)."""
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def _grace_over(self) -> None:
-        self._expired = True
-        _thread.interrupt_main()  # runs _handle (SIGINT) in the main thread
-
-    def _handle(self, signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        if self.requested_at is None:
-            self.requested_at = time.monotonic()
-            logger.warning("%s: no new wells; running wells get up to %.0f s to finish (%s to change; "
-                           "send the signal again to stop now)", name, self.grace, GRACE_ENV)
-            if self.raise_on_force:
-                self._timer = threading.Timer(self.grace, self._grace_over)
-                self._timer.daemon = True
-                self._timer.start()
-            return
-        if not self.forced:
-            logger.warning("%s: stopping now", "grace period over" if self._expired else f"{name} again")
-        self.forced = True
-        if self.raise_on_force:
-            raise KeyboardInterrupt
+    `stop`: the driver's signal handlers (installed here for the dispatch when None).
+    """
+    if stop is None:
+        with StopSignals(grace_seconds()) as own:
+            return run_wells(tasks, compute, on_well, own)
+    if not tasks or stop.requested:
+        return Dispatch(interrupted=stop.requested)
+    if compute.cluster == "none":
+        return _run_in_process(tasks, on_well, stop)
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(stop.deferred())  # left last: polling and closing the cluster are not interrupted
+            stop.raise_on_force = True  # ... but a second signal while the cluster starts stops at once
+            client, opts = stack.enter_context(_client(compute, len(tasks)))
+            stop.raise_on_force = False
+            if stop.requested:  # a signal while the cluster started: nothing is sent to it
+                logger.warning("stopping before any well was sent to the cluster")
+                return Dispatch(interrupted=True)
+            return _run_on_cluster(client, tasks, opts, on_well, stop)
+    except Exception as exc:  # noqa: BLE001 - e.g. worker processes killed by the same Ctrl-C while starting
+        if not stop.requested:
+            raise
+        logger.warning("stopped while the cluster started (%s: %s)", type(exc).__name__, exc)
+        return Dispatch(interrupted=True)
 
 
 # --------------------------------------------------------------------------------------------------
 # compute.cluster: none
 
 
-def _run_in_process(tasks: Sequence[WellTask], on_well: OnWell | None, stop: _StopSignals) -> Dispatch:
+def _run_in_process(tasks: Sequence[WellTask], on_well: OnWell | None, stop: StopSignals) -> Dispatch:
     out = Dispatch()
     try:
         for task in tasks:
@@ -174,8 +151,6 @@ def _run_in_process(tasks: Sequence[WellTask], on_well: OnWell | None, stop: _St
         if not stop.requested:
             raise
         logger.warning("stopped in the middle of a well; its fields stay incomplete in the store")
-    finally:
-        stop.disarm()
     out.interrupted = stop.requested
     return out
 
@@ -346,9 +321,7 @@ def _scheduler_of(compute: ComputeConfig) -> dict[str, Any]:
     if compute.scheduler_file is None:
         raise ConfigError("compute.cluster: scheduler-file needs compute.scheduler_file, the JSON file "
                           "written by `dask scheduler --scheduler-file PATH`")
-    if not compute.scheduler_file.is_file():
-        raise TemporaryFailure(f"scheduler file {compute.scheduler_file} does not exist (yet): start "
-                               f"`dask scheduler --scheduler-file {compute.scheduler_file}` first, then retry")
+    _read_scheduler_file(compute.scheduler_file)
     return {"scheduler_file": str(compute.scheduler_file)}
 
 
@@ -381,8 +354,10 @@ def _local_cluster(compute: ComputeConfig, n_tasks: int) -> Iterator[tuple[Any, 
     n = (len(gpus) or 1) if compute.workers == "auto" else compute.workers
     threads = torch_threads(n)
     resources = {"GPU": 1} if gpus else None
+    # CRITICAL: a worker whose heartbeat meets a scheduler being closed (a run stopped while its cluster
+    # starts) logs a traceback at ERROR; what a well's worker raises comes back through its future
     cluster = LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=_dashboard(),
-                           silence_logs=logging.ERROR)
+                           silence_logs=logging.CRITICAL)
     try:
         base = cluster.new_spec["options"]
         for i in range(n):
@@ -450,7 +425,7 @@ def _dashboard() -> str:
 
 
 def _run_on_cluster(client: Any, tasks: Sequence[WellTask], opts: WorkerOptions, on_well: OnWell | None,
-                    stop: _StopSignals) -> Dispatch:
+                    stop: StopSignals) -> Dispatch:
     """Submit one future per well; collect as they finish; on a stop signal let the running ones finish."""
     from distributed import wait
 

@@ -10,8 +10,12 @@ each field as a whole through its tiles (explain.tile_maps: field, one map over 
 (tile, target) pair alone (per-tile / evidence, stitched), writes its own field groups of the store,
 and returns one row per (field, target). The record keeps every tile's class probabilities. With
 fidelity on, the maps of each well's first field also carry their stain check (engine/trivial.py: the
-deletion AUCs of the map and of the maps without a model, for the plate's verdict). A field that fails
-is recorded as failed with its message; the other fields go on.
+deletion AUCs of the map and of the maps without a model, for the plate's verdict). A field
+that fails is recorded as failed with its message and its cause (data: its images; model: the model
+raises, returns non-finite values, or needs a larger input than the field; output: the store cannot be
+written); the other fields go on, and no error of one field reaches a field already written. A map or
+a prediction with NaN or infinite values is never written. Each field's record keeps the signature of
+its input files (io/signature.py) and warnings (a constant channel) that its CSV row shows.
 """
 
 from __future__ import annotations
@@ -36,9 +40,17 @@ from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.budget import fit_adaptive, fit_quality
 from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
-from pcim_cli.io import images, store, summary
+from pcim_cli.io import images, signature, store, summary
 from pcim_cli.io.model import LoadedModel, _summary, load_model
 from pcim_cli.run import objects
+from pcim_cli.run.failures import (
+    FieldError,
+    constant_channels,
+    failed_row,
+    model_error_problem,
+    non_finite_problem,
+    tile_size_problem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +63,7 @@ class FieldFiles(BaseModel):
     site: int
     index: int
     files: tuple[str, ...]
+    stat: list[dict[str, Any]] = []  # the planner's stat signature of `files` (io/signature.py)
     # plate.objects (run/objects.py): kind -> label file, kind -> why there is none, what they depend on
     objects: dict[str, str] = {}
     object_problems: dict[str, str] = {}
@@ -149,9 +162,12 @@ def map_labels(targets: list[str], channels: tuple[str, ...], per_channel: bool)
     return list(targets)
 
 
-def _read(task: WellTask, field: FieldFiles) -> np.ndarray:
+def _read_raw(task: WellTask, field: FieldFiles) -> np.ndarray:
     src = images.FieldSource(task.well, field.site, tuple(Path(f) for f in field.files))
-    img = images.read_field(src, len(task.channels))
+    return images.read_field(src, len(task.channels))
+
+
+def _normalise(task: WellTask, img: np.ndarray) -> np.ndarray:
     norm = dict(task.normalize)
     method = norm.pop("method", "percentile")
     return images.normalize(img, method, **norm)
@@ -162,39 +178,56 @@ def explain_well(task: WellTask) -> list[dict[str, Any]]:
 
     Fields are read one at a time and cut into tiles of model.input_size (one tile when input_size is
     null or the field's size); the (tile, target) pairs of consecutive fields go through the fit in
-    chunks of compute.batch_size, so memory holds one chunk plus the fields it touches.
+    chunks of compute.batch_size, so memory holds one chunk plus the fields it touches. An unexpected
+    error fails the fields not written yet, never those already in the store.
     """
     opts = PcimOptions(**task.engine)
     rows: list[dict[str, Any]] = []
-    model: LoadedModel | None = None
     batcher: _Batcher | None = None
-    for field in task.fields:
-        t0 = time.perf_counter()
-        try:
-            img = torch.from_numpy(_read(task, field))
-        except PcimError as exc:
-            logger.warning("%s", exc)
-            rows.append(_failed_row(task, field, str(exc)))
-            continue
-        read_s = time.perf_counter() - t0
-        if task.field_size is not None and tuple(img.shape[-2:]) != tuple(task.field_size):
-            msg = (f"{task.well} site {field.site}: the field is {img.shape[-2]}x{img.shape[-1]} px but the plate's "
-                   f"fields are {task.field_size[0]}x{task.field_size[1]} ({field.files[0]}); a field whose size "
-                   "differs from its siblings is a wrong or damaged export: export it again")
-            logger.warning("%s", msg)
-            rows.append(_failed_row(task, field, msg))
-            continue
-        if batcher is None:
-            try:
-                model = _model(task)
-            except PcimError as exc:
-                rows.append(_failed_row(task, field, str(exc)))
+    try:
+        for field in task.fields:
+            read = _read_checked(task, field)
+            if isinstance(read, dict):  # a failed row
+                rows.append(read)
                 continue
-            batcher = _Batcher(task, model, opts)
-        rows += batcher.refresh_objects(field, img) if field.objects_only else batcher.add(field, img, read_s)
-    if batcher is not None:
-        rows += batcher.finish()
+            img, read_s, inputs, warnings = read
+            if batcher is None:
+                try:
+                    batcher = _Batcher(task, _model(task), opts)
+                except PcimError as exc:
+                    rows.append(_failed_row(task, field, str(exc), "model", inputs))
+                    continue
+            rows += (batcher.refresh_objects(field, img) if field.objects_only
+                     else batcher.add(field, img, read_s, inputs, warnings))
+        if batcher is not None:
+            rows += batcher.finish()
+    except Exception as exc:  # noqa: BLE001 - a bug must not fail the fields already written
+        reported = {r["site"] for r in rows}
+        msg = f"{task.well}: {type(exc).__name__}: {_summary(exc)}"
+        logger.warning("%s", msg, exc_info=logger.isEnabledFor(logging.DEBUG))
+        rows += [_failed_row(task, f, msg, "other") for f in task.fields if f.site not in reported]
     return rows
+
+
+def _read_checked(task: WellTask, field: FieldFiles):
+    """(image, seconds, input signature, warnings) of a field, or its failed row."""
+    t0 = time.perf_counter()
+    inputs = signature.signature(field.files, field.stat or None)
+    try:
+        raw = _read_raw(task, field)
+    except PcimError as exc:
+        logger.warning("%s", exc)
+        return _failed_row(task, field, str(exc), "data", inputs)
+    warnings = constant_channels(raw, task.channels, field.files)
+    img = torch.from_numpy(_normalise(task, raw))
+    read_s = time.perf_counter() - t0
+    if task.field_size is not None and tuple(img.shape[-2:]) != tuple(task.field_size):
+        msg = images.size_problem(task.well, field.site, tuple(img.shape[-2:]), task.field_size, field.files[0])
+        logger.warning("%s", msg)
+        return _failed_row(task, field, msg, "data", inputs)
+    for w in warnings:
+        logger.warning("%s site %d: %s", task.well, field.site, w)
+    return img, read_s, inputs, warnings
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,6 +294,8 @@ class _Field:
     stats: list[list[dict[str, float]]] = dc_field(default_factory=list)  # per target, one dict per tile
     pending: int = 0  # units not fitted yet
     fit_s: float = 0.0
+    inputs: dict[str, Any] = dc_field(default_factory=dict)  # signature of the input files
+    warnings: list[str] = dc_field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -292,15 +327,20 @@ class _Batcher:
         self.queues: dict[tuple[int, int], list[_Unit]] = {}  # by tile size: one chunk = one tensor shape
         self.n_maps = len(task.channels) if opts.per_channel else 1
 
-    def add(self, files: FieldFiles, x: torch.Tensor, read_s: float) -> list[dict[str, Any]]:
+    def add(self, files: FieldFiles, x: torch.Tensor, read_s: float, inputs: dict[str, Any] | None = None,
+            warnings: list[str] | None = None) -> list[dict[str, Any]]:
         """Plan and predict one field, queue its units; returns the rows of fields finished meanwhile."""
         try:
             field = self._prepare(files, x, read_s)
+        except FieldError as exc:
+            logger.warning("%s", exc)
+            return [_failed_row(self.task, files, str(exc), exc.cause, inputs)]
         except PcimError as exc:
             logger.warning("%s", exc)
-            return [_failed_row(self.task, files, str(exc))]
+            return [_failed_row(self.task, files, str(exc), "model", inputs)]
         except MODEL_ERRORS as exc:
-            return [self._fail_row(files, exc)]
+            return [self._fail_row(files, exc, inputs)]
+        field.inputs, field.warnings = inputs or {}, warnings or []
         if self._whole(field):  # one unit per target: the field's tiles fitted together
             queue = self.queues.setdefault(("field", *field.grid.field), [])
             queue += [_Unit(field, WHOLE, k) for k in range(len(field.targets))]
@@ -352,14 +392,12 @@ class _Batcher:
         try:
             grid = tiling.plan_tiles(tuple(x.shape[-2:]), task.input_size)
         except tiling.TileSizeError as exc:
-            raise PcimError(
-                f"{task.well} site {files.site}: {exc} (model.input_size {task.input_size[0]}x"
-                f"{task.input_size[1]}); fields must be at least the model's input size: set model.input_size "
-                "to at most the field size, or null if the model accepts any size"
-            ) from exc
+            raise FieldError(tile_size_problem(task.well, files.site, exc, task.input_size), "model") from exc
         if self.forward is None:
             self.forward = fast_forward(task, self.model, tiling.cut(x, grid, range(1))[0])
         probs, tile_probs = self._predict(x, grid)
+        if not (torch.isfinite(probs).all() and torch.isfinite(tile_probs).all()):
+            raise FieldError(non_finite_problem(task.well, files.site, task.model_path, x, "logits"), "model")
         targets = _targets(task, int(probs.argmax()))
         field = _Field(files, x, read_s, grid, probs, targets,
                        tiling.Stitcher(grid, len(targets) * self.n_maps),
@@ -469,20 +507,30 @@ class _Batcher:
         fields = list({id(u.field): u.field for u in chunk}.values())
         dead = {id(f) for f in fields}
         queue[:] = [u for u in queue if id(u.field) not in dead]
-        return [self._fail_row(f.files, exc) for f in fields]
+        return [self._fail_row(f.files, exc, f.inputs) for f in fields]
 
-    def _fail_row(self, files: FieldFiles, exc: BaseException) -> dict[str, Any]:
-        if isinstance(exc, PcimError):
-            msg = str(exc)
+    def _fail_row(self, files: FieldFiles, exc: BaseException, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+        if isinstance(exc, FieldError):
+            msg, cause = str(exc), exc.cause
+        elif isinstance(exc, PcimError):
+            msg, cause = str(exc), "other"
         else:  # a model that fails on this input
-            msg = f"{self.task.well}: fitting failed: {type(exc).__name__}: {_summary(exc)}"
+            msg, cause = model_error_problem(self.task.well, exc), "model"
         logger.warning("%s", msg)
-        return _failed_row(self.task, files, msg)
+        return _failed_row(self.task, files, msg, cause, inputs)
 
     def _write(self, f: _Field) -> list[dict[str, Any]]:
-        """The field's record and maps into the store; its summary rows."""
+        """The field's record and maps into the store; its summary rows. A map with NaN or infinite values
+        is not written: the field fails, naming the model."""
         task = self.task
+        maps = f.stitch.out.numpy()  # (targets * M, H, W)
         per_target = {t: _mean_stats(f.stats[k], task.channels) for k, t in enumerate(f.targets)}
+        # prob_mixed / prob_deleted are NaN by design for the gradient baselines; prob_original never is
+        probabilities = [stats["prob_original"] for stats in per_target.values()]
+        if not np.isfinite(maps).all() or not np.isfinite(probabilities).all():
+            msg = non_finite_problem(task.well, f.files.site, task.model_path, f.x, "values during the fit")
+            logger.warning("%s", msg)
+            return [_failed_row(task, f.files, msg, "model", f.inputs)]
         predicted = task.classes[int(f.probs.argmax())]
         record = {
             "status": "done",
@@ -493,6 +541,8 @@ class _Batcher:
             "results": per_target,
             "settings": {"normalize": task.normalize, "engine": task.engine, "channels": list(task.channels)},
             "fingerprint": task.fingerprint,
+            "inputs": f.inputs,
+            "warnings": f.warnings,
             "model_sha256": task.model_sha256,
             "pcim_version": __version__,
             "seed": self.opts.seed,
@@ -512,13 +562,12 @@ class _Batcher:
             batch_size=self.batch.value, device=task.device, where=f"{task.well} site {f.files.site}",
             objects_signature=f.files.objects_signature, format=task.store_format, aggregate=task.aggregate)
         found.update_record(record)
-        maps = f.stitch.out.numpy()  # (targets * M, H, W)
         try:
             rel = store.write_field(Path(task.store_path), task.well, f.files.index, maps, labels, record,
                                     format=task.store_format, extra=found.write)
         except PcimError as exc:
             logger.warning("%s", exc)
-            return [_failed_row(task, f.files, str(exc))]
+            return [_failed_row(task, f.files, str(exc), "output", f.inputs)]
         return summary.rows_from_record(task.plate, task.well, rel, record)
 
 
@@ -593,16 +642,8 @@ def _targets(task: WellTask, predicted: int) -> list[str]:
     return list(task.targets) if task.targets is not None else [task.classes[predicted]]
 
 
-def failed_row(plate: str, well: str, site: int, index: int, error: str, target: str = "") -> dict[str, Any]:
-    """The summary row of a field that could not be explained (the store path it would have had)."""
-    nan = float("nan")
-    return {
-        "plate": plate, "well": well, "site": site, "target": target, "predicted_class": "",
-        "prob_original": nan, "prob_mixed": nan, "prob_deleted": nan, "deletion_auc": nan, "insertion_auc": nan,
-        "fit": "", "status": "failed", "error": error, "runtime_s": nan, "zarr_path": store.field_path(well, index),
-    }
-
-
-def _failed_row(task: WellTask, field: FieldFiles, error: str) -> dict[str, Any]:
+def _failed_row(task: WellTask, field: FieldFiles, error: str, cause: str = "other",
+                inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     target = ",".join(task.targets) if task.targets else ""
-    return failed_row(task.plate, task.well, field.site, field.index, error, target)
+    return failed_row(task.plate, task.well, field.site, field.index, error, target, cause,
+                      inputs or {"stat": field.stat})

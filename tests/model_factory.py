@@ -1,0 +1,78 @@
+"""Real TorchScript classifiers that misbehave the way users' models do, built around the demo classifier.
+
+Each is scripted and saved to a `.ts` file, so tests load it through `pcim` exactly like a user's export.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "sample_plates" / "demo" / "classifier.ts"
+
+
+def _demo() -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(DEMO_MODEL))
+
+
+class Standardise(torch.nn.Module):
+    """(x - mean) / std of each image, then the demo classifier: NaN logits on a blank or constant field."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _demo()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True)
+        return self.inner((x - mean) / std)
+
+
+class BatchStd(torch.nn.Module):
+    """A statistic across the batch (unbiased std over B): NaN logits for a batch of one image, finite for two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _demo()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + 0.0 * x.std(dim=0).mean()
+
+
+class AlwaysNaN(torch.nn.Module):
+    """NaN logits whatever the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _demo()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * float("nan")
+
+
+class Only64(torch.nn.Module):
+    """Accepts 64 x 64 inputs only (pcim's probe size), and raises on anything else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _demo()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != 64:
+            raise RuntimeError("this model was exported for 64 x 64 inputs")
+        return self.inner(x)
+
+
+KINDS = {"standardise": Standardise, "batch-std": BatchStd, "always-nan": AlwaysNaN, "only-64": Only64}
+
+
+def make_model(kind: str, path: Path) -> Path:
+    """Script the model `kind` (a key of KINDS) and save it as TorchScript at `path`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(KINDS[kind]().eval()).save(str(path))
+    return path
