@@ -13,7 +13,9 @@ Sections (one torch thread, OMP_NUM_THREADS=1, so figures from a busy shared mac
   baselines  the same images through integrated gradients (50 steps) and occlusion (Captum when
              installed, else pcim_cli.engine.baselines), and saliency, for scale
   tiled      one 5-channel 2160x2160 field through the worker with a fixed 256x256 model (100 tiles,
-             2 Adam steps): wall time, share spent cutting / stitching, peak memory of the process
+             2 Adam steps, one map over the field): wall time, share spent cutting / stitching, peak
+             memory of the process, at compute.batch_size 16 (the field's 200 tile images of a step go
+             through the model in checkpointed calls of 32) and 128 (all 200 in one call, as before)
   demo       `pcim explain` (explain.run, in-process) on 4 wells (8 fields) of the demo plate at the
              shipped settings: fields per minute and the share of wall time reading TIFFs, fitting,
              writing the store
@@ -501,11 +503,12 @@ def table(res: dict) -> str:
             lines.append(f"| {m} ({bl['backend']}) | {r['s_per_map']:.3f} s per map; PCIM at T={DEFAULT_T} is "
                          f"{r['pcim_over_method']:.1f}x slower (at the old T={OLD_T}: "
                          f"{r['pcim_old_over_method']:.0f}x) |")
-    if "tiled" in res and "error" not in res["tiled"]:
-        t = res["tiled"]
+    for t in [r for r in res.get("tiled", []) if "error" not in r]:
+        calls = min(2 * t["batch"], 2 * t["tiling"]["n_tiles"])
         lines += [
             f"| 5x2160x2160 field, 256 px tiles ({t['tiling']['n_tiles']} tiles, T={t['steps']}, "
-            f"B={t['batch']}) | {t['wall_s']:.1f} s; cut + stitch {100 * t['cut_plus_stitch_share']:.1f} % |",
+            f"B={t['batch']}: {calls} tiles per model call) | {t['wall_s']:.1f} s; cut + stitch "
+            f"{100 * t['cut_plus_stitch_share']:.1f} % |",
             f"| peak RSS of that process (after start-up / after the field; the field itself is "
             f"{t['field_mib']:.0f} MiB) | {t['peak_rss_mib_before']:.0f} / {t['peak_memory_mib']['rss']:.0f} MiB |",
         ]
@@ -546,10 +549,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=12, help="images per eval set (early-stopping)")
     ap.add_argument("--patience", default="0,20,50", help="patience values (early-stopping)")
     ap.add_argument("--child-tiled", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--child-batch", type=int, default=16, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.child_tiled:
-        print(json.dumps(bench_tiled(steps=args.child_tiled, batch=16)))
+        print(json.dumps(bench_tiled(steps=args.child_tiled, batch=args.child_batch)))
         return
     only = args.only.split(",")
     q = args.quick
@@ -567,10 +571,13 @@ def main() -> None:
     if "baselines" in only:
         per_step = res["bound"]["pcim_s_per_map"] / res["bound"]["steps"] if "bound" in res else float("nan")
         res["baselines"] = bench_baselines(4 if q else 16, per_step)
-    if "tiled" in only:  # in a fresh process, so that its peak memory is its own
-        proc = subprocess.run([sys.executable, __file__, "--child-tiled", str(1 if q else 2)], capture_output=True,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        res["tiled"] = json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
+    if "tiled" in only:  # each in a fresh process, so that its peak memory is its own
+        res["tiled"] = []
+        for batch in (16, 128):
+            proc = subprocess.run([sys.executable, __file__, "--child-tiled", str(1 if q else 2), "--child-batch",
+                                   str(batch)], capture_output=True, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            res["tiled"].append(json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr[-2000:]})
     if "demo" in only:
         res["demo"] = bench_demo(["A01"] if q else ["A01", "A02", "B01", "B02"])
     if "workers" in only:

@@ -8,7 +8,9 @@ pointing game, relevance mass, pixel AUROC (localisation; higher is better), del
 20% of pixels in 0.5% steps (fidelity; lower is better; fine steps because the evidence is small),
 fine deletion AUC over the top 2% in 0.1% steps (the coarse curve saturates on small evidence),
 insertion AUC over all pixels (higher is better), classifier passes per map (forward + backward of one
-image; a keep-delete step is two) and seconds per map. A variant is a name of VARIANTS or PcimOptions
+image; a keep-delete step is two) and seconds per map. The baselines include the maps without a model
+(`intensity`: the channel whose intensity deletes the class fastest on the set; `contrast`: |x - channel
+mean| over channels; engine/trivial.py). A variant is a name of VARIANTS or PcimOptions
 overrides on the current default joined by '/': `steps=50/lr=0.5/schedule=cosine`. Writes a markdown
 table to stdout and a CSV to benchmarks/results/.
 """
@@ -30,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evalsets  # noqa: E402
 from evalsets.tiled import TiledModel, field_maps  # noqa: E402
 
-from pcim_cli.engine import baselines, metrics  # noqa: E402
+from pcim_cli.engine import baselines, metrics, trivial  # noqa: E402
+from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions, fit_pcim  # noqa: E402
 
 DEFAULT = PcimOptions()
@@ -97,7 +100,7 @@ def passes_per_map(opts: PcimOptions, steps_used: float) -> float:
     per_step = 2 if opts.objective == "keep-delete" else 1
     return per_step * steps_used * max(1, len(opts.budgets)) + (opts.init == "gradient")
 
-BASELINES = ("random", "saliency", "integrated-gradients", "occlusion")
+BASELINES = ("random", "saliency", "integrated-gradients", "occlusion", *trivial.TRIVIAL)
 
 # evaluation sets: two datasets x two architectures, a saturated (confident) model, a larger image
 SETS = {
@@ -153,8 +156,14 @@ def run_method(name: str, data: dict, batch: int, per_image: list | None = None)
     extra = {}
     stats = []
     opts = None if name in BASELINES else variant(name)
+    scorer = TiledModel(model, data["tile"]) if "tile" in data else model
+    channel = None
+    if name == "intensity":  # one channel for the set, as pcim evaluate chooses it (on whole fields)
+        channel = int(trivial.best_channel(scorer, x, target, per_image=False))
 
     def fit(m, xs, ts):
+        if name in trivial.TRIVIAL:
+            return attribute(m, xs, ts, name, dataclasses.replace(DEFAULT, intensity_channel=channel)).maps
         if name in BASELINES:
             return baselines.METHODS[name](m, xs, ts)
         stats.append(fit_pcim(m, xs, ts, opts))
@@ -172,7 +181,6 @@ def run_method(name: str, data: dict, batch: int, per_image: list | None = None)
         }
         extra["passes"] = passes_per_map(opts, extra["steps_used"])
     seconds = (time.perf_counter() - t0) / len(x)
-    scorer = TiledModel(model, data["tile"]) if "tile" in data else model
     values = score_images(scorer, x, data["mask"], target, maps)
     if per_image is not None:
         per_image += [{"image": i, **{k: float(v[i]) for k, v in values.items()}} for i in range(len(x))]

@@ -280,13 +280,16 @@ def explain(
         typer.echo(f"  {f['object']} table failed {f['well']} site {f['site']} (map done): {f['error']}", err=True)
     for p in result.problems:
         typer.echo(f"  not run: {p}", err=True)
+    for v in [] if quiet else result.verdicts:
+        typer.echo(f"verdict: {v.sentence}", err=True)
     if as_json:
         status = {0: "ok", 3: "partial", 75: "interrupted"}.get(result.exit_code, "failed")
         doc = {"status": status, "exit_code": result.exit_code, "store": str(result.store),
                "csv": None if result.csv is None else str(result.csv), "counts": counts, "fits": fits,
                "fitted": result.fitted, "failed": result.failed, "problems": result.problems,
                "object_csvs": {k: str(v) for k, v in result.object_csvs.items()},
-               "object_failures": result.object_failures, "message": line}
+               "object_failures": result.object_failures, "message": line,
+               "verdicts": [v.to_dict() for v in result.verdicts]}
         typer.echo(json.dumps(doc))
     raise typer.Exit(result.exit_code)
 
@@ -459,8 +462,8 @@ def evaluate(
     masks: Annotated[str, typer.Option("--masks", help="Mask file pattern with {well} (or {row}, {col}) and "
                                        "{field}, e.g. masks/{well}_s{field}.tif; nonzero = true evidence.")],
     methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated methods to compare (default: "
-                                                "pcim,saliency,integrated-gradients,occlusion,rise, and "
-                                                "pcim-amortised when explain.explainer is set).")] = None,
+                                                "every explain.method: pcim, the baselines, the trivial maps "
+                                                "intensity, contrast, and pcim-amortised when explain.explainer is set).")] = None,
     wells: Annotated[str | None, typer.Option("--wells", help="A number N (N wells spread over the plate, "
                                               "wells with evidence first) or a list A01,B03. Default: all.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: next to the CSV, "
@@ -489,9 +492,13 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps({"out": str(result.out), "fields": result.fields,
                                "files": {k: str(v) for k, v in result.files.items()},
+                               "intensity_channel": result.intensity_channel,
+                               "verdicts": [v.to_dict() for v in result.verdicts],
                                "table": json.loads(result.table.to_json(orient="records"))}))
     else:
         typer.echo(evaluate_lib.markdown_table(result.table))
+        for v in result.verdicts:
+            typer.echo(f"verdict ({v.target}): {v.sentence}")
     if not quiet:
         typer.echo(f"{len(result.fields)} fields; comparison in {result.out}", err=True)
 

@@ -53,6 +53,7 @@ from pydantic import (
     model_validator,
 )
 
+from pcim_cli.engine.attribute import METHODS
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import ConfigError, short, shown
 from pcim_cli.io.images import compile_pattern
@@ -286,7 +287,7 @@ _ENGINE = PcimOptions()  # the engine's defaults are the config's defaults
 class ExplainConfig(_Section):
     """`explain:` — what to attribute and how. Engine settings are flat keys of this section."""
 
-    method: Literal["pcim", "pcim-amortised", "saliency", "integrated-gradients", "occlusion", "rise"] = "pcim"
+    method: Literal[METHODS] = "pcim"  # pcim, the baselines, the trivial maps (engine/attribute.py)
     target: str = "predicted"  # predicted | a class name | layout:<column> | all
     # pcim-amortised: the file `pcim train-explainer` wrote; refine_steps of the per-image fit from its logits
     explainer: ConfigPath | None = None
@@ -324,6 +325,9 @@ class ExplainConfig(_Section):
     rise_masks: PositiveInt = _ENGINE.rise_masks  # random masks per map
     rise_cell: PositiveInt = _ENGINE.rise_cell  # px per cell of the random mask grid
     rise_p: float = Field(_ENGINE.rise_p, gt=0, lt=1)  # probability that a cell is kept
+    # intensity: the channel shown (a name of plate.channels); auto: per image, the channel whose intensity
+    # removes the class fastest (pcim evaluate reports the best one for the plate)
+    intensity_channel: str = "auto"
     fidelity: bool = True  # deletion / insertion AUC of every map into the CSV
     # plate.objects: how many top objects (by share) are deleted together for the field's drop, and outlined
     top_objects: PositiveInt = 3
@@ -520,6 +524,11 @@ class RunConfig(_Section):
         if self.explain.method == "pcim-amortised" and self.explain.explainer is None:
             problems.append(("explain.explainer", "required with explain.method: pcim-amortised: the file that "
                              "`pcim train-explainer plate.yaml --out explainer.pt` wrote"))
+        channel = self.explain.intensity_channel
+        if channel != "auto" and channel not in self.plate.channels:
+            problems.append(("explain.intensity_channel", f"{channel!r} is not in plate.channels "
+                             f"({', '.join(self.plate.channels)}); use one of them or auto"
+                             + _did_you_mean(channel, list(self.plate.channels))))
         budget = self.explain.budget
         if self.explain.adaptive_budget is not None:
             if not isinstance(budget, (int, float)):

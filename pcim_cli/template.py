@@ -34,6 +34,7 @@ model:
       # per channel and field, as in training; or {{method: fixed, min: 0, max: 4095}}, {{method: none}}
 explain:
   method: pcim                      # pcim | pcim-amortised | saliency | integrated-gradients | occlusion | rise
+                                    #   | intensity | contrast
   target: predicted                 # predicted | a class name | layout:<column> | all
   explainer: null                   # pcim-amortised: the file `pcim train-explainer plate.yaml --out …` wrote
   refine_steps: 0                   # pcim-amortised: per-image fit steps continued from the explainer's maps

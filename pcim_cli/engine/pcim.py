@@ -74,6 +74,7 @@ class PcimOptions:
     # pcim-amortised (engine/explainer.py): per-image fit steps continued from the explainer's logits, their lr
     refine_steps: int = 0
     refine_lr: float = 0.2
+    intensity_channel: int | None = None  # intensity: the channel shown; None = auto (engine/trivial.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, list):  # from YAML / JSON
@@ -115,6 +116,8 @@ class PcimOptions:
             problems.append(f"refine_steps must be >= 0, got {self.refine_steps}")
         if not self.refine_lr > 0:
             problems.append(f"refine_lr must be > 0, got {self.refine_lr}")
+        if self.intensity_channel is not None and self.intensity_channel < 0:
+            problems.append(f"intensity_channel must be >= 0 or None, got {self.intensity_channel}")
         if not 0 < self.rise_p < 1:
             problems.append(f"rise_p must be in (0, 1), got {self.rise_p}")
         if problems:
@@ -138,6 +141,7 @@ class PcimResult:
     prob_deleted: torch.Tensor  # p(target | deleted image) after the fit (keep-delete evidence check)
     loss: torch.Tensor  # final loss per image
     steps: torch.Tensor  # Adam steps each image took (< options.steps when stopped early)
+    channel: torch.Tensor | None = None  # intensity maps: the channel each image's map shows
 
 
 def target_log_probs(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,9 @@
 """`pcim explain`: the driver. Check, plan the wells, prepare the store, run the wells, write the CSV.
 
 The driver is the only writer of plate-level metadata and of the CSV; each well is explained by
-`worker.explain_well` (in-process or on Dask workers, run/scheduler.py). Returns data (a RunResult);
-the CLI decides what to print and which exit code that means.
+`worker.explain_well` (in-process or on Dask workers, run/scheduler.py). With explain.fidelity on,
+the run ends with the plate's stain verdict (report/verdict.py) from the done fields' records. Returns
+data (a RunResult); the CLI decides what to print and which exit code that means.
 
 Order of a run, so that a bad setting or a stop signal never leaves a half-written store behind:
 
@@ -46,6 +47,7 @@ from pcim_cli.io import images, labels, ownership, plate, records, store, summar
 from pcim_cli.io.explainer import LoadedExplainer, check_explainer, load_explainer
 from pcim_cli.io.lock import RunLock
 from pcim_cli.io.model import LoadedModel, check_classes, load_model, resolve_device
+from pcim_cli.report import verdict
 from pcim_cli.run import objects, rerun, scheduler
 from pcim_cli.run.failures import failed_row
 from pcim_cli.run.worker import FieldFiles, WellTask
@@ -66,6 +68,7 @@ class RunResult:
     problems: list[str] = field(default_factory=list)  # run-level problems (concern no single well)
     fitted: int = 0  # maps computed by this run (the others in `summary` were already done or failed)
     interrupted: bool = False  # SIGTERM / SIGINT: stopped early, what was done is recorded
+    verdicts: list[verdict.Verdict] = field(default_factory=list)  # stain verdict per target (fidelity on)
     causes: list[str] = field(default_factory=list)  # why each failed field failed: data | model | output | other
     object_csvs: dict[str, Path] = field(default_factory=dict)  # plate.objects: {plate}_pcim_{Object}.csv
     object_failures: list[dict] = field(default_factory=list)  # object tables that failed (maps done)
@@ -103,8 +106,10 @@ class RunResult:
 
 
 def engine_options(cfg: RunConfig) -> PcimOptions:
-    """The PcimOptions the `explain` section asks for."""
+    """The PcimOptions the `explain` section asks for (intensity_channel: a channel's index, None = auto)."""
     values = cfg.explain.model_dump()
+    channel = values.pop("intensity_channel")
+    values["intensity_channel"] = None if channel == "auto" else list(cfg.plate.channels).index(channel)
     return PcimOptions(**{k: values[k] for k in ENGINE_KEYS if k in values})
 
 
@@ -439,17 +444,19 @@ def _run_locked(cfg: RunConfig, choice: rerun.Rerun, stop: scheduler.StopSignals
         return RunResult(store=store_path, csv=None, summary=summary.build_summary([]),
                          problems=p.problems if p else [], interrupted=True)
     with stop.deferred():  # the ledger and the CSV are written whatever signal comes now
-        table, causes = collect(cfg, p, dispatch.rows, interrupted)
+        table, causes, done = collect(cfg, p, dispatch.rows, interrupted)
+        verdicts = verdict.from_records(done, cfg.explain.method) if cfg.explain.fidelity else []
         store.update_plate_record(store_path, {"last_run": {
             "finished": time.strftime("%Y-%m-%d %H:%M:%S%z"), "fingerprint": p.fingerprint,
-            "pcim_version": __version__, "interrupted": interrupted}})
+            "pcim_version": __version__, "interrupted": interrupted,
+            "verdicts": [v.to_dict() for v in verdicts]}})
         summary.write_csv_atomic(table, csv_path)
         object_csvs, object_failures = objects.write_tables(store_path, cfg.plate.name, csv_path,
                                                             list(cfg.plate.objects or {}), table)
     fitted = sum(1 for r in dispatch.rows if r["status"] == "done" and r["zarr_path"] not in p.objects_refresh)
     return RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
                      interrupted=interrupted, causes=causes, object_csvs=object_csvs,
-                     object_failures=object_failures)
+                     object_failures=object_failures, verdicts=verdicts)
 
 
 def fit_advice(result: RunResult, cfg: RunConfig) -> str | None:
@@ -470,10 +477,12 @@ def fit_advice(result: RunResult, cfg: RunConfig) -> str | None:
             "(explain.target)")
 
 
-def collect(cfg: RunConfig, p: Plan, run_rows: list[dict], interrupted: bool = False) -> tuple[pd.DataFrame, list]:
+def collect(cfg: RunConfig, p: Plan, run_rows: list[dict],
+            interrupted: bool = False) -> tuple[pd.DataFrame, list, list[dict]]:
     """Write the failure ledger, then build the whole store's CSV table from its records (io/records.py).
 
-    Returns the table and the causes of its failed rows.
+    Returns the table, the causes of its failed rows, and the records of the fields whose maps are
+    current (for the stain verdict).
     """
     by_field: dict[tuple[str, int], list[dict]] = {}
     for row in run_rows:
@@ -484,10 +493,11 @@ def collect(cfg: RunConfig, p: Plan, run_rows: list[dict], interrupted: bool = F
     store.update_plate_record(store_path, {"failed": ledger})
     states, _ = records.store_states(store_path, p.fingerprint)
     plans = {f.path: f for f in p.fields}
-    rows, causes = [], []
+    rows, causes, done = [], [], []
     for s in states:
         if s.state == "done":
             rows += summary.rows_from_record(cfg.plate.name, s.well, s.path, s.record)
+            done.append(s.record)
             continue
         if s.state == "failed":
             causes.append(s.cause)
@@ -500,7 +510,7 @@ def collect(cfg: RunConfig, p: Plan, run_rows: list[dict], interrupted: bool = F
         site = s.site if s.site is not None else (plans[s.path].site if s.path in plans else None)
         rows.append(failed_row(cfg.plate.name, s.well, site, s.index or 0, error) | {
             "status": "failed" if s.state == "failed" else "skipped", "zarr_path": s.path})
-    return summary.build_summary(rows, p.layout), causes
+    return summary.build_summary(rows, p.layout), causes, done
 
 
 def _why_not_done(s: records.FieldState, f: rerun.FieldPlan | None, interrupted: bool) -> str:
