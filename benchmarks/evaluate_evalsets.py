@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compare_formulations import OLD_DEFAULT, SETS, load_set  # noqa: E402
 from evalsets.tiled import TiledModel, field_maps  # noqa: E402
 
-from pcim_cli.engine.attribute import METHODS, attribute  # noqa: E402
+from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
 from pcim_cli.engine.trivial import TRIVIAL  # noqa: E402
 from pcim_cli.report import evaluate, object_ranking  # noqa: E402

@@ -463,7 +463,8 @@ def evaluate(
                                        "{field}, e.g. masks/{well}_s{field}.tif; nonzero = true evidence.")],
     methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated methods to compare (default: "
                                                 "every explain.method: pcim, the baselines, the trivial maps "
-                                                "intensity, contrast, and pcim-amortised when explain.explainer is set).")] = None,
+                                                "intensity, contrast, and pcim-amortised when explain.explainer "
+                                                "is set).")] = None,
     wells: Annotated[str | None, typer.Option("--wells", help="A number N (N wells spread over the plate, "
                                               "wells with evidence first) or a list A01,B03. Default: all.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: next to the CSV, "
