@@ -145,14 +145,14 @@ def test_the_read_channel_is_as_faithful_as_the_model_allows_and_the_verdict_say
     x, mask = _stain_images(4)
     model = _script(ChannelReader(1, 200.0, bias=2.0))
     target = torch.ones(4, dtype=torch.long)
-    comp = evaluate.compare(model, x, target, _fields(x, mask), METHODS, FAST_PCIM, 4, ["DNA", "PH3", "Actin"],
-                            ["negative", "mitotic"])
+    comp = evaluate.compare(model, x, target, _fields(x, mask), evaluate.DEFAULT_METHODS, FAST_PCIM, 4,
+                            ["DNA", "PH3", "Actin"], ["negative", "mitotic"])
     assert comp.intensity_channel == "PH3"
     # no deletion order lowers p(target) faster than the read channel's brightest pixels first: every
     # method's curve (PCIM's included) and random orders lie on or above the intensity map's, at every step
     fr = torch.linspace(0, 0.3, 31)
     best = metrics.perturbation_curve(model, x, baselines.intensity(x, 1), target, fractions=fr)
-    others = {m: attribute(model, x, target, m, FAST_PCIM).maps for m in METHODS if m != "intensity"}
+    others = {m: attribute(model, x, target, m, FAST_PCIM).maps for m in evaluate.DEFAULT_METHODS if m != "intensity"}
     others.update({f"random{s}": baselines.random_map(model, x, target, seed=s) for s in range(5)})
     for name, maps in others.items():
         curve = metrics.perturbation_curve(model, x, maps, target, fractions=fr)
