@@ -35,9 +35,11 @@ test-slurm: install
 lint: install
 	$(BIN)/ruff check pcim_cli tests benchmarks sample_plates
 
-# speed on this machine (one torch thread): table on stdout, benchmarks/results/bench.json; about 5-10 min
+# speed on this machine (one torch thread): table on stdout, benchmarks/results/bench.json; about 5-10 min;
+# then amortised PCIM (training time, plate throughput, quality): benchmarks/results/bench_amortised.json, ~10 min
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_amortised.py
 
 # how the defaults were chosen (docs/method.md); needs stardist's wheel from PyPI
 compare: install

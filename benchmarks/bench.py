@@ -13,13 +13,19 @@ Sections (one torch thread, OMP_NUM_THREADS=1, so figures from a busy shared mac
   baselines  the same images through integrated gradients (50 steps) and occlusion (Captum when
              installed, else pcim_cli.engine.baselines), and saliency, for scale
   tiled      one 5-channel 2160x2160 field through the worker with a fixed 256x256 model (100 tiles,
-             2 Adam steps): wall time, share spent cutting / stitching, peak memory of the process
+             2 Adam steps, one map over the field): wall time, share spent cutting / stitching, peak
+             memory of the process, at compute.batch_size 16 (the field's 200 tile images of a step go
+             through the model in checkpointed calls of 32) and 128 (all 200 in one call, as before)
   demo       `pcim explain` (explain.run, in-process) on 4 wells (8 fields) of the demo plate at the
              shipped settings: fields per minute and the share of wall time reading TIFFs, fitting,
              writing the store
   workers    benchmarks/bench_workers.py (wells/min with 1 vs 2 local Dask workers), when it exists
   screens    benchmarks/bench_screens.py: two plates in one command vs two commands (wall-time ratio on a
              2-worker local cluster), and the no-op rerun of 20 complete plates (seconds, cluster started?)
+  busy       a busy machine: `pcim explain` (a subprocess, cluster none, no OMP_NUM_THREADS) on demo wells
+             while two other torch jobs with torch's default threads run beside it, with
+             compute.threads auto and with as many threads as CPUs (what torch takes by itself), vs
+             the one-thread bound measured under the same load (steps x fwd+bwd of the same batch)
   objects    plate.objects: the demo wells of `demo` with and without their nuclei tables (wall time
              ratio, and the object seconds the records hold), and one dense 512x512 field of the demo
              generator (~200 nuclei, untiled) at the shipped settings: the share of its time spent on
@@ -55,7 +61,10 @@ from pcim_cli.engine.pcim import FastForward, PcimOptions, fit_pcim  # noqa: E40
 
 DEMO = ROOT / "sample_plates" / "demo"
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("bound", "batch", "levers", "baselines", "tiled", "demo", "workers", "objects", "screens")
+#: classifier steps per map of the default fit, and of the default before issue 14 (for comparison)
+DEFAULT_T = PcimOptions().steps
+OLD_T = 300
+SECTIONS = ("bound", "batch", "levers", "baselines", "tiled", "demo", "workers", "objects", "busy", "screens")
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -119,7 +128,7 @@ def bench_batch(steps: int, sizes: tuple[int, ...]) -> list[dict]:
             fwd = FastForward(model, channels_last=cl)
             secs = _timed(lambda x=x, target=target, fwd=fwd: fit_pcim(fwd, x, target, PcimOptions(steps=steps)))
             out.append({"batch": b, "channels_last": cl, "steps": steps, "s": secs, "maps_per_s": b / secs,
-                        "s_per_map_at_300_steps": secs / b * 300 / steps})
+                        "s_per_map_at_default_steps": secs / b * DEFAULT_T / steps})
     return out
 
 
@@ -143,16 +152,19 @@ def bench_levers(steps: int, batch: int) -> list[dict]:
     return out
 
 
-def bench_baselines(batch: int, pcim_s_per_map_300: float) -> dict:
+def bench_baselines(batch: int, pcim_s_per_step_per_map: float) -> dict:
     model = _demo_model()
     x, target = _demo_images(batch)
     backend = "captum" if attribute_mod.captum_available() else "torch (pcim_cli.engine.baselines)"
     opts = PcimOptions()
-    out = {"backend": backend, "batch": batch, "pcim_s_per_map_300_steps": pcim_s_per_map_300, "methods": {}}
+    pcim_default, pcim_old = pcim_s_per_step_per_map * DEFAULT_T, pcim_s_per_step_per_map * OLD_T
+    out = {"backend": backend, "batch": batch, "pcim_default_steps": DEFAULT_T, "pcim_s_per_map": pcim_default,
+           "pcim_s_per_map_old_300_steps": pcim_old, "methods": {}}
     for method in ("saliency", "integrated-gradients", "occlusion"):
         secs = _timed(lambda m=method: attribute_mod.attribute(model, x, target, m, opts))
         out["methods"][method] = {"s_per_map": secs / batch,
-                                  "pcim_over_method": pcim_s_per_map_300 / (secs / batch)}
+                                  "pcim_over_method": pcim_default / (secs / batch),
+                                  "pcim_old_over_method": pcim_old / (secs / batch)}
     out["methods"]["integrated-gradients"]["steps"] = opts.ig_steps
     out["methods"]["occlusion"]["window_stride"] = [opts.occlusion_window, opts.occlusion_stride]
     return out
@@ -175,8 +187,9 @@ class _TileNet(torch.nn.Module):
         return self.head(self.body(x).flatten(1))
 
 
-def bench_tiled(steps: int, batch: int) -> dict:
-    """One 2160x2160x5 field, 256 px tiles, through the worker (in this process): time and peak memory."""
+def bench_tiled(steps: int, batch: int, method: str = "pcim", explainer: str | None = None) -> dict:
+    """One 2160x2160x5 field, 256 px tiles, through the worker (in this process): time and peak memory.
+    method pcim-amortised takes the explainer file `explainer` (benchmarks/bench_amortised.py)."""
     import tifffile
 
     from pcim_cli.engine import tiling
@@ -200,7 +213,8 @@ def bench_tiled(steps: int, batch: int) -> dict:
             normalize={"method": "percentile", "low": 1.0, "high": 99.8}, model_path=str(model_path),
             model_sha256=file_sha256(model_path), input_size=(256, 256),
             engine=dataclasses.asdict(PcimOptions(steps=steps)), batch_size=batch, fidelity=False,
-            store_path=str(tmp / "out.zarr"), fingerprint="bench")
+            store_path=str(tmp / "out.zarr"), fingerprint="bench", method=method, explainer_path=explainer,
+            explainer_sha256=None if explainer is None else file_sha256(explainer))
         rss_before = worker.peak_memory_mib()["rss"]
         wall = _timed(lambda: worker.explain_well(task))
         _, _, record = store.read_field(tmp / "out.zarr", "A01", 0)
@@ -218,9 +232,10 @@ def bench_tiled(steps: int, batch: int) -> dict:
     }
 
 
-def bench_demo(wells: list[str]) -> dict:
-    """`pcim explain` (in this process: explain.run) on some demo wells at the shipped settings, in a fresh
-    store, with the store writes timed; reading and fitting come from the field records."""
+def bench_demo(wells: list[str], overrides: tuple[str, ...] = ()) -> dict:
+    """`pcim explain` (in this process: explain.run) on some demo wells at the shipped settings (plus
+    `overrides`, --set style), in a fresh store, with the store writes timed; reading and fitting come from
+    the field records."""
     from pcim_cli import config
     from pcim_cli.io import store
     from pcim_cli.run import explain
@@ -238,7 +253,7 @@ def bench_demo(wells: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config.load_config(DEMO / "plate.yaml", overrides=[
             f"output.zarr={tmp}/d.zarr", f"output.csv={tmp}/d.csv", f"plate.wells=[{','.join(wells)}]",
-            "compute.cluster=none"])
+            "compute.cluster=none", *overrides])
         store.write_field = timed_write
         try:
             t0 = time.perf_counter()
@@ -345,6 +360,78 @@ def bench_workers(name: str = "bench_workers.py") -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# a busy machine: the plate beside two other torch jobs
+
+_COMPETITOR = """
+import torch
+conv = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1))
+x = torch.rand(16, 3, 128, 128, requires_grad=True)
+while True:
+    conv(x).sum().backward()
+"""
+
+
+def _free_env() -> dict:
+    """This environment without OMP_NUM_THREADS: torch and pcim choose their threads themselves."""
+    return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+
+
+def _pair_bound(model, x: torch.Tensor, steps: int, repeats: int = 3) -> float:
+    """Seconds for `steps` fwd+bwd of the kept+deleted batch of x at one thread (median of repeats)."""
+    pairs = torch.cat([x, x])
+    _fwd_bwd(model, pairs)
+    return float(np.median([_timed(lambda: [_fwd_bwd(model, pairs) for _ in range(steps)])
+                            for _ in range(repeats)]))
+
+
+def bench_busy(wells: list[str], steps: int, settings: tuple[str, ...] = ("auto", "cpus")) -> dict:
+    """The demo wells through `pcim explain` beside two torch jobs, vs the one-thread bound under that load."""
+    from pcim_cli.io import store
+    from pcim_cli.run import threads
+
+    cpus = threads.read_limits(_free_env()).usable
+    model = _demo_model()
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))  # a chunk: the 2 fields of a well
+    torch.set_num_threads(1)
+    quiet_step = _pair_bound(model, x, steps) / steps
+    jobs = [subprocess.Popen([sys.executable, "-c", _COMPETITOR], env=_free_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for _ in range(2)]
+    out: dict = {"wells": wells, "steps": steps, "cpus": cpus, "competitors": 2, "runs": {},
+                 "quiet_step_s": quiet_step}
+    try:
+        time.sleep(3)  # let them start
+        bound_before = _pair_bound(model, x, steps)
+        for setting in (str(cpus) if s == "cpus" else s for s in settings):
+            with tempfile.TemporaryDirectory() as tmp:
+                log = Path(tmp) / "run.log"
+                proc = subprocess.run(
+                    [sys.executable, "-m", "pcim_cli.cli", "explain", str(DEMO / "plate.yaml"), "-q",
+                     "--log-file", str(log), "--set", "compute.cluster=none", "--set", "explain.fidelity=false",
+                     "--set", f"explain.steps={steps}", "--set", f"compute.threads={setting}",
+                     "--set", f"plate.wells=[{','.join(wells)}]", "--set", f"output.zarr={tmp}/b.zarr",
+                     "--set", f"output.csv={tmp}/b.csv"], cwd=ROOT, env=_free_env(), capture_output=True, text=True)
+                fit = sum(store.read_record(Path(tmp) / "b.zarr", w, i)["timings_s"]["fit"]
+                          for w in wells for i in range(2)) if proc.returncode == 0 else float("nan")
+                chosen = [line.split("torch threads: ", 1)[1] for line in log.read_text().splitlines()
+                          if "torch threads: " in line] if log.exists() else []
+            out["runs"][setting] = {"returncode": proc.returncode, "fit_s": fit, "threads_log": chosen,
+                                    "stderr": proc.stderr[-500:]}
+        bound_after = _pair_bound(model, x, steps)
+    finally:
+        for job in jobs:
+            job.kill()
+            job.wait()
+    # one chunk (2 maps) per well; the default fit's gradient init adds one pass of the 2 images (half a pair)
+    passes = (steps + 0.5 * (PcimOptions().init == "gradient")) / steps
+    bound = len(wells) * (bound_before + bound_after) / 2 * passes
+    out.update(bound_s=bound, bound_before_s=bound_before * len(wells), bound_after_s=bound_after * len(wells),
+               load_slowdown_of_one_thread=(bound_before + bound_after) / 2 / steps / quiet_step)
+    for r in out["runs"].values():
+        r["ratio_to_bound"] = r["fit_s"] / bound
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # early stopping: is a nonzero default patience worth it?
 
 
@@ -399,15 +486,16 @@ def table(res: dict) -> str:
         b = res["bound"]
         lines += [
             f"| classifier bound, T x fwd+bwd (T={b['steps']}, {2 * b['batch']} images of 3x128x128) "
-            f"| {b['bound_s_per_map'] * 300 / b['steps']:.2f} s per map at T=300 |",
-            f"| PCIM fit (B={b['batch']}, same T) | {b['pcim_s_per_map'] * 300 / b['steps']:.2f} s per map at T=300 |",
+            f"| {b['bound_s_per_map'] * DEFAULT_T / b['steps']:.2f} s per map at T={DEFAULT_T} |",
+            f"| PCIM fit (B={b['batch']}, same T) | {b['pcim_s_per_map'] * DEFAULT_T / b['steps']:.2f} s per map at "
+            f"T={DEFAULT_T} |",
             f"| PCIM / bound | {b['ratio']:.3f} (runs: {', '.join(f'{r:.3f}' for r in b['ratios'])}) |",
             f"| mixing + Adam alone (free model) / bound | {b['mixing_share_of_bound']:.3f} |",
         ]
     for r in res.get("batch", []):
         lines.append(f"| batch {r['batch']}{' + channels_last' if r['channels_last'] else ''}: maps per second "
-                     f"(T={r['steps']}) | {r['maps_per_s']:.2f} ({r['s_per_map_at_300_steps']:.2f} s per map "
-                     "at T=300) |")
+                     f"(T={r['steps']}) | {r['maps_per_s']:.2f} ({r['s_per_map_at_default_steps']:.2f} s per map "
+                     f"at T={DEFAULT_T}) |")
     for r in res.get("levers", []):
         lines.append(f"| {r['precision']}{' + channels_last' if r['channels_last'] else ''} "
                      f"(B={r['batch']}, T={r['steps']}) | time x{r['time_vs_float32']:.2f} of float32; "
@@ -415,13 +503,15 @@ def table(res: dict) -> str:
     if "baselines" in res:
         bl = res["baselines"]
         for m, r in bl["methods"].items():
-            lines.append(f"| {m} ({bl['backend']}) | {r['s_per_map']:.3f} s per map; PCIM at T=300 is "
-                         f"{r['pcim_over_method']:.0f}x slower |")
-    if "tiled" in res and "error" not in res["tiled"]:
-        t = res["tiled"]
+            lines.append(f"| {m} ({bl['backend']}) | {r['s_per_map']:.3f} s per map; PCIM at T={DEFAULT_T} is "
+                         f"{r['pcim_over_method']:.1f}x slower (at the old T={OLD_T}: "
+                         f"{r['pcim_old_over_method']:.0f}x) |")
+    for t in [r for r in res.get("tiled", []) if "error" not in r]:
+        calls = min(2 * t["batch"], 2 * t["tiling"]["n_tiles"])
         lines += [
             f"| 5x2160x2160 field, 256 px tiles ({t['tiling']['n_tiles']} tiles, T={t['steps']}, "
-            f"B={t['batch']}) | {t['wall_s']:.1f} s; cut + stitch {100 * t['cut_plus_stitch_share']:.1f} % |",
+            f"B={t['batch']}: {calls} tiles per model call) | {t['wall_s']:.1f} s; cut + stitch "
+            f"{100 * t['cut_plus_stitch_share']:.1f} % |",
             f"| peak RSS of that process (after start-up / after the field; the field itself is "
             f"{t['field_mib']:.0f} MiB) | {t['peak_rss_mib_before']:.0f} / {t['peak_memory_mib']['rss']:.0f} MiB |",
         ]
@@ -433,6 +523,15 @@ def table(res: dict) -> str:
             f"| share of wall time: read TIFFs / fit / write store / other | {100 * d['share_read']:.1f} / "
             f"{100 * d['share_fit']:.1f} / {100 * d['share_write']:.1f} / {100 * d['share_other']:.1f} % |",
         ]
+    if "busy" in res:
+        b = res["busy"]
+        for setting, r in b["runs"].items():
+            what = "compute.threads auto" if setting == "auto" else f"{setting} threads (torch's own choice)"
+            lines.append(f"| busy machine: demo plate ({len(b['wells'])} wells, T={b['steps']}) beside 2 torch jobs, "
+                         f"{what} | {r['ratio_to_bound']:.2f}x the one-thread bound under the same load "
+                         f"({r['fit_s']:.1f} s vs {b['bound_s']:.1f} s) |")
+        lines.append(f"| the load itself: one thread's step under it / quiet | "
+                     f"{b['load_slowdown_of_one_thread']:.2f}x |")
     if "objects" in res:
         o = res["objects"]
         lines.append(f"| object tables (plate.objects, demo {len(o['wells'])} wells, ~12 nuclei per 128 px field): "
@@ -448,13 +547,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(SECTIONS), help="sections, comma-separated, or early-stopping")
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats (a smoke run)")
+    ap.add_argument("--busy-threads", default="auto,cpus",
+                    help="busy: compute.threads settings to run beside the load (cpus = as many as CPUs)")
     ap.add_argument("--n", type=int, default=12, help="images per eval set (early-stopping)")
     ap.add_argument("--patience", default="0,20,50", help="patience values (early-stopping)")
     ap.add_argument("--child-tiled", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--child-batch", type=int, default=16, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.child_tiled:
-        print(json.dumps(bench_tiled(steps=args.child_tiled, batch=16)))
+        print(json.dumps(bench_tiled(steps=args.child_tiled, batch=args.child_batch)))
         return
     only = args.only.split(",")
     q = args.quick
@@ -470,16 +572,22 @@ def main() -> None:
     if "levers" in only:
         res["levers"] = bench_levers(steps=3 if q else 10, batch=16)
     if "baselines" in only:
-        per_map = res["bound"]["pcim_s_per_map"] * 300 / res["bound"]["steps"] if "bound" in res else float("nan")
-        res["baselines"] = bench_baselines(4 if q else 16, per_map)
-    if "tiled" in only:  # in a fresh process, so that its peak memory is its own
-        proc = subprocess.run([sys.executable, __file__, "--child-tiled", str(1 if q else 2)], capture_output=True,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        res["tiled"] = json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
+        per_step = res["bound"]["pcim_s_per_map"] / res["bound"]["steps"] if "bound" in res else float("nan")
+        res["baselines"] = bench_baselines(4 if q else 16, per_step)
+    if "tiled" in only:  # each in a fresh process, so that its peak memory is its own
+        res["tiled"] = []
+        for batch in (16, 128):
+            proc = subprocess.run([sys.executable, __file__, "--child-tiled", str(1 if q else 2), "--child-batch",
+                                   str(batch)], capture_output=True, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            res["tiled"].append(json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr[-2000:]})
     if "demo" in only:
         res["demo"] = bench_demo(["A01"] if q else ["A01", "A02", "B01", "B02"])
     if "workers" in only:
         res["workers"] = bench_workers()
+    if "busy" in only:
+        res["busy"] = bench_busy(["A01"] if q else ["A01", "A02", "B01", "B02"], steps=20 if q else PcimOptions().steps,
+                                 settings=tuple(args.busy_threads.split(",")))
     if "objects" in only:
         res["objects"] = bench_objects(["A01"] if q else ["A01", "A02", "B01", "B02"], 256 if q else 512)
     if "screens" in only:

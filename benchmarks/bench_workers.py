@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_workers.py [--wells 8] [--steps 100] [--out benchmarks/results/bench_workers.json]
 
 Each setting runs `explain.run` on a fresh store (cluster none as the in-process reference, then
-`compute.cluster: local` with `compute.workers` 1 and 2; torch threads per worker as pcim sets them:
-CPUs / workers, capped by OMP_NUM_THREADS, which this script sets to 1 unless given). Figures per
+`compute.cluster: local` with `compute.workers` 1 and 2; torch threads per worker as pcim sets them
+(pcim_cli/run/threads.py: CPUs / workers, capped by OMP_NUM_THREADS, which this script sets to 1 unless
+given). Figures per
 setting: `wells_per_min` over the dispatch (cluster start-up included, up to the last well back),
 `steady_wells_per_min` between the first and the last well back (start-up excluded), and
 `wells_per_min_end_to_end` over the whole run (planning, shutdown, CSV included).
@@ -52,13 +53,14 @@ def run_once(wells: list[str], steps: int, cluster: str, workers: int) -> dict:
         t0 = time.perf_counter()
         result = explain.run(cfg, on_well=on_well, on_start=on_start)
         total = time.perf_counter() - t0
-    from pcim_cli.run.scheduler import torch_threads
+    from pcim_cli.run import threads
 
     dispatch = marks["last"] - marks["start"]
     steady = marks["last"] - marks["first"]
     return {
         "cluster": cluster, "workers": workers if cluster != "none" else 0, "wells": len(wells),
-        "torch_threads_per_worker": torch_threads(workers) if cluster != "none" else 1,
+        "torch_threads_per_worker": threads.threads_per_process(cfg.compute.threads, workers if cluster != "none"
+                                                                else 1, threads.read_limits()),
         "fields_done": result.counts["done"], "exit_code": result.exit_code,
         "dispatch_s": round(dispatch, 2), "total_s": round(total, 2),
         "first_well_s": round(marks["first"] - marks["start"], 2),  # cluster start-up + one well

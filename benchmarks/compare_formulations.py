@@ -1,12 +1,18 @@
 """Compare PCIM formulations and baselines on images whose true evidence is known.
 
     .venv/bin/python benchmarks/compare_formulations.py [--sets demo,nuclei] [--n 24] [--variants a,b]
+    .venv/bin/python benchmarks/compare_formulations.py --variants old-default,default,steps=50/lr=0.5
 
 For every evaluation set (benchmarks/evalsets) and every method, reports the mean over images of
 pointing game, relevance mass, pixel AUROC (localisation; higher is better), deletion AUC over the top
 20% of pixels in 0.5% steps (fidelity; lower is better; fine steps because the evidence is small),
-insertion AUC over all pixels (higher is better), and seconds per map. Writes a markdown table to
-stdout and a CSV to benchmarks/results/.
+fine deletion AUC over the top 2% in 0.1% steps (the coarse curve saturates on small evidence),
+insertion AUC over all pixels (higher is better), classifier passes per map (forward + backward of one
+image; a keep-delete step is two) and seconds per map. The baselines include the maps without a model
+(`intensity`: the channel whose intensity deletes the class fastest on the set; `contrast`: |x - channel
+mean| over channels; engine/trivial.py). A variant is a name of VARIANTS or PcimOptions
+overrides on the current default joined by '/': `steps=50/lr=0.5/schedule=cosine`. Writes a markdown
+table to stdout and a CSV to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -26,10 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evalsets  # noqa: E402
 from evalsets.tiled import TiledModel, field_maps  # noqa: E402
 
-from pcim_cli.engine import baselines, metrics  # noqa: E402
+from pcim_cli.engine import baselines, metrics, trivial  # noqa: E402
+from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions, fit_pcim  # noqa: E402
 
 DEFAULT = PcimOptions()
+#: the default before issue 14 (300 steps at a constant lr 0.1 from zero logits); the dual-* variants and
+#: the first sweep of docs/method.md are built on it
+OLD_DEFAULT = dataclasses.replace(DEFAULT, steps=300, lr=0.1, schedule="constant", warmup=0, coarse=0,
+                                  init="zero", noise=0.0, beta1=0.9, beta2=0.999)
 
 LADDER = (0.02, 0.05, 0.15)
 
@@ -41,24 +52,55 @@ VARIANTS: dict[str, PcimOptions] = {
     "paper-softmax-r4": PcimOptions(budget=None, objective="keep", keep_substrate="none", resolution=4),
     # a budget, keep-only (no deletion half)
     "clamped-keep-blur": PcimOptions(budget=0.05, objective="keep", keep_substrate="blur"),
+    "old-default": OLD_DEFAULT,
+    "default": DEFAULT,
     # budget + keep-delete, one budget
-    "dual-b02": dataclasses.replace(DEFAULT, budget=0.02),
-    "dual-b05": dataclasses.replace(DEFAULT, budget=0.05),
-    "dual-b15": dataclasses.replace(DEFAULT, budget=0.15),
-    "dual-b02-r2": dataclasses.replace(DEFAULT, budget=0.02, resolution=2),
-    "dual-b02-r8": dataclasses.replace(DEFAULT, budget=0.02, resolution=8),
-    "dual-b02-100x0.3": dataclasses.replace(DEFAULT, budget=0.02, steps=100, lr=0.3),
-    "dual-b02-es": dataclasses.replace(DEFAULT, budget=0.02, patience=20, tol=1e-2),
+    "dual-b02": dataclasses.replace(OLD_DEFAULT, budget=0.02),
+    "dual-b05": dataclasses.replace(OLD_DEFAULT, budget=0.05),
+    "dual-b15": dataclasses.replace(OLD_DEFAULT, budget=0.15),
+    "dual-b02-r2": dataclasses.replace(OLD_DEFAULT, budget=0.02, resolution=2),
+    "dual-b02-r8": dataclasses.replace(OLD_DEFAULT, budget=0.02, resolution=8),
+    "dual-b02-100x0.3": dataclasses.replace(OLD_DEFAULT, budget=0.02, steps=100, lr=0.3),
+    "dual-b02-es": dataclasses.replace(OLD_DEFAULT, budget=0.02, patience=20, tol=1e-2),
     # budget ladder: one fit per budget, maps averaged
-    "ladder": dataclasses.replace(DEFAULT, budget=LADDER),
-    "ladder-r2": dataclasses.replace(DEFAULT, budget=LADDER, resolution=2),
-    "ladder-r8": dataclasses.replace(DEFAULT, budget=LADDER, resolution=8),
-    "ladder-100x0.3": dataclasses.replace(DEFAULT, budget=LADDER, steps=100, lr=0.3),
-    "ladder-es": dataclasses.replace(DEFAULT, budget=LADDER, patience=20, tol=1e-2),
-    "ladder-tv": dataclasses.replace(DEFAULT, budget=LADDER, tv=1.0),
+    "ladder": dataclasses.replace(OLD_DEFAULT, budget=LADDER),
+    "ladder-r2": dataclasses.replace(OLD_DEFAULT, budget=LADDER, resolution=2),
+    "ladder-r8": dataclasses.replace(OLD_DEFAULT, budget=LADDER, resolution=8),
+    "ladder-100x0.3": dataclasses.replace(OLD_DEFAULT, budget=LADDER, steps=100, lr=0.3),
+    "ladder-es": dataclasses.replace(OLD_DEFAULT, budget=LADDER, patience=20, tol=1e-2),
+    "ladder-tv": dataclasses.replace(OLD_DEFAULT, budget=LADDER, tv=1.0),
 }
 
-BASELINES = ("random", "saliency", "integrated-gradients", "occlusion")
+
+def variant(name: str) -> PcimOptions:
+    """A named variant, or `key=value/key=value` overrides of the current default."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if "=" not in name:
+        raise SystemExit(f"unknown variant {name!r}: one of {', '.join(VARIANTS)}, or key=value/key=value")
+    fields = {f.name for f in dataclasses.fields(PcimOptions)}
+    kw: dict = {}
+    for part in name.split("/"):
+        key, _, text = part.partition("=")
+        if key not in fields:
+            raise SystemExit(f"variant {name!r}: {key!r} is not a PcimOptions field")
+        default = getattr(DEFAULT, key)
+        if isinstance(default, bool):
+            kw[key] = text.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, (int, float)):
+            kw[key] = type(default)(text)
+        else:
+            kw[key] = text if isinstance(default, str) else float(text)
+    return dataclasses.replace(DEFAULT, **kw)
+
+
+def passes_per_map(opts: PcimOptions, steps_used: float) -> float:
+    """Classifier passes (forward + backward of one image) per map: two per keep-delete step, one for the
+    gradient init; the final no-grad evaluation and p(target | x) are not counted."""
+    per_step = 2 if opts.objective == "keep-delete" else 1
+    return per_step * steps_used * max(1, len(opts.budgets)) + (opts.init == "gradient")
+
+BASELINES = ("random", "saliency", "integrated-gradients", "occlusion", *trivial.TRIVIAL)
 
 # evaluation sets: two datasets x two architectures, a saturated (confident) model, a larger image
 SETS = {
@@ -70,34 +112,61 @@ SETS = {
     "nuclei-256": {"name": "nuclei", "size": 256},
     # real bright-field RGB, 3 classes, evidence 6-45 % of a field, 176 px fields tiled for a 64 px model
     "ihc": {"name": "ihc"},
+    # the demo's 128 px fields through the max-pool CNN on 64 px tiles (3 x 3 tiles; benchmarks/field_maps.py)
+    "demo-tiled": {"name": "demo", "tile": (64, 64)},
 }
 
 
-def score(model, x, mask, target, maps) -> dict[str, float]:
+def load_set(name: str, n: int) -> dict:
+    """The evaluation set `name` of SETS (n images); a `tile` in SETS cuts its fields into tiles of that
+    size, explained and scored per field as pcim explain does (evalsets.tiled)."""
+    spec = dict(SETS[name])
+    tile = spec.pop("tile", None)
+    data = evalsets.load(spec.pop("name"), n=n, **spec)
+    if tile is not None:
+        data["tile"] = tile
+    return data
+
+
+def score_images(model, x, mask, target, maps) -> dict[str, torch.Tensor]:
     fine = torch.linspace(0, 0.2, 41)
+    finest = torch.linspace(0, 0.02, 21)
     values = {
         "pointing_game": metrics.pointing_game(maps, mask),
         "pointing_game_3px": metrics.pointing_game(maps, mask, tolerance=3),
         "relevance_mass": metrics.relevance_mass(maps, mask),
         "pixel_auroc": metrics.pixel_auroc(maps, mask),
         "deletion_auc": metrics.deletion_auc(model, x, maps, target, fractions=fine),
+        "deletion_fine": metrics.deletion_auc(model, x, maps, target, fractions=finest),
         "insertion_auc": metrics.insertion_auc(model, x, maps, target, substrate="blur"),
     }
-    return metrics.summarize(values)
+    return values
 
 
-def run_method(name: str, data: dict, batch: int) -> dict[str, float]:
-    """Maps of one method on a set, scored; a set with a `tile` is explained and scored on the whole field
-    through its tiles, as pcim explain does (evalsets.tiled)."""
+def score(model, x, mask, target, maps) -> dict[str, float]:
+    return metrics.summarize(score_images(model, x, mask, target, maps))
+
+
+def run_method(name: str, data: dict, batch: int, per_image: list | None = None) -> dict[str, float]:
+    """Mean scores of one method on one set; with `per_image`, one dict per image is appended to it. A set
+    with a `tile` is explained and scored on the whole field through its tiles, as pcim explain does
+    (evalsets.tiled)."""
     model, x, target = data["model"], data["x"], data["target"]
     t0 = time.perf_counter()
     extra = {}
     stats = []
+    opts = None if name in BASELINES else variant(name)
+    scorer = TiledModel(model, data["tile"]) if "tile" in data else model
+    channel = None
+    if name == "intensity":  # one channel for the set, as pcim evaluate chooses it (on whole fields)
+        channel = int(trivial.best_channel(scorer, x, target, per_image=False))
 
     def fit(m, xs, ts):
+        if name in trivial.TRIVIAL:
+            return attribute(m, xs, ts, name, dataclasses.replace(DEFAULT, intensity_channel=channel)).maps
         if name in BASELINES:
             return baselines.METHODS[name](m, xs, ts)
-        stats.append(fit_pcim(m, xs, ts, VARIANTS[name]))
+        stats.append(fit_pcim(m, xs, ts, opts))
         return stats[-1].maps
 
     if "tile" in data:  # as pcim explain does: one map per field through its tiles
@@ -110,9 +179,12 @@ def run_method(name: str, data: dict, batch: int) -> dict[str, float]:
             "p_delete": float(torch.cat([r.prob_deleted for r in stats]).mean()),
             "steps_used": float(torch.cat([r.steps for r in stats]).float().mean()),
         }
+        extra["passes"] = passes_per_map(opts, extra["steps_used"])
     seconds = (time.perf_counter() - t0) / len(x)
-    scorer = TiledModel(model, data["tile"]) if "tile" in data else model
-    return {**score(scorer, x, data["mask"], target, maps), "s_per_map": seconds, **extra}
+    values = score_images(scorer, x, data["mask"], target, maps)
+    if per_image is not None:
+        per_image += [{"image": i, **{k: float(v[i]) for k, v in values.items()}} for i in range(len(x))]
+    return {**metrics.summarize(values), "s_per_map": seconds, **extra}
 
 
 def main(argv=None) -> int:
@@ -125,19 +197,23 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/formulations.csv")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    rows = []
+    rows, images = [], []
     for set_name in args.sets.split(","):
-        spec = dict(SETS[set_name])
-        data = evalsets.load(spec.pop("name"), n=args.n, **spec)
+        data = load_set(set_name, args.n)
         methods = [m for m in args.baselines.split(",") if m] + [v for v in args.variants.split(",") if v]
         for method in methods:
-            res = run_method(method, data, args.batch)
+            per_image: list = []
+            res = run_method(method, data, args.batch, per_image)
             rows.append({"set": set_name, "method": method, **res})
+            images += [{"set": set_name, "method": method, **r} for r in per_image]
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as it goes: long runs can be read early
+            pd.DataFrame(images).to_csv(Path(args.out).with_suffix(".images.csv"), index=False)
             print(f"{set_name:18s} {method:24s} " + " ".join(
                 f"{k}={v:.3f}" for k, v in res.items()), flush=True)
     df = pd.DataFrame(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
+    pd.DataFrame(images).to_csv(Path(args.out).with_suffix(".images.csv"), index=False)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 

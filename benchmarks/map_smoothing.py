@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import compare_formulations as cf  # noqa: E402
-import evalsets  # noqa: E402
 
 from pcim_cli.engine import baselines, mixing  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions, fit_pcim  # noqa: E402
@@ -71,8 +70,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     rows = []
     for set_name in args.sets.split(","):
-        spec = dict(cf.SETS[set_name])
-        data = evalsets.load(spec.pop("name"), n=args.n, **spec)
+        data = cf.load_set(set_name, args.n)
         model, x, target, mask = data["model"], data["x"], data["target"], data["mask"]
         ig = torch.cat([baselines.integrated_gradients(model, x[i : i + args.batch], target[i : i + args.batch])
                         for i in range(0, len(x), args.batch)])

@@ -292,13 +292,16 @@ def explain(
         typer.echo(f"  {f['object']} table failed {f['well']} site {f['site']} (map done): {f['error']}", err=True)
     for p in result.problems:
         typer.echo(f"  not run: {p}", err=True)
+    for v in [] if quiet else result.verdicts:
+        typer.echo(f"verdict: {v.sentence}", err=True)
     if as_json:
         status = {0: "ok", 3: "partial", 75: "interrupted"}.get(result.exit_code, "failed")
         doc = {"status": status, "exit_code": result.exit_code, "store": str(result.store),
                "csv": None if result.csv is None else str(result.csv), "counts": counts, "fits": fits,
                "fitted": result.fitted, "failed": result.failed, "problems": result.problems,
                "object_csvs": {k: str(v) for k, v in result.object_csvs.items()},
-               "object_failures": result.object_failures, "message": line}
+               "object_failures": result.object_failures, "message": line,
+               "verdicts": [v.to_dict() for v in result.verdicts]}
         typer.echo(json.dumps(doc))
     raise typer.Exit(result.exit_code)
 
@@ -343,6 +346,9 @@ def validate(
                    f"every field; {found.usable} of {found.fields} fields usable")
         for name, count in found.objects.items():
             typer.echo(f"objects {name}: label images for {count} of {found.fields} fields")
+        if found.explainer:
+            typer.echo(f"explainer {found.explainer['path']} (sha256 {found.explainer['sha256'][:12]}…) fits "
+                       "this plate's classifier, channels, normalisation and settings")
         for p in found.problems:
             typer.echo(f"problem: {p}")
         if found.plan is not None:
@@ -478,8 +484,10 @@ def evaluate(
     plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml.")],
     masks: Annotated[str, typer.Option("--masks", help="Mask file pattern with {well} (or {row}, {col}) and "
                                        "{field}, e.g. masks/{well}_s{field}.tif; nonzero = true evidence.")],
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to compare.")] = (
-        "pcim,saliency,integrated-gradients,occlusion,rise"),
+    methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated methods to compare (default: "
+                                                "every explain.method: pcim, the baselines, the trivial maps "
+                                                "intensity, contrast, and pcim-amortised when explain.explainer "
+                                                "is set).")] = None,
     wells: Annotated[str | None, typer.Option("--wells", help="A number N (N wells spread over the plate, "
                                               "wells with evidence first) or a list A01,B03. Default: all.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: next to the CSV, "
@@ -501,17 +509,84 @@ def evaluate(
         well_arg = int(wells) if wells.strip().isdigit() else [w.strip() for w in wells.split(",") if w.strip()]
     try:
         cfg = load_config(plate_yaml, set_ or ())
-        result = evaluate_lib.evaluate(cfg, masks, methods.split(","), well_arg, out, sanity=not no_sanity)
+        result = evaluate_lib.evaluate(cfg, masks, None if methods is None else methods.split(","), well_arg, out,
+                                       sanity=not no_sanity)
     except Exception as exc:  # noqa: BLE001
         raise _fail(exc, as_json) from None
     if as_json:
         typer.echo(json.dumps({"out": str(result.out), "fields": result.fields,
                                "files": {k: str(v) for k, v in result.files.items()},
+                               "intensity_channel": result.intensity_channel,
+                               "verdicts": [v.to_dict() for v in result.verdicts],
                                "table": json.loads(result.table.to_json(orient="records"))}))
     else:
         typer.echo(evaluate_lib.markdown_table(result.table))
+        for v in result.verdicts:
+            typer.echo(f"verdict ({v.target}): {v.sentence}")
     if not quiet:
         typer.echo(f"{len(result.fields)} fields; comparison in {result.out}", err=True)
+
+
+@app.command("train-explainer", epilog=EXIT_CODES_HELP)
+def train_explainer(
+    plate_yamls: Annotated[list[Path], typer.Argument(help="The plate.yaml of each plate to train on (same "
+                                                      "classifier, channels and normalisation).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the explainer (TorchScript); its JSON "
+                                      "sidecar goes to <out>.json, the checkpoint to <out>.ckpt.")],
+    steps: Annotated[int | None, typer.Option("--steps", help="Training steps (default 1000).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Crops per step (default 8).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate of the one-cycle schedule "
+                                             "(default 0.002).")] = None,
+    crop: Annotated[int | None, typer.Option("--crop", help="Crop size in px (default: model.input_size, or "
+                                             "whole fields).")] = None,
+    val_wells: Annotated[str | None, typer.Option("--val-wells", help="Wells held out for validation on every "
+                                                  "plate, e.g. A03,C05 (default: every 5th well).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the initial weights and the crops "
+                                             "(default 0).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", help="Steps between checkpoints "
+                                                         "(default 25).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over: ignore a checkpoint or an explainer "
+                                        "already trained with the same settings.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key of every plate.yaml, as for "
+                                                   "explain (e.g. compute.device=cuda).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the explainer's record as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail.")] = 0,
+) -> None:
+    """Train an amortised PCIM explainer for the plates' classifier (explain.method: pcim-amortised).
+
+    Held-out wells measure the validation objective; a killed or interrupted run resumes from its
+    checkpoint when the same command is run again.
+    """
+    from pcim_cli.config import load_config
+    from pcim_cli.run import train as train_lib
+    from pcim_cli.run.progress import StepProgress
+
+    _setup_logging(verbose, quiet)
+    engine = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+    run = {"crop": crop, "checkpoint_every": checkpoint_every,
+           "val_wells": None if val_wells is None else tuple(w.strip() for w in val_wells.split(",") if w.strip())}
+    try:
+        settings = train_lib.settings(engine, run)
+        cfgs = [load_config(p, set_ or ()) for p in plate_yamls]
+        with StepProgress(fancy=fancy_terminal(), quiet=quiet) as progress:
+            result = train_lib.train_explainer(cfgs, out, settings, progress=progress, fresh=fresh)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(exc) from None
+    training = result.meta["training"]
+    if as_json:
+        typer.echo(json.dumps({"out": str(result.out), "sidecar": str(result.sidecar), "sha256": result.sha256,
+                               "up_to_date": result.up_to_date, "resumed_from": result.resumed_from,
+                               **result.meta}, default=str))
+    elif not quiet:
+        state = "already trained with these settings" if result.up_to_date else (
+            f"trained {training['steps']} steps in {training['train_seconds']:.0f} s on {training['device']}"
+            + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
+        typer.echo(f"explainer {result.out} (sha256 {result.sha256[:12]}…): {state}; objective "
+                   f"{training['train_objective']:.4f} on training crops, {training['validation_objective']:.4f} on "
+                   f"{training['validation_tiles']} validation tiles (untrained "
+                   f"{training['validation_objective_untrained']:.4f}); use it with "
+                   f"--set explain.method=pcim-amortised --set explain.explainer={result.out}", err=True)
 
 
 @app.command()

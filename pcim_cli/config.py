@@ -13,11 +13,12 @@ Override values are parsed as YAML (``[A01, B03]`` is a list, ``null`` is null);
 valid YAML (e.g. ``{well}_s{field}.tif``) is taken as plain text. With
 ``compute.cluster: address`` and no address anywhere, ``DASK_SCHEDULER_ADDRESS`` fills it in.
 
-Relative paths (``plate.images``, ``plate.layout``, ``model.path``, ``output.zarr``, ``output.csv``,
-``compute.scheduler_file``) resolve against the YAML file's folder -- also when they come from an
-override -- never against the working directory; ``~`` is expanded. ``{plate}`` in the output paths
-becomes the plate name, which defaults to the YAML file's stem. Unknown keys are errors, and every
-problem is reported at once in one ConfigError, each as ``<yaml.path>: <what is wrong>``.
+Relative paths (``plate.images``, ``plate.layout``, ``model.path``, ``explain.explainer``,
+``output.zarr``, ``output.csv``, ``compute.scheduler_file``) resolve against the YAML file's folder --
+also when they come from an override -- never against the working directory; ``~`` is expanded.
+``{plate}`` in the output paths becomes the plate name, which defaults to the YAML file's stem.
+Unknown keys are errors, and every problem is reported at once in one ConfigError, each as
+``<yaml.path>: <what is wrong>``.
 
 YAML (pcim_cli/yaml_reader.py): every plain scalar is read as the text it is written as, and the models
 below parse numbers and booleans from it, in decimal: a plate barcode ``0012345`` stays ``0012345``,
@@ -52,6 +53,7 @@ from pydantic import (
     model_validator,
 )
 
+from pcim_cli.engine.attribute import METHODS
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import ConfigError, short, shown
 from pcim_cli.io.images import compile_pattern
@@ -285,8 +287,12 @@ _ENGINE = PcimOptions()  # the engine's defaults are the config's defaults
 class ExplainConfig(_Section):
     """`explain:` — what to attribute and how. Engine settings are flat keys of this section."""
 
-    method: Literal["pcim", "saliency", "integrated-gradients", "occlusion", "rise"] = "pcim"
+    method: Literal[METHODS] = "pcim"  # pcim, the baselines, the trivial maps (engine/attribute.py)
     target: str = "predicted"  # predicted | a class name | layout:<column> | all
+    # pcim-amortised: the file `pcim train-explainer` wrote; refine_steps of the per-image fit from its logits
+    explainer: ConfigPath | None = None
+    refine_steps: int = Field(_ENGINE.refine_steps, ge=0)
+    refine_lr: float = Field(_ENGINE.refine_lr, gt=0)
     steps: PositiveInt = _ENGINE.steps
     lr: float = Field(_ENGINE.lr, gt=0)
     per_channel: bool = _ENGINE.per_channel
@@ -304,6 +310,12 @@ class ExplainConfig(_Section):
     tv: float = Field(_ENGINE.tv, ge=0)
     noise: float = Field(_ENGINE.noise, ge=0)
     patience: int = Field(_ENGINE.patience, ge=0)  # early stopping; 0 = always run `steps`
+    # how the fit proceeds (engine/schedule.py; docs/method.md "Fewer passes per map"): lr schedule, linear
+    # warm-up steps, first logits (gradient: from the input gradient, one more pass) and their peak
+    schedule: Literal["constant", "cosine", "step"] = _ENGINE.schedule
+    warmup: int = Field(_ENGINE.warmup, ge=0)
+    init: Literal["zero", "gradient"] = _ENGINE.init
+    init_scale: float = Field(_ENGINE.init_scale, gt=0)
     tol: float = Field(_ENGINE.tol, gt=0)
     map_contrast: bool = _ENGINE.map_contrast  # map x |field - deleted value|: relevance on the pixels, not beside
     # baseline settings (method: integrated-gradients | occlusion | rise); PCIM ignores them
@@ -313,6 +325,9 @@ class ExplainConfig(_Section):
     rise_masks: PositiveInt = _ENGINE.rise_masks  # random masks per map
     rise_cell: PositiveInt = _ENGINE.rise_cell  # px per cell of the random mask grid
     rise_p: float = Field(_ENGINE.rise_p, gt=0, lt=1)  # probability that a cell is kept
+    # intensity: the channel shown (a name of plate.channels); auto: per image, the channel whose intensity
+    # removes the class fastest (pcim evaluate reports the best one for the plate)
+    intensity_channel: str = "auto"
     fidelity: bool = True  # deletion / insertion AUC of every map into the CSV
     # plate.objects: how many top objects (by share) are deleted together for the field's drop, and outlined
     top_objects: PositiveInt = 3
@@ -378,13 +393,16 @@ class ComputeConfig(_Section):
     workers: Literal["auto"] | PositiveInt = "auto"
     device: str = "auto"
     batch_size: PositiveInt = 16
+    # torch threads per fitting process: auto = the CPUs it may really use (affinity, cgroup quota, SLURM,
+    # OMP_NUM_THREADS) shared among the workers of a host, or 1 when the first fit steps are faster so
+    threads: Literal["auto"] | PositiveInt = "auto"
     # speed levers (benchmarks/bench.py): NHWC inputs, used only when the model gives the same logits with them
     channels_last: bool = True
     # reduced-precision forward (autocast): faster on GPUs, changes maps slightly (part of the fingerprint)
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
-    @field_validator("workers", mode="before")
+    @field_validator("workers", "threads", mode="before")
     @classmethod
     def _check_workers(cls, value: Any) -> Any:
         if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
@@ -511,6 +529,14 @@ class RunConfig(_Section):
             elif classes is None and not target.isdigit():
                 problems.append(("explain.target", f"{short(target)} is not a class: model.classes is not set, so "
                                  "classes are named 0, 1, …; list model.classes or use predicted / all"))
+        if self.explain.method == "pcim-amortised" and self.explain.explainer is None:
+            problems.append(("explain.explainer", "required with explain.method: pcim-amortised: the file that "
+                             "`pcim train-explainer plate.yaml --out explainer.pt` wrote"))
+        channel = self.explain.intensity_channel
+        if channel != "auto" and channel not in self.plate.channels:
+            problems.append(("explain.intensity_channel", f"{channel!r} is not in plate.channels "
+                             f"({', '.join(self.plate.channels)}); use one of them or auto"
+                             + _did_you_mean(channel, list(self.plate.channels))))
         budget = self.explain.budget
         if self.explain.adaptive_budget is not None:
             if not isinstance(budget, (int, float)):

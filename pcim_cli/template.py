@@ -33,10 +33,15 @@ model:
   normalize: {{method: percentile, low: 1.0, high: 99.8}}
       # per channel and field, as in training; or {{method: fixed, min: 0, max: 4095}}, {{method: none}}
 explain:
-  method: pcim                      # pcim | saliency | integrated-gradients | occlusion | rise
+  method: pcim                      # pcim | pcim-amortised | saliency | integrated-gradients | occlusion | rise
+                                    #   | intensity | contrast
   target: predicted                 # predicted | a class name | layout:<column> | all
-  steps: 300                        # optimisation steps per map
-  lr: 0.1
+  explainer: null                   # pcim-amortised: the file `pcim train-explainer plate.yaml --out …` wrote
+  refine_steps: 0                   # pcim-amortised: per-image fit steps continued from the explainer's maps
+  steps: 49                         # optimisation steps per map (x 2 images + 1 gradient pass = 99 passes)
+  lr: 0.3
+  schedule: constant                # learning rate over the steps: constant | cosine | step
+  init: gradient                    # first mixing logits: gradient (input gradient) | zero
   per_channel: false                # true: one map per input channel instead of one shared map
   seed: 0
   fidelity: true                    # deletion / insertion AUC of every map into the CSV
@@ -50,6 +55,7 @@ compute:
   workers: auto                     # local: one per visible GPU, else 1
   device: auto                      # auto | cpu | cuda | cuda:<index>
   batch_size: 16                    # images (fields or tiles) fitted together on one device
+  threads: auto                     # torch threads per process: auto (the CPUs it may use; 1 when faster) | N
   channels_last: true               # NHWC inputs when the model gives the same logits with them (faster)
   precision: float32                # bfloat16 / float16: faster on GPUs, maps change slightly
   slurm:                            # cluster: slurm (dask-jobqueue SLURMCluster), one worker per job

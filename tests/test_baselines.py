@@ -19,13 +19,14 @@ from pcim_cli.config import load_config
 from pcim_cli.engine import baselines
 from pcim_cli.engine.attribute import BASELINE_KEYS, METHODS, attribute, captum_available, method_settings
 from pcim_cli.engine.pcim import PcimOptions, deletion_contrast
+from pcim_cli.engine.trivial import TRIVIAL
 from pcim_cli.io import store
 from pcim_cli.run import explain
 
 DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
 _SCRIPT = Path(sys.executable).parent / "pcim"
 PCIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pcim_cli.cli"]
-BASELINES = [m for m in METHODS if m != "pcim"]
+BASELINES = [m for m in METHODS if not m.startswith("pcim") and m not in TRIVIAL]  # trivial: tests/test_trivial.py
 FAST = PcimOptions(ig_steps=16, occlusion_window=2, occlusion_stride=2, rise_masks=400, rise_cell=4)
 needs_captum = pytest.mark.skipif(not captum_available(), reason="captum (pcim-cli[baselines]) not installed")
 

@@ -53,7 +53,8 @@ def test_minimal_config_defaults_and_paths(tmp_path: Path, monkeypatch: pytest.M
     assert cfg.model.normalize == NormalizePercentile(low=1.0, high=99.8)
     explain = cfg.explain.model_dump()
     assert {k: explain[k] for k in ("method", "target", "steps", "lr", "per_channel", "seed")} == {
-        "method": "pcim", "target": "predicted", "steps": 300, "lr": 0.1, "per_channel": False, "seed": 0}
+        "method": "pcim", "target": "predicted", "steps": 49, "lr": 0.3, "per_channel": False, "seed": 0}
+    assert (cfg.explain.schedule, cfg.explain.init, cfg.explain.noise) == ("constant", "gradient", 0.02)
     assert cfg.compute.cluster == "local" and cfg.compute.workers == "auto"
     assert cfg.compute.device == "auto" and cfg.compute.batch_size == 16
     assert cfg.compute.slurm.walltime == "01:00:00" and cfg.compute.slurm.job_extra == []
@@ -189,8 +190,8 @@ def test_all_problems_reported_at_once_with_paths(tmp_path: Path) -> None:
         "model.normalize.method: 'percentil' is not allowed: use one of percentile, fixed, none "
         "(did you mean 'percentile'?)",
         "explain.stpes: unknown key (did you mean 'steps'?)",
-        "explain.method: 'gradcam' is not allowed: use one of pcim, saliency, integrated-gradients, occlusion, "
-        "rise",
+        "explain.method: 'gradcam' is not allowed: use one of pcim, pcim-amortised, saliency, integrated-gradients, "
+        "occlusion, rise",
         "explain.lr: input should be greater than 0 (got -1)",
         "explain.seed: input should be greater than or equal to 0 (got -2) [from --set explain.seed=-2]",
         "compute.workers: must be 'auto' or a positive whole number, got 'none'",

@@ -171,7 +171,7 @@ def test_target_log_probs_are_stable_for_confident_logits():
 
 def test_invalid_options_are_refused_with_every_problem():
     with pytest.raises(ValueError, match="steps.*budget"):
-        PcimOptions(steps=0, budget=2.0)
+        PcimOptions(steps=-1, budget=2.0)  # steps=0 is valid: no fit, the maps of `init`
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,7 +221,8 @@ class Recorder(torch.nn.Module):
 def test_kept_and_deleted_images_go_through_the_model_as_one_batch_bit_for_bit():
     model = Recorder()
     x = toy_images(3)
-    fit_pcim(model, x, torch.ones(3, dtype=torch.long), dataclasses.replace(FAST, steps=1))
+    # from zero logits and without input noise, the first step's batch is known by hand
+    fit_pcim(model, x, torch.ones(3, dtype=torch.long), dataclasses.replace(FAST, steps=1, init="zero", noise=0.0))
     first = model.seen[1]  # seen[0]: the unmixed images (prob_original)
     w = torch.zeros(mixing.weight_shape(x.shape, FAST.per_channel, FAST.resolution))
     m = mixing.upsample(mixing.mixing_weights(w, FAST.budget), (32, 32))

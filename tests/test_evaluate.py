@@ -47,16 +47,23 @@ def test_evaluate_writes_tables_and_plots(run):
     doc = json.loads(proc.stdout)
     assert doc["fields"] == ["A01 s1", "A01 s2", "A02 s1", "A02 s2"]
     table = pd.read_csv(out / "comparison.csv")
-    assert table["method"].tolist() == ["pcim", "saliency", "integrated-gradients", "occlusion", "rise"]
+    assert table["method"].tolist() == ["pcim", "saliency", "integrated-gradients", "occlusion", "rise",
+                                        "intensity", "contrast"]
     for col in ("pointing_game", "pointing_game_3px", "relevance_mass", "rank_accuracy", "pixel_auroc",
-                "deletion_auc", "insertion_auc", "sparseness", "randomisation_spearman", "s_per_map"):
+                "deletion_auc", "fine_deletion_auc", "insertion_auc", "sparseness", "randomisation_spearman",
+                "s_per_map"):
         assert table[col].notna().all(), col
     assert (table["maps"] == 4).all()
     md = (out / "comparison.md").read_text()
-    assert "| pcim | 4 |" in md and "deletion ↓" in md and "pointing 3px ↑" in md
+    assert "| pcim | 4 |" in md and "deletion ↓" in md and "deletion 2% ↓" in md and "pointing 3px ↑" in md
     saved = json.loads((out / "comparison.json").read_text())
     assert saved["directions"]["deletion_auc"] == "lower" and len(saved["curves"]["pcim"]["deletion"]) == 41
-    assert len(pd.read_csv(out / "scores.csv")) == 5 * 4
+    assert len(saved["curves"]["contrast"]["fine_deletion"]) == 21
+    assert saved["intensity_channel"] in ("DNA", "PH3", "Actin")
+    assert doc["intensity_channel"] == saved["intensity_channel"]
+    (v,) = doc["verdicts"]  # one target class: mitotic
+    assert v["target"] == "mitotic" and v["reference"] == "pcim" and v["sentence"] in md
+    assert len(pd.read_csv(out / "scores.csv")) == 7 * 4
     import matplotlib.image
 
     for name in ("curves.png", "overlays.png"):
@@ -66,10 +73,12 @@ def test_evaluate_writes_tables_and_plots(run):
 
 
 def test_pcim_is_at_least_as_good_as_every_baseline_on_the_demo(run):
+    """Against the gradient and perturbation baselines; the trivial maps are compared in measured tables
+    (docs/method.md), not asserted on 4 fields at test settings."""
     assert run["proc"].returncode == 0, run["proc"].stderr[-3000:]
     table = pd.read_csv(run["out"] / "comparison.csv").set_index("method")
     pcim = table.loc["pcim"]
-    for method in table.index.drop("pcim"):
+    for method in table.index.drop(["pcim", "intensity", "contrast"]):
         assert pcim["deletion_auc"] <= table.loc[method, "deletion_auc"], method
         assert pcim["pointing_game_3px"] >= table.loc[method, "pointing_game_3px"], method
         assert pcim["pointing_game"] >= table.loc[method, "pointing_game"], method

@@ -18,6 +18,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pcim_cli.engine import field as field_maps
 from pcim_cli.engine import tiling
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.io import store
@@ -246,12 +247,61 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_maps(tmp_path, fixed_
     assert len(warnings) == 1 and "compute.batch_size" in warnings[0].getMessage()  # warned once
 
 
-def test_out_of_memory_on_one_whole_field_fails_it_naming_tile_maps(tmp_path, fixed_model, monkeypatch):
-    task = make_task(tmp_path, fixed_model, [(150, 100)], (TILE, TILE), batch_size=16, fidelity=False)
+def _whole_field_reference(tmp_path: Path, model: Path, **kw) -> np.ndarray:
+    task = make_task(tmp_path / "ref", model, [(150, 100)], (TILE, TILE), batch_size=16, **kw)
+    assert [r["status"] for r in worker.explain_well(task)] == ["done"]  # 6 tiles x 2 images in one model call
+    return store.read_field(Path(task.store_path), "A01", 0)[0]
+
+
+def test_a_whole_field_goes_through_the_model_in_calls_of_twice_the_batch_size(tmp_path, fixed_model, monkeypatch):
+    reference = _whole_field_reference(tmp_path, fixed_model, fidelity=True)
+    task = make_task(tmp_path / "chunked", fixed_model, [(150, 100)], (TILE, TILE), batch_size=2, fidelity=True)
+    small = OomAbove(torch.jit.load(str(fixed_model)), limit=4)  # a device that takes 4 tiles per call
+    _with_model(monkeypatch, task, small)
+    rows = worker.explain_well(task)
+    assert [r["status"] for r in rows] == ["done"] and max(small.sizes) == 4  # 12 tiles per step, 4 per call
+    maps, _, record = store.read_field(Path(task.store_path), "A01", 0)
+    assert record["tiling"]["maps"] == "field"
+    np.testing.assert_allclose(maps, reference, rtol=1e-4, atol=1e-6)  # checkpointed chunks: the same map
+
+
+def test_out_of_memory_on_one_whole_field_retries_in_smaller_model_calls(tmp_path, fixed_model, monkeypatch):
+    reference = _whole_field_reference(tmp_path, fixed_model, fidelity=False)
+    task = make_task(tmp_path / "oom", fixed_model, [(150, 100)], (TILE, TILE), batch_size=16, fidelity=False)
     _with_model(monkeypatch, task, OomAbove(torch.jit.load(str(fixed_model)), limit=7))  # a step needs 12
+    rows = worker.explain_well(task)
+    assert [r["status"] for r in rows] == ["done"]
+    maps, _, record = store.read_field(Path(task.store_path), "A01", 0)
+    np.testing.assert_allclose(maps, reference, rtol=1e-4, atol=1e-6)
+    assert record["batch_size"] == 3  # 6 tiles per call after one halving
+
+
+def test_out_of_memory_on_one_whole_field_at_two_tiles_fails_it_naming_tile_maps(tmp_path, fixed_model, monkeypatch):
+    task = make_task(tmp_path, fixed_model, [(150, 100)], (TILE, TILE), batch_size=16, fidelity=False)
+    _with_model(monkeypatch, task, OomAbove(torch.jit.load(str(fixed_model)), limit=1))
     rows = worker.explain_well(task)
     assert [r["status"] for r in rows] == ["failed"]
     assert "out of memory" in rows[0]["error"] and "explain.tile_maps: per-tile" in rows[0]["error"]
+
+
+def test_chunked_tiled_forward_gives_the_same_logits_and_gradients():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).eval()
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    model = torch.jit.script(net)
+    grid = tiling.plan_tiles((150, 100), (TILE, TILE))
+    x = torch.rand(2, 3, 150, 100)
+    grads = []
+    for chunk in (None, 5):
+        xi = x.clone().requires_grad_(True)
+        logits = field_maps.TiledForward(model, grid, "mean-prob", chunk=chunk)(xi)
+        logits.log_softmax(-1)[:, 1].sum().backward()
+        grads.append((logits.detach(), xi.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    with pytest.raises(ValueError, match="chunk"):
+        field_maps.TiledForward(model, grid, chunk=0)
 
 
 def test_out_of_memory_at_one_image_fails_the_field_naming_the_setting(tmp_path, fixed_model, monkeypatch):

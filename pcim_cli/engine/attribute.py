@@ -1,12 +1,20 @@
 """One entry point for every attribution method the `explain.method` key can name.
 
+pcim-amortised (engine/explainer.py) takes the maps from a trained explainer's logits, refined by
+`refine_steps` steps of the per-image fit.
+
 `attribute(model, x, target, method, opts, seeds)` returns a `PcimResult` whatever the method, so the
 worker, the store and the CSV treat PCIM and the baselines alike. A baseline's maps are non-negative,
 one per channel when `opts.per_channel` (RISE and occlusion then perturb one channel at a time) and
 one shared map otherwise; the fit-only statistics (mixed / deleted probability, loss) are NaN and its
 step count is 0. Saliency, integrated gradients and occlusion use Captum when it is installed
 (`pip install pcim-cli[baselines]`) and the pure-torch versions in `baselines.py` otherwise; both
-compute the same quantity (tested). Only forward calls and input gradients: any TorchScript model.
+compute the same quantity (tested). The trivial maps (`intensity`, `contrast`; engine/trivial.py)
+need no model; intensity with `intensity_channel` None asks it which channel explains each image best.
+Only forward calls and input gradients: any TorchScript model.
+
+A new method: add its name to METHODS (config, `pcim evaluate` and the benchmarks take the list from
+here), its settings to METHOD_KEYS, and its branch to `_baseline`.
 """
 
 from __future__ import annotations
@@ -15,28 +23,37 @@ import dataclasses
 
 import torch
 
-from pcim_cli.engine import baselines
+from pcim_cli.engine import baselines, pcim, trivial
+from pcim_cli.engine.explainer import amortised_pcim
 from pcim_cli.engine.pcim import Forward, PcimOptions, PcimResult, _FrozenModel, fit_pcim, target_log_probs
 
-METHODS = ("pcim", "saliency", "integrated-gradients", "occlusion", "rise")
+METHODS = ("pcim", "pcim-amortised", "saliency", "integrated-gradients", "occlusion", "rise", *trivial.TRIVIAL)
 BACKENDS = ("auto", "captum", "torch")
 
 #: the PcimOptions fields each method reads (besides per_channel); the settings fingerprint uses them
-BASELINE_KEYS = ("ig_steps", "occlusion_window", "occlusion_stride", "rise_masks", "rise_cell", "rise_p")
+BASELINE_KEYS = ("ig_steps", "occlusion_window", "occlusion_stride", "rise_masks", "rise_cell", "rise_p",
+                 "intensity_channel")
+#: read by pcim-amortised only (which ignores steps and lr: its refine has its own)
+AMORTISED_KEYS = ("refine_steps", "refine_lr")
 METHOD_KEYS = {
     "saliency": (),
     "integrated-gradients": ("ig_steps",),
     "occlusion": ("occlusion_window", "occlusion_stride"),
     "rise": ("rise_masks", "rise_cell", "rise_p"),
+    "intensity": ("intensity_channel",),
+    "contrast": ("delete_substrate", "blur_sigma"),
 }
 
 
 def method_settings(method: str, opts: PcimOptions) -> dict:
     """The settings that change `method`'s maps: every PCIM field for pcim (as before baselines
-    existed, so PCIM fingerprints do not change), per_channel and the method's own keys otherwise."""
+    existed, so PCIM fingerprints do not change), those and the refine settings but not steps / lr for
+    pcim-amortised, per_channel and the method's own keys otherwise."""
     values = dataclasses.asdict(opts)
     if method == "pcim":
-        return {k: v for k, v in values.items() if k not in BASELINE_KEYS}
+        return {k: v for k, v in values.items() if k not in BASELINE_KEYS + AMORTISED_KEYS}
+    if method == "pcim-amortised":
+        return {k: v for k, v in values.items() if k not in BASELINE_KEYS + ("steps", "lr")}
     return {k: values[k] for k in ("per_channel", *METHOD_KEYS.get(method, ()))}
 
 
@@ -49,14 +66,19 @@ def captum_available() -> bool:
 
 
 def attribute(model: Forward, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
-              seeds: torch.Tensor | None = None, backend: str = "auto") -> PcimResult:
+              seeds: torch.Tensor | None = None, backend: str = "auto",
+              explainer: Forward | None = None) -> PcimResult:
     """Maps (B, M, H, W) of `method` for images x (B, C, H, W) and their target classes (B,).
 
     backend: auto (Captum when installed), captum, or torch (the pure-torch baselines); PCIM and RISE
-    are always pure torch.
+    are always pure torch. explainer: the trained explainer module pcim-amortised needs.
     """
     if method == "pcim":
         return fit_pcim(model, x, target, opts, seeds=seeds)
+    if method == "pcim-amortised":
+        if explainer is None:
+            raise ValueError("pcim-amortised needs a trained explainer (explainer=...)")
+        return amortised_pcim(model, explainer, x, target, opts, seeds=seeds)
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; one of {', '.join(METHODS)}")
     if backend not in BACKENDS:
@@ -69,16 +91,24 @@ def attribute(model: Forward, x: torch.Tensor, target: torch.Tensor, method: str
     with _FrozenModel(model):
         with torch.no_grad():
             prob_original = target_log_probs(model(x), target)[0].exp()
-        maps = _baseline(model, x, target, method, opts, seeds, use_captum)
+        channel = None
+        if method == "intensity" and not opts.per_channel:
+            channel = (trivial.best_channel(model, x, target) if opts.intensity_channel is None
+                       else torch.full((b,), opts.intensity_channel, dtype=torch.long, device=x.device))
+        maps = _baseline(model, x, target, method, opts, seeds, use_captum, channel)
     nan = torch.full((b,), float("nan"), dtype=prob_original.dtype, device=x.device)
     return PcimResult(maps=maps.clamp(min=0).detach(), prob_original=prob_original, prob_mixed=nan,
                       prob_deleted=nan.clone(), loss=nan.clone(),
-                      steps=torch.zeros(b, dtype=torch.long, device=x.device))
+                      steps=torch.zeros(b, dtype=torch.long, device=x.device), channel=channel)
 
 
 def _baseline(model: Forward, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
-              seeds: torch.Tensor, use_captum: bool) -> torch.Tensor:
+              seeds: torch.Tensor, use_captum: bool, channel: torch.Tensor | None = None) -> torch.Tensor:
     pc = opts.per_channel
+    if method == "intensity":
+        return baselines.intensity(x, channel, per_channel=pc)
+    if method == "contrast":
+        return pcim.deletion_contrast(x, opts)
     if method == "rise":
         return baselines.rise(model, x, target, opts.rise_masks, opts.rise_cell, opts.rise_p, seeds=seeds,
                               per_channel=pc)

@@ -3,7 +3,8 @@
 All take (model, x (B, C, H, W), target (B,)) and return non-negative maps (B, 1, H, W), or
 (B, C, H, W) with per_channel=True where the method has a per-channel form. `attribute.py` uses
 Captum's implementations of saliency, integrated gradients and occlusion when Captum is installed
-and these otherwise; RISE is only here.
+and these otherwise; RISE is only here. `intensity` needs no model at all (the trivial baseline of
+engine/trivial.py; the other one, `contrast`, is pcim.deletion_contrast).
 """
 
 from __future__ import annotations
@@ -34,6 +35,24 @@ def random_map(model: Forward, x: torch.Tensor, target: torch.Tensor, seed: int 
     g = torch.Generator().manual_seed(seed)
     b, _, h, w = x.shape
     return torch.rand((b, 1, h, w), generator=g).to(x.device)
+
+
+def intensity(x: torch.Tensor, channel: int | torch.Tensor | None = None, per_channel: bool = False) -> torch.Tensor:
+    """A channel's intensity as the map, clipped at 0 (no model): the stain itself.
+
+    per_channel: every channel's intensity (B, C, H, W). Otherwise the channel `channel`, one index for
+    the batch or one per image (B,), as (B, 1, H, W).
+    """
+    x = x.detach().clamp(min=0)
+    if per_channel:
+        return x.clone()
+    if channel is None:
+        raise ValueError("intensity needs a channel (or per_channel=True)")
+    b, c = x.shape[:2]
+    index = torch.as_tensor(channel, device=x.device).long().expand(b)
+    if bool(((index < 0) | (index >= c)).any()):
+        raise ValueError(f"intensity channel {channel} out of range for {c} channel(s)")
+    return x[torch.arange(b, device=x.device), index][:, None].clone()
 
 
 def saliency(model: Forward, x: torch.Tensor, target: torch.Tensor, per_channel: bool = False) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from pcim_cli.engine import tiling
 
@@ -50,32 +51,68 @@ class TiledForward(torch.nn.Module):
     """The model as a field classifier: fields (B, C, H, W) -> (B, K) logits of the field's prediction.
 
     Every field is cut into the tiles of `grid` (differentiably), the model runs on all tiles of the
-    batch at once, and the tiles' outputs are combined by `aggregate`; `whole-field` (or a one-tile
-    grid) runs the model on the field itself. `tile_logits(x)` gives the (B, n, K) per-tile logits.
+    batch in calls of at most `chunk` tiles (None: all at once), and the tiles' outputs are combined by
+    `aggregate`; `whole-field` (or a one-tile grid) runs the model on the field itself.
+    `tile_logits(x)` gives the (B, n, K) per-tile logits.
+
+    With a chunk and gradients on, every call is checkpointed (torch.utils.checkpoint): its activations
+    are dropped after the forward and recomputed chunk by chunk in the backward, so a field of ~100 tiles
+    (x2 for the kept and deleted images of a fit) needs the activations of one chunk, not of all its
+    tiles; logits and gradients are the same as unchunked (one more forward per step).
     """
 
-    def __init__(self, model: Forward, grid: tiling.TileGrid, aggregate: str = "mean-prob"):
+    def __init__(self, model: Forward, grid: tiling.TileGrid, aggregate: str = "mean-prob",
+                 chunk: int | None = None):
         super().__init__()
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
-        self.model, self.grid, self.aggregate = model, grid, aggregate
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1 tiles, got {chunk}")
+        self.model, self.grid, self.aggregate, self.chunk = model, grid, aggregate, chunk
 
     @property
     def whole(self) -> bool:
         return self.aggregate == "whole-field" or self.grid.n_tiles == 1
 
-    def tiles(self, x: torch.Tensor) -> torch.Tensor:
-        """(B * n, C, th, tw): the tiles of every field, field after field, row-major within a field."""
+    def tiles(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(B * n, C, th, tw): the tiles of every field, field after field, row-major within a field
+        (or the tiles start:stop of that sequence)."""
         th, tw = self.grid.tile
-        parts = []
-        for i in range(self.grid.n_tiles):
-            y0, x0 = self.grid.origin(i)
-            parts.append(x[:, :, y0 : y0 + th, x0 : x0 + tw])
-        return torch.stack(parts, dim=1).flatten(0, 1)
+        n = self.grid.n_tiles
+        if start == 0 and stop is None:
+            parts = []
+            for i in range(n):
+                y0, x0 = self.grid.origin(i)
+                parts.append(x[:, :, y0 : y0 + th, x0 : x0 + tw])
+            return torch.stack(parts, dim=1).flatten(0, 1)
+        out = []
+        for k in range(start, x.shape[0] * n if stop is None else stop):
+            y0, x0 = self.grid.origin(k % n)
+            out.append(x[k // n, :, y0 : y0 + th, x0 : x0 + tw])
+        return torch.stack(out)
 
     def tile_logits(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(self.tiles(x))
+        total = x.shape[0] * self.grid.n_tiles
+        if self.chunk is None or total <= self.chunk:
+            out = self.model(self.tiles(x))
+        else:
+            # each call cuts its own tiles from the fields: with gradients, the call (cut + model) is
+            # checkpointed, so neither the tile images nor the activations of all calls are kept at once;
+            # no early stop: the recomputation would stop by raising inside TorchScript, which rewraps it
+            grad = torch.is_grad_enabled() and x.requires_grad
+            parts = []
+            with set_checkpoint_early_stop(False):
+                for start in range(0, total, self.chunk):
+                    stop = min(start + self.chunk, total)
+                    if grad:
+                        parts.append(checkpoint(self._call, x, start, stop, use_reentrant=False))
+                    else:
+                        parts.append(self._call(x, start, stop))
+            out = torch.cat(parts)
         return out.view(x.shape[0], self.grid.n_tiles, -1)
+
+    def _call(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return self.model(self.tiles(x, start, stop))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.whole:

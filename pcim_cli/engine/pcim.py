@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pcim_cli.engine import mixing
+from pcim_cli.engine import mixing, schedule
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -32,10 +32,22 @@ SUBSTRATES = ("none", "zero", "mean", "blur")
 class PcimOptions:
     """Settings of one PCIM fit. Defaults are the measured choice (docs/method.md)."""
 
-    steps: int = 300
-    lr: float = 0.1
+    # 49 steps x (kept + deleted image) + 1 pass for the gradient init = 99 classifier passes per map
+    # (issue 14; the default before it: 300 steps at lr 0.1 from zero logits, without noise = 600 passes)
+    steps: int = 49
+    lr: float = 0.3
     per_channel: bool = False
     resolution: int = 4  # logits at H/resolution x W/resolution, upsampled bilinearly
+    # how the fit proceeds over its steps (engine/schedule.py): lr schedule and linear warm-up steps,
+    # coarse-to-fine (first coarse_share of the steps at 1/coarse; 0 = off), first logits, Adam betas
+    schedule: str = "constant"  # constant | cosine | step
+    warmup: int = 0
+    coarse: int = 0
+    coarse_share: float = 0.5
+    init: str = "gradient"  # zero | gradient (from the input gradient: one more pass of the B images)
+    init_scale: float = 2.0  # gradient init: logit of the most relevant cell
+    beta1: float = 0.9
+    beta2: float = 0.999
     # share of the image a map may keep; several: one fit per budget, maps averaged; None: paper's n*alpha
     budget: float | tuple[float, ...] | None = 0.02
     objective: str = "keep-delete"  # keep: kept image keeps the class; keep-delete: and deleting it loses it
@@ -45,7 +57,7 @@ class PcimOptions:
     blur_sigma: float = 8.0  # pixels, for a blur substrate
     entropy: float = 0.0  # weight of the normalised entropy of alpha (lower = more concentrated)
     tv: float = 0.0  # weight of the total variation of the mixing weights
-    noise: float = 0.0  # std of input noise added at each step (breaks ties between equal pixels)
+    noise: float = 0.02  # std of input noise added at each step (varies which pixel a max-pooling model reads)
     patience: int = 0  # early stopping: stop an image after this many steps without improvement; 0 = off
     tol: float = 1e-3  # relative loss improvement that counts as improvement
     seed: int = 0
@@ -59,13 +71,17 @@ class PcimOptions:
     rise_masks: int = 1000  # RISE: random masks per map
     rise_cell: int = 16  # RISE: size (px) of one cell of the random low-resolution grid
     rise_p: float = 0.5  # RISE: probability that a cell is kept
+    # pcim-amortised (engine/explainer.py): per-image fit steps continued from the explainer's logits, their lr
+    refine_steps: int = 0
+    refine_lr: float = 0.2
+    intensity_channel: int | None = None  # intensity: the channel shown; None = auto (engine/trivial.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, list):  # from YAML / JSON
             object.__setattr__(self, "budget", tuple(self.budget))
         problems = []
-        if self.steps < 1:
-            problems.append(f"steps must be >= 1, got {self.steps}")
+        if self.steps < 0:  # 0: no fit, the maps and probabilities of fit_pcim's `init` logits
+            problems.append(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.resolution < 1:
@@ -81,9 +97,27 @@ class PcimOptions:
                 problems.append(f"{name} must be one of {SUBSTRATES}, got {getattr(self, name)!r}")
         if self.patience < 0:
             problems.append(f"patience must be >= 0, got {self.patience}")
+        if self.schedule not in schedule.SCHEDULES:
+            problems.append(f"schedule must be one of {schedule.SCHEDULES}, got {self.schedule!r}")
+        if self.init not in schedule.INITS:
+            problems.append(f"init must be one of {schedule.INITS}, got {self.init!r}")
+        if self.warmup < 0 or self.coarse < 0:
+            problems.append(f"warmup and coarse must be >= 0, got {self.warmup} and {self.coarse}")
+        if not self.init_scale > 0:
+            problems.append(f"init_scale must be > 0, got {self.init_scale}")
+        if not 0 < self.coarse_share < 1:
+            problems.append(f"coarse_share must be in (0, 1), got {self.coarse_share}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            problems.append(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
         for name in ("ig_steps", "occlusion_window", "occlusion_stride", "rise_masks", "rise_cell"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.refine_steps < 0:
+            problems.append(f"refine_steps must be >= 0, got {self.refine_steps}")
+        if not self.refine_lr > 0:
+            problems.append(f"refine_lr must be > 0, got {self.refine_lr}")
+        if self.intensity_channel is not None and self.intensity_channel < 0:
+            problems.append(f"intensity_channel must be >= 0 or None, got {self.intensity_channel}")
         if not 0 < self.rise_p < 1:
             problems.append(f"rise_p must be in (0, 1), got {self.rise_p}")
         if problems:
@@ -107,6 +141,7 @@ class PcimResult:
     prob_deleted: torch.Tensor  # p(target | deleted image) after the fit (keep-delete evidence check)
     loss: torch.Tensor  # final loss per image
     steps: torch.Tensor  # Adam steps each image took (< options.steps when stopped early)
+    channel: torch.Tensor | None = None  # intensity maps: the channel each image's map shows
 
 
 def target_log_probs(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,13 +184,13 @@ def _regularisers(w: torch.Tensor, m_low: torch.Tensor, opts: PcimOptions) -> to
 class _Adam:
     """Adam with per-image step counts, updating only the images still fitting."""
 
-    def __init__(self, w: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.lr, self.b1, self.b2, self.eps = lr, betas[0], betas[1], eps
+    def __init__(self, w: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.b1, self.b2, self.eps = betas[0], betas[1], eps
         self.m = torch.zeros_like(w)
         self.v = torch.zeros_like(w)
         self.t = torch.zeros(w.shape[0], dtype=torch.long, device=w.device)
 
-    def step(self, w: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor) -> None:
+    def step(self, w: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor, lr: float) -> None:
         self.t[idx] += 1
         t = self.t[idx].to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
         m = self.m[idx].mul_(self.b1).add_(grad, alpha=1 - self.b1)
@@ -163,7 +198,7 @@ class _Adam:
         self.m[idx], self.v[idx] = m, v
         m_hat = m / (1 - self.b1**t)
         v_hat = v / (1 - self.b2**t)
-        w[idx] -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
+        w[idx] -= lr * m_hat / (v_hat.sqrt() + self.eps)
 
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -222,12 +257,13 @@ class _FrozenModel:
 
 
 def _noise(shape, seeds: torch.Tensor, step: int, std: float, device, dtype) -> torch.Tensor:
-    """Input noise drawn per image from (its seed, step), so it does not depend on the batch."""
-    out = torch.empty(shape, dtype=dtype)
+    """Input noise drawn per image from (its seed, step), so it does not depend on the batch; drawn on the
+    device (no host-to-device copy per step on a GPU)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
     for i, s in enumerate(seeds.tolist()):
-        g = torch.Generator().manual_seed(int(s) * 1_000_003 + step)
-        out[i] = torch.randn(shape[1:], generator=g, dtype=dtype)
-    return (out * std).to(device)
+        g = torch.Generator(device=device).manual_seed(int(s) * 1_000_003 + step)
+        out[i] = torch.randn(shape[1:], generator=g, dtype=dtype, device=device)
+    return out.mul_(std)
 
 
 def fit_pcim(
@@ -236,14 +272,17 @@ def fit_pcim(
     target: torch.Tensor,
     opts: PcimOptions | None = None,
     seeds: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
 ) -> PcimResult:
     """Fit one mixing layer per image of x (B, C, H, W) for its target class (B,) against model.
 
     model maps (B, C, H, W) -> (B, K) logits and is left exactly as found (parameters, flags, mode).
     seeds (B,) give each image its own noise stream (only used when opts.noise > 0); default
-    opts.seed + arange(B). With several budgets, each image is fitted once per budget in the same
-    batch and its maps are averaged (so pixels kept even under the smallest budget rank highest);
-    the probabilities reported are the means over the budgets. Returns maps of the input's size.
+    opts.seed + arange(B). init: first logits, the shape of the weights (`mixing.weight_shape` at
+    opts.resolution), e.g. an explainer's output to refine; it replaces opts.init, and the whole fit then
+    runs at opts.resolution (no coarse phase). With several budgets, each image is fitted once per budget
+    in the same batch and its maps are averaged (so pixels kept even under the smallest budget rank
+    highest); the probabilities reported are the means over the budgets. Returns maps of the input's size.
     """
     opts = opts or PcimOptions()
     if x.dim() != 4:
@@ -252,14 +291,25 @@ def fit_pcim(
     target = target.to(device=x.device, dtype=torch.long).reshape(b)
     seeds = opts.seed + torch.arange(b) if seeds is None else seeds.reshape(b)
     x = x.detach()
+    fine = mixing.weight_shape(x.shape, opts.per_channel, opts.resolution)
+    if init is not None and tuple(init.shape) != fine:
+        raise ValueError(f"init must have the weights' shape {fine}, got {tuple(init.shape)}")
     k = max(1, len(opts.budgets))
     budgets = torch.tensor(opts.budgets, dtype=x.dtype, device=x.device).repeat_interleave(b) if opts.budgets \
         else None
+    plan = [(opts.resolution, opts.steps)] if init is not None else \
+        schedule.phases(opts.steps, opts.resolution, opts.coarse, opts.coarse_share)
     with _FrozenModel(model):
-        with torch.no_grad():
-            prob_original = target_log_probs(model(x), target)[0].exp()
+        if init is None and opts.init == "gradient":  # the same forward gives p(target | x)
+            shape = mixing.weight_shape(x.shape, opts.per_channel, plan[0][0])
+            del_sub = schedule.substrate_or_zero(x, opts.delete_substrate, opts.blur_sigma)
+            init, prob_original = schedule.gradient_logits(model, x, target, del_sub, shape, opts.init_scale)
+        else:
+            with torch.no_grad():
+                prob_original = target_log_probs(model(x), target)[0].exp()
+        w0 = None if init is None else init.detach().to(x.device, x.dtype).repeat(k, 1, 1, 1)
         w, p_kept, p_deleted, loss, steps = _fit_rows(
-            model, x.repeat(k, 1, 1, 1), target.repeat(k), seeds.repeat(k), budgets, opts)
+            model, x.repeat(k, 1, 1, 1), target.repeat(k), seeds.repeat(k), budgets, opts, plan, w0)
     maps = attribution_map(w, (h, wd), budgets)
     maps = maps.view(k, b, *maps.shape[1:]).mean(0)
     if opts.map_contrast:
@@ -275,8 +325,10 @@ def fit_pcim(
 
 
 def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torch.Tensor,
-              budgets: torch.Tensor | None, opts: PcimOptions):
-    """The Adam loop over rows of x, each row with its own logits, target, seed and budget."""
+              budgets: torch.Tensor | None, opts: PcimOptions, plan: list[tuple[int, int]],
+              w0: torch.Tensor | None):
+    """The Adam loop over rows of x, each row with its own logits, target, seed and budget; `plan` gives
+    the (resolution, steps) of each phase, w0 the first logits (at the first phase's resolution)."""
     b, _, h, wd = x.shape
     keep_sub = mixing.substrate(x, opts.keep_substrate, opts.blur_sigma)
     del_sub = mixing.substrate(x, opts.delete_substrate, opts.blur_sigma)
@@ -284,13 +336,11 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
         del_sub = torch.zeros_like(x)
     dual = opts.objective == "keep-delete"
 
-    w = torch.zeros(mixing.weight_shape(x.shape, opts.per_channel, opts.resolution), dtype=x.dtype,
-                    device=x.device)
-    adam = _Adam(w, opts.lr)
     best = torch.full((b,), float("inf"), dtype=x.dtype, device=x.device)
     since_best = torch.zeros(b, dtype=torch.long, device=x.device)
-    last_loss = torch.zeros(b, dtype=x.dtype, device=x.device)
+    last_loss = torch.full((b,), float("nan"), dtype=x.dtype, device=x.device)  # NaN: no step taken
     active = torch.ones(b, dtype=torch.bool, device=x.device)
+    taken = torch.zeros(b, dtype=torch.long, device=x.device)
 
     stacked: list[torch.Tensor] = []  # [x; x] and [keep substrate; delete substrate], made once
 
@@ -321,32 +371,45 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
             return m_low, kept
         return m_low, torch.cat([kept, mixing.compose(xa, 1 - m.clamp(max=1.0), del_sub[idx])])
 
-    for step in range(opts.steps):
-        idx = active.nonzero()[:, 0]
-        if idx.numel() == 0:
-            break
-        w_a = w[idx].clone().requires_grad_(True)
-        m_low, batch = mixed(w_a, idx, step)
-        logits = model(batch)
-        n = idx.numel()
-        loss = _objective(logits[:n], logits[n:] if dual else None, target[idx], opts)
-        loss = loss + _regularisers(w_a, m_low, opts)
-        (grad,) = torch.autograd.grad(loss.sum(), w_a)
-        with torch.no_grad():
-            adam.step(w, grad, idx)
-            last_loss[idx] = loss.detach()
-            if opts.patience:
-                ref = best[idx]
-                improved = torch.isinf(ref) | (loss.detach() < ref - opts.tol * ref.abs().clamp(min=1e-6))
-                best[idx] = torch.where(improved, loss.detach(), best[idx])
-                since_best[idx] = torch.where(improved, 0, since_best[idx] + 1)
-                active[idx] = since_best[idx] < opts.patience
+    w = None
+    step = 0
+    for resolution, n_steps in plan:
+        shape = mixing.weight_shape(x.shape, opts.per_channel, resolution)
+        if w is None:
+            if w0 is not None and tuple(w0.shape) != shape:
+                raise ValueError(f"init must have the weights' shape {shape}, got {tuple(w0.shape)}")
+            w = torch.zeros(shape, dtype=x.dtype, device=x.device) if w0 is None else w0.clone()
+        else:  # next phase: the same mixing weights on a finer grid, a fresh Adam
+            w = schedule.refine_logits(w, shape)
+        adam = _Adam(w, (opts.beta1, opts.beta2))
+        for _ in range(n_steps):
+            idx = active.nonzero()[:, 0]
+            if idx.numel() == 0:
+                break
+            w_a = w[idx].clone().requires_grad_(True)
+            m_low, batch = mixed(w_a, idx, step)
+            logits = model(batch)
+            n = idx.numel()
+            loss = _objective(logits[:n], logits[n:] if dual else None, target[idx], opts)
+            loss = loss + _regularisers(w_a, m_low, opts)
+            (grad,) = torch.autograd.grad(loss.sum(), w_a)
+            with torch.no_grad():
+                adam.step(w, grad, idx, opts.lr * schedule.lr_factor(step, opts.steps, opts.schedule, opts.warmup))
+                taken[idx] += 1
+                last_loss[idx] = loss.detach()
+                if opts.patience:
+                    ref = best[idx]
+                    improved = torch.isinf(ref) | (loss.detach() < ref - opts.tol * ref.abs().clamp(min=1e-6))
+                    best[idx] = torch.where(improved, loss.detach(), best[idx])
+                    since_best[idx] = torch.where(improved, 0, since_best[idx] + 1)
+                    active[idx] = since_best[idx] < opts.patience
+            step += 1
 
     with torch.no_grad():
         _, batch = mixed(w, torch.arange(b, device=x.device), with_deleted=True)
         log_p, _ = target_log_probs(model(batch), target.repeat(2))
         p = log_p.exp()
-    return w, p[:b], p[b:], last_loss, adam.t.clone()
+    return w, p[:b], p[b:], last_loss, taken
 
 
 def deletion_contrast(x: torch.Tensor, opts: PcimOptions) -> torch.Tensor:

@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -324,6 +325,13 @@ def read_field(src: FieldSource, n_channels: int, pixels: bool = True) -> np.nda
     if not pixels:
         return np.broadcast_to(np.zeros((), np.float32), (n_channels, *planes[0].shape))
     return np.stack(planes)
+
+
+def read_normalized(src: FieldSource, n_channels: int, settings: Mapping[str, Any]) -> np.ndarray:
+    """read_field, then normalize with the keys of `model.normalize` (a dict with its `method`)."""
+    norm = dict(settings)
+    method = norm.pop("method", "percentile")
+    return normalize(read_field(src, n_channels), method, **norm)
 
 
 def size_problem(well: str, site: int, size: tuple[int, int], expected: tuple[int, int], file: Path | str) -> str:

@@ -4,21 +4,26 @@ For each method (PCIM and the baselines of `explain.method`), the maps of the ch
 computed in-process with the plate's settings (nothing is written to the store) and scored against
 masks of the true evidence: localisation (pointing game at 0 and 3 px, relevance mass, relevance
 rank accuracy, pixel AUROC), fidelity (deletion AUC over the top 20% of pixels in 0.5% steps to the
-channel mean; insertion AUC over all pixels on a blurred image), sparseness (Gini) and seconds per
-map. The sanity check of Adebayo et al. (2018) recomputes every map on a copy of the model whose
-parameters are redrawn at random: a map that still looks the same (high Spearman rank correlation)
-does not depend on what the model learned. Writes comparison.{md,csv,json}, scores.csv, curves.png
-and overlays.png; returns an `Evaluation` (data; the CLI prints it).
+channel mean, and over the top 2% in 0.1% steps; insertion AUC over all pixels on a blurred image),
+sparseness (Gini) and seconds per map. The sanity check of Adebayo et al. (2018) recomputes every map
+on a copy of the model whose parameters are redrawn at random: a map that still looks the same (high
+Spearman rank correlation) does not depend on what the model learned. The trivial maps (`intensity`,
+`contrast`; engine/trivial.py) are methods like the others; `intensity_channel: auto` is resolved here
+for the whole sample (the channel whose intensity deletes the class fastest) and reported, and the
+stain verdict (report/verdict.py) compares the best trivial map with PCIM's. Writes
+comparison.{md,csv,json}, scores.csv, curves.png and overlays.png; returns an `Evaluation` (data; the
+CLI prints it). `compare` is the scoring part alone (tensors in), also used by the benchmarks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,20 +33,24 @@ import tifffile
 import torch
 
 from pcim_cli.config import RunConfig
-from pcim_cli.engine import metrics
+from pcim_cli.engine import metrics, trivial
 from pcim_cli.engine.attribute import METHODS, attribute
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import ConfigError, InputDataError
 from pcim_cli.io import images, plate
 from pcim_cli.io import labels as label_io
 from pcim_cli.report import object_ranking
+from pcim_cli.report.verdict import Verdict, decide
 from pcim_cli.run import explain, objects
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHODS = METHODS
+#: compared by default; pcim-amortised joins them when explain.explainer names a trained explainer
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "pcim-amortised")
 #: deletion: the top 20% of pixels in 0.5% steps (the evidence is small; coarse steps saturate)
 DELETION_FRACTIONS = torch.linspace(0.0, 0.2, 41)
+#: fine deletion: the top 2% in 0.1% steps (where a stain map and a method's map differ most)
+FINE_DELETION_FRACTIONS = torch.linspace(0.0, 0.02, 21)
 INSERTION_FRACTIONS = torch.linspace(0.0, 1.0, 21)
 #: score columns in table order, with their labels
 COLUMNS = {
@@ -51,14 +60,15 @@ COLUMNS = {
     "rank_accuracy": "rank acc.",
     "pixel_auroc": "AUROC",
     "deletion_auc": "deletion",
+    "fine_deletion_auc": "deletion 2%",
     "insertion_auc": "insertion",
     "sparseness": "Gini",
     "randomisation_spearman": "rand. ρ",
     **object_ranking.COLUMNS,  # with plate.objects only
     "s_per_map": "s/map",
 }
-DIRECTIONS = {**metrics.DIRECTIONS, "pointing_game_3px": "higher", "s_per_map": "lower",
-              **dict.fromkeys(object_ranking.COLUMNS, "higher")}
+DIRECTIONS = {**metrics.DIRECTIONS, "pointing_game_3px": "higher", "fine_deletion_auc": "lower",
+              "s_per_map": "lower", **dict.fromkeys(object_ranking.COLUMNS, "higher")}
 EXAMPLES = 3  # fields shown in overlays.png
 EXAMPLES_MAX = 16  # maps kept per method for the overlays (the examples are picked among them)
 
@@ -72,6 +82,20 @@ class Evaluation:
     scores: pd.DataFrame  # one row per (method, field): the scores of each map
     files: dict[str, Path] = field(default_factory=dict)
     fields: list[str] = field(default_factory=list)  # "A01 s1", the fields scored
+    intensity_channel: str | None = None  # the channel of the intensity maps (auto: chosen here)
+    verdicts: list[Verdict] = field(default_factory=list)  # the stain verdict, per target class
+
+
+@dataclass
+class Comparison:
+    """The scores of every method on one set of images (what `compare` returns)."""
+
+    scores: pd.DataFrame  # one row per (method, image)
+    table: pd.DataFrame  # one row per method: mean scores
+    curves: dict[str, dict[str, list[float]]]  # method -> mean deletion / fine deletion / insertion curve
+    maps_shown: dict[str, torch.Tensor]  # method -> the first EXAMPLES_MAX joint maps, for the overlays
+    intensity_channel: str | None = None
+    verdicts: list[Verdict] = field(default_factory=list)
 
 
 @dataclass
@@ -95,7 +119,7 @@ def _pyplot():
     return plt
 
 
-def evaluate(cfg: RunConfig, masks: str, methods: Sequence[str] = DEFAULT_METHODS,
+def evaluate(cfg: RunConfig, masks: str, methods: Sequence[str] | None = None,
              wells: int | Sequence[str] | None = None, out: Path | None = None, sanity: bool = True,
              seed: int = 0) -> Evaluation:
     """Score every method's maps against the masks named by `masks` (a path pattern with {well} or
@@ -103,13 +127,19 @@ def evaluate(cfg: RunConfig, masks: str, methods: Sequence[str] = DEFAULT_METHOD
 
     wells: None = every well; an int N = N wells spread evenly over the plate, those whose masks mark
     evidence first; a list = those wells. out: default `<csv folder>/<plate>_evaluate/`.
+    methods: default DEFAULT_METHODS, plus pcim-amortised when explain.explainer is set. The sanity
+    check of pcim-amortised keeps the explainer (trained for the real model) and randomises the model:
+    without refine steps its maps do not depend on the model at all (rand. rho = 1), by construction.
     """
     plt = _pyplot()
+    if methods is None:
+        methods = DEFAULT_METHODS + (("pcim-amortised",) if cfg.explain.explainer is not None else ())
     methods = _check_methods(methods)
     if cfg.explain.target == "all":
         raise ConfigError("explain.target: evaluate scores one map per field against its mask; use predicted, "
                           "a class name or layout:<column>, not all")
-    inv = explain.inspect_plate(cfg)
+    inv = explain.inspect_plate(cfg, explainer="pcim-amortised" in methods)
+    explainer = None if inv.explainer is None else inv.explainer.module
     chosen = _choose_wells(inv.fields, masks, wells)
     fields = _read_fields(cfg, inv.fields, chosen, masks)
     if not any(f.mask is not None and bool(f.mask.any()) for f in fields):
@@ -118,25 +148,61 @@ def evaluate(cfg: RunConfig, masks: str, methods: Sequence[str] = DEFAULT_METHOD
     model = inv.model.module
     x = torch.stack([f.x for f in fields]).to(inv.model.device)
     target = _targets(cfg, inv, fields, model, x)
+    random_model = randomized_copy(model, seed) if sanity else None
     opts = explain.engine_options(cfg)
     batch = cfg.compute.batch_size
-    random_model = randomized_copy(model, seed) if sanity else None
-    scorer = None
+    objects_scorer = None
     if any(f.labels is not None for f in fields):
-        scorer = object_ranking.ObjectScorer(model, x, target, [f.labels for f in fields], [f.mask for f in fields],
-                                             opts, cfg.explain.top_objects, batch)
+        objects_scorer = object_ranking.ObjectScorer(model, x, target, [f.labels for f in fields],
+                                                     [f.mask for f in fields], opts, cfg.explain.top_objects, batch)
+    comp = compare(model, x, target, fields, methods, opts, batch, list(cfg.plate.channels), inv.classes,
+                   random_model, objects_scorer=objects_scorer, explainer=explainer)
+    out = Path(out) if out is not None else Path(cfg.output.csv).parent / f"{cfg.plate.name}_evaluate"
+    out.mkdir(parents=True, exist_ok=True)
+    result = Evaluation(out=out, table=comp.table, scores=comp.scores, fields=[f"{f.well} s{f.site}" for f in fields],
+                        intensity_channel=comp.intensity_channel, verdicts=comp.verdicts)
+    result.files = _write(result, cfg, masks, methods, opts, comp.curves, sanity,
+                          None if inv.explainer is None else inv.explainer.sha256)
+    result.files.update(_plots(plt, out, fields, x, comp.maps_shown, comp.curves))
+    return result
 
+
+def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[_Field], methods: Sequence[str],
+            opts: PcimOptions, batch: int, channels: Sequence[str], classes: Sequence[str],
+            random_model=None, maps_fn: Callable | None = None, scorer=None,
+            objects_scorer=None, explainer=None) -> Comparison:
+    """Every method's maps of x (B, C, H, W) for target (B,), scored against the fields' masks; the
+    sanity check on `random_model` when given; intensity_channel auto resolved for the whole batch; the
+    stain verdict per target class (PCIM's maps, or the first non-trivial method's, against the best
+    trivial map).
+
+    maps_fn(model, x, target, method, opts, batch) -> maps (default: `attribute` in batches) and scorer
+    (the forward that deletion and insertion ask; default: model) let a caller explain fields tile by
+    tile and score the stitched maps on whole fields (benchmarks with fixed-input models).
+    objects_scorer (report/object_ranking.ObjectScorer) adds the object ranking scores (plate.objects);
+    explainer: the trained explainer module that the default maps_fn gives pcim-amortised.
+    """
+    maps_fn = maps_fn or functools.partial(_maps, explainer=explainer)
+    scorer = model if scorer is None else scorer
+    stain = trivial.deletion_aucs(scorer, x, trivial.candidate_maps(x, opts, channels), target,
+                                  FINE_DELETION_FRACTIONS, DELETION_FRACTIONS)
+    channel = None if opts.per_channel else opts.intensity_channel
+    if channel is None and not opts.per_channel:  # auto: the plate's channel, by the criterion of best_channel
+        channel = int(torch.stack([(stain[f"intensity:{c}"][0] + stain[f"intensity:{c}"][1]).mean()
+                                   for c in channels]).argmin())
+        logger.info("intensity_channel auto: %s (its intensity deletes the target class fastest)", channels[channel])
     per_image, curves, maps_shown = [], {}, {}
     for method in methods:
+        m_opts = dataclasses.replace(opts, intensity_channel=channel) if method == "intensity" else opts
         t0 = time.perf_counter()
-        maps = _maps(model, x, target, method, opts, batch)
+        maps = maps_fn(model, x, target, method, m_opts, batch)
         seconds = (time.perf_counter() - t0) / len(fields)
-        scores, curve = _score(model, x, target, maps, fields)
-        if scorer is not None:
-            scores.update(scorer.scores(maps))
+        scores, curve = _score(scorer, x, target, maps, fields)
+        if objects_scorer is not None:
+            scores.update(objects_scorer.scores(maps))
         if random_model is not None:
             scores["randomisation_spearman"] = metrics.spearman(
-                maps, _maps(random_model, x, target, method, opts, batch), support="union").tolist()
+                maps, maps_fn(random_model, x, target, method, m_opts, batch), support="union").tolist()
         curves[method] = curve
         maps_shown[method] = maps[:EXAMPLES_MAX].sum(1).cpu()
         for i, f in enumerate(fields):
@@ -144,13 +210,27 @@ def evaluate(cfg: RunConfig, masks: str, methods: Sequence[str] = DEFAULT_METHOD
                               **{k: v[i] for k, v in scores.items()}, "s_per_map": seconds})
         logger.info("%s: %d maps, %.2f s/map", method, len(fields), seconds)
     scores_df = pd.DataFrame(per_image)
-    table = _table(scores_df, methods)
-    out = Path(out) if out is not None else Path(cfg.output.csv).parent / f"{cfg.plate.name}_evaluate"
-    out.mkdir(parents=True, exist_ok=True)
-    result = Evaluation(out=out, table=table, scores=scores_df, fields=[f"{f.well} s{f.site}" for f in fields])
-    result.files = _write(result, cfg, masks, methods, opts, curves, sanity)
-    result.files.update(_plots(plt, out, fields, x, maps_shown, curves))
-    return result
+    return Comparison(scores=scores_df, table=_table(scores_df, list(methods)), curves=curves, maps_shown=maps_shown,
+                      intensity_channel=None if channel is None else channels[channel],
+                      verdicts=_verdicts(scores_df, methods, stain, target, classes))
+
+
+def _verdicts(scores: pd.DataFrame, methods: Sequence[str], stain: dict, target: torch.Tensor,
+              classes: Sequence[str]) -> list[Verdict]:
+    reference = next((m for m in ("pcim", *methods) if m in methods and m not in trivial.TRIVIAL), None)
+    if reference is None:
+        return []
+    ref = scores[scores["method"] == reference].reset_index(drop=True)
+    out = []
+    for t in sorted(set(target.tolist()), key=lambda t: -int((target == t).sum())):
+        rows = (target == t).cpu()
+        r = ref[rows.numpy()]
+        cands = {name: (float(fine[rows].mean()), float(coarse[rows].mean())) for name, (fine, coarse) in stain.items()}
+        v = decide(classes[t], reference, float(r["prob_original"].mean()),
+                   (float(r["fine_deletion_auc"].mean()), float(r["deletion_auc"].mean())), cands, maps=len(r))
+        if v is not None:
+            out.append(v)
+    return out
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
@@ -217,12 +297,11 @@ def _has_evidence(pattern: str, well: str, site: int) -> bool:
 
 def _read_fields(cfg: RunConfig, found: dict, wells: list[str], pattern: str) -> list[_Field]:
     norm = cfg.model.normalize.model_dump()
-    method = norm.pop("method", "percentile")
     kinds = dict(list(objects.label_kinds(cfg.plate.objects).items())[:1])  # the first kind is scored
     out, shapes = [], set()
     for well in wells:
         for src in found[well]:
-            img = images.normalize(images.read_field(src, len(cfg.plate.channels)), method, **norm)
+            img = images.read_normalized(src, len(cfg.plate.channels), norm)
             path = mask_path(pattern, well, src.field)
             if path is None:
                 logger.warning("%s field %s: no mask file for pattern %r; scored for fidelity only",
@@ -268,9 +347,10 @@ def _targets(cfg: RunConfig, inv, fields: list[_Field], model, x: torch.Tensor) 
 
 
 def _maps(model, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
-          batch: int) -> torch.Tensor:
+          batch: int, explainer=None) -> torch.Tensor:
     seeds = opts.seed + torch.arange(len(x))
-    parts = [attribute(model, x[i : i + batch], target[i : i + batch], method, opts, seeds=seeds[i : i + batch]).maps
+    parts = [attribute(model, x[i : i + batch], target[i : i + batch], method, opts, seeds=seeds[i : i + batch],
+                       explainer=explainer).maps
              for i in range(0, len(x), batch)]
     return torch.cat(parts)
 
@@ -282,6 +362,7 @@ def _score(model, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor,
     mask = torch.stack([f.mask if f.mask is not None else torch.zeros(h, w, dtype=torch.bool) for f in fields])
     mask = mask.to(maps.device)
     dele = metrics.perturbation_curve(model, x, maps, target, "deletion", fractions=DELETION_FRACTIONS)
+    fine = metrics.perturbation_curve(model, x, maps, target, "deletion", fractions=FINE_DELETION_FRACTIONS)
     ins = metrics.perturbation_curve(model, x, maps, target, "insertion", substrate="blur",
                                      fractions=INSERTION_FRACTIONS)
     values = {
@@ -291,11 +372,14 @@ def _score(model, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor,
         "rank_accuracy": metrics.rank_accuracy(maps, mask),
         "pixel_auroc": metrics.pixel_auroc(maps, mask),
         "deletion_auc": metrics.curve_auc(dele, DELETION_FRACTIONS),
+        "fine_deletion_auc": metrics.curve_auc(fine, FINE_DELETION_FRACTIONS),
         "insertion_auc": metrics.curve_auc(ins, INSERTION_FRACTIONS),
         "sparseness": metrics.sparseness(maps),
+        "prob_original": dele[:, 0],
     }
     scores = {k: v.float().cpu().tolist() for k, v in values.items()}
-    curves = {"deletion": dele.mean(0).cpu().tolist(), "insertion": ins.mean(0).cpu().tolist()}
+    curves = {"deletion": dele.mean(0).cpu().tolist(), "fine_deletion": fine.mean(0).cpu().tolist(),
+              "insertion": ins.mean(0).cpu().tolist()}
     return scores, curves
 
 
@@ -357,17 +441,21 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def _write(result: Evaluation, cfg: RunConfig, masks: str, methods: list[str], opts: PcimOptions,
-           curves: dict, sanity: bool) -> dict[str, Path]:
+           curves: dict, sanity: bool, explainer_sha256: str | None = None) -> dict[str, Path]:
     out = result.out
     files = {"csv": out / "comparison.csv", "json": out / "comparison.json", "md": out / "comparison.md",
              "scores": out / "scores.csv"}
     result.table.to_csv(files["csv"], index=False)
     result.scores.to_csv(files["scores"], index=False)
+    channel = result.intensity_channel
     doc = {
         "plate": cfg.plate.name, "masks": masks, "methods": methods, "fields": result.fields,
-        "settings": dataclasses.asdict(opts), "target": cfg.explain.target,
-        "deletion_fractions": DELETION_FRACTIONS.tolist(), "insertion_fractions": INSERTION_FRACTIONS.tolist(),
+        "settings": dataclasses.asdict(opts), "target": cfg.explain.target, "explainer_sha256": explainer_sha256,
+        "deletion_fractions": DELETION_FRACTIONS.tolist(),
+        "fine_deletion_fractions": FINE_DELETION_FRACTIONS.tolist(),
+        "insertion_fractions": INSERTION_FRACTIONS.tolist(),
         "directions": {c: DIRECTIONS[c] for c in COLUMNS}, "sanity_check": sanity,
+        "intensity_channel": result.intensity_channel, "verdicts": [v.to_dict() for v in result.verdicts],
         "table": json.loads(result.table.to_json(orient="records")), "curves": curves,
     }
     files["json"].write_text(json.dumps(doc, indent=1, default=str))
@@ -376,9 +464,15 @@ def _write(result: Evaluation, cfg: RunConfig, masks: str, methods: list[str], o
         f"{len(result.fields)} fields ({', '.join(result.fields[:12])}{' …' if len(result.fields) > 12 else ''}), "
         f"masks `{masks}`, target `{cfg.explain.target}`.\n\n"
         + markdown_table(result.table)
+        + "".join(f"\n\n**Verdict ({v.target})**: {v.sentence}." for v in result.verdicts)
+        + (f"\n\n`intensity` shows the {channel} channel (intensity_channel auto: the channel whose intensity "
+           f"deletes the target class fastest here; set explain.intensity_channel: {channel} to use it in pcim "
+           "explain)." if channel and "intensity" in methods else "")
         + "\n\n↑ higher is better, ↓ lower is better; best in bold. pointing: the map's maximum inside the mask "
         "(3px: within 3 px); mass: share of the map inside the mask; rank acc.: share of the top-|mask| "
         "pixels inside it; deletion: p(target) as the top 0-20% of pixels go to the channel mean (0.5% steps); "
+        "deletion 2%: the same over the top 0-2% (0.1% steps); intensity / contrast: maps without a model (a "
+        "channel's intensity; |x - channel mean| over all channels); "
         "insertion: p(target) as pixels are revealed on a blurred field; Gini: sparseness; rand. ρ: Spearman "
         "correlation with the map of the same method on a model with randomised parameters, over the pixels "
         "where either map is non-zero (sanity check, Adebayo et al. 2018; near 0 = the map depends on what "
@@ -393,15 +487,17 @@ def _write(result: Evaluation, cfg: RunConfig, masks: str, methods: list[str], o
 def _plots(plt, out: Path, fields: list[_Field], x: torch.Tensor, maps: dict[str, torch.Tensor],
            curves: dict) -> dict[str, Path]:
     files = {"curves": out / "curves.png", "overlays": out / "overlays.png"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, kind, fr in ((axes[0], "deletion", DELETION_FRACTIONS), (axes[1], "insertion", INSERTION_FRACTIONS)):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (("fine_deletion", FINE_DELETION_FRACTIONS), ("deletion", DELETION_FRACTIONS),
+              ("insertion", INSERTION_FRACTIONS))
+    for ax, (kind, fr) in zip(axes, panels, strict=True):
         for method, c in curves.items():
             ax.plot(fr.numpy(), c[kind], label=method)
-        ax.set_xlabel("share of pixels " + ("removed (most relevant first)" if kind == "deletion" else "revealed"))
+        ax.set_xlabel("share of pixels " + ("revealed" if kind == "insertion" else "removed (most relevant first)"))
         ax.set_ylabel("mean p(target)")
-        ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} is better)")
+        ax.set_title(f"{kind.replace('_', ' ')} ({'higher' if kind == 'insertion' else 'lower'} is better)")
         ax.set_ylim(0, 1.02)
-    axes[1].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(files["curves"], dpi=100)
     plt.close(fig)

@@ -1,8 +1,9 @@
 """`pcim explain`: the driver. Check, plan the wells, prepare the store, run the wells, write the CSV.
 
 The driver is the only writer of plate-level metadata and of the CSV; each well is explained by
-`worker.explain_well` (in-process or on Dask workers, run/scheduler.py). Returns data (a RunResult);
-the CLI decides what to print and which exit code that means.
+`worker.explain_well` (in-process or on Dask workers, run/scheduler.py). With explain.fidelity on,
+the run ends with the plate's stain verdict (report/verdict.py) from the done fields' records. Returns
+data (a RunResult); the CLI decides what to print and which exit code that means.
 
 Order of a run, so that a bad setting or a stop signal never leaves a half-written store behind:
 
@@ -43,8 +44,10 @@ from pcim_cli.errors import (
     InputDataError,
 )
 from pcim_cli.io import images, labels, ownership, plate, records, store, summary
+from pcim_cli.io.explainer import LoadedExplainer, check_explainer, load_explainer
 from pcim_cli.io.lock import RunLock
 from pcim_cli.io.model import LoadedModel, check_classes, load_model, resolve_device
+from pcim_cli.report import verdict
 from pcim_cli.run import objects, rerun, scheduler
 from pcim_cli.run.failures import failed_row
 from pcim_cli.run.worker import FieldFiles, WellTask
@@ -65,6 +68,7 @@ class RunResult:
     problems: list[str] = field(default_factory=list)  # run-level problems (concern no single well)
     fitted: int = 0  # maps computed by this run (the others in `summary` were already done or failed)
     interrupted: bool = False  # SIGTERM / SIGINT: stopped early, what was done is recorded
+    verdicts: list[verdict.Verdict] = field(default_factory=list)  # stain verdict per target (fidelity on)
     causes: list[str] = field(default_factory=list)  # why each failed field failed: data | model | output | other
     object_csvs: dict[str, Path] = field(default_factory=dict)  # plate.objects: {plate}_pcim_{Object}.csv
     object_failures: list[dict] = field(default_factory=list)  # object tables that failed (maps done)
@@ -102,14 +106,17 @@ class RunResult:
 
 
 def engine_options(cfg: RunConfig) -> PcimOptions:
-    """The PcimOptions the `explain` section asks for."""
+    """The PcimOptions the `explain` section asks for (intensity_channel: a channel's index, None = auto)."""
     values = cfg.explain.model_dump()
+    channel = values.pop("intensity_channel")
+    values["intensity_channel"] = None if channel == "auto" else list(cfg.plate.channels).index(channel)
     return PcimOptions(**{k: values[k] for k in ENGINE_KEYS if k in values})
 
 
-def fingerprint(cfg: RunConfig, model_sha256: str, classes: list[str] | None = None) -> str:
+def fingerprint(cfg: RunConfig, model_sha256: str, classes: list[str] | None = None,
+                explainer_sha256: str | None = None) -> str:
     """sha256 of every setting that changes a map or its CSV rows: model, channels and their file
-    tokens, class names, normalisation, target, engine."""
+    tokens, class names, normalisation, target, engine (and for pcim-amortised the explainer's sha256)."""
     settings = {
         "model": model_sha256,
         "channels": list(cfg.plate.channels.items()),
@@ -123,6 +130,8 @@ def fingerprint(cfg: RunConfig, model_sha256: str, classes: list[str] | None = N
         "engine": method_settings(cfg.explain.method, engine_options(cfg)),
         "pcim": __version__.rsplit(".", 1)[0],
     }
+    if cfg.explain.method == "pcim-amortised":
+        settings["explainer"] = explainer_sha256
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -178,6 +187,7 @@ class PlateInventory:
     problems: list[str]
     objects: dict[str, int] = field(default_factory=dict)  # plate.objects kind -> fields with a usable label file
     object_problems: list[str] = field(default_factory=list)  # fail those object tables only (validate)
+    explainer: LoadedExplainer | None = None  # pcim-amortised: loaded and checked against the model
 
     @property
     def summary(self) -> dict:
@@ -189,18 +199,25 @@ class PlateInventory:
             "layout_columns": [] if self.layout is None else [c for c in self.layout.columns if c != "well"],
             "objects": self.objects,
             "problems": self.problems + self.object_problems,
+            **({"explainer": {"path": str(self.explainer.path), "sha256": self.explainer.sha256,
+                              "trained": self.explainer.meta.get("finished")}} if self.explainer else {}),
         }
 
 
-def inspect_plate(cfg: RunConfig, check_objects: bool = False) -> PlateInventory:
+def inspect_plate(cfg: RunConfig, check_objects: bool = False, explainer: bool | None = None) -> PlateInventory:
     """Model probe, class names, layout and image discovery. Raises when no field at all is usable.
 
     With `check_objects` (pcim validate), every field's label images (plate.objects) are looked up and
     their headers checked against the field size; their problems fail object tables only, not fields.
+    explainer: load explain.explainer and refuse one trained for another classifier, channels,
+    normalisation or objective (ConfigError); None = when explain.method is pcim-amortised.
     """
     device = resolve_device(cfg.compute.device)
     model = load_model(cfg.model.path, len(cfg.plate.channels), cfg.model.input_size, device=device)
     classes = check_classes(model, cfg.model.classes)
+    loaded = None
+    if explainer or (explainer is None and cfg.explain.method == "pcim-amortised"):
+        loaded = load_checked_explainer(cfg, model, classes)
     layout = plate.read_layout(cfg.plate.layout) if cfg.plate.layout is not None else None
     found, problems = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels,
                                              cfg.plate.wells)
@@ -211,7 +228,7 @@ def inspect_plate(cfg: RunConfig, check_objects: bool = False) -> PlateInventory
             f"no complete field found under {cfg.plate.images}: "
             + ("; ".join(problems[:5]) or f"check plate.images and plate.pattern ({cfg.plate.pattern!r})")
         )
-    inv = PlateInventory(model, classes, layout, found, problems)
+    inv = PlateInventory(model, classes, layout, found, problems, explainer=loaded)
     if check_objects and cfg.plate.objects:
         kinds = objects.label_kinds(cfg.plate.objects)
         size = images.typical_size(src for sources in found.values() for src in sources)
@@ -219,6 +236,18 @@ def inspect_plate(cfg: RunConfig, check_objects: bool = False) -> PlateInventory
         inv.objects = {name: sum(kind.problem(w, src.field) is None for w, srcs in found.items() for src in srcs)
                        for name, kind in kinds.items()}
     return inv
+
+
+def load_checked_explainer(cfg: RunConfig, model: LoadedModel, classes: list[str]) -> LoadedExplainer:
+    """explain.explainer, loaded on the model's device and checked against this plate's setup."""
+    hint = str(cfg.config_path or "plate.yaml")
+    if cfg.explain.explainer is None:
+        raise ConfigError("explain.explainer: not set; name the file that `pcim train-explainer "
+                          f"{hint} --out explainer.pt` wrote (e.g. --set explain.explainer=explainer.pt)")
+    loaded = load_explainer(cfg.explain.explainer, device=model.device, hint=hint)
+    check_explainer(loaded, model_sha256=model.sha256, model_path=model.path, channels=list(cfg.plate.channels),
+                    normalize=cfg.model.normalize.model_dump(), classes=classes, opts=engine_options(cfg), hint=hint)
+    return loaded
 
 
 @dataclass
@@ -279,7 +308,8 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
     wells = sorted(found, key=plate.parse_well)
     targets = _targets_per_well(cfg, classes, layout, wells)
     opts = engine_options(cfg)
-    print_fp = fingerprint(cfg, model.sha256, classes)
+    explainer = inv.explainer
+    print_fp = fingerprint(cfg, model.sha256, classes, None if explainer is None else explainer.sha256)
     store_path = Path(cfg.output.zarr)
     exists = (store_path.is_dir()
               and ownership.check_owner(store_path, cfg.plate.name, force=True) is ownership.Ownership.OURS)
@@ -323,6 +353,8 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             aggregate=cfg.model.aggregate, tile_maps=cfg.explain.tile_maps,
             adaptive_budget=cfg.explain.adaptive_budget,
             engine=dataclasses.asdict(opts),
+            explainer_path=None if explainer is None else str(explainer.path),
+            explainer_sha256=None if explainer is None else explainer.sha256,
             batch_size=cfg.compute.batch_size, channels_last=cfg.compute.channels_last,
             precision=cfg.compute.precision, device=model.device, fidelity=cfg.explain.fidelity,
             store_path=str(store_path), store_format=cfg.output.format, fingerprint=print_fp,
@@ -421,19 +453,22 @@ def _prepare(cfg: RunConfig, p: Plan, owner: ownership.Ownership) -> None:
 
 
 def _write_results(cfg: RunConfig, p: Plan, rows: list[dict], interrupted: bool) -> RunResult:
-    """After the wells: the ledger and plate record, the CSV and the object tables, all from the store."""
+    """After the wells: the ledger and plate record (with the stain verdict), the CSV and the object
+    tables, all from the store."""
     store_path, csv_path = Path(cfg.output.zarr), Path(cfg.output.csv)
-    table, causes = collect(cfg, p, rows, interrupted)
+    table, causes, done = collect(cfg, p, rows, interrupted)
+    verdicts = verdict.from_records(done, cfg.explain.method) if cfg.explain.fidelity else []
     store.update_plate_record(store_path, {"last_run": {
         "finished": time.strftime("%Y-%m-%d %H:%M:%S%z"), "fingerprint": p.fingerprint,
-        "pcim_version": __version__, "interrupted": interrupted}})
+        "pcim_version": __version__, "interrupted": interrupted,
+        "verdicts": [v.to_dict() for v in verdicts]}})
     summary.write_csv_atomic(table, csv_path)
     object_csvs, object_failures = objects.write_tables(store_path, cfg.plate.name, csv_path,
                                                         list(cfg.plate.objects or {}), table)
     fitted = sum(1 for r in rows if r["status"] == "done" and r["zarr_path"] not in p.objects_refresh)
     return RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
                      interrupted=interrupted, causes=causes, object_csvs=object_csvs,
-                     object_failures=object_failures)
+                     object_failures=object_failures, verdicts=verdicts)
 
 
 # ---------------------------------------------------------------- a plate of a screen (run/screen.py)
@@ -496,10 +531,12 @@ def fit_advice(result: RunResult, cfg: RunConfig) -> str | None:
             "(explain.target)")
 
 
-def collect(cfg: RunConfig, p: Plan, run_rows: list[dict], interrupted: bool = False) -> tuple[pd.DataFrame, list]:
+def collect(cfg: RunConfig, p: Plan, run_rows: list[dict],
+            interrupted: bool = False) -> tuple[pd.DataFrame, list, list[dict]]:
     """Write the failure ledger, then build the whole store's CSV table from its records (io/records.py).
 
-    Returns the table and the causes of its failed rows.
+    Returns the table, the causes of its failed rows, and the records of the fields whose maps are
+    current (for the stain verdict).
     """
     by_field: dict[tuple[str, int], list[dict]] = {}
     for row in run_rows:
@@ -510,10 +547,11 @@ def collect(cfg: RunConfig, p: Plan, run_rows: list[dict], interrupted: bool = F
     store.update_plate_record(store_path, {"failed": ledger})
     states, _ = records.store_states(store_path, p.fingerprint)
     plans = {f.path: f for f in p.fields}
-    rows, causes = [], []
+    rows, causes, done = [], [], []
     for s in states:
         if s.state == "done":
             rows += summary.rows_from_record(cfg.plate.name, s.well, s.path, s.record)
+            done.append(s.record)
             continue
         if s.state == "failed":
             causes.append(s.cause)
@@ -526,7 +564,7 @@ def collect(cfg: RunConfig, p: Plan, run_rows: list[dict], interrupted: bool = F
         site = s.site if s.site is not None else (plans[s.path].site if s.path in plans else None)
         rows.append(failed_row(cfg.plate.name, s.well, site, s.index or 0, error) | {
             "status": "failed" if s.state == "failed" else "skipped", "zarr_path": s.path})
-    return summary.build_summary(rows, p.layout), causes
+    return summary.build_summary(rows, p.layout), causes, done
 
 
 def _why_not_done(s: records.FieldState, f: rerun.FieldPlan | None, interrupted: bool) -> str:

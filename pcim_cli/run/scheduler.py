@@ -13,6 +13,9 @@ goes (a screen's plates, one after the other, on one cluster). The unit of work 
   e.g. started with srun inside an sbatch job); its workers must see the same files.
 - ``slurm``: a `dask_jobqueue.SLURMCluster` whose worker jobs pcim submits (``compute.slurm``).
 
+Torch threads per fitting process follow ``compute.threads`` (run/threads.py: the CPUs the process may
+really use, shared among the workers of a host, and on a busy CPU only as many as pay).
+
 Faults: a well whose task raises becomes failed rows (one per field) with the message; the run goes
 on. A worker process that dies has its wells rerun elsewhere; a well that kills
 ``distributed.scheduler.allowed-failures`` + 1 workers (KilledWorker) is marked failed. SIGTERM / SIGINT
@@ -42,6 +45,7 @@ from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 
 from pcim_cli.config import DASK_ADDRESS, ComputeConfig
 from pcim_cli.errors import ConfigError, TemporaryFailure, short
+from pcim_cli.run import threads
 from pcim_cli.run.failures import failed_row
 from pcim_cli.run.signals import DEFAULT_GRACE_S, GRACE_ENV, StopSignals, grace_seconds
 from pcim_cli.run.worker import WellTask, explain_well
@@ -143,7 +147,8 @@ def run_stream(compute: ComputeConfig, feed: Feed, on_well: OnWell | None = None
     if not tasks or stop.requested:
         return Dispatch(interrupted=stop.requested)
     if compute.cluster == "none":
-        return _run_in_process(tasks, feed, on_well, stop)
+        with threads.in_process(compute.threads):
+            return _run_in_process(tasks, feed, on_well, stop)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(stop.deferred())  # left last: polling and closing the cluster are not interrupted
@@ -214,16 +219,14 @@ class WorkerOptions:
 
     device: str = "auto"  # compute.device, resolved on the worker (the driver may have no GPU)
     threads: int | None = None  # torch intra-op threads; None: leave the worker's setting
+    threads_auto: bool = False  # compute.threads: auto: the first fit steps decide between `threads` and 1
     gpu_slots: int = 0  # >1: several worker processes share a SLURM job's GPUs, one each by name suffix
     resources: dict[str, float] | None = None  # Dask resources each well asks for (e.g. {"GPU": 1})
 
 
 def explain_on_worker(task: dict[str, Any], opts: WorkerOptions) -> list[dict[str, Any]]:
     """What a Dask worker runs: the task with this worker's own device, then `explain_well`."""
-    import torch
-
-    if opts.threads is not None and torch.get_num_threads() != opts.threads:
-        torch.set_num_threads(opts.threads)
+    threads.apply(opts.threads, opts.threads_auto)
     return explain_well(WellTask.model_validate({**task, "device": worker_device(opts)}))
 
 
@@ -294,28 +297,6 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def available_cpus() -> int:
-    """CPUs this run may use: the SLURM allocation's when inside a job, else this process's affinity."""
-    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
-        if os.environ.get(var, "").isdigit():
-            return max(1, int(os.environ[var]))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def torch_threads(workers: int) -> int:
-    """torch threads per local worker: the CPUs shared out, capped by OMP_NUM_THREADS when it is set.
-
-    (Two threads per worker on a busy 2-core machine ran 10x slower than one: the cap lets a shared
-    machine keep one thread per worker.)
-    """
-    share = max(1, available_cpus() // workers)
-    cap = os.environ.get("OMP_NUM_THREADS", "")
-    return min(share, int(cap)) if cap.isdigit() and int(cap) > 0 else share
-
-
 @contextlib.contextmanager
 def _client(compute: ComputeConfig, n_tasks: int) -> Iterator[tuple[Any, WorkerOptions]]:
     """A Dask client for compute.cluster, and how its workers must run; closes what pcim started."""
@@ -337,7 +318,10 @@ def _client(compute: ComputeConfig, n_tasks: int) -> Iterator[tuple[Any, WorkerO
                 n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
                 logger.info("attached to Dask scheduler %s (%d workers now); dashboard: %s",
                             client.scheduler.address, n, _dashboard_link(client))
-                yield client, WorkerOptions(device=compute.device)
+                # their processes were started by others (dask worker --nthreads, OMP_NUM_THREADS=1 by Dask):
+                # pcim sets their threads only when compute.threads is a number
+                fixed = compute.threads if compute.threads != "auto" else None
+                yield client, WorkerOptions(device=compute.device, threads=fixed)
 
 
 def _scheduler_of(compute: ComputeConfig) -> dict[str, Any]:
@@ -381,7 +365,8 @@ def _local_cluster(compute: ComputeConfig, n_tasks: int) -> Iterator[tuple[Any, 
 
     gpus = visible_gpus() if compute.device in ("auto", "cuda") else []
     n = (len(gpus) or 1) if compute.workers == "auto" else compute.workers
-    threads = torch_threads(n)
+    limits = threads.read_limits()
+    n_threads = threads.threads_per_process(compute.threads, n, limits)
     resources = {"GPU": 1} if gpus else None
     # CRITICAL: a worker whose heartbeat meets a scheduler being closed (a run stopped while its cluster
     # starts) logs a traceback at ERROR; what a well's worker raises comes back through its future
@@ -395,9 +380,11 @@ def _local_cluster(compute: ComputeConfig, n_tasks: int) -> Iterator[tuple[Any, 
                 options.update(resources=dict(resources), env={"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]})
             cluster.worker_spec[i] = {"cls": Nanny, "options": options}
         cluster.scale(n)  # starts the workers of worker_spec
-        what = f"GPU {', '.join(gpus)}" if gpus else f"CPU, {threads} torch thread(s) each"
-        logger.info("started a local Dask cluster: %d worker process(es) (%s) for %d wells", n, what, n_tasks)
-        yield cluster, WorkerOptions(device=compute.device, threads=threads, resources=resources)
+        what = f"GPU {', '.join(gpus)}" if gpus else f"CPU, {n_threads} torch thread(s) each"
+        logger.info("started a local Dask cluster: %d worker process(es) (%s; %s) for %d wells", n, what,
+                    limits.describe(), n_tasks)
+        yield cluster, WorkerOptions(device=compute.device, threads=n_threads, resources=resources,
+                                     threads_auto=compute.threads == "auto")
     finally:
         cluster.close(timeout=30)
 
@@ -428,9 +415,9 @@ def _slurm_cluster(compute: ComputeConfig, n_tasks: int) -> Iterator[tuple[Any, 
         cluster.scale(jobs=s.jobs)
         logger.info("submitted %d SLURM worker job(s) (%d CPUs, %s, %s GPU(s) each) for %d wells; they start "
                     "when SLURM schedules them (squeue --me)", s.jobs, s.cores, s.memory, s.gpus, n_tasks)
-        threads = max(1, s.cores // processes)
-        yield cluster, WorkerOptions(device=compute.device, threads=threads, gpu_slots=processes,
-                                     resources=resources)
+        n_threads = compute.threads if compute.threads != "auto" else max(1, s.cores // processes)
+        yield cluster, WorkerOptions(device=compute.device, threads=n_threads, gpu_slots=processes,
+                                     resources=resources, threads_auto=compute.threads == "auto")
     finally:
         cluster.close(timeout=30)
 

@@ -53,6 +53,7 @@ class Validation:
     objects: dict[str, int] = field(default_factory=dict)  # plate.objects kind -> fields with a usable label file
     object_problems: list[str] = field(default_factory=list)  # fail those object tables only
     plan: preview.Plan | None = None  # what explain will do (tiles, targets, cost)
+    explainer: dict[str, Any] | None = None  # pcim-amortised: the explainer checked against the plate
 
     @property
     def problems(self) -> list[str]:
@@ -88,7 +89,7 @@ def validate_plate(cfg: RunConfig, pixels: bool | None = None, probe: bool = Tru
     out = Validation(plate=cfg.plate.name, channels=list(cfg.plate.channels), wells=summary["wells"],
                      fields=summary["fields"], model=summary["model"], layout_columns=summary["layout_columns"],
                      checked="pixels" if pixels else "headers", objects=inv.objects,
-                     object_problems=list(inv.object_problems))
+                     object_problems=list(inv.object_problems), explainer=summary.get("explainer"))
     for p in inv.problems:
         if p.well is None:
             out.run_problems.append(str(p))

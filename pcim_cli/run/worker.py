@@ -8,7 +8,9 @@ input_size is null), makes the field's prediction from its tiles (model.aggregat
 fits in chunks of compute.batch_size model inputs (halved while the device runs out of memory) either
 each field as a whole through its tiles (explain.tile_maps: field, one map over the field) or every
 (tile, target) pair alone (per-tile / evidence, stitched), writes its own field groups of the store,
-and returns one row per (field, target). The record keeps every tile's class probabilities. A field
+and returns one row per (field, target). The record keeps every tile's class probabilities. With
+fidelity on, the maps of each well's first field also carry their stain check (engine/trivial.py: the
+deletion AUCs of the map and of the maps without a model, for the plate's verdict). A field
 that fails is recorded as failed with its message and its cause (data: its images; model: the model
 raises, returns non-finite values, or needs a larger input than the field; output: the store cannot be
 written); the other fields go on, and no error of one field reaches a field already written. A map or
@@ -33,14 +35,15 @@ from pydantic import BaseModel, ConfigDict
 
 from pcim_cli import __version__
 from pcim_cli.engine import field as field_maps
-from pcim_cli.engine import metrics, tiling
+from pcim_cli.engine import metrics, tiling, trivial
 from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.budget import fit_adaptive, fit_quality
 from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
 from pcim_cli.io import images, signature, store, summary
+from pcim_cli.io.explainer import load_explainer
 from pcim_cli.io.model import LoadedModel, _summary, load_model
-from pcim_cli.run import objects
+from pcim_cli.run import objects, threads
 from pcim_cli.run.failures import (
     FieldError,
     constant_channels,
@@ -90,6 +93,8 @@ class WellTask(BaseModel):
     adaptive_budget: float | None = None  # grow the budget up to this share until the class is lost; None: fixed
     method: str = "pcim"
     engine: dict[str, Any]
+    explainer_path: str | None = None  # pcim-amortised: the trained explainer (checked by the driver)
+    explainer_sha256: str | None = None
     batch_size: int = 16
     channels_last: bool = True
     precision: str = "float32"
@@ -102,6 +107,7 @@ class WellTask(BaseModel):
 
 
 _MODELS: dict[tuple[str, str], LoadedModel] = {}
+_EXPLAINERS: dict[tuple[str, str], Forward] = {}
 _CHANNELS_LAST: dict[tuple[str, str], bool] = {}  # (model sha256, device) -> same logits with NHWC inputs
 
 
@@ -137,6 +143,23 @@ def _same_with_channels_last(module: Forward, x: torch.Tensor) -> bool:
     return bool(same)
 
 
+
+
+def _explainer(task: WellTask) -> Forward | None:
+    """The task's explainer (pcim-amortised), loaded once per worker process, behind compute.precision."""
+    if task.method != "pcim-amortised":
+        return None
+    key = (str(task.explainer_sha256), task.device)
+    if key not in _EXPLAINERS:
+        if task.explainer_path is None:
+            raise PcimError(f"{task.well}: explain.method pcim-amortised but no explainer; set explain.explainer")
+        loaded = load_explainer(task.explainer_path, device=task.device)
+        if loaded.sha256 != task.explainer_sha256:
+            raise PcimError(f"{task.well}: the explainer {task.explainer_path} changed during the run (sha256 "
+                            f"{loaded.sha256}, planned with {task.explainer_sha256}); rerun pcim explain")
+        module = loaded.module
+        _EXPLAINERS[key] = module if task.precision == "float32" else FastForward(module, task.precision)
+    return _EXPLAINERS[key]
 
 
 def _model(task: WellTask) -> LoadedModel:
@@ -191,7 +214,7 @@ def explain_well(task: WellTask) -> list[dict[str, Any]]:
             img, read_s, inputs, warnings = read
             if batcher is None:
                 try:
-                    batcher = _Batcher(task, _model(task), opts)
+                    batcher = _Batcher(task, _model(task), opts, _explainer(task))
                 except PcimError as exc:
                     rows.append(_failed_row(task, field, str(exc), "model", inputs))
                     continue
@@ -317,8 +340,8 @@ WHOLE = -1
 class _Batcher:
     """Queues the units of each field and fits them in chunks, stitching and writing finished fields."""
 
-    def __init__(self, task: WellTask, model: LoadedModel, opts: PcimOptions):
-        self.task, self.model, self.opts = task, model, opts
+    def __init__(self, task: WellTask, model: LoadedModel, opts: PcimOptions, explainer: Forward | None = None):
+        self.task, self.model, self.opts, self.explainer = task, model, opts, explainer
         self.forward: Forward | None = None  # the model behind the speed levers, set by the first field
         self.device = torch.device(task.device)
         self.batch = _BatchSize(task)
@@ -342,9 +365,9 @@ class _Batcher:
         if self._whole(field):  # one unit per target: the field's tiles fitted together
             queue = self.queues.setdefault(("field", *field.grid.field), [])
             queue += [_Unit(field, WHOLE, k) for k in range(len(field.targets))]
-        else:
+        else:  # a tile's targets in a row: pcim-amortised makes all of them from one explainer forward
             queue = self.queues.setdefault(field.grid.tile, [])
-            queue += [_Unit(field, i, k) for k in range(len(field.targets)) for i in range(field.grid.n_tiles)]
+            queue += [_Unit(field, i, k) for i in range(field.grid.n_tiles) for k in range(len(field.targets))]
         rows: list[dict[str, Any]] = []
         while sum(u.images for u in queue) >= self.batch.value:
             rows += self._run(queue)
@@ -355,8 +378,10 @@ class _Batcher:
         return field.grid.n_tiles > 1 and (self.task.tile_maps == "field" or self.task.aggregate == "whole-field")
 
     def _field_forward(self, field: _Field) -> Forward:
-        """The model as the field's classifier (its tiles, aggregated as model.aggregate says)."""
-        return field_maps.TiledForward(self.forward, field.grid, self.task.aggregate)
+        """The model as the field's classifier (its tiles, aggregated as model.aggregate says), in model
+        calls of at most 2 x the batch size tiles: the kept and deleted images of batch-size units, as a
+        per-tile fit batches them (checkpointed, so memory follows the batch size, not the field)."""
+        return field_maps.TiledForward(self.forward, field.grid, self.task.aggregate, chunk=2 * self.batch.value)
 
     def finish(self) -> list[dict[str, Any]]:
         """Fit whatever is still queued."""
@@ -389,8 +414,9 @@ class _Batcher:
             grid = tiling.plan_tiles(tuple(x.shape[-2:]), task.input_size)
         except tiling.TileSizeError as exc:
             raise FieldError(tile_size_problem(task.well, files.site, exc, task.input_size), "model") from exc
-        if self.forward is None:
-            self.forward = fast_forward(task, self.model, tiling.cut(x, grid, range(1))[0])
+        if self.forward is None:  # on a CPU, the first fit steps may decide the torch threads (threads.py)
+            self.forward = threads.probing(fast_forward(task, self.model, tiling.cut(x, grid, range(1))[0]),
+                                           task.device)
         probs, tile_probs = self._predict(x, grid)
         if not (torch.isfinite(probs).all() and torch.isfinite(tile_probs).all()):
             raise FieldError(non_finite_problem(task.well, files.site, task.model_path, x, "logits"), "model")
@@ -431,21 +457,24 @@ class _Batcher:
         chunk = _take(queue, self.batch.value)
         try:
             t0 = time.perf_counter()
-            result, dele, ins = self._fit(chunk)
+            result, dele, ins, checks = self._fit(chunk)
             per_unit = (time.perf_counter() - t0) / len(chunk)
         except PcimError as exc:
             return self._fail(queue, chunk, exc)
         except MODEL_ERRORS as exc:
             if not is_out_of_memory(exc):
                 return self._fail(queue, chunk, exc)
-            if len(chunk) == 1 and chunk[0].tile == WHOLE:  # one field is the least a field-level fit needs
+            tried = sum(u.images for u in chunk)
+            if len(chunk) == 1 and chunk[0].tile == WHOLE:  # one field: its tiles go in smaller model calls
                 f = chunk[0].field
-                return self._fail(queue, chunk, PcimError(
-                    f"{self.task.well} site {f.files.site}: out of memory on {self.task.device} fitting the "
-                    f"field's {f.grid.n_tiles} tiles together (explain.tile_maps: field); set explain.tile_maps: "
-                    "per-tile, or use a device with more memory"))
+                if self.batch.value <= 1:
+                    return self._fail(queue, chunk, PcimError(
+                        f"{self.task.well} site {f.files.site}: out of memory on {self.task.device} fitting the "
+                        f"field's {f.grid.n_tiles} tiles together (explain.tile_maps: field), even 2 tiles per "
+                        "model call; set explain.tile_maps: per-tile, or use a device with more memory"))
+                tried = min(tried, self.batch.value)
             try:
-                self.batch.shrink(sum(u.images for u in chunk))
+                self.batch.shrink(tried)
             except PcimError as err:
                 return self._fail(queue, chunk, err)
             return []
@@ -461,7 +490,7 @@ class _Batcher:
             else:
                 tile_map = result.maps[j] if weights is None or f.grid.n_tiles == 1 else result.maps[j] * weights[j]
                 f.stitch.add(unit.tile, tile_map, rows_k)
-            f.stats[unit.k].append(_unit_stats(result, j, dele[j], ins[j]))
+            f.stats[unit.k].append(_unit_stats(result, j, dele[j], ins[j], checks[j]))
             f.fit_s += per_unit
             f.pending -= 1
             if f.pending == 0:
@@ -483,14 +512,17 @@ class _Batcher:
             result, budgets = fit_adaptive(forward, x, tt, opts, seeds=seeds, max_budget=task.adaptive_budget)
             result.budget = budgets
         else:
-            result = attribute(forward, x, tt, task.method, opts, seeds=seeds)
+            result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
+        dele = ins = [float("nan")] * len(chunk)
+        checks: list[dict | None] = [None] * len(chunk)
         if task.fidelity:  # perturbed images in forward batches no larger than the fit's
             kw = {"chunk": min(64, 2 * len(chunk))}
             dele = metrics.deletion_auc(forward, x, result.maps, tt, **kw).tolist()
             ins = metrics.insertion_auc(forward, x, result.maps, tt, substrate="blur", **kw).tolist()
-        else:
-            dele = ins = [float("nan")] * len(chunk)
-        return result, dele, ins
+            if task.method not in trivial.TRIVIAL:  # for the plate's verdict, on each well's first field (cheap)
+                checks = trivial.stain_check_rows(forward, x, result.maps, tt, opts, task.channels,
+                                                  [u.field.files.index == 0 for u in chunk], **kw)
+        return result, dele, ins, checks
 
     def _fail(self, queue: list[_Unit], chunk: list[_Unit], exc: BaseException) -> list[dict[str, Any]]:
         """Fail every field with a unit in the chunk and drop their queued units."""
@@ -514,7 +546,7 @@ class _Batcher:
         is not written: the field fails, naming the model."""
         task = self.task
         maps = f.stitch.out.numpy()  # (targets * M, H, W)
-        per_target = {t: _mean_stats(f.stats[k]) for k, t in enumerate(f.targets)}
+        per_target = {t: _mean_stats(f.stats[k], task.channels) for k, t in enumerate(f.targets)}
         # prob_mixed / prob_deleted are NaN by design for the gradient baselines; prob_original never is
         probabilities = [stats["prob_original"] for stats in per_target.values()]
         if not np.isfinite(maps).all() or not np.isfinite(probabilities).all():
@@ -534,6 +566,7 @@ class _Batcher:
             "inputs": f.inputs,
             "warnings": f.warnings,
             "model_sha256": task.model_sha256,
+            **({"explainer_sha256": task.explainer_sha256} if task.explainer_sha256 else {}),
             "pcim_version": __version__,
             "seed": self.opts.seed,
             "host": socket.gethostname(),
@@ -573,22 +606,34 @@ def _take(queue: list[_Unit], images: int) -> list[_Unit]:
     return queue[:n]
 
 
-def _unit_stats(result, j: int, dele: float, ins: float) -> dict[str, float]:
-    out = {k: float(getattr(result, k)[j]) for k in _STATS}
+def _unit_stats(result, j: int, dele: float, ins: float, check: dict | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {k: float(getattr(result, k)[j]) for k in _STATS}
     budget = getattr(result, "budget", None)
     if budget is not None:
         out["budget"] = float(budget[j])
-    return {**out, "deletion_auc": float(dele), "insertion_auc": float(ins), "steps": int(result.steps[j])}
+    out.update(deletion_auc=float(dele), insertion_auc=float(ins), steps=int(result.steps[j]))
+    if result.channel is not None:  # intensity maps: the channel shown
+        out["channel"] = int(result.channel[j])
+    if check is not None:  # name -> [fine, coarse] deletion AUC
+        out["stain_check"] = check
+    return out
 
 
-def _mean_stats(tiles: list[dict[str, float]]) -> dict[str, float | int | str]:
-    """Per-field statistics: the mean over its tiles (steps stays an int when it is one), and the fit's
-    verdict (ok / weak / failed, engine/budget.py) from the field's probabilities."""
+def _mean_stats(tiles: list[dict[str, Any]], channels: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Per-field statistics: the mean over its tiles (steps stays an int when it is one), the fit's
+    verdict (ok / weak / failed, engine/budget.py) from the field's probabilities; an intensity map's
+    channel: the one most of its tiles show."""
     keys = [k for k in (*_STATS, "budget", "deletion_auc", "insertion_auc", "steps") if k in tiles[0]]
-    out: dict[str, float | int | str] = {k: float(np.mean([t[k] for t in tiles])) for k in keys}
+    out: dict[str, Any] = {k: float(np.mean([t[k] for t in tiles])) for k in keys}
     steps = out["steps"]
     out["steps"] = int(steps) if float(steps).is_integer() else steps
     out["fit"] = fit_quality(out["prob_original"], out["prob_mixed"], out["prob_deleted"])
+    if "channel" in tiles[0]:
+        shown = [t["channel"] for t in tiles]
+        out["intensity_channel"] = channels[max(set(shown), key=shown.count)]
+    if "stain_check" in tiles[0]:
+        out["stain_check"] = {name: np.mean([t["stain_check"][name] for t in tiles], axis=0).tolist()
+                              for name in tiles[0]["stain_check"]}
     return out
 
 

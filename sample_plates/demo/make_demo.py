@@ -492,8 +492,8 @@ model:
 explain:
   method: pcim                            # pcim | saliency | integrated-gradients | occlusion | rise
   target: predicted                       # or: mitotic | layout:expected_class | all
-  steps: 300
-  lr: 0.1
+  steps: 49                               # 49 x 2 images + 1 gradient pass = 99 classifier passes per map
+  lr: 0.3
   per_channel: false                      # one shared map per field
   seed: 0
 compute:
