@@ -40,6 +40,19 @@ def grace_seconds() -> float:
     return value
 
 
+class _StopAftermath(logging.Filter):
+    """After a stop signal, worker processes that the same Ctrl-C killed while a cluster started leave
+    asyncio tasks whose exceptions nobody retrieves ("Nanny failed to start worker process"); asyncio logs
+    each with a traceback when the task is collected, often at exit. They are the expected consequence of
+    the stop, which pcim has already reported: dropped, not shown as a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+
+_AFTERMATH = _StopAftermath()
+
+
 class StopSignals:
     """SIGTERM / SIGINT: the first asks for a graceful stop, a second one (or the grace period) forces it.
 
@@ -100,6 +113,7 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.requested_at is None:
             self.requested_at = time.monotonic()
+            logging.getLogger("asyncio").addFilter(_AFTERMATH)  # idempotent: a filter is added once
             logger.warning("%s: no new wells; running wells get up to %.0f s to finish (%s to change; "
                            "send the signal again to stop now)", name, self.grace, GRACE_ENV)
             self._timer = threading.Timer(self.grace, self._grace_over)
