@@ -241,6 +241,7 @@ def explain(
         _setup_logging(verbose, quiet, log_file)
         from pcim_cli import screen_cli
         from pcim_cli.config import load_config
+        from pcim_cli.report import fits as fit_words
         from pcim_cli.run import explain as explain_lib
         from pcim_cli.run.rerun import Rerun
 
@@ -270,14 +271,12 @@ def explain(
         raise typer.Exit(EXIT_TEMPFAIL) from None
     except Exception as exc:  # noqa: BLE001 - every error becomes one message and an exit code
         raise _fail(exc, as_json) from None
-    advice = explain_lib.fit_advice(result, cfg)
-    if advice:  # once per run; a weak map is no failure: cron (-q) gets it only in --log-file
-        logger.log(logging.INFO if quiet else logging.WARNING, "%s", advice)
+    for level, advice in explain_lib.fit_advice(result, cfg):  # once per run; a weak map is no failure:
+        logger.log(min(level, logging.INFO) if quiet else level, "%s", advice)  # cron (-q): only in --log-file
     counts = result.counts
     failed = counts["failed"] + len(result.problems)
     fits = result.fits
-    weak = (f" ({fits['weak']} weak, {fits['failed']} failed fits: see PCIM_Fit)"
-            if fits["weak"] + fits["failed"] else "")
+    weak = fit_words.counts_phrase(fits)
     if result.csv is None:
         line = f"stopped before anything was written to {result.store}; rerun the same command"
     else:

@@ -1,4 +1,4 @@
-"""Did a fit achieve its objective (ok / weak / failed), and an adaptive budget that grows until it does.
+"""Did a fit achieve its objective, what its map can say (PCIM_Fit), and an adaptive budget.
 
 Pure torch. A PCIM fit asks two things of its map (docs/method.md): the kept image (only the map's
 pixels) keeps the target class, and the deleted image (everything but them) loses it. The record has
@@ -6,37 +6,75 @@ both probabilities, so every map says how well it did, relative to the original 
 
     keep = p(kept) / p(original)          delete = 1 - p(deleted) / p(original)
 
+and, with one more forward pass per field, p(target) of the FULLY deleted image (every pixel at the
+deletion substrate, `full_deletion_probs`): does the class survive deleting everything? Labels
+(docs/verdicts.md; thresholds measured on every class of every evaluation set):
+
+- `absent`: p(original) < P_ABSENT: the class is not in the field; there is nothing to delete, and
+  the keep / delete shares of so small a probability mean nothing;
+- `no-local-evidence`: the fit did not remove the class (delete < FIT_OK) and the fully deleted image
+  still gives it (p(full deletion) >= FULL_KEEP * p(original)): the class rests on what is missing
+  (a "negative" call: no mitotic cell), not on pixels a map could hold. Not a failure of the fit;
 - `ok`: delete >= 0.5 and keep >= 0.5 (deleting the map's pixels removes at least half of the class
   probability, and they alone keep at least half of it);
-- `failed`: delete < 0.25 (deleting the map's pixels leaves more than 3/4 of the class probability:
-  the map did not find what the model uses: evidence larger than the budget, or evidence that is an
-  absence);
+- `failed`: delete < 0.25 (deleting the map's pixels leaves more than 3/4 of the class probability
+  although deleting everything removes it: evidence larger than the budget, or a model that reads
+  the evidence poorly);
 - `weak`: anything between.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
+from pcim_cli.engine import mixing
 from pcim_cli.engine.pcim import Forward, PcimOptions, PcimResult, fit_pcim
 
 FIT_OK = 0.5  # keep and delete shares at or above which a fit is ok
 FIT_FAILED = 0.25  # delete share below which a fit failed
-FIT_LABELS = ("ok", "weak", "failed")
+P_ABSENT = 0.01  # p(original) below which the class is absent from the field
+FULL_KEEP = 0.5  # share of p(original) the fully deleted image keeps for a class without local evidence
+#: every PCIM_Fit label; the first three judge the fit, the last two say what the class is
+FIT_LABELS = ("ok", "weak", "failed", "absent", "no-local-evidence")
+#: the labels of maps that hold evidence (a stain verdict may judge them)
+JUDGED = ("ok", "weak")
 
 
-def fit_quality(prob_original: float, prob_mixed: float, prob_deleted: float) -> str:
-    """'ok', 'weak' or 'failed' for one map (see the module's doc); '' when the method fits nothing."""
+def fit_quality(prob_original: float, prob_mixed: float, prob_deleted: float,
+                prob_full_deleted: float | None = None) -> str:
+    """PCIM_Fit of one map (see the module's doc); '' when the method fits nothing (NaN probabilities).
+
+    Without `prob_full_deleted` (a record from before issue 26, or a model that gave no finite
+    probability for the fully deleted image) the class is never called `no-local-evidence`.
+    """
     values = (prob_original, prob_mixed, prob_deleted)
     if any(v is None or v != v for v in values) or prob_original <= 0:  # NaN: a baseline, no fit
         return ""
+    if prob_original < P_ABSENT:
+        return "absent"
     keep = prob_mixed / prob_original
     delete = 1.0 - prob_deleted / prob_original
+    full = prob_full_deleted
+    if (delete < FIT_OK and full is not None and math.isfinite(full)
+            and full >= FULL_KEEP * prob_original):
+        return "no-local-evidence"
     if delete < FIT_FAILED:
         return "failed"
     return "ok" if delete >= FIT_OK and keep >= FIT_OK else "weak"
+
+
+@torch.no_grad()
+def full_deletion_probs(model: Forward, x: torch.Tensor, opts: PcimOptions) -> torch.Tensor:
+    """Class probabilities (B, K) of the fully deleted images: every pixel of x (B, C, H, W) at the
+    deletion substrate (opts.delete_substrate: the channel mean by default), i.e. the end of every
+    deletion curve. One forward pass of B images; NaN rows where the model gives non-finite logits."""
+    sub = mixing.substrate(x, opts.delete_substrate, opts.blur_sigma)
+    sub = torch.zeros_like(x) if sub is None else sub
+    probs = torch.softmax(model(sub).float(), dim=1)
+    return torch.where(torch.isfinite(probs).all(1, keepdim=True), probs, torch.full_like(probs, float("nan")))
 
 
 def fit_adaptive(model: Forward, x: torch.Tensor, target: torch.Tensor, opts: PcimOptions,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from pcim_cli.engine.budget import fit_quality
+from pcim_cli.engine.budget import FIT_LABELS, fit_quality
 from pcim_cli.errors import OutputError, os_reason
 from pcim_cli.io.plate import parse_well
 
@@ -58,8 +58,9 @@ FLOAT_COLUMNS = (
     "PCIM_Runtime_s",
 )
 STATUSES = ("done", "failed", "skipped")
-#: PCIM_Fit: did the fit achieve its objective (pcim_cli/engine/budget.py); empty for methods that fit nothing
-FITS = ("ok", "weak", "failed")
+#: PCIM_Fit: did the fit achieve its objective, or what the class is in the field (pcim_cli/engine/budget.py,
+#: docs/verdicts.md); empty for methods that fit nothing
+FITS = FIT_LABELS
 
 
 def layout_column_name(column: str) -> str:
@@ -125,7 +126,8 @@ def rows_from_record(plate: str, well: str, zarr_path: str, record: Mapping[str,
     for target, result in (record.get("results") or {}).items():
         fit = result.get("fit")
         if fit is None:  # a record made before fits were judged: judge it from its probabilities
-            fit = fit_quality(*(_number(result.get(k)) for k in ("prob_original", "prob_mixed", "prob_deleted")))
+            fit = fit_quality(*(_number(result.get(k)) for k in ("prob_original", "prob_mixed", "prob_deleted",
+                                                                  "prob_full_deleted")))
         rows.append({
             "plate": plate, "well": well, "site": record.get("site"), "target": target,
             "predicted_class": record.get("predicted_class", ""),

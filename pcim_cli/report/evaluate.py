@@ -23,9 +23,11 @@ import io
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,14 +35,14 @@ import tifffile
 import torch
 
 from pcim_cli.config import RunConfig
-from pcim_cli.engine import metrics, trivial
+from pcim_cli.engine import budget, metrics, trivial
 from pcim_cli.engine.attribute import METHODS, attribute
-from pcim_cli.engine.pcim import PcimOptions
+from pcim_cli.engine.pcim import PcimOptions, PcimResult
 from pcim_cli.errors import ConfigError, InputDataError
 from pcim_cli.io import images, plate
 from pcim_cli.io import labels as label_io
-from pcim_cli.report import object_ranking
-from pcim_cli.report.verdict import Verdict, decide
+from pcim_cli.report import object_ranking, verdict
+from pcim_cli.report.verdict import Verdict
 from pcim_cli.run import explain, objects
 
 logger = logging.getLogger(__name__)
@@ -176,13 +178,15 @@ def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[_Field], 
     stain verdict per target class (PCIM's maps, or the first non-trivial method's, against the best
     trivial map).
 
-    maps_fn(model, x, target, method, opts, batch) -> maps (default: `attribute` in batches) and scorer
-    (the forward that deletion and insertion ask; default: model) let a caller explain fields tile by
-    tile and score the stitched maps on whole fields (benchmarks with fixed-input models).
+    maps_fn(model, x, target, method, opts, batch) -> maps, or a PcimResult (default: `attribute` in
+    batches), and scorer (the forward that deletion and insertion ask; default: model) let a caller explain
+    fields tile by tile and score the stitched maps on whole fields (benchmarks with fixed-input models).
+    With a PcimResult, the reference method's maps get their PCIM_Fit labels (engine/budget.py), and
+    the verdict judges only the maps that hold evidence; with bare maps every map counts.
     objects_scorer (report/object_ranking.ObjectScorer) adds the object ranking scores (plate.objects);
     explainer: the trained explainer module that the default maps_fn gives pcim-amortised.
     """
-    maps_fn = maps_fn or functools.partial(_maps, explainer=explainer)
+    maps_fn = maps_fn or functools.partial(_results, explainer=explainer)
     scorer = model if scorer is None else scorer
     stain = trivial.deletion_aucs(scorer, x, trivial.candidate_maps(x, opts, channels), target,
                                   FINE_DELETION_FRACTIONS, DELETION_FRACTIONS)
@@ -192,17 +196,24 @@ def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[_Field], 
                                    for c in channels]).argmin())
         logger.info("intensity_channel auto: %s (its intensity deletes the target class fastest)", channels[channel])
     per_image, curves, maps_shown = [], {}, {}
+    reference = _reference(methods)
+    checks: dict[str, Any] = {}
     for method in methods:
         m_opts = dataclasses.replace(opts, intensity_channel=channel) if method == "intensity" else opts
         t0 = time.perf_counter()
         maps = maps_fn(model, x, target, method, m_opts, batch)
         seconds = (time.perf_counter() - t0) / len(fields)
+        if method == reference:  # the stain verdict's numbers: labels and deletion curves at doubling shares
+            checks = {"labels": _fit_labels(scorer, x, target, maps, m_opts),
+                      "curves": trivial.deletion_curves(scorer, x, {"map": getattr(maps, "maps", maps)}, target)}
+        maps = getattr(maps, "maps", maps)
         scores, curve = _score(scorer, x, target, maps, fields)
         if objects_scorer is not None:
             scores.update(objects_scorer.scores(maps))
         if random_model is not None:
+            random_maps = maps_fn(random_model, x, target, method, m_opts, batch)
             scores["randomisation_spearman"] = metrics.spearman(
-                maps, maps_fn(random_model, x, target, method, m_opts, batch), support="union").tolist()
+                maps, getattr(random_maps, "maps", random_maps), support="union").tolist()
         curves[method] = curve
         maps_shown[method] = maps[:EXAMPLES_MAX].sum(1).cpu()
         for i, f in enumerate(fields):
@@ -210,26 +221,41 @@ def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[_Field], 
                               **{k: v[i] for k, v in scores.items()}, "s_per_map": seconds})
         logger.info("%s: %d maps, %.2f s/map", method, len(fields), seconds)
     scores_df = pd.DataFrame(per_image)
+    verdicts = []
+    if reference is not None:
+        candidates = trivial.deletion_curves(scorer, x, trivial.candidate_maps(x, opts, channels), target)
+        verdicts = _verdicts(reference, checks, candidates, target, classes)
     return Comparison(scores=scores_df, table=_table(scores_df, list(methods)), curves=curves, maps_shown=maps_shown,
-                      intensity_channel=None if channel is None else channels[channel],
-                      verdicts=_verdicts(scores_df, methods, stain, target, classes))
+                      intensity_channel=None if channel is None else channels[channel], verdicts=verdicts)
 
 
-def _verdicts(scores: pd.DataFrame, methods: Sequence[str], stain: dict, target: torch.Tensor,
+def _reference(methods: Sequence[str]) -> str | None:
+    """The method whose maps the stain verdict judges: pcim, else the first one that needs a model."""
+    return next((m for m in ("pcim", *methods) if m in methods and m not in trivial.TRIVIAL), None)
+
+
+def _fit_labels(scorer, x: torch.Tensor, target: torch.Tensor, result, opts: PcimOptions) -> list[str] | None:
+    """PCIM_Fit of each map of a PcimResult (None for bare maps: every map counts as holding evidence)."""
+    if not hasattr(result, "prob_mixed"):
+        return None
+    full = budget.full_deletion_probs(scorer, x, opts).gather(1, target.view(-1, 1).to(x.device))[:, 0]
+    return [budget.fit_quality(*(float(v) for v in values)) for values in
+            zip(result.prob_original, result.prob_mixed, result.prob_deleted, full, strict=True)]
+
+
+def _verdicts(reference: str, checks: dict[str, Any], candidates: dict[str, torch.Tensor], target: torch.Tensor,
               classes: Sequence[str]) -> list[Verdict]:
-    reference = next((m for m in ("pcim", *methods) if m in methods and m not in trivial.TRIVIAL), None)
-    if reference is None:
-        return []
-    ref = scores[scores["method"] == reference].reset_index(drop=True)
+    """One verdict per target class (most maps first) from the reference's labels and deletion curves."""
+    labels = checks["labels"] or [""] * len(target)
+    curves = {**checks["curves"], **candidates}
     out = []
     for t in sorted(set(target.tolist()), key=lambda t: -int((target == t).sum())):
-        rows = (target == t).cpu()
-        r = ref[rows.numpy()]
-        cands = {name: (float(fine[rows].mean()), float(coarse[rows].mean())) for name, (fine, coarse) in stain.items()}
-        v = decide(classes[t], reference, float(r["prob_original"].mean()),
-                   (float(r["fine_deletion_auc"].mean()), float(r["deletion_auc"].mean())), cands, maps=len(r))
-        if v is not None:
-            out.append(v)
+        rows = [i for i in range(len(target)) if int(target[i]) == t]
+        fits = Counter(labels[i] for i in rows if labels[i])
+        found = [verdict.check_from_curves(float(curves["map"][i, 0]), trivial.HALVING,
+                                           {n: c[i] for n, c in curves.items()})
+                 for i in rows if labels[i] in (*budget.JUDGED, "")]
+        out.append(verdict.judge(classes[t], reference, [c for c in found if c is not None], fits or None))
     return out
 
 
@@ -346,13 +372,21 @@ def _targets(cfg: RunConfig, inv, fields: list[_Field], model, x: torch.Tensor) 
     return torch.tensor(out, device=x.device)
 
 
-def _maps(model, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
-          batch: int, explainer=None) -> torch.Tensor:
+def _results(model, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
+             batch: int, explainer=None) -> PcimResult:
+    """`attribute` in batches, the batches' results joined into one."""
     seeds = opts.seed + torch.arange(len(x))
     parts = [attribute(model, x[i : i + batch], target[i : i + batch], method, opts, seeds=seeds[i : i + batch],
-                       explainer=explainer).maps
+                       explainer=explainer)
              for i in range(0, len(x), batch)]
-    return torch.cat(parts)
+    return PcimResult(**{f.name: None if getattr(parts[0], f.name) is None
+                         else torch.cat([getattr(p, f.name) for p in parts])
+                         for f in dataclasses.fields(PcimResult)})
+
+
+def _maps(model, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
+          batch: int, explainer=None) -> torch.Tensor:
+    return _results(model, x, target, method, opts, batch, explainer).maps
 
 
 def _score(model, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor,

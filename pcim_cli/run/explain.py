@@ -47,6 +47,7 @@ from pcim_cli.io import images, labels, ownership, plate, records, store, summar
 from pcim_cli.io.explainer import LoadedExplainer, check_explainer, load_explainer
 from pcim_cli.io.lock import RunLock
 from pcim_cli.io.model import LoadedModel, check_classes, load_model, resolve_device
+from pcim_cli.report import fits as fit_words
 from pcim_cli.report import verdict
 from pcim_cli.run import objects, rerun, scheduler
 from pcim_cli.run.failures import failed_row
@@ -80,7 +81,7 @@ class RunResult:
 
     @property
     def fits(self) -> dict[str, int]:
-        """Done maps per PCIM_Fit verdict (ok / weak / failed; methods that fit nothing are not counted)."""
+        """Done maps per PCIM_Fit label (engine/budget.py FIT_LABELS; methods that fit nothing are not counted)."""
         done = self.summary[self.summary["PCIM_Status"] == "done"] if len(self.summary) else self.summary
         fit = done["PCIM_Fit"] if len(done) else pd.Series(dtype=str)
         return {v: int((fit == v).sum()) for v in summary.FITS}
@@ -513,22 +514,10 @@ def finish_plate(opened: OpenPlate, rows: list[dict], interrupted: bool) -> RunR
         opened.release()
 
 
-def fit_advice(result: RunResult, cfg: RunConfig) -> str | None:
-    """The one warning of a run whose maps did not all achieve their objective: how many, the likely
-    cause and the fix (None when every fit is ok)."""
-    fits = result.fits
-    bad = fits["weak"] + fits["failed"]
-    if not bad:
-        return None
-    total = sum(fits.values())
-    grow = ("raise explain.budget (now "
-            f"{cfg.explain.budget}) or set explain.adaptive_budget: 0.32" if cfg.explain.adaptive_budget is None
-            else f"raise explain.adaptive_budget (now {cfg.explain.adaptive_budget})")
-    return (f"{bad} of {total} maps are weak ({fits['weak']}) or failed ({fits['failed']}) fits (PCIM_Fit in "
-            f"{result.csv}): deleting their pixels did not remove the class (PCIM_ProbDeleted stays near "
-            "PCIM_ProbOriginal). Likely causes: evidence larger than the budget (confluence, density, texture) "
-            f"-> {grow}; or evidence that is an absence (the class means 'no X') -> explain the other class "
-            "(explain.target)")
+def fit_advice(result: RunResult, cfg: RunConfig) -> list[tuple[int, str]]:
+    """The run's words on its PCIM_Fit labels (report/fits.py): a warning for weak / failed fits with the
+    likely cause and the fix, a note for no-local-evidence / absent maps; [] when every fit is ok."""
+    return fit_words.advice(result.fits, str(result.csv), cfg.explain.budget, cfg.explain.adaptive_budget)
 
 
 def collect(cfg: RunConfig, p: Plan, run_rows: list[dict],

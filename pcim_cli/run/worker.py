@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from pcim_cli import __version__
+from pcim_cli.engine import budget as fit_labels
 from pcim_cli.engine import field as field_maps
 from pcim_cli.engine import metrics, tiling, trivial
 from pcim_cli.engine.attribute import attribute
@@ -513,6 +514,7 @@ class _Batcher:
             result.budget = budgets
         else:
             result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
+        result.prob_full_deleted = _full_deletion(forward, x, tt, opts)  # PCIM_Fit's label test (issue 26)
         dele = ins = [float("nan")] * len(chunk)
         checks: list[dict | None] = [None] * len(chunk)
         if task.fidelity:  # perturbed images in forward batches no larger than the fit's
@@ -521,8 +523,18 @@ class _Batcher:
             ins = metrics.insertion_auc(forward, x, result.maps, tt, substrate="blur", **kw).tolist()
             if task.method not in trivial.TRIVIAL:  # for the plate's verdict, on each well's first field (cheap)
                 checks = trivial.stain_check_rows(forward, x, result.maps, tt, opts, task.channels,
-                                                  [u.field.files.index == 0 for u in chunk], **kw)
+                                                  [self._checked(u, result, j) for j, u in enumerate(chunk)], **kw)
         return result, dele, ins, checks
+
+    def _checked(self, unit: _Unit, result, j: int) -> bool:
+        """Does the stain check run on this unit? The maps of each well's first field, where the map holds
+        evidence (PCIM_Fit ok / weak: a verdict never judges the others); every tile of a per-tile field."""
+        if unit.field.files.index != 0:
+            return False
+        if unit.tile != WHOLE and unit.field.grid.n_tiles > 1:
+            return True
+        probs = (float(getattr(result, k)[j]) for k in (*_STATS[:3], "prob_full_deleted"))
+        return fit_quality(*probs) in (*fit_labels.JUDGED, "")  # "": a method that fits nothing
 
     def _fail(self, queue: list[_Unit], chunk: list[_Unit], exc: BaseException) -> list[dict[str, Any]]:
         """Fail every field with a unit in the chunk and drop their queued units."""
@@ -597,6 +609,18 @@ class _Batcher:
 _STATS = ("prob_original", "prob_mixed", "prob_deleted", "loss")
 
 
+def _full_deletion(forward: Forward, x: torch.Tensor, target: torch.Tensor, opts: PcimOptions) -> torch.Tensor:
+    """p(target) (B,) of each image fully deleted (engine/budget.py): NaN where the model fails on it."""
+    try:
+        probs = fit_labels.full_deletion_probs(forward, x, opts)
+    except MODEL_ERRORS as exc:
+        if is_out_of_memory(exc):
+            raise
+        logger.debug("the model fails on the fully deleted image (%s): no no-local-evidence label", exc)
+        return torch.full((x.shape[0],), float("nan"))
+    return probs.gather(1, target.to(probs.device).view(-1, 1))[:, 0].cpu()
+
+
 def _take(queue: list[_Unit], images: int) -> list[_Unit]:
     """The first units of the queue that fit in `images` model inputs (at least one unit)."""
     n, used = 0, 0
@@ -608,6 +632,9 @@ def _take(queue: list[_Unit], images: int) -> list[_Unit]:
 
 def _unit_stats(result, j: int, dele: float, ins: float, check: dict | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {k: float(getattr(result, k)[j]) for k in _STATS}
+    full = getattr(result, "prob_full_deleted", None)
+    if full is not None:
+        out["prob_full_deleted"] = float(full[j])
     budget = getattr(result, "budget", None)
     if budget is not None:
         out["budget"] = float(budget[j])
@@ -621,19 +648,23 @@ def _unit_stats(result, j: int, dele: float, ins: float, check: dict | None = No
 
 def _mean_stats(tiles: list[dict[str, Any]], channels: tuple[str, ...] = ()) -> dict[str, Any]:
     """Per-field statistics: the mean over its tiles (steps stays an int when it is one), the fit's
-    verdict (ok / weak / failed, engine/budget.py) from the field's probabilities; an intensity map's
+    label (PCIM_Fit, engine/budget.py) from the field's probabilities; an intensity map's
     channel: the one most of its tiles show."""
-    keys = [k for k in (*_STATS, "budget", "deletion_auc", "insertion_auc", "steps") if k in tiles[0]]
+    keys = [k for k in (*_STATS, "prob_full_deleted", "budget", "deletion_auc", "insertion_auc", "steps")
+            if k in tiles[0]]
     out: dict[str, Any] = {k: float(np.mean([t[k] for t in tiles])) for k in keys}
     steps = out["steps"]
     out["steps"] = int(steps) if float(steps).is_integer() else steps
-    out["fit"] = fit_quality(out["prob_original"], out["prob_mixed"], out["prob_deleted"])
+    out["fit"] = fit_quality(out["prob_original"], out["prob_mixed"], out["prob_deleted"],
+                             out.get("prob_full_deleted"))
     if "channel" in tiles[0]:
         shown = [t["channel"] for t in tiles]
         out["intensity_channel"] = channels[max(set(shown), key=shown.count)]
-    if "stain_check" in tiles[0]:
-        out["stain_check"] = {name: np.mean([t["stain_check"][name] for t in tiles], axis=0).tolist()
-                              for name in tiles[0]["stain_check"]}
+    if "stain_check" in tiles[0]:  # per-tile maps: the tiles' curves averaged
+        first = tiles[0]["stain_check"]
+        out["stain_check"] = {"fractions": first["fractions"],
+                              "curves": {name: np.mean([t["stain_check"]["curves"][name] for t in tiles],
+                                                       axis=0).tolist() for name in first["curves"]}}
     return out
 
 
