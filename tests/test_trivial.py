@@ -188,37 +188,65 @@ def test_a_classifier_that_reads_a_region_is_not_called_a_stain_detector():
     assert table.loc["pcim", "fine_deletion_auc"] < table.loc[["intensity", "contrast"], "fine_deletion_auc"].min()
 
 
-def test_verdict_levels_follow_the_share_of_the_decision_explained():
-    cands = {"intensity:PH3": (0.5, 0.2), "contrast": (0.7, 0.4)}
-    # p0 = 1: pcim explains 1 - 0.4 = 0.6 (fine) and 1 - 0.1 = 0.9 (coarse); PH3 0.5 and 0.8
-    v = verdict.decide("mitotic", "pcim", 1.0, (0.4, 0.1), cands, maps=8)
-    assert v.level == "partly" and v.share == pytest.approx(min(0.5 / 0.6, 0.8 / 0.9))
-    assert "the PH3 channel alone explains 83 % of what pcim's maps explain" in v.sentence and "8 maps" in v.sentence
-    assert verdict.decide("mitotic", "pcim", 1.0, (0.46, 0.2), cands).level == "detector"  # 0.5/0.54 = 0.93
-    low = verdict.decide("mitotic", "pcim", 1.0, (0.0, 0.0), {"contrast": (0.8, 0.7)})
-    assert low.level == "more" and low.trivial == "contrast" and "20 %" in low.sentence
-    none = verdict.decide("mitotic", "pcim", 0.5, (0.48, 0.47), {"contrast": (0.49, 0.46)})
-    assert none.level == "none" and math.isnan(none.share)
-    # a method whose maps remove nothing, beside a stain that removes the class: the stain explains the calls
-    assert verdict.decide("mitotic", "saliency", 1.0, (0.99, 0.99), cands).level == "detector"
-    assert verdict.decide("mitotic", "pcim", 1.0, (0.4, 0.1), {}) is None
-    # just under the threshold never reads as it: 0.8999 -> "89 %", level partly
-    assert "89 %" in verdict.decide("m", "pcim", 1.0, (0.0, 0.0), {"contrast": (0.1001, 0.1001)}).sentence
+def _curve(share: float, p0: float = 1.0, floor: float = 0.0, fractions=None) -> list[float]:
+    """A deletion curve (on trivial.HALVING by default) that falls from p0 to floor at `share` of the pixels."""
+    fr = trivial.HALVING.tolist() if fractions is None else fractions
+    return [p0 if f < share else floor for f in fr]
+
+
+def test_verdict_levels_follow_the_pixels_each_map_needs_to_remove_the_class():
+    fr = [i * 0.0005 for i in range(81)]  # a fine grid: shares read to 0.05 %
+
+    def check(ref: float, **cands: float) -> verdict.MapCheck:
+        return verdict.check_from_curves(1.0, fr, {"map": _curve(ref, fractions=fr),
+                                                   **{k: _curve(v, fractions=fr) for k, v in cands.items()}})
+
+    # the stain needs 1.6x the pixels of pcim's maps (0.8 % vs 0.5 %)
+    v = verdict.judge("mitotic", "pcim", [check(0.0051, **{"intensity:PH3": 0.0081, "contrast": 0.04})] * 8)
+    assert v.level == "partly" and v.trivial == "intensity:PH3" and 0.5 <= v.share < 0.9, v
+    assert "the PH3 channel alone needs 1." in v.sentence and "8 maps" in v.sentence
+    # as few pixels -> detector; more than twice -> more
+    assert verdict.judge("m", "pcim", [check(0.0051, contrast=0.0051)]).level == "detector"
+    more = verdict.judge("m", "pcim", [check(0.0031, contrast=0.0201)])
+    assert more.level == "more" and more.trivial == "contrast" and more.share < 0.5
+    assert "pcim's maps explain the classifier's m calls better than any map without a model" in more.sentence
+    # a stain curve that never halves p within the grid counts as needing twice its last share
+    grid = trivial.HALVING.tolist()
+    never = verdict.judge("m", "pcim", [verdict.check_from_curves(1.0, grid, {"map": _curve(0.011),
+                                                                              "contrast": _curve(1.0)})])
+    assert never.level == "more" and never.share == pytest.approx(0.015 / 0.64, rel=0.01)
+    # a 2-class model whose featureless image sits at 0.5: half of what deletion CAN remove (0.99 -> 0.5)
+    two = verdict.check_from_curves(0.99, grid, {"map": _curve(0.006, 0.99, 0.5), "contrast": _curve(0.006, 0.99, 0.5)})
+    assert two is not None and math.isfinite(two.reference) and verdict.judge("m", "pcim", [two]).level == "detector"
+    # nothing removable: no check
+    assert verdict.check_from_curves(0.9, grid, {"map": [0.9] * len(grid), "contrast": [0.89] * len(grid)}) is None
 
 
 def test_verdict_from_records_pools_each_target_over_the_plate():
-    def rec(target, p0, check):
-        return {"status": "done", "results": {target: {"prob_original": p0, "stain_check": check}}}
+    fr = trivial.HALVING.tolist()
 
-    records = [rec("mitotic", 1.0, {"map": [0.4, 0.1], "intensity:PH3": [0.3, 0.1], "contrast": [0.9, 0.9]}),
-               rec("mitotic", 0.8, {"map": [0.2, 0.1], "intensity:PH3": [0.1, 0.1], "contrast": [0.8, 0.8]}),
-               rec("negative", 0.9, {"map": [0.1, 0.1], "intensity:PH3": [0.85, 0.85], "contrast": [0.8, 0.7]}),
-               {"status": "done", "results": {"mitotic": {"prob_original": 0.9}}}]  # fidelity was off
+    def rec(target, p0, fit, ref=None, **cands):
+        result = {"prob_original": p0, "fit": fit}
+        if ref is not None:
+            result["stain_check"] = {"fractions": fr, "curves": {"map": _curve(ref, p0),
+                                                                 **{k: _curve(v, p0) for k, v in cands.items()}}}
+        return {"status": "done", "results": {target: result}}
+
+    records = [rec("mitotic", 1.0, "ok", 0.004, **{"intensity:PH3": 0.004, "contrast": 0.05}),
+               rec("mitotic", 0.8, "weak", 0.003, **{"intensity:PH3": 0.003, "contrast": 0.05}),
+               rec("mitotic", 0.9, "ok"),  # a later field: labelled, not checked
+               rec("negative", 0.9, "ok", 0.002, **{"intensity:PH3": 0.1, "contrast": 0.01}),
+               rec("negative", 0.9, "ok"),
+               {"status": "done", "results": {"mitotic": {"prob_original": 0.9}}}]  # made before fits were judged
     mitotic, negative = verdict.from_records(records, "pcim")
-    assert (mitotic.target, mitotic.maps, mitotic.level) == ("mitotic", 2, "detector")
-    assert mitotic.prob_original == pytest.approx(0.9) and mitotic.deletion["fine"]["trivial"] == pytest.approx(0.2)
+    assert (mitotic.target, mitotic.maps, mitotic.level, mitotic.trivial) == ("mitotic", 2, "detector", "intensity:PH3")
+    assert mitotic.prob_original == pytest.approx(0.9) and mitotic.fits == {"ok": 2, "weak": 1}
     assert (negative.target, negative.level, negative.trivial) == ("negative", "more", "contrast")
-    assert verdict.from_records(records[3:], "pcim") == []
+    assert verdict.from_records(records[5:], "pcim") == []
+    # a stain check of an older release (fine / coarse AUCs) is not read: no verdict, no error
+    old = {"status": "done", "results": {"m": {"prob_original": 0.9, "fit": "ok",
+                                               "stain_check": {"map": [0.4, 0.1], "contrast": [0.9, 0.9]}}}}
+    assert verdict.from_records([old], "pcim") == []
 
 
 # --- through the CLI -----------------------------------------------------------------------------------
@@ -279,8 +307,11 @@ def test_pcim_explain_says_when_the_classifier_is_a_stain_detector(tmp_path):
     assert f"verdict: {v['sentence']}" in proc.stderr
     _, _, record = store.read_field(tmp_path / "out" / "P1.zarr", "A01", 0)
     check = record["results"]["mitotic"]["stain_check"]
-    assert set(check) == {"map", "intensity:DNA", "intensity:PH3", "intensity:Actin", "contrast"}
-    assert check["intensity:PH3"][0] <= check["map"][0] + 1e-6  # no map deletes faster than the read channel
+    assert check["fractions"] == pytest.approx(trivial.HALVING.tolist())
+    curves = check["curves"]
+    assert set(curves) == {"map", "intensity:DNA", "intensity:PH3", "intensity:Actin", "contrast"}
+    # no map deletes faster than the read channel
+    assert all(a <= b + 1e-6 for a, b in zip(curves["intensity:PH3"], curves["map"], strict=True))
     assert "stain_check" not in store.read_field(tmp_path / "out" / "P1.zarr", "A01", 1)[2]["results"]["mitotic"]
     plate_record = store.read_plate_record(tmp_path / "out" / "P1.zarr")
     assert plate_record["last_run"]["verdicts"][0]["level"] == "detector"

@@ -422,11 +422,29 @@ class _Batcher:
         if not (torch.isfinite(probs).all() and torch.isfinite(tile_probs).all()):
             raise FieldError(non_finite_problem(task.well, files.site, task.model_path, x, "logits"), "model")
         targets = _targets(task, int(probs.argmax()))
+        contrastive = self._contrastive(x, grid, probs) if task.targets is None else None
+        if contrastive is not None:  # issue 26: a call resting on what is missing, and the runner-up's map
+            targets.append(task.classes[contrastive])
         field = _Field(files, x, read_s, grid, probs, targets,
                        tiling.Stitcher(grid, len(targets) * self.n_maps),
                        stats=[[] for _ in targets], tile_probs=tile_probs)
         field.pending = len(targets) * (1 if self._whole(field) else grid.n_tiles)
         return field
+
+    def _contrastive(self, x: torch.Tensor, grid: tiling.TileGrid, probs: torch.Tensor) -> int | None:
+        """explain.target predicted: the runner-up class when the predicted one survives the deletion of
+        the whole field (engine/budget.py `contrastive_class`: its map would hold nothing; the runner-up's
+        shows where the evidence it lacks comes closest). One more prediction of the field, pcim only."""
+        if self.task.method not in ("pcim", "pcim-amortised") or len(probs) < 2:
+            return None
+        substrate = fit_labels.full_deletion_image(x[None], self.opts)[0]
+        try:
+            full, _ = self._predict(substrate, grid)
+        except MODEL_ERRORS as exc:
+            if is_out_of_memory(exc):
+                raise
+            return None
+        return fit_labels.contrastive_class(probs, full)
 
     def _predict(self, x: torch.Tensor, grid: tiling.TileGrid) -> tuple[torch.Tensor, torch.Tensor]:
         """The field's class probabilities (model.aggregate over its tiles, or the model on the whole
@@ -571,6 +589,8 @@ class _Batcher:
             "site": f.files.site,
             "targets": f.targets,
             "predicted_class": predicted,
+            # explain.target predicted, a predicted class without local evidence: the runner-up's map too
+            **({"contrastive": f.targets[-1]} if task.targets is None and len(f.targets) > 1 else {}),
             "class_probabilities": dict(zip(task.classes, f.probs.tolist(), strict=True)),
             "results": per_target,
             "settings": {"normalize": task.normalize, "engine": task.engine, "channels": list(task.channels)},
