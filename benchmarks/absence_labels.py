@@ -82,8 +82,9 @@ def truth(set_name: str, field_class: int, target: int) -> str:
 
 
 #: the label tests compared: the fully deleted image (every pixel at the channel mean: PCIM_Fit's test), the
-#: fully blurred one, and the field with its top 16 / 32 / 50 % of pixels by contrast |x - mean| deleted
-TESTS = ("full_mean", "full_blur", "contrast16", "contrast32", "contrast50")
+#: field at its per-channel median, the fully blurred one, and the field with its top 16 / 32 / 50 % of
+#: pixels by contrast |x - mean| deleted
+TESTS = ("full_mean", "full_median", "full_blur", "contrast16", "contrast32", "contrast50")
 
 
 @torch.no_grad()
@@ -91,6 +92,8 @@ def test_probs(model, x: torch.Tensor, opts: PcimOptions) -> dict[str, torch.Ten
     """Class probabilities (B, K) of each label test's image."""
     out = {kind: budget.full_deletion_probs(model, x, dataclasses.replace(opts, delete_substrate=sub))
            for kind, sub in (("full_mean", "mean"), ("full_blur", "blur"))}
+    median = x.flatten(2).median(dim=2).values[..., None, None].expand_as(x).contiguous()
+    out["full_median"] = torch.softmax(model(median), 1)
     contrast = deletion_contrast(x, opts)
     for share in (16, 32, 50):
         curve_x = _delete_top(x, contrast, share / 100)
@@ -136,7 +139,8 @@ def run_set(set_name: str, n: int, batch: int) -> pd.DataFrame:
                     "truth": truth(set_name, data["field_class"][f], t),
                     "prob_original": p0, "prob_mixed": pk, "prob_deleted": pd_,
                     **{f"prob_{k}": float(full[k][f, t]) for k in TESTS},
-                    "label": budget.fit_quality(p0, pk, pd_, float(full["full_mean"][f, t])),
+                    "label": budget.fit_quality(p0, pk, pd_, min(float(full["full_mean"][f, t]),
+                                                                 float(full["full_median"][f, t]))),
                     "label_before": _label_before(p0, pk, pd_),
                 })
     print(f"{set_name}: {len(rows)} maps in {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr, flush=True)
@@ -152,11 +156,19 @@ def _label_before(p0: float, pk: float, pd_: float) -> str:
 
 
 def tables(df: pd.DataFrame) -> str:
-    """Markdown: per set and truth, the labels (now and before) as counts."""
+    """Markdown: per set and truth, the labels (today's fit_quality on the stored probabilities, and the
+    labels before issue 26) as counts; then the choice of FULL_KEEP: among the maps whose fit did not
+    remove the class and whose class is present (p >= P_ABSENT), how many each threshold calls
+    no-local-evidence, by truth."""
+    df = df.copy()
+    if "prob_full_median" in df:  # PCIM_Fit's test: the smaller of the two featureless fields
+        df["prob_full_min"] = df[["prob_full_mean", "prob_full_median"]].min(axis=1)
+    df["label"] = [budget.fit_quality(r.prob_original, r.prob_mixed, r.prob_deleted,
+                                      getattr(r, "prob_full_min", r.prob_full_mean)) for r in df.itertuples()]
     out = []
     for col, title in (("label", "PCIM_Fit"), ("label_before", "PCIM_Fit before issue 26")):
         counts = df.groupby(["set", "truth", col]).size().unstack(col, fill_value=0)
-        labels = [c for c in (*budget.FIT_LABELS,) if c in counts.columns]
+        labels = [c for c in budget.FIT_LABELS if c in counts.columns]
         counts = counts.reindex(columns=labels, fill_value=0)
         out.append(f"{title} by the truth of the map (maps of every class of every field):\n")
         out.append("| set | truth | " + " | ".join(labels) + " |")
@@ -164,7 +176,19 @@ def tables(df: pd.DataFrame) -> str:
         for (s, tr), row in counts.iterrows():
             out.append(f"| {s} | {tr} | " + " | ".join(str(int(row[c])) for c in labels) + " |")
         out.append("")
-    return "\n".join(out)
+    cand = df[(df["prob_original"] >= budget.P_ABSENT)
+              & (1 - df["prob_deleted"] / df["prob_original"] < budget.FIT_OK)].copy()
+    out.append("The label test's threshold: maps whose fit removed less than half of p(target), class present "
+               "(p >= 0.01); each cell: maps called no-local-evidence / maps, by the test image's kept share "
+               "p(test image) / p(original) >= threshold:\n")
+    tests = [t for t in ("full_min", *TESTS) if f"prob_{t}" in cand.columns]
+    thresholds = (0.5, 0.6, 0.75, 0.9)
+    out.append("| set | truth | maps | " + " | ".join(f"{t} {k}" for t in tests for k in thresholds) + " |")
+    out.append("|---|---|---|" + "---|" * (len(tests) * len(thresholds)))
+    for (s, tr), g in cand.groupby(["set", "truth"]):
+        cells = [str(int((g[f"prob_{t}"] / g["prob_original"] >= k).sum())) for t in tests for k in thresholds]
+        out.append(f"| {s} | {tr} | {len(g)} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None) -> int:

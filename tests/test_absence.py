@@ -222,10 +222,14 @@ def test_pcim_labels_absence_maps_in_the_csv_json_and_summary(tmp_path):
     assert "Not a failure of pcim" in proc.stderr
     _, _, record = store.read_field(tmp_path / "out" / "P1.zarr", "A01", 0)
     assert all(0 <= r["prob_full_deleted"] <= 1 for r in record["results"].values())
-    # no verdict for the class whose maps removed nothing, and the sentence says why
+    # no verdict for a class whose maps removed nothing, and the sentence says why
     by_target = {v["target"]: v for v in doc["verdicts"]}
-    if "negative" in by_target and by_target["negative"]["level"] == "none":
-        assert "no verdict" in by_target["negative"]["sentence"]
+    negative_fits = negative["PCIM_Fit"].value_counts()
+    assert negative_fits.get("no-local-evidence", 0) * 2 > len(negative)  # most negative maps: no local evidence
+    v = by_target["negative"]
+    assert v["level"] == "none" and v["reason"] == "no-local-evidence" and v["trivial"] == ""
+    assert v["sentence"].startswith("negative: no verdict — its maps hold no local evidence")
+    assert f"verdict: {v['sentence']}" in proc.stderr
 
 
 def test_pcim_predicted_adds_the_runner_up_map_where_the_call_rests_on_what_is_missing(tmp_path):

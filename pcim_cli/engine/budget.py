@@ -6,8 +6,9 @@ both probabilities, so every map says how well it did, relative to the original 
 
     keep = p(kept) / p(original)          delete = 1 - p(deleted) / p(original)
 
-and, with one more forward pass per field, p(target) of the FULLY deleted image (every pixel at the
-deletion substrate, `full_deletion_probs`): does the class survive deleting everything? Labels
+and, with one more forward pass per field, p(target) of the FULLY deleted field (every pixel at the
+deletion substrate, and every pixel at the channel's median: the smaller of the two,
+`full_deletion_probs`): does the class survive deleting everything? Labels
 (docs/verdicts.md; thresholds measured on every class of every evaluation set):
 
 - `absent`: p(original) < P_ABSENT: the class is not in the field; there is nothing to delete, and
@@ -66,18 +67,26 @@ def fit_quality(prob_original: float, prob_mixed: float, prob_deleted: float,
     return "ok" if delete >= FIT_OK and keep >= FIT_OK else "weak"
 
 
-def full_deletion_image(x: torch.Tensor, opts: PcimOptions) -> torch.Tensor:
-    """x (B, C, H, W) fully deleted: every pixel at the deletion substrate (opts.delete_substrate: the
-    channel mean by default), the end of every deletion curve."""
+def full_deletion_images(x: torch.Tensor, opts: PcimOptions) -> torch.Tensor:
+    """x (B, C, H, W) fully deleted, twice: every pixel at the deletion substrate (opts.delete_substrate:
+    the channel mean by default, the end of every deletion curve), then every pixel at the channel's
+    median. (2B, C, H, W). Two levels, because a featureless field is only a fair "nothing here" when the
+    class does not depend on the level: a stain covering 30 % of a field keeps its colour in the mean
+    (a uniformly brown field is still `high`), not in the median."""
     sub = mixing.substrate(x, opts.delete_substrate, opts.blur_sigma)
-    return torch.zeros_like(x) if sub is None else sub.contiguous()
+    sub = torch.zeros_like(x) if sub is None else sub
+    median = x.flatten(2).median(dim=2).values[..., None, None].expand_as(x)
+    return torch.cat([sub, median]).contiguous()
 
 
 @torch.no_grad()
 def full_deletion_probs(model: Forward, x: torch.Tensor, opts: PcimOptions) -> torch.Tensor:
-    """Class probabilities (B, K) of the fully deleted images (`full_deletion_image`). One forward pass
-    of B images; NaN rows where the model gives non-finite logits."""
-    probs = torch.softmax(model(full_deletion_image(x, opts)).float(), dim=1)
+    """Class probabilities (B, K) that survive the deletion of the whole field: for each class, the
+    smaller of its probabilities on the two fully deleted images (`full_deletion_images`). One forward
+    pass of 2B images; NaN rows where the model gives non-finite logits."""
+    b = x.shape[0]
+    probs = torch.softmax(model(full_deletion_images(x, opts)).float(), dim=1)
+    probs = torch.minimum(probs[:b], probs[b:])
     return torch.where(torch.isfinite(probs).all(1, keepdim=True), probs, torch.full_like(probs, float("nan")))
 
 

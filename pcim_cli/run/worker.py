@@ -434,12 +434,12 @@ class _Batcher:
     def _contrastive(self, x: torch.Tensor, grid: tiling.TileGrid, probs: torch.Tensor) -> int | None:
         """explain.target predicted: the runner-up class when the predicted one survives the deletion of
         the whole field (engine/budget.py `contrastive_class`: its map would hold nothing; the runner-up's
-        shows where the evidence it lacks comes closest). One more prediction of the field, pcim only."""
+        shows where the evidence it lacks comes closest). Two more predictions of the field, pcim only."""
         if self.task.method not in ("pcim", "pcim-amortised") or len(probs) < 2:
             return None
-        substrate = fit_labels.full_deletion_image(x[None], self.opts)[0]
         try:
-            full, _ = self._predict(substrate, grid)
+            full = torch.stack([self._predict(image, grid)[0]
+                                for image in fit_labels.full_deletion_images(x[None], self.opts)]).amin(0)
         except MODEL_ERRORS as exc:
             if is_out_of_memory(exc):
                 raise
