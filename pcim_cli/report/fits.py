@@ -36,9 +36,11 @@ def advice(fits: Mapping[str, int], csv: str, budget: object, adaptive_budget: f
         out.append((logging.WARNING,
                     f"{bad} of {total} maps are weak ({fits.get('weak', 0)}) or failed ({fits.get('failed', 0)}) fits "
                     f"(PCIM_Fit in {csv}): deleting their pixels did not remove the class (PCIM_ProbDeleted stays "
-                    "near PCIM_ProbOriginal), although deleting the whole field does. Likely causes: evidence larger "
-                    f"than the budget (confluence, density, texture) -> {grow}; or a model that reads the evidence "
-                    "poorly (compare the maps with `pcim evaluate`)"))
+                    "near PCIM_ProbOriginal), and the class does not survive the deletion of the whole field. Likely "
+                    f"causes: evidence larger than the budget (confluence, density, texture) -> {grow}; a class that "
+                    "rests on what is missing but that the model does not give to a featureless field (so it could "
+                    "not be labelled no-local-evidence) -> explain the other class (explain.target: all); or a model "
+                    "that reads the evidence poorly (compare the maps with `pcim evaluate`)"))
     nle = fits.get("no-local-evidence", 0)
     if nle:
         out.append((logging.INFO,

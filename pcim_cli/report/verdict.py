@@ -35,18 +35,18 @@ from typing import Any
 
 import torch
 
-from pcim_cli.engine.trivial import halving_share
+from pcim_cli.engine.budget import JUDGED, P_ABSENT
+from pcim_cli.engine.trivial import HALVING, halving_share
 
 DETECTOR = 0.9
 PARTLY = 0.5
-GRID_END = 0.32  # the last share of the stain check's grid (engine/trivial.HALVING)
+GRID_END = float(HALVING[-1])  # the last share of the stain check's grid (32 %)
 MIN_REMOVABLE = 0.1  # a map is compared only where some deletion removes this share of p(target)
-JUDGED = ("ok", "weak")  # PCIM_Fit labels of maps that hold evidence (engine/budget.JUDGED)
 #: why a class gets no verdict, by the PCIM_Fit label most of its maps carry
 REASONS = {
     "no-local-evidence": "its maps hold no local evidence (the class rests on what is missing: deleting "
                          "any region, or the whole field, leaves it), so there is no map to compare",
-    "absent": "the class is absent from its fields (p below 0.01): there is nothing to delete",
+    "absent": f"the class is absent from its fields (p below {P_ABSENT:g}): there is nothing to delete",
     "failed": "its maps failed (deleting their pixels left the class: see PCIM_Fit), so there is no "
               "faithful map to compare the stain with",
 }
