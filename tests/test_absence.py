@@ -159,6 +159,11 @@ def test_a_class_whose_maps_remove_nothing_gets_no_verdict_and_the_sentence_says
     assert failed.level == "none" and failed.reason == "failed" and "(5 of 8 maps failed)" in failed.sentence
     (absent,) = verdict.from_records([rec("mitotic", "absent")] * 4, "pcim")
     assert absent.reason == "absent" and "absent from its fields" in absent.sentence
+    # maps of fields where the class is absent (the runner-up's maps on a screen of negatives) veto nothing
+    pos = {"status": "done", "results": {"mitotic": {"prob_original": 0.99, "fit": "ok", "stain_check": {
+        "fractions": fr, "curves": {"map": [0.99, 0.9] + [0.01] * (len(fr) - 2), "contrast": [0.99] * len(fr)}}}}}
+    (judged,) = verdict.from_records([pos] * 2 + [rec("mitotic", "absent")] * 9, "pcim")
+    assert judged.level == "more" and judged.maps == 2 and judged.fits == {"ok": 2, "absent": 9}
 
 
 def _checker_images(n: int = 3, size: int = 96) -> tuple[torch.Tensor, torch.Tensor]:

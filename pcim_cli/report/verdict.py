@@ -12,9 +12,10 @@ the grid (32 % of the pixels) counts as needing twice the grid's last share. Lev
 - PARTLY (0.5) <= r < 0.9: "partly";
 - r < 0.5: "more": the stain needs more than twice the pixels: the classifier uses more than any stain;
 - "none": no verdict, with the reason. A class is judged only from maps whose fit holds evidence
-  (PCIM_Fit ok or weak, engine/budget.py); when fewer than half of its maps do (they failed, the class
-  is absent from the fields, or it rests on what is missing: no-local-evidence), or none of its checked
-  maps do, the sentence says so instead of comparing maps that removed nothing.
+  (PCIM_Fit ok or weak, engine/budget.py); when fewer than half of its maps on the fields where it is
+  present do (they failed, or it rests on what is missing: no-local-evidence), when it is absent from
+  every field, or when none of its checked maps holds evidence, the sentence says so instead of
+  comparing maps that removed nothing.
 
 Why not the deletion AUC over the top 0-20 %: there, any map that covers every bright blob deletes a
 small evidence too (a marker that also lights debris the classifier ignores, at 45x the evidence's
@@ -128,8 +129,11 @@ def judge(target: str, reference: str, checks: Sequence[MapCheck], fits: Mapping
     fits = dict(fits) if fits else {"ok": len(checks)}
     total = sum(fits.values())
     judged = sum(fits.get(k, 0) for k in JUDGED)
-    if total and judged * 2 < total:
-        unjudged = Counter({k: v for k, v in fits.items() if k not in JUDGED})
+    present = total - fits.get("absent", 0)  # a class absent from a field says nothing about its maps elsewhere
+    if total and present == 0:
+        return no_verdict(target, reference, fits, "absent")
+    if judged * 2 < present:
+        unjudged = Counter({k: v for k, v in fits.items() if k not in (*JUDGED, "absent")})
         return no_verdict(target, reference, fits, unjudged.most_common(1)[0][0] if unjudged else "failed")
     names = sorted({n for c in checks for n in c.candidates})
     ratios: dict[str, list[float]] = {n: [] for n in names}

@@ -532,7 +532,8 @@ class _Batcher:
             result.budget = budgets
         else:
             result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
-        result.prob_full_deleted = _full_deletion(forward, x, tt, opts)  # PCIM_Fit's label test (issue 26)
+        if task.method in ("pcim", "pcim-amortised"):  # PCIM_Fit's label test (issue 26); baselines fit nothing
+            result.prob_full_deleted = _full_deletion(forward, x, tt, opts)
         dele = ins = [float("nan")] * len(chunk)
         checks: list[dict | None] = [None] * len(chunk)
         if task.fidelity:  # perturbed images in forward batches no larger than the fit's
@@ -551,7 +552,8 @@ class _Batcher:
             return False
         if unit.tile != WHOLE and unit.field.grid.n_tiles > 1:
             return True
-        probs = (float(getattr(result, k)[j]) for k in (*_STATS[:3], "prob_full_deleted"))
+        full = getattr(result, "prob_full_deleted", None)
+        probs = [float(getattr(result, k)[j]) for k in _STATS[:3]] + ([float(full[j])] if full is not None else [])
         return fit_quality(*probs) in (*fit_labels.JUDGED, "")  # "": a method that fits nothing
 
     def _fail(self, queue: list[_Unit], chunk: list[_Unit], exc: BaseException) -> list[dict[str, Any]]:
