@@ -27,7 +27,6 @@ class) to absence_labels.md (docs/verdicts.md shows them).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ import evalsets  # noqa: E402
 from compare_formulations import SETS as BASE_SETS  # noqa: E402
 from evalsets.tiled import TiledModel  # noqa: E402
 
-from pcim_cli.engine import budget  # noqa: E402
+from pcim_cli.engine import budget, mixing  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions, deletion_contrast  # noqa: E402
 
@@ -90,7 +89,7 @@ TESTS = ("full_mean", "full_median", "full_blur", "contrast16", "contrast32", "c
 @torch.no_grad()
 def test_probs(model, x: torch.Tensor, opts: PcimOptions) -> dict[str, torch.Tensor]:
     """Class probabilities (B, K) of each label test's image."""
-    out = {kind: budget.full_deletion_probs(model, x, dataclasses.replace(opts, delete_substrate=sub))
+    out = {kind: torch.softmax(model(mixing.substrate(x, sub, opts.blur_sigma).contiguous()), 1)
            for kind, sub in (("full_mean", "mean"), ("full_blur", "blur"))}
     median = x.flatten(2).median(dim=2).values[..., None, None].expand_as(x).contiguous()
     out["full_median"] = torch.softmax(model(median), 1)

@@ -2,18 +2,18 @@
 
 The demo generator's fields (DNA, PH3, Actin; `mitotic` = 1-2 PH3-positive mitotic nuclei) with, in
 BOTH classes, DECOYS: autofluorescent debris outside the nuclei that lights every channel, as bright
-in PH3 as the mitotic nuclei and brighter in DNA and Actin, but smooth: without the mitotic cell's
-granular chromatin and its Actin ring. Together they cover one to three times the evidence's area. A
-classifier trained on such fields must tell a mitotic nucleus from a decoy by its texture and shape,
-so the marker's intensity and the contrast |x - mean| rank the decoys first and the evidence with
-them: over the top 0-20 % of pixels any map that covers every bright blob deletes the evidence too,
-and a comparison at that scale calls the stain nearly as good as a map of the evidence (issue 26, 3b).
-The true evidence (`mask`) is the mitotic nuclei (dilated 1 px, as in `demo`); `decoys` marks the decoys.
+in each as a mitotic cell, but smooth: without the mitotic cell's granular chromatin and its Actin
+ring. Together they cover one to two times the evidence's area. A classifier trained on such fields
+must tell a mitotic nucleus from a decoy by its texture and shape, so the marker's intensity and the
+contrast |x - mean| rank the decoys with the evidence: over the top 0-20 % of pixels any map that
+covers every bright blob deletes the evidence too, and a comparison at that scale calls the stain
+nearly as good as a map of the evidence (issue 26, 3b). The true evidence (`mask`) is the mitotic
+nuclei (dilated 1 px, as in `demo`); `decoys` marks the decoys.
 
 Images: `make_demo.make_field` (same nuclei, distractors of the demo, optics and camera), then the
-decoys' photons (Poisson) added to every channel of the raw uint16 field and of its
-evidence-free twin alike (`x_null`: the mitotic cells' signal removed, decoys kept), then the
-percentile normalisation pcim uses. Deterministic (seeded numpy; the model on one torch thread).
+decoys' photons (Poisson) added to every channel of the raw uint16 field and of its evidence-free twin
+alike (`x_null`: the mitotic cells' signal removed, decoys kept), then the percentile normalisation
+pcim uses. Deterministic (seeded numpy; the model on one torch thread).
 
 Model: MaxPoolNet (3 channels, BatchNorm folded, global max pooling) trained on 2000 fields of
 both classes (classes alternate), 400 held-out test fields; cached like the other sets.
@@ -33,8 +33,9 @@ RECIPE = {"n_train": 2000, "epochs": 8, "lr": 3e-3, "weight_decay": 0.0}
 DECOYS = (2, 4)  # decoys per 128 x 128 field (uniform, inclusive)
 DECOY_RADIUS = (3.0, 5.0)  # px
 #: photons at a decoy's centre, per channel (DNA, PH3, Actin): as bright in PH3 as mitotic clumps
-#: (2500-6000), brighter in DNA than condensed mitotic chromatin (1700-2600 x 0.45-1.35), bright in Actin
-DECOY_PHOTONS = ((2500.0, 4000.0), (4000.0, 8000.0), (1500.0, 3000.0))
+#: (2500-6000), as bright in DNA as condensed mitotic chromatin (1700-2600 x 0.45-1.35), and in Actin as
+#: a rounded mitotic cell (700-1100, ring 500)
+DECOY_PHOTONS = ((1500.0, 2600.0), (3000.0, 6000.0), (700.0, 1400.0))
 BLUR = (0.7, 0.6, 1.2)  # the demo's optics per channel
 
 
@@ -77,12 +78,14 @@ def make_field(rng: np.random.Generator, positive: bool, size: int = 128):
     return out[0], mask, out[1], decoys, labels.astype(np.int32)
 
 
-def make_set(n: int, seed: int, size: int = 128, positive_only: bool = False):
-    """n fields: x (n, 3, H, W), y (n,), mask, x_null, decoys, labels; classes alternate unless positive_only."""
+def make_set(n: int, seed: int, size: int = 128, positive_only: bool = False, classes: tuple[int, ...] | None = None):
+    """n fields: x (n, 3, H, W), y (n,), mask, x_null, decoys, labels; classes alternate (0, 1) unless
+    positive_only, or cycle through `classes`."""
     rng = np.random.default_rng([seed, size])
+    cycle = (1,) if positive_only else (classes or (0, 1))
     xs, ys, ms, ns, ds, ls = [], [], [], [], [], []
     for i in range(n):
-        pos = positive_only or i % 2 == 1
+        pos = bool(cycle[i % len(cycle)])
         x, m, null, d, lab = make_field(rng, pos, size)
         xs.append(x)
         ys.append(int(pos))
@@ -112,17 +115,22 @@ def _model():
     return C.cached_model(f"distractor_maxpool_{C.VERSION}", build)
 
 
-def distractor(n: int = 32, seed: int = EVAL_SEED, size: int = 128) -> dict:
-    """n positive fields with decoys, their evidence and decoy masks, and the classifier trained on them."""
+def distractor(n: int = 32, seed: int = EVAL_SEED, size: int = 128, classes: tuple[int, ...] = (1,)) -> dict:
+    """n fields with decoys (positive by default; `classes` cycles, e.g. (0, 1): negative and mitotic fields
+    alternately), their evidence and decoy masks, and the classifier trained on them."""
+    if not classes or not set(classes) <= {0, 1}:
+        raise ValueError(f"classes must be drawn from (0, 1), got {classes}")
     dm = C.demo_module()
     model, info = _model()
-    x, _, mask, x_null, decoys, labels = make_set(n, seed, size, positive_only=True)
+    x, y, mask, x_null, decoys, labels = make_set(n, seed, size, classes=tuple(classes))
     return {
         "name": "distractor-maxpool" + ("" if size == 128 else f"-{size}"),
         "x": x,
         "mask": mask,
         "decoys": decoys,
-        "target": torch.ones(n, dtype=torch.long),
+        "target": y,
+        "y": y,
+        "evidence_classes": [1],
         "model": model,
         "x_null": x_null,
         "labels": labels,

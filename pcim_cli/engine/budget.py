@@ -6,8 +6,8 @@ both probabilities, so every map says how well it did, relative to the original 
 
     keep = p(kept) / p(original)          delete = 1 - p(deleted) / p(original)
 
-and, with one more forward pass per field, p(target) of the FULLY deleted field (every pixel at the
-deletion substrate, and every pixel at the channel's median: the smaller of the two,
+and, with one more forward pass per field, p(target) of the FULLY deleted field (every pixel at its
+channel's mean, and every pixel at its channel's median: the smaller of the two,
 `full_deletion_probs`): does the class survive deleting everything? Labels
 (docs/verdicts.md; thresholds measured on every class of every evaluation set):
 
@@ -31,7 +31,6 @@ import math
 
 import torch
 
-from pcim_cli.engine import mixing
 from pcim_cli.engine.pcim import Forward, PcimOptions, PcimResult, fit_pcim
 
 FIT_OK = 0.5  # keep and delete shares at or above which a fit is ok
@@ -67,25 +66,24 @@ def fit_quality(prob_original: float, prob_mixed: float, prob_deleted: float,
     return "ok" if delete >= FIT_OK and keep >= FIT_OK else "weak"
 
 
-def full_deletion_images(x: torch.Tensor, opts: PcimOptions) -> torch.Tensor:
-    """x (B, C, H, W) fully deleted, twice: every pixel at the deletion substrate (opts.delete_substrate:
-    the channel mean by default, the end of every deletion curve), then every pixel at the channel's
-    median. (2B, C, H, W). Two levels, because a featureless field is only a fair "nothing here" when the
-    class does not depend on the level: a stain covering 30 % of a field keeps its colour in the mean
-    (a uniformly brown field is still `high`), not in the median."""
-    sub = mixing.substrate(x, opts.delete_substrate, opts.blur_sigma)
-    sub = torch.zeros_like(x) if sub is None else sub
+def full_deletion_images(x: torch.Tensor) -> torch.Tensor:
+    """x (B, C, H, W) fully deleted, twice: every pixel at its channel's mean, then at its channel's
+    median. (2B, C, H, W). Two levels, because a featureless field is a fair "nothing here" only when
+    the class does not depend on the level: a stain covering 30 % of a field keeps its colour in the
+    mean (a uniformly brown field is still `high`), not in the median; a model may call a dark field
+    `mitotic` and a mean-grey one `negative`. (Independent of explain.delete_substrate.)"""
+    mean = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
     median = x.flatten(2).median(dim=2).values[..., None, None].expand_as(x)
-    return torch.cat([sub, median]).contiguous()
+    return torch.cat([mean, median]).contiguous()
 
 
 @torch.no_grad()
-def full_deletion_probs(model: Forward, x: torch.Tensor, opts: PcimOptions) -> torch.Tensor:
+def full_deletion_probs(model: Forward, x: torch.Tensor, opts: PcimOptions | None = None) -> torch.Tensor:
     """Class probabilities (B, K) that survive the deletion of the whole field: for each class, the
     smaller of its probabilities on the two fully deleted images (`full_deletion_images`). One forward
     pass of 2B images; NaN rows where the model gives non-finite logits."""
     b = x.shape[0]
-    probs = torch.softmax(model(full_deletion_images(x, opts)).float(), dim=1)
+    probs = torch.softmax(model(full_deletion_images(x)).float(), dim=1)
     probs = torch.minimum(probs[:b], probs[b:])
     return torch.where(torch.isfinite(probs).all(1, keepdim=True), probs, torch.full_like(probs, float("nan")))
 

@@ -439,7 +439,7 @@ class _Batcher:
             return None
         try:
             full = torch.stack([self._predict(image, grid)[0]
-                                for image in fit_labels.full_deletion_images(x[None], self.opts)]).amin(0)
+                                for image in fit_labels.full_deletion_images(x[None])]).amin(0)
         except MODEL_ERRORS as exc:
             if is_out_of_memory(exc):
                 raise
