@@ -115,6 +115,8 @@ def test_a_class_resting_on_what_is_missing_is_no_local_evidence_and_one_not_in_
 
 def test_fit_quality_thresholds_and_records_without_the_full_deletion():
     assert budget.fit_quality(0.009, 0.9, 0.001, 1.0) == "absent"
+    assert budget.fit_quality(0.05, 0.9, 0.04, 0.01) == "absent"  # faint, and its map removes nothing
+    assert budget.fit_quality(0.05, 0.9, 0.001, 0.01) == "ok"  # faint, but its map holds it: a near miss
     assert budget.fit_quality(0.99, 0.99, 0.98, 0.99) == "no-local-evidence"
     assert budget.fit_quality(0.99, 0.99, 0.98, 0.5) == "failed"  # a featureless field at chance: not kept
     assert budget.fit_quality(0.99, 0.99, 0.98) == "failed"  # a record made before issue 26

@@ -11,8 +11,10 @@ channel's mean, and every pixel at its channel's median: the smaller of the two,
 `full_deletion_probs`): does the class survive deleting everything? Labels
 (docs/verdicts.md; thresholds measured on every class of every evaluation set):
 
-- `absent`: p(original) < P_ABSENT: the class is not in the field; there is nothing to delete, and
-  the keep / delete shares of so small a probability mean nothing;
+- `absent`: p(original) < P_ABSENT (0.01), or < P_FAINT (0.1) with a fit that did not remove it
+  (delete < FIT_OK): the class is not in the field; there is nothing to delete, and the keep / delete
+  shares of so small a probability mean nothing. (A faint class whose map does remove it, a near miss,
+  keeps the fit's label: its map holds the weak evidence.)
 - `no-local-evidence`: the fit did not remove the class (delete < FIT_OK) and the fully deleted image
   still gives it (p(full deletion) >= FULL_KEEP * p(original)): the class rests on what is missing
   (a "negative" call: no mitotic cell), not on pixels a map could hold. Not a failure of the fit;
@@ -36,6 +38,7 @@ from pcim_cli.engine.pcim import Forward, PcimOptions, PcimResult, fit_pcim
 FIT_OK = 0.5  # keep and delete shares at or above which a fit is ok
 FIT_FAILED = 0.25  # delete share below which a fit failed
 P_ABSENT = 0.01  # p(original) below which the class is absent from the field
+P_FAINT = 0.1  # p(original) below which a class whose map removes nothing is absent (not failed)
 FULL_KEEP = 0.75  # share of p(original) the fully deleted image keeps for a class without local evidence
 #: every PCIM_Fit label; the first three judge the fit, the last two say what the class is
 FIT_LABELS = ("ok", "weak", "failed", "absent", "no-local-evidence")
@@ -57,6 +60,8 @@ def fit_quality(prob_original: float, prob_mixed: float, prob_deleted: float,
         return "absent"
     keep = prob_mixed / prob_original
     delete = 1.0 - prob_deleted / prob_original
+    if delete < FIT_OK and prob_original < P_FAINT:
+        return "absent"
     full = prob_full_deleted
     if (delete < FIT_OK and full is not None and math.isfinite(full)
             and full >= FULL_KEEP * prob_original):
