@@ -47,11 +47,12 @@ def advice(fits: Mapping[str, int], csv: str, budget: object, adaptive_budget: f
                     f"{nle} of {total} maps are no-local-evidence (PCIM_Fit in {csv}): their class rests on what is "
                     "missing (a 'negative' call: no positive cell), so deleting any region, or the whole field, "
                     "leaves it. Not a failure of pcim: no map can hold such a class, and the stain verdict does not "
-                    "judge it. To see the candidates the model looked at and found wanting, explain the positive "
-                    "class on those fields (explain.target: <positive class>, or all)"))
+                    "judge it. The candidates the model looked at and found wanting are in the runner-up class's map "
+                    "(explain.target: predicted adds it to such fields; all makes every class's map)"))
     absent = fits.get("absent", 0)
     if absent:
         out.append((logging.INFO,
-                    f"{absent} of {total} maps are absent (PCIM_Fit in {csv}): p(target) below 0.01, the class is not "
-                    "in those fields; their maps show where the class's evidence comes closest, not evidence"))
+                    f"{absent} of {total} maps are absent (PCIM_Fit in {csv}): the class is not in those fields "
+                    "(p(target) below 0.01, or below 0.1 with a map that removes nothing); their maps show where the "
+                    "class's evidence comes closest, not evidence"))
     return out
