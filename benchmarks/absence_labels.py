@@ -48,8 +48,6 @@ from pcim_cli.engine.pcim import PcimOptions, deletion_contrast  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 #: the sets scored: compare_formulations' sets with their models, plus the distractor set
 SETS = {k: v for k, v in BASE_SETS.items() if k not in ("nuclei-256", "demo-tiled")}
-if "distractor" in evalsets.SETS:
-    SETS["distractor"] = {"name": "distractor"}
 #: the class that means "no evidence" in every set (index)
 ABSENCE_CLASS = {"ihc": 0}
 

@@ -114,6 +114,10 @@ SETS = {
     "ihc": {"name": "ihc"},
     # the demo's 128 px fields through the max-pool CNN on 64 px tiles (3 x 3 tiles; benchmarks/field_maps.py)
     "demo-tiled": {"name": "demo", "tile": (64, 64)},
+    # demo fields with decoys that light every channel, which the classifier ignores (a MaxPoolNet trained on them)
+    "distractor": {"name": "distractor"},
+    # the same model on 256 px fields with 3-5 decoys: evidence 0.2-0.4 % of a field, decoys about twice that
+    "distractor-256": {"name": "distractor", "size": 256, "decoys": (3, 5)},
 }
 
 

@@ -39,12 +39,15 @@ DECOY_PHOTONS = ((1500.0, 2600.0), (3000.0, 6000.0), (700.0, 1400.0))
 BLUR = (0.7, 0.6, 1.2)  # the demo's optics per channel
 
 
-def _decoys(rng: np.random.Generator, labels: np.ndarray, size: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Photon images of the decoys per channel and their mask, placed away from every nucleus."""
+def _decoys(rng: np.random.Generator, labels: np.ndarray, size: int,
+            count: tuple[int, int] | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Photon images of the decoys per channel and their mask, placed away from every nucleus; `count`:
+    decoys per field (uniform, inclusive), default DECOYS per 128 x 128 px."""
     dm = C.demo_module()
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     area = (size * size) / (128.0 * 128.0)
-    k = int(round(rng.integers(DECOYS[0], DECOYS[1] + 1) * area))
+    k = (int(round(rng.integers(DECOYS[0], DECOYS[1] + 1) * area)) if count is None
+         else int(rng.integers(count[0], count[1] + 1)))
     taken = dm._dilate(labels > 0, 3)
     channels = [np.zeros((size, size)) for _ in DECOY_PHOTONS]
     mask = np.zeros((size, size), dtype=bool)
@@ -64,21 +67,22 @@ def _decoys(rng: np.random.Generator, labels: np.ndarray, size: int) -> tuple[li
     return [dm.gaussian_blur(ch, s) for ch, s in zip(channels, BLUR, strict=True)], dm._dilate(mask, 1)
 
 
-def make_field(rng: np.random.Generator, positive: bool, size: int = 128):
+def make_field(rng: np.random.Generator, positive: bool, size: int = 128, decoys: tuple[int, int] | None = None):
     """(x, mask, x_null, decoys, labels): normalised float32 (3, H, W) fields with and without the
     evidence (both with the decoys), the evidence mask, the decoy mask, the nuclei labels."""
     dm = C.demo_module()
     img, mask, null, labels = dm.make_field(rng, positive, size, return_null=True, return_labels=True)
-    photons, decoys = _decoys(rng, labels, size)
+    photons, decoy_mask = _decoys(rng, labels, size, decoys)
     extra = [rng.poisson(ch) for ch in photons]
     out = []
     for raw in (img, null):
         raw = raw.astype(np.float64) + np.stack(extra)
         out.append(dm.percentile_normalize(np.clip(raw, 0, 65535)))
-    return out[0], mask, out[1], decoys, labels.astype(np.int32)
+    return out[0], mask, out[1], decoy_mask, labels.astype(np.int32)
 
 
-def make_set(n: int, seed: int, size: int = 128, positive_only: bool = False, classes: tuple[int, ...] | None = None):
+def make_set(n: int, seed: int, size: int = 128, positive_only: bool = False, classes: tuple[int, ...] | None = None,
+             decoys: tuple[int, int] | None = None):
     """n fields: x (n, 3, H, W), y (n,), mask, x_null, decoys, labels; classes alternate (0, 1) unless
     positive_only, or cycle through `classes`."""
     rng = np.random.default_rng([seed, size])
@@ -86,7 +90,7 @@ def make_set(n: int, seed: int, size: int = 128, positive_only: bool = False, cl
     xs, ys, ms, ns, ds, ls = [], [], [], [], [], []
     for i in range(n):
         pos = bool(cycle[i % len(cycle)])
-        x, m, null, d, lab = make_field(rng, pos, size)
+        x, m, null, d, lab = make_field(rng, pos, size, decoys)
         xs.append(x)
         ys.append(int(pos))
         ms.append(m)
@@ -115,19 +119,22 @@ def _model():
     return C.cached_model(f"distractor_maxpool_{C.VERSION}", build)
 
 
-def distractor(n: int = 32, seed: int = EVAL_SEED, size: int = 128, classes: tuple[int, ...] = (1,)) -> dict:
+def distractor(n: int = 32, seed: int = EVAL_SEED, size: int = 128, classes: tuple[int, ...] = (1,),
+               decoys: tuple[int, int] | None = None) -> dict:
     """n fields with decoys (positive by default; `classes` cycles, e.g. (0, 1): negative and mitotic fields
-    alternately), their evidence and decoy masks, and the classifier trained on them."""
+    alternately), their evidence and decoy masks, and the classifier trained on them (at 128 px).
+    `decoys`: decoys per field (default 2-4 per 128 x 128 px, as in training); e.g. size=256 with
+    decoys=(3, 5): the evidence is 0.2-0.4 % of a field, the decoys about twice that."""
     if not classes or not set(classes) <= {0, 1}:
         raise ValueError(f"classes must be drawn from (0, 1), got {classes}")
     dm = C.demo_module()
     model, info = _model()
-    x, y, mask, x_null, decoys, labels = make_set(n, seed, size, classes=tuple(classes))
+    x, y, mask, x_null, decoy_mask, labels = make_set(n, seed, size, classes=tuple(classes), decoys=decoys)
     return {
         "name": "distractor-maxpool" + ("" if size == 128 else f"-{size}"),
         "x": x,
         "mask": mask,
-        "decoys": decoys,
+        "decoys": decoy_mask,
         "target": y,
         "y": y,
         "evidence_classes": [1],
