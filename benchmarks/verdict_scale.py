@@ -14,13 +14,15 @@ scores them (fields larger than the model through their tiles), then:
 - after: report/verdict.py `judge`: the share of pixels whose deletion halves p(target), pcim's map
   against each trivial map, only maps whose PCIM_Fit holds evidence (ok / weak), no verdict otherwise.
 
-Rows: benchmarks/results/verdict_scale[_<tag>].csv (one per set and class); the markdown table the docs
-show: verdict_scale[_<tag>].md.
+Per-map numbers (labels, deletion curves, AUCs): benchmarks/results/verdict_scale[_<tag>].json, from which
+`--table` makes the verdicts again without refitting; rows: verdict_scale[_<tag>].csv (one per set and
+class); the markdown table the docs show: verdict_scale[_<tag>].md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -57,6 +59,9 @@ def before(p0: float, ref: tuple[float, float], cands: dict[str, tuple[float, fl
 
 
 def run_set(set_name: str, n: int, batch: int, adaptive: float | None) -> list[dict]:
+    """Per map: its class, PCIM_Fit label, budget, p(target), the deletion curves on trivial.HALVING of pcim's
+    map and of every map without a model, and their deletion AUCs on pcim evaluate's grids (the verdict
+    before issue 26). The verdicts are made from these in `judge_set`."""
     data = load_fields(set_name, n)
     model = data["model"]
     scorer = TiledModel(model, data["tile"]) if data.get("tile") is not None else model
@@ -66,16 +71,18 @@ def run_set(set_name: str, n: int, batch: int, adaptive: float | None) -> list[d
     target = torch.tensor([c if k == "positive" else absence for c, k in zip(data["field_class"], data["kinds"],
                                                                                  strict=True)])
     opts = PcimOptions()
-    labels, maps = [], []
+    labels, maps, budgets = [], [], []
     t0 = time.perf_counter()
     for i in range(0, len(x), batch):
         xb, tb = x[i:i + batch], target[i:i + batch]
         seeds = torch.arange(i, i + len(xb))
         if adaptive:
-            r, _ = budget.fit_adaptive(scorer, xb, tb, opts, seeds=seeds, max_budget=adaptive)
+            r, grown = budget.fit_adaptive(scorer, xb, tb, opts, seeds=seeds, max_budget=adaptive)
+            budgets += [float(b) for b in grown]
         else:
             r = attribute(scorer, xb, tb, "pcim", opts, seeds=seeds)
-        full = budget.full_deletion_probs(scorer, xb, opts).gather(1, tb.view(-1, 1))[:, 0]
+            budgets += [float(b) for b in r.budget] if getattr(r, "budget", None) is not None else [None] * len(xb)
+        full = budget.full_deletion_probs(scorer, xb).gather(1, tb.view(-1, 1))[:, 0]
         labels += [budget.fit_quality(*(float(v) for v in vals)) for vals in
                    zip(r.prob_original, r.prob_mixed, r.prob_deleted, full, strict=True)]
         maps.append(r.maps)
@@ -83,28 +90,33 @@ def run_set(set_name: str, n: int, batch: int, adaptive: float | None) -> list[d
     cands = trivial.candidate_maps(x, opts, data["channels"])
     curves = trivial.deletion_curves(scorer, x, {"map": maps, **cands}, target)
     aucs = trivial.deletion_aucs(scorer, x, {"map": maps, **cands}, target, FINE, COARSE)
-    with torch.no_grad():
-        p0 = torch.cat([torch.softmax(scorer(x[i:i + batch]), 1) for i in range(0, len(x), batch)])
-    p0 = p0.gather(1, target.view(-1, 1))[:, 0]
+    return [{"set": set_name, "class": data["classes"][int(target[i])], "label": labels[i], "budget": budgets[i],
+             "prob_original": float(curves["map"][i, 0]), "adaptive": adaptive or "",
+             "curves": {k: [float(v) for v in c[i]] for k, c in curves.items()},
+             "aucs": {k: [float(a[0][i]), float(a[1][i])] for k, a in aucs.items()},
+             "minutes": (time.perf_counter() - t0) / 60} for i in range(len(x))]
+
+
+def judge_set(maps: list[dict]) -> list[dict]:
+    """The verdicts before and after issue 26 of each class, from the per-map rows of `run_set`."""
     rows = []
-    for t in sorted(set(target.tolist())):
-        idx = [i for i in range(len(x)) if int(target[i]) == t]
-        sel = torch.tensor(idx)
-        old = before(float(p0[sel].mean()), tuple(float(a[sel].mean()) for a in aucs["map"]),
-                     {k: tuple(float(a[sel].mean()) for a in v) for k, v in aucs.items() if k != "map"})
-        fits = Counter(labels[i] for i in idx)
-        checks = [verdict.check_from_curves(float(p0[i]), trivial.HALVING, {k: c[i] for k, c in curves.items()})
-                  for i in idx if labels[i] in budget.JUDGED]
-        checks = [c for c in checks if c is not None]
-        new = verdict.judge(data["classes"][t], "pcim", checks, fits)
-        rows.append({"set": set_name, "class": data["classes"][t], "maps": len(idx),
+    for cls in dict.fromkeys(m["class"] for m in maps):
+        group = [m for m in maps if m["class"] == cls]
+        names = [k for k in group[0]["aucs"] if k != "map"]
+        mean = {k: tuple(sum(m["aucs"][k][j] for m in group) / len(group) for j in (0, 1)) for k in group[0]["aucs"]}
+        p0 = sum(m["prob_original"] for m in group) / len(group)
+        old = before(p0, mean["map"], {k: mean[k] for k in names})
+        fits = Counter(m["label"] for m in group)
+        checks = [verdict.check_from_curves(m["prob_original"], trivial.HALVING, m["curves"], m["budget"])
+                  for m in group if m["label"] in budget.JUDGED]
+        new = verdict.judge(cls, "pcim", [c for c in checks if c is not None], fits)
+        rows.append({"set": group[0]["set"], "class": cls, "maps": len(group),
                      "fits": ", ".join(f"{k} {v}" for k, v in fits.most_common()),
                      "before": old[0], "before_share": old[1], "before_best": old[2],
                      "after": new.level, "after_share": new.share, "after_best": new.trivial,
                      "after_reason": new.reason, "after_sentence": new.sentence,
                      "halving_pcim": new.halving.get("reference", float("nan")),
-                     "halving_trivial": new.halving.get("trivial", float("nan")),
-                     "adaptive": adaptive or "", "minutes": (time.perf_counter() - t0) / 60})
+                     "halving_trivial": new.halving.get("trivial", float("nan")), "adaptive": group[0]["adaptive"]})
     return rows
 
 
@@ -134,16 +146,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"verdict_scale{'_' + args.tag if args.tag else ''}.csv"
+    raw_path = path.with_suffix(".json")
+    raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     if not args.table:
-        old = pd.read_csv(path, keep_default_na=False) if path.exists() else pd.DataFrame()
         for s in args.sets.split(","):
-            rows = pd.DataFrame(run_set(s, args.n, args.batch, args.adaptive))
-            old = pd.concat([old[old["set"] != s] if len(old) else old, rows])
-            old.to_csv(path, index=False)
-            print(f"{s}: {rows['minutes'].iloc[-1]:.1f} min", file=sys.stderr, flush=True)
-    df = pd.read_csv(path, keep_default_na=False)
-    for col in ("before_share", "after_share", "halving_pcim", "halving_trivial"):
-        df[col] = pd.to_numeric(df[col], errors="coerce")
+            raw[s] = run_set(s, args.n, args.batch, args.adaptive)
+            raw_path.write_text(json.dumps(raw))
+            print(f"{s}: {raw[s][-1]['minutes']:.1f} min", file=sys.stderr, flush=True)
+    df = pd.DataFrame([row for maps in raw.values() for row in judge_set(maps)])
+    df.to_csv(path, index=False)
     text = table(df)
     path.with_suffix(".md").write_text(text)
     print(text)

@@ -204,7 +204,7 @@ def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[_Field], 
         maps = maps_fn(model, x, target, method, m_opts, batch)
         seconds = (time.perf_counter() - t0) / len(fields)
         if method == reference:  # the stain verdict's numbers: labels and deletion curves at doubling shares
-            checks = {"labels": _fit_labels(scorer, x, target, maps, m_opts),
+            checks = {"labels": _fit_labels(scorer, x, target, maps, m_opts), "budgets": _budgets(maps, m_opts, len(x)),
                       "curves": trivial.deletion_curves(scorer, x, {"map": getattr(maps, "maps", maps)}, target)}
         maps = getattr(maps, "maps", maps)
         scores, curve = _score(scorer, x, target, maps, fields)
@@ -243,6 +243,15 @@ def _fit_labels(scorer, x: torch.Tensor, target: torch.Tensor, result, opts: Pci
             zip(result.prob_original, result.prob_mixed, result.prob_deleted, full, strict=True)]
 
 
+def _budgets(result, opts: PcimOptions, n: int) -> list[float | None]:
+    """The share of the field each map could keep: the fit's own (an adaptive budget), else the option's."""
+    found = getattr(result, "budget", None)
+    if found is not None:
+        return [float(b) for b in found]
+    budgets = opts.budgets
+    return [max(budgets) if budgets else None] * n
+
+
 def _verdicts(reference: str, checks: dict[str, Any], candidates: dict[str, torch.Tensor], target: torch.Tensor,
               classes: Sequence[str]) -> list[Verdict]:
     """One verdict per target class (most maps first) from the reference's labels and deletion curves."""
@@ -253,7 +262,7 @@ def _verdicts(reference: str, checks: dict[str, Any], candidates: dict[str, torc
         rows = [i for i in range(len(target)) if int(target[i]) == t]
         fits = Counter(labels[i] for i in rows if labels[i])
         found = [verdict.check_from_curves(float(curves["map"][i, 0]), trivial.HALVING,
-                                           {n: c[i] for n, c in curves.items()})
+                                           {n: c[i] for n, c in curves.items()}, checks["budgets"][i])
                  for i in rows if labels[i] in (*budget.JUDGED, "")]
         out.append(verdict.judge(classes[t], reference, [c for c in found if c is not None], fits or None))
     return out
