@@ -166,6 +166,15 @@ def test_a_class_whose_maps_remove_nothing_gets_no_verdict_and_the_sentence_says
         "fractions": fr, "curves": {"map": [0.99, 0.9] + [0.01] * (len(fr) - 2), "contrast": [0.99] * len(fr)}}}}}
     (judged,) = verdict.from_records([pos] * 2 + [rec("mitotic", "absent")] * 9, "pcim")
     assert judged.level == "more" and judged.maps == 2 and judged.fits == {"ok": 2, "absent": 9}
+    # `ok` maps whose own ranking needs 16 % of the pixels (8x a 2 % budget) to remove the class: the soft
+    # mask deleted it, the map's top pixels do not; such maps are no reference for the stain
+    diffuse = {"status": "done", "results": {"negative": {"prob_original": 0.99, "fit": "ok", "stain_check": {
+        "fractions": fr, "curves": {"map": [0.99] * 8 + [0.01] * (len(fr) - 8),
+                                    "intensity:PH3": [0.99, 0.01] + [0.01] * (len(fr) - 2)}}}}}
+    (v,) = verdict.from_records([diffuse] * 3, "pcim")
+    assert v.level == "none" and v.reason == "diffuse" and "does not remove it" in v.sentence
+    grown = {"status": "done", "results": {"negative": {**diffuse["results"]["negative"], "budget": 0.08}}}
+    assert verdict.from_records([grown] * 3, "pcim")[0].level == "detector"  # within 4x its own (grown) budget
 
 
 def _checker_images(n: int = 3, size: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
