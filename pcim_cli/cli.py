@@ -26,7 +26,7 @@ from typing import Annotated
 import typer
 
 from pcim_cli import __version__
-from pcim_cli.errors import EXIT_INTERNAL, EXIT_TEMPFAIL, ConfigError, OutputError, PcimError
+from pcim_cli.errors import EXIT_INTERNAL, EXIT_TEMPFAIL, ConfigError, OutputError, PcimError, clip
 
 logger = logging.getLogger("pcim_cli")
 
@@ -451,7 +451,7 @@ def status(
 
     table = Table("well", "fields", "done", "failed", "missing", "errors", title=str(report.store))
     for w in report.wells:
-        table.add_row(w.well, str(w.fields), str(w.done), str(w.failed), str(w.missing), "; ".join(w.errors)[:80])
+        table.add_row(w.well, str(w.fields), str(w.done), str(w.failed), str(w.missing), clip("; ".join(w.errors), 80))
     totals = report.totals
     table.add_row("all", *(str(totals[k]) for k in ("fields", "done", "failed", "missing")), "")
     Console(no_color=not fancy_terminal(), width=None if fancy_terminal() else 120).print(table)

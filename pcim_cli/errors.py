@@ -80,6 +80,19 @@ def shown(value: object) -> str:
     return short(value)
 
 
+def clip(text: str, width: int) -> str:
+    """`text` in at most `width` characters, cut at a word boundary and ended with '…' when cut (a table
+    cell never ends mid-word)."""
+    text = str(text)
+    if len(text) <= width:
+        return text
+    cut = text[: max(1, width - 1)]
+    space = cut.rfind(" ")
+    if space > width // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ;,:(") + "…"
+
+
 _OS_REASONS = {
     errno.ENOSPC: "the disk is full (no space left on device)",
     errno.EDQUOT: "the disk quota is exceeded",

@@ -78,8 +78,10 @@ def explain_screen(args: Sequence[str], overrides: Sequence[str], choice: Rerun,
 def _dry_run(screen, choice: Rerun, as_json: bool) -> int:
     """--dry-run over a screen: each plate's plan (nothing written)."""
     from pcim_cli.errors import PcimError
+    from pcim_cli.io import outputs
     from pcim_cli.run import explain as explain_lib
 
+    outputs.check_screen(screen.configs, screen.screen_csv, screen.files)
     docs = []
     for entry in screen.entries:
         doc: dict = {"plate": entry.name, "source": entry.source}
@@ -117,11 +119,13 @@ def status_screen(args: Sequence[str], overrides: Sequence[str], as_json: bool, 
     from rich.console import Console
     from rich.table import Table
 
+    from pcim_cli.errors import clip
+
     totals = report.totals
     columns = [k for k in totals]
     table = Table("plate", *columns, "complete", "store / problem", title=f"{len(report.plates)} plates")
     for p in report.plates:
-        where = p.problem.splitlines()[0][:100] if p.problem else str(p.store)
+        where = clip(p.problem.splitlines()[0], 100) if p.problem else str(p.store)
         table.add_row(p.plate, *(str(p.totals.get(k, "")) for k in columns), "yes" if p.complete else "no", where)
     table.add_row("all", *(str(totals[k]) for k in columns), f"{sum(p.complete for p in report.plates)}", "")
     Console(no_color=not fancy, width=None if fancy else 160).print(table)

@@ -8,7 +8,8 @@ YAML file's folder (config.py resolves it).
 
 In the store, each field's label images live under ``{field}/labels/{Object}/{level}`` as an NGFF
 ``labels`` group with ``image-label`` metadata (axes y, x; the maps' pyramid levels, subsampled by
-nearest neighbour so values stay object numbers), so napari shows the objects over the maps.
+nearest neighbour so values stay object numbers), so napari shows the objects over the maps. Label
+images of other names in that group (a layer a user drew in napari) are kept and stay listed.
 """
 
 from __future__ import annotations
@@ -208,14 +209,15 @@ def _label_attrs(format: str, name: str, n_levels: int) -> dict:
 
 
 def write_labels(field_group: zarr.Group, labels: Mapping[str, np.ndarray], n_levels: int, format: str) -> None:
-    """Replace the field group's ``labels`` group with these label images (name -> (H, W))."""
-    if LABELS_GROUP in field_group:
-        del field_group[LABELS_GROUP]
+    """Write these label images (name -> (H, W)) into the field group's ``labels`` group, replacing those
+    of the same names; label images of other names (a layer drawn in napari) stay listed."""
+    remove_labels(field_group, labels)
     if not labels:
         return
-    names = list(labels)
+    names = [*label_names(field_group), *labels]
     attrs = {"ome": {"version": "0.5", "labels": names}} if format == "0.5" else {"labels": names}
-    group = field_group.create_group(LABELS_GROUP, attributes=attrs)
+    group = field_group.require_group(LABELS_GROUP)
+    group.update_attributes(attrs)
     zarr_format = 3 if format == "0.5" else 2
     for name, image in labels.items():
         sub = group.create_group(name, attributes=_label_attrs(format, name, n_levels))
@@ -226,6 +228,30 @@ def write_labels(field_group: zarr.Group, labels: Mapping[str, np.ndarray], n_le
             else:
                 options["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
             sub.create_array(str(level), data=data, **options)
+
+
+def remove_labels(field_group: zarr.Group, names: Iterable[str]) -> None:
+    """Remove the label images `names` from a field group; the ``labels`` group keeps listing the others
+    that are there (and goes when none is left)."""
+    if LABELS_GROUP not in field_group:
+        return
+    group = field_group[LABELS_GROUP]
+    names = set(names)
+    for name in names:
+        if name in group:
+            del group[name]
+    try:
+        listed = store.ome_metadata(group.attrs.asdict()).get("labels", [])
+    except store.DAMAGE_ERRORS:
+        listed = []
+    keep = [n for n in listed if n not in names and n in group]
+    if not keep and not list(group.keys()):
+        del field_group[LABELS_GROUP]
+        return
+    if "ome" in group.attrs:
+        group.update_attributes({"ome": {**dict(group.attrs["ome"]), "labels": keep}})
+    else:
+        group.update_attributes({"labels": keep})
 
 
 def read_labels_level(field_group: zarr.Group, name: str, level: int = 0) -> np.ndarray | None:

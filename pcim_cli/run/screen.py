@@ -32,7 +32,7 @@ from pcim_cli.errors import (
     EXIT_TEMPFAIL,
     PcimError,
 )
-from pcim_cli.io import summary
+from pcim_cli.io import outputs, summary
 from pcim_cli.io.model import shared_models
 from pcim_cli.run import explain, rerun, scheduler
 from pcim_cli.run.progress import ScreenProgress
@@ -114,6 +114,7 @@ def run_screen(screen: Screen, choice: rerun.Rerun | None = None, max_in_flight:
                progress: ScreenProgress | None = None) -> ScreenResult:
     """Explain every plate of `screen` on one cluster (screen.compute); see the module docstring."""
     choice = choice or rerun.Rerun()
+    outputs.check_screen(screen.configs, screen.screen_csv, screen.files)  # before any plate: nothing written
     progress = progress or ScreenProgress(fancy=False, quiet=True)
     progress.plates = len(screen.entries)
     progress.start()
