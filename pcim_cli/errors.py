@@ -93,6 +93,15 @@ def clip(text: str, width: int) -> str:
     return cut.rstrip(" ;,:(") + "…"
 
 
+def unplaced(well: str, site: object, error: str) -> str:
+    """`error` without its leading "A01 site 2:" (or "A01:"), for a line that names the field itself."""
+    error = str(error)
+    for place in (f"{well} site {site}:", f"{well}:"):
+        if error.startswith(place):
+            return error[len(place):].lstrip()
+    return error
+
+
 _OS_REASONS = {
     errno.ENOSPC: "the disk is full (no space left on device)",
     errno.EDQUOT: "the disk quota is exceeded",

@@ -82,9 +82,9 @@ class Inputs:
         if path is not None:
             self.files.setdefault(_real(path), what)
 
-    def add_pattern(self, folder: Path, regex: re.Pattern[str], what: str) -> None:
+    def add_pattern(self, folder: Path, regex: re.Pattern[str], what: str, folder_what: str) -> None:
         self.patterns.append((_real(folder), regex, what))
-        self.folders.setdefault(_real(folder), what)
+        self.folders.setdefault(_real(folder), folder_what)
 
     def update(self, other: Inputs) -> None:
         for path, what in other.files.items():
@@ -140,8 +140,29 @@ def plate_outputs(cfg) -> list[Output]:
     return outs
 
 
-def plate_inputs(cfg) -> Inputs:
-    """Every file `pcim explain` reads for this plate (without listing the image folder)."""
+def explainer_outputs(out: Path) -> list[Output]:
+    """What `pcim train-explainer --out OUT` writes: the explainer, its sidecar and its checkpoint."""
+    from pcim_cli.io.explainer import sidecar_path
+
+    out = Path(out)
+    fix = "choose another --out"
+    return [Output("--out", out, "explainer", fix=fix),
+            Output("--out's sidecar", sidecar_path(out), "sidecar", fix=fix),
+            Output("--out's checkpoint", out.with_name(out.name + ".ckpt"), "checkpoint", fix=fix)]
+
+
+def check_training(out: Path, configs: Sequence) -> None:
+    """`pcim train-explainer`: --out, its sidecar and checkpoint may only replace pcim's explainer files,
+    never an input of the plates it trains on (their own explain.explainer aside: retrained in place)."""
+    inputs = Inputs()
+    for cfg in configs:
+        inputs.update(plate_inputs(cfg, explainer=False))
+    check(explainer_outputs(out), inputs)
+
+
+def plate_inputs(cfg, explainer: bool = True) -> Inputs:
+    """Every file `pcim explain` reads for this plate (without listing the image folder); `explainer`:
+    with explain.explainer and its sidecar."""
     from pcim_cli.io.images import compile_pattern
     from pcim_cli.io.labels import _split_pattern
 
@@ -149,7 +170,7 @@ def plate_inputs(cfg) -> Inputs:
     found.add_file(cfg.config_path, "the plate's configuration")
     found.add_file(cfg.plate.layout, "the plate's layout (plate.layout)")
     found.add_file(cfg.model.path, "the plate's model (model.path)")
-    if cfg.explain.explainer is not None:
+    if explainer and cfg.explain.explainer is not None:
         from pcim_cli.io.explainer import sidecar_path
 
         found.add_file(cfg.explain.explainer, "the plate's explainer (explain.explainer)")
@@ -157,11 +178,12 @@ def plate_inputs(cfg) -> Inputs:
     found.add_file(cfg.compute.scheduler_file, "the scheduler file (compute.scheduler_file)")
     with contextlib.suppress(ValueError):  # a bad pattern is reported by discovery, with its fix
         found.add_pattern(Path(cfg.plate.images), compile_pattern(cfg.plate.pattern),
-                          "an image file of the plate (plate.images)")
+                          "an image file of the plate (plate.images)", "the plate's image folder (plate.images)")
     for kind, pattern in (cfg.plate.objects or {}).items():
         root, rest = _split_pattern(pattern)
         with contextlib.suppress(ValueError):
-            found.add_pattern(root, compile_pattern(rest), f"a label image of the plate (plate.objects.{kind})")
+            found.add_pattern(root, compile_pattern(rest), f"a label image of the plate (plate.objects.{kind})",
+                              f"the plate's label folder (plate.objects.{kind})")
     return found
 
 
@@ -263,6 +285,42 @@ def check_folder(out: Output) -> None:
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(probe)
+
+
+def check_render(out_dir: Path, store: Path, wells: Iterable[str], cfg=None) -> None:
+    """`pcim render --out DIR`: DIR is no input folder (the store, and with --plate-yaml the plate's image
+    and label folders, or any folder holding TIFF images), and report.html, montage.png and the chosen
+    wells' PNGs there are absent or pcim's own. Raises OutputError (65); reads only."""
+    out_dir = Path(out_dir)
+    fix = "pass another --out (a new folder)"
+    inputs = plate_inputs(cfg) if cfg is not None else Inputs()
+    inputs.folders[_real(store)] = "the store it draws"
+    what = inputs.folder(out_dir)
+    if what is not None:
+        raise OutputError(f"--out {out_dir} is (or lies in) {what}: pcim render never writes into an input folder; "
+                          f"{fix}")
+    if out_dir.is_dir() and any(p.suffix.lower() in (".tif", ".tiff") for p in out_dir.iterdir()):
+        raise OutputError(f"--out {out_dir} holds TIFF images (a raw image folder?): pcim render never writes into "
+                          f"an input folder; {fix}")
+    outs = [Output("--out", out_dir / "report.html", "html", fix=fix),
+            Output("--out", out_dir / "montage.png", "png", fix=fix)]
+    folder = out_dir / "wells"
+    if folder.is_dir():
+        names = {f"{w}_s" for w in wells}
+        outs += [Output("--out", p, "png", fix=fix) for p in sorted(folder.iterdir())
+                 if p.suffix == ".png" and any(p.name.startswith(n) for n in names)]
+    check(outs, inputs)
+
+
+def png_info():
+    """The text every PNG of `pcim render` carries, so a later render recognises it as its own."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from pcim_cli import __version__
+
+    info = PngInfo()
+    info.add_text(PNG_SOFTWARE[0], f"{PNG_SOFTWARE[1]} {__version__}")
+    return info
 
 
 # --------------------------------------------------------------------------------------------------

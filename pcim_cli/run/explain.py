@@ -72,6 +72,7 @@ class RunResult:
     causes: list[str] = field(default_factory=list)  # why each failed field failed: data | model | output | other
     object_csvs: dict[str, Path] = field(default_factory=dict)  # plate.objects: {plate}_pcim_{Object}.csv
     object_failures: list[dict] = field(default_factory=list)  # object tables that failed (maps done)
+    removed: list[Path] = field(default_factory=list)  # object CSVs of kinds plate.objects no longer lists
 
     @property
     def counts(self) -> dict[str, int]:
@@ -468,10 +469,11 @@ def _write_results(cfg: RunConfig, p: Plan, rows: list[dict], interrupted: bool)
     summary.write_csv_atomic(table, csv_path)
     object_csvs, object_failures = objects.write_tables(store_path, cfg.plate.name, csv_path,
                                                         list(cfg.plate.objects or {}), table)
+    removed = objects.remove_stale_tables(csv_path, cfg.plate.name, object_csvs.values())
     fitted = sum(1 for r in rows if r["status"] == "done" and r["zarr_path"] not in p.objects_refresh)
     return RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
                      interrupted=interrupted, causes=causes, object_csvs=object_csvs,
-                     object_failures=object_failures, verdicts=verdicts)
+                     object_failures=object_failures, verdicts=verdicts, removed=removed)
 
 
 # ---------------------------------------------------------------- a plate of a screen (run/screen.py)
