@@ -48,6 +48,10 @@ CHECKPOINT_FORMAT = "pcim-explainer-checkpoint/1"
 #: the text key and value prefix of the PNGs `pcim render` writes
 PNG_SOFTWARE = ("Software", "pcim")
 REPORT_TITLE = "<title>pcim report:"
+#: in the head of every report whose pictures carry PNG_SOFTWARE (a report without it is older: its
+#: pictures are recognised by being listed in it)
+REPORT_MARK = '<meta name="pcim-pictures" content="marked">'
+
 
 
 @dataclass(frozen=True)
@@ -104,12 +108,8 @@ class Inputs:
         return None
 
     def folder(self, path: Path) -> str | None:
-        """The input folder `path` is or lies in (None: none)."""
-        real = _real(path)
-        for folder, what in self.folders.items():
-            if _inside(real, folder):
-                return what
-        return None
+        """The input folder `path` is (None: none)."""
+        return self.folders.get(_real(path))
 
 
 def _real(path: Path) -> Path:
@@ -294,11 +294,9 @@ def check_render(out_dir: Path, store: Path, wells: Iterable[str], cfg=None) -> 
     out_dir = Path(out_dir)
     fix = "pass another --out (a new folder)"
     inputs = plate_inputs(cfg) if cfg is not None else Inputs()
-    inputs.folders[_real(store)] = "the store it draws"
-    what = inputs.folder(out_dir)
+    what = inputs.folder(out_dir) or ("the store it draws" if _inside(_real(out_dir), _real(store)) else None)
     if what is not None:
-        raise OutputError(f"--out {out_dir} is (or lies in) {what}: pcim render never writes into an input folder; "
-                          f"{fix}")
+        raise OutputError(f"--out {out_dir} is {what}: pcim render never writes into an input folder; {fix}")
     if out_dir.is_dir() and any(p.suffix.lower() in (".tif", ".tiff") for p in out_dir.iterdir()):
         raise OutputError(f"--out {out_dir} holds TIFF images (a raw image folder?): pcim render never writes into "
                           f"an input folder; {fix}")
@@ -400,7 +398,8 @@ def is_pcim_png(path: Path) -> bool:
         if is_pcim_report(report):
             rel = path.relative_to(folder).as_posix()
             with contextlib.suppress(OSError):
-                if f'src="{rel}"' in report.read_text(encoding="utf-8", errors="replace"):
+                text = report.read_text(encoding="utf-8", errors="replace")
+                if REPORT_MARK not in text and f'src="{rel}"' in text:
                     return True
     return False
 

@@ -605,7 +605,7 @@ def write_report(path: Path, plate: Plate, table: pd.DataFrame, images: Mapping[
     columns = [c for c in table.columns if c not in ("Metadata_Plate", "PCIM_ZarrPath")]
     parts = [
         "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
+        f'<html lang="en"><head><meta charset="utf-8">{outputs.REPORT_MARK}',
         f"<title>pcim report: {html.escape(plate.name)}</title><style>{REPORT_CSS}</style></head><body>",
         f"<h1>Plate {html.escape(plate.name)}</h1>",
         f'<p class="note">store {html.escape(str(plate.path))}; CSV '
