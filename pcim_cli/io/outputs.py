@@ -14,7 +14,8 @@ read, fitted or written:
 - two outputs on one path, or one output inside a folder another output writes (the store), are a
   configuration error naming both keys (exit 78), also across the plates of a screen;
 - the folder of every output must be writable: the nearest existing folder is probed with a temporary
-  file (a check by permission bits says yes to root and to ``/proc``) (exit 65).
+  file, created and removed at once (a check of permission bits says yes to root, even in ``/proc``)
+  (exit 65).
 
 The store (``output.zarr``) is a folder whose ownership io/ownership.py decides; here it takes part in
 the collision and input checks only.
@@ -87,7 +88,8 @@ class Inputs:
             self.files.setdefault(_real(path), what)
 
     def add_pattern(self, folder: Path, regex: re.Pattern[str], what: str, folder_what: str) -> None:
-        self.patterns.append((_real(folder), regex, what))
+        for where in dict.fromkeys((_real(folder), Path(os.path.abspath(Path(folder).expanduser())))):
+            self.patterns.append((where, regex, what))
         self.folders.setdefault(_real(folder), folder_what)
 
     def update(self, other: Inputs) -> None:
@@ -98,13 +100,17 @@ class Inputs:
             self.folders.setdefault(path, what)
 
     def what(self, path: Path) -> str | None:
-        """What input `path` is (None: no input), by its resolved path."""
+        """What input `path` is (None: no input): by its resolved path, and for image and label files also by
+        the path as written (an image file may be a link into the acquisition's storage)."""
         real = _real(path)
         if real in self.files:
             return self.files[real]
+        written = Path(os.path.abspath(Path(path).expanduser()))
         for folder, regex, what in self.patterns:
-            if _inside(real, folder) and real != folder and regex.fullmatch(real.relative_to(folder).as_posix()):
-                return what
+            for candidate in (real, written):
+                if (_inside(candidate, folder) and candidate != folder
+                        and regex.fullmatch(candidate.relative_to(folder).as_posix())):
+                    return what
         return None
 
     def folder(self, path: Path) -> str | None:
@@ -267,11 +273,10 @@ def check_replaceable(out: Output) -> None:
 
 
 def check_folder(out: Output) -> None:
-    """The folder `out` goes into (or the store folder itself) can be written: the nearest existing folder
-    is probed with a temporary file; a file in the way is named."""
+    """The folder `out` goes into can be written: the nearest existing folder is probed with a temporary
+    file (a file in the way is named). A store's own folder is probed by its run lock, written first."""
     path = Path(out.path).expanduser().absolute()
-    start = path if out.kind == "store" and path.is_dir() else path.parent
-    folder = start
+    folder = path.parent  # a store's own folder is probed by its run lock, written first
     while not os.path.lexists(folder) and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
