@@ -321,7 +321,7 @@ def explain(
 
 @app.command(epilog=VALIDATE_EXIT_CODES_HELP)
 def validate(
-    plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml.")],
+    plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml, or a screen file (every plate).")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, as for explain.")] = None,
     pixels: Annotated[bool | None, typer.Option("--pixels/--headers-only", help="Read every field's pixels and "
                                                 "score it once with the model (default: on plates whose files "
