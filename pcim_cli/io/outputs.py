@@ -376,14 +376,18 @@ def is_pcim_sidecar(path: Path) -> bool:
 
 
 def is_pcim_checkpoint(path: Path) -> bool:
-    """A training checkpoint (torch.save archive whose pickle names pcim's checkpoint format)."""
+    """A training checkpoint: a torch.save archive whose pickle holds pcim's checkpoint format (or, written
+    before it did, exactly its keys). The pickle's opcodes are only listed, never run."""
+    import pickletools
+
     try:
         with zipfile.ZipFile(path) as archive:
             name = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
             data = archive.read(name) if name else b""
-    except (OSError, zipfile.BadZipFile, ValueError):
+        strings = {arg for op, arg, _ in pickletools.genops(data) if isinstance(arg, str)}
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
         return False
-    return CHECKPOINT_FORMAT.encode() in data or all(k in data for k in (b"trainer", b"extra", b"key"))
+    return CHECKPOINT_FORMAT in strings or {"key", "trainer", "extra", "done", "val_before"} <= strings
 
 
 def is_pcim_png(path: Path) -> bool:
