@@ -33,7 +33,7 @@ def test_validate_finds_the_label_images_explain_rejects_with_explains_message(t
     proc = run_pcim("validate", str(plate), "--json", "--no-probe")
     assert proc.returncode == 3, proc.stderr[-2000:]
     problems = json.loads(proc.stdout)["problems"]
-    assert json.loads(proc.stdout)["objects"] == {"Nuclei": 1}
+    assert json.loads(proc.stdout)["objects"] == {"Nuclei": 4}  # label files found for every field
     assert "truncated" not in " ".join(problems)
 
     run = run_pcim("explain", str(plate))

@@ -119,11 +119,9 @@ def _check_objects(cfg: RunConfig, inv: explain.PlateInventory, size: tuple[int,
     if not cfg.plate.objects:
         return
     kinds = objects.label_kinds(cfg.plate.objects)
-    inv.object_problems = []
-    for name, kind in kinds.items():
-        found = labels.problems_for([kind], inv.fields, size, pixels=pixels)
-        inv.object_problems += found
-        inv.objects[name] = sum(len(v) for v in inv.fields.values()) - len(found)
+    inv.object_problems = labels.problems_for(kinds.values(), inv.fields, size, pixels=pixels)
+    inv.objects = {name: sum(kind.problem(w, src.field) is None for w, srcs in inv.fields.items() for src in srcs)
+                   for name, kind in kinds.items()}  # fields with a label file found
 
 
 def _field_problem(cfg: RunConfig, model, src: images.FieldSource, expected: tuple[int, int] | None,
