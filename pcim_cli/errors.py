@@ -1,7 +1,7 @@
 """One error root for everything pcim reports to a user; each class carries its exit code.
 
 Subclasses also inherit the built-in error they resemble, so library callers can catch either.
-Only `cli.py` turns these into exit codes (shared/DESIGN.md §3.4).
+Only the CLI (pcim_cli/cli/) turns these into exit codes (docs/reference/exit-codes.md).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from plate_factory import make_plate, run_pcim
+from cli_runner import run_pcim
+from plates import make_plate
 
 from pcim_cli.io import store
 

@@ -7,7 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from plate_factory import PCIM, make_plate, pcim_env, run_pcim
+from cli_runner import PCIM, pcim_env, run_pcim
+from plates import make_plate
 
 ESC = "\x1b["
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +10,11 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
+from cli_runner import run_pcim
+from plates import DEMO
 
 from pcim_cli.engine import baselines, metrics
 from pcim_cli.io import images, store, summary
-
-DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
-_SCRIPT = Path(sys.executable).parent / "pcim"  # the installed console script
-PCIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pcim_cli.cli"]
-
-
-def run_pcim(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("NO_COLOR", None)
-    return subprocess.run([*PCIM, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +22,7 @@ def demo_run(tmp_path_factory) -> dict:
     """One run of the demo plate with its shipped plate.yaml (default engine settings), from another cwd."""
     out = tmp_path_factory.mktemp("demo")
     proc = run_pcim("explain", str(DEMO / "plate.yaml"), "--set", f"output.zarr={out}/demo.zarr",
-                    "--set", f"output.csv={out}/demo.csv", cwd=out)
+                    "--set", f"output.csv={out}/demo.csv", cwd=out, timeout=1200)
     return {"proc": proc, "store": out / "demo.zarr", "csv": out / "demo.csv"}
 
 
@@ -191,7 +180,7 @@ def test_a_bad_layout_target_fails_that_well_only_and_exits_3(tmp_path):
 def test_demo_writes_the_nuclei_table_and_the_mitotic_nuclei_rank_first(demo_run):
     """`make demo` writes DEMO01_pcim_Nuclei.csv (plate.objects.Nuclei of the shipped plate.yaml); in mitotic
     fields the PH3-positive nuclei hold the top ranks (object AUROC of the share, README figure)."""
-    from pcim_cli.report import object_ranking
+    from pcim_cli.engine import object_ranking
 
     table = pd.read_csv(demo_run["csv"].parent / "DEMO01_pcim_Nuclei.csv")
     main = pd.read_csv(demo_run["csv"])

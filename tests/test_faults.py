@@ -23,7 +23,8 @@ import pandas as pd
 import psutil
 import pytest
 import zarr
-from plate_factory import PCIM, make_plate, pcim_env, run_pcim, start_pcim
+from cli_runner import PCIM, pcim_env, run_pcim, start_pcim
+from plates import make_plate
 from truth import assert_consistent, field_record, record_states
 
 from pcim_cli.io.lock import LOCK_NAME

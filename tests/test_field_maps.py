@@ -17,7 +17,7 @@ import pytest
 import tifffile
 import torch
 import yaml
-from plate_factory import run_pcim
+from cli_runner import run_pcim
 
 from pcim_cli.io import store
 

@@ -16,15 +16,16 @@ import tifffile
 import torch
 import yaml
 import zarr
+from cli_runner import run_pcim
 from ome_zarr_models import v04, v05
 from ome_zarr_models.exceptions import ValidationWarning
 from PIL import Image
-from plate_factory import DEMO, make_plate, run_pcim
+from plates import DEMO, make_plate
 
 from pcim_cli.engine import field as field_maps
 from pcim_cli.engine import mixing, tiling
 from pcim_cli.io import images, store
-from pcim_cli.report import render
+from pcim_cli.report import drawing
 
 WELLS = ("A01", "A02", "A04")  # nocodazole (mitotic) x 2, DMSO (negative)
 KEYS = ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "ObjectNumber"]
@@ -207,7 +208,7 @@ def test_render_outlines_the_top_objects_and_lists_them(run, tmp_path) -> None:
         pixels = np.asarray(img.convert("RGB"))
     cyan = np.all(pixels == (0, 255, 255), axis=-1)
     lab = label_image("A01", 1)
-    left, top_px = render.GAP, 2 * render.GAP + 2 * render.LINE  # the panel's corner; drawn at 2x
+    left, top_px = drawing.GAP, 2 * drawing.GAP + 2 * drawing.LINE  # the panel's corner; drawn at 2x
 
     def cyan_inside(number: int) -> int:
         ys, xs = np.nonzero(lab == number)

@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from cli_runner import run_pcim, start_pcim
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 from ome_zarr_models import v04, v05
 from ome_zarr_models.exceptions import ValidationWarning
-from plate_factory import DEMO, make_plate, run_pcim, start_pcim
+from plates import DEMO, make_plate
 
 from pcim_cli.io import store
 from pcim_cli.io.lock import LOCK_NAME

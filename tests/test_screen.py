@@ -18,12 +18,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from plate_factory import DEMO, make_plate, run_pcim, start_pcim
+from cli_runner import run_pcim, start_pcim
+from plates import DEMO, make_plate
 
+from pcim_cli.config.screen import load_screen
 from pcim_cli.io import store
 from pcim_cli.io.lock import LOCK_NAME
 from pcim_cli.run.screen import combine_exit_codes
-from pcim_cli.screen import load_screen
 
 #: three plates with different names, wells and layouts
 PLATES = {"PA": ("A01", "A02", "B01"), "PB": ("A03", "B02"), "PC": ("B03", "A04", "B04")}

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from plate_factory import make_plate, run_pcim
+from cli_runner import run_pcim
+from plates import make_plate
 
 from pcim_cli.io import store
-from pcim_cli.run.worker import _same_with_channels_last
+from pcim_cli.run.device import same_with_channels_last
 
 
 class ViewNet(torch.nn.Module):
@@ -46,7 +47,7 @@ def test_a_model_that_cannot_take_channels_last_falls_back(tmp_path: Path) -> No
     torch.manual_seed(0)
     net = torch.jit.script(ViewNet().eval())
     x = torch.rand(3, 32, 32)
-    assert not _same_with_channels_last(net, x)  # `.view` raises on NHWC activations
+    assert not same_with_channels_last(net, x)  # `.view` raises on NHWC activations
     plate = make_plate(tmp_path, wells=("A01",), steps=3)
     net.save(str(tmp_path / "classifier.ts"))
     proc = run_pcim("explain", str(plate), "-v")

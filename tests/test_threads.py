@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from plate_factory import PCIM, make_plate, pcim_env, run_pcim
+from cli_runner import PCIM, pcim_env, run_pcim
+from plates import make_plate
 
 from pcim_cli.engine.pcim import PcimOptions, fit_pcim
 from pcim_cli.run import threads

@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
-from plate_factory import DEMO, make_plate, run_pcim, start_pcim
+from cli_runner import run_pcim, start_pcim
+from plates import DEMO, make_plate
 
 from pcim_cli.io import explainer as explainer_file
 from pcim_cli.io import store

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from pcim_cli.engine.explainer import OBJECTIVE_KEYS
+from pcim_cli.engine.options import OBJECTIVE_KEYS
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import ConfigError, OutputError
-from pcim_cli.io.model import _summary, file_sha256
+from pcim_cli.io.model import error_summary, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def load_explainer(path: str | Path, device: str = "cpu", hint: str = "plate.yam
             module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
         meta = json.loads(extra[META_NAME])
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, zip and JSON errors, …
-        raise ConfigError(f"explain.explainer: {path} is not a pcim explainer ({_summary(exc)}); write one with "
+        raise ConfigError(f"explain.explainer: {path} is not a pcim explainer ({error_summary(exc)}); write one with "
                           f"`pcim train-explainer {hint} --out {path}`") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ConfigError(f"explain.explainer: {path} is not a pcim explainer (no {FORMAT} record inside); "

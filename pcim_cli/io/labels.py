@@ -24,8 +24,8 @@ import tifffile
 import zarr
 
 from pcim_cli.errors import InputDataError
-from pcim_cli.io import store
-from pcim_cli.io.images import compile_pattern
+from pcim_cli.io import ngff, store
+from pcim_cli.io.patterns import compile_pattern
 from pcim_cli.io.plate import WellIdError, parse_well
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def file_signature(path: Path | None) -> str:
 def _levels(labels: np.ndarray, n_levels: int) -> list[np.ndarray]:
     """The maps' pyramid for a label image: every 2nd / 4th pixel (nearest), cropped like the maps."""
     out = [labels]
-    for _ in store.PYRAMID_FACTORS[1:n_levels]:
+    for _ in ngff.PYRAMID_FACTORS[1:n_levels]:
         prev = out[-1]
         out.append(prev[: prev.shape[0] // 2 * 2 : 2, : prev.shape[1] // 2 * 2 : 2])
     return out
@@ -199,7 +199,7 @@ def _label_attrs(format: str, name: str, n_levels: int) -> dict:
         "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
         "datasets": [{"path": str(level), "coordinateTransformations": [
             {"type": "scale", "scale": [float(f), float(f)]}]}
-            for level, f in enumerate(store.PYRAMID_FACTORS[:n_levels])],
+            for level, f in enumerate(ngff.PYRAMID_FACTORS[:n_levels])],
     }
     image_label = {"source": {"image": "../../"}}
     if format == "0.5":
@@ -220,7 +220,7 @@ def write_labels(field_group: zarr.Group, labels: Mapping[str, np.ndarray], n_le
     for name, image in labels.items():
         sub = group.create_group(name, attributes=_label_attrs(format, name, n_levels))
         for level, data in enumerate(_levels(np.asarray(image, dtype=LABEL_DTYPE), n_levels)):
-            options: dict = {"chunks": tuple(min(s, store.MAX_CHUNK) for s in data.shape)}
+            options: dict = {"chunks": tuple(min(s, ngff.MAX_CHUNK) for s in data.shape)}
             if zarr_format == 3:
                 options["dimension_names"] = ("y", "x")
             else:

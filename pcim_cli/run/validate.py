@@ -21,7 +21,8 @@ from pcim_cli.config import RunConfig
 from pcim_cli.engine import tiling
 from pcim_cli.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, InputDataError
 from pcim_cli.io import images, signature
-from pcim_cli.run import explain, failures, preview, worker
+from pcim_cli.run import failures, inventory, preview
+from pcim_cli.run.device import MODEL_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def validate_plate(cfg: RunConfig, pixels: bool | None = None, probe: bool = Tru
     """Check everything `pcim explain` needs. `pixels`: read every field's pixels (None: when the plate's
     files total at most PIXELS_AUTO_BYTES); `probe`: time a fit step for the plan's ETA. Raises like
     explain for a run-level failure (no field found, a model that does not load)."""
-    inv = explain.inspect_plate(cfg, check_objects=True)
+    inv = inventory.inspect_plate(cfg, check_objects=True)
     sources = [src for well in sorted(inv.fields) for src in inv.fields[well]]
     if pixels is None:
         size = sum(f["size"] or 0 for src in sources for f in signature.stat_signature(src.files))
@@ -96,7 +97,7 @@ def validate_plate(cfg: RunConfig, pixels: bool | None = None, probe: bool = Tru
         else:
             out.field_problems.append(FieldProblem(p.well, p.field, str(p)))
     expected = images.typical_size(sources)
-    targets = explain._targets_per_well(cfg, inv.classes, inv.layout, sorted(inv.fields))
+    targets = inventory.targets_per_well(cfg, inv.classes, inv.layout, sorted(inv.fields))
     for src in sources:
         problem = _field_problem(cfg, inv.model, src, expected, pixels)
         if problem is None and isinstance(targets.get(src.well), str):
@@ -135,6 +136,6 @@ def _field_problem(cfg: RunConfig, model, src: images.FieldSource, expected: tup
                 logits = model.module(tiling.cut(x, grid, part).to(model.device))
                 if not torch.isfinite(logits).all():
                     return failures.non_finite_problem(src.well, src.field, str(model.path), x, "logits")
-    except worker.MODEL_ERRORS as exc:
+    except MODEL_ERRORS as exc:
         return failures.model_error_problem(src.well, exc)
     return None
