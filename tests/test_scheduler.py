@@ -23,7 +23,7 @@ from plates import DEMO
 from pcim_cli.config import ComputeConfig, load_config, settings
 from pcim_cli.errors import EXIT_TEMPFAIL, ConfigError, TemporaryFailure
 from pcim_cli.io import store
-from pcim_cli.run import explain, progress, scheduler
+from pcim_cli.run import cluster, explain, progress, scheduler
 
 WELLS = ["A01", "A02", "B01", "B02"]
 
@@ -121,7 +121,7 @@ def test_missing_scheduler_file_is_a_temporary_failure(demo_tasks, tmp_path) -> 
 
 
 def test_unreachable_scheduler_is_a_temporary_failure(demo_tasks, monkeypatch) -> None:
-    monkeypatch.setattr(scheduler, "CONNECT_TIMEOUT_S", 2)
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 2)
     with pytest.raises(TemporaryFailure, match="cannot reach the Dask scheduler tcp://127.0.0.1:9"):
         scheduler.run_wells(demo_tasks, ComputeConfig(cluster="address", address="tcp://127.0.0.1:9"))
 

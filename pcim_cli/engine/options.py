@@ -157,6 +157,9 @@ class PcimOptions:
         try:
             return handler(data)
         except ValidationError as exc:
+            unknown = [str(e["loc"][-1]) for e in exc.errors() if e["type"] == "unexpected_keyword_argument"]
+            if unknown:  # as any Python call with a wrong keyword: TypeError
+                raise TypeError(f"PcimOptions got unexpected keyword argument(s) {', '.join(unknown)}") from None
             raise ValueError(_one_line(exc)) from None
 
     @property
