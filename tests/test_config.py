@@ -455,3 +455,9 @@ def test_reading_plate_yaml_and_starting_the_cli_import_no_torch(tmp_path: Path)
             f"load_config({str(path)!r}); print(sorted(m for m in ('torch', 'numpy', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+    for command in ("validate", "explain", "evaluate --masks m.tif", "train-explainer --out e.pt"):
+        argv = ["pcim", *command.split()[:1], str(path), *command.split()[1:], "--set", "compute.batch_size=0"]
+        code = (f"import sys; sys.argv = {argv!r}; from pcim_cli.cli.app import main\n"
+                "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.stdout.split()[-2:] == ["78", "False"], (command, out.stdout, out.stderr[-2000:])

@@ -71,7 +71,6 @@ def _explain(plate_yamls: list[str], overrides: Sequence[str], only: str | None,
         setup_logging(verbose, quiet, log_file)
         from pcim_cli.cli import screen as screen_cli
         from pcim_cli.config import load_config
-        from pcim_cli.run import explain as explain_lib
         from pcim_cli.run.rerun import Rerun
 
         choice = Rerun(force=force, retry_failed=retry_failed, only=only_wells(only))
@@ -79,7 +78,9 @@ def _explain(plate_yamls: list[str], overrides: Sequence[str], only: str | None,
             return screen_cli.explain_screen(plate_yamls, overrides, choice, dry_run=dry_run, as_json=as_json,
                                              quiet=quiet, fancy=fancy_terminal(), max_in_flight=max_plates_in_flight,
                                              on_run=before.started)
-        cfg = load_config(plate_yamls[0], overrides)
+        cfg = load_config(plate_yamls[0], overrides)  # a configuration error comes back before torch is loaded
+        from pcim_cli.run import explain as explain_lib
+
         if dry_run:
             explain_lib.preflight(cfg, choice)
             _print_plan(explain_lib.plan(cfg, choice), as_json)

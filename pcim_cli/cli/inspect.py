@@ -42,9 +42,10 @@ def validate(
     logging.getLogger("pcim_cli").setLevel(logging.ERROR)  # problems are part of the report below
     try:
         from pcim_cli.config import load_config
+
+        cfg = load_config(plate_yaml, set_ or ())  # a configuration error comes back before torch is loaded
         from pcim_cli.run import validate as validate_lib
 
-        cfg = load_config(plate_yaml, set_ or ())
         found = validate_lib.validate_plate(cfg, pixels, probe=not no_probe)
     except Exception as exc:  # noqa: BLE001
         raise fail(exc, as_json) from None

@@ -48,7 +48,6 @@ def evaluate(
 ) -> None:
     """Compare PCIM with the baselines on a plate with masks of the true evidence: tables and plots."""
     from pcim_cli.config import load_config
-    from pcim_cli.report import evaluate as evaluate_lib
 
     setup_logging(verbose, quiet)
     well_arg: int | list[str] | None = None
@@ -56,6 +55,8 @@ def evaluate(
         well_arg = int(wells) if wells.strip().isdigit() else split_list(wells)
     try:
         cfg = load_config(plate_yaml, set_ or ())
+        from pcim_cli.report import evaluate as evaluate_lib
+
         result = evaluate_lib.evaluate(cfg, masks, None if methods is None else split_list(methods), well_arg, out,
                                        sanity=not no_sanity)
     except Exception as exc:  # noqa: BLE001
@@ -104,7 +105,6 @@ def train_explainer(
     checkpoint when the same command is run again.
     """
     from pcim_cli.config import load_config
-    from pcim_cli.run import train as train_lib
     from pcim_cli.run.progress import StepProgress
 
     setup_logging(verbose, quiet)
@@ -112,8 +112,10 @@ def train_explainer(
     run = {"crop": crop, "checkpoint_every": checkpoint_every,
            "val_wells": None if val_wells is None else tuple(split_list(val_wells) or ())}
     try:
-        settings = train_lib.settings(engine, run)
         cfgs = [load_config(p, set_ or ()) for p in plate_yamls]
+        from pcim_cli.run import train as train_lib
+
+        settings = train_lib.settings(engine, run)
         with StepProgress(fancy=fancy_terminal(), quiet=quiet) as progress:
             result = train_lib.train_explainer(cfgs, out, settings, progress=progress, fresh=fresh)
     except Exception as exc:  # noqa: BLE001
