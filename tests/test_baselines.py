@@ -187,6 +187,7 @@ def _explain(tmp_path: Path, *sets: str) -> subprocess.CompletedProcess:
     return run_pcim(*args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,extra", [
     ("saliency", ()),
     ("integrated-gradients", ("explain.ig_steps=8",)),
@@ -206,6 +207,7 @@ def test_pcim_explain_runs_each_baseline_into_a_valid_store(tmp_path, method, ex
         assert record["status"] == "done" and len(record["fingerprint"]) == 64
 
 
+@pytest.mark.slow
 def test_pcim_explain_per_channel_saliency_writes_one_map_per_channel(tmp_path):
     proc = _explain(tmp_path, "explain.method=saliency", "explain.per_channel=true")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -31,6 +31,7 @@ def field_image(well: str, site: int) -> torch.Tensor:
     return torch.from_numpy(images.normalize(img.astype(np.float32)))
 
 
+@pytest.mark.slow
 def test_demo_exits_zero_and_writes_one_csv_row_per_field(demo_run):
     proc = demo_run["proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -47,6 +48,7 @@ def test_demo_exits_zero_and_writes_one_csv_row_per_field(demo_run):
     assert (df["PCIM_PredictedClass"] == df["Metadata_expected_class"]).mean() >= 0.9
 
 
+@pytest.mark.slow
 def test_demo_store_holds_one_map_per_field_with_the_field_shape(demo_run):
     df = pd.read_csv(demo_run["csv"])
     for row in df.itertuples():
@@ -61,6 +63,7 @@ def test_demo_store_holds_one_map_per_field_with_the_field_shape(demo_run):
         assert record["results"][row.PCIM_Target]["prob_original"] == pytest.approx(row.PCIM_ProbOriginal)
 
 
+@pytest.mark.slow
 def test_demo_maps_find_the_true_object_and_beat_random_on_deletion(demo_run):
     import torch.jit
 
@@ -90,6 +93,7 @@ def test_demo_maps_find_the_true_object_and_beat_random_on_deletion(demo_run):
     assert float(ours.mean()) < 0.5 * float(rand.mean()), (ours.mean(), rand.mean())
 
 
+@pytest.mark.slow
 def test_relative_paths_resolve_against_the_yaml_not_the_cwd(tmp_path):
     plate = tmp_path / "plate"
     shutil.copytree(DEMO, plate, ignore=shutil.ignore_patterns("out", "*.py"))
@@ -100,6 +104,7 @@ def test_relative_paths_resolve_against_the_yaml_not_the_cwd(tmp_path):
     assert "\x1b[" not in proc.stderr  # no colour or progress control sequences off a terminal
 
 
+@pytest.mark.slow
 def test_a_model_with_the_wrong_channel_count_is_refused_naming_the_file(tmp_path):
     class TwoChannel(torch.nn.Module):
         def __init__(self) -> None:
@@ -127,6 +132,7 @@ def test_a_wrong_yaml_key_gets_exit_78_with_its_path(tmp_path):
     assert "explain.stpes" in proc.stderr and "steps" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_torch_export_archive_explains_the_demo_like_its_torchscript_twin(tmp_path):
     import importlib.util
 
@@ -161,6 +167,7 @@ def test_an_unknown_method_is_refused_not_silently_replaced(tmp_path):
     assert not (tmp_path / "o.zarr").exists()
 
 
+@pytest.mark.slow
 def test_a_bad_layout_target_fails_that_well_only_and_exits_3(tmp_path):
     plate = tmp_path / "plate"
     shutil.copytree(DEMO, plate, ignore=shutil.ignore_patterns("out", "*.py"))
@@ -177,6 +184,7 @@ def test_a_bad_layout_target_fails_that_well_only_and_exits_3(tmp_path):
     assert store.read_record(plate / "out" / "DEMO01.zarr", "A02", 0)["status"] == "done"
 
 
+@pytest.mark.slow
 def test_demo_writes_the_nuclei_table_and_the_mitotic_nuclei_rank_first(demo_run):
     """`make demo` writes DEMO01_pcim_Nuclei.csv (plate.objects.Nuclei of the shipped plate.yaml); in mitotic
     fields the PH3-positive nuclei hold the top ranks (object AUROC of the share, README figure)."""

@@ -37,6 +37,7 @@ def run(tmp_path_factory) -> dict:
     return {"proc": proc, "out": out}
 
 
+@pytest.mark.slow
 def test_evaluate_writes_tables_and_plots(run):
     proc, out = run["proc"], run["out"]
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -68,6 +69,7 @@ def test_evaluate_writes_tables_and_plots(run):
         assert np.ptp(img[..., :3]) > 0.5, name  # not a blank canvas
 
 
+@pytest.mark.slow
 def test_pcim_is_at_least_as_good_as_every_baseline_on_the_demo(run):
     """Against the gradient and perturbation baselines; the trivial maps are compared in measured tables
     (docs/method.md), not asserted on 4 fields at test settings."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from cli_runner import run_pcim
 from plates import DEMO
 
@@ -16,6 +17,7 @@ def test_schema_is_json_schema_that_rejects_unknown_keys():
     assert schema["additionalProperties"] is False
 
 
+@pytest.mark.slow
 def test_init_writes_a_commented_template_that_validates_once_filled_in(tmp_path):
     target = tmp_path / "new" / "plate.yaml"
     proc = run_pcim("init", str(target))

@@ -32,6 +32,7 @@ def _blank(images: Path, stem: str, value: int = 0) -> None:
         tifffile.imwrite(path, np.full_like(tifffile.imread(path), value))
 
 
+@pytest.mark.slow
 def test_a_blank_field_the_model_cannot_score_fails_alone_and_the_csv_agrees_with_the_store(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=WELLS, steps=2, compute={"batch_size": 1},
                        model={"path": "standardise.ts"})
@@ -49,6 +50,7 @@ def test_a_blank_field_the_model_cannot_score_fails_alone_and_the_csv_agrees_wit
     assert states == {"A/1/0": "done", "A/1/1": "done", "A/2/0": "failed", "A/2/1": "done"}
 
 
+@pytest.mark.slow
 def test_nan_logits_fail_the_fields_naming_the_model_and_exit_78_when_all_fail(tmp_path: Path) -> None:
     """A model with a statistic across the batch: NaN logits for one image, finite for two (the probe)."""
     plate = make_plate(tmp_path, wells=WELLS, steps=2, model={"path": "batch-std.ts"})
@@ -70,6 +72,7 @@ def test_a_model_returning_nan_is_refused_when_it_is_loaded(tmp_path: Path) -> N
     assert "nan.ts" in proc.stderr and "non-finite" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cause", ["model raises", "input_size larger than the fields"])
 def test_exit_78_when_every_field_failed_because_of_the_model(tmp_path: Path, cause: str) -> None:
     if cause == "model raises":
@@ -85,6 +88,7 @@ def test_exit_78_when_every_field_failed_because_of_the_model(tmp_path: Path, ca
     assert (pd.read_csv(out(plate)[1])["PCIM_Status"] == "failed").all()
 
 
+@pytest.mark.slow
 def test_a_constant_field_gets_a_warning_in_its_row(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=WELLS, steps=2)
     _blank(tmp_path / "images", "A01_s2", value=300)

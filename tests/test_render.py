@@ -49,6 +49,7 @@ def overlay_size(n_panels: int) -> tuple[int, int]:
 # files
 
 
+@pytest.mark.slow
 def test_render_writes_one_overlay_per_field_montage_and_report(rendered):
     names = sorted(p.name for p in rendered.overlays)
     assert names == sorted(f"{w}_s{s}.png" for w in WELLS for s in (1, 2))
@@ -57,6 +58,7 @@ def test_render_writes_one_overlay_per_field_montage_and_report(rendered):
     assert rendered.skipped == []
 
 
+@pytest.mark.slow
 def test_overlays_read_back_at_the_expected_size_with_a_map_over_the_cells(rendered):
     for png in rendered.overlays:
         with Image.open(png) as img:
@@ -96,6 +98,7 @@ def test_without_plate_yaml_the_map_is_drawn_alone(demo_store, tmp_path):
     assert in_lut.mean() > 0.95
 
 
+@pytest.mark.slow
 def test_montage_is_the_plate_grid_with_empty_wells_grey(rendered):
     with Image.open(rendered.montage) as img:
         pixels = np.asarray(img)
@@ -114,6 +117,7 @@ def test_montage_is_the_plate_grid_with_empty_wells_grey(rendered):
     assert cell_centre(0, 0) != drawing.EMPTY_GREY  # A01 has a map
 
 
+@pytest.mark.slow
 def test_report_has_the_csv_numbers_settings_and_relative_images(rendered):
     text = rendered.report.read_text(encoding="utf-8")
     sources = re.findall(r'<img[^>]* src="([^"]+)"', text)
@@ -130,6 +134,7 @@ def test_report_has_the_csv_numbers_settings_and_relative_images(rendered):
     assert "Plate DEMO01" in text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI: bash scripts/install_chromium.sh)")
 def test_report_opens_in_headless_chromium_with_every_image_loaded(rendered):
     """A copy of the report beside it (so relative paths resolve) reports its images' state into the DOM."""
@@ -238,6 +243,7 @@ def test_heat_lut_rises_in_lightness():
 # viewers
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # napari / npe2 on pydantic 2
 def test_store_opens_as_a_plate_in_napari_ome_zarr(demo_store):
     """napari-ome-zarr's reader (what `napari --plugin napari-ome-zarr` calls), no GUI needed."""
@@ -263,6 +269,7 @@ def test_store_opens_as_a_plate_in_napari_ome_zarr(demo_store):
     np.testing.assert_array_equal(nuclei[:FIELD, :FIELD], tifffile.imread(DEMO / "labels" / "A01_s1_nuclei.tif"))
 
 
+@pytest.mark.slow
 def test_store_opens_as_a_plate_in_ome_zarr_reader(demo_store):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Plate, Reader
@@ -273,6 +280,7 @@ def test_store_opens_as_a_plate_in_ome_zarr_reader(demo_store):
     assert nodes[0].metadata["channel_names"] == ["mitotic"]
 
 
+@pytest.mark.slow
 def test_render_reads_an_ngff_04_store(tmp_path):
     zarr_path = explain_demo(tmp_path, ["D06"], "--set", "output.format=0.4")
     assert (zarr_path / ".zgroup").is_file()

@@ -34,6 +34,7 @@ def _colourful(img: np.ndarray) -> float:
     return float(((img.max(2) - img.min(2)) > 30).mean())
 
 
+@pytest.mark.slow
 def test_composites_draw_the_maps_over_colour(layout_store, tmp_path):
     grey = _overlay(layout_store, tmp_path / "grey", "--channel", "DNA")
     rgb = _overlay(layout_store, tmp_path / "rgb", "--channel", "rgb")
@@ -45,6 +46,7 @@ def test_composites_draw_the_maps_over_colour(layout_store, tmp_path):
     assert panel[..., 2].mean() > panel[..., 0].mean()
 
 
+@pytest.mark.slow
 def test_a_bad_composite_is_refused_naming_the_channel(layout_store, tmp_path):
     proc = run_pcim("render", str(layout_store), "--plate-yaml", str(DEMO / "plate.yaml"), "--channel",
                     "DNA,GFP", "--out", str(tmp_path / "x"))
@@ -55,6 +57,7 @@ def test_a_bad_composite_is_refused_naming_the_channel(layout_store, tmp_path):
         composite.parse_spec("rgb", ["DNA", "PH3"])
 
 
+@pytest.mark.slow
 def test_a_montage_of_wells_with_different_targets_labels_each_well(layout_store, tmp_path):
     plate = render.open_plate(layout_store)
     thumbs, shown = render.montage_thumbs(plate)

@@ -115,6 +115,7 @@ def test_invalid_schedule_options_are_refused() -> None:
 OLD_STYLE = ("explain.schedule=constant", "explain.lr=0.1", "explain.init=zero", "explain.noise=0")
 
 
+@pytest.mark.slow
 def test_the_old_default_is_reachable_by_settings_and_a_new_default_redoes_the_fields(tmp_path) -> None:
     """The --set line of the old default runs the old fit exactly (the engine called with the old options
     gives the same maps); the settings fingerprint differs, so a run with the new defaults redoes them."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import tifffile
 from cli_runner import run_pcim
 from plates import make_plate
@@ -38,6 +39,7 @@ def tree_digest(root: Path) -> dict[str, bytes]:
 # stale or mixed-up maps
 
 
+@pytest.mark.slow
 def test_swapped_channel_tokens_redo_every_field(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=WELLS, steps=2)
     assert run_pcim("explain", str(plate)).returncode == 0
@@ -47,6 +49,7 @@ def test_swapped_channel_tokens_redo_every_field(tmp_path: Path) -> None:
     assert_consistent(*out(plate))
 
 
+@pytest.mark.slow
 def test_changed_input_files_redo_their_fields_and_identical_copies_do_not(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=("A01", "A02", "B01"), steps=2)
     zarr_path, csv_path = out(plate)
@@ -77,6 +80,7 @@ def test_changed_input_files_redo_their_fields_and_identical_copies_do_not(tmp_p
     assert_consistent(zarr_path, csv_path)
 
 
+@pytest.mark.slow
 def test_a_second_plate_is_refused_in_another_plates_store_unless_forced(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=WELLS, steps=2, output={"zarr": "out/maps.zarr"})
     zarr_path = tmp_path / "out" / "maps.zarr"
@@ -97,6 +101,7 @@ def test_a_second_plate_is_refused_in_another_plates_store_unless_forced(tmp_pat
     assert_consistent(zarr_path, tmp_path / "out" / "P2.csv")
 
 
+@pytest.mark.slow
 def test_renamed_classes_never_leave_old_names_in_the_csv(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=WELLS, steps=2, explain={"target": "all"})
     assert run_pcim("explain", str(plate)).returncode == 0
@@ -110,6 +115,7 @@ def test_renamed_classes_never_leave_old_names_in_the_csv(tmp_path: Path) -> Non
 # a plate.wells subset keeps the whole plate
 
 
+@pytest.mark.slow
 def test_a_plate_wells_subset_keeps_every_row_and_failure_of_the_store(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=("A01", "A02", "B01"), steps=2)
     (tmp_path / "images" / "A02_s1_w2.tif").write_bytes(b"")

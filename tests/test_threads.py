@@ -150,6 +150,7 @@ def test_no_probe_with_one_thread_or_a_fixed_number() -> None:
 # ---------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_compute_threads_through_the_cli(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=("A01",), steps=12)
     log = tmp_path / "run.log"

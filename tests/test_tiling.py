@@ -330,6 +330,7 @@ def test_out_of_memory_from_torchscript_is_recognised():
 
 
 
+@pytest.mark.slow
 def test_pcim_explain_writes_maps_of_the_field_shape_for_a_field_larger_than_the_model(tmp_path, fixed_model):
     images = tmp_path / "images"
     images.mkdir()

@@ -245,6 +245,7 @@ def _validate_store(path: Path) -> None:
         v05.Image.from_zarr(root["A/1/0"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["intensity", "contrast"])
 def test_pcim_explain_writes_trivial_maps_into_a_valid_store(tmp_path, method):
     yaml_path = _ph3_reader_plate(tmp_path)
@@ -268,6 +269,7 @@ def test_pcim_explain_writes_trivial_maps_into_a_valid_store(tmp_path, method):
         assert record["settings"]["engine"]["intensity_channel"] is None
 
 
+@pytest.mark.slow
 def test_pcim_explain_says_when_the_classifier_is_a_stain_detector(tmp_path):
     yaml_path = _ph3_reader_plate(tmp_path, steps=30, lr=0.3)
     proc = run_pcim("explain", str(yaml_path), "--json")
@@ -289,6 +291,7 @@ def test_pcim_explain_says_when_the_classifier_is_a_stain_detector(tmp_path):
     assert "stain_check" not in store.read_field(tmp_path / "out" / "P1.zarr", "A01", 0)[2]["results"]["mitotic"]
 
 
+@pytest.mark.slow
 def test_pcim_evaluate_reports_the_trivial_rows_the_channel_and_the_verdict(tmp_path):
     yaml_path = _ph3_reader_plate(tmp_path, steps=30, lr=0.3)
     masks = str(DEMO / "masks" / "{well}_s{field}.tif")

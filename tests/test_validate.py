@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import tifffile
 from cli_runner import run_pcim
 from PIL import Image
@@ -36,6 +37,7 @@ def _damage_for_validate(images: Path) -> None:
     tifffile.imwrite(images / "B02_s1_w2.tif", plane)  # NaN pixels
 
 
+@pytest.mark.slow
 def test_validate_lists_every_problem_explain_would_hit_with_the_same_messages(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=("A01", "A02", "A03", "B01", "B02", "B03"), steps=2)
     _damage_for_validate(tmp_path / "images")
@@ -53,6 +55,7 @@ def test_validate_lists_every_problem_explain_would_hit_with_the_same_messages(t
         assert error in found["problems"], f"validate did not report: {error}"
 
 
+@pytest.mark.slow
 def test_validate_exits_65_when_no_field_is_usable(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=("A01",), steps=2)
     for path in (tmp_path / "images").glob("*_w2.tif"):
@@ -62,6 +65,7 @@ def test_validate_exits_65_when_no_field_is_usable(tmp_path: Path) -> None:
     assert "A01_s1_w2.tif is empty" in proc.stdout and "A01_s2_w2.tif is empty" in proc.stdout
 
 
+@pytest.mark.slow
 def test_validate_reports_the_demo_plate_and_writes_nothing(tmp_path):
     plate = tmp_path / "plate"
     shutil.copytree(DEMO, plate, ignore=shutil.ignore_patterns("out", "*.py"))

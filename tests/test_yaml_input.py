@@ -19,6 +19,7 @@ from truth import field_record
 # YAML: leading zeros, alias bombs, deep nesting
 
 
+@pytest.mark.slow
 def test_plate_names_with_leading_zeros_stay_text_and_numbers_are_decimal(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=("A01",), steps=2)
     plate.write_text(plate.read_text().replace("name: P1", "name: 0012345"))
@@ -34,6 +35,7 @@ def test_plate_names_with_leading_zeros_stay_text_and_numbers_are_decimal(tmp_pa
     assert json.loads(by_env.stdout)["plate"] == "0012345"
 
 
+@pytest.mark.slow
 def test_yaml_booleans_do_not_turn_class_names_into_true_and_false(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=("A01",), steps=2)
     plate.write_text(plate.read_text().replace("- negative\n  - mitotic", "- no\n  - yes"))
