@@ -216,16 +216,11 @@ def write_labels(field_group: zarr.Group, labels: Mapping[str, np.ndarray], n_le
     names = list(labels)
     attrs = {"ome": {"version": "0.5", "labels": names}} if format == "0.5" else {"labels": names}
     group = field_group.create_group(LABELS_GROUP, attributes=attrs)
-    zarr_format = 3 if format == "0.5" else 2
+    version = ngff.zarr_version(format)
     for name, image in labels.items():
         sub = group.create_group(name, attributes=_label_attrs(format, name, n_levels))
         for level, data in enumerate(_levels(np.asarray(image, dtype=LABEL_DTYPE), n_levels)):
-            options: dict = {"chunks": tuple(min(s, ngff.MAX_CHUNK) for s in data.shape)}
-            if zarr_format == 3:
-                options["dimension_names"] = ("y", "x")
-            else:
-                options["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
-            sub.create_array(str(level), data=data, **options)
+            sub.create_array(str(level), data=data, **ngff.array_options(data.shape, version, axes="yx"))
 
 
 def read_labels_level(field_group: zarr.Group, name: str, level: int = 0) -> np.ndarray | None:

@@ -127,11 +127,13 @@ def channel_window(label: str, plane: np.ndarray, colour: str) -> dict[str, Any]
     }
 
 
-def array_options(shape: tuple[int, ...], zarr_format: int) -> dict[str, Any]:
-    """Chunks of one channel x up to 1024 x 1024 px (whole-plate browsing); default compression."""
-    options: dict[str, Any] = {"chunks": (1, min(shape[1], MAX_CHUNK), min(shape[2], MAX_CHUNK))}
+def array_options(shape: tuple[int, ...], zarr_format: int, axes: str = "cyx") -> dict[str, Any]:
+    """Chunks of one channel x up to 1024 x 1024 px (whole-plate browsing); default compression; the axes'
+    names (NGFF 0.5) or "/"-separated chunk keys (NGFF 0.4)."""
+    options: dict[str, Any] = {"chunks": tuple(1 if a == "c" else min(n, MAX_CHUNK) for a, n in zip(axes, shape,
+                                                                                                    strict=True))}
     if zarr_format == 3:
-        options["dimension_names"] = ("c", "y", "x")  # NGFF 0.5 requires them to match the axes
+        options["dimension_names"] = tuple(axes)  # NGFF 0.5 requires them to match the axes
     else:
         options["chunk_key_encoding"] = {"name": "v2", "separator": "/"}  # NGFF 0.4 requires "/"
     return options
