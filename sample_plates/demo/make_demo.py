@@ -474,7 +474,7 @@ def plate_wells():
 
 PLATE_YAML = """\
 # DEMO01 — synthetic 24-well plate bundled with pcim (regenerate: python make_demo.py).
-# Relative paths resolve against this file's folder. Every key: pcim schema, docs/reference/plate-yaml.md.
+# Relative paths resolve against this file's folder. Every key: docs/reference/plate-yaml.md (or pcim init).
 plate:
   name: DEMO01                            # Metadata_Plate in the CSV
   images: images/                         # folder with the TIFFs
