@@ -24,7 +24,7 @@ import tifffile
 import zarr
 
 from pcim_cli.errors import InputDataError
-from pcim_cli.io import ngff, store
+from pcim_cli.io import ngff
 from pcim_cli.io.patterns import compile_pattern
 from pcim_cli.io.plate import WellIdError, parse_well
 
@@ -229,18 +229,11 @@ def read_labels_level(field_group: zarr.Group, name: str, level: int = 0) -> np.
     if path not in field_group:
         return None
     sub = field_group[path]
-    datasets = store.ome_metadata(sub.attrs.asdict()).get("multiscales", [{}])[0].get("datasets", [])
+    datasets = ngff.ome_metadata(sub.attrs.asdict()).get("multiscales", [{}])[0].get("datasets", [])
     if not datasets:
         return None
     chosen = datasets[max(0, min(level, len(datasets) - 1))]["path"]
     return np.asarray(sub[chosen][...])
-
-
-def label_names(field_group: zarr.Group) -> list[str]:
-    """The object kinds stored with a field (the ``labels`` group's list)."""
-    if LABELS_GROUP not in field_group:
-        return []
-    return list(store.ome_metadata(field_group[LABELS_GROUP].attrs.asdict()).get("labels", []))
 
 
 def problems_for(files: Iterable[LabelFiles], fields: Mapping[str, list], size: tuple[int, int] | None,

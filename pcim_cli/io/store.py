@@ -34,8 +34,6 @@ import zarr
 from pcim_cli import __version__
 from pcim_cli.errors import OutputError, os_reason
 from pcim_cli.io.ngff import (
-    FORMATS,
-    PYRAMID_FACTORS,
     array_options,
     check_maps,
     format_of,
@@ -396,7 +394,7 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S%z")
 
 
-__all__ = ["DAMAGE_ERRORS", "FORMATS", "PYRAMID_FACTORS", "RECORD_KEY", "create_plate", "damaged_record",
-           "damaged_root", "field_path", "has_root", "ome_metadata", "output_error", "plate_fields", "read_field",
+__all__ = ["DAMAGE_ERRORS", "RECORD_KEY", "create_plate", "damaged_record",
+           "damaged_root", "field_path", "has_root", "output_error", "plate_fields", "read_field",
            "read_plate_record", "read_record", "split_well", "update_field", "update_plate_record", "update_record",
            "write_field"]

@@ -18,8 +18,9 @@ import numpy as np
 import zarr
 
 from pcim_cli.errors import InputDataError
+from pcim_cli.io.ngff import ome_metadata
 from pcim_cli.io.plate import infer_plate_format, parse_well, plate_shape
-from pcim_cli.io.store import DAMAGE_ERRORS, RECORD_KEY, ome_metadata
+from pcim_cli.io.store import DAMAGE_ERRORS, RECORD_KEY
 
 __all__ = ["FieldLevel", "StorePlate", "field_paths", "open_plate", "read_level"]
 
