@@ -69,7 +69,13 @@ def test_train_explainer_writes_torchscript_and_its_record(trained):
 @pytest.mark.slow
 def test_explainer_explains_held_out_wells_with_the_stated_quality(trained):
     """Stated quality (60 training steps on 10 wells): on the held-out mitotic fields, relevance mass
-    >= 0.8, pixel AUROC >= 0.97, pointing >= 0.8, and a lower deletion AUC than saliency."""
+    >= 0.7, pixel AUROC >= 0.97, pointing >= 0.8, and a lower deletion AUC than saliency.
+
+    Measured (issue 27: 0.8 sat inside the distribution and failed as 0.797) with this test's plate and
+    command, --seed 0-4 at one torch thread and seeds 0-1 at two: relevance mass 0.793-0.907 (seed 0:
+    0.797 at one thread, 0.793 at two), pixel AUROC 0.998-0.999, pointing 1.0, deletion AUC 0.32-0.38
+    against saliency's 0.60. The bounds sit clear of that: mass by 0.09 (the untrained explainer's is
+    near 0.1), AUROC by 0.028, pointing by 0.2, deletion by 0.2."""
     yaml_path, out, _ = trained
     proc = run_pcim("evaluate", str(yaml_path), "--masks", MASKS, "--wells", ",".join(HELD), "--methods",
                     "pcim-amortised,saliency", "--set", "explain.target=mitotic", "--set", f"explain.explainer={out}",
@@ -77,7 +83,7 @@ def test_explainer_explains_held_out_wells_with_the_stated_quality(trained):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = {row["method"]: row for row in json.loads(proc.stdout)["table"]}
     amortised, saliency = table["pcim-amortised"], table["saliency"]
-    assert amortised["relevance_mass"] >= 0.8 and amortised["pixel_auroc"] >= 0.97, amortised
+    assert amortised["relevance_mass"] >= 0.7 and amortised["pixel_auroc"] >= 0.97, amortised
     assert amortised["pointing_game"] >= 0.8, amortised
     assert amortised["deletion_auc"] < saliency["deletion_auc"], (amortised, saliency)
 
