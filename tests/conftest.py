@@ -16,8 +16,9 @@ Determinism (issue 27): a result may not depend on the machine or its load. This
 `pcim` a test starts fit with one torch thread (OMP_NUM_THREADS=1, set here before torch is imported,
 and torch.set_num_threads(1)): float32 sums then run in one order everywhere, so maps compared across
 processes agree to float32 rounding, and compute.threads: auto never times steps to choose a thread
-count. Seeds are fixed in the tests (and per map in pcim, run/task.py `field_seed`). Tests of the thread
-policy itself give their own environment.
+count. Seeds are fixed in the tests (and per map in pcim, run/task.py `field_seed`); Hypothesis draws the
+same examples on every run (derandomized, no example database) and has no per-example deadline (a loaded
+machine is slower, not wrong). Tests of the thread policy itself give their own environment.
 
 Markers (pyproject.toml): `slow` marks the long end-to-end runs; `make test-fast` (-m "not slow") runs the
 rest, which still touches every module; `slurm` needs a real sbatch.
@@ -34,10 +35,13 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from cli_runner import run_pcim  # noqa: E402
+from hypothesis import settings  # noqa: E402
 from plates import DEMO  # noqa: E402
 from toy_models import BlockReader, scripted  # noqa: E402
 
 torch.set_num_threads(1)
+settings.register_profile("pcim", derandomize=True, database=None, deadline=None)
+settings.load_profile("pcim")
 
 
 @pytest.fixture(scope="session")

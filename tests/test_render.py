@@ -212,6 +212,10 @@ def test_without_a_csv_the_report_takes_the_numbers_from_the_records(demo_store,
     assert [f.maps.shape for f in fields] == [(1, FIELD // 4, FIELD // 4)] * 2
     rows = render.records_table(plate, fields)
     assert list(rows["Metadata_Site"]) == [1, 2] and rows["PCIM_DeletionAUC"].between(0, 1).all()
+    # the same record -> row mapping as the CSV (io/summary.py): every CSV column but the layout's
+    csv_columns = pd.read_csv(demo_store.with_suffix(".csv")).columns
+    assert [c for c in csv_columns if not c.startswith("Metadata_") or c in rows.columns] == list(rows.columns)
+    assert {"PCIM_Share_DNA", "PCIM_Share_PH3", "PCIM_Share_Actin"} <= set(rows.columns)
 
 
 def test_levels_match_the_full_resolution_maps(demo_store):
