@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -384,13 +385,13 @@ def test_explain_keys_are_the_engine_options_with_their_defaults_and_description
     from pcim_cli.config import ExplainConfig
     from pcim_cli.engine.options import PcimOptions
 
-    engine = PcimOptions.__pydantic_fields__
+    engine = {f.name: f for f in dataclasses.fields(PcimOptions)}
     fields = ExplainConfig.model_fields
     assert set(engine) - {"intensity_channel"} <= set(fields)  # plate.yaml names the channel (auto | name)
-    for name, info in engine.items():
+    for name, f in engine.items():
         if name == "intensity_channel":
             continue
-        assert fields[name].default == info.default and fields[name].description == info.description, name
+        assert fields[name].default == f.default and fields[name].description == f.metadata["description"], name
     defaults = ExplainConfig()
     assert all(getattr(defaults, k) == getattr(PcimOptions(), k) for k in engine if k != "intensity_channel")
 

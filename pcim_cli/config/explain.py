@@ -12,10 +12,11 @@ keys differ on purpose:
 
 from __future__ import annotations
 
-import copy
-from typing import Any
+import dataclasses
+import typing
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, PositiveInt, create_model, field_validator
+from pydantic import AfterValidator, Field, PositiveInt, create_model, field_validator
 
 from pcim_cli.config.base import ConfigPath, Section
 from pcim_cli.engine.options import Method, PcimOptions, TileMaps
@@ -63,18 +64,26 @@ _STRICTER: dict[str, Any] = {"steps": PositiveInt}
 _AS_LIST: dict[str, Any] = {"budget": float | list[float] | None}
 
 
+def _engine_field(f: dataclasses.Field, annotation: Any) -> tuple[Any, Any]:
+    """A pydantic field from a PcimOptions field: its choices as a Literal, its bounds, its check, its
+    default and description (engine/options.py `setting`)."""
+    meta = f.metadata
+    if meta.get("choices") is not None:
+        annotation = Literal[meta["choices"]]
+    if meta.get("check") is not None:
+        annotation = Annotated[annotation, AfterValidator(meta["check"])]
+    bounds = {k: meta[k] for k in ("ge", "gt", "le", "lt") if meta.get(k) is not None}
+    return annotation, Field(f.default, description=meta.get("description"), **bounds)
+
+
 def _engine_fields() -> dict[str, Any]:
-    fields = {}
-    for name, info in PcimOptions.__pydantic_fields__.items():
-        if name in _OWN_SPELLING:
-            continue
-        annotation = _STRICTER.get(name, _AS_LIST.get(name, info.annotation))
-        fields[name] = (annotation, copy.deepcopy(info))
-    return fields
+    hints = typing.get_type_hints(PcimOptions)
+    return {f.name: _engine_field(f, _STRICTER.get(f.name, _AS_LIST.get(f.name, hints[f.name])))
+            for f in dataclasses.fields(PcimOptions) if f.name not in _OWN_SPELLING}
 
 
 #: the engine settings that are keys of `explain:`
-ENGINE_KEYS = tuple(name for name in PcimOptions.__pydantic_fields__ if name not in _OWN_SPELLING)
+ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(PcimOptions) if f.name not in _OWN_SPELLING)
 
 ExplainConfig = create_model(  # type: ignore[call-overload]
     "ExplainConfig", __base__=_RunKeys, __module__=__name__,
