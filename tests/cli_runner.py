@@ -13,9 +13,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
-__all__ = ["PCIM", "pcim_env", "run_pcim", "start_pcim"]
+__all__ = ["PCIM", "StderrLines", "pcim_env", "run_pcim", "start_pcim", "wait_for"]
 
 _SCRIPT = Path(sys.executable).parent / "pcim"  # the installed console script
 PCIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pcim_cli.cli"]
@@ -37,3 +39,34 @@ def start_pcim(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Po
     """`pcim ARGS` started in the background (its output in pipes)."""
     return subprocess.Popen([*PCIM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
                             env=pcim_env(**env))
+
+
+def wait_for(predicate, timeout: float = 240, what: str = "") -> None:
+    """Poll `predicate` every 0.1 s until it is true; AssertionError naming `what` after `timeout` s."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class StderrLines:
+    """Collects a running process's stderr lines in a thread, so a test can wait for one."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            self.lines.append(line)
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    @property
+    def text(self) -> str:
+        self._thread.join(timeout=10)
+        return "".join(self.lines)

@@ -23,7 +23,7 @@ import pandas as pd
 import psutil
 import pytest
 import zarr
-from cli_runner import PCIM, pcim_env, run_pcim, start_pcim
+from cli_runner import PCIM, StderrLines, pcim_env, run_pcim, start_pcim, wait_for
 from plates import make_plate
 from truth import assert_consistent, field_record, record_states
 
@@ -38,36 +38,6 @@ def out(plate: Path) -> tuple[Path, Path]:
 
 def tree_digest(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def wait_for(predicate, timeout: float = 240, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class StderrLines:
-    """Collects a running process's stderr lines in a thread, so a test can wait for one."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
-        self._thread.start()
-
-    def _read(self, proc: subprocess.Popen) -> None:
-        for line in proc.stderr:
-            self.lines.append(line)
-
-    def has(self, text: str) -> bool:
-        return any(text in line for line in self.lines)
-
-    @property
-    def text(self) -> str:
-        self._thread.join(timeout=10)
-        return "".join(self.lines)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pcim_cli.cli.common import (
     set_option,
     setup_logging,
 )
-from pcim_cli.errors import EXIT_TEMPFAIL
+from pcim_cli.errors import EXIT_TEMPFAIL, unplaced
 from pcim_cli.run.signals import BeforeRun
 
 __all__ = ["explain"]
@@ -113,13 +113,16 @@ def _explain(plate_yamls: list[str], overrides: Sequence[str], only: str | None,
     else:
         line = (f"{counts['done']} maps done{weak} ({result.fitted} fitted by this run), {failed} failed, "
                 f"{counts['skipped']} not run; store {result.store}; csv {result.csv}"
-                + "".join(f"; {name} {path}" for name, path in result.object_csvs.items()))
+                + "".join(f"; {name} {path}" for name, path in result.object_csvs.items())
+                + "".join(f"; removed the stale table {path} (plate.objects no longer lists it)"
+                          for path in result.removed))
     if failed or result.object_failures or result.interrupted or not quiet:
         typer.echo(line, err=True)
     for f in result.failed:
-        typer.echo(f"  failed {f['well']} site {f['site']}: {f['error']}", err=True)
+        typer.echo(f"  failed {f['well']} site {f['site']}: {unplaced(f['well'], f['site'], f['error'])}", err=True)
     for f in result.object_failures:
-        typer.echo(f"  {f['object']} table failed {f['well']} site {f['site']} (map done): {f['error']}", err=True)
+        typer.echo(f"  {f['object']} table failed {f['well']} site {f['site']} (map done): "
+                   f"{unplaced(f['well'], f['site'], f['error'])}", err=True)
     for p in result.problems:
         typer.echo(f"  not run: {p}", err=True)
     for v in [] if quiet else result.verdicts:
@@ -128,9 +131,10 @@ def _explain(plate_yamls: list[str], overrides: Sequence[str], only: str | None,
         status = {0: "ok", 3: "partial", 75: "interrupted"}.get(result.exit_code, "failed")
         doc = {"status": status, "exit_code": result.exit_code, "store": str(result.store),
                "csv": None if result.csv is None else str(result.csv), "counts": counts, "fits": fits,
-               "fitted": result.fitted, "failed": result.failed, "problems": result.problems,
+               "fitted": result.fitted, "failed": result.failed + result.object_failures, "problems": result.problems,
                "object_csvs": {k: str(v) for k, v in result.object_csvs.items()},
-               "object_failures": result.object_failures, "message": line,
+               "object_failures": result.object_failures, "removed": [str(p) for p in result.removed],
+               "message": line,
                "verdicts": [v.to_dict() for v in result.verdicts]}
         typer.echo(json.dumps(doc))
     return result.exit_code

@@ -19,12 +19,13 @@ from pcim_cli.cli.common import (
     setup_logging,
     split_list,
 )
+from pcim_cli.errors import clip, unplaced
 
 __all__ = ["render", "status", "validate"]
 
 
 def validate(
-    plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml.")],
+    plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml, or a screen file (every plate).")],
     set_: set_option() = None,
     pixels: Annotated[bool | None, typer.Option("--pixels/--headers-only", help="Read every field's pixels and "
                                                 "score it once with the model (default: on plates whose files "
@@ -41,36 +42,47 @@ def validate(
     setup_logging(0, quiet=True)
     logging.getLogger("pcim_cli").setLevel(logging.ERROR)  # problems are part of the report below
     try:
+        from pcim_cli.cli import screen as screen_cli
         from pcim_cli.config import load_config
 
+        if screen_cli.is_screen([str(plate_yaml)]):  # a screen file: every plate, as explain would run it
+            raise typer.Exit(screen_cli.validate_screen([str(plate_yaml)], set_ or (), pixels, not no_probe,
+                                                        as_json, _print_validation))
         cfg = load_config(plate_yaml, set_ or ())  # a configuration error comes back before torch is loaded
         from pcim_cli.run import validate as validate_lib
 
         found = validate_lib.validate_plate(cfg, pixels, probe=not no_probe)
+    except typer.Exit:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise fail(exc, as_json) from None
     if as_json:
         typer.echo(json.dumps(found.to_dict()))
     else:
-        model = found.model
-        typer.echo(f"plate {found.plate}: {found.wells} wells, {found.fields} fields, "
-                   f"channels {', '.join(found.channels)}")
-        typer.echo(f"model {model['path']} ({model['kind']}, sha256 {model['sha256'][:12]}…), "
-                   f"classes {', '.join(model['classes'])}")
-        if found.layout_columns:
-            typer.echo(f"layout columns: {', '.join(found.layout_columns)}")
-        typer.echo(f"checked: {'pixels and model output' if found.checked == 'pixels' else 'TIFF headers'} of "
-                   f"every field; {found.usable} of {found.fields} fields usable")
-        for name, count in found.objects.items():
-            typer.echo(f"objects {name}: label images for {count} of {found.fields} fields")
-        if found.explainer:
-            typer.echo(f"explainer {found.explainer['path']} (sha256 {found.explainer['sha256'][:12]}…) fits "
-                       "this plate's classifier, channels, normalisation and settings")
-        for p in found.problems:
-            typer.echo(f"problem: {p}")
-        if found.plan is not None:
-            _print_run_plan(found.plan)
+        _print_validation(found)
     raise typer.Exit(found.exit_code)
+
+
+def _print_validation(found) -> None:
+    """What `pcim validate` found on one plate, as lines."""
+    model = found.model
+    typer.echo(f"plate {found.plate}: {found.wells} wells, {found.fields} fields, "
+               f"channels {', '.join(found.channels)}")
+    typer.echo(f"model {model['path']} ({model['kind']}, sha256 {model['sha256'][:12]}…), "
+               f"classes {', '.join(model['classes'])}")
+    if found.layout_columns:
+        typer.echo(f"layout columns: {', '.join(found.layout_columns)}")
+    typer.echo(f"checked: {'pixels and model output' if found.checked == 'pixels' else 'TIFF headers'} of "
+               f"every field; {found.usable} of {found.fields} fields usable")
+    for name, count in found.objects.items():
+        typer.echo(f"objects {name}: label images for {count} of {found.fields} fields")
+    if found.explainer:
+        typer.echo(f"explainer {found.explainer['path']} (sha256 {found.explainer['sha256'][:12]}…) fits "
+                   "this plate's classifier, channels, normalisation and settings")
+    for p in found.problems:
+        typer.echo(f"problem: {p}")
+    if found.plan is not None:
+        _print_run_plan(found.plan)
 
 
 def _print_run_plan(plan) -> None:
@@ -165,13 +177,16 @@ def status(
 
     table = Table("well", "fields", "done", "failed", "missing", "errors", title=str(report.store))
     for w in report.wells:
-        table.add_row(w.well, str(w.fields), str(w.done), str(w.failed), str(w.missing), "; ".join(w.errors)[:80])
+        table.add_row(w.well, str(w.fields), str(w.done), str(w.failed), str(w.missing), clip("; ".join(w.errors), 80))
     totals = report.totals
     table.add_row("all", *(str(totals[k]) for k in ("fields", "done", "failed", "missing")), "")
     Console(no_color=not fancy_terminal(), width=None if fancy_terminal() else 120).print(table)
     for f in report.fields:
         if f.state in ("damaged", "stale"):
             typer.echo(f"{f.state} {f.path} (well {f.well}): {f.error}")
+        for name, error in f.object_failures:
+            typer.echo(f"{name} table failed {f.path} (well {f.well} site {f.site}; its map is done): "
+                       f"{unplaced(f.well, f.site, error)}")
     if report.fingerprints > 1:
         typer.echo(f"note: the maps in the store were made with {report.fingerprints} different settings; those "
                    "not made with the last run's are stale and the next run redoes them", err=True)

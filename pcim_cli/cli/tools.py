@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from pcim_cli.cli.common import Quiet, Verbose, fail, fancy_terminal, json_option, set_option, setup_logging, split_list
+from pcim_cli.errors import TemporaryFailure
+from pcim_cli.run.signals import BeforeRun
 
 __all__ = ["evaluate", "init", "schema", "train_explainer"]
 
@@ -104,36 +107,40 @@ def train_explainer(
     Held-out wells measure the validation objective; a killed or interrupted run resumes from its
     checkpoint when the same command is run again.
     """
-    from pcim_cli.config import load_config
-    from pcim_cli.run.progress import StepProgress
+    with BeforeRun():  # SIGTERM / Ctrl-C before training's own handlers (or after them, while saving): exit 75
+        _train_explainer(plate_yamls, out, {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed},
+                         {"crop": crop, "checkpoint_every": checkpoint_every,
+                          "val_wells": None if val_wells is None else tuple(split_list(val_wells) or ())},
+                         fresh, set_ or (), as_json, quiet, verbose)
 
-    setup_logging(verbose, quiet)
-    engine = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
-    run = {"crop": crop, "checkpoint_every": checkpoint_every,
-           "val_wells": None if val_wells is None else tuple(split_list(val_wells) or ())}
+
+def _train_explainer(plate_yamls: list[Path], out: Path, engine: dict, run: dict, fresh: bool,
+                     overrides: Sequence[str], as_json: bool, quiet: bool, verbose: int) -> None:
     try:
-        cfgs = [load_config(p, set_ or ()) for p in plate_yamls]
+        from pcim_cli.config import load_config
+        from pcim_cli.run.progress import StepProgress
+
+        setup_logging(verbose, quiet)
+        cfgs = [load_config(p, overrides) for p in plate_yamls]  # a configuration error comes back before torch
         from pcim_cli.run import train as train_lib
 
         settings = train_lib.settings(engine, run)
         with StepProgress(fancy=fancy_terminal(), quiet=quiet) as progress:
             result = train_lib.train_explainer(cfgs, out, settings, progress=progress, fresh=fresh)
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:  # before the training loop (or after it, while saving): rerun to continue
+        message = (f"train-explainer interrupted (SIGTERM / Ctrl-C) before its next checkpoint; {out} is as it "
+                   "was: rerun the same command (it resumes from the last checkpoint, if any)")
+        raise fail(TemporaryFailure(message), as_json) from None
     except Exception as exc:  # noqa: BLE001
         raise fail(exc) from None
-    training = result.meta["training"]
     if as_json:
         typer.echo(json.dumps({"out": str(result.out), "sidecar": str(result.sidecar), "sha256": result.sha256,
                                "up_to_date": result.up_to_date, "resumed_from": result.resumed_from,
                                **result.meta}, default=str))
     elif not quiet:
-        state = "already trained with these settings" if result.up_to_date else (
-            f"trained {training['steps']} steps in {training['train_seconds']:.0f} s on {training['device']}"
-            + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
-        typer.echo(f"explainer {result.out} (sha256 {result.sha256[:12]}…): {state}; objective "
-                   f"{training['train_objective']:.4f} on training crops, {training['validation_objective']:.4f} on "
-                   f"{training['validation_tiles']} validation tiles (untrained "
-                   f"{training['validation_objective_untrained']:.4f}); use it with "
-                   f"--set explain.method=pcim-amortised --set explain.explainer={result.out}", err=True)
+        typer.echo(train_lib.describe(result), err=True)
 
 
 def schema() -> None:

@@ -13,14 +13,18 @@ from typing import Any
 import numpy as np
 import zarr
 
-__all__ = ["COLOURS", "FORMATS", "MAX_CHUNK", "PYRAMID_FACTORS", "WINDOW_PERCENTILES", "array_options",
-           "channel_window", "check_maps", "format_of", "image_attrs", "jsonable", "ome_attrs", "ome_metadata",
-           "pyramid", "set_ome", "zarr_version"]
+__all__ = ["BAD_METADATA", "COLOURS", "DAMAGE_ERRORS", "FORMATS", "MAX_CHUNK", "PYRAMID_FACTORS",
+           "WINDOW_PERCENTILES", "array_options", "channel_window", "check_maps", "format_of", "image_attrs",
+           "jsonable", "ome_attrs", "ome_metadata", "pyramid", "set_ome", "zarr_version"]
 
 FORMATS = ("0.5", "0.4")
 PYRAMID_FACTORS = (1, 2, 4)  # level 0 full size, then 2x and 4x mean-pooled
 MAX_CHUNK = 1024
 WINDOW_PERCENTILES = (0.5, 99.5)
+#: errors of reading a group whose metadata is damaged (not JSON, wrong types, a missing key) ...
+BAD_METADATA = (ValueError, KeyError, TypeError, AttributeError)
+#: ... or cannot be read at all
+DAMAGE_ERRORS = (*BAD_METADATA, OSError)
 # Channel colours for napari / OMERO (hex RRGGBB); attribution maps of one target are one channel.
 COLOURS = ("FF00FF", "00FF00", "00FFFF", "FFFF00", "FF0000", "0000FF", "FF8000", "FFFFFF")
 
@@ -127,11 +131,15 @@ def channel_window(label: str, plane: np.ndarray, colour: str) -> dict[str, Any]
     }
 
 
-def array_options(shape: tuple[int, ...], zarr_format: int, axes: str = "cyx") -> dict[str, Any]:
+def array_options(shape: tuple[int, ...], zarr_format: int, axes: str = "cyx",
+                  every_chunk: bool = False) -> dict[str, Any]:
     """Chunks of one channel x up to 1024 x 1024 px (whole-plate browsing); default compression; the axes'
-    names (NGFF 0.5) or "/"-separated chunk keys (NGFF 0.4)."""
+    names (NGFF 0.5) or "/"-separated chunk keys (NGFF 0.4). `every_chunk`: empty chunks are written too
+    (the map arrays: a missing chunk file then always means damage, io/store.py `map_arrays_problem`)."""
     options: dict[str, Any] = {"chunks": tuple(1 if a == "c" else min(n, MAX_CHUNK) for a, n in zip(axes, shape,
                                                                                                     strict=True))}
+    if every_chunk:
+        options["config"] = {"write_empty_chunks": True}
     if zarr_format == 3:
         options["dimension_names"] = tuple(axes)  # NGFF 0.5 requires them to match the axes
     else:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from pcim_cli import __version__
 from pcim_cli.errors import InputDataError
-from pcim_cli.io import summary
+from pcim_cli.io import outputs, summary
 from pcim_cli.io.store_view import FieldLevel, StorePlate
 
 __all__ = ["find_csv", "read_csv", "records_table", "write_report"]
@@ -115,7 +115,7 @@ def write_report(path: Path, plate: StorePlate, table: pd.DataFrame, images: Map
     columns = [c for c in table.columns if c not in ("Metadata_Plate", "PCIM_ZarrPath")]
     parts = [
         "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
+        f'<html lang="en"><head><meta charset="utf-8">{outputs.REPORT_MARK}',
         f"<title>pcim report: {html.escape(plate.name)}</title><style>{REPORT_CSS}</style></head><body>",
         f"<h1>Plate {html.escape(plate.name)}</h1>",
         f'<p class="note">store {html.escape(str(plate.path))}; CSV '
