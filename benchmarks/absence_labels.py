@@ -9,8 +9,8 @@ of the other class; ihc: also `low` fields with their few islands), explained wi
 for EVERY class of the model (explain.target: all), fields larger than the model through their tiles
 (evalsets.tiled) as pcim explain does. Per map: p(target) of the field, of the kept and the deleted
 image (the fit's record), of the fully deleted image (every pixel at the deletion substrate: the
-channel mean; the label test of engine/budget.py) and, for comparison, of the fully blurred image; the
-label PCIM_Fit gives (engine/budget.py `fit_quality`) and the one it gave before issue 26 (ok / weak /
+channel mean; the label test of engine/absence.py) and, for comparison, of the fully blurred image; the
+label PCIM_Fit gives (engine/verdict.py `fit_quality`) and the one it gave before issue 26 (ok / weak /
 failed); and the truth of the map:
 
 - `evidence`: the class the field's evidence supports (mitotic on a positive field; ihc: the field's
@@ -41,7 +41,7 @@ import evalsets  # noqa: E402
 from compare_formulations import SETS as BASE_SETS  # noqa: E402
 from evalsets.tiled import TiledModel  # noqa: E402
 
-from pcim_cli.engine import budget, mixing  # noqa: E402
+from pcim_cli.engine import mixing, verdict  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions, deletion_contrast  # noqa: E402
 
@@ -136,7 +136,7 @@ def run_set(set_name: str, n: int, batch: int) -> pd.DataFrame:
                     "truth": truth(set_name, data["field_class"][f], t),
                     "prob_original": p0, "prob_mixed": pk, "prob_deleted": pd_,
                     **{f"prob_{k}": float(full[k][f, t]) for k in TESTS},
-                    "label": budget.fit_quality(p0, pk, pd_, min(float(full["full_mean"][f, t]),
+                    "label": verdict.fit_quality(p0, pk, pd_, min(float(full["full_mean"][f, t]),
                                                                  float(full["full_median"][f, t]))),
                     "label_before": _label_before(p0, pk, pd_),
                 })
@@ -160,12 +160,12 @@ def tables(df: pd.DataFrame) -> str:
     df = df.copy()
     if "prob_full_median" in df:  # PCIM_Fit's test: the smaller of the two featureless fields
         df["prob_full_min"] = df[["prob_full_mean", "prob_full_median"]].min(axis=1)
-    df["label"] = [budget.fit_quality(r.prob_original, r.prob_mixed, r.prob_deleted,
+    df["label"] = [verdict.fit_quality(r.prob_original, r.prob_mixed, r.prob_deleted,
                                       getattr(r, "prob_full_min", r.prob_full_mean)) for r in df.itertuples()]
     out = []
     for col, title in (("label", "PCIM_Fit"), ("label_before", "PCIM_Fit before issue 26")):
         counts = df.groupby(["set", "truth", col]).size().unstack(col, fill_value=0)
-        labels = [c for c in budget.FIT_LABELS if c in counts.columns]
+        labels = [c for c in verdict.FIT_LABELS if c in counts.columns]
         counts = counts.reindex(columns=labels, fill_value=0)
         out.append(f"{title} by the truth of the map (maps of every class of every field):\n")
         out.append("| set | truth | " + " | ".join(labels) + " |")
@@ -173,8 +173,8 @@ def tables(df: pd.DataFrame) -> str:
         for (s, tr), row in counts.iterrows():
             out.append(f"| {s} | {tr} | " + " | ".join(str(int(row[c])) for c in labels) + " |")
         out.append("")
-    cand = df[(df["prob_original"] >= budget.P_ABSENT)
-              & (1 - df["prob_deleted"] / df["prob_original"] < budget.FIT_OK)].copy()
+    cand = df[(df["prob_original"] >= verdict.P_ABSENT)
+              & (1 - df["prob_deleted"] / df["prob_original"] < verdict.FIT_OK)].copy()
     out.append("The label test's threshold: maps whose fit removed less than half of p(target), class present "
                "(p >= 0.01); each cell: maps called no-local-evidence / maps, by the test image's kept share "
                "p(test image) / p(original) >= threshold:\n")

@@ -35,7 +35,7 @@ import evalsets  # noqa: E402
 from absence_labels import SETS  # noqa: E402
 from evalsets.tiled import TiledModel  # noqa: E402
 
-from pcim_cli.engine import budget, metrics  # noqa: E402
+from pcim_cli.engine import metrics, verdict  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
 
@@ -79,7 +79,7 @@ def run_set(set_name: str, n: int, batch: int) -> pd.DataFrame:
     rows = []
     if not len(x):
         return pd.DataFrame()
-    full = torch.cat([budget.full_deletion_probs(scorer, x[i:i + batch], opts) for i in range(0, len(x), batch)])
+    full = torch.cat([absence.full_deletion_probs(scorer, x[i:i + batch]) for i in range(0, len(x), batch)])
     for kind, cls in (("own", absence), ("contrastive", runner_up), ("contrast", runner_up)):
         target = torch.full((len(x),), cls, dtype=torch.long)
         for i in range(0, len(x), batch):
@@ -90,7 +90,7 @@ def run_set(set_name: str, n: int, batch: int) -> pd.DataFrame:
             mass = metrics.relevance_mass(r.maps, mask[sl])
             for j in range(len(r.maps)):
                 f = i + j
-                label = budget.fit_quality(float(r.prob_original[j]), float(r.prob_mixed[j]),
+                label = verdict.fit_quality(float(r.prob_original[j]), float(r.prob_mixed[j]),
                                            float(r.prob_deleted[j]), float(full[f, cls]))
                 rows.append({"set": set_name, "field": f, "t": float(shares[f]), "map": kind,
                              "target_index": cls, "prob_original": float(r.prob_original[j]),

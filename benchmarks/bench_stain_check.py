@@ -2,10 +2,10 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_stain_check.py [--sets demo] [--n 16] [--steps 300]
 
-With explain.fidelity on, the worker computes for every batch of maps (run/worker.py `_fit`): the fit
+With explain.fidelity on, the worker computes for every batch of maps (run/batching.py `Batcher._fit`): the fit
 (engine.attribute), the CSV's deletion and insertion AUCs (metrics), and the stain check
 (engine/trivial.py: the deletion curve on a doubling grid, 0.125 % to 32 % of the pixels, of the map and of
-every channel's intensity and the contrast), and PCIM_Fit's label test (engine/budget.py: the field fully
+every channel's intensity and the contrast), and PCIM_Fit's label test (engine/absence.py: the field fully
 deleted, at two levels, one forward pass of 2 images per map). This times the four in the worker's order
 and batch sizes, on the evaluation sets
 (benchmarks/evalsets), with the engine's default settings unless --steps is given, and reports the
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evalsets  # noqa: E402
 from compare_formulations import SETS  # noqa: E402
 
-from pcim_cli.engine import budget, metrics, trivial  # noqa: E402
+from pcim_cli.engine import absence, metrics, trivial  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
 
@@ -52,11 +52,11 @@ def measure(data: dict, opts: PcimOptions, batch: int, device: str = "cpu") -> d
     t = {"fit": 0.0, "label_test": 0.0, "fidelity": 0.0, "stain_check": 0.0}
     for i in range(0, len(x), batch):
         xb, tb = x[i : i + batch], target[i : i + batch]
-        kw = {"chunk": min(64, 2 * len(xb))}  # as run/worker.py
+        kw = {"chunk": min(64, 2 * len(xb))}  # as run/batching.py
         t0 = _sync(device)
         maps = attribute(model, xb, tb, "pcim", opts).maps
         tl = _sync(device)
-        budget.full_deletion_probs(model, xb, opts)
+        absence.full_deletion_probs(model, xb)
         t1 = _sync(device)
         metrics.deletion_auc(model, xb, maps, tb, **kw)
         metrics.insertion_auc(model, xb, maps, tb, substrate="blur", **kw)

@@ -10,8 +10,8 @@ scores them (fields larger than the model through their tiles), then:
 
 - before: the verdict of pcim before issue 26: deletion AUC over the top 0-2 % and 0-20 % of pixels of
   the best trivial map against pcim's, share = the smaller ratio of the decision explained, every map
-  judged whatever its fit (reproduced here from the release's report/verdict.py);
-- after: report/verdict.py `judge`: the share of pixels whose deletion halves p(target), pcim's map
+  judged whatever its fit (reproduced here from the release's engine/verdict.py);
+- after: engine/verdict.py `judge`: the share of pixels whose deletion halves p(target), pcim's map
   against each trivial map, only maps whose PCIM_Fit holds evidence (ok / weak), no verdict otherwise.
 
 Per-map numbers (labels, deletion curves, AUCs): benchmarks/results/verdict_scale[_<tag>].json, from which
@@ -38,17 +38,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absence_labels import ABSENCE_CLASS, SETS, load_fields  # noqa: E402
 from evalsets.tiled import TiledModel  # noqa: E402
 
-from pcim_cli.engine import budget, trivial  # noqa: E402
+from pcim_cli.engine import absence as full_deletion  # noqa: E402
+from pcim_cli.engine import budget, trivial, verdict  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
-from pcim_cli.report import verdict  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FINE, COARSE = torch.linspace(0.0, 0.02, 21), torch.linspace(0.0, 0.2, 41)  # pcim evaluate's grids
 
 
 def before(p0: float, ref: tuple[float, float], cands: dict[str, tuple[float, float]]) -> tuple[str, float, str]:
-    """(level, share, best) of the verdict before issue 26 (report/verdict.py `decide` of the release)."""
+    """(level, share, best) of the verdict before issue 26 (engine/verdict.py `decide` of the release)."""
     best = min(cands, key=lambda k: (cands[k][0] + cands[k][1]) / 2)
     e_ref = [p0 - ref[0], p0 - ref[1]]
     e_t = [p0 - cands[best][0], p0 - cands[best][1]]
@@ -82,8 +82,8 @@ def run_set(set_name: str, n: int, batch: int, adaptive: float | None) -> list[d
         else:
             r = attribute(scorer, xb, tb, "pcim", opts, seeds=seeds)
             budgets += [float(b) for b in r.budget] if getattr(r, "budget", None) is not None else [None] * len(xb)
-        full = budget.full_deletion_probs(scorer, xb).gather(1, tb.view(-1, 1))[:, 0]
-        labels += [budget.fit_quality(*(float(v) for v in vals)) for vals in
+        full = full_deletion.full_deletion_probs(scorer, xb).gather(1, tb.view(-1, 1))[:, 0]
+        labels += [verdict.fit_quality(*(float(v) for v in vals)) for vals in
                    zip(r.prob_original, r.prob_mixed, r.prob_deleted, full, strict=True)]
         maps.append(r.maps)
     maps = torch.cat(maps)
@@ -108,7 +108,7 @@ def judge_set(maps: list[dict]) -> list[dict]:
         old = before(p0, mean["map"], {k: mean[k] for k in names})
         fits = Counter(m["label"] for m in group)
         checks = [verdict.check_from_curves(m["prob_original"], trivial.HALVING, m["curves"], m["budget"])
-                  for m in group if m["label"] in budget.JUDGED]
+                  for m in group if m["label"] in verdict.JUDGED]
         new = verdict.judge(cls, "pcim", [c for c in checks if c is not None], fits)
         rows.append({"set": group[0]["set"], "class": cls, "maps": len(group),
                      "fits": ", ".join(f"{k} {v}" for k, v in fits.most_common()),

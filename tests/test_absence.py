@@ -28,14 +28,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from plate_factory import make_plate, run_pcim
+from cli_runner import run_pcim
+from plates import make_plate
 
-from pcim_cli.engine import budget, trivial
+from pcim_cli.engine import absence, trivial, verdict
 from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.io import store, summary
-from pcim_cli.report import evaluate, verdict
 from pcim_cli.report import fits as fit_words
+from pcim_cli.run import evaluate
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "sample_plates" / "demo" / "classifier.ts"
 H, W = 24, 32
@@ -94,8 +95,8 @@ def _fields(n: int, spot: bool, block: int = 2, seed: int = 0) -> torch.Tensor:
 def _labels(model, x: torch.Tensor, target: int) -> list[str]:
     t = torch.full((len(x),), target, dtype=torch.long)
     r = attribute(model, x, t, "pcim", OPTS)
-    full = budget.full_deletion_probs(model, x, OPTS)[:, target]
-    return [budget.fit_quality(*(float(v) for v in vals))
+    full = absence.full_deletion_probs(model, x)[:, target]
+    return [verdict.fit_quality(*(float(v) for v in vals))
             for vals in zip(r.prob_original, r.prob_mixed, r.prob_deleted, full, strict=True)]
 
 
@@ -114,32 +115,32 @@ def test_a_class_resting_on_what_is_missing_is_no_local_evidence_and_one_not_in_
 
 
 def test_fit_quality_thresholds_and_records_without_the_full_deletion():
-    assert budget.fit_quality(0.009, 0.9, 0.001, 1.0) == "absent"
-    assert budget.fit_quality(0.05, 0.9, 0.04, 0.01) == "absent"  # faint, and its map removes nothing
-    assert budget.fit_quality(0.05, 0.9, 0.001, 0.01) == "ok"  # faint, but its map holds it: a near miss
-    assert budget.fit_quality(0.99, 0.99, 0.98, 0.99) == "no-local-evidence"
-    assert budget.fit_quality(0.99, 0.99, 0.98, 0.5) == "failed"  # a featureless field at chance: not kept
-    assert budget.fit_quality(0.99, 0.99, 0.98) == "failed"  # a record made before issue 26
-    assert budget.fit_quality(0.99, 0.99, 0.98, float("nan")) == "failed"  # the model failed on it
-    assert budget.fit_quality(0.99, 0.99, 0.6, 0.99) == "no-local-evidence"  # a third, the whole field keeps it
-    assert budget.fit_quality(0.99, 0.99, 0.6, 0.1) == "weak"  # a third, and the whole field loses it
-    assert budget.fit_quality(0.99, 0.99, 0.01, 0.99) == "ok"  # a region removes it: local evidence
-    assert budget.fit_quality(0.99, float("nan"), float("nan"), 0.99) == ""  # a method that fits nothing
-    assert summary.FITS == budget.FIT_LABELS and set(budget.JUDGED) < set(budget.FIT_LABELS)
+    assert verdict.fit_quality(0.009, 0.9, 0.001, 1.0) == "absent"
+    assert verdict.fit_quality(0.05, 0.9, 0.04, 0.01) == "absent"  # faint, and its map removes nothing
+    assert verdict.fit_quality(0.05, 0.9, 0.001, 0.01) == "ok"  # faint, but its map holds it: a near miss
+    assert verdict.fit_quality(0.99, 0.99, 0.98, 0.99) == "no-local-evidence"
+    assert verdict.fit_quality(0.99, 0.99, 0.98, 0.5) == "failed"  # a featureless field at chance: not kept
+    assert verdict.fit_quality(0.99, 0.99, 0.98) == "failed"  # a record made before issue 26
+    assert verdict.fit_quality(0.99, 0.99, 0.98, float("nan")) == "failed"  # the model failed on it
+    assert verdict.fit_quality(0.99, 0.99, 0.6, 0.99) == "no-local-evidence"  # a third, the whole field keeps it
+    assert verdict.fit_quality(0.99, 0.99, 0.6, 0.1) == "weak"  # a third, and the whole field loses it
+    assert verdict.fit_quality(0.99, 0.99, 0.01, 0.99) == "ok"  # a region removes it: local evidence
+    assert verdict.fit_quality(0.99, float("nan"), float("nan"), 0.99) == ""  # a method that fits nothing
+    assert summary.FITS == verdict.FIT_LABELS and set(verdict.JUDGED) < set(verdict.FIT_LABELS)
 
 
 def test_the_runner_up_explains_a_call_without_local_evidence():
     model = _script(SpotDetector())
     empty = _fields(1, spot=False)
     probs = torch.softmax(model(empty), 1)[0]
-    full = budget.full_deletion_probs(model, empty, OPTS)[0]
-    assert budget.contrastive_class(probs, full) == 1  # `none` kept by the featureless field -> `spot`'s map
+    full = absence.full_deletion_probs(model, empty)[0]
+    assert absence.contrastive_class(probs, full) == 1  # `none` kept by the featureless field -> `spot`'s map
     spotted = _fields(1, spot=True)
-    assert budget.contrastive_class(torch.softmax(model(spotted), 1)[0],
-                                    budget.full_deletion_probs(model, spotted, OPTS)[0]) is None
+    assert absence.contrastive_class(torch.softmax(model(spotted), 1)[0],
+                                    absence.full_deletion_probs(model, spotted)[0]) is None
     three = torch.tensor([0.7, 0.1, 0.2])
-    assert budget.contrastive_class(three, torch.tensor([0.9, 0.05, 0.05])) == 2
-    assert budget.contrastive_class(three, torch.tensor([float("nan")] * 3)) is None
+    assert absence.contrastive_class(three, torch.tensor([0.9, 0.05, 0.05])) == 2
+    assert absence.contrastive_class(three, torch.tensor([float("nan")] * 3)) is None
 
 
 # --- the verdict judges only what it can -----------------------------------------------------------------
@@ -200,7 +201,7 @@ def test_a_stain_that_also_lights_decoys_is_not_as_good_as_a_map_of_the_evidence
     model = _script(CheckerDetector())
     target = torch.ones(len(x), dtype=torch.long)
     assert float(torch.softmax(model(x), 1)[:, 1].min()) > 0.99
-    fields = [evaluate._Field("A01", i + 1, x[i], mask[i]) for i in range(len(x))]
+    fields = [evaluate.EvalField("A01", i + 1, x[i], mask[i]) for i in range(len(x))]
     comp = evaluate.compare(model, x, target, fields, ["pcim", "intensity", "contrast"],
                             PcimOptions(steps=60, lr=0.3, resolution=2), 4, ["a", "b", "c"], ["no", "yes"])
     (v,) = comp.verdicts
@@ -224,8 +225,8 @@ def test_pcim_labels_absence_maps_in_the_csv_json_and_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
     df = pd.read_csv(tmp_path / "out" / "P1.csv")
-    assert set(df["PCIM_Fit"]) <= set(budget.FIT_LABELS)
-    assert doc["fits"] == {k: int((df["PCIM_Fit"] == k).sum()) for k in budget.FIT_LABELS}
+    assert set(df["PCIM_Fit"]) <= set(verdict.FIT_LABELS)
+    assert doc["fits"] == {k: int((df["PCIM_Fit"] == k).sum()) for k in verdict.FIT_LABELS}
     negative = df[df["PCIM_Target"] == "negative"]
     called_negative = negative[negative["PCIM_PredictedClass"] == "negative"]
     # the fully deleted field is negative: a negative map that removes nothing is no-local-evidence, never failed

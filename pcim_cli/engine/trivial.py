@@ -16,7 +16,7 @@ every trivial map (each channel's intensity and the contrast) at doubling shares
 0.125 % to 32 % (HALVING), from which `halving_share` finds the smallest share whose deletion halves
 p(target). A map that needs twice the pixels to remove the class is not as good, whatever it does
 over the top 20 % (where any map covering every bright blob deletes a small evidence too).
-report/verdict.py turns the numbers of a plate into its verdict. Pure torch: tensors and a forward
+engine/verdict.py turns the numbers of a plate into its verdict. Pure torch: tensors and a forward
 callable in, tensors out.
 """
 
@@ -27,18 +27,20 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from pcim_cli.engine import baselines, metrics
-from pcim_cli.engine.pcim import Forward, PcimOptions, deletion_contrast
+from pcim_cli.engine import baselines, metrics, verdict
+from pcim_cli.engine.options import TRIVIAL, PcimOptions
+from pcim_cli.engine.pcim import Forward, deletion_contrast
 
-#: the methods that need no model for their maps
-TRIVIAL = ("intensity", "contrast")
+__all__ = ["COARSE", "FINE", "TRIVIAL", "best_channel", "candidate_maps", "deletion_aucs", "stain_check",
+           "stain_check_rows"]
+
 #: fine: the top 2 % of pixels in 0.4 % steps; coarse: the top 20 % in 4 % steps: 10 forward passes per
 #: trivial map (cheap enough for `pcim explain`; `pcim evaluate` passes its own, finer grids)
 FINE = torch.linspace(0.0, 0.02, 6)
 COARSE = torch.linspace(0.0, 0.2, 6)
 #: the stain check's grid: no deletion, then doubling shares of the pixels from 0.125 % to 32 %: 10
 #: forward passes per map, a share read to within a factor of 2 at every scale of evidence (interpolated)
-HALVING = torch.tensor([0.0, 0.00125, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32])
+HALVING = torch.tensor(verdict.HALVING)
 
 
 def candidate_maps(x: torch.Tensor, opts: PcimOptions,
@@ -89,24 +91,13 @@ def best_channel(model: Forward, x: torch.Tensor, target: torch.Tensor, per_imag
 
 def halving_share(curve: torch.Tensor, fractions: torch.Tensor = HALVING, floor: torch.Tensor | float = 0.0,
                   level: float = 0.5) -> torch.Tensor:
-    """(B,) the smallest share of pixels whose deletion removes `level` of what deletion can remove of
-    p(target): the curve falls to p0 - level * (p0 - floor), p0 its first point (share 0) and floor
-    the lowest p(target) deletion reaches in the field (default 0: halving p(target); a 2-class model
-    whose featureless image sits at 0.5 never goes below it). Linearly interpolated between the grid's
-    points; inf where the curve never gets there. curve: (B, S) probabilities at `fractions` (S,)."""
-    fr = fractions.to(curve.device, torch.float64)
-    c = curve.to(torch.float64)
-    low = torch.as_tensor(floor, dtype=torch.float64, device=c.device).expand(c.shape[0])
-    goal = c[:, 0] - level * (c[:, 0] - low)
-    below = c <= goal[:, None]
-    below[:, 0] = False
-    out = torch.full((c.shape[0],), float("inf"), dtype=torch.float64, device=c.device)
-    for i in torch.nonzero(below.any(1))[:, 0].tolist():
-        j = int(below[i].float().argmax())
-        p_hi, p_lo = float(c[i, j - 1]), float(c[i, j])
-        t = 1.0 if p_hi == p_lo else (p_hi - float(goal[i])) / (p_hi - p_lo)
-        out[i] = float(fr[j - 1]) + min(max(t, 0.0), 1.0) * float(fr[j] - fr[j - 1])
-    return out
+    """(B,) verdict.halving_share of each row of `curve` (B, S): the smallest share of pixels whose
+    deletion removes `level` of what deletion can remove of p(target) (inf where it never does)."""
+    c = curve.detach().to("cpu", torch.float64)
+    fr = [float(f) for f in fractions]
+    low = torch.as_tensor(floor, dtype=torch.float64).expand(c.shape[0]).tolist()
+    out = [verdict.halving_share(row, fr, lo, level) for row, lo in zip(c.tolist(), low, strict=True)]
+    return torch.tensor(out, dtype=torch.float64, device=curve.device)
 
 
 @torch.no_grad()

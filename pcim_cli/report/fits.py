@@ -1,6 +1,6 @@
 """What a run's PCIM_Fit labels say, in words: the count in the run's summary line and the run's advice.
 
-Numbers in, text out (engine/budget.py defines the labels; docs/verdicts.md explains them). Only `weak`
+Numbers in, text out (engine/verdict.py defines the labels; docs/verdicts.md explains them). Only `weak`
 and `failed` maps are a problem of the fit and warn; `no-local-evidence` (the class rests on what is
 missing) and `absent` (the class is not in the field) say what the class is, and get a note.
 """

@@ -1,4 +1,34 @@
-"""The per-plate stain verdict: does a map without a model explain the classifier's calls as well?
+"""Verdicts: numbers in, verdicts out (torch-free). Did a fit achieve its objective, and the per-plate
+stain verdict: does a map without a model explain the classifier's calls as well?
+
+## A fit's verdict (`fit_quality`, the CSV's PCIM_Fit)
+
+A PCIM fit asks two things of its map (docs/method.md): the kept image (only the map's pixels) keeps
+the target class, and the deleted image (everything but them) loses it. The record has both
+probabilities, so every map says how well it did, relative to the original p(target):
+
+    keep = p(kept) / p(original)          delete = 1 - p(deleted) / p(original)
+
+and, with one more forward pass per field, p(target) of the FULLY deleted field (every pixel at its
+channel's mean, and every pixel at its channel's median: the smaller of the two; engine/absence.py):
+does the class survive deleting everything? Labels (docs/verdicts.md; thresholds measured on every
+class of every evaluation set):
+
+- `absent`: p(original) < P_ABSENT (0.01), or < P_FAINT (0.1) with a fit that did not remove it
+  (delete < FIT_OK): the class is not in the field; there is nothing to delete, and the keep / delete
+  shares of so small a probability mean nothing. (A faint class whose map does remove it, a near miss,
+  keeps the fit's label: its map holds the weak evidence.)
+- `no-local-evidence`: the fit did not remove the class (delete < FIT_OK) and the fully deleted image
+  still gives it (p(full deletion) >= FULL_KEEP * p(original)): the class rests on what is missing
+  (a "negative" call: no mitotic cell), not on pixels a map could hold. Not a failure of the fit;
+- `ok`: delete >= 0.5 and keep >= 0.5 (deleting the map's pixels removes at least half of the class
+  probability, and they alone keep at least half of it);
+- `failed`: delete < 0.25 (deleting the map's pixels leaves more than 3/4 of the class probability
+  although deleting everything removes it: evidence larger than the budget, or a model that reads
+  the evidence poorly);
+- `weak`: anything between.
+
+## The stain verdict
 
 Compared at the evidence's own scale: for each checked map, the smallest share of pixels whose
 deletion (set to the channel mean) halves p(target) (engine/trivial.py `halving_share`), for the
@@ -12,7 +42,7 @@ the grid (32 % of the pixels) counts as needing twice the grid's last share. Lev
 - PARTLY (0.5) <= r < 0.9: "partly";
 - r < 0.5: "more": the stain needs more than twice the pixels: the classifier uses more than any stain;
 - "none": no verdict, with the reason. A class is judged only from maps whose fit holds evidence
-  (PCIM_Fit ok or weak, engine/budget.py); when fewer than half of its maps on the fields where it is
+  (PCIM_Fit ok or weak, `JUDGED`); when fewer than half of its maps on the fields where it is
   present do (they failed, or it rests on what is missing: no-local-evidence), when it is absent from
   every field, or when none of its checked maps holds evidence, the sentence says so instead of
   comparing maps that removed nothing. A checked map is a reference only where its own top pixels
@@ -37,14 +67,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
-from pcim_cli.engine.budget import JUDGED, P_ABSENT
-from pcim_cli.engine.trivial import HALVING, halving_share
+FIT_OK = 0.5  # keep and delete shares at or above which a fit is ok
+FIT_FAILED = 0.25  # delete share below which a fit failed
+P_ABSENT = 0.01  # p(original) below which the class is absent from the field
+P_FAINT = 0.1  # p(original) below which a class whose map removes nothing is absent (not failed)
+FULL_KEEP = 0.75  # share of p(original) the fully deleted image keeps for a class without local evidence
+#: every PCIM_Fit label; the first three judge the fit, the last two say what the class is
+FIT_LABELS = ("ok", "weak", "failed", "absent", "no-local-evidence")
+#: the labels of maps that hold evidence (a stain verdict may judge them)
+JUDGED = ("ok", "weak")
 
 DETECTOR = 0.9
 PARTLY = 0.5
-GRID_END = float(HALVING[-1])  # the last share of the stain check's grid (32 %)
+#: the stain check's grid (engine/trivial.py): no deletion, then doubling shares of the pixels from
+#: 0.125 % to 32 %: 10 forward passes per map, a share read to within a factor of 2 at every scale
+HALVING = (0.0, 0.00125, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
+GRID_END = HALVING[-1]  # the last share of the stain check's grid (32 %)
 MIN_REMOVABLE = 0.1  # a map is compared only where some deletion removes this share of p(target)
 #: a map is a reference only where its own top pixels, within this many times its budget, remove half of
 #: what deletion can remove: a fit can be `ok` through the soft mixing of many pixels while the map's
@@ -62,6 +100,47 @@ REASONS = {
                f"{SUPPORT:g} times their budget to halve what deletion can remove), so there is no "
                "faithful map to compare the stain with",
 }
+
+def fit_quality(prob_original: float, prob_mixed: float, prob_deleted: float,
+                prob_full_deleted: float | None = None) -> str:
+    """PCIM_Fit of one map (see the module's doc); '' when the method fits nothing (NaN probabilities).
+
+    Without `prob_full_deleted` (a record from before issue 26, or a model that gave no finite
+    probability for the fully deleted image) the class is never called `no-local-evidence`.
+    """
+    values = (prob_original, prob_mixed, prob_deleted)
+    if any(v is None or v != v for v in values) or prob_original <= 0:  # NaN: a baseline, no fit
+        return ""
+    if prob_original < P_ABSENT:
+        return "absent"
+    keep = prob_mixed / prob_original
+    delete = 1.0 - prob_deleted / prob_original
+    if delete < FIT_OK and prob_original < P_FAINT:
+        return "absent"
+    full = prob_full_deleted
+    if (delete < FIT_OK and full is not None and math.isfinite(full)
+            and full >= FULL_KEEP * prob_original):
+        return "no-local-evidence"
+    if delete < FIT_FAILED:
+        return "failed"
+    return "ok" if delete >= FIT_OK and keep >= FIT_OK else "weak"
+
+
+def halving_share(curve: Sequence[float], fractions: Sequence[float] = HALVING, floor: float = 0.0,
+                  level: float = 0.5) -> float:
+    """The smallest share of pixels whose deletion removes `level` of what deletion can remove of
+    p(target): the curve falls to p0 - level * (p0 - floor), p0 its first point (share 0) and floor
+    the lowest p(target) deletion reaches in the field (default 0: halving p(target); a 2-class model
+    whose featureless image sits at 0.5 never goes below it). Linearly interpolated between the grid's
+    points; inf where the curve never gets there. curve: probabilities at `fractions`."""
+    c = [float(v) for v in curve]
+    goal = c[0] - level * (c[0] - float(floor))
+    for j in range(1, len(c)):
+        if c[j] <= goal:
+            p_hi, p_lo = c[j - 1], c[j]
+            t = 1.0 if p_hi == p_lo else (p_hi - goal) / (p_hi - p_lo)
+            return float(fractions[j - 1]) + min(max(t, 0.0), 1.0) * float(fractions[j] - fractions[j - 1])
+    return float("inf")
 
 
 @dataclass
@@ -225,28 +304,28 @@ def from_records(records: Iterable[Mapping[str, Any]], reference: str) -> list[V
     return out
 
 
-def check_from_curves(prob_original: float, fractions: Sequence[float] | torch.Tensor,
-                      curves: Mapping[str, Sequence[float] | torch.Tensor],
-                      budget: float | None = None) -> MapCheck | None:
+def check_from_curves(prob_original: float, fractions: Sequence[float],
+                      curves: Mapping[str, Sequence[float]], budget: float | None = None) -> MapCheck | None:
     """The MapCheck of one map from its deletion curves ("map": the method's, the others trivial maps'):
     each map's share of pixels that removes half of what deletion can remove of p(target) in this field
     (from p(target) without deletion down to the lowest point of any curve: a 2-class model's
     featureless image may sit at 0.5, which no deletion goes below). None when the curves are not
     usable (not finite, wrong length) or when no deletion removes at least MIN_REMOVABLE of p(target)."""
-    fr = torch.as_tensor(fractions, dtype=torch.float64)
+    fr = [float(f) for f in fractions]
     if "map" not in curves:
         return None
-    stacked = {}
+    flat = {}
     for name, curve in curves.items():
-        c = torch.as_tensor(curve, dtype=torch.float64).reshape(1, -1)
-        if c.shape[1] != len(fr) or not bool(torch.isfinite(c).all()):
+        c = list(curve.tolist() if hasattr(curve, "tolist") else curve)  # a sequence, or a tensor / array
+        c = [float(v) for v in (c[0] if len(c) == 1 and isinstance(c[0], (list, tuple)) else c)]
+        if len(c) != len(fr) or not all(math.isfinite(v) for v in c):
             return None
-        stacked[name] = c
-    p0 = float(stacked["map"][0, 0])
-    floor = min(float(c.min()) for c in stacked.values())
+        flat[name] = c
+    p0 = flat["map"][0]
+    floor = min(min(c) for c in flat.values())
     if p0 - floor < MIN_REMOVABLE * max(p0, 1e-12):
         return None
-    shares = {name: float(halving_share(c, fr, floor)[0]) for name, c in stacked.items()}
+    shares = {name: halving_share(c, fr, floor) for name, c in flat.items()}
     ref = shares.pop("map")
     return MapCheck(float(prob_original), ref, shares, BUDGET if budget is None else float(budget))
 
