@@ -247,6 +247,12 @@ def test_pcim_labels_absence_maps_in_the_csv_json_and_summary(tmp_path):
     assert v["level"] == "none" and v["reason"] == "no-local-evidence" and v["trivial"] == ""
     assert v["sentence"].startswith("negative: no verdict — its maps hold no local evidence")
     assert f"verdict: {v['sentence']}" in proc.stderr
+    # pcim status reads the same counts and the last run's verdicts back from the store alone
+    status = run_pcim("status", str(tmp_path / "out" / "P1.zarr"), "--json")
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert json.loads(status.stdout)["fits"] == doc["fits"]
+    shown = run_pcim("status", str(tmp_path / "out" / "P1.zarr")).stdout
+    assert f"{doc['fits']['no-local-evidence']} no-local-evidence" in shown and f"verdict: {v['sentence']}" in shown
 
 
 def test_pcim_predicted_adds_the_runner_up_map_where_the_call_rests_on_what_is_missing(tmp_path):

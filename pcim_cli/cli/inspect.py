@@ -181,6 +181,12 @@ def status(
     totals = report.totals
     table.add_row("all", *(str(totals[k]) for k in ("fields", "done", "failed", "missing")), "")
     Console(no_color=not fancy_terminal(), width=None if fancy_terminal() else 120).print(table)
+    fits = report.fits
+    if any(fits.values()):  # PCIM_Fit of the done maps (docs/verdicts.md)
+        typer.echo("maps by PCIM_Fit: " + ", ".join(f"{n} {k}" for k, n in fits.items() if n))
+    for v in report.last_run.get("verdicts") or []:  # the last run's stain verdicts (explain.fidelity)
+        if isinstance(v, dict) and v.get("sentence"):
+            typer.echo(f"verdict: {v['sentence']}")
     for f in report.fields:
         if f.state in ("damaged", "stale"):
             typer.echo(f"{f.state} {f.path} (well {f.well}): {f.error}")
