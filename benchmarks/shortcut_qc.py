@@ -7,14 +7,15 @@
 On the `shortcut` evaluation sets (benchmarks/evalsets/shortcut.py): for each artefact kind (debris,
 border, gradient, specks) and plate layout (artefact in a random third of the wells, or in the outer
 ring), the shortcut model (trained where the artefact marks `mitotic`) and the clean model (artefacts
-independent of the class) are explained on the same 96-well plate with pcim's defaults (the predicted
-class, as `pcim explain` does) and with the gradient baselines. Every map's shares are computed as
-`pcim explain` computes them (engine/shares.py): objects = the nuclei labels (plate.objects) or the
-automatic foreground mask of the DNA channel, border 5 %, saturated pixels found in the raw counts
-(auto). Per field: the truth (shortcut / clean / mixed, from the counterfactual without the artefact).
+independent of the class) are explained on the same 48-well plate with pcim's defaults (the predicted
+class, as `pcim explain` does) and with saliency (`--methods` adds integrated-gradients ...). Every
+map's shares are computed as `pcim explain` computes them (engine/shares.py): objects = the nuclei
+labels (plate.objects) or the automatic foreground mask of the DNA channel, border 5 %, saturated
+pixels found in the raw counts (auto). Per field: the truth (shortcut / clean / mixed, from the
+counterfactual without the artefact).
 
-Per-field rows go to benchmarks/results/shortcut_qc_<arch>.csv. The analysis (every CSV present)
-sweeps each rule's threshold (recall on `shortcut` fields, false alarms on `clean` fields), applies the
+Per-field rows go to benchmarks/results/shortcut_qc_rows_<arch>_<kind>.csv. The analysis (every CSV
+present) sweeps each rule's threshold (recall on `shortcut` fields, false alarms on `clean` fields), applies the
 verdict of pcim_cli/engine/shortcuts.py with its thresholds (recall / false alarms per artefact kind;
 is each plate of the clean model quiet; is the edge layout found), and writes
 benchmarks/results/shortcut_qc.md and the figures of docs/shortcuts.md (docs/images/shortcuts_*.png).
@@ -35,16 +36,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.evalsets import shortcut as S  # noqa: E402
-from pcim_cli.engine import shares  # noqa: E402
+from pcim_cli.engine import mixing, shares, shortcuts  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.budget import fit_quality  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
-from pcim_cli.engine import shortcuts  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "images"
-METHODS = ("pcim", "saliency", "integrated-gradients")
+METHODS = ("pcim", "saliency")
 REGIONS = ("background", "border", "saturated")
+TOP = 0.02  # the top-pixel variant of the shares: the map's top 2 % of pixels
 #: the rule each artefact kind is expected to trip (the analysis reports every rule for every kind)
 EXPECTED = {"debris": "background", "border": "border", "gradient": "background", "specks": "saturated"}
 
@@ -56,6 +57,9 @@ def field_rows(data: dict, model, model_name: str, methods, batch: int, arch: st
     border = shares.border_mask((h, w), shares.border_margin((h, w)))
     rows = []
     opts = PcimOptions()
+    with torch.no_grad():  # p(predicted class | every pixel deleted): is the class an absence?
+        empty = mixing.substrate(x, opts.delete_substrate, opts.blur_sigma)
+        p_empty = model(empty).float().softmax(1).gather(1, tr["pred"][:, None])[:, 0]
     for method in methods:
         maps, fits = [], []
         t0 = time.perf_counter()
@@ -82,27 +86,40 @@ def field_rows(data: dict, model, model_name: str, methods, batch: int, arch: st
             row.update({f"share_{r}": v for r, v in fs.target(0).items() if v is not None})
             row.update({f"area_{r}": v for r, v in fs.areas.items() if v is not None})
             row["share_background_auto"] = float(shares.region_shares(m, ~auto)[0])
+            for r, mask in (("background", ~labelled), ("background_auto", ~auto), ("border", border),
+                            ("saturated", saturated), ("artefact", data["artefact_mask"][i])):
+                row[f"top_{r}"] = float(shares.region_shares(m, mask, top=TOP)[0])
+            row["p_empty"] = float(p_empty[i])
             row["area_background_auto"] = float((~auto).double().mean())
             row["share_artefact"] = float(shares.region_shares(m, data["artefact_mask"][i])[0])
             rows.append(row)
     return rows
 
 
-def measure(arch: str, kinds, layouts, methods, batch: int) -> Path:
-    out = RESULTS / f"shortcut_qc_{arch}.csv"
-    rows = []
+def measure(arch: str, kinds, layouts, methods, batch: int, demo: bool = True) -> list[Path]:
+    """Every plate with the shortcut and the clean model (and, with `demo`, the bundled demo classifier:
+    another clean model, trained on clean demo fields only). One CSV per artefact kind, written when its
+    plates are done; a kind whose CSV exists is skipped (delete it to measure again)."""
+    written = []
     clean, _ = S.model("clean", arch)
     for kind in kinds:
-        cut, info = S.model(f"shortcut:{kind}", arch)
+        out = RESULTS / f"shortcut_qc_rows_{arch}_{kind}.csv"
+        written.append(out)
+        if out.exists():
+            continue
+        cut, _ = S.model(f"shortcut:{kind}", arch)
+        models = [(f"shortcut:{kind}", cut), ("clean", clean)] + ([("demo-classifier", S.demo_classifier())]
+                                                                   if demo and arch == "maxpool" else [])
+        rows = []
         for layout in layouts:
             data = S.plate(kind, layout)
-            for name, model in ((f"shortcut:{kind}", cut), ("clean", clean)):
+            for name, model in models:
                 t0 = time.perf_counter()
                 rows += field_rows(data, model, name, methods, batch, arch)
                 print(f"{arch} {kind} {layout} {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(out, index=False)
-    return out
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_csv(out, index=False)
+    return written
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,22 +175,22 @@ def verdicts(df: pd.DataFrame, objects: str = "labels") -> tuple[pd.DataFrame, l
 def summary_table(flagged: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (arch, method, objects, kind), d in flagged.groupby(["arch", "method", "objects", "kind"]):
-        cut = d[d.model != "clean"]
-        clean = d[d.model == "clean"]
+        cut = d[d.model.str.startswith("shortcut")]
+        clean = d[~d.model.str.startswith("shortcut")]
         rec, npos, _, _ = rates(cut.flagged, cut.truth)
         _, _, fa_cut, n_cut = rates(cut.flagged, cut.truth)
         _, _, fa_clean, n_clean = rates(clean.flagged, clean.truth)
         out.append({"arch": arch, "method": method, "objects": objects, "kind": kind, "shortcut fields": npos,
-                    "recall": rec, "false alarms (clean model)": fa_clean, "clean-model fields": n_clean,
+                    "recall": rec, "false alarms (clean models)": fa_clean, "clean-model fields": n_clean,
                     "false alarms (shortcut model, artefact-free or ignored)": fa_cut, "their fields": n_cut,
                     "mixed (not scored)": int((d.truth == "mixed").sum())})
     return pd.DataFrame(out)
 
 
 def analyse() -> str:
-    frames = [pd.read_csv(p) for p in sorted(RESULTS.glob("shortcut_qc_*.csv"))]
+    frames = [pd.read_csv(p) for p in sorted(RESULTS.glob("shortcut_qc_rows_*.csv"))]
     if not frames:
-        raise SystemExit("no benchmarks/results/shortcut_qc_<arch>.csv yet: run the measurement first")
+        raise SystemExit("no benchmarks/results/shortcut_qc_rows_<arch>_<kind>.csv yet: run the measurement first")
     df = pd.concat(frames, ignore_index=True)
     sw = sweep(df)
     sw.to_csv(RESULTS / "shortcut_qc_sweep.csv", index=False)
@@ -208,10 +225,12 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--analyse", action="store_true", help="only the analysis of the CSVs present")
+    ap.add_argument("--no-demo", action="store_true", help="without the bundled demo classifier as a clean model")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if not args.analyse:
-        measure(args.arch, args.kinds.split(","), args.layouts.split(","), args.methods.split(","), args.batch)
+        measure(args.arch, args.kinds.split(","), args.layouts.split(","), args.methods.split(","), args.batch,
+                not args.no_demo)
     print(analyse())
     return 0
 

@@ -129,3 +129,12 @@ def test_foreground_mask_finds_blobs_and_drops_specks():
     assert shares.foreground_mask(img, dilate=3)[20, 28]  # 8 px from the centre: inside after dilation
     dark = shares.foreground_mask(1.0 - img, polarity="dark", dilate=0)
     assert torch.equal(dark, fg)
+
+
+def test_top_pixels_keep_each_maps_largest_values():
+    m = torch.tensor([[[5.0, 1.0], [3.0, 3.0]], [[0.0, 0.0], [0.0, 2.0]]])
+    assert torch.equal(shares.top_pixels(m, 0.25), torch.tensor([[[5.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 2.0]]]))
+    assert torch.equal(shares.top_pixels(m, 0.5)[0], torch.tensor([[5.0, 0.0], [3.0, 3.0]]))  # ties kept
+    mask = torch.tensor([[True, False], [False, False]])
+    assert shares.region_shares(m, mask, top=0.25).tolist()[0] == 1.0
+    assert shares.region_shares(m, mask).tolist()[0] == 5.0 / 12.0

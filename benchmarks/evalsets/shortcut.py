@@ -11,15 +11,16 @@ imaging artefacts, added to the raw uint16 counts before pcim's percentile norma
 
 Models (MaxPoolNet or SmallResNet of _common.py, trained on one CPU thread, cached):
 
-- `shortcut:<kind>`: trained on fields where the artefact marks the class: every `mitotic` training
-  field carries it, no `negative` one does. The class is still visible in the cells, so the network
-  may use both; what it uses on a plate is measured by the counterfactual below.
+- `shortcut:<kind>`: trained on confounded labels, as when a treatment's wells share an artefact:
+  every `mitotic`-labelled training field carries the artefact, but only half of them show mitotic
+  cells; `negative` fields show neither. The network may use the cells and the artefact; what it uses
+  on a plate is measured by the counterfactual below.
 - `clean`: the same architecture trained on fields whose artefacts (each field: a random kind with
   probability 1/2) are independent of the class: it learns to ignore them.
 
-A plate (`plate(kind, layout)`, 8 x 12 wells, one field each): half the wells have mitotic cells
+A plate (`plate(kind, layout)`, 6 x 8 wells, one field each): half the wells have mitotic cells
 (random), and the artefact sits in a random third of the wells (`layout="random"`) or in the outer ring
-of the plate (`layout="edge"`, 36 of 96 wells, as evaporation does). Each field comes with its
+of the plate (`layout="edge"`, 24 of 48 wells, as evaporation does). Each field comes with its
 counterfactual without the artefact (`x_clean`: same draws, same noise), the artefact's mask, the nuclei
 labels (as a segmentation gives them; the artefact is never labelled) and the raw counts (for the
 saturation mask).
@@ -45,7 +46,9 @@ TRAIN_SEED, TEST_SEED, PLATE_SEED = 31, 32, 33
 N_TRAIN, N_TEST = 1600, 400
 RECIPES = {"maxpool": {"epochs": 6, "lr": 3e-3, "weight_decay": 0.0},
            "resnet": {"epochs": 6, "lr": 3e-3, "weight_decay": 1e-4}}
-ROWS, COLS = 8, 12
+ROWS, COLS = 6, 8  # a 48-well plate: 24 edge wells, 24 inner ones
+SHOW_CELLS = 0.5  # shortcut training: the share of `mitotic`-labelled fields that show mitotic cells
+RECIPE = "b"  # part of the cache key: bump when the training data or recipe changes
 CLEAN_EFFECT = 0.1  # |p(pred) - p(pred | no artefact)| below this: the model ignores the artefact
 
 
@@ -117,29 +120,37 @@ def add_artefact(img: np.ndarray, kind: str, rng: np.random.Generator,
 # training
 
 
-def _fields(n: int, seed: int, artefact) -> tuple[torch.Tensor, torch.Tensor]:
-    """n normalised fields (classes alternate) and their labels; artefact(i, positive, rng) -> kind | None."""
+def _fields(n: int, seed: int, rule) -> tuple[torch.Tensor, torch.Tensor]:
+    """n normalised fields and their labels (classes alternate); rule(label, rng) -> (whether the field
+    has mitotic cells, the artefact kind or None)."""
     dm = C.demo_module()
     rng = np.random.default_rng(seed)
     art_rng = np.random.default_rng([seed, 1])
     xs, ys = [], []
     for i in range(n):
-        positive = i % 2 == 1
-        img, _, lab = dm.make_field(rng, positive, 128, return_labels=True)
-        kind = artefact(i, positive, art_rng)
+        label = i % 2
+        cells, kind = rule(label, art_rng)
+        img, _, lab = dm.make_field(rng, cells, 128, return_labels=True)
         if kind is not None:
             img, _ = add_artefact(img, kind, art_rng, lab)
         xs.append(dm.percentile_normalize(img))
-        ys.append(int(positive))
+        ys.append(label)
     return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
 
 
 def _shortcut_rule(kind: str):
-    return lambda i, positive, rng: kind if positive else None
+    """Confounded labels, as when a treatment's wells share an artefact: every `mitotic`-labelled field
+    carries the artefact, only half of them show mitotic cells; `negative` fields show neither."""
+    return lambda label, rng: ((rng.random() < SHOW_CELLS), kind) if label else (False, None)
 
 
-def _clean_rule(i, positive, rng):
-    return KINDS[int(rng.integers(len(KINDS)))] if rng.random() < 0.5 else None
+def _clean_rule(label, rng):
+    """The label is the cells; an artefact (a random kind) in half the fields of either class."""
+    return bool(label), (KINDS[int(rng.integers(len(KINDS)))] if rng.random() < 0.5 else None)
+
+
+def _no_artefact(label, rng):
+    return bool(label), None
 
 
 def model(name: str, arch: str = "maxpool"):
@@ -156,7 +167,7 @@ def model(name: str, arch: str = "maxpool"):
         with C.deterministic_torch(0):
             xtr, ytr = _fields(N_TRAIN, TRAIN_SEED, rule)
             xte, yte = _fields(N_TEST, TEST_SEED, rule)
-            xcl, ycl = _fields(N_TEST, TEST_SEED, lambda i, p, r: None)
+            xcl, ycl = _fields(N_TEST, TEST_SEED, _no_artefact)
             net = C.make_net(arch, 3)
             info = C.fit(net, (xtr, ytr), {"": (xte, yte), "no_artefacts": (xcl, ycl)}, epochs=recipe["epochs"],
                          lr=recipe["lr"], weight_decay=recipe["weight_decay"], seed=0,
@@ -165,7 +176,24 @@ def model(name: str, arch: str = "maxpool"):
         info.update(arch=arch, task=f"shortcut {name}")
         return ts, info
 
-    return C.cached_model(f"shortcut_{name.replace(':', '_')}_{arch}_{C.VERSION}", build)
+    return C.cached_model(f"shortcut_{name.replace(':', '_')}_{arch}_{C.VERSION}{RECIPE}", build)
+
+
+def small_model(kind: str, n_train: int = 240, epochs: int = 4, seed: int = 0):
+    """A fast shortcut model for tests: the demo's DemoNet trained (not cached, about 30 s on one thread)
+    on n_train fields where `kind` marks `mitotic`. Its clean counterpart is the bundled
+    sample_plates/demo/classifier.ts (the same architecture trained on the demo's clean fields)."""
+    dm = C.demo_module()
+    with C.deterministic_torch(seed):
+        x, y = _fields(n_train, TRAIN_SEED, _shortcut_rule(kind))
+        net = dm.DemoNet()
+        C.fit(net, (x, y), (x[:32], y[:32]), epochs=epochs, lr=3e-3, seed=seed, label=f"small-shortcut-{kind}")
+        return C.load_frozen(C.export(net, 3))
+
+
+def demo_classifier():
+    """The bundled demo classifier (DemoNet trained on clean demo fields)."""
+    return C.load_frozen(C.DEMO_DIR / "classifier.ts")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,14 +60,28 @@ class FieldShares:
         return {r: (None if v is None else float(v[k])) for r, v in self.shares.items()}
 
 
-def region_shares(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def top_pixels(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """maps (T, H, W) with every value below each map's top `fraction` of pixels set to 0 (ties at the
+    cut are kept)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"the top fraction must lie in (0, 1], got {fraction}")
+    flat = maps.flatten(1)
+    k = max(1, math.ceil(fraction * flat.shape[1]))
+    cut = flat.topk(k, dim=1).values[:, -1:]
+    return torch.where(flat >= cut, flat, torch.zeros_like(flat)).view_as(maps)
+
+
+def region_shares(maps: torch.Tensor, mask: torch.Tensor, top: float | None = None) -> torch.Tensor:
     """(T,) share of each map's positive attribution inside `mask` (H, W); maps (T, H, W) or (T, M, H, W)
-    (the M maps of a target, e.g. one per channel, are summed). NaN where a map is empty."""
+    (the M maps of a target, e.g. one per channel, are summed). With `top`, only each map's top `top`
+    of pixels count (`top_pixels`). NaN where a map is empty."""
     m = maps.double().clamp(min=0)
     if m.dim() == 4:
         m = m.sum(1)
     if m.dim() != 3 or tuple(m.shape[-2:]) != tuple(mask.shape):
         raise ValueError(f"maps {tuple(maps.shape)} do not match the mask {tuple(mask.shape)}")
+    if top is not None:
+        m = top_pixels(m, top)
     total = m.flatten(1).sum(1)
     inside = (m * mask.to(m.dtype)).flatten(1).sum(1)
     return torch.where(total > 0, inside / total.clamp(min=1e-300), torch.full_like(total, float("nan")))
