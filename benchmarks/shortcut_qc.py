@@ -133,7 +133,8 @@ def _fields(df: pd.DataFrame, objects: str = "labels") -> list[shortcuts.FieldSh
         out.append(shortcuts.FieldShares(r.well, 1, r.pred, {"background": getattr(r, bg), "border": r.share_border,
                                                               "saturated": r.share_saturated},
                                          {"border": r.area_border, "saturated": r.area_saturated},
-                                         fit=r.fit if isinstance(r.fit, str) and r.fit else None))
+                                         fit=r.fit if isinstance(r.fit, str) and r.fit else None,
+                                         prob_empty=r.p_empty))
     return out
 
 
@@ -164,10 +165,12 @@ def verdicts(df: pd.DataFrame, objects: str = "labels") -> tuple[pd.DataFrame, l
     flagged_rows, plates = [], []
     for key, d in df.groupby(["arch", "method", "kind", "layout", "model"]):
         edge = [w for w, e in zip(d.well, d.edge, strict=True) if e]
-        found = shortcuts.decide(_fields(d, objects), edge, objects="the nuclei", border_px=6)
-        flags = shortcuts.flagged_wells(found)
+        report = shortcuts.decide(_fields(d, objects), edge, objects="the nuclei", border_px=6)
+        flags = shortcuts.flagged_wells(report.findings)
         plates.append(dict(zip(("arch", "method", "kind", "layout", "model"), key, strict=True))
-                      | {"findings": [f.sentence for f in found], "rules": sorted({f.rule for f in found})})
+                      | {"findings": [f.sentence for f in report.findings],
+                         "rules": sorted({f.rule for f in report.findings}),
+                         "not_judged": sorted(report.not_judged)})
         flagged_rows.append(d.assign(flagged=[w in flags for w in d.well], objects=objects))
     return pd.concat(flagged_rows), plates
 

@@ -16,9 +16,12 @@ deleting its map did not remove the class, so the map does not say what the clas
   Mann-Whitney test says so at p < EDGE_P (at least EDGE_MIN_WELLS wells on each side): an artefact
   that follows the plate position, as evaporation does.
 
-Each rule that fires is one `Finding` with the wells it concerns; a plate where none fires has no
-findings (the run says nothing). The thresholds were chosen on the `shortcut` evaluation sets
-(benchmarks/shortcut_qc.py; docs/shortcuts.md has the measurement).
+A class the classifier gives to a field whose every pixel is deleted (median p(target | empty field)
+>= ABSENCE, e.g. `negative` = "no mitotic cell") is not judged: its calls rest on the absence of
+evidence, so its maps mark none and where they lie says nothing. Each rule that fires is one `Finding`
+with the wells it concerns; a plate where none fires has no findings (the run says nothing). The
+thresholds were chosen on the `shortcut` evaluation sets (benchmarks/shortcut_qc.py; docs/shortcuts.md
+has the measurement).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ EDGE_RATIO = 2.0
 EDGE_DIFFERENCE = 0.1
 EDGE_P = 0.01
 EDGE_MIN_WELLS = 3
+ABSENCE = 0.5  # p(target | every pixel deleted) from which a class counts as an absence (not judged)
 LISTED = 12  # wells named in a sentence; the finding keeps them all
 
 #: region -> (rule name, threshold, what "more than X of the map lies ..." says)
@@ -77,6 +81,18 @@ class FieldShares:
     shares: dict[str, float | None]  # region -> share of the map
     areas: dict[str, float | None] = field(default_factory=dict)  # region -> share of the field
     fit: str | None = None  # PCIM_Fit: ok | weak | failed | None (methods that fit nothing)
+    prob_empty: float | None = None  # p(target) of the field with every pixel deleted
+
+
+@dataclass
+class Report:
+    """The plate's findings, and the target classes not judged (class -> why)."""
+
+    findings: list[Finding] = field(default_factory=list)
+    not_judged: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"findings": [f.to_dict() for f in self.findings], "not_judged": dict(self.not_judged)}
 
 
 def _finite(v: Any) -> bool:
@@ -190,14 +206,35 @@ def _edge_rule(target: str, region: str, wells: Mapping[str, Mapping[str, float]
                    EDGE_RATIO, region, {"edge_mean": m_out, "inner_mean": m_in, "ratio": ratio, "p": p})
 
 
+def absence_classes(fields: Iterable[FieldShares]) -> dict[str, str]:
+    """target -> why it is not judged: the classifier gives a field with every pixel deleted this class
+    (median p(target | empty field) >= ABSENCE over the plate's fields explained for it): its calls rest
+    on the absence of evidence, so its maps mark no evidence and where they lie says nothing."""
+    probs: dict[str, list[float]] = {}
+    for f in fields:
+        if _finite(f.prob_empty):
+            probs.setdefault(f.target, []).append(float(f.prob_empty))
+    out = {}
+    for target, values in probs.items():
+        median = sorted(values)[len(values) // 2]
+        if median >= ABSENCE:
+            out[target] = (f"{target}: not judged: the classifier calls a field with every pixel deleted "
+                           f"{target} (p = {median:.2f}), so these calls rest on the absence of evidence and "
+                           "their maps mark none")
+    return out
+
+
 def decide(fields: Iterable[FieldShares], edge_wells: Iterable[str] = (), objects: str = "the objects",
-           border_px: int | None = None) -> list[Finding]:
-    """The plate's findings, per target class (most judged wells first) and rule; [] when nothing is wrong.
+           border_px: int | None = None) -> Report:
+    """The plate's findings, per target class (most judged wells first) and rule; none when nothing is
+    wrong. Classes the classifier gives to an empty field are not judged (`absence_classes`).
 
     edge_wells: the wells of the plate's outer ring (io/plate.py `edge_wells`); objects: how the
     objects are named in sentences ("the Nuclei objects", "the DNA foreground"); border_px: the
     border's width."""
-    means = well_means(fields)
+    fields = list(fields)
+    absent = absence_classes(fields)
+    means = well_means(f for f in fields if f.target not in absent)
     edge = set(edge_wells)
     out: list[Finding] = []
     for target, wells in sorted(means.items(), key=lambda kv: -len(kv[1])):
@@ -209,7 +246,7 @@ def decide(fields: Iterable[FieldShares], edge_wells: Iterable[str] = (), object
             found = _edge_rule(target, region, wells, edge, objects, border_px)
             if found is not None:
                 out.append(found)
-    return out
+    return Report(out, absent)
 
 
 def flagged_wells(findings: Iterable[Finding]) -> dict[str, list[str]]:
@@ -235,7 +272,7 @@ def objects_phrase(source: Mapping[str, Any] | None) -> str:
     return "the objects"
 
 
-def from_records(records: Iterable[tuple[str, Mapping[str, Any]]], edge_wells: Iterable[str] = ()) -> list[Finding]:
+def from_records(records: Iterable[tuple[str, Mapping[str, Any]]], edge_wells: Iterable[str] = ()) -> Report:
     """The plate's findings from the (well, completion record) pairs of its done fields: each record's
     `qc` entry (objects source, border width, region areas) and its targets' `shares`."""
     fields: list[FieldShares] = []
@@ -253,6 +290,7 @@ def from_records(records: Iterable[tuple[str, Mapping[str, Any]]], edge_wells: I
             found = result.get("shares") if isinstance(result, Mapping) else None
             if isinstance(found, Mapping):
                 fields.append(FieldShares(well, site if isinstance(site, int) else 0, target, dict(found),
-                                          dict(qc.get("areas") or {}), result.get("fit") or None))
+                                          dict(qc.get("areas") or {}), result.get("fit") or None,
+                                          result.get("prob_empty")))
     phrase = phrases.pop() if len(phrases) == 1 else "the objects"
     return decide(fields, edge_wells, objects=phrase, border_px=borders.pop() if len(borders) == 1 else None)
