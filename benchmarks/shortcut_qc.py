@@ -133,8 +133,7 @@ def _fields(df: pd.DataFrame, objects: str = "labels") -> list[shortcuts.FieldSh
         out.append(shortcuts.FieldShares(r.well, 1, r.pred, {"background": getattr(r, bg), "border": r.share_border,
                                                               "saturated": r.share_saturated},
                                          {"border": r.area_border, "saturated": r.area_saturated},
-                                         fit=r.fit if isinstance(r.fit, str) and r.fit else None,
-                                         prob_empty=r.p_empty))
+                                         fit=r.fit if isinstance(r.fit, str) and r.fit else None))
     return out
 
 
@@ -169,8 +168,7 @@ def verdicts(df: pd.DataFrame, objects: str = "labels") -> tuple[pd.DataFrame, l
         flags = shortcuts.flagged_wells(report.findings)
         plates.append(dict(zip(("arch", "method", "kind", "layout", "model"), key, strict=True))
                       | {"findings": [f.sentence for f in report.findings],
-                         "rules": sorted({f.rule for f in report.findings}),
-                         "not_judged": sorted(report.not_judged)})
+                         "rules": sorted({f.rule for f in report.findings})})
         flagged_rows.append(d.assign(flagged=[w in flags for w in d.well], objects=objects))
     return pd.concat(flagged_rows), plates
 

@@ -102,11 +102,9 @@ def test_flagged_wells_and_nan_shares():
     assert all("A02" not in f.wells for f in found)
 
 
-def test_a_class_the_classifier_gives_an_empty_field_is_not_judged():
-    fields = [sc.FieldShares(w, 1, "negative", {"background": 0.9}, {}, "ok", prob_empty=0.97) for w in ("A01", "A02")]
-    fields += [sc.FieldShares("A03", 1, "mitotic", {"background": 0.9}, {}, "ok", prob_empty=0.01)]
+def test_the_report_counts_the_wells_judged_per_class():
+    fields = [_f("A01", target="negative"), _f("A02", target="negative", fit="absent"),
+              _f("A03", target="negative", fit="no-local-evidence"), _f("A04"), _f("A04", site=2)]
     report = sc.decide(fields)
-    assert [(f.target, f.wells) for f in report.findings] == [("mitotic", ["A03"])]
-    assert list(report.not_judged) == ["negative"]
-    assert "calls a field with every pixel deleted negative (p = 0.97)" in report.not_judged["negative"]
-    assert report.to_dict()["not_judged"] == report.not_judged
+    assert report.judged == {"negative": 1, "mitotic": 1}
+    assert report.to_dict() == {"findings": [], "judged": {"negative": 1, "mitotic": 1}}

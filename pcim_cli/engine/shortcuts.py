@@ -3,8 +3,8 @@
 Numbers in, findings (data with their sentence) out; no I/O. The numbers are the shares of each field's
 map (engine/shares.py; `PCIM_Share_*` in the CSV): on objects, on the background (off objects), within
 the field border, on saturated pixels, on tile seams. Per target class and well (the mean over the
-well's fields explained for that class; a field whose fit failed, PCIM_Fit `failed`, is not judged:
-deleting its map did not remove the class, so the map does not say what the class rests on):
+well's fields explained for that class; a field whose PCIM_Fit is `failed`, `absent` or
+`no-local-evidence` is not judged: its map does not say what the class rests on):
 
 - off objects: more than OFF_OBJECTS of the map lies off the objects (labels or the automatic
   foreground mask);
@@ -16,9 +16,7 @@ deleting its map did not remove the class, so the map does not say what the clas
   Mann-Whitney test says so at p < EDGE_P (at least EDGE_MIN_WELLS wells on each side): an artefact
   that follows the plate position, as evaporation does.
 
-A class the classifier gives to a field whose every pixel is deleted (median p(target | empty field)
->= ABSENCE, e.g. `negative` = "no mitotic cell") is not judged: its calls rest on the absence of
-evidence, so its maps mark none and where they lie says nothing. Each rule that fires is one `Finding`
+Each rule that fires is one `Finding`
 with the wells it concerns; a plate where none fires has no findings (the run says nothing). The
 thresholds were chosen on the `shortcut` evaluation sets (benchmarks/shortcut_qc.py; docs/shortcuts.md
 has the measurement).
@@ -40,7 +38,9 @@ EDGE_RATIO = 2.0
 EDGE_DIFFERENCE = 0.1
 EDGE_P = 0.01
 EDGE_MIN_WELLS = 3
-ABSENCE = 0.5  # p(target | every pixel deleted) from which a class counts as an absence (not judged)
+#: PCIM_Fit labels whose maps are not judged: deleting them did not remove the class, the class was not
+#: called (absent), or no local region carries it (engine/budget.py)
+UNJUDGED_FITS = frozenset({"failed", "absent", "no-local-evidence"})
 LISTED = 12  # wells named in a sentence; the finding keeps them all
 
 #: region -> (rule name, threshold, what "more than X of the map lies ..." says)
@@ -81,18 +81,17 @@ class FieldShares:
     shares: dict[str, float | None]  # region -> share of the map
     areas: dict[str, float | None] = field(default_factory=dict)  # region -> share of the field
     fit: str | None = None  # PCIM_Fit: ok | weak | failed | None (methods that fit nothing)
-    prob_empty: float | None = None  # p(target) of the field with every pixel deleted
 
 
 @dataclass
 class Report:
-    """The plate's findings, and the target classes not judged (class -> why)."""
+    """The plate's findings, and the wells judged per target class."""
 
     findings: list[Finding] = field(default_factory=list)
-    not_judged: dict[str, str] = field(default_factory=dict)
+    judged: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"findings": [f.to_dict() for f in self.findings], "not_judged": dict(self.not_judged)}
+        return {"findings": [f.to_dict() for f in self.findings], "judged": dict(self.judged)}
 
 
 def _finite(v: Any) -> bool:
@@ -105,10 +104,10 @@ def _pct(v: float) -> str:
 
 def well_means(fields: Iterable[FieldShares]) -> dict[str, dict[str, dict[str, float]]]:
     """target -> well -> region -> mean share over the well's judged fields (also `area:<region>`);
-    fields whose fit failed are left out."""
+    fields whose PCIM_Fit is in UNJUDGED_FITS are left out."""
     sums: dict[str, dict[str, dict[str, list[float]]]] = {}
     for f in fields:
-        if f.fit == "failed":
+        if f.fit in UNJUDGED_FITS:
             continue
         per = sums.setdefault(f.target, {}).setdefault(f.well, {})
         for region, v in f.shares.items():
@@ -206,35 +205,16 @@ def _edge_rule(target: str, region: str, wells: Mapping[str, Mapping[str, float]
                    EDGE_RATIO, region, {"edge_mean": m_out, "inner_mean": m_in, "ratio": ratio, "p": p})
 
 
-def absence_classes(fields: Iterable[FieldShares]) -> dict[str, str]:
-    """target -> why it is not judged: the classifier gives a field with every pixel deleted this class
-    (median p(target | empty field) >= ABSENCE over the plate's fields explained for it): its calls rest
-    on the absence of evidence, so its maps mark no evidence and where they lie says nothing."""
-    probs: dict[str, list[float]] = {}
-    for f in fields:
-        if _finite(f.prob_empty):
-            probs.setdefault(f.target, []).append(float(f.prob_empty))
-    out = {}
-    for target, values in probs.items():
-        median = sorted(values)[len(values) // 2]
-        if median >= ABSENCE:
-            out[target] = (f"{target}: not judged: the classifier calls a field with every pixel deleted "
-                           f"{target} (p = {median:.2f}), so these calls rest on the absence of evidence and "
-                           "their maps mark none")
-    return out
-
-
 def decide(fields: Iterable[FieldShares], edge_wells: Iterable[str] = (), objects: str = "the objects",
            border_px: int | None = None) -> Report:
     """The plate's findings, per target class (most judged wells first) and rule; none when nothing is
-    wrong. Classes the classifier gives to an empty field are not judged (`absence_classes`).
+    wrong.
 
     edge_wells: the wells of the plate's outer ring (io/plate.py `edge_wells`); objects: how the
     objects are named in sentences ("the Nuclei objects", "the DNA foreground"); border_px: the
     border's width."""
     fields = list(fields)
-    absent = absence_classes(fields)
-    means = well_means(f for f in fields if f.target not in absent)
+    means = well_means(fields)
     edge = set(edge_wells)
     out: list[Finding] = []
     for target, wells in sorted(means.items(), key=lambda kv: -len(kv[1])):
@@ -246,7 +226,7 @@ def decide(fields: Iterable[FieldShares], edge_wells: Iterable[str] = (), object
             found = _edge_rule(target, region, wells, edge, objects, border_px)
             if found is not None:
                 out.append(found)
-    return Report(out, absent)
+    return Report(out, {t: len(w) for t, w in means.items()})
 
 
 def flagged_wells(findings: Iterable[Finding]) -> dict[str, list[str]]:
@@ -290,7 +270,6 @@ def from_records(records: Iterable[tuple[str, Mapping[str, Any]]], edge_wells: I
             found = result.get("shares") if isinstance(result, Mapping) else None
             if isinstance(found, Mapping):
                 fields.append(FieldShares(well, site if isinstance(site, int) else 0, target, dict(found),
-                                          dict(qc.get("areas") or {}), result.get("fit") or None,
-                                          result.get("prob_empty")))
+                                          dict(qc.get("areas") or {}), result.get("fit") or None))
     phrase = phrases.pop() if len(phrases) == 1 else "the objects"
     return decide(fields, edge_wells, objects=phrase, border_px=borders.pop() if len(borders) == 1 else None)
