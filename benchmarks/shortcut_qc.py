@@ -46,6 +46,10 @@ FIGURES = Path(__file__).resolve().parents[1] / "docs" / "images"
 METHODS = ("pcim", "saliency")
 REGIONS = ("background", "border", "saturated")
 TOP = 0.02  # the top-pixel variant of the shares: the map's top 2 % of pixels
+#: the shortcut pictures of docs/shortcuts.md: file -> (kind, layout, model)
+DOC_FIGURES = {"shortcuts_debris_edge.png": ("debris", "edge", "shortcut:debris"),
+               "shortcuts_debris_edge_clean.png": ("debris", "edge", "clean")}
+MAPS: dict[tuple[str, str, str, str], np.ndarray] = {}  # (kind, layout, model, method) -> maps (B, H, W) float16
 #: the rule each artefact kind is expected to trip (the analysis reports every rule for every kind)
 EXPECTED = {"debris": "background", "border": "border", "gradient": "background", "specks": "saturated"}
 
@@ -71,6 +75,7 @@ def field_rows(data: dict, model, model_name: str, methods, batch: int, arch: st
                      zip(res.prob_original, res.prob_mixed, res.prob_deleted, strict=True)]
         maps = torch.cat(maps)
         seconds = (time.perf_counter() - t0) / n
+        MAPS[(data["kind"], data["layout"], model_name, method)] = maps.half().numpy()
         for i in range(n):
             labelled = shares.object_mask(data["labels"][i])
             auto = shares.foreground_mask(x[i, 0])
@@ -118,6 +123,8 @@ def measure(arch: str, kinds, layouts, methods, batch: int, demo: bool = True) -
                 rows += field_rows(data, model, name, methods, batch, arch)
                 print(f"{arch} {kind} {layout} {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(RESULTS / f"shortcut_qc_maps_{arch}_{kind}.npz",
+                            **{"|".join(k): v for k, v in MAPS.items() if k[0] == kind})
         pd.DataFrame(rows).to_csv(out, index=False)
     return written
 
@@ -215,7 +222,82 @@ def analyse() -> str:
                      + ("; ".join(p["findings"]) if p["findings"] else "quiet"))
     text = "\n".join(lines) + "\n"
     (RESULTS / "shortcut_qc.md").write_text(text)
+    rates_figure(table, FIGURES / "shortcuts_rates.png")
+    for arch, kind, layout, model in df[["arch", "kind", "layout", "model"]].drop_duplicates().itertuples(index=False):
+        if (RESULTS / f"shortcut_qc_maps_{arch}_{kind}.npz").exists():
+            plate_figure(df, arch, kind, layout, model,
+                         RESULTS / "figures" / f"{arch}_{kind}_{layout}_{model.replace(':', '-')}.png")
+    for name, (kind, layout, model) in DOC_FIGURES.items():
+        if (RESULTS / f"shortcut_qc_maps_maxpool_{kind}.npz").exists():
+            plate_figure(df, "maxpool", kind, layout, model, FIGURES / name)
     return text
+
+
+def plate_figure(df: pd.DataFrame, arch: str, kind: str, layout: str, model: str, path: Path,
+                 objects: str = "labels", thumbs: int = 6) -> list[str]:
+    """The shortcut picture of one evaluation plate (pcim's maps), as `pcim render` draws it; its findings."""
+    from pcim_cli.report import shortcut_figure as fig
+
+    d = df[(df.arch == arch) & (df.kind == kind) & (df.layout == layout) & (df.model == model) & (df.method == "pcim")]
+    data = S.plate(kind, layout)
+    maps = np.load(RESULTS / f"shortcut_qc_maps_{arch}_{kind}.npz")["|".join((kind, layout, model, "pcim"))]
+    fields = _fields(d, objects)
+    edge = [w for w, e in zip(d.well, d.edge, strict=True) if e]
+    report = shortcuts.decide(fields, edge, objects="the nuclei", border_px=6)
+    means = shortcuts.well_means(fields)
+    flags = shortcuts.flagged_wells(report.findings)
+    blocks = []
+    for target in sorted(means, key=lambda t: -len(means[t])):
+        shown = []
+        for f in report.findings:
+            if f.target != target or f.rule == "plate-edge":
+                continue
+            for w in f.wells:
+                if w not in [t.well for t in shown] and len(shown) < thumbs:
+                    i = data["wells"].index(w)
+                    x = data["x"][i].numpy()
+                    v = means[target][w]
+                    caption = f"{w}: " + ", ".join(f"{100 * v[r]:.0f} % {fig.TITLES[r]}" for r in
+                                                  ("background", "border", "saturated")
+                                                  if fig.RULE_OF[r] in flags.get(w, []))
+                    shown.append(fig.Thumb(w, 1, caption, maps[i].astype(np.float32),
+                                           np.stack([x[1], x[2], x[0]], -1).clip(0, 1),
+                                           shares.object_mask(data["labels"][i]).numpy()))
+        blocks.append(fig.TargetBlock(target, means[target], [f for f in report.findings if f.target == target],
+                                      shown))
+    title = f"{kind} artefact, {layout} layout, {model}"
+    image = fig.draw(title, data["rows"], data["cols"], blocks)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return [f.sentence for f in report.findings]
+
+
+def rates_figure(table: pd.DataFrame, path: Path) -> None:
+    """Recall (shortcut models) and false alarms (clean models) per artefact kind, pcim and saliency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = table[table.objects == "labels"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    width = 0.38
+    for ax, col, title in ((axes[0], "recall", "found: wells called for the artefact"),
+                           (axes[1], "false alarms (clean models)", "false alarms: clean models' wells")):
+        for k, (method, colour) in enumerate((("pcim", "#c2185b"), ("saliency", "#888888"))):
+            d = t[t.method == method].set_index("kind").reindex(list(S.KINDS))
+            xs = np.arange(len(S.KINDS)) + (k - 0.5) * width
+            ax.bar(xs, d[col].fillna(0).to_numpy(), width, label=method, color=colour)
+        ax.set_xticks(np.arange(len(S.KINDS)), list(S.KINDS))
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("share of wells")
+    axes[0].legend(frameon=False, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
