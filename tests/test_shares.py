@@ -78,15 +78,15 @@ def test_object_mask_is_the_dilated_union_of_labels():
 
 
 def test_seam_mask_of_a_tiled_field():
-    grid = tiling.plan_tiles((176, 176), (64, 64))  # 3 x 3 tiles, 8 px overlap
+    grid = tiling.plan_tiles((176, 176), (64, 64))  # 3 x 3 tiles starting at 0, 56, 112
+    assert grid.starts_y == (0, 56, 112)
     seams = shares.seam_mask(grid.field, grid.tile, grid.starts_y, grid.starts_x)
-    rows = [y for y in range(176) if seams[y, 30]]  # column 30 is inside tile column 0 only
-    a, b, c = grid.starts_y
-    assert rows == list(range(b, a + 64)) + list(range(c, b + 64))
-    assert seams[:, b:a + 64].all()  # every overlap column is seam
+    rows = [y for y in range(176) if seams[y, 30]]  # column 30 lies on no vertical tile edge
+    # tile edges inside the field: starts 56, 112 and ends 64, 120; 4 px centred on each
+    assert rows == [54, 55, 56, 57, 62, 63, 64, 65, 110, 111, 112, 113, 118, 119, 120, 121]
+    assert seams[:, 56].all() and not seams[0, 0]
     assert shares.seam_mask((64, 64), (64, 64), (0,), (0,)) is None
-    # tiles without overlap: a band of SEAM_MIN_WIDTH centred on the cut
-    flat = shares.seam_mask((8, 16), (8, 8), (0,), (0, 8))
+    flat = shares.seam_mask((8, 16), (8, 8), (0,), (0, 8))  # tiles without overlap: the cut at 8
     assert [x for x in range(16) if flat[0, x]] == [6, 7, 8, 9]
 
 

@@ -18,7 +18,7 @@ Regions of one field (H, W), each a bool mask:
 - border: the pixels within `border_margin` of the field edge.
 - saturated: the pixels at which any channel sits at the detector's ceiling or was clipped by a fixed
   normalisation (`saturation_levels`, `saturated_mask`).
-- seams: on a tiled field, the bands where neighbouring tiles meet (`seam_mask`).
+- seams: on a tiled field, bands along the tile edges inside the field (`seam_mask`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ FOREGROUND_OPEN = 2
 OBJECT_DILATE = 3
 #: border: this share of the field's shorter side, at least one pixel
 BORDER_FRACTION = 0.05
-#: seams narrower than this (tiles without overlap) are widened to it, centred on the cut
-SEAM_MIN_WIDTH = 4
+#: seams: a band this wide (px) centred on every tile edge inside the field
+SEAM_WIDTH = 4
 #: a channel's maximum counts as the detector's ceiling when it is one of these values (2^bits - 1, or
 #: 1.0 for float images) and at least SATURATION_MIN_PIXELS pixels hold it exactly (a flat top)
 CEILINGS = tuple(float(2**bits - 1) for bits in range(8, 17)) + (1.0,)
@@ -117,26 +117,24 @@ def border_mask(shape: Sequence[int], margin: int) -> torch.Tensor:
     return mask
 
 
-def _axis_seams(size: int, tile: int, starts: Sequence[int], min_width: int) -> torch.Tensor:
+def _axis_seams(size: int, tile: int, starts: Sequence[int], width: int) -> torch.Tensor:
+    """True within width / 2 of every tile edge inside the field (a tile's start > 0, its end < size)."""
     band = torch.zeros(size, dtype=torch.bool)
-    for a, b in zip(starts[:-1], starts[1:], strict=True):
-        lo, hi = b, a + tile  # the overlap of two neighbouring tiles
-        if hi - lo < min_width:
-            mid = (lo + hi) / 2
-            lo, hi = math.floor(mid - min_width / 2), math.floor(mid - min_width / 2) + min_width
-        band[max(lo, 0) : min(hi, size)] = True
+    edges = {s for s in starts if s > 0} | {s + tile for s in starts if s + tile < size}
+    for e in edges:
+        band[max(e - width // 2, 0) : min(e + (width + 1) // 2, size)] = True
     return band
 
 
 def seam_mask(field: Sequence[int], tile: Sequence[int], starts_y: Sequence[int], starts_x: Sequence[int],
-              min_width: int = SEAM_MIN_WIDTH) -> torch.Tensor | None:
-    """(H, W) True on the seams of a tiled field: where two neighbouring tiles overlap (their blend), at
-    least `min_width` px wide around each cut; None for a field of one tile. Arguments as
-    engine/tiling.py's TileGrid (field, tile, starts_y, starts_x)."""
+              width: int = SEAM_WIDTH) -> torch.Tensor | None:
+    """(H, W) True on the seams of a tiled field: a band `width` px wide centred on every tile edge that
+    lies inside the field (where a tile's zero padding and its blend ramp meet the neighbour's); None
+    for a field of one tile. Arguments as engine/tiling.py's TileGrid (field, tile, starts_y, starts_x)."""
     if len(starts_y) * len(starts_x) <= 1:
         return None
-    rows = _axis_seams(int(field[0]), int(tile[0]), starts_y, min_width)
-    cols = _axis_seams(int(field[1]), int(tile[1]), starts_x, min_width)
+    rows = _axis_seams(int(field[0]), int(tile[0]), starts_y, width)
+    cols = _axis_seams(int(field[1]), int(tile[1]), starts_x, width)
     return rows[:, None] | cols[None, :]
 
 
