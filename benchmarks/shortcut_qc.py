@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.evalsets import shortcut as S  # noqa: E402
-from pcim_cli.engine import mixing, shares, shortcuts  # noqa: E402
+from pcim_cli.engine import mixing, shares, shortcuts, tiling  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.budget import fit_quality  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
@@ -300,6 +300,38 @@ def rates_figure(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def measure_seams(n: int = 12, tile: int = 64) -> pd.DataFrame:
+    """The seam share of tiled fields' maps: the demo's 128 px fields through the bundled classifier cut
+    into 64 px tiles (3 x 3, as `model.input_size: [64, 64]` makes pcim cut them), one map per field
+    (`explain.tile_maps: field`, the default) and one per tile stitched (`per-tile`), PCIM and saliency;
+    the seams' area for scale. -> benchmarks/results/shortcut_qc_seams.csv"""
+    from benchmarks.evalsets import load
+    from benchmarks.evalsets.tiled import field_maps, per_tile_maps
+
+    ev = load("demo", n=n)
+    x, target = ev["x"], ev["target"]
+    grid = tiling.plan_tiles(tuple(x.shape[-2:]), (tile, tile))
+    seams = shares.seam_mask(grid.field, grid.tile, grid.starts_y, grid.starts_x)
+    border = shares.border_mask(x.shape[-2:], shares.border_margin(x.shape[-2:]))
+    rows = []
+    for method in ("pcim", "saliency"):
+        def fn(model, xs, ts, method=method):
+            return attribute(model, xs, ts, method, PcimOptions()).maps
+        for mode, make in (("field", field_maps), ("per-tile", per_tile_maps)):
+            maps = make(fn, ev["model"], x, target, (tile, tile))
+            for i in range(len(x)):
+                m = maps[i : i + 1].sum(1)
+                rows.append({"method": method, "tile_maps": mode, "field": i,
+                             "area_seams": float(seams.double().mean()),
+                             "share_seams": float(shares.region_shares(m, seams)[0]),
+                             "share_border": float(shares.region_shares(m, border)[0]),
+                             "share_evidence": float(shares.region_shares(m, ev["mask"][i])[0])})
+    df = pd.DataFrame(rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    df.to_csv(RESULTS / "shortcut_qc_seams.csv", index=False)
+    return df
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="maxpool", choices=sorted(S.RECIPES))
@@ -309,8 +341,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--analyse", action="store_true", help="only the analysis of the CSVs present")
     ap.add_argument("--no-demo", action="store_true", help="without the bundled demo classifier as a clean model")
+    ap.add_argument("--seams", action="store_true", help="only the seam shares of tiled demo fields")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.seams:
+        print(measure_seams().groupby(["method", "tile_maps"]).mean(numeric_only=True).round(3))
+        return 0
     if not args.analyse:
         measure(args.arch, args.kinds.split(","), args.layouts.split(","), args.methods.split(","), args.batch,
                 not args.no_demo)

@@ -58,7 +58,7 @@ def test_each_target_class_is_judged_on_its_own():
 
 
 def test_border_saturated_and_seam_rules():
-    fields = [_f("A01", border=0.5), _f("A02", saturated=0.3), _f("A03", seams=0.6), _f("A04", seams=0.3)]
+    fields = [_f("A01", border=0.5), _f("A02", saturated=0.3), _f("A03", seams=0.7), _f("A04", seams=0.5)]
     found = {f.rule: f for f in sc.decide(fields, border_px=6).findings}
     assert set(found) == {"border", "saturated", "seams"}
     assert found["border"].wells == ["A01"] and "within 6 px of the field edge" in found["border"].sentence
@@ -66,8 +66,8 @@ def test_border_saturated_and_seam_rules():
     assert "on saturated pixels (saturated pixels: 0.1 % of the field): A02" in found["saturated"].sentence
     assert found["saturated"].wells == ["A02"]
     assert found["seams"].wells == ["A03"]
-    # seams must also be SEAM_ENRICHMENT x their area: 0.6 on seams covering 40 % of the field is not enough
-    wide = sc.FieldShares("A05", 1, "mitotic", {"seams": 0.6}, {"seams": 0.4}, "ok")
+    # seams must also be SEAM_ENRICHMENT x their area: 0.7 on seams covering 40 % of the field is not enough
+    wide = sc.FieldShares("A05", 1, "mitotic", {"seams": 0.7}, {"seams": 0.4}, "ok")
     assert sc.decide([wide]).findings == []
 
 

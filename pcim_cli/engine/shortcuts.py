@@ -32,7 +32,7 @@ from typing import Any
 OFF_OBJECTS = 0.5
 BORDER = 0.4
 SATURATED = 0.25
-SEAMS = 0.5
+SEAMS = 0.6  # clean tiled maps (demo at 64 px tiles): at most 0.49 on seams covering 18 % of the field
 SEAM_ENRICHMENT = 2.0
 EDGE_RATIO = 2.0
 EDGE_DIFFERENCE = 0.1
