@@ -8,6 +8,7 @@ import tifffile
 import torch
 
 from pcim_cli.engine import tiling
+from pcim_cli.io import summary
 from pcim_cli.run import shortcut_qc
 
 
@@ -66,12 +67,46 @@ def test_a_missing_label_image_falls_back_to_the_foreground(tmp_path, caplog):
 
 
 def test_record_and_csv_cells():
-    record = {"results": {"mitotic": {"fit": "ok"}}}
+    record = {"site": 1, "results": {"mitotic": {"fit": "ok"}}}
     shortcut_qc.update_record(record, {"mitotic": {"objects": 0.6, "background": 0.4, "border": 0.1,
                                                    "saturated": 0.0, "seams": None}}, {"border_px": 6})
     assert record["qc"] == {"border_px": 6}
-    cells = shortcut_qc.share_columns(record["results"]["mitotic"])
+    (row,) = summary.rows_from_record("P1", "A01", "A/1/0", record)
+    cells = {k: v for k, v in row.items() if k in summary.SHORTCUT_COLUMNS.values()}
     assert list(cells) == ["PCIM_Share_OnObjects", "PCIM_Share_Background", "PCIM_Share_Border",
-                           "PCIM_Share_Saturated", "PCIM_Share_Seams"]
-    assert cells["PCIM_Share_Background"] == 0.4 and cells["PCIM_Share_Seams"] is None
-    assert set(shortcut_qc.share_columns({}).values()) == {None}
+                           "PCIM_Share_Saturated"]  # Seams only for tiled fields
+    assert cells["PCIM_Share_Background"] == 0.4
+    (plain,) = summary.rows_from_record("P1", "A01", "A/1/0", {"site": 1, "results": {"mitotic": {"fit": "ok"}}})
+    assert not set(plain) & set(summary.SHORTCUT_COLUMNS.values())  # qc off: no columns
+
+
+def test_qc_task_from_plate_yaml(tmp_path):
+    from pcim_cli.config import config_from_data
+
+    data = {"plate": {"name": "P", "images": ".", "channels": ["DNA", "PH3"],
+                      "objects": {"Nuclei": "labels/{well}_s{field}.tif"}},
+            "model": {"path": "m.ts", "normalize": {"method": "fixed", "min": 0, "max": 4000}},
+            "qc": {"foreground_channel": "PH3", "border": 0.1, "saturation": [4095, None]}}
+    qc = shortcut_qc.qc_task(config_from_data(data, tmp_path / "plate.yaml"))
+    assert qc.objects == "Nuclei" and qc.foreground_channel == 1 and qc.foreground_name == "PH3"
+    assert qc.border == 0.1 and qc.saturation == (4095.0, None) and qc.clip_at == (4000.0, 4000.0)
+    off = config_from_data({**data, "qc": {"enabled": False}}, tmp_path / "plate.yaml")
+    assert shortcut_qc.qc_task(off) is None
+
+
+@pytest.mark.parametrize(("qc", "channels", "path", "says"), [
+    ({"objects": "Cells"}, ["DNA"], "qc.objects", "Nuclei"),
+    ({"foreground_channel": "DAPI"}, ["DNA"], "qc.foreground_channel", "DNA"),
+    ({"saturation": [4095]}, ["DNA", "PH3"], "qc.saturation", "one per channel"),
+    ({}, ["DNA", "Border"], "plate.channels", "rename the channel"),
+])
+def test_qc_keys_are_checked_against_the_plate(tmp_path, qc, channels, path, says):
+    from pcim_cli.config import config_from_data
+    from pcim_cli.errors import ConfigError
+
+    data = {"plate": {"name": "P", "images": ".", "channels": channels,
+                      "objects": {"Nuclei": "labels/{well}_s{field}.tif"}},
+            "model": {"path": "m.ts"}, "qc": qc}
+    with pytest.raises(ConfigError) as err:
+        config_from_data(data, tmp_path / "plate.yaml")
+    assert path in str(err.value) and says in str(err.value)

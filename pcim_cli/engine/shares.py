@@ -30,13 +30,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pcim_cli.engine.options import QC_BORDER_FRACTION
+
 #: foreground_mask: Gaussian sigma (px) before Otsu, and the opening radius that drops specks
 FOREGROUND_SIGMA = 2.0
 FOREGROUND_OPEN = 2
 #: objects (labels or foreground) are dilated by this many pixels (square structuring element)
 OBJECT_DILATE = 3
-#: border: this share of the field's shorter side, at least one pixel
-BORDER_FRACTION = 0.05
+#: border: this share of the field's shorter side, at least one pixel (qc.border)
+BORDER_FRACTION = QC_BORDER_FRACTION
 #: seams: a band this wide (px) centred on every tile edge inside the field
 SEAM_WIDTH = 4
 #: a channel's maximum counts as the detector's ceiling when it is one of these values (2^bits - 1, or

@@ -22,33 +22,36 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 
-from pcim_cli.engine import shares
+from pcim_cli.config import RunConfig
+from pcim_cli.engine import shares, shortcuts
 from pcim_cli.errors import PcimError
 from pcim_cli.io import labels as label_io
+from pcim_cli.io.plate import edge_wells, infer_plate_format
+from pcim_cli.run.task import QcTask
 
 logger = logging.getLogger(__name__)
 
-#: the CSV column of each region (appended after PCIM_Share_<channel>)
-COLUMNS = {"objects": "PCIM_Share_OnObjects", "background": "PCIM_Share_Background", "border": "PCIM_Share_Border",
-           "saturated": "PCIM_Share_Saturated", "seams": "PCIM_Share_Seams"}
 FOREGROUND_METHOD = (f"Otsu's threshold on the channel smoothed by a Gaussian (sigma {shares.FOREGROUND_SIGMA:g} px), "
                      f"opened by {shares.FOREGROUND_OPEN} px, dilated by {shares.OBJECT_DILATE} px")
 
 
-class QcTask(BaseModel):
-    """The shortcut-QC settings a worker needs (JSON-dumpable, part of the WellTask)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    objects: str | None = None  # the plate.objects kind whose union is "on objects"; None: the foreground
-    foreground_channel: int = 0  # index into the plate's channels
-    foreground_name: str = ""
-    polarity: str = "bright"
-    border: float = shares.BORDER_FRACTION
-    saturation: str | float | tuple[float | None, ...] | None = "auto"
-    clip_at: tuple[float, ...] | None = None  # model.normalize fixed: each channel's max (clipped above)
+def qc_task(cfg: RunConfig) -> QcTask | None:
+    """The worker's QC settings from plate.yaml's `qc:` (None when qc.enabled is false): the objects kind
+    (qc.objects, else the first of plate.objects, else the automatic foreground), the foreground channel,
+    the border, the saturation levels, and the clip level of a fixed normalisation."""
+    qc = cfg.qc
+    if not qc.enabled:
+        return None
+    channels = list(cfg.plate.channels)
+    kinds = list(cfg.plate.objects or {})
+    name = qc.foreground_channel or channels[0]
+    norm = cfg.model.normalize
+    clip = tuple([float(norm.max)] * len(channels)) if getattr(norm, "method", "") == "fixed" else None
+    saturation = tuple(qc.saturation) if isinstance(qc.saturation, list) else qc.saturation
+    return QcTask(objects=qc.objects or (kinds[0] if kinds else None), foreground_channel=channels.index(name),
+                  foreground_name=name, polarity=qc.foreground, border=qc.border, saturation=saturation,
+                  clip_at=clip)
 
 
 def saturation_mask(raw: np.ndarray, qc: QcTask) -> tuple[torch.Tensor, list[float | None]]:
@@ -101,7 +104,8 @@ def measure(maps: torch.Tensor, targets: Sequence[str], x: torch.Tensor, saturat
     found = shares.field_shares(per_target, objects, shares.border_mask((h, w), margin), saturated, seams)
     out = {t: {r: (None if v is None else (None if v != v else round(v, 6))) for r, v in found.target(k).items()}
            for k, t in enumerate(targets)}
-    entry = {"objects": source, "border_px": margin,
+    entry = {"objects": source, "border": qc.border, "border_px": margin,
+             "saturation": list(qc.saturation) if isinstance(qc.saturation, tuple) else qc.saturation,
              "saturation_levels": None if levels is None else [None if v is None else float(v) for v in levels],
              "areas": {r: (None if a is None else round(a, 6)) for r, a in found.areas.items()}}
     return out, entry
@@ -117,7 +121,26 @@ def update_record(record: dict[str, Any], per_target: Mapping[str, Mapping[str, 
     return record
 
 
-def share_columns(result: Mapping[str, Any]) -> dict[str, Any]:
-    """The PCIM_Share_OnObjects ... PCIM_Share_Seams cells of one target's results (empty without QC)."""
-    found = result.get("shares") or {}
-    return {column: found.get(region) for region, column in COLUMNS.items()}
+def measure_into(record: dict[str, Any], maps: torch.Tensor, targets: Sequence[str], x: torch.Tensor,
+                 saturation: tuple[torch.Tensor, list[float | None]] | None, tile_grid, qc: QcTask, *,
+                 label_files: Mapping[str, str], labels: Mapping[str, np.ndarray], where: str) -> None:
+    """`measure` into a completion record (the worker's one call). The QC never fails a field: an error
+    is logged and recorded as `qc.error`, the map is written as usual."""
+    saturated, levels = saturation if saturation is not None else (None, None)
+    try:
+        per_target, entry = measure(maps, targets, x, saturated, levels, tile_grid, qc, label_files=label_files,
+                                    labels=labels, where=where)
+    except Exception as exc:  # noqa: BLE001 - the map is done; the QC is a measure of it
+        logger.warning("%s: shortcut QC not measured: %s: %s", where, type(exc).__name__, exc)
+        record["qc"] = {"error": f"{type(exc).__name__}: {exc}"}
+        return
+    update_record(record, per_target, entry)
+
+
+def plate_report(done: Sequence[tuple[str, Mapping[str, Any]]], wells: Sequence[str] = ()) -> shortcuts.Report:
+    """The plate's shortcut verdict (engine/shortcuts.py) from the (well, record) pairs of its done fields;
+    the outer ring is that of the smallest standard plate holding `wells` (the plate's wells: store and
+    layout) and the done fields' wells."""
+    names = {w for w, _ in done} | set(wells)
+    ring = edge_wells(infer_plate_format(names)) if names else []
+    return shortcuts.from_records(done, ring)
