@@ -30,8 +30,10 @@ def test_arrays_and_attributes_read_back_through_zarr(tmp_path: Path, zarr_forma
     np.testing.assert_array_equal(arr[...], data)
     assert dict(group.attrs) == {"ome": {"x": 1}, "pcim": {"status": "done", "n": [1, 2]}}
     assert zarr_files.read_attributes(tmp_path / "g") == dict(group.attrs)
-    chunk_files = [p for p in (tmp_path / "g" / "0").rglob("*") if p.is_file() and not p.name.startswith((".", "z"))]
-    assert len(chunk_files) == 3  # channel 0: 4 chunks, one of them all zeros; channel 1: none
+    # every chunk is on disk, empty ones included: a missing chunk file means damage
+    assert zarr_files.missing_chunks(tmp_path / "g" / "0") == (8, [])
+    (tmp_path / "g" / "0" / ("c/1/0/1" if zarr_format == 3 else "1/0/1")).unlink()
+    assert zarr_files.missing_chunks(tmp_path / "g" / "0") == (8, ["c/1/0/1" if zarr_format == 3 else "1/0/1"])
 
 
 def test_missing_and_damaged_groups(tmp_path: Path) -> None:

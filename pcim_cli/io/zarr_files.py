@@ -13,9 +13,10 @@ reads (tests/test_store_files.py reads every array and attribute back through za
 - v2 (https://zarr-specs.readthedocs.io/en/latest/v2/v2.0.html): `.zgroup` / `.zarray` / `.zattrs`;
   chunks at `<i>/<j>/<k>` (dimension separator "/"), compressor zstd.
 
-A chunk that holds only the fill value (0) is not written (zarr-python's default too): readers fill it
-in. Metadata files are replaced atomically (written beside, then renamed), so a reader or a crash never
-sees half a file. Reading is json.loads of the one file: no zarr import.
+Every chunk is written, empty ones included (a zero chunk compresses to a few bytes), so a missing chunk
+file always means damage (`missing_chunks`, io/store.py). Metadata files are replaced atomically
+(written beside, then renamed), so a reader or a crash never sees half a file. Reading is json.loads of
+the one file: no zarr import.
 """
 
 from __future__ import annotations
@@ -110,8 +111,6 @@ def write_array(folder: str | Path, zarr_format: int, data: np.ndarray, chunks: 
     folder.mkdir(parents=True, exist_ok=True)
     for index in itertools.product(*grid):
         block = data[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks, strict=True))]
-        if not block.any():
-            continue  # all fill value: readers fill it in
         if block.shape != chunks:  # an edge chunk is stored at the full chunk shape
             block = np.pad(block, [(0, c - n) for n, c in zip(block.shape, chunks, strict=True)])
         key = folder.joinpath(*(["c"] if zarr_format == 3 else []), *map(str, index))
@@ -134,6 +133,37 @@ def write_array(folder: str | Path, zarr_format: int, data: np.ndarray, chunks: 
         _write_json(folder / ".zarray", {
             "shape": list(data.shape), "chunks": list(chunks), "dtype": "<f4", "fill_value": 0.0, "order": "C",
             "filters": None, "dimension_separator": "/", "compressor": codec.get_config(), "zarr_format": 2})
+
+
+def array_metadata(folder: str | Path) -> tuple[int, list[int], list[int]]:
+    """(zarr format, shape, chunk shape) of the array at `folder`. Raises FileNotFoundError when there is
+    no array there, ValueError when its metadata is damaged."""
+    folder = Path(folder)
+    try:
+        doc = json.loads((folder / "zarr.json").read_bytes())
+        if not isinstance(doc, dict) or doc.get("node_type") != "array":
+            raise ValueError(f"{folder / 'zarr.json'} is no zarr array's metadata")
+        return 3, list(doc["shape"]), list(doc["chunk_grid"]["configuration"]["chunk_shape"])
+    except FileNotFoundError:
+        doc = json.loads((folder / ".zarray").read_bytes())
+        if not isinstance(doc, dict):
+            raise ValueError(f"{folder / '.zarray'} is no zarr array's metadata") from None
+        return 2, list(doc["shape"]), list(doc["chunks"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{folder / 'zarr.json'} is no zarr array's metadata ({exc})") from None
+
+
+def missing_chunks(folder: str | Path) -> tuple[int, list[str]]:
+    """(number of chunks the array at `folder` has, the keys of those without a file), from its metadata
+    and one listing of its folder (no chunk is read). pcim's arrays use "/"-separated chunk keys."""
+    folder = Path(folder)
+    zarr_format, shape, chunks = array_metadata(folder)
+    prefix = ["c"] if zarr_format == 3 else []
+    expected = ["/".join([*prefix, *map(str, idx)])
+                for idx in itertools.product(*(range(-(-n // c)) for n, c in zip(shape, chunks, strict=True)))]
+    present = {os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
+               for root, _, files in os.walk(folder) for f in files}
+    return len(expected), [k for k in expected if k not in present]
 
 
 def _write_json(path: Path, doc: Any) -> None:
