@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from pcim_cli.io import store  # noqa: E402
+from pcim_cli.io import ngff, store  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -82,7 +82,7 @@ def codecs() -> dict[str, tuple[callable, numcodecs.abc.Codec]]:
     return out
 
 
-def chunks(level: np.ndarray, size: int = store.MAX_CHUNK):
+def chunks(level: np.ndarray, size: int = ngff.MAX_CHUNK):
     for c in range(level.shape[0]):
         for y in range(0, level.shape[1], size):
             for x in range(0, level.shape[2], size):
@@ -98,7 +98,7 @@ def encode_study(maps: np.ndarray, repeats: int = 2) -> list[dict]:
             size, t_enc, t_dec = 0, 0.0, 0.0
             t0 = time.perf_counter()
             values = transform(maps)
-            levels = store._pyramid(np.asarray(values, dtype=np.float32))
+            levels = ngff.pyramid(np.asarray(values, dtype=np.float32))
             levels = [transform(lv) for lv in levels]
             t_enc += time.perf_counter() - t0
             for lv in levels:

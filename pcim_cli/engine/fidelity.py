@@ -59,7 +59,7 @@ def deletion_insertion(model: Forward, x: torch.Tensor, maps: torch.Tensor, targ
     delete = mixing.substrate(unique, DELETE_SUBSTRATE, INSERT_BLUR)
     insert = mixing.substrate(unique, INSERT_SUBSTRATE, INSERT_BLUR)
     ends = torch.softmax(model(torch.cat([delete, insert])).float(), dim=1)  # map-free points, per field
-    ranks = metrics.pixel_ranks(metrics._ranking_score(maps, x.shape[1], False))
+    ranks = metrics.pixel_ranks(metrics.ranking_score(maps, x.shape[1], False))
     counts = (fractions.to(dev) * ranks[0].numel()).round().long()
     middle = [(i, j) for i in range(b) for j in range(1, s - 1)]
     rows = torch.tensor([i for i, _ in middle], device=dev, dtype=torch.long)
@@ -112,7 +112,7 @@ def stain_check_rows(model: Forward, x: torch.Tensor, maps: torch.Tensor, target
 def _deletion_probs(model: Forward, x: torch.Tensor, maps: torch.Tensor, fractions: torch.Tensor,
                     chunk: int) -> torch.Tensor:
     """Class probabilities (B, S, K) of the deletion curve's points after the first (the first is left 0)."""
-    ranks = metrics.pixel_ranks(metrics._ranking_score(maps, x.shape[1], False))
+    ranks = metrics.pixel_ranks(metrics.ranking_score(maps, x.shape[1], False))
     sub = mixing.substrate(x, DELETE_SUBSTRATE, INSERT_BLUR)
     counts = (fractions.to(x.device) * ranks[0].numel()).round().long()
     pairs = [(i, j) for i in range(x.shape[0]) for j in range(1, len(fractions))]

@@ -77,7 +77,7 @@ def perturbation_curve(
         raise ValueError(f"mode must be deletion or insertion, got {mode!r}")
     fractions = default_fractions() if fractions is None else fractions
     b, c, h, w = x.shape
-    score = _ranking_score(maps, c, per_channel)
+    score = ranking_score(maps, c, per_channel)
     sub = mixing.substrate(x, substrate, blur_sigma)
     sub = torch.zeros_like(x) if sub is None else sub
     counts = (fractions.to(x.device) * score[0].numel()).round().long()
@@ -112,7 +112,7 @@ def perturbed_probs(model: Forward, x: torch.Tensor, ranks: torch.Tensor, sub: t
     return torch.cat(out) if out else torch.zeros(0, 0, device=x.device)
 
 
-def _ranking_score(maps: torch.Tensor, channels: int, per_channel: bool) -> torch.Tensor:
+def ranking_score(maps: torch.Tensor, channels: int, per_channel: bool) -> torch.Tensor:
     """(B, 1, H, W) joint pixel relevance, or (B, C, H, W) per pixel-channel when per_channel is asked."""
     maps = maps if maps.dim() == 4 else maps[:, None]
     if not per_channel or maps.shape[1] == 1:
@@ -255,6 +255,7 @@ __all__: Sequence[str] = (
     "insertion_auc",
     "perturbation_curve",
     "pixel_auroc",
+    "ranking_score",
     "pointing_game",
     "rank_accuracy",
     "relevance_mass",

@@ -169,8 +169,8 @@ def check_training(out: Path, configs: Sequence) -> None:
 def plate_inputs(cfg, explainer: bool = True) -> Inputs:
     """Every file `pcim explain` reads for this plate (without listing the image folder); `explainer`:
     with explain.explainer and its sidecar."""
-    from pcim_cli.io.images import compile_pattern
-    from pcim_cli.io.labels import _split_pattern
+    from pcim_cli.io.labels import split_pattern
+    from pcim_cli.io.patterns import compile_pattern
 
     found = Inputs()
     found.add_file(cfg.config_path, "the plate's configuration")
@@ -186,7 +186,7 @@ def plate_inputs(cfg, explainer: bool = True) -> Inputs:
         found.add_pattern(Path(cfg.plate.images), compile_pattern(cfg.plate.pattern),
                           "an image file of the plate (plate.images)", "the plate's image folder (plate.images)")
     for kind, pattern in (cfg.plate.objects or {}).items():
-        root, rest = _split_pattern(pattern)
+        root, rest = split_pattern(pattern)
         with contextlib.suppress(ValueError):
             found.add_pattern(root, compile_pattern(rest), f"a label image of the plate (plate.objects.{kind})",
                               f"the plate's label folder (plate.objects.{kind})")
