@@ -11,9 +11,9 @@ Points known without a forward of the map's own image are not recomputed:
   depend on the map: one forward per field, whatever its number of targets (rows of a batch that hold
   the same image, e.g. one field's targets, share it).
 
-The stain check (engine/trivial.py: fine and coarse deletion of the map and of every map without a
-model) shares in the same way: the trivial maps are the field's, so their curves are measured once per
-field and read for each target; their point at 0 is p(target | x). Pure torch, tensors in, tensors out.
+The stain check (engine/trivial.py: the deletion curves of the map and of every map without a model at
+doubling shares of the pixels) shares in the same way: the trivial maps are the field's, so their
+curves are measured once per field and read for each target; their point at 0 is p(target | x). Pure torch, tensors in, tensors out.
 """
 
 from __future__ import annotations
@@ -82,30 +82,26 @@ def deletion_insertion(model: Forward, x: torch.Tensor, maps: torch.Tensor, targ
 def stain_check_rows(model: Forward, x: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
                      prob_original: torch.Tensor, opts: PcimOptions, channels: Sequence[str] | None,
                      rows: Sequence[bool], chunk: int = 64) -> list[dict | None]:
-    """trivial.stain_check of the rows where `rows` is true, per row as {name: [fine, coarse]} (None
-    elsewhere), with the trivial maps' curves measured once per field and p(target | x) not recomputed."""
+    """trivial.stain_check_rows of the rows where `rows` is true ({"fractions": [...], "curves": {name:
+    [p(target) at each fraction]}} on trivial.HALVING; None elsewhere), with the trivial maps' curves
+    measured once per field and p(target | x) not recomputed."""
     out: list[dict | None] = [None] * len(rows)
     idx = [i for i, keep in enumerate(rows) if keep]
     if not idx:
         return out
     x, maps, target = x[idx], maps[idx], target[idx].to(x.device).long()
     p0 = prob_original[idx].to(x.device).float()
-    fine, coarse = trivial.FINE, trivial.COARSE
-    nf, fractions = len(fine), torch.cat([fine, coarse[1:]])
+    fractions = trivial.HALVING
     first, owner = same_image_groups(x)
-
-    def aucs(curve: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        curve[:, 0] = p0
-        return (metrics.curve_auc(curve[:, :nf], fine),
-                metrics.curve_auc(torch.cat([curve[:, :1], curve[:, nf:]], 1), coarse))
-
-    found = {"map": aucs(_deletion_curve(model, x, maps, target, fractions, chunk))}
+    curves = {"map": _deletion_curve(model, x, maps, target, fractions, chunk)}
     unique = x[first]
     for name, m in trivial.candidate_maps(unique, opts, channels).items():  # per field, read per target
         probs = _deletion_probs(model, unique, m, fractions, chunk)[owner.to(x.device)]  # (B, S, K)
-        found[name] = aucs(_read(probs, target))
+        curves[name] = _read(probs, target)
+    shares = [round(float(f), 6) for f in fractions]
     for n, i in enumerate(idx):
-        out[i] = {name: [float(f[n]), float(c[n])] for name, (f, c) in found.items()}
+        out[i] = {"fractions": shares,
+                  "curves": {name: [float(p0[n]), *(float(v) for v in c[n, 1:])] for name, c in curves.items()}}
     return out
 
 
