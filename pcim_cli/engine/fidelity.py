@@ -13,7 +13,8 @@ Points known without a forward of the map's own image are not recomputed:
 
 The stain check (engine/trivial.py: the deletion curves of the map and of every map without a model at
 doubling shares of the pixels) shares in the same way: the trivial maps are the field's, so their
-curves are measured once per field and read for each target; their point at 0 is p(target | x). Pure torch, tensors in, tensors out.
+curves are measured once per field and read for each target; their point at 0 is p(target | x). Pure
+torch, tensors in, tensors out.
 """
 
 from __future__ import annotations
