@@ -65,8 +65,9 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 def gradient_logits(model: Forward, x: torch.Tensor, target: torch.Tensor, delete_sub: torch.Tensor,
-                    shape: tuple[int, ...], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """First logits (shape) from the input gradient of log p(target), and p(target | x) (same forward).
+                    shape: tuple[int, ...], scale: float, return_drop: bool = False):
+    """First logits (shape) from the input gradient of log p(target), and p(target | x) (same forward);
+    with return_drop, also the per-pixel drop itself (B, M, H, W) at the image's resolution.
 
     The logits: relu(grad . (x - sub)), how much deleting each pixel lowers log p to first order, summed
     over channels (or per channel when the logits are per channel), average-pooled onto the logits' grid,
@@ -81,7 +82,10 @@ def gradient_logits(model: Forward, x: torch.Tensor, target: torch.Tensor, delet
             drop = drop.sum(dim=1, keepdim=True)
         pooled = F.adaptive_avg_pool2d(drop, tuple(shape[-2:]))
         peak = pooled.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1, 1)
-        return (scale * pooled / peak).to(x.dtype), log_p.detach().exp()
+        init = (scale * pooled / peak).to(x.dtype)
+        if return_drop:
+            return init, log_p.detach().exp(), drop
+        return init, log_p.detach().exp()
 
 
 def substrate_or_zero(x: torch.Tensor, kind: str, blur_sigma: float) -> torch.Tensor:
