@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compare_formulations import OLD_DEFAULT, SETS, load_set  # noqa: E402
+from compare_formulations import FIXED_BUDGET, OLD_DEFAULT, SETS, TARGETS, load_set  # noqa: E402
 from evalsets.tiled import TiledModel, field_maps  # noqa: E402
 
 from pcim_cli.engine.attribute import attribute  # noqa: E402
@@ -45,14 +45,14 @@ from pcim_cli.engine.trivial import TRIVIAL  # noqa: E402
 from pcim_cli.report import evaluate, object_ranking  # noqa: E402
 
 #: method names of this script that are PCIM with other settings
-PRESETS = {"pcim-old": ("pcim", OLD_DEFAULT)}
+PRESETS = {"pcim-old": ("pcim", OLD_DEFAULT), "pcim-fixed": ("pcim", FIXED_BUDGET)}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 
 def run_set(set_name: str, methods: list[str], n: int, batch: int, device: str = "cpu",
-            results: Path = RESULTS, sanity: bool = True, tag: str = "") -> dict:
-    data = load_set(set_name, n)
+            results: Path = RESULTS, sanity: bool = True, tag: str = "", targets: str = "evidence") -> dict:
+    data = load_set(set_name, n, targets)
     model, x, target = data["model"].to(device), data["x"].to(device), data["target"].to(device)
     fields = [evaluate._Field("-", i, x[i], data["mask"][i].to(device)) for i in range(len(x))]
     opts, tile = PcimOptions(), data.get("tile")
@@ -75,7 +75,10 @@ def run_set(set_name: str, methods: list[str], n: int, batch: int, device: str =
     results.mkdir(parents=True, exist_ok=True)
     suffix = f"_{tag}" if tag else ""
     comp.table.to_csv(results / f"evaluate_{set_name}{suffix}.csv", index=False)
-    doc = {"set": set_name, "name": data["name"], "fields": len(x), "channels": data["channels"],
+    scores = comp.scores.assign(**{"class": [data["classes"][t] for t in comp.scores["target"]],
+                                   "y": [int(data.get("y", data["target"])[i % len(x)]) for i in range(len(comp.scores))]})
+    scores.to_csv(results / f"evaluate_{set_name}{suffix}.scores.csv", index=False)  # one row per (method, map)
+    doc = {"set": set_name, "name": data["name"], "fields": len(x), "targets": targets, "channels": data["channels"],
            "intensity_channel": comp.intensity_channel, "verdicts": [v.to_dict() for v in comp.verdicts],
            "minutes": (time.perf_counter() - t0) / 60, "torch_threads": torch.get_num_threads(), "device": device,
            "finished": time.strftime("%Y-%m-%d %H:%M")}
@@ -155,13 +158,17 @@ def main(argv=None) -> int:
     ap.add_argument("--combine", action="store_true", help="only rebuild evaluate_evalsets.md from the results")
     ap.add_argument("--no-sanity", action="store_true", help="skip the randomised-model check (half the time)")
     ap.add_argument("--tag", default="", help="suffix of the result files, evaluate_<set>[_<tag>].csv")
+    ap.add_argument("--targets", choices=TARGETS, default="evidence",
+                    help="evidence: each field for its marked class; all: fields of every class, each explained "
+                         "for every class (`fields` then counts maps; evaluate_<set>.scores.csv: one row per map, "
+                         "with its target and its field's class)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     methods = [m for m in args.methods.split(",") if m]
     if not args.combine:
         for set_name in args.sets.split(","):
             doc = run_set(set_name, methods, args.n, args.batch, args.device, args.results, not args.no_sanity,
-                          args.tag)
+                          args.tag, args.targets)
             print(f"{set_name}: done in {doc['minutes']:.1f} min", file=sys.stderr, flush=True)
     text = combine(list(SETS), args.results, args.tag)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ SCORES = {
     "pointing_game_3px": ("pointing 3px", True),
     "deletion_auc": ("deletion", False),
     "deletion_fine": ("deletion 2%", False),
+    "deletion_median": ("deletion (median)", False),
     "insertion_auc": ("insertion", True),
 }
 

@@ -303,8 +303,8 @@ class ExplainConfig(_Section):
     budget: float | list[float] | None = _ENGINE.budget
     objective: Literal["keep", "keep-delete"] = _ENGINE.objective
     loss: Literal["ce", "logit"] = _ENGINE.loss
-    keep_substrate: Literal["none", "zero", "mean", "blur"] = _ENGINE.keep_substrate
-    delete_substrate: Literal["none", "zero", "mean", "blur"] = _ENGINE.delete_substrate
+    keep_substrate: Literal["none", "zero", "mean", "median", "blur"] = _ENGINE.keep_substrate
+    delete_substrate: Literal["none", "zero", "mean", "median", "blur"] = _ENGINE.delete_substrate
     blur_sigma: float = Field(_ENGINE.blur_sigma, ge=0)
     entropy: float = Field(_ENGINE.entropy, ge=0)
     tv: float = Field(_ENGINE.tv, ge=0)

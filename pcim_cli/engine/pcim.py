@@ -25,7 +25,7 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 OBJECTIVES = ("keep", "keep-delete")
 LOSSES = ("ce", "logit")
-SUBSTRATES = ("none", "zero", "mean", "blur")
+SUBSTRATES = ("none", "zero", "mean", "median", "blur")
 TIE_BREAKS = ("none", "gradient", "weights")
 
 
@@ -55,12 +55,16 @@ class PcimOptions:
     # more than half of p(target | x) doubles its budget, up to this share (docs/quality-budget.md); None: fixed
     adaptive_budget: float | None = None
     grow_every: int = 6
+    grow_factor: float = 2.0
     # stop growing a map once a doubling lowered the log-odds of p(target | deleted image) by less than this
     # (nats): more budget does not find more evidence (e.g. a class that rests on what is missing)
     grow_min_gain: float = 0.0
-    # a map grows only while it is stuck: those log-odds fell by less than this (nats) since the last check;
-    # None: at every check
-    grow_stuck: float | None = None
+    # which maps grow at a check: `always` (every map whose deletion share is below half), `projected` (only
+    # those whose log-odds of p(target | deleted), falling at their rate since the last check, would not
+    # reach a share of half by the last step)
+    grow_rule: str = "projected"
+    grow_last: int = 12  # no growth in the last this many steps (the final budget gets at least these)
+    grow_start: int = 0  # no growth before this step (0: from the first check, grow_every)
     # > 0: the budget is learnt instead (b = budget * exp(beta), beta in [0, log(adaptive_budget / budget)]),
     # at this price per e-fold of budget added to the loss
     budget_price: float = 0.0
@@ -112,6 +116,8 @@ class PcimOptions:
                 problems.append(f"adaptive_budget must be in (0, 1] or None, got {self.adaptive_budget}")
             elif self.adaptive_budget < max(self.budgets):
                 problems.append(f"adaptive_budget ({self.adaptive_budget}) is below the budget ({self.budget})")
+        if self.grow_rule not in ("always", "projected"):
+            problems.append(f"grow_rule must be always or projected, got {self.grow_rule!r}")
         if self.grow_every < 1:
             problems.append(f"grow_every must be >= 1, got {self.grow_every}")
         if self.tie_break not in TIE_BREAKS:
@@ -405,8 +411,10 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
     if grow:
         budgets = budgets.clone()
         gain_ref = torch.full((b,), float("nan"), dtype=x.dtype, device=x.device)  # share at the last doubling
-        last_share = torch.full((b,), float("nan"), dtype=x.dtype, device=x.device)  # share at the last check
+        last_share = torch.full((b,), float("nan"), dtype=x.dtype, device=x.device)  # log-odds at the last check
         growing = torch.ones(b, dtype=torch.bool, device=x.device)
+        half = (p_original.double() / 2).clamp(min=1e-300)
+        target_odds = (half.log() - torch.log1p(-half)).to(x.dtype)  # log-odds of p(deleted) = p(original) / 2
     if learn:
         beta = torch.zeros(b, dtype=x.dtype, device=x.device)
         beta_max = torch.log(opts.adaptive_budget / budgets)
@@ -485,11 +493,15 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
                     beta[idx] = torch.minimum(beta[idx].clamp(min=0), beta_max[idx])
             else:
                 (grad,) = torch.autograd.grad(loss.sum(), w_a)
-            if grow and not learn and dual and (step + 1) % opts.grow_every == 0:
+            if grow and not learn and dual and (step == 0 or (step + 1) % opts.grow_every == 0):
                 with torch.no_grad():
                     log_p, log_not_p = target_log_probs(logits[n:].detach(), target[idx])
-                    _grow(budgets, growing, gain_ref, last_share, idx,
-                          1 - log_p.exp() / p_original[idx].clamp(min=1e-12), log_p - log_not_p, opts)
+                    odds = (log_p - log_not_p).to(x.dtype)
+                    if step == 0:
+                        last_share[idx] = odds
+                    elif opts.grow_start <= step + 1 <= opts.steps - opts.grow_last:
+                        _grow(budgets, growing, gain_ref, last_share, idx, 1 - log_p.exp() / p_original[idx].clamp(
+                            min=1e-12), odds, target_odds[idx], opts.steps - step - 1, opts)
             with torch.no_grad():
                 adam.step(w, grad, idx, opts.lr * schedule.lr_factor(step, opts.steps, opts.schedule, opts.warmup))
                 taken[idx] += 1
@@ -516,24 +528,28 @@ GROW_BELOW = 0.5
 
 
 def _grow(budgets: torch.Tensor, growing: torch.Tensor, gain_ref: torch.Tensor, last_odds: torch.Tensor,
-          idx: torch.Tensor, share: torch.Tensor, odds: torch.Tensor, opts: PcimOptions) -> None:
+          idx: torch.Tensor, share: torch.Tensor, odds: torch.Tensor, goal: torch.Tensor, remaining: int,
+          opts: PcimOptions) -> None:
     """Double the budget of the rows idx whose deleted image still holds more than half of p(target)
-    (deletion share `share` < GROW_BELOW), up to opts.adaptive_budget. With opts.grow_stuck, only rows
-    whose log-odds of p(target | deleted) (`odds`) fell by less than that since the last check; a row stops
-    growing for good when its last doubling lowered those log-odds by less than opts.grow_min_gain. In place."""
+    (deletion share `share` < GROW_BELOW), up to opts.adaptive_budget. grow_rule `projected`: only rows
+    whose log-odds of p(target | deleted) (`odds`), falling at their rate since the last check
+    (`last_odds`, grow_every steps ago), stay above `goal` (the log-odds of half of p(original)) after the
+    `remaining` steps. A row stops growing for good when its last doubling lowered those log-odds by less
+    than opts.grow_min_gain (nats). In place."""
     share, odds = share.to(budgets.dtype), odds.to(budgets.dtype)
     ref = gain_ref[idx]
     stalled = torch.isfinite(ref) & (ref - odds < opts.grow_min_gain)
     growing[idx] &= ~stalled
     prev = last_odds[idx]
     last_odds[idx] = odds
-    if opts.grow_stuck is None:
+    if opts.grow_rule == "always":
         stuck = torch.ones_like(share, dtype=torch.bool)
     else:
-        stuck = torch.isfinite(prev) & (prev - odds < opts.grow_stuck)
+        rate = (prev - odds) / opts.grow_every  # nats per step, > 0 while the deleted image loses the class
+        stuck = ~(odds - rate.clamp(min=0) * remaining <= goal)
     more = growing[idx] & stuck & (share < GROW_BELOW) & (budgets[idx] < opts.adaptive_budget - 1e-12)
     rows = idx[more]
-    budgets[rows] = (budgets[rows] * 2).clamp(max=opts.adaptive_budget)
+    budgets[rows] = (budgets[rows] * opts.grow_factor).clamp(max=opts.adaptive_budget)
     gain_ref[rows] = odds[more]
 
 
