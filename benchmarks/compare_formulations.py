@@ -43,12 +43,13 @@ DEFAULT = PcimOptions()
 OLD_DEFAULT = dataclasses.replace(DEFAULT, steps=300, lr=0.1, schedule="constant", warmup=0, coarse=0,
                                   init="zero", noise=0.0, beta1=0.9, beta2=0.999)
 
-#: the default before issue 26 (49 steps at lr 0.3 from gradient-init logits, noise 0.02, a FIXED 2 % budget)
-FIXED_BUDGET = dataclasses.replace(DEFAULT, budget=0.02, adaptive_budget=None, tie_break="none")
+#: the default before issue 26 (49 steps at lr 0.3 from gradient-init logits, noise 0.02, a FIXED 2 % budget,
+#: deleted pixels set to the channel mean)
+PREVIOUS_DEFAULT = dataclasses.replace(DEFAULT, budget=0.02, adaptive_budget=None, delete_substrate="mean")
 
 #: refits (engine/budget.fit_adaptive: the fixed-budget fit, then each map whose deleted image still holds the
 #: class refitted with twice the budget, up to 0.32): the opt-in of issue 15, up to 5 fits per map
-REFITS = {"refit-0.32": (FIXED_BUDGET, 0.32)}
+REFITS = {"refit-0.32": (PREVIOUS_DEFAULT, 0.32)}
 
 LADDER = (0.02, 0.05, 0.15)
 
@@ -61,7 +62,7 @@ VARIANTS: dict[str, PcimOptions] = {
     # a budget, keep-only (no deletion half)
     "clamped-keep-blur": PcimOptions(budget=0.05, objective="keep", keep_substrate="blur"),
     "old-default": OLD_DEFAULT,
-    "fixed-budget": FIXED_BUDGET,
+    "previous-default": PREVIOUS_DEFAULT,
     "default": DEFAULT,
     # budget + keep-delete, one budget
     "dual-b02": dataclasses.replace(OLD_DEFAULT, budget=0.02),

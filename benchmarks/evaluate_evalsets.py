@@ -15,7 +15,8 @@ result present is combined into benchmarks/results/evaluate_evalsets[_<tag>].md 
 docs/quality.md and docs/verdicts.md), in the order of the sets, with one line per set saying whether PCIM beats the
 best trivial map on fine and coarse deletion. Sets can run in separate processes (e.g. in parallel);
 `--combine` rebuilds the tables alone.
-`pcim-old` is PCIM with the default before issue 14 (300 steps at a constant lr 0.1 from zero logits).
+`pcim-old` is PCIM with the default before issue 14 (300 steps at a constant lr 0.1 from zero logits),
+`pcim-previous` the default before issue 26 (a fixed 2 % budget, deleted pixels to the channel mean).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/evaluate_evalsets.py --sets demo,demo-resnet,nuclei,nuclei-resnet \
         --n 16 --no-sanity --tag objects                     # the object ranking figures of docs/objects.md
@@ -36,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compare_formulations import FIXED_BUDGET, OLD_DEFAULT, SETS, TARGETS, load_set  # noqa: E402
+from compare_formulations import OLD_DEFAULT, PREVIOUS_DEFAULT, SETS, TARGETS, load_set  # noqa: E402
 from evalsets.tiled import TiledModel, field_maps  # noqa: E402
 
 from pcim_cli.engine.attribute import attribute  # noqa: E402
@@ -45,7 +46,7 @@ from pcim_cli.engine.trivial import TRIVIAL  # noqa: E402
 from pcim_cli.report import evaluate, object_ranking  # noqa: E402
 
 #: method names of this script that are PCIM with other settings
-PRESETS = {"pcim-old": ("pcim", OLD_DEFAULT), "pcim-fixed": ("pcim", FIXED_BUDGET)}
+PRESETS = {"pcim-old": ("pcim", OLD_DEFAULT), "pcim-previous": ("pcim", PREVIOUS_DEFAULT)}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -333,9 +333,9 @@ class ExplainConfig(_Section):
     top_objects: PositiveInt = 3
     # tiled fields: one fit over the whole field (one softmax, the budget spent over the field) or per tile
     tile_maps: Literal["field", "per-tile", "evidence"] = "field"
-    # grow the budget (x2 per refit) until deleting the map's pixels removes half of p(target), up to this
-    # share of the field; null: the fixed budget
-    adaptive_budget: float | None = Field(None, gt=0, le=1)
+    # grow each map's budget within its fit (x2 while deleting the map's pixels leaves more than half of
+    # p(target)) up to this share of the field; null: the fixed budget (engine/schedule.py BudgetGrowth)
+    adaptive_budget: float | None = Field(_ENGINE.adaptive_budget, gt=0, le=1)
 
     @field_validator("budget")
     @classmethod
@@ -537,14 +537,6 @@ class RunConfig(_Section):
             problems.append(("explain.intensity_channel", f"{channel!r} is not in plate.channels "
                              f"({', '.join(self.plate.channels)}); use one of them or auto"
                              + _did_you_mean(channel, list(self.plate.channels))))
-        budget = self.explain.budget
-        if self.explain.adaptive_budget is not None:
-            if not isinstance(budget, (int, float)):
-                problems.append(("explain.adaptive_budget", "grows one budget: set explain.budget to one share "
-                                 f"(it is {budget}), or adaptive_budget to null"))
-            elif budget > self.explain.adaptive_budget:
-                problems.append(("explain.adaptive_budget", f"{self.explain.adaptive_budget} is below explain.budget "
-                                 f"({budget}): give the largest share the budget may grow to"))
         compute = self.compute
         if compute.cluster == "address" and not compute.address:
             problems.append(("compute.address", "required with compute.cluster: address "

@@ -47,7 +47,8 @@ explain:
   fidelity: true                    # deletion / insertion AUC of every map into the CSV
   top_objects: 3                    # plate.objects: top objects per field deleted together and outlined
   tile_maps: field                  # tiled fields: one map over the field | per-tile | evidence
-  adaptive_budget: null             # e.g. 0.32: grow the budget until deleting the map removes the class
+  adaptive_budget: 0.32             # each map's budget (2 %) doubles while deleting it leaves the class, up to
+                                    #   this share; null: fixed
 compute:
   cluster: local                    # none | local | address | scheduler-file | slurm
   address: null                     # cluster: address (tcp://host:8786; or DASK_SCHEDULER_ADDRESS)

@@ -89,7 +89,7 @@ def substrate(x: torch.Tensor, kind: str, blur_sigma: float) -> torch.Tensor | N
         return torch.zeros_like(x)
     if kind == "mean":
         return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
-    if kind == "median":
+    if kind == "median":  # torch's median: the lower of the two middle values of an even count
         return x.flatten(2).median(dim=2).values[..., None, None].expand_as(x)
     if kind == "blur":
         return gaussian_blur(x, blur_sigma)

@@ -26,7 +26,6 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 OBJECTIVES = ("keep", "keep-delete")
 LOSSES = ("ce", "logit")
 SUBSTRATES = ("none", "zero", "mean", "median", "blur")
-TIE_BREAKS = ("none", "gradient", "weights")
 
 
 @dataclass(frozen=True)
@@ -51,30 +50,16 @@ class PcimOptions:
     beta2: float = 0.999
     # share of the image a map may keep; several: one fit per budget, maps averaged; None: paper's n*alpha
     budget: float | tuple[float, ...] | None = 0.02
-    # grow each map's budget within its fit: every `grow_every` steps, a map whose deleted image still holds
-    # more than half of p(target | x) doubles its budget, up to this share (docs/quality-budget.md); None: fixed
-    adaptive_budget: float | None = None
-    grow_every: int = 6
-    grow_factor: float = 2.0
-    # stop growing a map once a doubling lowered the log-odds of p(target | deleted image) by less than this
-    # (nats): more budget does not find more evidence (e.g. a class that rests on what is missing)
-    grow_min_gain: float = 0.0
-    # which maps grow at a check: `always` (every map whose deletion share is below half), `projected` (only
-    # those whose log-odds of p(target | deleted), falling at their rate since the last check, would not
-    # reach a share of half by the last step)
-    grow_rule: str = "projected"
-    grow_last: int = 12  # no growth in the last this many steps (the final budget gets at least these)
-    grow_start: int = 0  # no growth before this step (0: from the first check, grow_every)
-    # > 0: the budget is learnt instead (b = budget * exp(beta), beta in [0, log(adaptive_budget / budget)]),
-    # at this price per e-fold of budget added to the loss
-    budget_price: float = 0.0
-    # pixels the map leaves at 0 (past the budget): ranked by `gradient` (the first-order relevance of the
-    # gradient init) or `weights` (the fit's own weights below their median), far below every kept pixel
-    tie_break: str = "none"
+    # grow each map's budget within its one fit, up to this share: from step 12, every 6 steps, a map whose
+    # deleted image still holds more than half of p(target | x) doubles its budget (schedule.BudgetGrowth;
+    # docs/defaults.md "Evidence larger than the budget"). None: the budget stays fixed
+    adaptive_budget: float | None = 0.32
     objective: str = "keep-delete"  # keep: kept image keeps the class; keep-delete: and deleting it loses it
     loss: str = "ce"  # ce: capped log-probabilities; logit: raw target logit (uncapped)
     keep_substrate: str = "blur"  # what the kept image shows where the mask is off
-    delete_substrate: str = "mean"  # what deleted pixels become
+    # what deleted pixels become: the channel's median (the background while the evidence covers less than
+    # half of the image; the mean drifts towards large evidence, e.g. dense nuclei)
+    delete_substrate: str = "median"
     blur_sigma: float = 8.0  # pixels, for a blur substrate
     entropy: float = 0.0  # weight of the normalised entropy of alpha (lower = more concentrated)
     tv: float = 0.0  # weight of the total variation of the mixing weights
@@ -109,19 +94,8 @@ class PcimOptions:
             problems.append(f"resolution must be >= 1, got {self.resolution}")
         if self.budget is not None and not all(0 < b <= 1 for b in self.budgets):
             problems.append(f"budget must be in (0, 1] (one value or several) or None, got {self.budget}")
-        if self.adaptive_budget is not None:
-            if self.budget is None:
-                problems.append("adaptive_budget grows a budget: it needs budget (a share), not None")
-            elif not 0 < self.adaptive_budget <= 1:
-                problems.append(f"adaptive_budget must be in (0, 1] or None, got {self.adaptive_budget}")
-            elif self.adaptive_budget < max(self.budgets):
-                problems.append(f"adaptive_budget ({self.adaptive_budget}) is below the budget ({self.budget})")
-        if self.grow_rule not in ("always", "projected"):
-            problems.append(f"grow_rule must be always or projected, got {self.grow_rule!r}")
-        if self.grow_every < 1:
-            problems.append(f"grow_every must be >= 1, got {self.grow_every}")
-        if self.tie_break not in TIE_BREAKS:
-            problems.append(f"tie_break must be one of {TIE_BREAKS}, got {self.tie_break!r}")
+        if self.adaptive_budget is not None and not 0 < self.adaptive_budget <= 1:
+            problems.append(f"adaptive_budget must be in (0, 1] or None, got {self.adaptive_budget}")
         if self.objective not in OBJECTIVES:
             problems.append(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.loss not in LOSSES:
@@ -334,31 +308,27 @@ def fit_pcim(
         else None
     plan = [(opts.resolution, opts.steps)] if init is not None else \
         schedule.phases(opts.steps, opts.resolution, opts.coarse, opts.coarse_share)
-    drop = None
     with _FrozenModel(model):
         if init is None and opts.init == "gradient":  # the same forward gives p(target | x)
             shape = mixing.weight_shape(x.shape, opts.per_channel, plan[0][0])
             del_sub = schedule.substrate_or_zero(x, opts.delete_substrate, opts.blur_sigma)
-            init, prob_original, drop = schedule.gradient_logits(model, x, target, del_sub, shape, opts.init_scale,
-                                                                 return_drop=True)
+            init, prob_original = schedule.gradient_logits(model, x, target, del_sub, shape, opts.init_scale)
         else:
             with torch.no_grad():
                 prob_original = target_log_probs(model(x), target)[0].exp()
-        if drop is None and opts.tie_break == "gradient":  # one more pass when the fit did not start from it
-            del_sub = schedule.substrate_or_zero(x, opts.delete_substrate, opts.blur_sigma)
-            shape = mixing.weight_shape(x.shape, opts.per_channel, opts.resolution)
-            drop = schedule.gradient_logits(model, x, target, del_sub, shape, opts.init_scale, return_drop=True)[2]
         w0 = None if init is None else init.detach().to(x.device, x.dtype).repeat(k, 1, 1, 1)
-        w, p_kept, p_deleted, loss, steps, budgets = _fit_rows(
-            model, x.repeat(k, 1, 1, 1), target.repeat(k), seeds.repeat(k), budgets, opts, plan, w0,
-            prob_original.detach().to(x.dtype).repeat(k))
+        growth = None
+        if budgets is not None and opts.adaptive_budget is not None:
+            growth = schedule.BudgetGrowth(budgets, prob_original.detach().to(x.dtype).repeat(k),
+                                           opts.adaptive_budget, opts.steps)
+        w, p_kept, p_deleted, loss, steps = _fit_rows(
+            model, x.repeat(k, 1, 1, 1), target.repeat(k), seeds.repeat(k), budgets, opts, plan, w0, growth)
+    if growth is not None:
+        budgets = growth.budgets
     maps = attribution_map(w, (h, wd), budgets)
     maps = maps.view(k, b, *maps.shape[1:]).mean(0)
-    contrast = deletion_contrast(x, opts) if opts.map_contrast else None
-    if contrast is not None:
-        maps = maps * contrast
-    if opts.tie_break != "none":
-        maps = break_ties(maps, _tail(opts.tie_break, w, drop, (h, wd), k, b, contrast, x, opts))
+    if opts.map_contrast:
+        maps = maps * deletion_contrast(x, opts)
     return PcimResult(
         maps=maps,
         prob_original=prob_original,
@@ -370,55 +340,16 @@ def fit_pcim(
     )
 
 
-def _tail(kind: str, w: torch.Tensor, drop: torch.Tensor | None, size: tuple[int, int], k: int, b: int,
-          contrast: torch.Tensor | None, x: torch.Tensor, opts: PcimOptions) -> torch.Tensor:
-    """The ranking of the pixels past the budget (B, M, H, W), >= 0: `gradient`: the gradient init's
-    first-order drop of log p(target) per pixel (computed here when the fit did not start from it);
-    `weights`: the fit's own weights n * alpha (below their median too), times the map contrast."""
-    if kind == "gradient":
-        return drop.to(x.dtype)
-    with torch.no_grad():
-        rel = mixing.upsample(mixing.pixel_softmax(w) * w[0].numel(), size)
-        rel = rel.view(k, b, *rel.shape[1:]).mean(0)
-        return rel * contrast if contrast is not None else rel
-
-
-def break_ties(maps: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-    """maps, with the pixels at 0 ranked among themselves by `tail`, all below every positive pixel.
-
-    Each image's tail is scaled into (0, half the image's smallest positive map value], so the order of
-    the map's own pixels is untouched and only its ties at 0 are broken (a map without any positive
-    pixel is ranked by the tail alone)."""
-    b = maps.shape[0]
-    flat, t = maps.flatten(1), tail.expand_as(maps).flatten(1).clamp(min=0)
-    pos = torch.where(flat > 0, flat, torch.full_like(flat, float("inf"))).amin(1)
-    floor = torch.where(torch.isfinite(pos), 0.5 * pos, torch.ones_like(pos))
-    scale = floor / t.amax(1).clamp(min=torch.finfo(t.dtype).tiny)
-    out = torch.where(flat > 0, flat, t * scale[:, None])
-    return out.view_as(maps) if b else maps
-
-
 def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torch.Tensor,
               budgets: torch.Tensor | None, opts: PcimOptions, plan: list[tuple[int, int]],
-              w0: torch.Tensor | None, p_original: torch.Tensor | None = None):
+              w0: torch.Tensor | None, growth: schedule.BudgetGrowth | None = None):
     """The Adam loop over rows of x, each row with its own logits, target, seed and budget; `plan` gives
-    the (resolution, steps) of each phase, w0 the first logits (at the first phase's resolution).
-    With opts.adaptive_budget, each row's budget grows during the fit (`_grow`; p_original (B,) needed).
-    Returns (logits, p(kept), p(deleted), last loss, steps taken, each row's final budget or None)."""
+    the (resolution, steps) of each phase, w0 the first logits (at the first phase's resolution). With
+    `growth`, each row's budget is growth.budgets, which grows during the fit (schedule.BudgetGrowth), read
+    from the deleted images each step sends anyway: no extra pass."""
     b, _, h, wd = x.shape
-    grow = opts.adaptive_budget is not None and budgets is not None and p_original is not None
-    learn = grow and opts.budget_price > 0
-    if grow:
-        budgets = budgets.clone()
-        gain_ref = torch.full((b,), float("nan"), dtype=x.dtype, device=x.device)  # share at the last doubling
-        last_share = torch.full((b,), float("nan"), dtype=x.dtype, device=x.device)  # log-odds at the last check
-        growing = torch.ones(b, dtype=torch.bool, device=x.device)
-        half = (p_original.double() / 2).clamp(min=1e-300)
-        target_odds = (half.log() - torch.log1p(-half)).to(x.dtype)  # log-odds of p(deleted) = p(original) / 2
-    if learn:
-        beta = torch.zeros(b, dtype=x.dtype, device=x.device)
-        beta_max = torch.log(opts.adaptive_budget / budgets)
-        beta_adam = _Adam(beta, (opts.beta1, opts.beta2))
+    if growth is not None:
+        budgets = growth.budgets
     keep_sub = mixing.substrate(x, opts.keep_substrate, opts.blur_sigma)
     del_sub = mixing.substrate(x, opts.delete_substrate, opts.blur_sigma)
     if del_sub is None:
@@ -442,13 +373,10 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
             stacked.extend([torch.cat([x, x]), torch.cat([keep_sub, del_sub])])
         return stacked[0], stacked[1]
 
-    def mixed(w_a, idx, step=None, with_deleted=dual, beta_a=None):
+    def mixed(w_a, idx, step=None, with_deleted=dual):
         """The model's input for the rows idx: kept images, then deleted ones (when asked for); step
         None = no noise (final evaluation)."""
-        bud = None if budgets is None else budgets[idx]
-        if beta_a is not None:
-            bud = bud * beta_a.exp()
-        m_low = mixing.mixing_weights(w_a, bud)
+        m_low = mixing.mixing_weights(w_a, None if budgets is None else budgets[idx])
         m = mixing.upsample(m_low, (h, wd))
         noisy = opts.noise > 0 and step is not None
         if with_deleted and keep_sub is not None and not noisy:
@@ -479,29 +407,14 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
             if idx.numel() == 0:
                 break
             w_a = w[idx].clone().requires_grad_(True)
-            beta_a = beta[idx].clone().requires_grad_(True) if learn else None
-            m_low, batch = mixed(w_a, idx, step, beta_a=beta_a)
+            m_low, batch = mixed(w_a, idx, step)
             logits = model(batch)
             n = idx.numel()
             loss = _objective(logits[:n], logits[n:] if dual else None, target[idx], opts)
             loss = loss + _regularisers(w_a, m_low, opts)
-            if learn:
-                loss = loss + opts.budget_price * beta_a
-                grad, grad_beta = torch.autograd.grad(loss.sum(), [w_a, beta_a])
-                with torch.no_grad():
-                    beta_adam.step(beta, grad_beta, idx, opts.lr)
-                    beta[idx] = torch.minimum(beta[idx].clamp(min=0), beta_max[idx])
-            else:
-                (grad,) = torch.autograd.grad(loss.sum(), w_a)
-            if grow and not learn and dual and (step == 0 or (step + 1) % opts.grow_every == 0):
-                with torch.no_grad():
-                    log_p, log_not_p = target_log_probs(logits[n:].detach(), target[idx])
-                    odds = (log_p - log_not_p).to(x.dtype)
-                    if step == 0:
-                        last_share[idx] = odds
-                    elif opts.grow_start <= step + 1 <= opts.steps - opts.grow_last:
-                        _grow(budgets, growing, gain_ref, last_share, idx, 1 - log_p.exp() / p_original[idx].clamp(
-                            min=1e-12), odds, target_odds[idx], opts.steps - step - 1, opts)
+            (grad,) = torch.autograd.grad(loss.sum(), w_a)
+            if growth is not None and dual and growth.due(step):
+                growth.update(idx, *target_log_probs(logits[n:].detach(), target[idx]))
             with torch.no_grad():
                 adam.step(w, grad, idx, opts.lr * schedule.lr_factor(step, opts.steps, opts.schedule, opts.warmup))
                 taken[idx] += 1
@@ -514,43 +427,11 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
                     active[idx] = since_best[idx] < opts.patience
             step += 1
 
-    if learn:
-        budgets = budgets * beta.exp()
     with torch.no_grad():
         _, batch = mixed(w, torch.arange(b, device=x.device), with_deleted=True)
         log_p, _ = target_log_probs(model(batch), target.repeat(2))
         p = log_p.exp()
-    return w, p[:b], p[b:], last_loss, taken, budgets
-
-
-#: a map whose deletion share (1 - p(deleted) / p(original)) is below this grows its budget
-GROW_BELOW = 0.5
-
-
-def _grow(budgets: torch.Tensor, growing: torch.Tensor, gain_ref: torch.Tensor, last_odds: torch.Tensor,
-          idx: torch.Tensor, share: torch.Tensor, odds: torch.Tensor, goal: torch.Tensor, remaining: int,
-          opts: PcimOptions) -> None:
-    """Double the budget of the rows idx whose deleted image still holds more than half of p(target)
-    (deletion share `share` < GROW_BELOW), up to opts.adaptive_budget. grow_rule `projected`: only rows
-    whose log-odds of p(target | deleted) (`odds`), falling at their rate since the last check
-    (`last_odds`, grow_every steps ago), stay above `goal` (the log-odds of half of p(original)) after the
-    `remaining` steps. A row stops growing for good when its last doubling lowered those log-odds by less
-    than opts.grow_min_gain (nats). In place."""
-    share, odds = share.to(budgets.dtype), odds.to(budgets.dtype)
-    ref = gain_ref[idx]
-    stalled = torch.isfinite(ref) & (ref - odds < opts.grow_min_gain)
-    growing[idx] &= ~stalled
-    prev = last_odds[idx]
-    last_odds[idx] = odds
-    if opts.grow_rule == "always":
-        stuck = torch.ones_like(share, dtype=torch.bool)
-    else:
-        rate = (prev - odds) / opts.grow_every  # nats per step, > 0 while the deleted image loses the class
-        stuck = ~(odds - rate.clamp(min=0) * remaining <= goal)
-    more = growing[idx] & stuck & (share < GROW_BELOW) & (budgets[idx] < opts.adaptive_budget - 1e-12)
-    rows = idx[more]
-    budgets[rows] = (budgets[rows] * opts.grow_factor).clamp(max=opts.adaptive_budget)
-    gain_ref[rows] = odds[more]
+    return w, p[:b], p[b:], last_loss, taken
 
 
 def deletion_contrast(x: torch.Tensor, opts: PcimOptions) -> torch.Tensor:

@@ -37,7 +37,7 @@ from pcim_cli import __version__
 from pcim_cli.engine import field as field_maps
 from pcim_cli.engine import metrics, tiling, trivial
 from pcim_cli.engine.attribute import attribute
-from pcim_cli.engine.budget import fit_adaptive, fit_quality
+from pcim_cli.engine.budget import fit_quality
 from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
 from pcim_cli.io import images, signature, store, summary
@@ -90,7 +90,6 @@ class WellTask(BaseModel):
     field_size: tuple[int, int] | None = None  # (H, W) of the plate's fields; a field of another size fails
     aggregate: str = "mean-logit"  # how a tiled field's prediction is made (model.aggregate)
     tile_maps: str = "field"  # one fit over a tiled field's pixels, or per tile (explain.tile_maps)
-    adaptive_budget: float | None = None  # grow the budget up to this share until the class is lost; None: fixed
     method: str = "pcim"
     engine: dict[str, Any]
     explainer_path: str | None = None  # pcim-amortised: the trained explainer (checked by the driver)
@@ -508,11 +507,8 @@ class _Batcher:
         tt = torch.tensor([task.classes.index(u.field.targets[u.k]) for u in chunk], device=self.device)
         seeds = torch.tensor([field_seed(opts.seed, task.well, u.field.files.site, u.field.targets[u.k])
                               + max(u.tile, 0) for u in chunk])
-        if task.adaptive_budget is not None and task.method == "pcim":
-            result, budgets = fit_adaptive(forward, x, tt, opts, seeds=seeds, max_budget=task.adaptive_budget)
-            result.budget = budgets
-        else:
-            result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
+        # PCIM grows each map's budget within its fit (explain.adaptive_budget); result.budget says where it ended
+        result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
         dele = ins = [float("nan")] * len(chunk)
         checks: list[dict | None] = [None] * len(chunk)
         if task.fidelity:  # perturbed images in forward batches no larger than the fit's
@@ -608,7 +604,7 @@ def _take(queue: list[_Unit], images: int) -> list[_Unit]:
 
 def _unit_stats(result, j: int, dele: float, ins: float, check: dict | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {k: float(getattr(result, k)[j]) for k in _STATS}
-    budget = getattr(result, "budget", None)
+    budget = result.budget
     if budget is not None:
         out["budget"] = float(budget[j])
     out.update(deletion_auc=float(dele), insertion_auc=float(ins), steps=int(result.steps[j]))
