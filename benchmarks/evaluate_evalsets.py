@@ -76,8 +76,9 @@ def run_set(set_name: str, methods: list[str], n: int, batch: int, device: str =
     results.mkdir(parents=True, exist_ok=True)
     suffix = f"_{tag}" if tag else ""
     comp.table.to_csv(results / f"evaluate_{set_name}{suffix}.csv", index=False)
+    y = data.get("y", data["target"])
     scores = comp.scores.assign(**{"class": [data["classes"][t] for t in comp.scores["target"]],
-                                   "y": [int(data.get("y", data["target"])[i % len(x)]) for i in range(len(comp.scores))]})
+                                   "y": [int(y[i % len(x)]) for i in range(len(comp.scores))]})
     scores.to_csv(results / f"evaluate_{set_name}{suffix}.scores.csv", index=False)  # one row per (method, map)
     doc = {"set": set_name, "name": data["name"], "fields": len(x), "targets": targets, "channels": data["channels"],
            "intensity_channel": comp.intensity_channel, "verdicts": [v.to_dict() for v in comp.verdicts],

@@ -10,8 +10,9 @@ variant with the reference on the same (field, class) maps and prints, per set a
 fields of that class; other: fields of another class), the mean of each score, and for the other variants
 the paired mean difference ± its standard error: **bold** better by more than two standard errors, ⚠ worse
 by more than two (and by more than 0.005). Localisation scores exist only where a mask marks the class's
-evidence. `fit` counts the PCIM_Fit labels (engine/budget.py) of the maps; `budget` is the mean share the
-maps ended with.
+evidence. p(del)/p(orig): p(target) of the deleted image over that of the field, for the maps whose class
+is present (p(original) >= 0.01). `ok / weak / failed` counts the PCIM_Fit labels (engine/budget.py) of
+the maps (others, e.g. `absent`, are listed after them); `budget` is the mean share the maps ended with.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: p(original) below which a class is absent from a field (PCIM_Fit `absent`; engine/schedule.GROW_MIN_P)
+ABSENT = 0.01
 #: the sets of the decision, in table order
 SETS = ("demo", "demo-resnet", "nuclei", "nuclei-resnet", "nuclei-confident", "ihc", "demo-tiled", "density",
         "density-whole")
@@ -65,6 +68,14 @@ def _cell(ref: pd.Series, other: pd.Series, higher: bool) -> str:
     return text
 
 
+def _share(rows: pd.DataFrame) -> pd.Series | None:
+    """p(deleted) / p(original) of the maps whose class is not absent (p(original) >= 0.01: below, the
+    ratio of two tiny probabilities says nothing); None without fit statistics."""
+    if "prob_deleted" not in rows:
+        return None
+    return (rows["prob_deleted"] / rows["prob_original"]).where(rows["prob_original"] >= ABSENT)
+
+
 def _fit_counts(rows: pd.DataFrame) -> str:
     if "fit" not in rows:
         return "–"
@@ -73,7 +84,9 @@ def _fit_counts(rows: pd.DataFrame) -> str:
         f" +{int(v)} {k}" for k, v in counts.items() if k not in ("ok", "weak", "failed", ""))
 
 
-def table(results: Path, ref: str, sets: list[str] | None = None, variants: list[str] | None = None) -> str:
+def table(results: Path, ref: str, sets: list[str] | None = None, variants: list[str] | None = None,
+          own: bool | None = None) -> str:
+    """The paired table; own True / False: only the maps of the fields' own class / of the other classes."""
     frames = []
     for s in sets or SETS:
         path = results / f"quality_budget_{s}.images.csv"
@@ -94,23 +107,23 @@ def table(results: Path, ref: str, sets: list[str] | None = None, variants: list
     for s in dict.fromkeys(df["set"]):
         d = df[df["set"] == s]
         for target in sorted(d["target"].unique()):
-            for own in (True, False):
-                g = d[(d["target"] == target) & ((d["y"] == target) == own)]
+            for is_own in (True, False) if own is None else (own,):
+                g = d[(d["target"] == target) & ((d["y"] == target) == is_own)]
                 if g.empty:
                     continue
                 cls = g["class"].iloc[0]
-                label = f"{cls} ({'own' if own else 'other'})"
+                label = f"{cls} ({'own' if is_own else 'other'})"
                 r = g[g["method"] == ref].set_index(["image"])
-                r_share = (r["prob_deleted"] / r["prob_original"]).clip(upper=10) if "prob_deleted" in r else None
+                r_share = _share(r)
                 cells = [f"{r[c].mean():.3f}" if r[c].notna().any() else "–" for c in scores]
-                share = "–" if r_share is None else f"{r_share.mean():.3f}"
+                share = "–" if r_share is None or r_share.isna().all() else f"{r_share.mean():.3f}"
                 budget = f"{r['budget'].mean():.3f}" if "budget" in r and r["budget"].notna().any() else "–"
                 lines.append(f"| {s} | {label} | {ref} | {len(r)} | " + " | ".join(cells)
                              + f" | {share} | {_fit_counts(r)} | {budget} |")
                 for m in others:
                     o = g[g["method"] == m].set_index(["image"])
                     cells = [_cell(r[c], o[c], SCORES[c][1]) if r[c].notna().any() else "–" for c in scores]
-                    o_share = (o["prob_deleted"] / o["prob_original"]).clip(upper=10) if "prob_deleted" in o else None
+                    o_share = _share(o)
                     share = "–" if o_share is None or r_share is None else _cell(r_share, o_share, False)
                     budget = f"{o['budget'].mean():.3f}" if "budget" in o and o["budget"].notna().any() else "–"
                     lines.append(f"| | | {m} | {len(o)} | " + " | ".join(cells)
@@ -136,7 +149,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         args.results.mkdir(parents=True, exist_ok=True)
         run(sets, variants, args.n, args.batch, args.results)
-    text = table(args.results, args.ref, sets, variants)
+    text = ("## The fields' own class (explain.target: predicted)\n\n"
+            + table(args.results, args.ref, sets, variants, True)
+            + "\n## The other classes (explain.target: all)\n\n"
+            + table(args.results, args.ref, sets, variants, False))
     (args.results / "quality_budget.md").write_text(text)
     print(text)
     return 0

@@ -35,7 +35,8 @@ from .nuclei import DataUnavailableError, nuclei
 
 SETS = {"demo": demo, "nuclei": nuclei, "ihc": ihc, "density": density}
 
-__all__ = ["load", "demo", "nuclei", "ihc", "density", "confident", "cache_dir", "DataUnavailableError", "SETS", "VERSION"]
+__all__ = ["load", "demo", "nuclei", "ihc", "density", "confident", "cache_dir", "DataUnavailableError", "SETS",
+           "VERSION"]
 
 
 def load(name: str, **kw) -> dict:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import _common as C
-from .nuclei import _label_boxes, stardist_data
+from .nuclei import _dihedral_np, _label_boxes, stardist_data
 
 CLASSES = ("sparse", "medium", "dense")
 CHANNELS = ("DNA",)
@@ -73,12 +73,6 @@ def nucleus_library() -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
 
 def label_of(share: float) -> int:
     return int(share >= BOUNDS[0]) + int(share >= BOUNDS[1])
-
-
-def _dihedral_np(a: np.ndarray, op: int) -> np.ndarray:
-    if op >= 4:
-        a = a[..., ::-1]
-    return np.ascontiguousarray(np.rot90(a, op % 4, axes=(-2, -1)))
 
 
 def make_field(rng, library, size: int, cls: int):
