@@ -1,7 +1,8 @@
 """One error root for everything pcim reports to a user; each class carries its exit code.
 
 Subclasses also inherit the built-in error they resemble, so library callers can catch either.
-Only `cli.py` turns these into exit codes (shared/DESIGN.md §3.4).
+Only the CLI (pcim_cli/cli/) turns these into exit codes (docs/reference/exit-codes.md); exit 2 (a usage
+error) comes from the command-line parser itself.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import reprlib
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
-EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_DATA = 65
 EXIT_TEMPFAIL = 75
@@ -78,6 +78,28 @@ def shown(value: object) -> str:
     if isinstance(value, str) and value.strip() and len(value) < 40 and _NUMBER.fullmatch(value.strip()):
         return value.strip()
     return short(value)
+
+
+def clip(text: str, width: int) -> str:
+    """`text` in at most `width` characters, cut at a word boundary and ended with '…' when cut (a table
+    cell never ends mid-word)."""
+    text = str(text)
+    if len(text) <= width:
+        return text
+    cut = text[: max(1, width - 1)]
+    space = cut.rfind(" ")
+    if space > width // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ;,:(") + "…"
+
+
+def unplaced(well: str, site: object, error: str) -> str:
+    """`error` without its leading "A01 site 2:" (or "A01:"), for a line that names the field itself."""
+    error = str(error)
+    for place in (f"{well} site {site}:", f"{well}:"):
+        if error.startswith(place):
+            return error[len(place):].lstrip()
+    return error
 
 
 _OS_REASONS = {

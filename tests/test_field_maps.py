@@ -17,7 +17,7 @@ import pytest
 import tifffile
 import torch
 import yaml
-from plate_factory import run_pcim
+from cli_runner import run_pcim
 
 from pcim_cli.io import store
 
@@ -73,6 +73,7 @@ def quadrant_mass(maps: np.ndarray) -> tuple[float, float]:
     return float(m[:h, :h].sum()), float(m[h:, h:].sum())
 
 
+@pytest.mark.slow
 def test_one_map_per_field_gives_the_tile_with_three_objects_more_mass_than_the_tile_with_one(tmp_path):
     plate = make_plate(tmp_path, {"A01": objects_field(THREE_AND_ONE)})
     proc = run_pcim("explain", str(plate), "--json")
@@ -94,6 +95,7 @@ def test_one_map_per_field_gives_the_tile_with_three_objects_more_mass_than_the_
     assert three_pt < 2 * one_pt, (three_pt, one_pt)
 
 
+@pytest.mark.slow
 def test_model_aggregate_decides_the_field_prediction_and_the_record_keeps_every_tile(tmp_path):
     # tile logits: 3 objects ~ +3.9 (p 0.98), 1 object ~ +0.3 (p 0.57), empty -1.5 (p 0.18) twice:
     # mean probability 0.48 -> neg; mean logit +0.3 -> pos
@@ -129,6 +131,7 @@ DENSE = [(y, x) for y in range(8, SIZE, 16) for x in range(8, SIZE, 16)]  # 49 o
 PREVIOUS = ("--set", "explain.adaptive_budget=null", "--set", "explain.delete_substrate=mean")
 
 
+@pytest.mark.slow
 def test_the_budget_grows_until_deleting_the_map_removes_dense_evidence(tmp_path):
     """A dense field (49 objects, ~11 % of it): the default fit's budget grows within the fit until deleting
     the map's pixels removes the class; the previous default (--set line) fails on it and says why, once."""
@@ -161,6 +164,7 @@ def test_the_budget_grows_until_deleting_the_map_removes_dense_evidence(tmp_path
     assert dense.sum(0)[objects].sum() > 0.9 * dense.sum()  # the grown map is on the objects
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregate", ["whole-field"])
 def test_whole_field_runs_the_model_on_the_untiled_field(tmp_path, aggregate):
     plate = make_plate(tmp_path, {"A01": objects_field(THREE_AND_ONE)}, model={"aggregate": aggregate},
@@ -172,6 +176,7 @@ def test_whole_field_runs_the_model_on_the_untiled_field(tmp_path, aggregate):
     assert record["predicted_class"] == "pos" and maps.shape == (1, SIZE, SIZE) and maps.max() > 0
 
 
+@pytest.mark.slow
 def test_validate_says_what_explain_will_do(tmp_path):
     plate = make_plate(tmp_path, {"A01": objects_field(THREE_AND_ONE), "A02": objects_field(DENSE)},
                        explain={"target": "layout:expected"}, model={"aggregate": "mean-logit"})

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pcim_cli.engine import metrics, mixing
-from pcim_cli.engine.budget import fit_quality
+from pcim_cli.engine.verdict import fit_quality
 from pcim_cli.engine.pcim import PcimOptions, fit_pcim
 
 SIZE = 64
@@ -129,7 +129,7 @@ def test_sparse_evidence_keeps_the_fixed_budget_and_its_map():
 
 def test_adaptive_budget_is_a_share_and_only_ever_raises_the_budget(dense):
     model, x, _, target = dense
-    with pytest.raises(ValueError, match="adaptive_budget must be in"):
+    with pytest.raises(ValueError, match="adaptive_budget must be"):
         PcimOptions(adaptive_budget=1.5)
     # a budget at or above the limit never grows; the paper's un-budgeted form has nothing to grow
     at_limit = fit_pcim(model, x, target, PcimOptions(budget=0.05, adaptive_budget=0.04))

@@ -1,4 +1,4 @@
-"""The OME-Zarr HCS attribution store (shared/DESIGN.md §3.2).
+"""The OME-Zarr HCS attribution store (docs/reference/store.md): where each field lives, its writers and readers.
 
 Layout: ``{store}/{row}/{col}/{field}/{level}``, e.g. ``A/1/0/0``, NGFF 0.5 (Zarr v3, metadata under the
 ``ome`` attribute key) by default, or NGFF 0.4 (Zarr v2, metadata at the top level of the attributes).
@@ -16,17 +16,27 @@ with the plate metadata when the store is created) names that plate; io/ownershi
 anything is written.
 
 Damaged metadata (a ``zarr.json`` that is not JSON any more) never stops a reader: a field whose group
-metadata cannot be read has the record ``{"status": "damaged", ...}`` and is redone by the next run.
+metadata cannot be read has the record ``{"status": "damaged", ...}`` and is redone by the next run. So
+has a field whose record says done but whose map arrays cannot be opened or lack chunk files
+(:func:`map_arrays_problem`: one metadata read per array and one listing of its folder; the maps
+themselves are not read). Map arrays are written with every chunk, empty ones included, so a missing
+chunk file always means damage.
+
+A field group may hold more than pcim wrote (a label layer drawn in napari): rewriting a field replaces
+only what pcim owns there — its map levels, its object tables, the label images of its own object kinds
+and the group's metadata (:func:`_clear_field`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,23 +44,26 @@ import zarr
 
 from pcim_cli import __version__
 from pcim_cli.errors import OutputError, os_reason
+from pcim_cli.io.ngff import (
+    BAD_METADATA,
+    DAMAGE_ERRORS,
+    array_options,
+    check_maps,
+    format_of,
+    image_attrs,
+    jsonable,
+    ome_attrs,
+    ome_metadata,
+    pyramid,
+    set_ome,
+    zarr_version,
+)
 from pcim_cli.io.plate import parse_well, row_letter
 from pcim_cli.io.plate import row_index as plate_row_index
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("0.5", "0.4")
 RECORD_KEY = "pcim"
-PYRAMID_FACTORS = (1, 2, 4)  # level 0 full size, then 2x and 4x mean-pooled
-MAX_CHUNK = 1024
-WINDOW_PERCENTILES = (0.5, 99.5)
-# Channel colours for napari / OMERO (hex RRGGBB); attribution maps of one target are one channel.
-COLOURS = ("FF00FF", "00FF00", "00FFFF", "FFFF00", "FF0000", "0000FF", "FF8000", "FFFFFF")
-LOCK_NAME = ".pcim-lock"  # the run lock (io/lock.py) lives in the store folder
-#: errors of reading a group whose metadata is damaged (not JSON, wrong types, a missing key) ...
-BAD_METADATA = (ValueError, KeyError, TypeError, AttributeError)
-#: ... or cannot be read at all
-DAMAGE_ERRORS = (*BAD_METADATA, OSError)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,7 +97,7 @@ def create_plate(path: Path, plate_name: str, fields: Mapping[str, int], format:
     plate (and takes the keys of ``record``); a new store gets it in the same write as its plate
     metadata, so no pcim store ever lacks it. Call ``ownership.check_owner`` first.
     """
-    zarr_format = _zarr_format(format)
+    version = zarr_version(format)
     existing = _existing_wells(path, format)
     merged = dict(existing)
     for well, count in fields.items():
@@ -110,20 +123,20 @@ def create_plate(path: Path, plate_name: str, fields: Mapping[str, int], format:
     try:
         pcim = {**(read_plate_record(path) if has_root(path) else {"created": _now(), "created_by": __version__}),
                 **dict(record or {}), "plate": plate_name}
-        attrs = {**_ome_attrs(format, "plate", plate), RECORD_KEY: _jsonable(pcim)}
+        attrs = {**ome_attrs(format, "plate", plate), RECORD_KEY: jsonable(pcim)}
         if has_root(path):
             root = zarr.open_group(str(path), mode="r+")
             root.update_attributes(attrs)
         else:  # one write: the plate metadata and the record that says pcim made this store
-            root = zarr.create_group(str(path), zarr_format=zarr_format, attributes=attrs)
+            root = zarr.create_group(str(path), zarr_format=version, attributes=attrs)
         for row, col in cells:
             images = [{"path": str(i)} for i in range(merged[(row, col)])]
             try:
                 well_group = root.require_group(row).require_group(col)
-                _set_ome(well_group, format, "well", {"images": images})
+                set_ome(well_group, format, "well", {"images": images})
             except BAD_METADATA:  # a damaged row or well zarr.json: written again, its fields kept
                 _rewrite_group(path / row, format, {})
-                _rewrite_group(path / row / col, format, _ome_attrs(format, "well", {"images": images}))
+                _rewrite_group(path / row / col, format, ome_attrs(format, "well", {"images": images}))
     except OSError as exc:
         raise output_error(path, exc) from exc
     logger.info("plate %s: %d wells in %s (NGFF %s)", plate_name, len(cells), path, format)
@@ -141,7 +154,7 @@ def _existing_wells(path: Path, format: str) -> dict[tuple[str, str], int]:
         root = zarr.open_group(str(path), mode="r")
     except DAMAGE_ERRORS as exc:
         raise damaged_root(path, exc) from exc
-    found = _format_of(root)
+    found = format_of(root)
     if found != format:
         raise OutputError(
             f"{path} is an NGFF {found} store, but output.format is {format!r}: set output.format: "
@@ -215,20 +228,19 @@ def write_field(
     field group. ``extra(group, n_levels)`` writes more members (object labels and tables) after the
     maps and before the record. Returns the relative path, e.g. ``"A/1/0"``.
     """
-    zarr_format = _zarr_format(format)
+    version = zarr_version(format)
     maps = np.asarray(maps, dtype=np.float32)
-    _check_maps(maps, labels)
-    record_json = _jsonable(dict(record))
+    check_maps(maps, labels)
+    record_json = jsonable(dict(record))
     rel = field_path(well, field)
-    levels = _pyramid(maps)
-    attrs = _image_attrs(format, rel, maps, labels, len(levels))
+    levels = pyramid(maps)
+    attrs = image_attrs(format, rel, maps, labels, len(levels))
     try:
         _check_store_format(path, format)
-        group = zarr.create_group(
-            str(path), path=rel, overwrite=True, zarr_format=zarr_format, attributes=attrs
-        )
+        _clear_field(Path(path), rel)
+        group = zarr.create_group(str(path), path=rel, zarr_format=version, attributes=attrs)
         for level, data in enumerate(levels):
-            group.create_array(str(level), data=data, **_array_options(data.shape, zarr_format))
+            group.create_array(str(level), data=data, **array_options(data.shape, version, every_chunk=True))
         if extra is not None:
             extra(group, len(levels))
         group.update_attributes({RECORD_KEY: record_json})
@@ -240,19 +252,54 @@ def write_field(
     return rel
 
 
+#: members of a field group that pcim writes (besides its map levels, named by numbers, and the label
+#: images of the object kinds its record lists)
+OWNED_MEMBERS = ("tables",)
+METADATA_FILES = ("zarr.json", ".zattrs", ".zgroup", ".zarray")
+
+
+def owned_labels(record: Mapping[str, Any] | None) -> set[str]:
+    """The object kinds whose label images pcim wrote into a field (its record's done object entries)."""
+    entries = (record or {}).get("objects") or {}
+    return {str(k) for k, v in entries.items() if isinstance(v, Mapping) and v.get("status") == "done"}
+
+
+def _clear_field(path: Path, rel: str) -> None:
+    """Remove what pcim wrote in a field group — map levels, object tables, the label images of the kinds
+    its record lists, the group metadata — and keep the rest (e.g. a user's label layer)."""
+    folder = Path(path) / rel
+    if not folder.is_dir():
+        return
+    try:
+        record = zarr.open_group(str(path), path=rel, mode="r").attrs.get(RECORD_KEY)
+    except DAMAGE_ERRORS:
+        record = None
+    for child in folder.iterdir():
+        if child.name.isdigit() or child.name in OWNED_MEMBERS:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif child.name in METADATA_FILES:
+            child.unlink()
+    for name in owned_labels(record if isinstance(record, Mapping) else None):
+        shutil.rmtree(folder / "labels" / name, ignore_errors=True)
+
+
 def update_field(path: Path, well: str, field: int, write: Callable[[zarr.Group, int], None],
                  record: Mapping[str, Any]) -> None:
     """Rewrite members of a complete field beside its maps (``write(group, n_levels)``), then its record.
 
-    The record's ``objects`` entry is dropped first, so a crash in between leaves the members visibly
-    stale (the next run makes them again); the maps are not touched.
+    The label images of the object kinds the old record lists are removed (a user's label layers stay)
+    and its ``objects`` entry is dropped first, so a crash in between leaves the members visibly stale
+    (the next run makes them again); the maps are not touched.
     """
-    record_json = _jsonable(dict(record))
+    from pcim_cli.io.labels import remove_labels
+
+    record_json = jsonable(dict(record))
     try:
         group = zarr.open_group(str(path), path=field_path(well, field), mode="r+")
         old = dict(group.attrs.get(RECORD_KEY) or {})
+        remove_labels(group, owned_labels(old))
         old.pop("objects", None)
-        group.update_attributes({RECORD_KEY: _jsonable(old)})
+        group.update_attributes({RECORD_KEY: jsonable(old)})
         n_levels = len(ome_metadata(group.attrs.asdict())["multiscales"][0]["datasets"])
         write(group, n_levels)
         group.update_attributes({RECORD_KEY: record_json})
@@ -281,14 +328,47 @@ def read_record(path: Path, well: str, field: int) -> dict | None:
     rel = field_path(well, field)
     try:
         group = zarr.open_group(str(path), path=rel, mode="r")
-        record = group.attrs.get(RECORD_KEY)
+        attrs = group.attrs.asdict()
+        record = attrs.get(RECORD_KEY)
     except FileNotFoundError:  # zarr's GroupNotFoundError is one
         return None
     except DAMAGE_ERRORS as exc:
         return damaged_record(path, rel, exc)
     if record is not None and not isinstance(record, Mapping):
         return damaged_record(path, rel, TypeError(f"its record is a {type(record).__name__}"))
-    return dict(record) if record is not None else None
+    if record is None:
+        return None
+    if record.get("status") == "done":
+        problem = map_arrays_problem(Path(path), rel, attrs)
+        if problem is not None:
+            return {"status": "damaged", "error": problem, "site": record.get("site")}
+    return dict(record)
+
+
+def map_arrays_problem(path: Path, rel: str, attrs: Mapping[str, Any]) -> str | None:
+    """Why the map arrays of a field (its multiscales datasets) are not whole: an array whose metadata
+    cannot be opened, or a chunk file missing. None when every array opens with all its chunks. Reads
+    one metadata file per array and lists its folder; never reads the maps."""
+    redo = "the next pcim explain redoes the field"
+    try:
+        datasets = [str(d["path"]) for d in ome_metadata(attrs)["multiscales"][0]["datasets"]]
+    except (*BAD_METADATA, IndexError) as exc:
+        return f"the field metadata {Path(path) / rel / 'zarr.json'} lists no map arrays ({type(exc).__name__}); {redo}"
+    for name in datasets:
+        folder = Path(path) / rel / name
+        try:
+            array = zarr.open_array(str(path), path=f"{rel}/{name}", mode="r")
+            expected = {array.metadata.encode_chunk_key(idx)
+                        for idx in itertools.product(*(range(n) for n in array.cdata_shape))}
+        except DAMAGE_ERRORS as exc:
+            return (f"the map array {folder} cannot be opened ({type(exc).__name__}: {os_reason(exc)}); {redo}")
+        present = {os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
+                   for root, _, files in os.walk(folder) for f in files}
+        missing = sorted(expected - present)
+        if missing:
+            return (f"the map array {folder} lacks {len(missing)} of its {len(expected)} chunk files (e.g. "
+                    f"{missing[0]}): its maps are gone; {redo}")
+    return None
 
 
 def damaged_record(path: Path, rel: str, exc: BaseException) -> dict[str, Any]:
@@ -302,7 +382,7 @@ def update_record(path: Path, well: str, field: int, changes: Mapping[str, Any])
     try:
         group = zarr.open_group(str(path), path=field_path(well, field), mode="r+")
         record = dict(group.attrs.get(RECORD_KEY) or {})
-        group.update_attributes({RECORD_KEY: _jsonable({**record, **changes})})
+        group.update_attributes({RECORD_KEY: jsonable({**record, **changes})})
     except OSError as exc:
         raise output_error(path, exc) from exc
 
@@ -330,7 +410,7 @@ def update_plate_record(path: Path, changes: Mapping[str, Any]) -> None:
         root = zarr.open_group(str(path), mode="r+")
         record = root.attrs.get(RECORD_KEY)
         record = dict(record) if isinstance(record, Mapping) else {}
-        root.update_attributes({RECORD_KEY: _jsonable({**record, **changes})})
+        root.update_attributes({RECORD_KEY: jsonable({**record, **changes})})
     except OSError as exc:
         raise output_error(path, exc) from exc
 
@@ -344,7 +424,7 @@ def plate_fields(path: Path) -> dict[str, int]:
     except DAMAGE_ERRORS as exc:
         raise damaged_root(path, exc) from exc
     out = {}
-    for (row, col), n in _existing_wells(path, _format_of(root)).items():
+    for (row, col), n in _existing_wells(path, format_of(root)).items():
         try:
             out[_well_name(row, col)] = n
         except ValueError:
@@ -360,23 +440,13 @@ def _well_name(row: str, col: str) -> str:
 # helpers
 
 
-def _zarr_format(format: str) -> int:
-    if format not in FORMATS:
-        raise ValueError(f"unknown OME-NGFF format {format!r}; choose one of {', '.join(FORMATS)}")
-    return 3 if format == "0.5" else 2
-
-
-def _format_of(group: zarr.Group) -> str:
-    return "0.5" if group.metadata.zarr_format == 3 else "0.4"
-
-
 def _check_store_format(path: Path, format: str) -> None:
     """A worker must not write a Zarr v3 field into a v2 plate (or the reverse)."""
     try:
         root = zarr.open_group(str(path), mode="r")
     except FileNotFoundError:
         return  # no plate yet: create_plate was not called; the field is still written
-    found = _format_of(root)
+    found = format_of(root)
     if found != format:
         raise OutputError(
             f"{path} is an NGFF {found} store, but this field was to be written as NGFF {format}: "
@@ -384,129 +454,8 @@ def _check_store_format(path: Path, format: str) -> None:
         )
 
 
-def ome_metadata(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """The NGFF metadata block: under ``ome`` (0.5) or the attributes themselves (0.4)."""
-    return dict(attrs.get("ome", attrs))
-
-
-def _ome_attrs(format: str, key: str, value: dict[str, Any]) -> dict[str, Any]:
-    """Attributes that hold one NGFF metadata entry (a new group's)."""
-    if format == "0.5":
-        return {"ome": {"version": "0.5", key: value}}
-    return {key: {**value, "version": "0.4"}}
-
-
-def _set_ome(group: zarr.Group, format: str, key: str, value: dict[str, Any]) -> None:
-    """Set one NGFF metadata entry (``plate``, ``well``) on a group, keeping its other attributes."""
-    if format == "0.5":
-        ome = dict(group.attrs.get("ome", {}))
-        ome.update({"version": "0.5", key: value})
-        group.update_attributes({"ome": ome})
-    else:
-        group.update_attributes({key: {**value, "version": "0.4"}})
-
-
 def _well_sort_key(cell: tuple[str, str]) -> tuple[int, int]:
     return plate_row_index(cell[0]), int(cell[1])
-
-
-def _check_maps(maps: np.ndarray, labels: Sequence[str]) -> None:
-    if maps.ndim != 3 or 0 in maps.shape:
-        raise ValueError(f"maps must be a non-empty (c, y, x) array, got shape {maps.shape}")
-    if len(labels) != maps.shape[0]:
-        raise ValueError(f"{len(labels)} labels for {maps.shape[0]} map channels")
-    if not np.isfinite(maps).all() or (maps < 0).any():
-        raise ValueError("attribution maps must be finite and non-negative")
-
-
-def _pyramid(maps: np.ndarray) -> list[np.ndarray]:
-    """Level 0 and 2x / 4x mean-pooled levels (odd edges cropped); levels under 1 px are skipped."""
-    levels = [maps]
-    for factor in PYRAMID_FACTORS[1:]:
-        prev = levels[-1]
-        _, y, x = prev.shape
-        if maps.shape[1] // factor < 1 or maps.shape[2] // factor < 1:
-            break
-        cropped = prev[:, : y // 2 * 2, : x // 2 * 2]
-        pooled = cropped.reshape(prev.shape[0], y // 2, 2, x // 2, 2).mean(axis=(2, 4), dtype=np.float64)
-        levels.append(pooled.astype(np.float32))
-    return levels
-
-
-def _image_attrs(
-    format: str, name: str, maps: np.ndarray, labels: Sequence[str], n_levels: int
-) -> dict[str, Any]:
-    multiscale: dict[str, Any] = {
-        "name": name,
-        "axes": [
-            {"name": "c", "type": "channel"},
-            {"name": "y", "type": "space"},
-            {"name": "x", "type": "space"},
-        ],
-        "datasets": [
-            {
-                "path": str(level),
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": [1.0, float(factor), float(factor)]}
-                ],
-            }
-            for level, factor in enumerate(PYRAMID_FACTORS[:n_levels])
-        ],
-    }
-    omero = {
-        "name": name,
-        "channels": [_channel(label, maps[i], COLOURS[i % len(COLOURS)]) for i, label in enumerate(labels)],
-        "rdefs": {"model": "color"},
-    }
-    if format == "0.5":
-        return {"ome": {"version": "0.5", "multiscales": [multiscale], "omero": omero}}
-    return {"multiscales": [{**multiscale, "version": "0.4"}], "omero": omero}
-
-
-def _channel(label: str, plane: np.ndarray, colour: str) -> dict[str, Any]:
-    """An omero channel whose display window spans robust percentiles, so napari shows a sensible map."""
-    low, high = (float(v) for v in np.percentile(plane, WINDOW_PERCENTILES))
-    vmin, vmax = float(plane.min()), float(plane.max())
-    if high <= low:
-        high = vmax if vmax > low else low + (abs(low) or 1.0)
-    return {
-        "label": str(label),
-        "color": colour,
-        "active": True,
-        "coefficient": 1.0,
-        "family": "linear",
-        "inverted": False,
-        "window": {"min": vmin, "max": max(vmax, high), "start": low, "end": high},
-    }
-
-
-def _array_options(shape: tuple[int, ...], zarr_format: int) -> dict[str, Any]:
-    """Chunks of one channel x up to 1024 x 1024 px (whole-plate browsing); default compression."""
-    options: dict[str, Any] = {"chunks": (1, min(shape[1], MAX_CHUNK), min(shape[2], MAX_CHUNK))}
-    if zarr_format == 3:
-        options["dimension_names"] = ("c", "y", "x")  # NGFF 0.5 requires them to match the axes
-    else:
-        options["chunk_key_encoding"] = {"name": "v2", "separator": "/"}  # NGFF 0.4 requires "/"
-    return options
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` as plain JSON: numpy scalars/arrays unwrapped, tuples -> lists, NaN/inf -> None."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # strict JSON readers (browser viewers) reject NaN
-    if isinstance(value, PurePath):
-        return str(value)
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    raise TypeError(f"completion record value {value!r} ({type(value).__name__}) is not JSON-serialisable")
 
 
 def output_error(path: Path, exc: BaseException) -> OutputError:
@@ -521,13 +470,7 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S%z")
 
 
-__all__ = [
-    "FORMATS",
-    "RECORD_KEY",
-    "create_plate",
-    "field_path",
-    "read_field",
-    "read_record",
-    "split_well",
-    "write_field",
-]
+__all__ = ["DAMAGE_ERRORS", "RECORD_KEY", "create_plate", "damaged_record",
+           "damaged_root", "field_path", "has_root", "output_error", "plate_fields", "read_field",
+           "read_plate_record", "read_record", "split_well", "update_field", "update_plate_record", "update_record",
+           "write_field"]

@@ -1,14 +1,15 @@
 """`pcim explain`: the driver. Check, plan the wells, prepare the store, run the wells, write the CSV.
 
 The driver is the only writer of plate-level metadata and of the CSV; each well is explained by
-`worker.explain_well` (in-process or on Dask workers, run/scheduler.py). With explain.fidelity on,
-the run ends with the plate's stain verdict (report/verdict.py) from the done fields' records. Returns
+`worker.explain_well` (in-process or on Dask workers, run/scheduler.py); what the plate contains is
+run/inventory.py. With explain.fidelity on,
+the run ends with the plate's stain verdict (engine/verdict.py) from the done fields' records. Returns
 data (a RunResult); the CLI decides what to print and which exit code that means.
 
 Order of a run, so that a bad setting or a stop signal never leaves a half-written store behind:
 
-1. `preflight`: everything that can be checked without writing (PCIM_GRACE_SECONDS, the CSV path,
-   the scheduler file, who owns output.zarr); a problem ends the run with nothing written;
+1. `preflight`: everything that can be checked without writing (the PCIM_* settings, every output path
+   (io/outputs.py), the scheduler file, who owns output.zarr); a problem ends the run with nothing written;
 2. under the run lock, `plan`: model, layout, images and the store's records, read only;
 3. `prepare_store`: the plate skeleton, the plate record (plate name, fingerprint), stale marks;
 4. the wells run; SIGTERM / SIGINT at any moment up to here stop the run (exit 75) — before step 3
@@ -20,8 +21,6 @@ Order of a run, so that a bad setting or a stop signal never leaves a half-writt
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -32,31 +31,19 @@ import pandas as pd
 
 from pcim_cli import __version__
 from pcim_cli.config import RunConfig
-from pcim_cli.engine.attribute import method_settings
-from pcim_cli.engine.pcim import PcimOptions
-from pcim_cli.errors import (
-    EXIT_CONFIG,
-    EXIT_DATA,
-    EXIT_OK,
-    EXIT_PARTIAL,
-    EXIT_TEMPFAIL,
-    ConfigError,
-    InputDataError,
-)
-from pcim_cli.io import images, labels, ownership, plate, records, store, summary
-from pcim_cli.io.explainer import LoadedExplainer, check_explainer, load_explainer
+from pcim_cli.config.settings import Settings, read_settings
+from pcim_cli.engine import verdict
+from pcim_cli.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, EXIT_PARTIAL, EXIT_TEMPFAIL, ConfigError
+from pcim_cli.io import images, outputs, ownership, plate, records, store, summary
 from pcim_cli.io.lock import RunLock
-from pcim_cli.io.model import LoadedModel, check_classes, load_model, resolve_device
-from pcim_cli.report import verdict
+from pcim_cli.io.model import LoadedModel
 from pcim_cli.run import objects, rerun, scheduler
 from pcim_cli.run.failures import failed_row
-from pcim_cli.run.worker import FieldFiles, WellTask
+from pcim_cli.run.inventory import engine_options, fingerprint, inspect_plate, targets_per_well
+from pcim_cli.run.signals import StopSignals
+from pcim_cli.run.task import FieldFiles, WellTask
 
 logger = logging.getLogger(__name__)
-
-#: engine settings that live in the `explain` section under the same names
-ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(PcimOptions))
-
 
 @dataclass
 class RunResult:
@@ -72,6 +59,7 @@ class RunResult:
     causes: list[str] = field(default_factory=list)  # why each failed field failed: data | model | output | other
     object_csvs: dict[str, Path] = field(default_factory=dict)  # plate.objects: {plate}_pcim_{Object}.csv
     object_failures: list[dict] = field(default_factory=list)  # object tables that failed (maps done)
+    removed: list[Path] = field(default_factory=list)  # object CSVs of kinds plate.objects no longer lists
 
     @property
     def counts(self) -> dict[str, int]:
@@ -105,149 +93,6 @@ class RunResult:
         return EXIT_CONFIG if self.causes and set(self.causes) == {"model"} and not self.problems else EXIT_DATA
 
 
-def engine_options(cfg: RunConfig) -> PcimOptions:
-    """The PcimOptions the `explain` section asks for (intensity_channel: a channel's index, None = auto)."""
-    values = cfg.explain.model_dump()
-    channel = values.pop("intensity_channel")
-    values["intensity_channel"] = None if channel == "auto" else list(cfg.plate.channels).index(channel)
-    return PcimOptions(**{k: values[k] for k in ENGINE_KEYS if k in values})
-
-
-def fingerprint(cfg: RunConfig, model_sha256: str, classes: list[str] | None = None,
-                explainer_sha256: str | None = None) -> str:
-    """sha256 of every setting that changes a map or its CSV rows: model, channels and their file
-    tokens, class names, normalisation, target, engine (and for pcim-amortised the explainer's sha256)."""
-    settings = {
-        "model": model_sha256,
-        "channels": list(cfg.plate.channels.items()),
-        "classes": list(classes if classes is not None else cfg.model.classes or []),
-        "normalize": cfg.model.normalize.model_dump(),
-        "input_size": cfg.model.input_size,
-        **_field_settings(cfg),
-        "precision": cfg.compute.precision,
-        "target": cfg.explain.target,
-        "method": cfg.explain.method,
-        "engine": method_settings(cfg.explain.method, engine_options(cfg)),
-        "pcim": __version__.rsplit(".", 1)[0],
-    }
-    if cfg.explain.method == "pcim-amortised":
-        settings["explainer"] = explainer_sha256
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _field_settings(cfg: RunConfig) -> dict:
-    """Settings of tiled fields that change maps; only where they apply (so fingerprints of untiled plates
-    made before they existed do not change). explain.adaptive_budget is an engine setting (engine_options)."""
-    out = {}
-    if cfg.model.input_size is not None or cfg.model.aggregate == "whole-field":  # only tiled fields use them
-        out["aggregate"] = cfg.model.aggregate
-        out["tile_maps"] = cfg.explain.tile_maps
-    return out
-
-
-def _targets_per_well(cfg: RunConfig, classes: list[str], layout: pd.DataFrame | None,
-                      wells: list[str]) -> dict[str, tuple[str, ...] | None | str]:
-    """Each well's targets: None (predicted), class names, or an error message (str)."""
-    target = cfg.explain.target
-    if target == "predicted":
-        return dict.fromkeys(wells)
-    if target == "all":
-        return dict.fromkeys(wells, tuple(classes))
-    if not target.startswith("layout:"):
-        return dict.fromkeys(wells, (target,))
-    column = target.split(":", 1)[1]
-    if layout is None or column not in layout.columns:
-        have = ", ".join(map(str, layout.columns)) if layout is not None else "none"
-        raise ConfigError(f"explain.target: {target!r} names layout column {column!r}, but "
-                          f"{cfg.plate.layout} has columns {have}")
-    by_well = dict(zip(layout["well"], layout[column].astype(str), strict=True))
-    out: dict[str, tuple[str, ...] | None | str] = {}
-    for well in wells:
-        value = by_well.get(well)
-        if value is None or value in ("", "nan"):
-            out[well] = f"{well}: no value in layout column {column!r} ({cfg.plate.layout}) to explain"
-        elif value not in classes:
-            out[well] = (f"{well}: layout column {column!r} says {value!r}, which is not a class "
-                         f"({', '.join(classes)}); fix {cfg.plate.layout} or model.classes")
-        else:
-            out[well] = (value,)
-    return out
-
-
-@dataclass
-class PlateInventory:
-    """What a plate.yaml points at, checked without fitting or writing anything."""
-
-    model: LoadedModel
-    classes: list[str]
-    layout: pd.DataFrame | None
-    fields: dict[str, list[images.FieldSource]]
-    problems: list[str]
-    objects: dict[str, int] = field(default_factory=dict)  # plate.objects kind -> fields with a usable label file
-    object_problems: list[str] = field(default_factory=list)  # fail those object tables only (validate)
-    explainer: LoadedExplainer | None = None  # pcim-amortised: loaded and checked against the model
-
-    @property
-    def summary(self) -> dict:
-        return {
-            "wells": len(self.fields),
-            "fields": sum(len(v) for v in self.fields.values()),
-            "model": {"path": str(self.model.path), "kind": self.model.kind, "sha256": self.model.sha256,
-                      "classes": self.classes},
-            "layout_columns": [] if self.layout is None else [c for c in self.layout.columns if c != "well"],
-            "objects": self.objects,
-            "problems": self.problems + self.object_problems,
-            **({"explainer": {"path": str(self.explainer.path), "sha256": self.explainer.sha256,
-                              "trained": self.explainer.meta.get("finished")}} if self.explainer else {}),
-        }
-
-
-def inspect_plate(cfg: RunConfig, check_objects: bool = False, explainer: bool | None = None) -> PlateInventory:
-    """Model probe, class names, layout and image discovery. Raises when no field at all is usable.
-
-    With `check_objects` (pcim validate), every field's label images (plate.objects) are looked up and
-    their headers checked against the field size; their problems fail object tables only, not fields.
-    explainer: load explain.explainer and refuse one trained for another classifier, channels,
-    normalisation or objective (ConfigError); None = when explain.method is pcim-amortised.
-    """
-    device = resolve_device(cfg.compute.device)
-    model = load_model(cfg.model.path, len(cfg.plate.channels), cfg.model.input_size, device=device)
-    classes = check_classes(model, cfg.model.classes)
-    loaded = None
-    if explainer or (explainer is None and cfg.explain.method == "pcim-amortised"):
-        loaded = load_checked_explainer(cfg, model, classes)
-    layout = plate.read_layout(cfg.plate.layout) if cfg.plate.layout is not None else None
-    found, problems = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels,
-                                             cfg.plate.wells)
-    for p in problems:
-        logger.warning("%s", p)
-    if not found:
-        raise InputDataError(
-            f"no complete field found under {cfg.plate.images}: "
-            + ("; ".join(problems[:5]) or f"check plate.images and plate.pattern ({cfg.plate.pattern!r})")
-        )
-    inv = PlateInventory(model, classes, layout, found, problems, explainer=loaded)
-    if check_objects and cfg.plate.objects:
-        kinds = objects.label_kinds(cfg.plate.objects)
-        size = images.typical_size(src for sources in found.values() for src in sources)
-        inv.object_problems = labels.problems_for(kinds.values(), found, size)
-        inv.objects = {name: sum(kind.problem(w, src.field) is None for w, srcs in found.items() for src in srcs)
-                       for name, kind in kinds.items()}
-    return inv
-
-
-def load_checked_explainer(cfg: RunConfig, model: LoadedModel, classes: list[str]) -> LoadedExplainer:
-    """explain.explainer, loaded on the model's device and checked against this plate's setup."""
-    hint = str(cfg.config_path or "plate.yaml")
-    if cfg.explain.explainer is None:
-        raise ConfigError("explain.explainer: not set; name the file that `pcim train-explainer "
-                          f"{hint} --out explainer.pt` wrote (e.g. --set explain.explainer=explainer.pt)")
-    loaded = load_explainer(cfg.explain.explainer, device=model.device, hint=hint)
-    check_explainer(loaded, model_sha256=model.sha256, model_path=model.path, channels=list(cfg.plate.channels),
-                    normalize=cfg.model.normalize.model_dump(), classes=classes, opts=engine_options(cfg), hint=hint)
-    return loaded
-
-
 @dataclass
 class Plan:
     """Everything decided before the fits: each field's fate, the tasks, the rows of early failures."""
@@ -261,6 +106,7 @@ class Plan:
     fingerprint: str
     wells: dict[str, int] = field(default_factory=dict)  # fields per well found (the store's skeleton)
     objects_refresh: set[str] = field(default_factory=set)  # done fields whose object tables are remade
+    dropped: list[rerun.FieldPlan] = field(default_factory=list)  # failed at planning, with a stale map to mark
 
     @property
     def counts(self) -> dict[str, int]:
@@ -304,7 +150,7 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
                               f"(wells found: {len(found)}); check the well names")
     rows, problems = _discovery_rows(cfg.plate.name, inv.problems)
     wells = sorted(found, key=plate.parse_well)
-    targets = _targets_per_well(cfg, classes, layout, wells)
+    targets = targets_per_well(cfg, classes, layout, wells)
     opts = engine_options(cfg)
     explainer = inv.explainer
     print_fp = fingerprint(cfg, model.sha256, classes, None if explainer is None else explainer.sha256)
@@ -316,19 +162,21 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
     kinds = objects.label_kinds(cfg.plate.objects)
     top_k = cfg.explain.top_objects
 
-    fields, tasks, refresh = [], [], set()
+    fields, tasks, refresh, dropped = [], [], set(), []
     for well in wells:
         decided = []
         for i, src in enumerate(found[well]):
             path = store.field_path(well, i)
             record = store.read_record(store_path, well, i) if exists else None
-            decided.append(rerun.decide(well, src.field, i, record, ledger.get(path), print_fp, choice, src.files))
+            decided.append(rerun.decide(well, src.field, i, record, ledger.get(path), print_fp, choice, src.files,
+                                        targets[well]))
         well_targets = targets[well]
         if isinstance(well_targets, str):  # the layout gives this well no usable target
             for f in decided:
                 if f.fitted:
                     row = failed_row(cfg.plate.name, well, f.site, f.index, well_targets)
                     rows.append({**row, "key": f.path, "cause": "data", "inputs": {"stat": f.stat}})
+            dropped += [f for f in decided if f.fitted and f.stale]  # their old maps are marked stale
             decided = [f for f in decided if not f.fitted]
         fields += decided
         todo = []
@@ -357,13 +205,15 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             store_path=str(store_path), store_format=cfg.output.format, fingerprint=print_fp,
         ))
     return Plan(fields, tasks, rows, problems, layout, model, print_fp, {w: len(found[w]) for w in wells},
-                refresh)
+                refresh, dropped)
 
 
-def preflight(cfg: RunConfig, choice: rerun.Rerun) -> ownership.Ownership:
-    """Everything checked before anything is written: raises with nothing touched."""
-    scheduler.grace_seconds()
-    summary.check_csv_path(Path(cfg.output.csv))
+def preflight(cfg: RunConfig, choice: rerun.Rerun, settings: Settings | None = None) -> ownership.Ownership:
+    """Everything checked before anything is written: raises with nothing touched (a bad PCIM_*
+    environment variable included: config/settings.py)."""
+    if settings is None:
+        read_settings()
+    outputs.check_plate(cfg)  # every output path: no input, no collision, pcim's own files only, writable
     scheduler.check_compute(cfg.compute)
     return ownership.check_owner(Path(cfg.output.zarr), cfg.plate.name, force=choice.force)
 
@@ -379,7 +229,7 @@ def prepare_store(cfg: RunConfig, p: Plan, owner: ownership.Ownership) -> None:
     started = time.strftime("%Y-%m-%d %H:%M:%S%z")
     store.create_plate(store_path, cfg.plate.name, p.wells, format=cfg.output.format,
                        record={"fingerprint": p.fingerprint, "started": started})
-    for f in p.fields:
+    for f in [*p.fields, *p.dropped]:
         if f.stale:
             store.update_record(store_path, f.well, f.index, {"status": "stale", "stale": f.stale})
         elif f.refresh:  # the same pixels under new file dates: the next rerun decides from the stat alone
@@ -396,10 +246,11 @@ def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None
     """
     choice = choice or rerun.Rerun()
     store_path = Path(cfg.output.zarr)
-    with scheduler.StopSignals(scheduler.grace_seconds()) as stop:
-        preflight(cfg, choice)  # raises with nothing written; ownership is checked again under the lock
+    settings = read_settings()
+    with StopSignals(settings.grace_seconds) as stop:
+        preflight(cfg, choice, settings)  # raises with nothing written; ownership is checked again under the lock
         try:
-            with RunLock(store_path):
+            with RunLock(store_path, stale_after_s=settings.lock_stale_s):
                 return _run_locked(cfg, choice, stop, on_well, on_start)
         except KeyboardInterrupt:  # a forced stop while taking or releasing the lock
             if not stop.requested:
@@ -407,7 +258,7 @@ def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None
             return RunResult(store=store_path, csv=None, summary=summary.build_summary([]), interrupted=True)
 
 
-def _run_locked(cfg: RunConfig, choice: rerun.Rerun, stop: scheduler.StopSignals,
+def _run_locked(cfg: RunConfig, choice: rerun.Rerun, stop: StopSignals,
                 on_well: Callable[[str, list[dict]], None] | None,
                 on_start: Callable[[int], None] | None) -> RunResult:
     store_path = Path(cfg.output.zarr)
@@ -462,10 +313,11 @@ def _write_results(cfg: RunConfig, p: Plan, rows: list[dict], interrupted: bool)
     summary.write_csv_atomic(table, csv_path)
     object_csvs, object_failures = objects.write_tables(store_path, cfg.plate.name, csv_path,
                                                         list(cfg.plate.objects or {}), table)
+    removed = objects.remove_stale_tables(csv_path, cfg.plate.name, object_csvs.values())
     fitted = sum(1 for r in rows if r["status"] == "done" and r["zarr_path"] not in p.objects_refresh)
     return RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
                      interrupted=interrupted, causes=causes, object_csvs=object_csvs,
-                     object_failures=object_failures, verdicts=verdicts)
+                     object_failures=object_failures, verdicts=verdicts, removed=removed)
 
 
 # ---------------------------------------------------------------- a plate of a screen (run/screen.py)
@@ -484,13 +336,14 @@ class OpenPlate:
         self.lock.__exit__(None, None, None)
 
 
-def open_plate(cfg: RunConfig, choice: rerun.Rerun) -> OpenPlate:
+def open_plate(cfg: RunConfig, choice: rerun.Rerun, settings: Settings | None = None) -> OpenPlate:
     """What `run` does before its wells, for one plate of a screen (whose StopSignals are the caller's):
     the checks, the run lock, the plan and the prepared store. Raises a PcimError with the lock given
     back: a held lock is a TemporaryFailure (75), a store pcim may not write an OutputError (65)."""
-    preflight(cfg, choice)
+    settings = settings or read_settings()
+    preflight(cfg, choice, settings)
     store_path = Path(cfg.output.zarr)
-    lock = RunLock(store_path).__enter__()
+    lock = RunLock(store_path, stale_after_s=settings.lock_stale_s).__enter__()
     try:
         owner = ownership.check_owner(store_path, cfg.plate.name, force=choice.force)
         p = plan(cfg, choice)

@@ -1,6 +1,6 @@
 """Per-object measurement of finished fields (`plate.objects`), on the worker, and what the driver plans.
 
-Hooked in at one place: when a field's map is complete (run/worker.py stitches it), `measure_field`
+Hooked in at one place: when a field's map is complete (run/batching.py stitches it), `measure_field`
 reads the field's label images and computes, from the final field map,
 
 - per target, the channel shares of the whole map (`PCIM_Share_<channel>` in the main CSV), always;
@@ -11,7 +11,8 @@ The label images and tables are written into the field group before its completi
 image that is missing, unreadable or of another size fails that kind's table only (its record entry
 says why); the map is still done. A done field whose object inputs changed since (label files
 replaced, `explain.top_objects`, deletion settings) is measured again without refitting its map
-(`refresh_field`).
+(`refresh_field`). The table of an object kind removed from plate.objects is deleted at the end of the
+run (`remove_stale_tables`: only a file whose header is pcim's object-table header).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from pcim_cli.engine.pcim import Forward, PcimOptions
 from pcim_cli.errors import PcimError
 from pcim_cli.io import labels as label_io
 from pcim_cli.io import object_tables, store
+from pcim_cli.run import device as run_device
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,24 @@ def write_tables(store_path: Path, plate: str, csv: Path, names: list[str], tabl
     return written, failed
 
 
+def remove_stale_tables(csv: Path, plate: str, written: Iterable[Path]) -> list[Path]:
+    """Delete the `{plate}_pcim_{Object}.csv` files beside output.csv that pcim wrote (their header says
+    so) for object kinds plate.objects no longer lists: they describe maps that are gone. Returns them."""
+    from pcim_cli.io.outputs import stale_object_csvs
+
+    removed = []
+    for path in stale_object_csvs(csv, plate, [csv, *written]):
+        try:
+            path.unlink()
+        except OSError as exc:
+            logger.warning("cannot remove the stale object table %s (%s); delete it by hand", path, exc)
+            continue
+        logger.warning("removed %s: plate.objects no longer lists %s, so pcim's table of it described maps "
+                       "that are gone", path, path.stem.split("_pcim_", 1)[-1])
+        removed.append(path)
+    return removed
+
+
 # --------------------------------------------------------------------------------------------------
 # worker side
 
@@ -178,7 +198,7 @@ def measure_field(x: torch.Tensor, maps: torch.Tensor, targets: list[str], class
             logger.warning("%s", msg)
             found.objects[name] = {"status": "failed", "error": msg, "labels": path}
             continue
-        except (RuntimeError, ValueError, MemoryError, torch.jit.Error) as exc:  # the model fails on a deletion
+        except run_device.MODEL_ERRORS as exc:  # the model fails on a deletion
             msg = f"{where}: deleting the {name} objects failed ({type(exc).__name__}: {exc})"
             logger.warning("%s", msg)
             found.objects[name] = {"status": "failed", "error": msg, "labels": path}
@@ -191,7 +211,7 @@ def measure_field(x: torch.Tensor, maps: torch.Tensor, targets: list[str], class
 
 
 def prediction(grid: tiling.TileGrid, aggregate: str) -> tuple[tiling.TileGrid, engine.Aggregate]:
-    """How the worker predicts a field (run/worker.py `_predict`): the grid whose tiles the model sees and
+    """How the worker predicts a field (run/batching.py `Batcher._predict`): the grid whose tiles the model sees and
     how their logits make the field's. `whole-field` runs the model on the untiled field; an untiled
     field is its one tile."""
     if grid.n_tiles == 1 or aggregate == "whole-field":
@@ -227,18 +247,11 @@ def _object_table(x, lab: np.ndarray, per_channel: torch.Tensor, targets: list[s
 
 
 def _deletion_probs(forward, x, labels_t, deletions, deleted, grid, batch_size: int, device: str, aggregate):
-    """engine.deletion_probs, halving the batch while the device runs out of memory."""
-    from pcim_cli.run.worker import is_out_of_memory  # the worker's test of torch's OOM errors
-
-    while True:
-        try:
-            return engine.deletion_probs(forward, x, labels_t, deletions, deleted, grid, batch_size=batch_size,
-                                         aggregate=aggregate, device=device)
-        except (RuntimeError, MemoryError, torch.jit.Error) as exc:
-            if not is_out_of_memory(exc) or batch_size <= 1:
-                raise
-            batch_size //= 2
-            logger.warning("out of memory while deleting objects; retrying with %d images per batch", batch_size)
+    """engine.deletion_probs, with the out-of-memory back-off of run/device.py."""
+    batch = run_device.BatchSize(batch_size, device, "deleting objects")
+    return run_device.with_backoff(
+        lambda n: engine.deletion_probs(forward, x, labels_t, deletions, deleted, grid, batch_size=n,
+                                        aggregate=aggregate, device=device), batch)
 
 
 def refresh_field(store_path: Path, well: str, index: int, x: torch.Tensor, grid: tiling.TileGrid,

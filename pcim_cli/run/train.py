@@ -16,6 +16,11 @@ Resumable and reproducible: a step's crops depend only on (seed, step), and a ch
 (`<out>.ckpt`: explainer, optimiser, schedule, step) is written every `checkpoint_every` steps and on
 SIGTERM / Ctrl-C (exit 75), so a killed run rerun with the same command continues to the same result.
 An explainer already trained with the same settings and data is not retrained (`fresh` does).
+
+Before anything is read, `--out`, its sidecar and its checkpoint are checked (io/outputs.py): each may
+only replace a file pcim wrote for an explainer, never another file nor an input of the plates (exit
+65). One run per `--out` at a time: a second is refused (exit 75, naming the holder) by a run lock
+beside it (`.<out>.pcim-lock`, io/lock.py).
 """
 
 from __future__ import annotations
@@ -25,8 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,8 +46,10 @@ from pcim_cli.engine import tiling
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import ConfigError, InputDataError, PcimError, TemporaryFailure
 from pcim_cli.io import explainer as explainer_file
-from pcim_cli.io import images, plate
-from pcim_cli.run import explain
+from pcim_cli.io import images, outputs, plate
+from pcim_cli.io.lock import RunLock
+from pcim_cli.run import inventory
+from pcim_cli.run.signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +98,7 @@ class TrainResult:
 @dataclass
 class _Plate:
     cfg: RunConfig
-    inv: explain.PlateInventory
+    inv: inventory.PlateInventory
     train_wells: list[str]
     val_wells: list[str]
 
@@ -120,9 +125,16 @@ def train_explainer(cfgs: Sequence[RunConfig], out: str | Path, settings: TrainS
     out = Path(out).expanduser().absolute()
     if not cfgs:
         raise ConfigError("train-explainer needs at least one plate.yaml")
+    outputs.check_training(out, cfgs)  # --out, sidecar, checkpoint: pcim's own files only, no input
+    with RunLock(out.parent, lock_file=f".{out.name}.pcim-lock", subject=f"the explainer {out}"):
+        return _train(cfgs, out, settings, progress, fresh)
+
+
+def _train(cfgs: Sequence[RunConfig], out: Path, settings: TrainSettings, progress: Any, fresh: bool) -> TrainResult:
+    """train_explainer under the lock of `out`."""
     plates = [_plate(cfg, settings) for cfg in cfgs]
     first = plates[0]
-    opts = explain.engine_options(first.cfg)
+    opts = inventory.engine_options(first.cfg)
     key = _key(plates, settings, opts)
     if out.is_file() and not fresh:
         done = _existing(out, key)
@@ -140,6 +152,10 @@ def train_explainer(cfgs: Sequence[RunConfig], out: str | Path, settings: TrainS
     if extra is None:
         extra = {"val_before": trainer.validation(data.val_x), "seconds": 0.0}
     resumed_from = trainer.done
+    if not len(data.val_x):
+        logger.warning("no validation tiles: every well with images is a training well (plates of fewer than 3 "
+                       "wells, or --val-wells names none with images), so the held-out objective is not measured; "
+                       "name held-out wells with --val-wells")
     if resumed_from:
         logger.info("resuming from %s at step %d of %d", ckpt, resumed_from, topts.steps)
     logger.info("training an explainer for %s (%d classes) on %s: %d training fields, %d validation tiles, "
@@ -148,7 +164,7 @@ def train_explainer(cfgs: Sequence[RunConfig], out: str | Path, settings: TrainS
     if progress is not None:
         progress.start(topts.steps, trainer.done)
     t_loop = time.perf_counter()
-    with _StopAfterStep() as stop:
+    with StopSignals(None, first="stopping after this step with a checkpoint (send it again to stop now)") as stop:
         try:
             while trainer.done < topts.steps:
                 trainer.step()
@@ -177,37 +193,30 @@ def train_explainer(cfgs: Sequence[RunConfig], out: str | Path, settings: TrainS
                        resumed_from=resumed_from)
 
 
-class _StopAfterStep:
-    """SIGTERM / SIGINT: finish the current step, write a checkpoint, exit 75; a second signal stops at once
-    (the last periodic checkpoint remains). Handlers only in the main thread, restored afterwards."""
+def describe(result: TrainResult) -> str:
+    """The line `pcim train-explainer` prints: what was trained, the objectives, how to use it."""
+    training = result.meta["training"]
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
+    def num(key: str) -> str:
+        value = training.get(key)
+        return "n/a" if value is None else f"{value:.4f}"
 
-    def __enter__(self) -> _StopAfterStep:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("%s: stopping after this step with a checkpoint (send it again to stop now)",
-                       signal.Signals(signum).name)
+    state = "already trained with these settings" if result.up_to_date else (
+        f"trained {training['steps']} steps in {training['train_seconds']:.0f} s on {training['device']}"
+        + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
+    held = (f"{num('validation_objective')} on {training['validation_tiles']} validation tiles (untrained "
+            f"{num('validation_objective_untrained')})" if training.get("validation_tiles") else
+            "no validation tiles (name held-out wells with --val-wells)")
+    return (f"explainer {result.out} (sha256 {result.sha256[:12]}…): {state}; objective {num('train_objective')} "
+            f"on training crops, {held}; use it with --set explain.method=pcim-amortised --set "
+            f"explain.explainer={result.out}")
 
 
 # ---------------------------------------------------------------- plates and wells
 
 
 def _plate(cfg: RunConfig, settings: TrainSettings) -> _Plate:
-    inv = explain.inspect_plate(cfg, explainer=False)
+    inv = inventory.inspect_plate(cfg, explainer=False)
     wells = sorted(inv.fields, key=plate.parse_well)
     if settings.val_wells is not None:
         names = {plate.parse_well(w).name for w in settings.val_wells}
@@ -229,7 +238,7 @@ def _same_setup(plates: list[_Plate]) -> None:
         return {"classifier sha256": p.inv.model.sha256, "plate.channels": list(p.cfg.plate.channels),
                 "model.normalize": p.cfg.model.normalize.model_dump(), "model.input_size": p.cfg.model.input_size,
                 "model.classes": p.inv.classes,
-                "explain": explainer_file.engine_record(explain.engine_options(p.cfg))}
+                "explain": explainer_file.engine_record(inventory.engine_options(p.cfg))}
 
     ref = setup(first)
     for p in plates[1:]:
@@ -322,7 +331,7 @@ def _load(plates: list[_Plate], settings: TrainSettings) -> _Data:
 
 
 def _save_checkpoint(path: Path, key: str, trainer: ex.Trainer, extra: dict) -> None:
-    doc = {"key": key, "trainer": trainer.state_dict(), "extra": extra}
+    doc = {"format": outputs.CHECKPOINT_FORMAT, "key": key, "trainer": trainer.state_dict(), "extra": extra}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(doc, tmp)
