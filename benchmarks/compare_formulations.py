@@ -35,8 +35,8 @@ from evalsets.tiled import TiledModel, field_maps  # noqa: E402
 from pcim_cli.engine import baselines, metrics, trivial  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.budget import fit_adaptive  # noqa: E402
-from pcim_cli.engine.verdict import fit_quality  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions, fit_pcim  # noqa: E402
+from pcim_cli.engine.verdict import fit_quality  # noqa: E402
 
 DEFAULT = PcimOptions()
 #: the default before issue 14 (300 steps at a constant lr 0.1 from zero logits); the dual-* variants and

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from pcim_cli.engine import metrics, mixing
-from pcim_cli.engine.verdict import fit_quality
 from pcim_cli.engine.pcim import PcimOptions, fit_pcim
+from pcim_cli.engine.verdict import fit_quality
 
 SIZE = 64
 #: the default before issue 26: the same fit with a fixed 2 % budget, deleted pixels set to the mean
