@@ -280,7 +280,7 @@ def test_pcim_predicted_adds_the_runner_up_map_where_the_call_rests_on_what_is_m
     ({"ok": 1, "no-local-evidence": 4, "absent": 2}, ["4 of 7 maps are no-local-evidence", "2 of 7 maps are absent"]),
 ])
 def test_fit_advice_warns_only_for_fits_that_failed(fits, words):
-    out = fit_words.advice(fits, "out.csv", 0.02, None)
+    out = fit_words.advice(fits, "out.csv", 0.32)
     assert [w for w in words if not any(w in text for _, text in out)] == []
     levels = {text.split(" ")[3]: level for level, text in out}
     assert all(level == 20 for key, level in levels.items() if key in ("no-local-evidence", "absent"))

@@ -102,7 +102,7 @@ def _explain(plate_yamls: list[str], overrides: Sequence[str], only: str | None,
     except Exception as exc:  # noqa: BLE001 - every error becomes one message and an exit code
         raise fail(exc, as_json) from None
     fits = result.fits
-    for level, advice in fit_words.advice(fits, str(result.csv), cfg.explain.budget, cfg.explain.adaptive_budget):
+    for level, advice in fit_words.advice(fits, str(result.csv), cfg.explain.adaptive_budget):
         # once per run; a weak map is no failure: cron (-q) gets it only in --log-file
         logger.log(min(level, logging.INFO) if quiet else level, "%s", advice)
     counts = result.counts

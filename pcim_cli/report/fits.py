@@ -24,15 +24,15 @@ def counts_phrase(fits: Mapping[str, int]) -> str:
     return f" ({'; '.join(parts)}: see PCIM_Fit)" if parts else ""
 
 
-def advice(fits: Mapping[str, int], csv: str, budget: object, adaptive_budget: float | None) -> list[tuple[int, str]]:
+def advice(fits: Mapping[str, int], csv: str, adaptive_budget: float | None) -> list[tuple[int, str]]:
     """(logging level, message) for the run: a warning for weak / failed fits with the likely cause and
     the fix, a note for maps whose class has no local evidence or is absent."""
     total = sum(fits.values())
     out: list[tuple[int, str]] = []
     bad = sum(fits.get(k, 0) for k in PROBLEMS)
     if bad:
-        grow = (f"raise explain.budget (now {budget}) or set explain.adaptive_budget: 0.32" if adaptive_budget is None
-                else f"raise explain.adaptive_budget (now {adaptive_budget})")
+        grow = ("let the budget grow: explain.adaptive_budget: 0.32 (the default; now null)" if adaptive_budget is None
+                else f"raise explain.adaptive_budget (the budget grew up to {adaptive_budget})")
         out.append((logging.WARNING,
                     f"{bad} of {total} maps are weak ({fits.get('weak', 0)}) or failed ({fits.get('failed', 0)}) fits "
                     f"(PCIM_Fit in {csv}): deleting their pixels did not remove the class (PCIM_ProbDeleted stays "

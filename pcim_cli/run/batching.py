@@ -24,7 +24,6 @@ import torch
 from pcim_cli.engine import absence, metrics, tiling, trivial
 from pcim_cli.engine import field as field_maps
 from pcim_cli.engine.attribute import attribute
-from pcim_cli.engine.budget import fit_adaptive
 from pcim_cli.engine.pcim import Forward, PcimOptions
 from pcim_cli.engine.verdict import JUDGED, fit_quality
 from pcim_cli.errors import PcimError
@@ -274,11 +273,8 @@ class Batcher:
         tt = torch.tensor([task.classes.index(u.field.targets[u.k]) for u in chunk], device=self.device)
         seeds = torch.tensor([field_seed(opts.seed, task.well, u.field.files.site, u.field.targets[u.k])
                               + max(u.tile, 0) for u in chunk])
-        if task.adaptive_budget is not None and task.method == "pcim":
-            result, budgets = fit_adaptive(forward, x, tt, opts, seeds=seeds, max_budget=task.adaptive_budget)
-            result.budget = budgets
-        else:
-            result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
+        # PCIM grows each map's budget within its fit (explain.adaptive_budget); result.budget says where it ended
+        result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
         if task.method in ("pcim", "pcim-amortised"):  # PCIM_Fit's label test (issue 26); baselines fit nothing
             result.prob_full_deleted = _full_deletion(forward, x, tt)
         dele = ins = [float("nan")] * len(chunk)

@@ -199,7 +199,6 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             normalize=cfg.model.normalize.model_dump(), model_path=str(model.path), model_sha256=model.sha256,
             input_size=cfg.model.input_size, field_size=field_size, method=cfg.explain.method,
             aggregate=cfg.model.aggregate, tile_maps=cfg.explain.tile_maps,
-            adaptive_budget=cfg.explain.adaptive_budget,
             engine=dataclasses.asdict(opts),
             explainer_path=None if explainer is None else str(explainer.path),
             explainer_sha256=None if explainer is None else explainer.sha256,
