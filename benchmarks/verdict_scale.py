@@ -88,7 +88,8 @@ def run_set(set_name: str, n: int, batch: int, adaptive: float | None) -> list[d
         maps.append(r.maps)
     maps = torch.cat(maps)
     cands = trivial.candidate_maps(x, opts, data["channels"])
-    curves = trivial.deletion_curves(scorer, x, {"map": maps, **cands}, target)
+    curves = trivial.deletion_curves(scorer, x, {"map": maps, **cands}, target, substrate=opts.delete_substrate,
+                                     blur_sigma=opts.blur_sigma)
     aucs = trivial.deletion_aucs(scorer, x, {"map": maps, **cands}, target, FINE, COARSE)
     return [{"set": set_name, "class": data["classes"][int(target[i])], "label": labels[i], "budget": budgets[i],
              "prob_original": float(curves["map"][i, 0]), "adaptive": adaptive or "",

@@ -94,10 +94,11 @@ def stain_check_rows(model: Forward, x: torch.Tensor, maps: torch.Tensor, target
     p0 = prob_original[idx].to(x.device).float()
     fractions = trivial.HALVING
     first, owner = same_image_groups(x)
-    curves = {"map": _deletion_curve(model, x, maps, target, fractions, chunk)}
+    kind = opts.delete_substrate  # the stain check deletes as the fit does (trivial.stain_check)
+    curves = {"map": _read(_deletion_probs(model, x, maps, fractions, chunk, kind, opts.blur_sigma), target)}
     unique = x[first]
     for name, m in trivial.candidate_maps(unique, opts, channels).items():  # per field, read per target
-        probs = _deletion_probs(model, unique, m, fractions, chunk)[owner.to(x.device)]  # (B, S, K)
+        probs = _deletion_probs(model, unique, m, fractions, chunk, kind, opts.blur_sigma)[owner.to(x.device)]
         curves[name] = _read(probs, target)
     shares = [round(float(f), 6) for f in fractions]
     for n, i in enumerate(idx):
@@ -107,21 +108,17 @@ def stain_check_rows(model: Forward, x: torch.Tensor, maps: torch.Tensor, target
 
 
 def _deletion_probs(model: Forward, x: torch.Tensor, maps: torch.Tensor, fractions: torch.Tensor,
-                    chunk: int) -> torch.Tensor:
+                    chunk: int, substrate: str = DELETE_SUBSTRATE, blur_sigma: float = INSERT_BLUR) -> torch.Tensor:
     """Class probabilities (B, S, K) of the deletion curve's points after the first (the first is left 0)."""
     ranks = metrics.pixel_ranks(metrics.ranking_score(maps, x.shape[1], False))
-    sub = mixing.substrate(x, DELETE_SUBSTRATE, INSERT_BLUR)
+    sub = mixing.substrate(x, substrate, blur_sigma)
+    sub = torch.zeros_like(x) if sub is None else sub
     counts = (fractions.to(x.device) * ranks[0].numel()).round().long()
     pairs = [(i, j) for i in range(x.shape[0]) for j in range(1, len(fractions))]
     probs = metrics.perturbed_probs(model, x, ranks, sub, counts, pairs, "deletion", chunk)
     out = torch.zeros(x.shape[0], len(fractions), probs.shape[1], device=x.device)
     out[:, 1:] = probs.view(x.shape[0], len(fractions) - 1, -1)
     return out
-
-
-def _deletion_curve(model: Forward, x: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
-                    fractions: torch.Tensor, chunk: int) -> torch.Tensor:
-    return _read(_deletion_probs(model, x, maps, fractions, chunk), target)
 
 
 def _read(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -102,18 +102,24 @@ def halving_share(curve: torch.Tensor, fractions: torch.Tensor = HALVING, floor:
 
 @torch.no_grad()
 def deletion_curves(model: Forward, x: torch.Tensor, maps: Mapping[str, torch.Tensor], target: torch.Tensor,
-                    fractions: torch.Tensor = HALVING, chunk: int = 64) -> dict[str, torch.Tensor]:
-    """(B, S) deletion curve of each map in `maps` (name -> (B, M, H, W)) at `fractions` (maps one
-    after the other, so memory does not grow with their number)."""
-    return {name: metrics.perturbation_curve(model, x, m, target, "deletion", fractions=fractions, chunk=chunk)
+                    fractions: torch.Tensor = HALVING, chunk: int = 64, substrate: str = "mean",
+                    blur_sigma: float = 8.0) -> dict[str, torch.Tensor]:
+    """(B, S) deletion curve of each map in `maps` (name -> (B, M, H, W)) at `fractions`, deleted pixels
+    set to `substrate` (maps one after the other, so memory does not grow with their number)."""
+    return {name: metrics.perturbation_curve(model, x, m, target, "deletion", substrate=substrate,
+                                             fractions=fractions, blur_sigma=blur_sigma, chunk=chunk)
             for name, m in maps.items()}
 
 
 def stain_check(model: Forward, x: torch.Tensor, maps: torch.Tensor, target: torch.Tensor, opts: PcimOptions,
                 channels: Sequence[str] | None = None, fractions: torch.Tensor = HALVING,
                 chunk: int = 64) -> dict[str, torch.Tensor]:
-    """Deletion curves (B, S) at `fractions` of the method's `maps` ("map") and of every trivial map of x."""
-    return deletion_curves(model, x, {"map": maps, **candidate_maps(x, opts, channels)}, target, fractions, chunk)
+    """Deletion curves (B, S) at `fractions` of the method's `maps` ("map") and of every trivial map of x,
+    deleted pixels set to the fit's own deletion substrate (opts.delete_substrate: the verdict deletes as
+    PCIM_Fit does; the channel median by default, the background while the evidence covers less than
+    half the field, where the mean leaves flat disks the model may read as something)."""
+    return deletion_curves(model, x, {"map": maps, **candidate_maps(x, opts, channels)}, target, fractions, chunk,
+                           opts.delete_substrate, opts.blur_sigma)
 
 
 def stain_check_rows(model: Forward, x: torch.Tensor, maps: torch.Tensor, target: torch.Tensor, opts: PcimOptions,

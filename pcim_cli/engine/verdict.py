@@ -31,7 +31,8 @@ class of every evaluation set):
 ## The stain verdict
 
 Compared at the evidence's own scale: for each checked map, the smallest share of pixels whose
-deletion (set to the channel mean) halves p(target) (engine/trivial.py `halving_share`), for the
+deletion (set to the fit's deletion substrate, explain.delete_substrate: the channel median by
+default) halves p(target) (`halving_share`), for the
 method's map (s_M) and for every trivial map T (one channel's intensity, or the contrast |x - deleted
 value|; s_T). The ratio r = s_M / s_T says how the stain does against the method's map: 1 = it needs
 as many pixels, 0.5 = twice as many. Over a class's maps the ratios are pooled as a geometric mean, and
@@ -154,7 +155,7 @@ class Verdict:
     trivial: str  # the best trivial map: "intensity:<channel>" or "contrast"; "" without a verdict
     share: float  # r = s_reference / s_trivial (geometric mean over maps); NaN without a verdict
     prob_original: float  # mean p(target) of the maps compared (NaN without a verdict)
-    halving: dict[str, float] = field(default_factory=dict)  # {reference, trivial}: median share to halve p
+    halving: dict[str, float] = field(default_factory=dict)  # {reference, trivial}: geometric mean share to halve p
     candidates: dict[str, float] = field(default_factory=dict)  # every trivial map's r
     maps: int = 0  # maps compared
     fits: dict[str, int] = field(default_factory=dict)  # PCIM_Fit labels of all the class's maps
@@ -202,10 +203,11 @@ def _capped(share: float) -> float:
     return share if math.isfinite(share) else 2 * GRID_END
 
 
-def _median(values: Sequence[float]) -> float:
-    v = sorted(_capped(x) for x in values)
-    n = len(v)
-    return float("nan") if not n else (v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2)
+def _geomean(values: Sequence[float]) -> float:
+    """The geometric mean of shares (a curve that never halved p counts as twice the grid's last share):
+    over the same maps, gm(s_M) / gm(s_T) is the pooled ratio r, so the sentence's figures give its level."""
+    v = [math.log(_capped(x)) for x in values]
+    return math.exp(sum(v) / len(v)) if v else float("nan")
 
 
 def no_verdict(target: str, reference: str, fits: Mapping[str, int], reason: str, count: int | None = None) -> Verdict:
@@ -249,12 +251,12 @@ def judge(target: str, reference: str, checks: Sequence[MapCheck], fits: Mapping
     score = {n: math.exp(sum(math.log(r) for r in v) / len(v)) for n, v in ratios.items() if v}
     best = max(score, key=lambda n: score[n])
     share = score[best]
-    s_ref = _median([c.reference for c in used])
-    s_t = _median([c.candidates.get(best, float("inf")) for c in used])
+    s_ref = _geomean([c.reference for c in used])
+    s_t = _geomean([c.candidates.get(best, float("inf")) for c in used])
     p0 = sum(c.prob_original for c in used) / len(used)
     skipped = total - judged
-    shown = (f"pixels whose deletion halves p({target}), median: {_pixels(s_t)} for the stain, {_pixels(s_ref)} "
-             f"for {reference}'s maps; {len(used)} maps" + (f"; {skipped} of {total} maps not judged "
+    shown = (f"pixels whose deletion halves p({target}), geometric mean over maps: {_pixels(s_t)} for the stain, "
+             f"{_pixels(s_ref)} for {reference}'s maps; {len(used)} maps" + (f"; {skipped} of {total} maps not judged "
                                                              "(PCIM_Fit)" if skipped else ""))
     what = describe(best)
     common = {"target": target, "reference": reference, "trivial": best, "prob_original": p0,

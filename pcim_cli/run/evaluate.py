@@ -187,7 +187,8 @@ def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[EvalField
         seconds = (time.perf_counter() - t0) / len(fields)
         if method == reference:  # the stain verdict's numbers: labels and deletion curves at doubling shares
             checks = {"labels": _fit_labels(scorer, x, target, maps), "budgets": _budgets(maps, m_opts, len(x)),
-                      "curves": trivial.deletion_curves(scorer, x, {"map": getattr(maps, "maps", maps)}, target)}
+                      "curves": trivial.deletion_curves(scorer, x, {"map": getattr(maps, "maps", maps)}, target,
+                                                        substrate=opts.delete_substrate, blur_sigma=opts.blur_sigma)}
         maps = getattr(maps, "maps", maps)
         scores, curve = score_maps(scorer, x, target, maps, fields)
         if objects_scorer is not None:
@@ -205,7 +206,8 @@ def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[EvalField
     scores_df = pd.DataFrame(per_image)
     verdicts = []
     if reference is not None:
-        candidates = trivial.deletion_curves(scorer, x, trivial.candidate_maps(x, opts, channels), target)
+        candidates = trivial.deletion_curves(scorer, x, trivial.candidate_maps(x, opts, channels), target,
+                                             substrate=opts.delete_substrate, blur_sigma=opts.blur_sigma)
         verdicts = _verdicts(reference, checks, candidates, target, classes)
     return Comparison(scores=scores_df, table=mean_table(scores_df, list(methods)), curves=curves,
                       maps_shown=maps_shown,
