@@ -27,7 +27,7 @@ from ome_zarr_models.exceptions import ValidationWarning
 from plates import DEMO, make_plate
 
 from pcim_cli.config import load_config
-from pcim_cli.engine import baselines, metrics, trivial, verdict
+from pcim_cli.engine import baselines, fidelity, metrics, trivial, verdict
 from pcim_cli.engine.attribute import METHODS, attribute, method_settings
 from pcim_cli.engine.pcim import PcimOptions, deletion_contrast
 from pcim_cli.errors import ConfigError
@@ -170,6 +170,29 @@ def test_the_read_channel_is_as_faithful_as_the_model_allows_and_the_verdict_say
                                    FAST_PCIM, 4, ["DNA", "PH3", "Actin"], ["negative", "mitotic"], rand)
     rho = with_sanity.table.set_index("method")["randomisation_spearman"]
     assert rho["intensity"] == pytest.approx(1.0) and rho["contrast"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["median", "mean"])
+def test_the_stain_check_deletes_as_the_fit_does(kind):
+    """The verdict's deletion curves set deleted pixels to explain.delete_substrate (the median by
+    default), as the fit and PCIM_Fit do: deleted to the channel mean, a nucleus stays a flat disk above
+    the background that a model can read as something."""
+    x, _ = _stain_images(2)
+    x[:, 1, :, : x.shape[-1] // 3] = 0.45  # a third of the read channel above the threshold: mean > median
+    model = _script(ChannelReader(1, 200.0, threshold=0.2, bias=25.0))
+    target = torch.ones(2, dtype=torch.long)
+    opts = dataclasses.replace(FAST_PCIM, delete_substrate=kind)
+    maps = attribute(model, x, target, "pcim", opts).maps
+    curves = trivial.stain_check(model, x, maps, target, opts, ["DNA", "PH3", "Actin"])
+    for name, m in {"map": maps, "intensity:PH3": baselines.intensity(x, 1)}.items():
+        want = metrics.perturbation_curve(model, x, m, target, substrate=kind, fractions=trivial.HALVING)
+        torch.testing.assert_close(curves[name], want)
+    other = metrics.perturbation_curve(model, x, maps, target, substrate="mean" if kind == "median" else "median",
+                                       fractions=trivial.HALVING)
+    assert not torch.allclose(curves["map"], other)  # the two substrates give other curves on these fields
+    rows = fidelity.stain_check_rows(model, x, maps, target, curves["map"][:, 0], opts, ["DNA", "PH3", "Actin"],
+                                     [True, True])
+    torch.testing.assert_close(torch.tensor(rows[0]["curves"]["map"]), curves["map"][0].float(), rtol=0, atol=1e-5)
 
 
 def test_a_classifier_that_reads_a_region_is_not_called_a_stain_detector():
