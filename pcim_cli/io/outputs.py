@@ -294,7 +294,7 @@ def check_folder(out: Output) -> None:
 
 def check_render(out_dir: Path, store: Path, wells: Iterable[str], cfg=None) -> None:
     """`pcim render --out DIR`: DIR is no input folder (the store, and with --plate-yaml the plate's image
-    and label folders, or any folder holding TIFF images), and report.html, montage.png and the chosen
+    and label folders, or any folder holding TIFF images), and report.html, montage.png, shortcuts.png and the chosen
     wells' PNGs there are absent or pcim's own. Raises OutputError (65); reads only."""
     out_dir = Path(out_dir)
     fix = "pass another --out (a new folder)"
@@ -306,7 +306,8 @@ def check_render(out_dir: Path, store: Path, wells: Iterable[str], cfg=None) -> 
         raise OutputError(f"--out {out_dir} holds TIFF images (a raw image folder?): pcim render never writes into "
                           f"an input folder; {fix}")
     outs = [Output("--out", out_dir / "report.html", "html", fix=fix),
-            Output("--out", out_dir / "montage.png", "png", fix=fix)]
+            Output("--out", out_dir / "montage.png", "png", fix=fix),
+            Output("--out", out_dir / "shortcuts.png", "png", fix=fix)]
     folder = out_dir / "wells"
     if folder.is_dir():
         names = {f"{w}_s" for w in wells}
