@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.evalsets import shortcut as S  # noqa: E402
 from pcim_cli.engine import mixing, shares, shortcuts, tiling  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
-from pcim_cli.engine.verdict import fit_quality  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
+from pcim_cli.engine.verdict import fit_quality  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "images"
