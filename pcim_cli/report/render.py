@@ -238,7 +238,8 @@ def render(
     else:  # layout targets: each well's map is for its own target, written in its cell
         draw_montage(plate, thumbs, "each well's target (in its cell), first field of each well",
                      labels=shown).save(result.montage, pnginfo=outputs.png_info())
-    result.shortcuts = report_shortcuts.picture(plate, out_dir, raw)  # the whole plate, not only `chosen`
+    pixels = None if raw is None else report_shortcuts.RawPixels(lambda fld: raw_field(raw, fld), raw.channels)
+    result.shortcuts = report_shortcuts.picture(plate, out_dir, pixels)  # the whole plate, not only `chosen`
     table = read_csv(csv_path, chosen) if csv_path is not None else records_table(plate, fields)
     write_report(result.report, plate, table, images, result.montage.name,
                  [f.record for f in fields if f.record], csv_path, tops, result.shortcuts)

@@ -10,7 +10,7 @@ before it existed) has no shares: no picture.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,16 +21,24 @@ from pcim_cli.engine import shares, shortcuts
 from pcim_cli.io import outputs
 from pcim_cli.io.plate import row_letter
 from pcim_cli.io.store import RECORD_KEY
-from pcim_cli.io.store_view import StorePlate, field_paths, read_level
+from pcim_cli.io.store_view import FieldLevel, StorePlate, field_paths, read_level
 from pcim_cli.report import objects as report_objects
 from pcim_cli.report import shortcut_figure as figure
 
-__all__ = ["FILE", "ShortcutPicture", "edge_ring", "picture"]
+__all__ = ["FILE", "RawPixels", "ShortcutPicture", "edge_ring", "picture"]
 
 logger = logging.getLogger(__name__)
 
 FILE = "shortcuts.png"
 THUMBS_PER_TARGET = 8
+
+
+@dataclass
+class RawPixels:
+    """A field's normalised raw image at the level of its maps (render.raw_field), and the channels."""
+
+    read: Callable[[FieldLevel], np.ndarray | None]
+    channels: list[str]
 
 
 @dataclass
@@ -62,8 +70,9 @@ def _records(plate: StorePlate) -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
-def picture(plate: StorePlate, out_dir: Path, raw: Any = None) -> ShortcutPicture | None:
-    """Write out_dir/shortcuts.png; None when no field of the store has shortcut shares (qc off)."""
+def picture(plate: StorePlate, out_dir: Path, raw: RawPixels | None = None) -> ShortcutPicture | None:
+    """Write out_dir/shortcuts.png; None when no field of the store has shortcut shares (qc off). `raw`:
+    how render reads a field's raw image (the thumbnails' background), with the plate's channels."""
     found = _records(plate)
     pairs = [(w, r) for w, _, r in found]
     fields, _, _ = shortcuts.fields_from_records(pairs)
@@ -82,7 +91,7 @@ def picture(plate: StorePlate, out_dir: Path, raw: Any = None) -> ShortcutPictur
 
 
 def _thumbs(plate: StorePlate, found: list[tuple[str, str, dict[str, Any]]], target: str,
-            findings: list[shortcuts.Finding], raw: Any) -> list[figure.Thumb]:
+            findings: list[shortcuts.Finding], raw: RawPixels | None) -> list[figure.Thumb]:
     """The flagged fields of a target (per well flagged, its field with the highest flagged share), first
     the wells flagged most."""
     chosen: list[tuple[str, str, str, float]] = []  # well, rel, region, share
@@ -104,7 +113,7 @@ def _thumbs(plate: StorePlate, found: list[tuple[str, str, dict[str, Any]]], tar
 
 
 def _thumb(plate: StorePlate, well: str, rel: str, region: str, share: float, target: str,
-           raw: Any) -> figure.Thumb | None:
+           raw: RawPixels | None) -> figure.Thumb | None:
     fld = read_level(plate, well, rel, fit=2 * figure.THUMB)
     if fld is None:
         return None
@@ -117,9 +126,7 @@ def _thumb(plate: StorePlate, well: str, rel: str, region: str, share: float, ta
     base = objects = None
     pixels = None
     if raw is not None:
-        from pcim_cli.report.render import raw_field
-
-        pixels = raw_field(raw, fld)
+        pixels = raw.read(fld)
     if pixels is not None:
         name = source.get("channel") if source.get("channel") in raw.channels else raw.channels[0]
         base = pixels[raw.channels.index(name)]
