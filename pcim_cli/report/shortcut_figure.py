@@ -133,7 +133,7 @@ def heatmap(n_rows: int, n_cols: int, values: Mapping[str, float | None], flagge
 
 def share_bar(height: int, thresholds: Mapping[str, float]) -> Image.Image:
     """A vertical colour bar 0-100 % with each rule's threshold marked."""
-    width, bar = 120, 14
+    width, bar = 175, 14
     img = Image.new("RGB", (width, height + 20), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for y in range(height):
