@@ -4,8 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: install demo test test-fast test-slurm lint bench compare clean
+.PHONY: install demo test test-fast test-slurm lint bench compare docs clean
 
 install: $(STAMP)
 
@@ -41,9 +42,17 @@ bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_amortised.py
 
-# how the defaults were chosen (docs/method.md); needs stardist's wheel from PyPI
+# how the defaults were chosen (docs/defaults.md); needs stardist's wheel from PyPI
 compare: install
 	$(BIN)/python benchmarks/compare_formulations.py
 
+# the docs site: docs/ -> site/ (open site/index.html); --strict fails on broken links and anchors
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf sample_plates/demo/out .pytest_cache
+	rm -rf sample_plates/demo/out .pytest_cache site

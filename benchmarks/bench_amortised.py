@@ -12,7 +12,7 @@ Sections (one torch thread; ratios measured within the run):
   quality   benchmarks/amortised.py's comparison on the demo evaluation set (fields of another plate of the
             same generator) with the explainer trained on the demo plate: per-image, amortised, refined
 Writes benchmarks/results/bench_amortised.json and prints a table. The full comparison on every
-evaluation set is benchmarks/amortised.py (docs/method.md).
+evaluation set is benchmarks/amortised.py (docs/amortised.md).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from pcim_cli.engine.pcim import PcimOptions, fit_pcim  # noqa: E402
 
 DEFAULT = PcimOptions()
 #: the default before issue 14 (300 steps at a constant lr 0.1 from zero logits); the dual-* variants and
-#: the first sweep of docs/method.md are built on it
+#: the first sweep of docs/defaults.md are built on it
 OLD_DEFAULT = dataclasses.replace(DEFAULT, steps=300, lr=0.1, schedule="constant", warmup=0, coarse=0,
                                   init="zero", noise=0.0, beta1=0.9, beta2=0.999)
 

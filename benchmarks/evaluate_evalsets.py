@@ -11,14 +11,14 @@ randomised-model sanity check for every method (`--no-sanity` skips it), `intens
 resolved per set, the stain verdict and, where a set has object labels, the object ranking of
 plate.objects (report/object_ranking.py). Fixed-input models get one map per field through its tiles,
 as pcim explain does. Per set: benchmarks/results/evaluate_<set>[_<tag>].{csv,json}. Then every per-set
-result present is combined into benchmarks/results/evaluate_evalsets[_<tag>].md (the README /
-docs/method.md tables), in the order of the sets, with one line per set saying whether PCIM beats the
+result present is combined into benchmarks/results/evaluate_evalsets[_<tag>].md (the tables of
+docs/quality.md and docs/verdicts.md), in the order of the sets, with one line per set saying whether PCIM beats the
 best trivial map on fine and coarse deletion. Sets can run in separate processes (e.g. in parallel);
 `--combine` rebuilds the tables alone.
 `pcim-old` is PCIM with the default before issue 14 (300 steps at a constant lr 0.1 from zero logits).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/evaluate_evalsets.py --sets demo,demo-resnet,nuclei,nuclei-resnet \
-        --n 16 --no-sanity --tag objects                     # the object ranking figures of the README
+        --n 16 --no-sanity --tag objects                     # the object ranking figures of docs/objects.md
 """
 
 from __future__ import annotations

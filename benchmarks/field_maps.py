@@ -4,7 +4,7 @@
         [--sets ihc,demo-tiled,nuclei-resnet-256] [--budget-sets demo,demo-resnet,nuclei,nuclei-resnet,ihc]
         [--device cpu|cuda] [--out benchmarks/results]
 
-Part `tiles` (docs/method.md, "One map per field"): fields larger than the model's input are cut into
+Part `tiles` (docs/tiles.md, "The field's map"): fields larger than the model's input are cut into
 tiles (pcim_cli/engine/tiling.py) and explained three ways with the same fit settings (PcimOptions'
 defaults): `per-tile` (every tile fitted alone, its own budget), `evidence` (the same maps, each tile's
 weighted by its measured evidence p(target | tile) - p(target | tile without its map's pixels)), and
@@ -17,12 +17,12 @@ explains that prediction): deletion AUC (top 20 % in 0.5 % steps), fine deletion
 in 0.1 % steps), relevance mass, pixel AUROC, pointing game, and `tile r`: the Pearson correlation,
 over a field's tiles, of each tile's share of the map with its share of the evidence (mean over fields).
 
-Part `budget` (docs/method.md, "An adaptive budget"): the fixed budget against one that doubles, per
+Part `budget` (docs/verdicts.md, "An adaptive budget"): the fixed budget against one that doubles, per
 image, until deleting the map's pixels removes at least half of p(target) (at most 0.32;
 pcim_cli/engine/budget.py), on every set (tiled sets through the `field` fit), with the fit verdicts
 ok / weak / failed of each.
 
-Part `aggregate` (docs/method.md, "A tiled field's prediction"): field accuracy on labelled fields of
+Part `aggregate` (docs/tiles.md, "The field's prediction"): field accuracy on labelled fields of
 both (all) classes when the tiles' outputs are combined by model.aggregate (mean-prob, mean-logit,
 max) and when the model runs on the whole field (whole-field).
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start a one-node SLURM cluster on this host, for `make test-slurm` (shared/DESIGN.md §4).
+# Start a one-node SLURM cluster on this host, for `make test-slurm` (tests/test_slurm.py).
 #
 # Idempotent: installs slurm-wlm + munge when missing (needs root), writes a minimal slurm.conf for
 # this node, starts munged (as user munge), slurmctld and slurmd when they are not running, then

@@ -22,7 +22,7 @@ What it writes:
   layout.csv                       well,treatment,concentration_uM,expected_class
   classifier.ts                    TorchScript (traced) DemoNet, logits for [negative, mitotic]; made
                                    byte-reproducible by canonical_torchscript
-  plate.yaml                       the plate config (DESIGN.md §3.1)
+  plate.yaml                       the plate config (docs/reference/plate-yaml.md)
 
 Importable (the script guards its work behind __main__): make_field, percentile_normalize, DemoNet,
 train_model, make_dataset, random_dihedral, accuracy, export_torchscript, canonical_torchscript,
@@ -474,7 +474,7 @@ def plate_wells():
 
 PLATE_YAML = """\
 # DEMO01 — synthetic 24-well plate bundled with pcim (regenerate: python make_demo.py).
-# Relative paths resolve against this file's folder. Keys follow DESIGN.md §3.1.
+# Relative paths resolve against this file's folder. Every key: docs/reference/plate-yaml.md (or pcim init).
 plate:
   name: DEMO01                            # Metadata_Plate in the CSV
   images: images/                         # folder with the TIFFs
