@@ -41,7 +41,7 @@ _FIXED_GROUPS = {
 }
 #: images with more pixels than this are subsampled (strided) for percentile estimation
 PERCENTILE_SAMPLE_PIXELS = 1024 * 1024
-NORMALIZE_METHODS = ("percentile", "fixed", "none")
+NORMALIZE_METHODS = ("percentile", "fixed", "zscore", "none")
 
 
 class Problem(str):
@@ -415,16 +415,20 @@ def normalize(
     *,
     min: float | Sequence[float] | None = None,  # noqa: A002 - the config's names: normalize(**dump)
     max: float | Sequence[float] | None = None,  # noqa: A002
+    clip: bool = True,
+    eps: float = 1e-6,
 ) -> np.ndarray:
-    """Scale a (C, H, W) image per channel to float32 in [0, 1].
+    """Scale a (C, H, W) image per channel to float32 (by default in [0, 1]).
 
     Takes the keys of `model.normalize` as they are (`normalize(img, **settings)`), so `min` / `max`
     are accepted for `vmin` / `vmax`.
 
     percentile: the channel's `low` / `high` percentiles map to 0 / 1 (estimated on a strided
     subsample of about 1 Mpixel for larger images); fixed: `vmin` / `vmax` (a number, or one per
-    channel) map to 0 / 1; none: values unchanged. percentile and fixed clip to [0, 1], so bright
-    outliers cannot dominate the model's input; a constant channel becomes 0.
+    channel) map to 0 / 1; zscore: (value - the channel's mean) / (its standard deviation + eps) (a
+    bioimage.io package's zero_mean_unit_variance); none: values unchanged. percentile and fixed clip to
+    [0, 1] unless `clip` is False (a bioimage.io package whose scale_range is not followed by a clip), so
+    bright outliers cannot dominate the model's input; a constant channel becomes 0.
     """
     if method not in NORMALIZE_METHODS:
         raise ValueError(f"unknown normalisation {method!r} (use one of {', '.join(NORMALIZE_METHODS)})")
@@ -436,6 +440,12 @@ def normalize(
     if method == "none":
         return out
     n = img.shape[0]
+    if method == "zscore":
+        for c in range(n):
+            mean, std = float(out[c].mean(dtype=np.float64)), float(out[c].std(dtype=np.float64))
+            np.subtract(out[c], mean, out=out[c])
+            np.multiply(out[c], 1.0 / (std + eps), out=out[c])
+        return out
     if method == "percentile":
         if not 0 <= low < high <= 100:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}")
@@ -450,4 +460,4 @@ def normalize(
         scale = 1.0 / (hi - lo) if hi > lo else 0.0
         np.subtract(out[c], lo, out=out[c])
         np.multiply(out[c], scale, out=out[c])
-    return np.clip(out, 0.0, 1.0, out=out)
+    return np.clip(out, 0.0, 1.0, out=out) if clip else out
