@@ -108,13 +108,15 @@ def test_ome_tiff_time_series_takes_the_timepoint(tmp_path: Path) -> None:
     movie = np.random.default_rng(5).integers(0, 4000, (3, 2, 24, 24), dtype=np.uint16)  # t, c, y, x
     path = tmp_path / "A01_s1.ome.tif"
     tifffile.imwrite(path, movie, metadata={"axes": "TCYX"}, ome=True)
-    src = FieldSource("A01", 1, (path,))
     with pytest.raises(InputDataError, match="time series .*plate.timepoint"):
-        images.read_field(src, 2)
-    np.testing.assert_array_equal(images.read_field(src, 2, timepoint=2), movie[2].astype(np.float32))
-    assert images.read_field(src, 2, pixels=False, timepoint=0).shape == (2, 24, 24)
+        images.read_field(FieldSource("A01", 1, (path,)), 2)
+    found, problems = images.discover_fields(tmp_path, "{well}_s{field}.ome.tif", {"DNA": "DNA", "PH3": "PH3"},
+                                             timepoint=2)
+    assert problems == [] and found["A01"][0].timepoint == 2
+    np.testing.assert_array_equal(images.read_field(found["A01"][0], 2), movie[2].astype(np.float32))
+    assert images.read_field(FieldSource("A01", 1, (path,), timepoint=0), 2, pixels=False).shape == (2, 24, 24)
     with pytest.raises(InputDataError, match="past them"):
-        images.read_field(src, 2, timepoint=3)
+        images.read_field(FieldSource("A01", 1, (path,), timepoint=3), 2)
 
 
 def test_missing_fields_and_wells_are_problems_of_their_own(tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ class FieldSource:
     field: int
     files: tuple[Path, ...]
     zarr: ZarrField | None = None
+    timepoint: int | None = None  # plate.timepoint: the time point read from a T axis
 
     @property
     def where(self) -> str:
@@ -194,7 +195,7 @@ def discover_fields(
             else:
                 chosen.append(paths[0])
         if len(chosen) == len(keys):
-            result.setdefault(well.name, []).append(FieldSource(well.name, field, tuple(chosen)))
+            result.setdefault(well.name, []).append(FieldSource(well.name, field, tuple(chosen), timepoint=timepoint))
 
     if wanted is not None:
         for name in sorted(wanted - set(result), key=parse_well):
@@ -312,13 +313,14 @@ def _header_cyx(path: Path, timepoint: int | None = None) -> np.ndarray:
     return _to_cyx(arr, axes, path, timepoint)
 
 
-def read_field(src: FieldSource, n_channels: int, pixels: bool = True, timepoint: int | None = None) -> np.ndarray:
+def read_field(src: FieldSource, n_channels: int, pixels: bool = True) -> np.ndarray:
     """Read one field as float32 (C, H, W), C == n_channels. Raises InputDataError naming the file.
 
     pixels=False checks the same from the TIFF headers (the Zarr metadata) only (no NaN check) and
-    returns a zero-stride array of the field's shape (`pcim validate` on large plates). `timepoint`: the
-    time point of a TIFF with a T axis (an OME-Zarr field carries its own).
+    returns a zero-stride array of the field's shape (`pcim validate` on large plates). Of a T axis,
+    src.timepoint is read.
     """
+    timepoint = src.timepoint
     where = f"{src.well} field {src.field}"
     if src.zarr is not None:
         img = ome_zarr_plate.read_field(src.zarr, f"{where} ({src.where})", pixels)
@@ -444,7 +446,7 @@ def normalize(
         for c in range(n):
             mean, std = float(out[c].mean(dtype=np.float64)), float(out[c].std(dtype=np.float64))
             np.subtract(out[c], mean, out=out[c])
-            np.multiply(out[c], 1.0 / (std + eps), out=out[c])
+            np.multiply(out[c], 1.0 / (std + eps) if std + eps > 0 else 0.0, out=out[c])
         return out
     if method == "percentile":
         if not 0 <= low < high <= 100:

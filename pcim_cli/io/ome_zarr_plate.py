@@ -350,7 +350,7 @@ def discover_fields(root: Path, channels: Mapping[str, str], wells: Iterable[str
                 problems.append(Problem(f"{name} field {site} ({root.name}/{where}): {got}", name, site))
                 continue
             zf, files = got
-            result.setdefault(name, []).append(FieldSource(name, site, files, zarr=zf))
+            result.setdefault(name, []).append(FieldSource(name, site, files, zarr=zf, timepoint=timepoint))
     n_fields = sum(len(v) for v in result.values()) + sum(len(v) for v in reasons.values())
     if not result and len(reasons) == 1 and n_fields > 1:  # the same problem everywhere: say it once
         reason, where = next(iter(reasons.items()))
