@@ -78,7 +78,7 @@ def write_ome_zarr(root: Path, fields: dict[str, dict[int, np.ndarray]], version
 
 def write_iohub(root: Path, fields: dict[str, dict[int, np.ndarray]], version: str = "0.5",
                 channel_names: Sequence[str] = CHANNELS, pyramid_levels: int = 1,
-                chunks: tuple[int, ...] | None = None) -> Path:
+                chunks: tuple[int, ...] | None = None, shards_ratio: tuple[int, ...] | None = None) -> Path:
     """A plate written by iohub (open_ome_zarr(layout="hcs"), create_position, create_image): 5-D
     (t, c, z, y, x) arrays; (c, y, x) fields get t = z = 1. `pyramid_levels` > 1: levels "1", "2", … of
     2x, 4x, … strided pixels written with create_image and a scale transform (iohub's compute_pyramid
@@ -95,7 +95,7 @@ def write_iohub(root: Path, fields: dict[str, dict[int, np.ndarray]], version: s
                 for s, data in sorted(sites.items()):
                     data5 = {3: lambda a: a[None, :, None], 4: lambda a: a[None], 5: lambda a: a}[data.ndim](data)
                     pos = plate.create_position(r, c, str(s - 1))
-                    pos.create_image("0", data5, chunks=chunks)
+                    pos.create_image("0", data5, chunks=chunks, shards_ratio=shards_ratio)
                     for level in range(1, pyramid_levels):
                         f = 2**level
                         scale = TransformationMeta(type="scale", scale=[1.0, 1.0, 1.0, float(f), float(f)])

@@ -204,3 +204,14 @@ def test_signature_covers_the_arrays_read(tmp_path: Path) -> None:
     assert signature.stat_signature(src.files) != stat and signature.content_digest(src.files) != content
     assert signature.same_inputs({"stat": stat, "content": content}, src.files,
                                  signature.stat_signature(src.files)) == (False, False)
+
+
+def test_sharded_field_written_by_iohub(tmp_path: Path) -> None:
+    """Zarr v3 sharding (one shard file holding 3 x 16 chunks): read exactly, the shard in the signature."""
+    field = demo_fields(["A01"])["A01"][1]
+    root = write_iohub(tmp_path / "p.zarr", {"A01": {1: field}}, version="0.5", chunks=(1, 1, 1, 32, 32),
+                       shards_ratio=(1, 3, 1, 4, 4))
+    found, problems = images.discover_fields(root, "", BY_NAME)
+    assert problems == []
+    np.testing.assert_array_equal(images.read_field(found["A01"][0], 3), field.astype(np.float32))
+    assert signature.stat_signature(found["A01"][0].files)[1]["files"] == 2  # zarr.json and the one shard
