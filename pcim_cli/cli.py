@@ -26,7 +26,16 @@ from typing import Annotated
 import typer
 
 from pcim_cli import __version__
-from pcim_cli.errors import EXIT_INTERNAL, EXIT_TEMPFAIL, ConfigError, OutputError, PcimError
+from pcim_cli.errors import (
+    EXIT_INTERNAL,
+    EXIT_TEMPFAIL,
+    ConfigError,
+    OutputError,
+    PcimError,
+    TemporaryFailure,
+    clip,
+    unplaced,
+)
 
 logger = logging.getLogger("pcim_cli")
 
@@ -283,13 +292,16 @@ def explain(
     else:
         line = (f"{counts['done']} maps done{weak} ({result.fitted} fitted by this run), {failed} failed, "
                 f"{counts['skipped']} not run; store {result.store}; csv {result.csv}"
-                + "".join(f"; {name} {path}" for name, path in result.object_csvs.items()))
+                + "".join(f"; {name} {path}" for name, path in result.object_csvs.items())
+                + "".join(f"; removed the stale table {path} (plate.objects no longer lists it)"
+                          for path in result.removed))
     if failed or result.object_failures or result.interrupted or not quiet:
         typer.echo(line, err=True)
     for f in result.failed:
-        typer.echo(f"  failed {f['well']} site {f['site']}: {f['error']}", err=True)
+        typer.echo(f"  failed {f['well']} site {f['site']}: {unplaced(f['well'], f['site'], f['error'])}", err=True)
     for f in result.object_failures:
-        typer.echo(f"  {f['object']} table failed {f['well']} site {f['site']} (map done): {f['error']}", err=True)
+        typer.echo(f"  {f['object']} table failed {f['well']} site {f['site']} (map done): "
+                   f"{unplaced(f['well'], f['site'], f['error'])}", err=True)
     for p in result.problems:
         typer.echo(f"  not run: {p}", err=True)
     for v in [] if quiet else result.verdicts:
@@ -298,9 +310,10 @@ def explain(
         status = {0: "ok", 3: "partial", 75: "interrupted"}.get(result.exit_code, "failed")
         doc = {"status": status, "exit_code": result.exit_code, "store": str(result.store),
                "csv": None if result.csv is None else str(result.csv), "counts": counts, "fits": fits,
-               "fitted": result.fitted, "failed": result.failed, "problems": result.problems,
+               "fitted": result.fitted, "failed": result.failed + result.object_failures, "problems": result.problems,
                "object_csvs": {k: str(v) for k, v in result.object_csvs.items()},
-               "object_failures": result.object_failures, "message": line,
+               "object_failures": result.object_failures, "removed": [str(p) for p in result.removed],
+               "message": line,
                "verdicts": [v.to_dict() for v in result.verdicts]}
         typer.echo(json.dumps(doc))
     raise typer.Exit(result.exit_code)
@@ -308,7 +321,7 @@ def explain(
 
 @app.command(epilog=VALIDATE_EXIT_CODES_HELP)
 def validate(
-    plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml.")],
+    plate_yaml: Annotated[Path, typer.Argument(help="The plate's plate.yaml, or a screen file (every plate).")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, as for explain.")] = None,
     pixels: Annotated[bool | None, typer.Option("--pixels/--headers-only", help="Read every field's pixels and "
                                                 "score it once with the model (default: on plates whose files "
@@ -325,35 +338,46 @@ def validate(
     _setup_logging(0, quiet=True)
     logging.getLogger("pcim_cli").setLevel(logging.ERROR)  # problems are part of the report below
     try:
+        from pcim_cli import screen_cli
         from pcim_cli.config import load_config
         from pcim_cli.run import validate as validate_lib
 
+        if screen_cli.is_screen([str(plate_yaml)]):  # a screen file: every plate, as explain would run it
+            raise typer.Exit(screen_cli.validate_screen([str(plate_yaml)], set_ or (), pixels, not no_probe,
+                                                        as_json, _print_validation))
         cfg = load_config(plate_yaml, set_ or ())
         found = validate_lib.validate_plate(cfg, pixels, probe=not no_probe)
+    except typer.Exit:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise _fail(exc, as_json) from None
     if as_json:
         typer.echo(json.dumps(found.to_dict()))
     else:
-        model = found.model
-        typer.echo(f"plate {found.plate}: {found.wells} wells, {found.fields} fields, "
-                   f"channels {', '.join(found.channels)}")
-        typer.echo(f"model {model['path']} ({model['kind']}, sha256 {model['sha256'][:12]}…), "
-                   f"classes {', '.join(model['classes'])}")
-        if found.layout_columns:
-            typer.echo(f"layout columns: {', '.join(found.layout_columns)}")
-        typer.echo(f"checked: {'pixels and model output' if found.checked == 'pixels' else 'TIFF headers'} of "
-                   f"every field; {found.usable} of {found.fields} fields usable")
-        for name, count in found.objects.items():
-            typer.echo(f"objects {name}: label images for {count} of {found.fields} fields")
-        if found.explainer:
-            typer.echo(f"explainer {found.explainer['path']} (sha256 {found.explainer['sha256'][:12]}…) fits "
-                       "this plate's classifier, channels, normalisation and settings")
-        for p in found.problems:
-            typer.echo(f"problem: {p}")
-        if found.plan is not None:
-            _print_run_plan(found.plan)
+        _print_validation(found)
     raise typer.Exit(found.exit_code)
+
+
+def _print_validation(found) -> None:
+    """What `pcim validate` found on one plate, as lines."""
+    model = found.model
+    typer.echo(f"plate {found.plate}: {found.wells} wells, {found.fields} fields, "
+               f"channels {', '.join(found.channels)}")
+    typer.echo(f"model {model['path']} ({model['kind']}, sha256 {model['sha256'][:12]}…), "
+               f"classes {', '.join(model['classes'])}")
+    if found.layout_columns:
+        typer.echo(f"layout columns: {', '.join(found.layout_columns)}")
+    typer.echo(f"checked: {'pixels and model output' if found.checked == 'pixels' else 'TIFF headers'} of "
+               f"every field; {found.usable} of {found.fields} fields usable")
+    for name, count in found.objects.items():
+        typer.echo(f"objects {name}: label images for {count} of {found.fields} fields")
+    if found.explainer:
+        typer.echo(f"explainer {found.explainer['path']} (sha256 {found.explainer['sha256'][:12]}…) fits "
+                   "this plate's classifier, channels, normalisation and settings")
+    for p in found.problems:
+        typer.echo(f"problem: {p}")
+    if found.plan is not None:
+        _print_run_plan(found.plan)
 
 
 def _print_run_plan(plan) -> None:
@@ -451,13 +475,16 @@ def status(
 
     table = Table("well", "fields", "done", "failed", "missing", "errors", title=str(report.store))
     for w in report.wells:
-        table.add_row(w.well, str(w.fields), str(w.done), str(w.failed), str(w.missing), "; ".join(w.errors)[:80])
+        table.add_row(w.well, str(w.fields), str(w.done), str(w.failed), str(w.missing), clip("; ".join(w.errors), 80))
     totals = report.totals
     table.add_row("all", *(str(totals[k]) for k in ("fields", "done", "failed", "missing")), "")
     Console(no_color=not fancy_terminal(), width=None if fancy_terminal() else 120).print(table)
     for f in report.fields:
         if f.state in ("damaged", "stale"):
             typer.echo(f"{f.state} {f.path} (well {f.well}): {f.error}")
+        for name, error in f.object_failures:
+            typer.echo(f"{name} table failed {f.path} (well {f.well} site {f.site}; its map is done): "
+                       f"{unplaced(f.well, f.site, error)}")
     if report.fingerprints > 1:
         typer.echo(f"note: the maps in the store were made with {report.fingerprints} different settings; those "
                    "not made with the last run's are stale and the next run redoes them", err=True)
@@ -558,35 +585,36 @@ def train_explainer(
     Held-out wells measure the validation objective; a killed or interrupted run resumes from its
     checkpoint when the same command is run again.
     """
-    from pcim_cli.config import load_config
-    from pcim_cli.run import train as train_lib
-    from pcim_cli.run.progress import StepProgress
-
-    _setup_logging(verbose, quiet)
-    engine = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
-    run = {"crop": crop, "checkpoint_every": checkpoint_every,
-           "val_wells": None if val_wells is None else tuple(w.strip() for w in val_wells.split(",") if w.strip())}
+    with contextlib.suppress(ValueError):  # SIGTERM / Ctrl-C before training's own handlers: exit 75
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _stop_early)
     try:
+        from pcim_cli.config import load_config
+        from pcim_cli.run import train as train_lib
+        from pcim_cli.run.progress import StepProgress
+
+        _setup_logging(verbose, quiet)
+        engine = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+        run = {"crop": crop, "checkpoint_every": checkpoint_every,
+               "val_wells": None if val_wells is None else tuple(w.strip() for w in val_wells.split(",") if w.strip())}
         settings = train_lib.settings(engine, run)
         cfgs = [load_config(p, set_ or ()) for p in plate_yamls]
         with StepProgress(fancy=fancy_terminal(), quiet=quiet) as progress:
             result = train_lib.train_explainer(cfgs, out, settings, progress=progress, fresh=fresh)
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:  # before the training loop (or after it, while saving): rerun to continue
+        message = (f"train-explainer interrupted (SIGTERM / Ctrl-C) before its next checkpoint; {out} is as it "
+                   "was: rerun the same command (it resumes from the last checkpoint, if any)")
+        raise _fail(TemporaryFailure(message), as_json) from None
     except Exception as exc:  # noqa: BLE001
         raise _fail(exc) from None
-    training = result.meta["training"]
     if as_json:
         typer.echo(json.dumps({"out": str(result.out), "sidecar": str(result.sidecar), "sha256": result.sha256,
                                "up_to_date": result.up_to_date, "resumed_from": result.resumed_from,
                                **result.meta}, default=str))
     elif not quiet:
-        state = "already trained with these settings" if result.up_to_date else (
-            f"trained {training['steps']} steps in {training['train_seconds']:.0f} s on {training['device']}"
-            + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
-        typer.echo(f"explainer {result.out} (sha256 {result.sha256[:12]}…): {state}; objective "
-                   f"{training['train_objective']:.4f} on training crops, {training['validation_objective']:.4f} on "
-                   f"{training['validation_tiles']} validation tiles (untrained "
-                   f"{training['validation_objective_untrained']:.4f}); use it with "
-                   f"--set explain.method=pcim-amortised --set explain.explainer={result.out}", err=True)
+        typer.echo(train_lib.describe(result), err=True)
 
 
 @app.command()

@@ -80,6 +80,28 @@ def shown(value: object) -> str:
     return short(value)
 
 
+def clip(text: str, width: int) -> str:
+    """`text` in at most `width` characters, cut at a word boundary and ended with '…' when cut (a table
+    cell never ends mid-word)."""
+    text = str(text)
+    if len(text) <= width:
+        return text
+    cut = text[: max(1, width - 1)]
+    space = cut.rfind(" ")
+    if space > width // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ;,:(") + "…"
+
+
+def unplaced(well: str, site: object, error: str) -> str:
+    """`error` without its leading "A01 site 2:" (or "A01:"), for a line that names the field itself."""
+    error = str(error)
+    for place in (f"{well} site {site}:", f"{well}:"):
+        if error.startswith(place):
+            return error[len(place):].lstrip()
+    return error
+
+
 _OS_REASONS = {
     errno.ENOSPC: "the disk is full (no space left on device)",
     errno.EDQUOT: "the disk quota is exceeded",

@@ -275,7 +275,7 @@ def test_validate_lists_label_images_that_fail_and_how_many_are_there(tmp_path) 
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "objects Nuclei: label images for 3 of 4 fields" in proc.stdout
     assert "B01 site 2: no label image for plate.objects.Nuclei" in proc.stdout
-    assert "A01 site 2: label image" in proc.stdout and "100x128 px but the fields are 128x128" in proc.stdout
+    assert "A01 site 2: label image" in proc.stdout and "100x128 px but its field is 128x128" in proc.stdout
     assert not (tmp_path / "out").exists()
 
 

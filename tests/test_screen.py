@@ -267,7 +267,7 @@ def test_screen_progress_counts_plates_and_grows_its_total_as_plates_are_planned
         progress.add(2)
         progress.on_well("A01", [{"site": 1, "status": "done"}])
         progress.on_well("A02", [{"site": 1, "status": "failed"}])
-        progress.plate_finished("P1", "2 maps done")
+        progress.plate_finished("P1", "2 maps done", position=1)
         progress.add(1)
         assert progress.counter.total == 3
         progress.on_well("B01", [{"site": 1, "status": "done"}])

@@ -1,6 +1,8 @@
 """A property of the whole tool: whatever a plate goes through — runs, subsets, changed settings, damaged
-and restored files, retries, forced reruns, SIGTERM and kill -9 at random moments — the CSV, the store's
-records and `pcim status` agree after every run that ends, and no field counted done has a stale map.
+and restored files, damaged map arrays, retries, forced reruns, SIGTERM and kill -9 at random moments,
+output paths that collide with the plate's inputs or with each other — the CSV, the store's records and
+`pcim status` agree after every run that ends, no field counted done has a stale or damaged map, and a
+refused run changes no file at all.
 
 Every step runs the installed `pcim` on a small real plate (2 wells, 4 fields, 3 Adam steps).
 """
@@ -40,14 +42,41 @@ def _stale(zarr_path: Path, images: Path, steps: int) -> list[str]:
     return out
 
 
+#: output paths that are an input of the plate or another output: refused (65 / 78), nothing written
+COLLISIONS = ("output.csv=layout.csv", "output.csv=plate.yaml", "output.csv=classifier.ts",
+              "output.csv=images/A01_s1_w1.tif", "output.csv=out/../images/../layout.csv",
+              "output.csv=out/P1.zarr/summary.csv", "output.zarr=out/P1.csv", "output.csv=out/P1.zarr")
+#: a field's level-0 map array damaged: its metadata, or its chunk files
+MAP_DAMAGE = tuple(f"damage map {rel} {how}" for rel in ("A/1/0", "A/1/1", "A/2/0", "A/2/1")
+                   for how in ("metadata", "chunks"))
+
+
 @st.composite
 def sequences(draw) -> list[str]:
-    """A few operations in random order, always with a file damaged, a subset run and a run stopped by a
-    signal."""
+    """A few operations in random order, always with a file damaged, a subset run, a run stopped by a
+    signal, a damaged map array and output paths on an input or on another output."""
     ops = draw(st.lists(st.sampled_from(OPS), min_size=1, max_size=3))
     ops += [draw(st.sampled_from(("SIGTERM", "kill -9"))), "damage a file",
-            draw(st.sampled_from(("only A01", "plate.wells A02")))]
+            draw(st.sampled_from(("only A01", "plate.wells A02"))), draw(st.sampled_from(MAP_DAMAGE)),
+            "collide " + draw(st.sampled_from(COLLISIONS))]
     return draw(st.permutations(ops))
+
+
+def _damage_map(zarr_path: Path, op: str) -> None:
+    """`damage map A/2/0 metadata|chunks`: the field's level-0 map array loses its metadata or its chunks."""
+    _, _, rel, how = op.split()
+    array = zarr_path / rel / "0"
+    if not array.is_dir():
+        return  # never written: nothing to damage
+    if how == "metadata":
+        (array / "zarr.json").write_text("xx\n")
+    else:
+        for chunk in [p for p in array.rglob("*") if p.is_file() and p.name != "zarr.json"]:
+            chunk.unlink()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
@@ -72,6 +101,15 @@ def test_csv_records_and_status_agree_after_any_sequence_of_runs(tmp_path_factor
             (images / DAMAGED).write_bytes(b"")
         elif op == "restore the file":
             (images / DAMAGED).write_bytes(good)
+        elif op.startswith("damage map"):
+            _damage_map(zarr_path, op)
+        elif op.startswith("collide"):  # refused before anything runs: every file as it was
+            before = _tree(root)
+            refused = run_pcim(*args, "--set", op.split(" ", 1)[1])
+            assert refused.returncode in (65, 78), (history, refused.stderr[-3000:])
+            assert "Traceback" not in refused.stderr, (history, refused.stderr[-3000:])
+            assert _tree(root) == before, history
+            continue
         extra = {"only A01": ["--only", "A01"], "plate.wells A02": ["--set", "plate.wells=[A02]"],
                  "retry-failed": ["--retry-failed"], "force": ["--force"]}.get(op, [])
         if op in ("SIGTERM", "kill -9"):

@@ -6,6 +6,7 @@ the code it checks.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -30,8 +31,31 @@ def field_record(zarr_path: Path, rel: str) -> dict | None:
     return None if attrs is None else attrs.get("pcim")
 
 
+def maps_whole(zarr_path: Path, rel: str) -> bool:
+    """The field's map arrays (its multiscales datasets) have readable metadata and every chunk file of
+    their chunk grid, read from the JSON and the folder listing (Zarr v3, default chunk keys)."""
+    attrs = _attrs(zarr_path / rel) or {}
+    try:
+        datasets = [d["path"] for d in attrs["ome"]["multiscales"][0]["datasets"]]
+    except (KeyError, IndexError, TypeError):
+        return False
+    for name in datasets:
+        folder = zarr_path / rel / name
+        try:
+            meta = json.loads((folder / "zarr.json").read_text())
+            shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        grid = [range(-(-n // c)) for n, c in zip(shape, chunks, strict=True)]
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        if any("c/" + "/".join(map(str, idx)) not in files for idx in itertools.product(*grid)):
+            return False
+    return True
+
+
 def record_states(zarr_path: Path) -> dict[str, str]:
-    """{field path: done | failed | not done} from the raw records, with the plate's current fingerprint."""
+    """{field path: done | failed | not done} from the raw records (a done record counts only when its
+    map arrays are whole), with the plate's current fingerprint."""
     plate = plate_record(zarr_path)
     current = plate.get("fingerprint") or (plate.get("last_run") or {}).get("fingerprint")
     ledger = plate.get("failed") or {}
@@ -43,7 +67,8 @@ def record_states(zarr_path: Path) -> dict[str, str]:
             rel = f"{well['path']}/{image['path']}"
             record = field_record(zarr_path, rel)
             failure = ledger.get(rel)
-            if record and record.get("status") == "done" and record.get("fingerprint") == current:
+            if (record and record.get("status") == "done" and record.get("fingerprint") == current
+                    and maps_whole(zarr_path, rel)):
                 out[rel] = "done"
             elif failure and failure.get("fingerprint") == current:
                 out[rel] = "failed"
@@ -73,8 +98,9 @@ def status_states(zarr_path: Path) -> dict[str, str]:
     for f in doc["fields"]:
         if f["path"]:
             out[f["path"]] = f["state"] if f["state"] in ("done", "failed") else "not done"
-    assert proc.returncode == (0 if all(s == "done" for s in out.values()) and doc["totals"]["failed"] == 0
-                               else 3)
+    complete = (all(s == "done" for s in out.values()) and doc["totals"]["failed"] == 0
+                and doc["totals"].get("object_failures", 0) == 0)
+    assert proc.returncode == (0 if complete else 3)
     return out
 
 

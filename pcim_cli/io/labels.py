@@ -8,7 +8,8 @@ YAML file's folder (config.py resolves it).
 
 In the store, each field's label images live under ``{field}/labels/{Object}/{level}`` as an NGFF
 ``labels`` group with ``image-label`` metadata (axes y, x; the maps' pyramid levels, subsampled by
-nearest neighbour so values stay object numbers), so napari shows the objects over the maps.
+nearest neighbour so values stay object numbers), so napari shows the objects over the maps. Label
+images of other names in that group (a layer a user drew in napari) are kept and stay listed.
 """
 
 from __future__ import annotations
@@ -121,14 +122,43 @@ def discover_labels(name: str, pattern: str) -> LabelFiles:
 # reading
 
 
-def label_size(path: Path) -> tuple[int, int] | None:
-    """(H, W) of a label TIFF from its header; None when it cannot be read."""
+def _fix(name: str) -> str:
+    return f"write the {name} label image again (or fix plate.objects.{name})"
+
+
+def _form_problem(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    """Not one 2-D plane of whole numbers: the message of read_labels (and of validate, from the header)."""
+    if len(shape) != 2:
+        return (f"label image {path} has shape {tuple(shape)}; a label image is one 2-D plane (0 = background, "
+                "1..N = objects): save one plane per field")
+    if not np.issubdtype(dtype, np.integer):
+        return (f"label image {path} has pixel type {dtype}; labels must be whole numbers (uint8, uint16 or "
+                "uint32): save the objects as a label image, not a probability map")
+    return None
+
+
+def _size_problem(path: Path, got: tuple[int, ...], shape: tuple[int, int], name: str) -> str | None:
+    if tuple(got) == tuple(shape):
+        return None
+    return (f"label image {path} is {got[0]}x{got[1]} px but its field is {shape[0]}x{shape[1]}: the labels were "
+            f"made from other images; segment these fields again (or fix plate.objects.{name})")
+
+
+def header_problem(path: Path, shape: tuple[int, int] | None, name: str = "objects") -> str | None:
+    """What `read_labels` would refuse that the TIFF header already tells (missing, empty, unreadable, not
+    one 2-D plane, not whole numbers, another size), with its message; None when the header is fine."""
+    if not path.is_file():
+        return f"label image {path} is missing: {_fix(name)}"
+    if path.stat().st_size == 0:
+        return f"label image {path} is empty (0 bytes): the copy failed; copy it again"
     try:
         with tifffile.TiffFile(path) as tif:
-            shape = [s for s in tif.series[0].shape if s != 1]
-        return (int(shape[0]), int(shape[1])) if len(shape) == 2 else None
-    except Exception:  # noqa: BLE001 - reported when it is read
-        return None
+            series = tif.series[0]
+            got, dtype = tuple(s for s in series.shape if s != 1), np.dtype(series.dtype)
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types for damaged files
+        return (f"cannot read label image {path} ({type(exc).__name__}: {exc}); it is truncated or not a TIFF: "
+                f"{_fix(name)}")
+    return _form_problem(path, got, dtype) or (_size_problem(path, got, shape, name) if shape else None)
 
 
 def read_labels(path: Path, shape: tuple[int, int], name: str = "objects") -> np.ndarray:
@@ -137,7 +167,7 @@ def read_labels(path: Path, shape: tuple[int, int], name: str = "objects") -> np
     Raises LabelError naming the file and the fix: missing, empty, unreadable, not 2-D, not an integer
     type, negative values, or a size unlike the field's.
     """
-    fix = f"write the {name} label image again (or fix plate.objects.{name})"
+    fix = _fix(name)
     if not path.is_file():
         raise LabelError(f"label image {path} is missing: {fix}")
     if path.stat().st_size == 0:
@@ -152,20 +182,16 @@ def read_labels(path: Path, shape: tuple[int, int], name: str = "objects") -> np
     if arr.size == 0:
         raise LabelError(f"cannot read label image {path} (no pixels in it); it is truncated or not a TIFF: {fix}")
     arr = np.squeeze(arr)
-    if arr.ndim != 2:
-        raise LabelError(f"label image {path} has shape {arr.shape}; a label image is one 2-D plane "
-                         "(0 = background, 1..N = objects): save one plane per field")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise LabelError(f"label image {path} has pixel type {arr.dtype}; labels must be whole numbers "
-                         "(uint8, uint16 or uint32): save the objects as a label image, not a probability map")
+    problem = _form_problem(path, arr.shape, arr.dtype)
+    if problem is not None:
+        raise LabelError(problem)
     if arr.size and int(arr.min()) < 0:
         raise LabelError(f"label image {path} has negative values; labels are 0 (background) and 1..N")
     if arr.size and int(arr.max()) > np.iinfo(LABEL_DTYPE).max:
         raise LabelError(f"label image {path} has object numbers above {np.iinfo(LABEL_DTYPE).max}")
-    if tuple(arr.shape) != tuple(shape):
-        raise LabelError(f"label image {path} is {arr.shape[0]}x{arr.shape[1]} px but its field is "
-                         f"{shape[0]}x{shape[1]}: the labels were made from other images; segment these "
-                         f"fields again (or fix plate.objects.{name})")
+    problem = _size_problem(path, arr.shape, shape, name)
+    if problem is not None:
+        raise LabelError(problem)
     return arr.astype(LABEL_DTYPE, copy=False)
 
 
@@ -208,14 +234,15 @@ def _label_attrs(format: str, name: str, n_levels: int) -> dict:
 
 
 def write_labels(field_group: zarr.Group, labels: Mapping[str, np.ndarray], n_levels: int, format: str) -> None:
-    """Replace the field group's ``labels`` group with these label images (name -> (H, W))."""
-    if LABELS_GROUP in field_group:
-        del field_group[LABELS_GROUP]
+    """Write these label images (name -> (H, W)) into the field group's ``labels`` group, replacing those
+    of the same names; label images of other names (a layer drawn in napari) stay listed."""
+    remove_labels(field_group, labels)
     if not labels:
         return
-    names = list(labels)
+    names = [*label_names(field_group), *labels]
     attrs = {"ome": {"version": "0.5", "labels": names}} if format == "0.5" else {"labels": names}
-    group = field_group.create_group(LABELS_GROUP, attributes=attrs)
+    group = field_group.require_group(LABELS_GROUP)
+    group.update_attributes(attrs)
     zarr_format = 3 if format == "0.5" else 2
     for name, image in labels.items():
         sub = group.create_group(name, attributes=_label_attrs(format, name, n_levels))
@@ -226,6 +253,30 @@ def write_labels(field_group: zarr.Group, labels: Mapping[str, np.ndarray], n_le
             else:
                 options["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
             sub.create_array(str(level), data=data, **options)
+
+
+def remove_labels(field_group: zarr.Group, names: Iterable[str]) -> None:
+    """Remove the label images `names` from a field group; the ``labels`` group keeps listing the others
+    that are there (and goes when none is left)."""
+    if LABELS_GROUP not in field_group:
+        return
+    group = field_group[LABELS_GROUP]
+    names = set(names)
+    for name in names:
+        if name in group:
+            del group[name]
+    try:
+        listed = store.ome_metadata(group.attrs.asdict()).get("labels", [])
+    except store.DAMAGE_ERRORS:
+        listed = []
+    keep = [n for n in listed if n not in names and n in group]
+    if not keep and not list(group.keys()):
+        del field_group[LABELS_GROUP]
+        return
+    if "ome" in group.attrs:
+        group.update_attributes({"ome": {**dict(group.attrs["ome"]), "labels": keep}})
+    else:
+        group.update_attributes({"labels": keep})
 
 
 def read_labels_level(field_group: zarr.Group, name: str, level: int = 0) -> np.ndarray | None:
@@ -249,9 +300,11 @@ def label_names(field_group: zarr.Group) -> list[str]:
 
 
 def problems_for(files: Iterable[LabelFiles], fields: Mapping[str, list], size: tuple[int, int] | None,
-                 check_size: bool = True) -> list[str]:
-    """`pcim validate`: every field without a usable label image of each kind (missing, ambiguous,
-    unreadable header, other size than the plate's fields)."""
+                 check_size: bool = True, pixels: bool = False) -> list[str]:
+    """`pcim validate`: every field without a usable label image of each kind, with the message `pcim
+    explain` writes for it: missing or ambiguous; with `pixels`, every reason `read_labels` refuses (the
+    file is read, as explain reads it: negative values too); else what the TIFF header tells (not one
+    2-D plane, not whole numbers, another size than the plate's fields)."""
     out = []
     for kind in files:
         for well, sources in fields.items():
@@ -259,13 +312,14 @@ def problems_for(files: Iterable[LabelFiles], fields: Mapping[str, list], size: 
                 problem = kind.problem(well, src.field)
                 if problem is None and check_size and size is not None:
                     path = kind.path(well, src.field)
-                    got = label_size(path)
-                    if got is None:
-                        problem = (f"{well} site {src.field}: cannot read label image {path}; it is truncated "
-                                   f"or not a 2-D TIFF: write the {kind.name} labels again")
-                    elif got != tuple(size):
-                        problem = (f"{well} site {src.field}: label image {path} is {got[0]}x{got[1]} px but "
-                                   f"the fields are {size[0]}x{size[1]}: segment these fields again")
+                    if pixels:
+                        try:
+                            read_labels(path, tuple(size), kind.name)
+                        except LabelError as exc:
+                            problem = f"{well} site {src.field}: {exc}"
+                    else:
+                        found = header_problem(path, tuple(size), kind.name)
+                        problem = None if found is None else f"{well} site {src.field}: {found}"
                 if problem is not None:
                     out.append(f"{problem} (that field's {kind.name} table fails; its map is still made)")
     return out

@@ -57,15 +57,21 @@ def describe(holder: dict[str, Any]) -> str:
 
 
 class RunLock:
-    """Context manager holding the run lock of `store` (a folder, created if needed)."""
+    """Context manager holding the run lock of `store` (a folder, created if needed).
 
-    def __init__(self, store: Path, heartbeat_s: float = HEARTBEAT_S):
+    `lock_file` puts the lock elsewhere in that folder (`pcim train-explainer`: one lock per --out), and
+    `subject` names what is locked in the message of a second run (default: the folder).
+    """
+
+    def __init__(self, store: Path, heartbeat_s: float = HEARTBEAT_S, lock_file: str = LOCK_NAME,
+                 subject: str | None = None):
         self.store = Path(store)
-        self.path = self.store / LOCK_NAME
+        self.path = self.store / lock_file
+        self.subject = subject or str(self.store)
         self.heartbeat_s = heartbeat_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._created = False
+        self._created: list[Path] = []  # folders made for the lock (innermost first), removed with it if empty
         self.me = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -74,7 +80,10 @@ class RunLock:
         }
 
     def __enter__(self) -> RunLock:
-        self._created = not self.store.exists()  # a folder made only for the lock is removed with it
+        folder = self.store.absolute()  # folders made only for the lock are removed with it
+        while not folder.exists() and folder != folder.parent:
+            self._created.append(folder)
+            folder = folder.parent
         try:
             self.store.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -89,7 +98,7 @@ class RunLock:
             reason = self._stale_reason(holder)
             if reason is None:
                 raise TemporaryFailure(
-                    f"{self.store} is locked by another pcim run ({describe(holder)}); wait for it to "
+                    f"{self.subject} is locked by another pcim run ({describe(holder)}); wait for it to "
                     f"finish, or remove {self.path} if that run is certainly gone"
                 )
             logger.warning("taking over the lock of %s: %s (%s)", self.store, reason, describe(holder))
@@ -104,9 +113,11 @@ class RunLock:
         if self._read().get("pid") == self.me["pid"] and self._read().get("host") == self.me["host"]:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-        if self._created:  # nothing was written into it (a run stopped before its store was made)
-            with contextlib.suppress(OSError):
-                self.store.rmdir()
+        for folder in self._created:  # empty: nothing was written (a run stopped before its store was made)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def _create(self) -> bool:
         try:

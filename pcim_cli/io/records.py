@@ -7,9 +7,14 @@ the exit code are all derived from :func:`store_states`, so they cannot disagree
 
 - done: a record with status done, made with the plate's current fingerprint;
 - failed: no such record, and a ledger entry made with the current fingerprint;
-- damaged: the field group's metadata cannot be read (redone by the next run);
+- damaged: the field group's metadata cannot be read, or its map arrays cannot be opened or lack chunk
+  files (redone by the next run);
 - stale: a record made with other settings, or marked stale because its input files changed;
 - missing: nothing yet (never run, interrupted, or a crash mid-write).
+
+A done field may still have failed object tables (plate.objects: a label image missing or unusable):
+`FieldState.object_failures`; they count as failures for `pcim status` and the exit code, as in the
+`--json` of `pcim explain`.
 
 The ledger also holds fields that could not be planned at all (a channel file missing): their key is
 :func:`unplaced_key` (no store path), so they are listed by `status` and the CSV too.
@@ -44,6 +49,15 @@ class FieldState:
     @property
     def path(self) -> str:
         return "" if self.index is None else store.field_path(self.well, self.index)
+
+    @property
+    def object_failures(self) -> list[tuple[str, str]]:
+        """(object kind, message) of the object tables that failed in a done field (its map is done)."""
+        if self.state != "done":
+            return []
+        entries = (self.record or {}).get("objects") or {}
+        return [(str(name), str(o.get("error", ""))) for name, o in entries.items()
+                if isinstance(o, Mapping) and o.get("status") == "failed"]
 
 
 def unplaced_key(well: str, site: int | None) -> str:

@@ -16,14 +16,25 @@ with the plate metadata when the store is created) names that plate; io/ownershi
 anything is written.
 
 Damaged metadata (a ``zarr.json`` that is not JSON any more) never stops a reader: a field whose group
-metadata cannot be read has the record ``{"status": "damaged", ...}`` and is redone by the next run.
+metadata cannot be read has the record ``{"status": "damaged", ...}`` and is redone by the next run. So
+has a field whose record says done but whose map arrays cannot be opened or lack chunk files
+(:func:`map_arrays_problem`: one metadata read per array and one listing of its folder; the maps
+themselves are not read). Map arrays are written with every chunk, empty ones included, so a missing
+chunk file always means damage.
+
+A field group may hold more than pcim wrote (a label layer drawn in napari): rewriting a field replaces
+only what pcim owns there — its map levels, its object tables, the label images of its own object kinds
+and the group's metadata (:func:`_clear_field`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePath
@@ -224,9 +235,8 @@ def write_field(
     attrs = _image_attrs(format, rel, maps, labels, len(levels))
     try:
         _check_store_format(path, format)
-        group = zarr.create_group(
-            str(path), path=rel, overwrite=True, zarr_format=zarr_format, attributes=attrs
-        )
+        _clear_field(Path(path), rel)
+        group = zarr.create_group(str(path), path=rel, zarr_format=zarr_format, attributes=attrs)
         for level, data in enumerate(levels):
             group.create_array(str(level), data=data, **_array_options(data.shape, zarr_format))
         if extra is not None:
@@ -240,17 +250,52 @@ def write_field(
     return rel
 
 
+#: members of a field group that pcim writes (besides its map levels, named by numbers, and the label
+#: images of the object kinds its record lists)
+OWNED_MEMBERS = ("tables",)
+METADATA_FILES = ("zarr.json", ".zattrs", ".zgroup", ".zarray")
+
+
+def owned_labels(record: Mapping[str, Any] | None) -> set[str]:
+    """The object kinds whose label images pcim wrote into a field (its record's done object entries)."""
+    entries = (record or {}).get("objects") or {}
+    return {str(k) for k, v in entries.items() if isinstance(v, Mapping) and v.get("status") == "done"}
+
+
+def _clear_field(path: Path, rel: str) -> None:
+    """Remove what pcim wrote in a field group — map levels, object tables, the label images of the kinds
+    its record lists, the group metadata — and keep the rest (e.g. a user's label layer)."""
+    folder = Path(path) / rel
+    if not folder.is_dir():
+        return
+    try:
+        record = zarr.open_group(str(path), path=rel, mode="r").attrs.get(RECORD_KEY)
+    except DAMAGE_ERRORS:
+        record = None
+    for child in folder.iterdir():
+        if child.name.isdigit() or child.name in OWNED_MEMBERS:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif child.name in METADATA_FILES:
+            child.unlink()
+    for name in owned_labels(record if isinstance(record, Mapping) else None):
+        shutil.rmtree(folder / "labels" / name, ignore_errors=True)
+
+
 def update_field(path: Path, well: str, field: int, write: Callable[[zarr.Group, int], None],
                  record: Mapping[str, Any]) -> None:
     """Rewrite members of a complete field beside its maps (``write(group, n_levels)``), then its record.
 
-    The record's ``objects`` entry is dropped first, so a crash in between leaves the members visibly
-    stale (the next run makes them again); the maps are not touched.
+    The label images of the object kinds the old record lists are removed (a user's label layers stay)
+    and its ``objects`` entry is dropped first, so a crash in between leaves the members visibly stale
+    (the next run makes them again); the maps are not touched.
     """
+    from pcim_cli.io.labels import remove_labels
+
     record_json = _jsonable(dict(record))
     try:
         group = zarr.open_group(str(path), path=field_path(well, field), mode="r+")
         old = dict(group.attrs.get(RECORD_KEY) or {})
+        remove_labels(group, owned_labels(old))
         old.pop("objects", None)
         group.update_attributes({RECORD_KEY: _jsonable(old)})
         n_levels = len(ome_metadata(group.attrs.asdict())["multiscales"][0]["datasets"])
@@ -281,14 +326,47 @@ def read_record(path: Path, well: str, field: int) -> dict | None:
     rel = field_path(well, field)
     try:
         group = zarr.open_group(str(path), path=rel, mode="r")
-        record = group.attrs.get(RECORD_KEY)
+        attrs = group.attrs.asdict()
+        record = attrs.get(RECORD_KEY)
     except FileNotFoundError:  # zarr's GroupNotFoundError is one
         return None
     except DAMAGE_ERRORS as exc:
         return damaged_record(path, rel, exc)
     if record is not None and not isinstance(record, Mapping):
         return damaged_record(path, rel, TypeError(f"its record is a {type(record).__name__}"))
-    return dict(record) if record is not None else None
+    if record is None:
+        return None
+    if record.get("status") == "done":
+        problem = map_arrays_problem(Path(path), rel, attrs)
+        if problem is not None:
+            return {"status": "damaged", "error": problem, "site": record.get("site")}
+    return dict(record)
+
+
+def map_arrays_problem(path: Path, rel: str, attrs: Mapping[str, Any]) -> str | None:
+    """Why the map arrays of a field (its multiscales datasets) are not whole: an array whose metadata
+    cannot be opened, or a chunk file missing. None when every array opens with all its chunks. Reads
+    one metadata file per array and lists its folder; never reads the maps."""
+    redo = "the next pcim explain redoes the field"
+    try:
+        datasets = [str(d["path"]) for d in ome_metadata(attrs)["multiscales"][0]["datasets"]]
+    except (*BAD_METADATA, IndexError) as exc:
+        return f"the field metadata {Path(path) / rel / 'zarr.json'} lists no map arrays ({type(exc).__name__}); {redo}"
+    for name in datasets:
+        folder = Path(path) / rel / name
+        try:
+            array = zarr.open_array(str(path), path=f"{rel}/{name}", mode="r")
+            expected = {array.metadata.encode_chunk_key(idx)
+                        for idx in itertools.product(*(range(n) for n in array.cdata_shape))}
+        except DAMAGE_ERRORS as exc:
+            return (f"the map array {folder} cannot be opened ({type(exc).__name__}: {os_reason(exc)}); {redo}")
+        present = {os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
+                   for root, _, files in os.walk(folder) for f in files}
+        missing = sorted(expected - present)
+        if missing:
+            return (f"the map array {folder} lacks {len(missing)} of its {len(expected)} chunk files (e.g. "
+                    f"{missing[0]}): its maps are gone; {redo}")
+    return None
 
 
 def damaged_record(path: Path, rel: str, exc: BaseException) -> dict[str, Any]:
@@ -482,7 +560,8 @@ def _channel(label: str, plane: np.ndarray, colour: str) -> dict[str, Any]:
 
 def _array_options(shape: tuple[int, ...], zarr_format: int) -> dict[str, Any]:
     """Chunks of one channel x up to 1024 x 1024 px (whole-plate browsing); default compression."""
-    options: dict[str, Any] = {"chunks": (1, min(shape[1], MAX_CHUNK), min(shape[2], MAX_CHUNK))}
+    options: dict[str, Any] = {"chunks": (1, min(shape[1], MAX_CHUNK), min(shape[2], MAX_CHUNK)),
+                               "config": {"write_empty_chunks": True}}  # every chunk on disk: a missing one is damage
     if zarr_format == 3:
         options["dimension_names"] = ("c", "y", "x")  # NGFF 0.5 requires them to match the axes
     else:

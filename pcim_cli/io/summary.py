@@ -185,25 +185,6 @@ def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
     logger.info("wrote %d rows to %s", len(df), path)
 
 
-def check_csv_path(path: Path) -> None:
-    """Raise OutputError (before any fitting) when the CSV could not be written at `path`; creates nothing.
-
-    The path must not be a folder, and its nearest existing parent must be a writable folder.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"output.csv {path} is a folder: set output.csv to a file path, e.g. out/{{plate}}_pcim.csv")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot write the CSV summary {path}: {parent} is a file, not a folder; set output.csv "
-                          "to a writable path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write the CSV summary {path}: {parent} is not writable; set output.csv to a "
-                          "writable path")
-
-
 def _annotations(layout: pd.DataFrame) -> pd.DataFrame:
     """The layout with its ``well`` column as ``Metadata_Well`` and annotations as ``Metadata_<col>``."""
     if LAYOUT_WELL not in layout.columns:

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pcim_cli import __version__
 from pcim_cli.errors import ConfigError, InputDataError, OutputError, PcimError
+from pcim_cli.io import outputs
 from pcim_cli.io.plate import WellIdError, infer_plate_format, parse_well, plate_shape, row_letter
 from pcim_cli.io.store import DAMAGE_ERRORS, RECORD_KEY, ome_metadata
 from pcim_cli.report import composite
@@ -604,7 +605,7 @@ def write_report(path: Path, plate: Plate, table: pd.DataFrame, images: Mapping[
     columns = [c for c in table.columns if c not in ("Metadata_Plate", "PCIM_ZarrPath")]
     parts = [
         "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
+        f'<html lang="en"><head><meta charset="utf-8">{outputs.REPORT_MARK}',
         f"<title>pcim report: {html.escape(plate.name)}</title><style>{REPORT_CSS}</style></head><body>",
         f"<h1>Plate {html.escape(plate.name)}</h1>",
         f'<p class="note">store {html.escape(str(plate.path))}; CSV '
@@ -686,7 +687,8 @@ def render(
 ) -> RenderResult:
     """Write overlays of the chosen wells' fields, the plate montage and ``report.html``; return the paths.
 
-    ``out_dir`` defaults to ``<store>_render`` beside the store. ``wells`` default to every well in the
+    ``out_dir`` defaults to ``<store>_render`` beside the store; it must be no input folder, and files
+    there are replaced only when pcim wrote them (io/outputs.py). ``wells`` default to every well in the
     store. With ``plate_yaml`` the maps are drawn over the raw channel ``channel`` (default: the first of
     ``plate.channels``).
     """
@@ -701,15 +703,18 @@ def render(
     csv_path = find_csv(store, plate.name, csv, _suggested_csv(cfg, store))
     thumbs, shown = montage_thumbs(plate)
     shown_targets = set(shown.values())
-    out_dir = _make_out_dir(Path(out_dir) if out_dir is not None else store.parent / f"{store.stem}_render")
+    out_dir = Path(out_dir) if out_dir is not None else store.parent / f"{store.stem}_render"
+    outputs.check_render(out_dir, store, chosen, cfg)  # no input folder; replaces only its own files
+    out_dir = _make_out_dir(out_dir)
 
     result = RenderResult(out_dir, [], out_dir / "montage.png", out_dir / "report.html", csv_path)
     images, fields, tops = _draw_fields(plate, chosen, raw, channel, per_channel, max_size, result)
     if len(shown_targets) == 1:  # one target everywhere: say it once in the title
-        draw_montage(plate, thumbs, f"{shown_targets.pop()}, first field of each well").save(result.montage)
+        draw_montage(plate, thumbs, f"{shown_targets.pop()}, first field of each well").save(
+            result.montage, pnginfo=outputs.png_info())
     else:  # layout targets: each well's map is for its own target, written in its cell
         draw_montage(plate, thumbs, "each well's target (in its cell), first field of each well",
-                     labels=shown).save(result.montage)
+                     labels=shown).save(result.montage, pnginfo=outputs.png_info())
     table = _read_csv(csv_path, chosen) if csv_path is not None else _rows_from_records(fields)
     write_report(result.report, plate, table, images, result.montage.name,
                  [f.record for f in fields if f.record], csv_path, tops)
@@ -781,7 +786,7 @@ def _write_overlay(fld: FieldLevel, raw: RawImages | None, channel: str | None, 
     predicted = (fld.record or {}).get("predicted_class")
     title = f"{fld.well} site {fld.site}" + (f" (predicted {predicted})" if predicted else "")
     png = out_dir / "wells" / f"{fld.well}_s{fld.site}.png"
-    draw_panels(panels, title).save(png)
+    draw_panels(panels, title).save(png, pnginfo=outputs.png_info())
     return png
 
 

@@ -3,7 +3,8 @@
 The states come from `io/records.store_states`, the same function the CSV summary is built from, so
 `status` and the CSV of the last run always agree. Fields whose metadata is damaged, or whose maps were
 made with other settings than the plate's last run (stale), are not done: they count as missing, and
-are listed with their store path.
+are listed with their store path. Object tables that failed in done fields (plate.objects) are counted
+and listed too, and make the exit code 3, as they do for `pcim explain`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pcim_cli.errors import EXIT_OK, EXIT_PARTIAL, InputDataError
+from pcim_cli.errors import EXIT_OK, EXIT_PARTIAL, InputDataError, unplaced
 from pcim_cli.io import records, store
 from pcim_cli.io.plate import parse_well
 
@@ -24,6 +25,7 @@ class WellStatus:
     done: int = 0
     failed: int = 0
     missing: int = 0  # not done: never run, interrupted, stale or damaged
+    object_failures: int = 0  # object tables that failed in done fields (plate.objects)
     errors: list[str] = field(default_factory=list)
 
 
@@ -40,18 +42,22 @@ class StoreStatus:
         out = {k: sum(getattr(w, k) for w in self.wells) for k in ("fields", "done", "failed", "missing")}
         out["damaged"] = sum(f.state == "damaged" for f in self.fields)
         out["stale"] = sum(f.state == "stale" for f in self.fields)
+        out["object_failures"] = sum(len(f.object_failures) for f in self.fields)
         return out
 
     @property
     def exit_code(self) -> int:
+        """0 when every field is done and every object table made; else 3 (as `pcim explain` exits)."""
         totals = self.totals
-        return EXIT_OK if totals["failed"] == 0 and totals["missing"] == 0 else EXIT_PARTIAL
+        complete = totals["failed"] == 0 and totals["missing"] == 0 and totals["object_failures"] == 0
+        return EXIT_OK if complete else EXIT_PARTIAL
 
     def as_dict(self) -> dict[str, Any]:
         return {"store": str(self.store), "totals": self.totals, "fingerprints": self.fingerprints,
                 "last_run": self.last_run, "exit_code": self.exit_code,
                 "wells": [asdict(w) for w in self.wells],
-                "fields": [{"well": f.well, "site": f.site, "path": f.path, "state": f.state, "error": f.error}
+                "fields": [{"well": f.well, "site": f.site, "path": f.path, "state": f.state, "error": f.error,
+                            "object_failures": [{"object": o, "error": e} for o, e in f.object_failures]}
                            for f in self.fields]}
 
 
@@ -72,9 +78,12 @@ def store_status(path: Path) -> StoreStatus:
         status.fields += 1
         if s.state == "done":
             status.done += 1
+            for name, error in s.object_failures:
+                status.object_failures += 1
+                status.errors.append(f"site {s.site} {name} table: {unplaced(s.well, s.site, error)}")
         elif s.state == "failed":
             status.failed += 1
-            status.errors.append(f"site {s.site}: {s.error}")
+            status.errors.append(f"site {s.site}: {unplaced(s.well, s.site, s.error)}")
         else:
             status.missing += 1
             if s.state in ("damaged", "stale"):
@@ -90,7 +99,7 @@ def store_status(path: Path) -> StoreStatus:
 
 
 #: the columns of a screen's status table, in order (stale / damaged where the store tells them)
-TOTALS = ("fields", "done", "failed", "missing", "stale", "damaged")
+TOTALS = ("fields", "done", "failed", "missing", "stale", "damaged", "object_failures")
 
 
 @dataclass
@@ -106,7 +115,8 @@ class PlateStatus:
     @property
     def complete(self) -> bool:
         t = self.totals
-        return self.problem is None and t.get("fields", 0) > 0 and not t.get("failed") and not t.get("missing")
+        return (self.problem is None and t.get("fields", 0) > 0 and not t.get("failed") and not t.get("missing")
+                and not t.get("object_failures"))
 
     def as_dict(self) -> dict[str, Any]:
         return {"plate": self.plate, "source": self.source, "store": None if self.store is None else str(self.store),

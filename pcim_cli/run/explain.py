@@ -7,8 +7,8 @@ data (a RunResult); the CLI decides what to print and which exit code that means
 
 Order of a run, so that a bad setting or a stop signal never leaves a half-written store behind:
 
-1. `preflight`: everything that can be checked without writing (PCIM_GRACE_SECONDS, the CSV path,
-   the scheduler file, who owns output.zarr); a problem ends the run with nothing written;
+1. `preflight`: everything that can be checked without writing (PCIM_GRACE_SECONDS, every output path
+   (io/outputs.py), the scheduler file, who owns output.zarr); a problem ends the run with nothing written;
 2. under the run lock, `plan`: model, layout, images and the store's records, read only;
 3. `prepare_store`: the plate skeleton, the plate record (plate name, fingerprint), stale marks;
 4. the wells run; SIGTERM / SIGINT at any moment up to here stop the run (exit 75) — before step 3
@@ -43,7 +43,7 @@ from pcim_cli.errors import (
     ConfigError,
     InputDataError,
 )
-from pcim_cli.io import images, labels, ownership, plate, records, store, summary
+from pcim_cli.io import images, labels, outputs, ownership, plate, records, store, summary
 from pcim_cli.io.explainer import LoadedExplainer, check_explainer, load_explainer
 from pcim_cli.io.lock import RunLock
 from pcim_cli.io.model import LoadedModel, check_classes, load_model, resolve_device
@@ -72,6 +72,7 @@ class RunResult:
     causes: list[str] = field(default_factory=list)  # why each failed field failed: data | model | output | other
     object_csvs: dict[str, Path] = field(default_factory=dict)  # plate.objects: {plate}_pcim_{Object}.csv
     object_failures: list[dict] = field(default_factory=list)  # object tables that failed (maps done)
+    removed: list[Path] = field(default_factory=list)  # object CSVs of kinds plate.objects no longer lists
 
     @property
     def counts(self) -> dict[str, int]:
@@ -263,6 +264,7 @@ class Plan:
     fingerprint: str
     wells: dict[str, int] = field(default_factory=dict)  # fields per well found (the store's skeleton)
     objects_refresh: set[str] = field(default_factory=set)  # done fields whose object tables are remade
+    dropped: list[rerun.FieldPlan] = field(default_factory=list)  # failed at planning, with a stale map to mark
 
     @property
     def counts(self) -> dict[str, int]:
@@ -318,19 +320,21 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
     kinds = objects.label_kinds(cfg.plate.objects)
     top_k = cfg.explain.top_objects
 
-    fields, tasks, refresh = [], [], set()
+    fields, tasks, refresh, dropped = [], [], set(), []
     for well in wells:
         decided = []
         for i, src in enumerate(found[well]):
             path = store.field_path(well, i)
             record = store.read_record(store_path, well, i) if exists else None
-            decided.append(rerun.decide(well, src.field, i, record, ledger.get(path), print_fp, choice, src.files))
+            decided.append(rerun.decide(well, src.field, i, record, ledger.get(path), print_fp, choice, src.files,
+                                        targets[well]))
         well_targets = targets[well]
         if isinstance(well_targets, str):  # the layout gives this well no usable target
             for f in decided:
                 if f.fitted:
                     row = failed_row(cfg.plate.name, well, f.site, f.index, well_targets)
                     rows.append({**row, "key": f.path, "cause": "data", "inputs": {"stat": f.stat}})
+            dropped += [f for f in decided if f.fitted and f.stale]  # their old maps are marked stale
             decided = [f for f in decided if not f.fitted]
         fields += decided
         todo = []
@@ -360,13 +364,13 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             store_path=str(store_path), store_format=cfg.output.format, fingerprint=print_fp,
         ))
     return Plan(fields, tasks, rows, problems, layout, model, print_fp, {w: len(found[w]) for w in wells},
-                refresh)
+                refresh, dropped)
 
 
 def preflight(cfg: RunConfig, choice: rerun.Rerun) -> ownership.Ownership:
     """Everything checked before anything is written: raises with nothing touched."""
     scheduler.grace_seconds()
-    summary.check_csv_path(Path(cfg.output.csv))
+    outputs.check_plate(cfg)  # every output path: no input, no collision, pcim's own files only, writable
     scheduler.check_compute(cfg.compute)
     return ownership.check_owner(Path(cfg.output.zarr), cfg.plate.name, force=choice.force)
 
@@ -382,7 +386,7 @@ def prepare_store(cfg: RunConfig, p: Plan, owner: ownership.Ownership) -> None:
     started = time.strftime("%Y-%m-%d %H:%M:%S%z")
     store.create_plate(store_path, cfg.plate.name, p.wells, format=cfg.output.format,
                        record={"fingerprint": p.fingerprint, "started": started})
-    for f in p.fields:
+    for f in [*p.fields, *p.dropped]:
         if f.stale:
             store.update_record(store_path, f.well, f.index, {"status": "stale", "stale": f.stale})
         elif f.refresh:  # the same pixels under new file dates: the next rerun decides from the stat alone
@@ -465,10 +469,11 @@ def _write_results(cfg: RunConfig, p: Plan, rows: list[dict], interrupted: bool)
     summary.write_csv_atomic(table, csv_path)
     object_csvs, object_failures = objects.write_tables(store_path, cfg.plate.name, csv_path,
                                                         list(cfg.plate.objects or {}), table)
+    removed = objects.remove_stale_tables(csv_path, cfg.plate.name, object_csvs.values())
     fitted = sum(1 for r in rows if r["status"] == "done" and r["zarr_path"] not in p.objects_refresh)
     return RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
                      interrupted=interrupted, causes=causes, object_csvs=object_csvs,
-                     object_failures=object_failures, verdicts=verdicts)
+                     object_failures=object_failures, verdicts=verdicts, removed=removed)
 
 
 # ---------------------------------------------------------------- a plate of a screen (run/screen.py)

@@ -11,7 +11,8 @@ The label images and tables are written into the field group before its completi
 image that is missing, unreadable or of another size fails that kind's table only (its record entry
 says why); the map is still done. A done field whose object inputs changed since (label files
 replaced, `explain.top_objects`, deletion settings) is measured again without refitting its map
-(`refresh_field`).
+(`refresh_field`). The table of an object kind removed from plate.objects is deleted at the end of the
+run (`remove_stale_tables`: only a file whose header is pcim's object-table header).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,24 @@ def write_tables(store_path: Path, plate: str, csv: Path, names: list[str], tabl
                    for name, error in failures(record) if name in names]
     written = object_tables.write_csvs(object_tables.rebuild(store_path, plate, names, fields), csv, plate)
     return written, failed
+
+
+def remove_stale_tables(csv: Path, plate: str, written: Iterable[Path]) -> list[Path]:
+    """Delete the `{plate}_pcim_{Object}.csv` files beside output.csv that pcim wrote (their header says
+    so) for object kinds plate.objects no longer lists: they describe maps that are gone. Returns them."""
+    from pcim_cli.io.outputs import stale_object_csvs
+
+    removed = []
+    for path in stale_object_csvs(csv, plate, [csv, *written]):
+        try:
+            path.unlink()
+        except OSError as exc:
+            logger.warning("cannot remove the stale object table %s (%s); delete it by hand", path, exc)
+            continue
+        logger.warning("removed %s: plate.objects no longer lists %s, so pcim's table of it described maps "
+                       "that are gone", path, path.stem.split("_pcim_", 1)[-1])
+        removed.append(path)
+    return removed
 
 
 # --------------------------------------------------------------------------------------------------

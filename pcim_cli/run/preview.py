@@ -52,8 +52,10 @@ class Plan:
                 "seconds_per_pass": self.seconds_per_pass, "eta_s": self.eta_s, "device": self.device}
 
 
-def plan_run(cfg: RunConfig, inv: PlateInventory, probe: bool = True) -> Plan:
-    """The plan of `pcim explain` for this plate (every field, as a first run would do them)."""
+def plan_run(cfg: RunConfig, inv: PlateInventory, probe: bool = True,
+             exclude: set[tuple[str, int]] = frozenset()) -> Plan:
+    """The plan of `pcim explain` for this plate (every field, as a first run would do them), without the
+    fields in `exclude` ((well, site): found unusable, they would fail)."""
     plan = Plan(aggregate=cfg.model.aggregate, tile_maps=cfg.explain.tile_maps, device=inv.model.device)
     wells = sorted(inv.fields)
     per_well = _targets_per_well(cfg, inv.classes, inv.layout, wells)
@@ -69,6 +71,8 @@ def plan_run(cfg: RunConfig, inv: PlateInventory, probe: bool = True) -> Plan:
     maps_by_size = Counter()
     for well, srcs in inv.fields.items():
         for src in srcs:
+            if (well, src.field) in exclude:
+                continue
             size = images.field_size(src)
             if size is not None:
                 sizes[size] += 1

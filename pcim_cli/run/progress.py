@@ -249,10 +249,12 @@ class ScreenProgress(WellProgress):
         elif self._bar is not None:
             self._bar.update(self._bar_task, total=self.counter.total)
 
-    def plate_finished(self, name: str, text: str, level: int = logging.INFO) -> None:
-        """Plate `name` is complete (or could not run): one line saying how it went."""
+    def plate_finished(self, name: str, text: str, level: int = logging.INFO, position: int | None = None) -> None:
+        """Plate `name` (the `position`-th of the screen) is complete (or could not run): one line saying how
+        it went."""
         self.plates_done += 1
-        logger.log(level, "plate %s (%d/%d): %s", name, self.plates_done, self.plates, text)
+        place = f"{position}/{self.plates}" if position else f"{self.plates_done} finished of {self.plates}"
+        logger.log(level, "plate %s (%s): %s", name, place, text)
 
     def _log_line(self, now: float) -> None:
         self._last_line = now

@@ -4,9 +4,10 @@ A field is *done* when its group in the store has a completion record with statu
 fingerprint of the current settings, the same site and the same input files (io/signature.py: name,
 size and modification time, and when those changed, a digest of the files' content); it is then
 skipped. A field whose record has another fingerprint (settings, model, channels or class names
-changed), another site, other input files, or no record at all (a crash mid-write) is redone; the
-driver marks the record of a field whose input files changed *stale* before anything runs, so a run
-that is stopped never leaves a stale map counted as done. A field that failed with the current
+changed), another site, other input files, maps for another target than the field resolves to now
+(`explain.target: layout:<column>` after the layout changed), or no record at all (a crash mid-write)
+is redone; the driver marks the record of a field whose input files or target changed *stale* before
+anything runs, so a run that is stopped never leaves a stale map counted as done. A field that failed with the current
 settings (the plate record's failure ledger) stays failed unless `--retry-failed` or its input files
 changed since (a file restored or exported again is retried without asking); `--force` redoes
 everything; `--only` restricts the run to some wells. What each field *is* afterwards is decided by
@@ -66,19 +67,40 @@ def is_current(record: Mapping[str, Any] | None, fingerprint: str, site: int) ->
             and record.get("site") == site)
 
 
+def target_change(record: Mapping[str, Any] | None, targets: tuple[str, ...] | str | None) -> str:
+    """Why a record's maps are not for the targets the field resolves to now ('' when they are).
+
+    `targets`: the class names to explain (fixed targets: a class, all, a layout column's value), an error
+    message (the layout gives the well no usable target any more), or None (the predicted class: the map
+    follows the model, whose sha256 is in the fingerprint)."""
+    if record is None or targets is None:
+        return ""
+    had = [str(t) for t in record.get("targets") or []]
+    if isinstance(targets, str):
+        return f"its target {', '.join(had) or '?'} is no longer given ({targets})"
+    if had != list(targets):
+        return f"its target changed ({', '.join(had) or '?'} then, {', '.join(targets)} now)"
+    return ""
+
+
 def decide(well: str, site: int, index: int, record: dict[str, Any] | None, failure: dict[str, Any] | None,
-           fingerprint: str, rerun: Rerun, files: Iterable[Path] = ()) -> FieldPlan:
-    """What to do with one field, given its record in the store and its entry in the failure ledger."""
+           fingerprint: str, rerun: Rerun, files: Iterable[Path] = (),
+           targets: tuple[str, ...] | str | None = None) -> FieldPlan:
+    """What to do with one field, given its record in the store, its entry in the failure ledger and the
+    targets it resolves to now (`target_change`)."""
     files = tuple(files)
     stat = signature.stat_signature(files)
     plan = FieldPlan(well, site, index, "run", stat=stat)
     settings_current = is_current(record, fingerprint, site)
-    inputs_same, refresh = (signature.same_inputs(record.get("inputs"), files, stat) if settings_current
-                            else (False, False))
+    retarget = target_change(record, targets) if settings_current else ""
+    inputs_same, refresh = (signature.same_inputs(record.get("inputs"), files, stat)
+                            if settings_current and not retarget else (False, False))
     current = settings_current and inputs_same
     plan.refresh = current and refresh
     if record is not None and record.get("status") == "done" and not current:
-        if settings_current:
+        if retarget:
+            plan.stale = retarget
+        elif settings_current:
             plan.stale = "its input files changed since"
         elif record.get("fingerprint") == fingerprint:
             plan.stale = f"its site changed (site {record.get('site')} then, {site} now)"
@@ -96,7 +118,7 @@ def decide(well: str, site: int, index: int, record: dict[str, Any] | None, fail
         plan.action, plan.failure = "failed", failure
     elif record is not None:
         plan.action = "redo"
-        plan.reason = (plan.stale or ("its metadata was damaged" if record.get("status") == "damaged"
+        plan.reason = (plan.stale or ("its map or metadata was damaged" if record.get("status") == "damaged"
                                       else "settings or model changed" if record.get("fingerprint") != fingerprint
                                       else "incomplete"))
     elif failure is not None:

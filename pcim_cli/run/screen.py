@@ -32,7 +32,7 @@ from pcim_cli.errors import (
     EXIT_TEMPFAIL,
     PcimError,
 )
-from pcim_cli.io import summary
+from pcim_cli.io import outputs, summary
 from pcim_cli.io.model import shared_models
 from pcim_cli.run import explain, rerun, scheduler
 from pcim_cli.run.progress import ScreenProgress
@@ -63,6 +63,7 @@ class PlateOutcome:
     result: explain.RunResult | None = None
     error: str | None = None  # why the plate did not run (or stopped)
     code: int = EXIT_OK  # its exit code when it has no result
+    position: int = 0  # 1-based place in the screen, for messages ("plate P2 (2/3)")
 
     @property
     def exit_code(self) -> int:
@@ -73,7 +74,8 @@ class PlateOutcome:
         return {"plate": self.name, "source": self.source, "exit_code": self.exit_code, "error": self.error,
                 "store": None if r is None else str(r.store), "csv": None if r is None else str(r.csv),
                 "counts": None if r is None else r.counts, "fitted": 0 if r is None else r.fitted,
-                "failed": [] if r is None else r.failed, "problems": [] if r is None else r.problems}
+                "failed": [] if r is None else r.failed + r.object_failures,
+                "problems": [] if r is None else r.problems}
 
 
 @dataclass
@@ -114,13 +116,14 @@ def run_screen(screen: Screen, choice: rerun.Rerun | None = None, max_in_flight:
                progress: ScreenProgress | None = None) -> ScreenResult:
     """Explain every plate of `screen` on one cluster (screen.compute); see the module docstring."""
     choice = choice or rerun.Rerun()
+    outputs.check_screen(screen.configs, screen.screen_csv, screen.files)  # before any plate: nothing written
     progress = progress or ScreenProgress(fancy=False, quiet=True)
     progress.plates = len(screen.entries)
     progress.start()
     outcomes: list[PlateOutcome] = []
     queue: collections.deque[tuple[PlateOutcome, object]] = collections.deque()
-    for entry in screen.entries:
-        outcome = PlateOutcome(entry.source, entry.name)
+    for i, entry in enumerate(screen.entries):
+        outcome = PlateOutcome(entry.source, entry.name, position=i + 1)
         outcomes.append(outcome)
         if entry.config is None:
             _not_run(outcome, EXIT_CONFIG, entry.problem or "invalid configuration", progress)
@@ -206,7 +209,7 @@ def run_screen(screen: Screen, choice: rerun.Rerun | None = None, max_in_flight:
 
 def _not_run(outcome: PlateOutcome, code: int, error: str, progress: ScreenProgress) -> None:
     outcome.code, outcome.error = code, error
-    progress.plate_finished(outcome.name, f"not run (exit {code}): {error}", logging.WARNING)
+    progress.plate_finished(outcome.name, f"not run (exit {code}): {error}", logging.WARNING, outcome.position)
 
 
 def _finished(outcome: PlateOutcome, progress: ScreenProgress) -> None:
@@ -216,19 +219,20 @@ def _finished(outcome: PlateOutcome, progress: ScreenProgress) -> None:
     progress.plate_finished(outcome.name, f"{counts['done']} maps done ({r.fitted} fitted by this run), "
                                           f"{counts['failed']} failed, {counts['skipped']} not run; exit "
                                           f"{r.exit_code}; csv {r.csv}",
-                            logging.INFO if r.exit_code == EXIT_OK else logging.WARNING)
+                            logging.INFO if r.exit_code == EXIT_OK else logging.WARNING, outcome.position)
 
 
 def _warn_other_clusters(screen: Screen) -> None:
-    """The screen runs on one cluster: say so when plates ask for another one."""
+    """The screen runs on one cluster: say so when plates ask for another one, naming the keys that differ."""
     first = screen.compute
     keys = ("cluster", "address", "scheduler_file", "workers", "slurm")
-    others = [c.plate.name for c in screen.configs[1:]
-              if any(getattr(c.compute, k) != getattr(first, k) for k in keys)]
-    if others:
-        logger.warning("plates %s ask for another compute.cluster / workers than %s; the screen runs all its "
-                       "plates on one cluster: %s's", ", ".join(others), screen.configs[0].plate.name,
-                       screen.configs[0].plate.name)
+    name = screen.configs[0].plate.name if screen.configs else ""
+    for c in screen.configs[1:]:
+        differ = [f"compute.{k} {getattr(c.compute, k)} (not {getattr(first, k)})" for k in keys
+                  if getattr(c.compute, k) != getattr(first, k)]
+        if differ:
+            logger.warning("plate %s asks for %s; the screen runs all its plates on one cluster, %s's", c.plate.name,
+                           ", ".join(differ), name)
 
 
 def write_screen_csv(screen: Screen | list[PlateEntry], path: Path) -> Path:

@@ -16,6 +16,11 @@ Resumable and reproducible: a step's crops depend only on (seed, step), and a ch
 (`<out>.ckpt`: explainer, optimiser, schedule, step) is written every `checkpoint_every` steps and on
 SIGTERM / Ctrl-C (exit 75), so a killed run rerun with the same command continues to the same result.
 An explainer already trained with the same settings and data is not retrained (`fresh` does).
+
+Before anything is read, `--out`, its sidecar and its checkpoint are checked (io/outputs.py): each may
+only replace a file pcim wrote for an explainer, never another file nor an input of the plates (exit
+65). One run per `--out` at a time: a second is refused (exit 75, naming the holder) by a run lock
+beside it (`.<out>.pcim-lock`, io/lock.py).
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ from pcim_cli.engine import tiling
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import ConfigError, InputDataError, PcimError, TemporaryFailure
 from pcim_cli.io import explainer as explainer_file
-from pcim_cli.io import images, plate
+from pcim_cli.io import images, outputs, plate
+from pcim_cli.io.lock import RunLock
 from pcim_cli.run import explain
 
 logger = logging.getLogger(__name__)
@@ -120,6 +126,13 @@ def train_explainer(cfgs: Sequence[RunConfig], out: str | Path, settings: TrainS
     out = Path(out).expanduser().absolute()
     if not cfgs:
         raise ConfigError("train-explainer needs at least one plate.yaml")
+    outputs.check_training(out, cfgs)  # --out, sidecar, checkpoint: pcim's own files only, no input
+    with RunLock(out.parent, lock_file=f".{out.name}.pcim-lock", subject=f"the explainer {out}"):
+        return _train(cfgs, out, settings, progress, fresh)
+
+
+def _train(cfgs: Sequence[RunConfig], out: Path, settings: TrainSettings, progress: Any, fresh: bool) -> TrainResult:
+    """train_explainer under the lock of `out`."""
     plates = [_plate(cfg, settings) for cfg in cfgs]
     first = plates[0]
     opts = explain.engine_options(first.cfg)
@@ -140,6 +153,10 @@ def train_explainer(cfgs: Sequence[RunConfig], out: str | Path, settings: TrainS
     if extra is None:
         extra = {"val_before": trainer.validation(data.val_x), "seconds": 0.0}
     resumed_from = trainer.done
+    if not len(data.val_x):
+        logger.warning("no validation tiles: every well with images is a training well (plates of fewer than 3 "
+                       "wells, or --val-wells names none with images), so the held-out objective is not measured; "
+                       "name held-out wells with --val-wells")
     if resumed_from:
         logger.info("resuming from %s at step %d of %d", ckpt, resumed_from, topts.steps)
     logger.info("training an explainer for %s (%d classes) on %s: %d training fields, %d validation tiles, "
@@ -175,6 +192,25 @@ def train_explainer(cfgs: Sequence[RunConfig], out: str | Path, settings: TrainS
                 extra["val_before"])
     return TrainResult(out=out, sidecar=explainer_file.sidecar_path(out), sha256=sha, meta=meta,
                        resumed_from=resumed_from)
+
+
+def describe(result: TrainResult) -> str:
+    """The line `pcim train-explainer` prints: what was trained, the objectives, how to use it."""
+    training = result.meta["training"]
+
+    def num(key: str) -> str:
+        value = training.get(key)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    state = "already trained with these settings" if result.up_to_date else (
+        f"trained {training['steps']} steps in {training['train_seconds']:.0f} s on {training['device']}"
+        + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
+    held = (f"{num('validation_objective')} on {training['validation_tiles']} validation tiles (untrained "
+            f"{num('validation_objective_untrained')})" if training.get("validation_tiles") else
+            "no validation tiles (name held-out wells with --val-wells)")
+    return (f"explainer {result.out} (sha256 {result.sha256[:12]}…): {state}; objective {num('train_objective')} "
+            f"on training crops, {held}; use it with --set explain.method=pcim-amortised --set "
+            f"explain.explainer={result.out}")
 
 
 class _StopAfterStep:
@@ -322,7 +358,7 @@ def _load(plates: list[_Plate], settings: TrainSettings) -> _Data:
 
 
 def _save_checkpoint(path: Path, key: str, trainer: ex.Trainer, extra: dict) -> None:
-    doc = {"key": key, "trainer": trainer.state_dict(), "extra": extra}
+    doc = {"format": outputs.CHECKPOINT_FORMAT, "key": key, "trainer": trainer.state_dict(), "extra": extra}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(doc, tmp)

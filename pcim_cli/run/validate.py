@@ -4,9 +4,10 @@ Config, layout, model (loaded and probed), image discovery, then each field: its
 count, pixel type, size against its siblings and against model.input_size) and, on small plates or with
 `--pixels`, its pixels (truncated files, NaN pixels) and one forward pass of the model on them (NaN or
 infinite logits, a model that raises on the field). The messages are the ones `pcim explain` writes into
-the CSV, from the same functions. Label images of plate.objects are checked too (their problems fail
-object tables only). Returns a `Validation` (data the CLI prints), with the plan of the run
-(run/preview.py: tiles, targets, cost).
+the CSV, from the same functions. Output paths are checked as explain checks them (io/outputs.py). Label
+images of plate.objects are checked too, as explain reads them (their problems fail object tables
+only). Returns a `Validation` (data the CLI prints), with the plan of the run (run/preview.py: tiles,
+targets, cost) for the fields found usable.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 from pcim_cli.config import RunConfig
 from pcim_cli.engine import tiling
 from pcim_cli.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, InputDataError
-from pcim_cli.io import images, signature
-from pcim_cli.run import explain, failures, preview, worker
+from pcim_cli.io import images, labels, outputs, signature
+from pcim_cli.run import explain, failures, objects, preview, worker
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ def validate_plate(cfg: RunConfig, pixels: bool | None = None, probe: bool = Tru
     """Check everything `pcim explain` needs. `pixels`: read every field's pixels (None: when the plate's
     files total at most PIXELS_AUTO_BYTES); `probe`: time a fit step for the plan's ETA. Raises like
     explain for a run-level failure (no field found, a model that does not load)."""
-    inv = explain.inspect_plate(cfg, check_objects=True)
+    outputs.check_plate(cfg)  # as explain: an output path that would destroy a file or collide ends it
+    inv = explain.inspect_plate(cfg)
     sources = [src for well in sorted(inv.fields) for src in inv.fields[well]]
     if pixels is None:
         size = sum(f["size"] or 0 for src in sources for f in signature.stat_signature(src.files))
@@ -85,6 +87,8 @@ def validate_plate(cfg: RunConfig, pixels: bool | None = None, probe: bool = Tru
         if not pixels:
             logger.info("the plate's files hold %.1f GB: headers checked, not pixels (--pixels reads them)",
                         size / 1e9)
+    expected = images.typical_size(sources)
+    _check_objects(cfg, inv, expected, pixels)
     summary = inv.summary
     out = Validation(plate=cfg.plate.name, channels=list(cfg.plate.channels), wells=summary["wells"],
                      fields=summary["fields"], model=summary["model"], layout_columns=summary["layout_columns"],
@@ -95,7 +99,6 @@ def validate_plate(cfg: RunConfig, pixels: bool | None = None, probe: bool = Tru
             out.run_problems.append(str(p))
         else:
             out.field_problems.append(FieldProblem(p.well, p.field, str(p)))
-    expected = images.typical_size(sources)
     targets = explain._targets_per_well(cfg, inv.classes, inv.layout, sorted(inv.fields))
     for src in sources:
         problem = _field_problem(cfg, inv.model, src, expected, pixels)
@@ -105,8 +108,20 @@ def validate_plate(cfg: RunConfig, pixels: bool | None = None, probe: bool = Tru
             out.usable += 1
         else:
             out.field_problems.append(FieldProblem(src.well, src.field, problem))
-    out.plan = preview.plan_run(cfg, inv, probe=probe)
+    out.plan = preview.plan_run(cfg, inv, probe=probe,
+                                exclude={(p.well, p.site) for p in out.field_problems if p.site is not None})
     return out
+
+
+def _check_objects(cfg: RunConfig, inv: explain.PlateInventory, size: tuple[int, int] | None, pixels: bool) -> None:
+    """plate.objects: every field's label image of each kind, checked as explain reads it (its pixels when
+    `pixels`, else its TIFF header); the kinds' usable counts and problems go into the inventory."""
+    if not cfg.plate.objects:
+        return
+    kinds = objects.label_kinds(cfg.plate.objects)
+    inv.object_problems = labels.problems_for(kinds.values(), inv.fields, size, pixels=pixels)
+    inv.objects = {name: sum(kind.problem(w, src.field) is None for w, srcs in inv.fields.items() for src in srcs)
+                   for name, kind in kinds.items()}  # fields with a label file found
 
 
 def _field_problem(cfg: RunConfig, model, src: images.FieldSource, expected: tuple[int, int] | None,
