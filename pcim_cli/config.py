@@ -50,6 +50,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -104,6 +105,8 @@ class PlateConfig(_Section):
     channels: dict[str, str]
     layout: ConfigPath | None = None
     wells: list[str] | None = None
+    # a T axis (OME-TIFF, OME-Zarr): the time point to read, from 0; null: a time series is refused
+    timepoint: int | None = Field(None, ge=0)
     # object kind -> label-image pattern ({well}/{row}+{col}, {field}, *), relative to the YAML's folder
     objects: dict[str, str] | None = None
 
@@ -123,6 +126,15 @@ class PlateConfig(_Section):
             raise ValueError("empty plate name")
         if re.search(r"[/\\]", value):
             raise ValueError(f"{short(value)}: a plate name cannot contain '/' or '\\' (it is used in file names)")
+        return value
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _local_images(cls, value: Any) -> Any:
+        """An OME-Zarr plate at a URL is not read yet (io/ome_zarr_plate.py reads local stores)."""
+        if isinstance(value, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value.strip()):
+            raise ValueError(f"{short(value)}: remote stores are not read yet; copy the plate to a local or shared "
+                             "file system and give its folder")
         return value
 
     @field_validator("pattern")
@@ -208,7 +220,21 @@ class PlateConfig(_Section):
 # ---------------------------------------------------------------- model
 
 
-class NormalizePercentile(_Section):
+class _Clipped(_Section):
+    """`clip: false` (a bioimage.io package's scale without a clip) is written out; the default `true` is
+    not, so the settings fingerprint of every plate made before the key existed stays the same."""
+
+    clip: bool = True  # clip the scaled values to [0, 1]
+
+    @model_serializer(mode="wrap")
+    def _drop_default_clip(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("clip") is True:
+            data.pop("clip")
+        return data
+
+
+class NormalizePercentile(_Clipped):
     """Map each channel's `low` / `high` percentile to 0 / 1 (per field)."""
 
     method: Literal["percentile"] = "percentile"
@@ -222,18 +248,33 @@ class NormalizePercentile(_Section):
         return self
 
 
-class NormalizeFixed(_Section):
-    """Map the fixed intensities `min` / `max` to 0 / 1 (e.g. 0 and 65535)."""
+class NormalizeFixed(_Clipped):
+    """Map the fixed intensities `min` / `max` to 0 / 1 (e.g. 0 and 65535): one value, or one per channel."""
 
     method: Literal["fixed"] = "fixed"
-    min: float
-    max: float
+    min: float | list[float]
+    max: float | list[float]
 
     @model_validator(mode="after")
     def _ordered(self) -> NormalizeFixed:
-        if self.min >= self.max:
-            raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+        lows = self.min if isinstance(self.min, list) else [self.min]
+        highs = self.max if isinstance(self.max, list) else [self.max]
+        if len(lows) > 1 and len(highs) > 1 and len(lows) != len(highs):
+            raise ValueError(f"{len(lows)} min values but {len(highs)} max values: give one per channel")
+        n = max(len(lows), len(highs))
+        for i, (lo, hi) in enumerate(zip(lows * (n // len(lows)), highs * (n // len(highs)), strict=True)):
+            if lo >= hi:
+                where = f" (channel {i + 1})" if n > 1 else ""
+                raise ValueError(f"min ({lo}) must be below max ({hi}){where}")
         return self
+
+
+class NormalizeZscore(_Section):
+    """(value - the channel's mean) / (its standard deviation + eps), per field (a bioimage.io package's
+    zero_mean_unit_variance)."""
+
+    method: Literal["zscore"] = "zscore"
+    eps: float = Field(1e-6, gt=0, le=0.1)
 
 
 class NormalizeNone(_Section):
@@ -242,7 +283,8 @@ class NormalizeNone(_Section):
     method: Literal["none"] = "none"
 
 
-Normalize = Annotated[NormalizePercentile | NormalizeFixed | NormalizeNone, Field(discriminator="method")]
+Normalize = Annotated[NormalizePercentile | NormalizeFixed | NormalizeZscore | NormalizeNone,
+                     Field(discriminator="method")]
 
 
 class ModelConfig(_Section):
@@ -255,6 +297,15 @@ class ModelConfig(_Section):
     # probabilities, the largest probability per class, or the model on the untiled field (any-size models)
     aggregate: Literal["mean-prob", "mean-logit", "max", "whole-field"] = "mean-logit"
     normalize: Normalize = Field(default_factory=NormalizePercentile)
+    # model.path a bioimage.io package: plate.yaml keys that win over what the package states
+    override_package: list[Literal["normalize", "channels", "classes", "input_size"]] = []
+
+    @field_validator("override_package", mode="before")
+    @classmethod
+    def _override_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
 
     @field_validator("normalize", mode="before")
     @classmethod
@@ -488,6 +539,7 @@ class RunConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     _config_path: Path | None = PrivateAttr(default=None)
+    _model_package: Any = PrivateAttr(default=None)  # run/model_package.py: a bioimage.io package applied
 
     @property
     def config_path(self) -> Path | None:
@@ -657,7 +709,7 @@ def _describe(err: Mapping[str, Any]) -> tuple[str, str]:
         return path, (f"{short(value)} is not allowed: use one of {', '.join(allowed)}"
                       f"{_did_you_mean(str(value), allowed)}")
     if kind in ("union_tag_invalid", "union_tag_not_found"):
-        allowed = _quoted(ctx.get("expected_tags", "")) or ["percentile", "fixed", "none"]
+        allowed = _quoted(ctx.get("expected_tags", "")) or ["percentile", "fixed", "zscore", "none"]
         where = f"{path}.method" if path else "method"
         if kind == "union_tag_not_found":
             return where, f"required key missing (one of {', '.join(allowed)})"

@@ -13,25 +13,33 @@ TEMPLATE = """\
 #   PCIM_EXPLAIN__STEPS=100 pcim explain {name}      or      pcim explain {name} --set explain.steps=100
 plate:
   name: null                        # Metadata_Plate in the CSV; null: this file's name without .yaml
-  images: images/                   # FILL IN: the folder with the TIFFs
+  images: images/                   # FILL IN: the folder with the TIFFs, or an OME-Zarr HCS plate (plate.zarr:
+      # NGFF 0.4 / 0.5; wells and fields from its metadata, channels by their omero labels; pattern unused)
   pattern: "{{well}}_s{{field}}_w{{channel}}*.tif"
       # tokens: {{well}} (A1, A01, A001 all accepted) or {{row}} and {{col}}; {{field}}; {{channel}};
       # '*' matches anything (vendor GUIDs). Without {{channel}}, each file is one multi-channel stack
       # (TIFF pages, or an OME-TIFF / ImageJ hyperstack with a C axis; a Z axis is max-projected).
   channels: {{DNA: "1", PH3: "2", Actin: "3"}}
       # FILL IN: the model's input channels in order; name -> the {{channel}} token in file names
-      # (a plain list [DNA, PH3, Actin] when file names carry the names themselves)
+      # (a plain list [DNA, PH3, Actin] when file names carry the names themselves, or for an OME-Zarr plate
+      # its channel labels; {{DNA: 0}}: 0-based channel index of a store without labels)
   layout: null                      # optional CSV/TSV plate map: a 'well' column + annotation columns
   wells: null                       # optional subset, e.g. [A01, B03]
+  timepoint: null                   # time series (OME-TIFF / OME-Zarr T axis): the time point to read, from 0
   objects: null                     # optional label images (0 = background, 1..N = objects) -> per-object
       # tables {{plate}}_pcim_<Object>.csv, e.g. {{Nuclei: "labels/{{well}}_s{{field}}_nuclei.tif"}} (tokens as pattern)
 model:
-  path: classifier.ts               # FILL IN: TorchScript (.ts, .pt) or torch.export archive (.pt2)
+  path: classifier.ts               # FILL IN: TorchScript (.ts, .pt), torch.export archive (.pt2), or a
+      # bioimage.io model package (.zip or rdf.yaml; pip install 'pcim-cli[bioimageio]'): its weights, and
+      # classes, input_size and normalize when the keys below are left out (a key that disagrees: exit 78)
   classes: null                     # output names in order, e.g. [negative, mitotic]; null: "0", "1", ...
   input_size: null                  # [H, W] the model needs (fields are tiled to it); null: whole fields
   aggregate: mean-logit             # a tiled field's prediction: mean-logit | mean-prob | max | whole-field
   normalize: {{method: percentile, low: 1.0, high: 99.8}}
-      # per channel and field, as in training; or {{method: fixed, min: 0, max: 4095}}, {{method: none}}
+      # per channel and field, as in training; or {{method: fixed, min: 0, max: 4095}}, {{method: zscore}},
+      # {{method: none}}; percentile and fixed clip to [0, 1] unless clip: false
+  override_package: []              # a bioimage.io package: keys of yours that win over it (normalize,
+      # channels, classes, input_size)
 explain:
   method: pcim                      # pcim | pcim-amortised | saliency | integrated-gradients | occlusion | rise
                                     #   | intensity | contrast

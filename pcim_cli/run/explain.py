@@ -48,7 +48,7 @@ from pcim_cli.io.explainer import LoadedExplainer, check_explainer, load_explain
 from pcim_cli.io.lock import RunLock
 from pcim_cli.io.model import LoadedModel, check_classes, load_model, resolve_device
 from pcim_cli.report import verdict
-from pcim_cli.run import objects, rerun, scheduler
+from pcim_cli.run import model_package, objects, rerun, scheduler
 from pcim_cli.run.failures import failed_row
 from pcim_cli.run.worker import FieldFiles, WellTask
 
@@ -145,6 +145,8 @@ def _field_settings(cfg: RunConfig) -> dict:
         out["tile_maps"] = cfg.explain.tile_maps
     if cfg.explain.adaptive_budget is not None:
         out["adaptive_budget"] = cfg.explain.adaptive_budget
+    if cfg.plate.timepoint is not None:  # the time point read from a T axis
+        out["timepoint"] = cfg.plate.timepoint
     return out
 
 
@@ -189,6 +191,7 @@ class PlateInventory:
     objects: dict[str, int] = field(default_factory=dict)  # plate.objects kind -> fields with a usable label file
     object_problems: list[str] = field(default_factory=list)  # fail those object tables only (validate)
     explainer: LoadedExplainer | None = None  # pcim-amortised: loaded and checked against the model
+    package: dict | None = None  # model.path a bioimage.io package: what was taken from it (run/model_package.py)
 
     @property
     def summary(self) -> dict:
@@ -196,7 +199,7 @@ class PlateInventory:
             "wells": len(self.fields),
             "fields": sum(len(v) for v in self.fields.values()),
             "model": {"path": str(self.model.path), "kind": self.model.kind, "sha256": self.model.sha256,
-                      "classes": self.classes},
+                      "classes": self.classes, **({"package": self.package} if self.package else {})},
             "layout_columns": [] if self.layout is None else [c for c in self.layout.columns if c != "well"],
             "objects": self.objects,
             "problems": self.problems + self.object_problems,
@@ -214,14 +217,19 @@ def inspect_plate(cfg: RunConfig, check_objects: bool = False, explainer: bool |
     normalisation or objective (ConfigError); None = when explain.method is pcim-amortised.
     """
     device = resolve_device(cfg.compute.device)
-    model = load_model(cfg.model.path, len(cfg.plate.channels), cfg.model.input_size, device=device)
+    # --- ecosystem: model.path may be a bioimage.io package (its weights and settings applied to cfg)
+    model_package.apply(cfg)
+    model = load_model(cfg.model.path, len(cfg.plate.channels), cfg.model.input_size, device=device,
+                       probe_size=model_package.probe_size(cfg))
+    model_package.check_own_test(cfg, model.module)
+    # --- end ecosystem
     classes = check_classes(model, cfg.model.classes)
     loaded = None
     if explainer or (explainer is None and cfg.explain.method == "pcim-amortised"):
         loaded = load_checked_explainer(cfg, model, classes)
     layout = plate.read_layout(cfg.plate.layout) if cfg.plate.layout is not None else None
     found, problems = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels,
-                                             cfg.plate.wells)
+                                             cfg.plate.wells, timepoint=cfg.plate.timepoint)
     for p in problems:
         logger.warning("%s", p)
     if not found:
@@ -229,7 +237,10 @@ def inspect_plate(cfg: RunConfig, check_objects: bool = False, explainer: bool |
             f"no complete field found under {cfg.plate.images}: "
             + ("; ".join(problems[:5]) or f"check plate.images and plate.pattern ({cfg.plate.pattern!r})")
         )
-    inv = PlateInventory(model, classes, layout, found, problems, explainer=loaded)
+    model_package.fit_fields(cfg, images.typical_size(src for srcs in found.values() for src in srcs))
+    applied = model_package.package_of(cfg)
+    inv = PlateInventory(model, classes, layout, found, problems, explainer=loaded,
+                         package=None if applied is None else applied.record())
     if check_objects and cfg.plate.objects:
         kinds = objects.label_kinds(cfg.plate.objects)
         size = images.typical_size(src for sources in found.values() for src in sources)
@@ -343,8 +354,10 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             only = f.action == "done" and objects.needs_refresh(f.record, inputs["objects_signature"],
                                                                 choice.retry_failed)
             if f.fitted or only:
+                src = found[well][f.index]
                 todo.append(FieldFiles(site=f.site, index=f.index, objects_only=only, stat=f.stat,
-                                       files=tuple(str(p) for p in found[well][f.index].files), **inputs))
+                                       files=tuple(str(p) for p in src.files),
+                                       zarr=None if src.zarr is None else src.zarr.to_dict(), **inputs))
                 refresh |= {f.path} if only else set()
         if not todo:
             continue
@@ -362,6 +375,7 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             batch_size=cfg.compute.batch_size, channels_last=cfg.compute.channels_last,
             precision=cfg.compute.precision, device=model.device, fidelity=cfg.explain.fidelity,
             store_path=str(store_path), store_format=cfg.output.format, fingerprint=print_fp,
+            timepoint=cfg.plate.timepoint, package=inv.package,
         ))
     return Plan(fields, tasks, rows, problems, layout, model, print_fp, {w: len(found[w]) for w in wells},
                 refresh, dropped)

@@ -40,7 +40,7 @@ from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.budget import fit_adaptive, fit_quality
 from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
-from pcim_cli.io import images, signature, store, summary
+from pcim_cli.io import images, ome_zarr_plate, signature, store, summary
 from pcim_cli.io.explainer import load_explainer
 from pcim_cli.io.model import LoadedModel, _summary, load_model
 from pcim_cli.run import objects, threads
@@ -70,6 +70,7 @@ class FieldFiles(BaseModel):
     object_problems: dict[str, str] = {}
     objects_signature: str = ""
     objects_only: bool = False  # a done field whose object tables are (re)made from its stored map
+    zarr: dict[str, Any] | None = None  # an OME-Zarr field: how to read it (io/ome_zarr_plate.ZarrField)
 
 
 class WellTask(BaseModel):
@@ -104,6 +105,8 @@ class WellTask(BaseModel):
     store_path: str
     store_format: str = "0.5"
     fingerprint: str
+    timepoint: int | None = None  # plate.timepoint: the time point read from a T axis
+    package: dict[str, Any] | None = None  # model.path a bioimage.io package: what was taken (field records)
 
 
 _MODELS: dict[tuple[str, str], LoadedModel] = {}
@@ -183,9 +186,14 @@ def map_labels(targets: list[str], channels: tuple[str, ...], per_channel: bool)
     return list(targets)
 
 
+def _source(task: WellTask, field: FieldFiles) -> images.FieldSource:
+    zarr = None if field.zarr is None else ome_zarr_plate.ZarrField.from_dict(field.zarr)
+    return images.FieldSource(task.well, field.site, tuple(Path(f) for f in field.files), zarr=zarr,
+                              timepoint=task.timepoint)
+
+
 def _read_raw(task: WellTask, field: FieldFiles) -> np.ndarray:
-    src = images.FieldSource(task.well, field.site, tuple(Path(f) for f in field.files))
-    return images.read_field(src, len(task.channels))
+    return images.read_field(_source(task, field), len(task.channels))
 
 
 def _normalise(task: WellTask, img: np.ndarray) -> np.ndarray:
@@ -239,11 +247,12 @@ def _read_checked(task: WellTask, field: FieldFiles):
     except PcimError as exc:
         logger.warning("%s", exc)
         return _failed_row(task, field, str(exc), "data", inputs)
-    warnings = constant_channels(raw, task.channels, field.files)
+    where = _source(task, field).where
+    warnings = constant_channels(raw, task.channels, field.files if field.zarr is None else (where,))
     img = torch.from_numpy(_normalise(task, raw))
     read_s = time.perf_counter() - t0
     if task.field_size is not None and tuple(img.shape[-2:]) != tuple(task.field_size):
-        msg = images.size_problem(task.well, field.site, tuple(img.shape[-2:]), task.field_size, field.files[0])
+        msg = images.size_problem(task.well, field.site, tuple(img.shape[-2:]), task.field_size, where)
         logger.warning("%s", msg)
         return _failed_row(task, field, msg, "data", inputs)
     for w in warnings:
@@ -566,6 +575,7 @@ class _Batcher:
             "inputs": f.inputs,
             "warnings": f.warnings,
             "model_sha256": task.model_sha256,
+            **({"model_package": task.package} if task.package else {}),
             **({"explainer_sha256": task.explainer_sha256} if task.explainer_sha256 else {}),
             "pcim_version": __version__,
             "seed": self.opts.seed,

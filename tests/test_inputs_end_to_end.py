@@ -1,0 +1,205 @@
+"""`pcim` end to end on what the ecosystem writes: a demo plate converted to OME-Zarr by ome-zarr-py and by
+iohub, and the demo classifier (and a fixed-input one) packaged by bioimageio.spec. The maps must be the
+maps of the TIFF plate and of the bare TorchScript file, to the bit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+from bioimageio_factory import build_package
+from model_factory import DEMO_MODEL, make_model
+from ome_zarr_factory import CHANNELS, demo_fields, write_iohub, write_ome_zarr
+from plate_factory import make_plate, run_pcim
+
+from pcim_cli.io import store
+
+WELLS = ("A01", "A02", "B01")
+
+
+def _edit(path: Path, **sections: dict) -> Path:
+    config = yaml.safe_load(path.read_text())
+    for key, value in sections.items():
+        for k, v in value.items():
+            if v is None:
+                config.setdefault(key, {}).pop(k, None)
+            else:
+                config.setdefault(key, {})[k] = v
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _explain(plate: Path, *args: str) -> dict:
+    proc = run_pcim("explain", str(plate), "--json", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def _maps(zarr_path: Path, wells=WELLS) -> dict[tuple[str, int], tuple[np.ndarray, dict]]:
+    out = {}
+    for well in wells:
+        for index in (0, 1):
+            maps, _, record = store.read_field(zarr_path, well, index)
+            out[(well, index)] = (maps, record)
+    return out
+
+
+def _same_maps(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key][0], b[key][0], err_msg=str(key))
+        for k in ("site", "targets", "predicted_class", "class_probabilities", "results"):
+            assert a[key][1][k] == b[key][1][k], (key, k)
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiff_maps(tmp_path_factory) -> dict:
+    """The maps of the TIFF plate: the reference every converted plate must reproduce."""
+    root = tmp_path_factory.mktemp("tiff")
+    plate = make_plate(root, wells=WELLS, steps=5)
+    _explain(plate)
+    return _maps(root / "out" / "P1.zarr")
+
+
+def _zarr_plate(root: Path, writer, version: str, **kw) -> Path:
+    plate = make_plate(root, wells=(), steps=5)
+    writer(root / "plate.zarr", demo_fields(WELLS), version=version, **kw)
+    return _edit(plate, plate={"images": "plate.zarr", "channels": list(CHANNELS)})
+
+
+@pytest.mark.parametrize("writer, version", [(write_ome_zarr, "0.5"), (write_iohub, "0.4")],
+                         ids=["ome-zarr-py-0.5", "iohub-0.4"])
+def test_maps_of_a_converted_plate_equal_the_tiff_plate(tmp_path: Path, tiff_maps: dict, writer, version) -> None:
+    plate = _zarr_plate(tmp_path, writer, version)
+    before = _tree_digest(tmp_path / "plate.zarr")
+    doc = _explain(plate)
+    assert doc["counts"]["done"] == 6 and doc["fitted"] == 6
+    maps = _maps(tmp_path / "out" / "P1.zarr")
+    _same_maps(maps, tiff_maps)
+    record = maps[("A01", 1)][1]
+    assert record["site"] == 2 and record["inputs"]["stat"][1]["files"] >= 2  # the array folder, summed
+    assert _tree_digest(tmp_path / "plate.zarr") == before  # never written
+
+
+def test_rerun_redoes_only_the_field_whose_chunks_changed_on_dask_workers(tmp_path: Path) -> None:
+    plate = _zarr_plate(tmp_path, write_iohub, "0.5")
+    _edit(plate, compute={"cluster": "local", "workers": 1})  # field descriptors travel to a worker process
+    first = _explain(plate)
+    assert first["counts"]["done"] == 6 and first["fitted"] == 6
+    assert _explain(plate)["fitted"] == 0
+    array = zarr.open_array(str(tmp_path / "plate.zarr" / "A" / "2" / "1" / "0"), mode="r+")
+    array[0, 1, 0, 60:70, 60:70] = 4000  # A02 site 2 exported again with other pixels
+    again = _explain(plate)
+    assert again["fitted"] == 1 and again["counts"]["done"] == 6
+    record = store.read_record(tmp_path / "out" / "P1.zarr", "A02", 1)
+    assert record["site"] == 2 and record["status"] == "done"
+
+
+def test_validate_lists_the_store_problems_like_tiff_problems(tmp_path: Path) -> None:
+    fields = demo_fields(WELLS)
+    fields["B01"][2] = fields["B01"][2].astype(np.float32)
+    fields["B01"][2][0, 3, 3] = np.nan
+    plate = make_plate(tmp_path, wells=(), steps=5)
+    write_ome_zarr(tmp_path / "plate.zarr", {w: fields[w] for w in ("A01", "A02")}, version="0.4")
+    write_ome_zarr(tmp_path / "nan.zarr", {"B01": fields["B01"]}, version="0.4")
+    shutil.rmtree(tmp_path / "plate.zarr" / "A" / "2" / "0")  # A02 site 1 lost in a copy
+    _edit(plate, plate={"images": "plate.zarr", "channels": list(CHANNELS)})
+    proc = run_pcim("validate", str(plate), "--json", "--no-probe")
+    found = json.loads(proc.stdout)
+    assert proc.returncode == 3, proc.stderr
+    assert found["usable"] == 3 and any("A02 field 1" in p and "missing" in p for p in found["problems"])
+    _edit(plate, plate={"images": "nan.zarr"})
+    proc = run_pcim("validate", str(plate), "--json", "--no-probe")
+    found = json.loads(proc.stdout)
+    assert proc.returncode == 3 and any("1 NaN or infinite pixels" in p for p in found["problems"]), found
+    _edit(plate, plate={"channels": ["DNA", "GFP", "Actin"]})
+    proc = run_pcim("validate", str(plate), "--no-probe")
+    assert proc.returncode == 65 and "no channel labelled 'GFP' (the store's channels: DNA, PH3, Actin)" in proc.stderr
+
+
+def test_the_input_store_is_never_an_output(tmp_path: Path) -> None:
+    plate = _zarr_plate(tmp_path, write_ome_zarr, "0.5")
+    _edit(plate, output={"zarr": "plate.zarr"})
+    before = _tree_digest(tmp_path / "plate.zarr")
+    proc = run_pcim("explain", str(plate))
+    assert proc.returncode == 65 and "plate.zarr" in proc.stderr
+    assert _tree_digest(tmp_path / "plate.zarr") == before
+
+
+# ---------------------------------------------------------------- bioimage.io packages
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PCIM_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_package_gives_the_maps_of_its_torchscript(tmp_path: Path, tiff_maps: dict) -> None:
+    plate = make_plate(tmp_path, wells=WELLS, steps=5)
+    build_package(tmp_path / "pkg", DEMO_MODEL, zip_name="demo.zip")
+    _edit(plate, model={"path": "demo.zip", "classes": None})  # classes, normalisation from the package
+    doc = _explain(plate)
+    assert doc["counts"]["done"] == 6
+    maps = _maps(tmp_path / "out" / "P1.zarr")
+    _same_maps(maps, tiff_maps)
+    taken = maps[("A01", 0)][1]["model_package"]
+    assert taken["name"] == "pcim test classifier" and taken["weights"] == "torchscript"
+    assert taken["decided"] == {"channels": "package", "normalize": "package", "classes": "package",
+                                "input_size": "package size rule: whole 128x128 fields"}
+    assert taken["normalize"] == {"method": "percentile", "low": 1.0, "high": 99.8, "clip": True}
+    proc = run_pcim("validate", str(plate), "--no-probe")
+    assert proc.returncode == 0, proc.stderr
+    assert "bioimage.io package" in proc.stdout and "normalize from the package" in proc.stdout
+
+
+def test_tiled_package_gives_the_maps_of_its_torchscript_with_input_size(tmp_path: Path) -> None:
+    weights = make_model("only-64", tmp_path / "only64.ts")
+    build_package(tmp_path / "pkg", weights, size=64, test_size=64, zip_name="tiled.zip")
+    ts = make_plate(tmp_path / "ts", wells=("A01",), steps=3, model={"path": str(weights), "input_size": [64, 64]})
+    _explain(ts)
+    pkg = make_plate(tmp_path / "pk", wells=("A01",), steps=3, model={"path": str(tmp_path / "tiled.zip")})
+    _explain(pkg)
+    a, b = _maps(tmp_path / "ts" / "out" / "P1.zarr", ["A01"]), _maps(tmp_path / "pk" / "out" / "P1.zarr", ["A01"])
+    _same_maps(a, b)
+    assert b[("A01", 0)][1]["tiling"]["n_tiles"] > 1 and b[("A01", 0)][1]["model_package"]["input_size"] == [64, 64]
+
+
+def test_size_rule_tiles_fields_it_does_not_allow(tmp_path: Path) -> None:
+    """min 48, step 32 allows 112 but not 128: 128 x 128 fields are tiled with 112 x 112."""
+    build_package(tmp_path / "pkg", DEMO_MODEL, size=(48, 32), test_size=112, zip_name="rule.zip")
+    plate = make_plate(tmp_path, wells=("A01",), steps=3, model={"path": "rule.zip", "classes": None})
+    proc = run_pcim("validate", str(plate), "--json", "--no-probe")
+    assert proc.returncode == 0, proc.stderr
+    sizes = json.loads(proc.stdout)["plan"]["sizes"]
+    assert sizes[0]["tile"] == [112, 112] and sizes[0]["n_tiles"] == 4
+
+
+def test_plate_yaml_disagreeing_with_the_package_exits_78_unless_overridden(tmp_path: Path) -> None:
+    plate = make_plate(tmp_path, wells=("A01",), steps=3)
+    build_package(tmp_path / "pkg", DEMO_MODEL, zip_name="demo.zip")
+    _edit(plate, model={"path": "demo.zip", "normalize": {"method": "percentile", "low": 0.5, "high": 99.5}})
+    proc = run_pcim("validate", str(plate), "--no-probe")
+    assert proc.returncode == 78
+    assert "model.normalize: normalize percentile (low: 0.5, high: 99.5) but model package" in proc.stderr
+    assert "normalize percentile (low: 1.0, high: 99.8, clip: True)" in proc.stderr
+    _edit(plate, model={"override_package": ["normalize"]})
+    doc = _explain(plate)
+    record = store.read_record(tmp_path / "out" / "P1.zarr", "A01", 0)
+    assert doc["counts"]["done"] == 2 and record["model_package"]["decided"]["normalize"] == "plate.yaml (override)"
+    assert record["settings"]["normalize"] == {"method": "percentile", "low": 0.5, "high": 99.5}
+    _edit(plate, model={"override_package": None}, plate={"channels": {"PH3": "2", "DNA": "1", "Actin": "3"}})
+    proc = run_pcim("explain", str(plate))
+    assert proc.returncode == 78 and "plate.channels: PH3, DNA, Actin but model package" in proc.stderr
