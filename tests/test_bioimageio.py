@@ -206,3 +206,27 @@ def test_without_bioimageio_spec_the_message_names_the_install(tmp_path: Path, m
     monkeypatch.setitem(sys.modules, "bioimageio.spec", None)  # as if the extra were not installed
     with pytest.raises(ConfigError, match=r"pip install 'pcim-cli\[bioimageio\]'"):
         bioimageio.load_package(DEMO_MODEL.parent / "plate.yaml")
+
+
+def test_new_normalize_keys_keep_old_fingerprints() -> None:
+    """clip: true (the default) is not written out, so plates explained before the key existed are not redone."""
+    from pcim_cli.config import ModelConfig
+
+    assert ModelConfig(path="m.ts").normalize.model_dump() == {"method": "percentile", "low": 1.0, "high": 99.8}
+    fixed = ModelConfig(path="m.ts", normalize={"method": "fixed", "min": 0, "max": 4095}).normalize
+    assert fixed.model_dump() == {"method": "fixed", "min": 0.0, "max": 4095.0}
+    unclipped = ModelConfig(path="m.ts", normalize={"method": "percentile", "clip": False}).normalize.model_dump()
+    assert unclipped["clip"] is False
+    with pytest.raises(ValueError, match=r"min \(30.0\) must be below max \(20.0\) \(channel 2\)"):
+        ModelConfig(path="m.ts", normalize={"method": "fixed", "min": [0, 30], "max": [10, 20]})
+
+
+def test_override_package_needs_a_package(tmp_path: Path) -> None:
+    from plate_factory import make_plate
+
+    from pcim_cli.config import load_config
+    from pcim_cli.run import model_package
+
+    plate = make_plate(tmp_path, wells=(), model={"override_package": ["normalize"]})
+    with pytest.raises(ConfigError, match="model.override_package .normalize. applies to bioimage.io model packages"):
+        model_package.apply(load_config(plate))

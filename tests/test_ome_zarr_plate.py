@@ -215,3 +215,18 @@ def test_sharded_field_written_by_iohub(tmp_path: Path) -> None:
     assert problems == []
     np.testing.assert_array_equal(images.read_field(found["A01"][0], 3), field.astype(np.float32))
     assert signature.stat_signature(found["A01"][0].files)[1]["files"] == 2  # zarr.json and the one shard
+
+
+def test_plate_keys_for_stores(tmp_path: Path) -> None:
+    from pcim_cli.config import load_config
+    from pcim_cli.errors import ConfigError
+
+    path = tmp_path / "plate.yaml"
+    path.write_text("plate: {images: s3://bucket/plate.zarr, channels: [DNA], timepoint: -1}\nmodel: {path: m.ts}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "plate.images: 's3://bucket/plate.zarr': remote stores are not read yet" in str(info.value)
+    assert "plate.timepoint: input should be greater than or equal to 0" in str(info.value)
+    path.write_text("plate: {images: plate.zarr, channels: [DNA], timepoint: 3}\nmodel: {path: m.ts}\n")
+    cfg = load_config(path)
+    assert cfg.plate.timepoint == 3 and cfg.plate.images == tmp_path / "plate.zarr"
