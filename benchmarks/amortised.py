@@ -50,7 +50,8 @@ from pcim_cli.engine import explainer as ex  # noqa: E402
 from pcim_cli.engine import metrics  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
-from pcim_cli.report import evaluate  # noqa: E402
+from pcim_cli.report import evaluate as evaluate_report  # noqa: E402
+from pcim_cli.run import evaluate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUALITY = ("deletion_auc", "relevance_mass", "pixel_auroc")
@@ -103,7 +104,7 @@ def run_set(set_name: str, args, net: torch.nn.Module | None = None, net_label: 
     spec = dict(SETS[set_name])
     data = evalsets.load(spec.pop("name"), n=args.n, **spec)
     model, x, target, tile = data["model"], data["x"], data["target"], data.get("tile")
-    fields = [evaluate._Field("-", i, x[i], data["mask"][i]) for i in range(len(x))]
+    fields = [evaluate.EvalField("-", i, x[i], data["mask"][i]) for i in range(len(x))]
     scorer = TiledModel(model, tile) if tile is not None else model  # whole fields: tiles' mean probability
     opts = PcimOptions()
     info = {"set": set_name, "model": data["name"], "fields": len(x), "train_steps": args.train_steps}
@@ -147,12 +148,12 @@ def run_set(set_name: str, args, net: torch.nn.Module | None = None, net_label: 
         t1 = time.perf_counter()
         maps = maps_of(model, x, target, method, o, args.batch, explainer, tile)
         seconds = (time.perf_counter() - t1) / len(x)
-        scores, _ = evaluate._score(scorer, x, target, maps, fields)
+        scores, _ = evaluate.score_maps(scorer, x, target, maps, fields)
         fine = metrics.perturbation_curve(scorer, x, maps, target, "deletion", fractions=FINE)
         scores["deletion_2pct"] = metrics.curve_auc(fine, FINE).tolist()
         rows += [{"method": label, **{k: v[i] for k, v in scores.items()}, "s_per_map": seconds} for i in range(len(x))]
         print(f"{set_name}: {label}: {seconds:.3f} s/map", file=sys.stderr, flush=True)
-    table = evaluate._table(pd.DataFrame(rows), [m[0] for m in methods])
+    table = evaluate.mean_table(pd.DataFrame(rows), [m[0] for m in methods])
     return table, info
 
 
@@ -176,7 +177,8 @@ def goals(table: pd.DataFrame) -> list[dict]:
 def describe(info: dict, table: pd.DataFrame, goal_rows: list[dict]) -> str:
     how = (f"explainer trained {info['train_steps']} steps on {info['train_images']} other fields in "
            f"{info['train_seconds']:.0f} s" if "train_seconds" in info else f"explainer: {info.get('explainer')}")
-    lines = [f"\n**{info['set']}** ({info['model']}, {info['fields']} fields; {how})\n", evaluate.markdown_table(table)]
+    lines = [f"\n**{info['set']}** ({info['model']}, {info['fields']} fields; {how})\n",
+             evaluate_report.markdown_table(table)]
     for g in goal_rows:
         lines.append(f"  {g['method']}: {g['speedup']:.0f}x faster than {g['vs']}, quality ratios deletion "
                      f"{g['quality_deletion_auc']:.2f} mass {g['quality_relevance_mass']:.2f} AUROC "

@@ -195,7 +195,8 @@ def bench_tiled(steps: int, batch: int, method: str = "pcim", explainer: str | N
     from pcim_cli.engine import tiling
     from pcim_cli.io import store
     from pcim_cli.io.model import file_sha256
-    from pcim_cli.run import worker
+    from pcim_cli.run import device, worker
+    from pcim_cli.run.task import FieldFiles, WellTask
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -207,15 +208,15 @@ def bench_tiled(steps: int, batch: int, method: str = "pcim", explainer: str | N
             files.append(str(tmp / f"A01_s1_w{c + 1}.tif"))
             tifffile.imwrite(files[-1], rng.integers(0, 4000, size=(2160, 2160), dtype=np.uint16))
         store.create_plate(tmp / "out.zarr", "BIG", {"A01": 1})
-        task = worker.WellTask(
-            plate="BIG", well="A01", fields=(worker.FieldFiles(site=1, index=0, files=tuple(files)),),
+        task = WellTask(
+            plate="BIG", well="A01", fields=(FieldFiles(site=1, index=0, files=tuple(files)),),
             channels=tuple("abcde"), classes=("neg", "pos"), targets=None,
             normalize={"method": "percentile", "low": 1.0, "high": 99.8}, model_path=str(model_path),
             model_sha256=file_sha256(model_path), input_size=(256, 256),
             engine=dataclasses.asdict(PcimOptions(steps=steps)), batch_size=batch, fidelity=False,
             store_path=str(tmp / "out.zarr"), fingerprint="bench", method=method, explainer_path=explainer,
             explainer_sha256=None if explainer is None else file_sha256(explainer))
-        rss_before = worker.peak_memory_mib()["rss"]
+        rss_before = device.peak_memory_mib()["rss"]
         wall = _timed(lambda: worker.explain_well(task))
         _, _, record = store.read_field(tmp / "out.zarr", "A01", 0)
         grid = tiling.plan_tiles((2160, 2160), (256, 256))

@@ -27,7 +27,7 @@ from pcim_cli.engine import field as field_maps  # noqa: E402
 from pcim_cli.engine import tiling  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
-from pcim_cli.run.worker import peak_memory_mib  # noqa: E402
+from pcim_cli.run.device import peak_memory_mib  # noqa: E402
 
 
 def main(argv: list[str]) -> dict:

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_stain_check.py [--sets demo] [--n 16] [--steps 300]
 
-With explain.fidelity on, the worker computes for every batch of maps (run/worker.py `_fit`): the fit
+With explain.fidelity on, the worker computes for every batch of maps (run/batching.py `Batcher._fit`): the fit
 (engine.attribute), the CSV's deletion and insertion AUCs (metrics), and the stain check
 (engine/trivial.py: fine and coarse deletion of the map and of every channel's intensity and the
 contrast). This times the three in the worker's order and batch sizes, on the evaluation sets
@@ -50,7 +50,7 @@ def measure(data: dict, opts: PcimOptions, batch: int, device: str = "cpu") -> d
     t = {"fit": 0.0, "fidelity": 0.0, "stain_check": 0.0}
     for i in range(0, len(x), batch):
         xb, tb = x[i : i + batch], target[i : i + batch]
-        kw = {"chunk": min(64, 2 * len(xb))}  # as run/worker.py
+        kw = {"chunk": min(64, 2 * len(xb))}  # as run/batching.py
         t0 = _sync(device)
         maps = attribute(model, xb, tb, "pcim", opts).maps
         t1 = _sync(device)

@@ -6,10 +6,10 @@
 
 Every method of `explain.method` (PCIM, the gradient and perturbation baselines, the trivial maps
 `intensity` and `contrast`) with its default settings, scored exactly as `pcim evaluate` scores a plate
-(pcim_cli/report/evaluate.py `compare`): deletion over the top 0-20 % and the top 0-2 % of pixels, the
+(pcim_cli/run/evaluate.py `compare`): deletion over the top 0-20 % and the top 0-2 % of pixels, the
 randomised-model sanity check for every method (`--no-sanity` skips it), `intensity_channel: auto`
 resolved per set, the stain verdict and, where a set has object labels, the object ranking of
-plate.objects (report/object_ranking.py). Fixed-input models get one map per field through its tiles,
+plate.objects (engine/object_ranking.py). Fixed-input models get one map per field through its tiles,
 as pcim explain does. Per set: benchmarks/results/evaluate_<set>[_<tag>].{csv,json}. Then every per-set
 result present is combined into benchmarks/results/evaluate_evalsets[_<tag>].md (the tables of
 docs/quality.md and docs/verdicts.md), in the order of the sets, with one line per set saying whether PCIM beats the
@@ -39,10 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compare_formulations import OLD_DEFAULT, SETS, load_set  # noqa: E402
 from evalsets.tiled import TiledModel, field_maps  # noqa: E402
 
+from pcim_cli.engine import object_ranking  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
 from pcim_cli.engine.trivial import TRIVIAL  # noqa: E402
-from pcim_cli.report import evaluate, object_ranking  # noqa: E402
+from pcim_cli.report import evaluate as evaluate_report  # noqa: E402
+from pcim_cli.run import evaluate  # noqa: E402
 
 #: method names of this script that are PCIM with other settings
 PRESETS = {"pcim-old": ("pcim", OLD_DEFAULT)}
@@ -54,7 +56,7 @@ def run_set(set_name: str, methods: list[str], n: int, batch: int, device: str =
             results: Path = RESULTS, sanity: bool = True, tag: str = "") -> dict:
     data = load_set(set_name, n)
     model, x, target = data["model"].to(device), data["x"].to(device), data["target"].to(device)
-    fields = [evaluate._Field("-", i, x[i], data["mask"][i].to(device)) for i in range(len(x))]
+    fields = [evaluate.EvalField("-", i, x[i], data["mask"][i].to(device)) for i in range(len(x))]
     opts, tile = PcimOptions(), data.get("tile")
 
     def maps_fn(m, xs, ts, method, o, b):
@@ -62,7 +64,7 @@ def run_set(set_name: str, methods: list[str], n: int, batch: int, device: str =
         method, o = PRESETS.get(method, (method, o))
         if tile is not None:
             return field_maps(lambda mm, xt, tt: attribute(mm, xt, tt, method, o).maps, m, xs, ts, tile)
-        return evaluate._maps(m, xs, ts, method, o, b)
+        return evaluate.maps_in_batches(m, xs, ts, method, o, b)
 
     kw = {"maps_fn": maps_fn, **({"scorer": TiledModel(model, tile)} if tile is not None else {})}
     if "labels" in data:
@@ -109,7 +111,7 @@ def combine(set_names: list[str], results: Path = RESULTS, tag: str = "") -> str
         table = table.reindex(columns=["method", "maps", *cols])
         js = results / f"evaluate_{set_name}{suffix}.json"
         doc = json.loads(js.read_text()) if js.exists() else {"fields": "?", "verdicts": []}
-        lines = evaluate.markdown_table(table).splitlines()
+        lines = evaluate_report.markdown_table(table).splitlines()
         head = head or ["| set " + lines[0], "|---" + lines[1]]
         label = f"{set_name} ({doc['fields']} fields)"
         rows += [f"| {label if i == 0 else ''} " + line for i, line in enumerate(lines[2:])]

@@ -50,9 +50,10 @@ import evalsets  # noqa: E402
 import evalsets._common  # noqa: E402
 
 from pcim_cli.engine import metrics, tiling  # noqa: E402
-from pcim_cli.engine.budget import fit_adaptive, fit_quality  # noqa: E402
+from pcim_cli.engine.budget import fit_adaptive  # noqa: E402
 from pcim_cli.engine.field import TiledForward, evidence_weights  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions, fit_pcim  # noqa: E402
+from pcim_cli.engine.verdict import fit_quality  # noqa: E402
 
 TILED_SETS = {
     "ihc": ({"name": "ihc"}, None),

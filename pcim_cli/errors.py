@@ -1,7 +1,8 @@
 """One error root for everything pcim reports to a user; each class carries its exit code.
 
 Subclasses also inherit the built-in error they resemble, so library callers can catch either.
-Only `cli.py` turns these into exit codes (shared/DESIGN.md §3.4).
+Only the CLI (pcim_cli/cli/) turns these into exit codes (docs/reference/exit-codes.md); exit 2 (a usage
+error) comes from the command-line parser itself.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import reprlib
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
-EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_DATA = 65
 EXIT_TEMPFAIL = 75

@@ -9,8 +9,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from plates import DEMO
 
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "sample_plates" / "demo" / "classifier.ts"
+DEMO_MODEL = DEMO / "classifier.ts"
 
 
 def _demo() -> torch.nn.Module:

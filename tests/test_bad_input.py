@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from plate_factory import make_plate, run_pcim
+from cli_runner import run_pcim
+from plates import make_plate
 
 from pcim_cli.io import store
 
@@ -70,6 +71,7 @@ DAMAGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_damaged_field_fails_alone_with_a_message_naming_file_and_fix(tmp_path: Path, damage: str) -> None:
     plate_yaml = make_plate(tmp_path, wells=("A01", "A02", "B01"))
@@ -89,6 +91,7 @@ def test_damaged_field_fails_alone_with_a_message_naming_file_and_fix(tmp_path: 
             assert record["status"] == "done" and maps.shape == (1, 128, 128)
 
 
+@pytest.mark.slow
 def test_wrong_channel_count_in_stacks(tmp_path: Path) -> None:
     """One multi-channel stack per field; one stack holds 2 channels where the model needs 3."""
     plate_yaml = make_plate(tmp_path, wells=("A01", "A02"))
@@ -122,6 +125,7 @@ def test_unreadable_layout_is_named_with_exit_65_and_touches_nothing(tmp_path: P
     assert store.read_record(tmp_path / "out" / "P1.zarr", "A01", 0) == before  # nothing lost
 
 
+@pytest.mark.slow
 def test_fixed_file_is_retried_on_the_next_run_and_done_fields_are_kept(tmp_path: Path) -> None:
     plate_yaml = make_plate(tmp_path, wells=("A01", "A02"))
     good_copy = (tmp_path / "images" / "A02_s1_w2.tif").read_bytes()

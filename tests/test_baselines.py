@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -14,6 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cli_runner import run_pcim
+from plates import DEMO
+from toy_models import BlockReader as ToyBlockReader
 
 from pcim_cli.config import load_config
 from pcim_cli.engine import baselines
@@ -21,11 +22,8 @@ from pcim_cli.engine.attribute import BASELINE_KEYS, METHODS, attribute, captum_
 from pcim_cli.engine.pcim import PcimOptions, deletion_contrast
 from pcim_cli.engine.trivial import TRIVIAL
 from pcim_cli.io import store
-from pcim_cli.run import explain
+from pcim_cli.run import inventory
 
-DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
-_SCRIPT = Path(sys.executable).parent / "pcim"
-PCIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pcim_cli.cli"]
 BASELINES = [m for m in METHODS if not m.startswith("pcim") and m not in TRIVIAL]  # trivial: tests/test_trivial.py
 FAST = PcimOptions(ig_steps=16, occlusion_window=2, occlusion_stride=2, rise_masks=400, rise_cell=4)
 needs_captum = pytest.mark.skipif(not captum_available(), reason="captum (pcim-cli[baselines]) not installed")
@@ -34,12 +32,9 @@ H, W = 24, 32
 BLOCK = (slice(8, 14), slice(18, 24))  # the only pixels the toy model reads, in channel 1
 
 
-class BlockReader(torch.nn.Module):
+def BlockReader() -> ToyBlockReader:  # noqa: N802 - a toy model's constructor
     """Logits (-s, s), s = 4 * (mean of channel 1 in BLOCK - 0.5): the evidence is that block of channel 1."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = 4.0 * (x[:, 1, 8:14, 18:24].mean(dim=(1, 2)) - 0.5)
-        return torch.stack([-s, s], dim=1)
+    return ToyBlockReader(BLOCK, scale=4.0, offset=0.5, relative=False)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +166,7 @@ def test_method_settings_hold_what_changes_each_method_and_leave_pcim_as_before(
 
 def test_fingerprint_follows_the_method_settings():
     def fp(*sets: str) -> str:
-        return explain.fingerprint(load_config(DEMO / "plate.yaml", sets), "0" * 64)
+        return inventory.fingerprint(load_config(DEMO / "plate.yaml", sets), "0" * 64)
 
     ig = fp("explain.method=integrated-gradients")
     assert fp("explain.method=integrated-gradients", "explain.ig_steps=10") != ig
@@ -185,14 +180,14 @@ def test_fingerprint_follows_the_method_settings():
 
 
 def _explain(tmp_path: Path, *sets: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["explain", str(DEMO / "plate.yaml"), "--set", "plate.wells=[A01]",
             "--set", f"output.zarr={tmp_path}/o.zarr", "--set", f"output.csv={tmp_path}/o.csv"]
     for s in sets:
         args += ["--set", s]
-    return subprocess.run([*PCIM, *args], capture_output=True, text=True, env=env, timeout=600)
+    return run_pcim(*args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,extra", [
     ("saliency", ()),
     ("integrated-gradients", ("explain.ig_steps=8",)),
@@ -212,6 +207,7 @@ def test_pcim_explain_runs_each_baseline_into_a_valid_store(tmp_path, method, ex
         assert record["status"] == "done" and len(record["fingerprint"]) == 64
 
 
+@pytest.mark.slow
 def test_pcim_explain_per_channel_saliency_writes_one_map_per_channel(tmp_path):
     proc = _explain(tmp_path, "explain.method=saliency", "explain.per_channel=true")
     assert proc.returncode == 0, proc.stderr[-3000:]

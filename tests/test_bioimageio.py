@@ -222,7 +222,7 @@ def test_new_normalize_keys_keep_old_fingerprints() -> None:
 
 
 def test_override_package_needs_a_package(tmp_path: Path) -> None:
-    from plate_factory import make_plate
+    from plates import make_plate
 
     from pcim_cli.config import load_config
     from pcim_cli.run import model_package

@@ -7,7 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from plate_factory import PCIM, make_plate, pcim_env, run_pcim
+from cli_runner import PCIM, pcim_env, run_pcim
+from plates import make_plate
 
 ESC = "\x1b["
 
@@ -22,6 +23,7 @@ def test_quiet_success_prints_nothing_and_log_file_gets_the_details(tmp_path: Pa
     assert "DEBUG" in text and "wrote 2 rows to" in text
 
 
+@pytest.mark.slow
 def test_off_a_terminal_lines_are_plain_and_timestamped(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=("A01", "A02"))
     proc = run_pcim("explain", str(plate))
@@ -32,6 +34,7 @@ def test_off_a_terminal_lines_are_plain_and_timestamped(tmp_path: Path) -> None:
     assert lines and all(ln[:4].isdigit() and ln[10] == " " for ln in lines)  # 2026-11-25 13:37:32 INFO …
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("script") is None, reason="util-linux `script` (a pseudo-terminal) not installed")
 def test_no_color_on_a_terminal_gives_plain_output(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=("A01",))

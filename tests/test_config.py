@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pcim_cli.config import (
     NormalizeFixed,
@@ -373,3 +375,90 @@ def test_a_scheduler_address_is_host_and_port(tmp_path: Path, address: str, ok: 
     else:
         with pytest.raises(ConfigError, match="compute.address: .* is not a Dask scheduler address"):
             load_config(path, sets, environ={})
+
+
+# --------------------------------------------------------------------------------------------------
+# one declaration per setting (issue 23): the engine's options, `explain:`, the template, the environment
+
+
+def test_explain_keys_are_the_engine_options_with_their_defaults_and_descriptions() -> None:
+    from pcim_cli.config import ExplainConfig
+    from pcim_cli.engine.options import PcimOptions
+
+    engine = {f.name: f for f in dataclasses.fields(PcimOptions)}
+    fields = ExplainConfig.model_fields
+    assert set(engine) - {"intensity_channel"} <= set(fields)  # plate.yaml names the channel (auto | name)
+    for name, f in engine.items():
+        if name == "intensity_channel":
+            continue
+        assert fields[name].default == f.default and fields[name].description == f.metadata["description"], name
+    defaults = ExplainConfig()
+    assert all(getattr(defaults, k) == getattr(PcimOptions(), k) for k in engine if k != "intensity_channel")
+
+
+def test_the_template_writes_every_key_at_its_default(tmp_path: Path) -> None:
+    from pcim_cli.config import RunConfig
+    from pcim_cli.config.template import FILL_IN, write_template
+    from pcim_cli.config.yaml_reader import read_yaml
+
+    template = write_template(tmp_path / "plate.yaml")
+    written = read_yaml(template)
+    for section, info in RunConfig.model_fields.items():  # every key of every section is in the template
+        assert set(written[section]) == set(info.annotation.model_fields), section
+    # and each holds its default: the template reads as the same config as a file with only the fill-ins
+    sections: dict = {}
+    for (section, key), value in FILL_IN.items():
+        sections.setdefault(section, {})[key] = value
+    minimal = tmp_path / "minimal.yaml"
+    minimal.write_text(yaml.safe_dump(sections))
+    same_name = ["plate.name=P1"]
+    assert load_config(template, same_name, environ={}).model_dump() == \
+        load_config(minimal, same_name, environ={}).model_dump()
+
+
+def test_engine_options_that_were_silently_dropped_are_real_keys(tmp_path: Path) -> None:
+    """coarse, coarse_share, beta1 and beta2 were engine options plate.yaml could not set; they are keys
+    now, reach the engine, and change the settings fingerprint (the defaults do not)."""
+    from pcim_cli.run.inventory import engine_options, fingerprint
+
+    path = write(tmp_path, MINIMAL)
+    sets = ["explain.coarse=2", "explain.coarse_share=0.25", "explain.beta1=0.5", "explain.beta2=0.99"]
+    opts = engine_options(load_config(path, sets, environ={}))
+    assert (opts.coarse, opts.coarse_share, opts.beta1, opts.beta2) == (2, 0.25, 0.5, 0.99)
+    plain = fingerprint(load_config(path, environ={}), "0" * 64)
+    assert fingerprint(load_config(path, ["explain.coarse=0", "explain.beta1=0.9"], environ={}), "0" * 64) == plain
+    for s in sets:
+        assert fingerprint(load_config(path, [s], environ={}), "0" * 64) != plain, s
+    with pytest.raises(ConfigError, match="explain.beta2: beta1 and beta2") as info:
+        load_config(path, ["explain.beta2=1", "explain.coarse_share=1.5"], environ={})
+    assert "explain.coarse_share" in str(info.value)
+
+
+def test_environment_settings_have_one_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pcim_cli.config.settings import GRACE_ENV, LOCK_STALE_ENV, read_settings
+
+    assert read_settings({}).model_dump() == {"grace_seconds": 60.0, "lock_stale_s": 900.0}
+    assert read_settings({GRACE_ENV: "5", LOCK_STALE_ENV: " ", "PCIM_OTHER": "x"}).grace_seconds == 5.0
+    with pytest.raises(ConfigError) as info:  # every bad value in one message, each with an example
+        read_settings({GRACE_ENV: "-1", LOCK_STALE_ENV: "soon"})
+    assert f"{GRACE_ENV}='-1'" in str(info.value) and f"{LOCK_STALE_ENV}='soon'" in str(info.value)
+    assert f"e.g. {LOCK_STALE_ENV}=900" in str(info.value)
+
+
+def test_reading_plate_yaml_and_starting_the_cli_import_no_torch(tmp_path: Path) -> None:
+    """`pcim schema`, a configuration error and `--help` come back without loading torch (import-linter
+    checks config/ statically; this checks what a command really imports)."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, MINIMAL)
+    code = ("import sys; from pcim_cli.cli import app; from pcim_cli.config import load_config; "
+            f"load_config({str(path)!r}); print(sorted(m for m in ('torch', 'numpy', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+    for command in ("validate", "explain", "evaluate --masks m.tif", "train-explainer --out e.pt"):
+        argv = ["pcim", *command.split()[:1], str(path), *command.split()[1:], "--set", "compute.batch_size=0"]
+        code = (f"import sys; sys.argv = {argv!r}; from pcim_cli.cli.app import main\n"
+                "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.stdout.split()[-2:] == ["78", "False"], (command, out.stdout, out.stderr[-2000:])

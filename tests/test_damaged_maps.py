@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from plate_factory import make_plate, run_pcim
+from cli_runner import run_pcim
+from plates import make_plate
 from truth import assert_consistent
 
 from pcim_cli.io import store

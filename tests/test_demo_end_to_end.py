@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +10,11 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
+from cli_runner import run_pcim
+from plates import DEMO
 
 from pcim_cli.engine import baselines, metrics
 from pcim_cli.io import images, store, summary
-
-DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
-_SCRIPT = Path(sys.executable).parent / "pcim"  # the installed console script
-PCIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pcim_cli.cli"]
-
-
-def run_pcim(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("NO_COLOR", None)
-    return subprocess.run([*PCIM, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +22,7 @@ def demo_run(tmp_path_factory) -> dict:
     """One run of the demo plate with its shipped plate.yaml (default engine settings), from another cwd."""
     out = tmp_path_factory.mktemp("demo")
     proc = run_pcim("explain", str(DEMO / "plate.yaml"), "--set", f"output.zarr={out}/demo.zarr",
-                    "--set", f"output.csv={out}/demo.csv", cwd=out)
+                    "--set", f"output.csv={out}/demo.csv", cwd=out, timeout=1200)
     return {"proc": proc, "store": out / "demo.zarr", "csv": out / "demo.csv"}
 
 
@@ -42,6 +31,7 @@ def field_image(well: str, site: int) -> torch.Tensor:
     return torch.from_numpy(images.normalize(img.astype(np.float32)))
 
 
+@pytest.mark.slow
 def test_demo_exits_zero_and_writes_one_csv_row_per_field(demo_run):
     proc = demo_run["proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -58,6 +48,7 @@ def test_demo_exits_zero_and_writes_one_csv_row_per_field(demo_run):
     assert (df["PCIM_PredictedClass"] == df["Metadata_expected_class"]).mean() >= 0.9
 
 
+@pytest.mark.slow
 def test_demo_store_holds_one_map_per_field_with_the_field_shape(demo_run):
     df = pd.read_csv(demo_run["csv"])
     for row in df.itertuples():
@@ -72,6 +63,7 @@ def test_demo_store_holds_one_map_per_field_with_the_field_shape(demo_run):
         assert record["results"][row.PCIM_Target]["prob_original"] == pytest.approx(row.PCIM_ProbOriginal)
 
 
+@pytest.mark.slow
 def test_demo_maps_find_the_true_object_and_beat_random_on_deletion(demo_run):
     import torch.jit
 
@@ -101,6 +93,7 @@ def test_demo_maps_find_the_true_object_and_beat_random_on_deletion(demo_run):
     assert float(ours.mean()) < 0.5 * float(rand.mean()), (ours.mean(), rand.mean())
 
 
+@pytest.mark.slow
 def test_relative_paths_resolve_against_the_yaml_not_the_cwd(tmp_path):
     plate = tmp_path / "plate"
     shutil.copytree(DEMO, plate, ignore=shutil.ignore_patterns("out", "*.py"))
@@ -111,6 +104,7 @@ def test_relative_paths_resolve_against_the_yaml_not_the_cwd(tmp_path):
     assert "\x1b[" not in proc.stderr  # no colour or progress control sequences off a terminal
 
 
+@pytest.mark.slow
 def test_a_model_with_the_wrong_channel_count_is_refused_naming_the_file(tmp_path):
     class TwoChannel(torch.nn.Module):
         def __init__(self) -> None:
@@ -138,6 +132,7 @@ def test_a_wrong_yaml_key_gets_exit_78_with_its_path(tmp_path):
     assert "explain.stpes" in proc.stderr and "steps" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_torch_export_archive_explains_the_demo_like_its_torchscript_twin(tmp_path):
     import importlib.util
 
@@ -172,6 +167,7 @@ def test_an_unknown_method_is_refused_not_silently_replaced(tmp_path):
     assert not (tmp_path / "o.zarr").exists()
 
 
+@pytest.mark.slow
 def test_a_bad_layout_target_fails_that_well_only_and_exits_3(tmp_path):
     plate = tmp_path / "plate"
     shutil.copytree(DEMO, plate, ignore=shutil.ignore_patterns("out", "*.py"))
@@ -188,10 +184,11 @@ def test_a_bad_layout_target_fails_that_well_only_and_exits_3(tmp_path):
     assert store.read_record(plate / "out" / "DEMO01.zarr", "A02", 0)["status"] == "done"
 
 
+@pytest.mark.slow
 def test_demo_writes_the_nuclei_table_and_the_mitotic_nuclei_rank_first(demo_run):
     """`make demo` writes DEMO01_pcim_Nuclei.csv (plate.objects.Nuclei of the shipped plate.yaml); in mitotic
     fields the PH3-positive nuclei hold the top ranks (object AUROC of the share, README figure)."""
-    from pcim_cli.report import object_ranking
+    from pcim_cli.engine import object_ranking
 
     table = pd.read_csv(demo_run["csv"].parent / "DEMO01_pcim_Nuclei.csv")
     main = pd.read_csv(demo_run["csv"])

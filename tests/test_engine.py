@@ -6,24 +6,10 @@ import dataclasses
 
 import pytest
 import torch
+from toy_models import BLOCK, BlockReader, block_mass, toy_images
 
 from pcim_cli.engine import mixing
 from pcim_cli.engine.pcim import FastForward, PcimOptions, fit_pcim, target_log_probs
-
-BLOCK = (slice(8, 16), slice(20, 28))  # the only pixels the toy model reads
-
-
-class BlockReader(torch.nn.Module):
-    """Logits (-s, s) with s = contrast of channel 1 inside one 8x8 block: the evidence is that block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.tensor(4.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inside = x[:, 1, 8:16, 20:28].mean(dim=(1, 2))
-        s = self.scale * (inside - x[:, 1].mean(dim=(1, 2)))
-        return torch.stack([-s, s], dim=1)
 
 
 class SmallCNN(torch.nn.Module):
@@ -40,24 +26,9 @@ class SmallCNN(torch.nn.Module):
         return self.body(x).amax(dim=(2, 3))
 
 
-def toy_images(b: int = 4, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = 0.2 * torch.rand(b, 3, 32, 32, generator=g)
-    x[:, 1, BLOCK[0], BLOCK[1]] += 0.8  # bright evidence in channel 1
-    return x
-
-
-@pytest.fixture(scope="module")
-def block_model() -> torch.jit.ScriptModule:
-    return torch.jit.script(BlockReader()).eval()
-
-
 FAST = PcimOptions(steps=60, lr=0.1, resolution=2)
 
 
-def block_mass(maps: torch.Tensor) -> torch.Tensor:
-    m = maps.sum(1)
-    return m[:, BLOCK[0], BLOCK[1]].sum(dim=(1, 2)) / m.sum(dim=(1, 2))
 
 
 @pytest.mark.parametrize(

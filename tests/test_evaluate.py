@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cli_runner import run_pcim
+from plates import DEMO
 
 from pcim_cli.config import load_config
 from pcim_cli.engine import metrics
 from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import ConfigError
-from pcim_cli.report import evaluate
+from pcim_cli.report import evaluate as evaluate_report
+from pcim_cli.run import evaluate
 
-DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
 MASKS = str(DEMO / "masks" / "{well}_s{field}.tif")
-_SCRIPT = Path(sys.executable).parent / "pcim"
-PCIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pcim_cli.cli"]
 # small settings so that five methods and their sanity check run in about a minute on one core
 FAST = ("explain.steps=100", "explain.lr=0.3", "explain.ig_steps=16", "explain.rise_masks=200",
         "explain.occlusion_stride=16")
@@ -36,11 +33,11 @@ def run(tmp_path_factory) -> dict:
             "--json", "--set", "explain.target=mitotic"]
     for s in FAST:
         args += ["--set", s]
-    proc = subprocess.run([*PCIM, *args], capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_pcim(*args, timeout=1200)
     return {"proc": proc, "out": out}
 
 
+@pytest.mark.slow
 def test_evaluate_writes_tables_and_plots(run):
     proc, out = run["proc"], run["out"]
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,6 +69,7 @@ def test_evaluate_writes_tables_and_plots(run):
         assert np.ptp(img[..., :3]) > 0.5, name  # not a blank canvas
 
 
+@pytest.mark.slow
 def test_pcim_is_at_least_as_good_as_every_baseline_on_the_demo(run):
     """Against the gradient and perturbation baselines; the trivial maps are compared in measured tables
     (docs/method.md), not asserted on 4 fields at test settings."""
@@ -97,7 +95,7 @@ def test_randomised_model_changes_the_maps():
     for (name, p), q in zip(model.named_parameters(), rand.parameters(), strict=True):
         if p.numel() > 8:
             assert float(q.detach().std()) == pytest.approx(float(p.detach().std()), rel=0.5), name
-    fields = evaluate._read_fields(cfg, _found(cfg), ["A01"], MASKS)
+    fields = evaluate.read_fields(cfg, _found(cfg), ["A01"], MASKS)
     x = torch.stack([f.x for f in fields])
     target = torch.ones(len(x), dtype=torch.long)
     opts = PcimOptions(steps=60, lr=0.3, ig_steps=16)
@@ -120,12 +118,12 @@ def test_wells_sample_prefers_wells_with_evidence():
 
     cfg = load_config(DEMO / "plate.yaml")
     found, _ = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels, None)
-    chosen = evaluate._choose_wells(found, MASKS, 3)
+    chosen = evaluate.choose_wells(found, MASKS, 3)
     assert len(chosen) == 3
-    assert all(any(evaluate._has_evidence(MASKS, w, src.field) for src in found[w]) for w in chosen)
-    assert evaluate._choose_wells(found, MASKS, ["a1", "B02"]) == ["A01", "B02"]
+    assert all(any(evaluate.has_evidence(MASKS, w, src.field) for src in found[w]) for w in chosen)
+    assert evaluate.choose_wells(found, MASKS, ["a1", "B02"]) == ["A01", "B02"]
     with pytest.raises(ConfigError, match="H12"):
-        evaluate._choose_wells(found, MASKS, ["H12"])
+        evaluate.choose_wells(found, MASKS, ["H12"])
 
 
 def test_mask_pattern_accepts_padded_and_unpadded_wells(tmp_path):
@@ -137,19 +135,19 @@ def test_mask_pattern_accepts_padded_and_unpadded_wells(tmp_path):
 def test_unknown_method_and_target_all_are_refused_before_any_work():
     cfg = load_config(DEMO / "plate.yaml")
     with pytest.raises(ConfigError, match="gradcam"):
-        evaluate.evaluate(cfg, MASKS, ["pcim", "gradcam"])
+        evaluate.score_plate(cfg, MASKS, ["pcim", "gradcam"])
     cfg = load_config(DEMO / "plate.yaml", ["explain.target=all"])
     with pytest.raises(ConfigError, match="explain.target"):
-        evaluate.evaluate(cfg, MASKS, ["pcim"])
+        evaluate.score_plate(cfg, MASKS, ["pcim"])
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ConfigError, match=r"pcim-cli\[evaluate\]"):
-        evaluate._pyplot()
+        evaluate_report.pyplot()
 
 
 def test_evaluate_cli_exits_78_on_a_bad_method(tmp_path):
-    proc = subprocess.run([*PCIM, "evaluate", str(DEMO / "plate.yaml"), "--masks", MASKS, "--methods", "pcim,lrp",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    proc = run_pcim("evaluate", str(DEMO / "plate.yaml"), "--masks", MASKS, "--methods", "pcim,lrp",
+                    "--out", str(tmp_path), timeout=300)
     assert proc.returncode == 78 and "lrp" in proc.stderr

@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from toy_models import BlockReader as ToyBlockReader
 
 from pcim_cli.engine import explainer as ex
 from pcim_cli.engine.attribute import AMORTISED_KEYS, attribute, method_settings
@@ -24,13 +25,9 @@ BY, BX = slice(8, 16), slice(20, 28)  # the only pixels the toy model reads
 OPTS = PcimOptions(budget=0.0625, resolution=4, blur_sigma=2.0)  # budget = the block's share of 32x32
 
 
-class BlockReader(torch.nn.Module):
+def BlockReader() -> ToyBlockReader:  # noqa: N802 - a toy model's constructor
     """Logits (-s, s), s = 8 * (mean of channel 1 in the block - its mean over the image - 0.15)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inside = x[:, 1, 8:16, 20:28].mean(dim=(1, 2))
-        s = 8.0 * (inside - x[:, 1].mean(dim=(1, 2)) - 0.15)
-        return torch.stack([-s, s], dim=1)
+    return ToyBlockReader((BY, BX), scale=8.0, offset=0.15)
 
 
 def toy_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from plate_factory import make_plate, run_pcim, start_pcim
-from test_faults import StderrLines, wait_for
+from cli_runner import StderrLines, run_pcim, start_pcim, wait_for
+from plates import make_plate
 
 from pcim_cli.io import explainer as explainer_file
 

@@ -23,7 +23,8 @@ import pandas as pd
 import psutil
 import pytest
 import zarr
-from plate_factory import PCIM, make_plate, pcim_env, run_pcim, start_pcim
+from cli_runner import PCIM, StderrLines, pcim_env, run_pcim, start_pcim, wait_for
+from plates import make_plate
 from truth import assert_consistent, field_record, record_states
 
 from pcim_cli.io.lock import LOCK_NAME
@@ -37,36 +38,6 @@ def out(plate: Path) -> tuple[Path, Path]:
 
 def tree_digest(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def wait_for(predicate, timeout: float = 240, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class StderrLines:
-    """Collects a running process's stderr lines in a thread, so a test can wait for one."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
-        self._thread.start()
-
-    def _read(self, proc: subprocess.Popen) -> None:
-        for line in proc.stderr:
-            self.lines.append(line)
-
-    def has(self, text: str) -> bool:
-        return any(text in line for line in self.lines)
-
-    @property
-    def text(self) -> str:
-        self._thread.join(timeout=10)
-        return "".join(self.lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,6 +56,7 @@ def _raw_hcs_store(path: Path) -> None:
     write_image(np.arange(3 * 64 * 64, dtype=np.uint16).reshape(3, 64, 64), image, axes="cyx")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["raw OME-Zarr plate", "folder with files", "a file"])
 def test_explain_never_writes_into_a_path_it_did_not_create(tmp_path: Path, kind: str) -> None:
     target = tmp_path / "existing"
@@ -109,6 +81,7 @@ def test_explain_never_writes_into_a_path_it_did_not_create(tmp_path: Path, kind
         assert tree_digest(target) == before
 
 
+@pytest.mark.slow
 def test_an_empty_folder_is_used_as_a_new_store(tmp_path: Path) -> None:
     target = tmp_path / "made-by-the-user"
     target.mkdir()
@@ -122,6 +95,7 @@ def test_an_empty_folder_is_used_as_a_new_store(tmp_path: Path) -> None:
 # 11. damaged metadata
 
 
+@pytest.mark.slow
 def test_a_damaged_field_metadata_is_shown_and_redone_never_a_crash(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=WELLS, steps=2)
     zarr_path, csv_path = out(plate)
@@ -165,6 +139,7 @@ def _feed(fifo: Path, text: str) -> threading.Thread:
     return thread
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_planning_exits_75_writes_nothing_and_releases_the_lock(tmp_path: Path, sig) -> None:
     plate = make_plate(tmp_path, wells=WELLS, steps=2)
@@ -194,6 +169,7 @@ def test_a_signal_while_planning_exits_75_writes_nothing_and_releases_the_lock(t
     assert set(assert_consistent(zarr_path, csv_path).values()) == {"done"}
 
 
+@pytest.mark.slow
 def test_a_second_signal_while_planning_stops_at_once(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=WELLS, steps=2)
     assert run_pcim("explain", str(plate), "--only", "A01").returncode == 0  # an earlier run's store and CSV
@@ -337,6 +313,7 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_says_so_loses_nothing_and_the_rerun_finishes(tmp_path: Path, small_disk: Path) -> None:
     plate = make_plate(tmp_path, wells=("A01", "A02", "B01", "B02"), steps=2,
                        output={"zarr": str(small_disk / "P1.zarr"), "csv": str(small_disk / "P1.csv")})

@@ -17,7 +17,7 @@ import pytest
 import tifffile
 import torch
 import yaml
-from plate_factory import run_pcim
+from cli_runner import run_pcim
 
 from pcim_cli.io import store
 
@@ -73,6 +73,7 @@ def quadrant_mass(maps: np.ndarray) -> tuple[float, float]:
     return float(m[:h, :h].sum()), float(m[h:, h:].sum())
 
 
+@pytest.mark.slow
 def test_one_map_per_field_gives_the_tile_with_three_objects_more_mass_than_the_tile_with_one(tmp_path):
     plate = make_plate(tmp_path, {"A01": objects_field(THREE_AND_ONE)})
     proc = run_pcim("explain", str(plate), "--json")
@@ -92,6 +93,7 @@ def test_one_map_per_field_gives_the_tile_with_three_objects_more_mass_than_the_
     assert three_pt < 2 * one_pt, (three_pt, one_pt)
 
 
+@pytest.mark.slow
 def test_model_aggregate_decides_the_field_prediction_and_the_record_keeps_every_tile(tmp_path):
     # tile logits: 3 objects ~ +3.9 (p 0.98), 1 object ~ +0.3 (p 0.57), empty -1.5 (p 0.18) twice:
     # mean probability 0.48 -> neg; mean logit +0.3 -> pos
@@ -123,6 +125,7 @@ def test_validate_rejects_an_unknown_aggregate(tmp_path):
 DENSE = [(y, x) for y in range(8, SIZE, 16) for x in range(8, SIZE, 16)]  # 49 objects, ~11 % of the field
 
 
+@pytest.mark.slow
 def test_a_fit_that_misses_evidence_larger_than_the_budget_is_reported_and_warned_once(tmp_path):
     plate = make_plate(tmp_path, {"A01": objects_field(DENSE), "A02": objects_field(THREE_AND_ONE)})
     proc = run_pcim("explain", str(plate), "--json")
@@ -154,6 +157,7 @@ def test_an_adaptive_budget_needs_one_starting_budget(tmp_path):
     assert proc.returncode == 78 and "explain.adaptive_budget" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregate", ["whole-field"])
 def test_whole_field_runs_the_model_on_the_untiled_field(tmp_path, aggregate):
     plate = make_plate(tmp_path, {"A01": objects_field(THREE_AND_ONE)}, model={"aggregate": aggregate},
@@ -165,6 +169,7 @@ def test_whole_field_runs_the_model_on_the_untiled_field(tmp_path, aggregate):
     assert record["predicted_class"] == "pos" and maps.shape == (1, SIZE, SIZE) and maps.max() > 0
 
 
+@pytest.mark.slow
 def test_validate_says_what_explain_will_do(tmp_path):
     plate = make_plate(tmp_path, {"A01": objects_field(THREE_AND_ONE), "A02": objects_field(DENSE)},
                        explain={"target": "layout:expected"}, model={"aggregate": "mean-logit"})

@@ -11,7 +11,8 @@ import tifffile
 
 from pcim_cli.config import NormalizeFixed
 from pcim_cli.errors import ConfigError, InputDataError
-from pcim_cli.io.images import FieldSource, compile_pattern, discover_fields, normalize, read_field
+from pcim_cli.io.images import FieldSource, discover_fields, normalize, read_field
+from pcim_cli.io.patterns import compile_pattern
 
 GUID = "{3F2504E0-4F89-11D3-9A0C-0305E82C3301}"
 CHANNELS = {"DNA": "1", "PH3": "2", "Actin": "3"}

@@ -10,13 +10,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 import zarr
 from bioimageio_factory import build_package
+from cli_runner import run_pcim
 from model_factory import DEMO_MODEL, make_model
 from ome_zarr_factory import CHANNELS, demo_fields, write_iohub, write_ome_zarr
-from plate_factory import make_plate, run_pcim
+from plates import make_plate
 
 from pcim_cli.io import store
 
@@ -80,6 +82,7 @@ def _zarr_plate(root: Path, writer, version: str, **kw) -> Path:
     return _edit(plate, plate={"images": "plate.zarr", "channels": list(CHANNELS)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("writer, version", [(write_ome_zarr, "0.5"), (write_iohub, "0.4")],
                          ids=["ome-zarr-py-0.5", "iohub-0.4"])
 def test_maps_of_a_converted_plate_equal_the_tiff_plate(tmp_path: Path, tiff_maps: dict, writer, version) -> None:
@@ -94,6 +97,7 @@ def test_maps_of_a_converted_plate_equal_the_tiff_plate(tmp_path: Path, tiff_map
     assert _tree_digest(tmp_path / "plate.zarr") == before  # never written
 
 
+@pytest.mark.slow
 def test_rerun_redoes_only_the_field_whose_chunks_changed_on_dask_workers(tmp_path: Path) -> None:
     plate = _zarr_plate(tmp_path, write_iohub, "0.5")
     _edit(plate, compute={"cluster": "local", "workers": 1})  # field descriptors travel to a worker process
@@ -108,6 +112,7 @@ def test_rerun_redoes_only_the_field_whose_chunks_changed_on_dask_workers(tmp_pa
     assert record["site"] == 2 and record["status"] == "done"
 
 
+@pytest.mark.slow
 def test_validate_lists_the_store_problems_like_tiff_problems(tmp_path: Path) -> None:
     fields = demo_fields(WELLS)
     fields["B01"][2] = fields["B01"][2].astype(np.float32)
@@ -147,6 +152,7 @@ def _cache(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PCIM_CACHE_DIR", str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_package_gives_the_maps_of_its_torchscript(tmp_path: Path, tiff_maps: dict) -> None:
     plate = make_plate(tmp_path, wells=WELLS, steps=5)
     build_package(tmp_path / "pkg", DEMO_MODEL, zip_name="demo.zip")
@@ -165,6 +171,7 @@ def test_package_gives_the_maps_of_its_torchscript(tmp_path: Path, tiff_maps: di
     assert "bioimage.io package" in proc.stdout and "normalize from the package" in proc.stdout
 
 
+@pytest.mark.slow
 def test_tiled_package_gives_the_maps_of_its_torchscript_with_input_size(tmp_path: Path) -> None:
     weights = make_model("only-64", tmp_path / "only64.ts")
     build_package(tmp_path / "pkg", weights, size=64, test_size=64, zip_name="tiled.zip")
@@ -187,6 +194,7 @@ def test_size_rule_tiles_fields_it_does_not_allow(tmp_path: Path) -> None:
     assert sizes[0]["tile"] == [112, 112] and sizes[0]["n_tiles"] == 4
 
 
+@pytest.mark.slow
 def test_plate_yaml_disagreeing_with_the_package_exits_78_unless_overridden(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=("A01",), steps=3)
     build_package(tmp_path / "pkg", DEMO_MODEL, zip_name="demo.zip")
@@ -203,3 +211,53 @@ def test_plate_yaml_disagreeing_with_the_package_exits_78_unless_overridden(tmp_
     _edit(plate, model={"override_package": None}, plate={"channels": {"PH3": "2", "DNA": "1", "Actin": "3"}})
     proc = run_pcim("explain", str(plate))
     assert proc.returncode == 78 and "plate.channels: PH3, DNA, Actin but model package" in proc.stderr
+
+
+# ---------------------------------------------------------------- bad inputs through the installed CLI
+
+
+@pytest.mark.slow
+def test_bad_packages_exit_78_naming_the_package(tmp_path: Path) -> None:
+    """What a user meets with a package pcim cannot use: exit 78, the file named, nothing written."""
+    plate = make_plate(tmp_path, wells=("A01",), steps=3)
+    (tmp_path / "broken.zip").write_bytes(b"this was a download that stopped half way")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "rdf.yaml").write_text("type: model\nformat_version: 0.5.4\nname: half a package\n")
+    folder = build_package(tmp_path / "pkg", DEMO_MODEL, zip_name=None)
+    with open(folder.parent / "weights.ts", "ab") as fh:  # weights replaced after the package was made
+        fh.write(b"\0")
+    cases = {"broken.zip": "broken.zip", "half/rdf.yaml": "not a valid bioimage.io description",
+             str(folder): "sha256"}
+    for path, says in cases.items():
+        _edit(plate, model={"path": path, "classes": None})
+        proc = run_pcim("explain", str(plate))
+        assert proc.returncode == 78, (path, proc.stderr[-2000:])
+        assert says in proc.stderr and "Traceback" not in proc.stderr, (path, proc.stderr[-2000:])
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_bad_stores_exit_65_or_fail_the_field_naming_the_array(tmp_path: Path) -> None:
+    """A folder that is not a plate: exit 65 with the fix; a damaged chunk: that field fails (exit 3), the
+    others are explained, and its message names the array."""
+    plate = _zarr_plate(tmp_path, write_ome_zarr, "0.4")
+    _edit(plate, plate={"images": "plate.zarr/A/1"})  # a well, not the plate
+    proc = run_pcim("validate", str(plate), "--no-probe")
+    assert proc.returncode == 65 and "plate.images" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    _edit(plate, plate={"images": "nothing-here.zarr"})
+    proc = run_pcim("validate", str(plate), "--no-probe")
+    assert proc.returncode == 65 and "nothing-here.zarr" in proc.stderr, proc.stderr
+    array = tmp_path / "plate.zarr" / "B" / "1" / "1" / "s0"  # ome-zarr-py names its levels s0, s1, ...
+    chunks = [p for p in array.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert chunks
+    for chunk in chunks:
+        chunk.write_bytes(b"\x00garbage")
+    _edit(plate, plate={"images": "plate.zarr"})
+    proc = run_pcim("explain", str(plate), "--json", "--only", "A01,B01")
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert doc["counts"]["done"] == 3 and doc["counts"]["failed"] == 1, doc["counts"]
+    rows = pd.read_csv(tmp_path / "out" / "P1.csv")
+    failed = rows[rows["PCIM_Status"] == "failed"]
+    assert list(zip(failed["Metadata_Well"], failed["Metadata_Site"], strict=True)) == [("B01", 2)]
+    assert "B/1/1/s0" in failed["PCIM_Error"].iloc[0], failed["PCIM_Error"].iloc[0]

@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 
 import pandas as pd
-from plate_factory import make_plate, run_pcim
+from cli_runner import run_pcim
+from plates import make_plate
 from truth import assert_consistent
 
 

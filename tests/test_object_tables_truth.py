@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from plate_factory import make_plate, run_pcim
+from cli_runner import run_pcim
+from plates import make_plate
 
 
 def test_a_failed_object_table_is_in_failed_and_in_status_exit_code(tmp_path: Path) -> None:

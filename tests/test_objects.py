@@ -10,6 +10,7 @@ import pytest
 import tifffile
 import torch
 import yaml
+from plates import DEMO
 
 from pcim_cli.config import load_config
 from pcim_cli.engine import mixing, tiling
@@ -17,8 +18,6 @@ from pcim_cli.engine import objects as engine
 from pcim_cli.errors import ConfigError
 from pcim_cli.io import images
 from pcim_cli.io import labels as label_io
-
-DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
 
 
 def demo_field(name: str = "A01_s1") -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,15 +16,16 @@ import tifffile
 import torch
 import yaml
 import zarr
+from cli_runner import run_pcim
 from ome_zarr_models import v04, v05
 from ome_zarr_models.exceptions import ValidationWarning
 from PIL import Image
-from plate_factory import DEMO, make_plate, run_pcim
+from plates import DEMO, make_plate
 
 from pcim_cli.engine import field as field_maps
 from pcim_cli.engine import mixing, tiling
 from pcim_cli.io import images, store
-from pcim_cli.report import render
+from pcim_cli.report import drawing
 
 WELLS = ("A01", "A02", "A04")  # nocodazole (mitotic) x 2, DMSO (negative)
 KEYS = ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "ObjectNumber"]
@@ -56,6 +57,7 @@ def run(tmp_path_factory) -> dict:
             "objects": out / "P1_pcim_Nuclei.csv"}
 
 
+@pytest.mark.slow
 def test_the_run_writes_one_object_row_per_labelled_nucleus(run) -> None:
     assert run["proc"].returncode == 0, run["proc"].stderr[-3000:]
     doc = json.loads(run["proc"].stdout)
@@ -79,6 +81,7 @@ def test_the_run_writes_one_object_row_per_labelled_nucleus(run) -> None:
                 assert rows.loc[v, "Location_Center_Y"] == pytest.approx(ys.mean())
 
 
+@pytest.mark.slow
 def test_the_planted_evidence_nuclei_rank_first_in_mitotic_fields(run) -> None:
     table = pd.read_csv(run["objects"])
     for well in ("A01", "A02"):
@@ -92,6 +95,7 @@ def test_the_planted_evidence_nuclei_rank_first_in_mitotic_fields(run) -> None:
             assert rows.loc[list(positive), "PCIM_mitotic_Share"].sum() > 0.5
 
 
+@pytest.mark.slow
 def test_delta_p_is_the_drop_when_the_object_alone_is_deleted(run) -> None:
     table = pd.read_csv(run["objects"])
     model = torch.jit.load(str(run["root"] / "classifier.ts")).eval()
@@ -107,6 +111,7 @@ def test_delta_p_is_the_drop_when_the_object_alone_is_deleted(run) -> None:
             assert row.PCIM_mitotic_DeltaP == pytest.approx(drop, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_the_main_csv_gets_channel_shares_object_counts_and_the_top_k_drop(run) -> None:
     main = pd.read_csv(run["csv"])
     shares = main[["PCIM_Share_DNA", "PCIM_Share_PH3", "PCIM_Share_Actin"]]
@@ -120,6 +125,7 @@ def test_the_main_csv_gets_channel_shares_object_counts_and_the_top_k_drop(run) 
     assert main["PCIM_Error"].isna().all()
 
 
+@pytest.mark.slow
 def test_the_store_holds_the_labels_as_a_valid_ngff_labels_group(run) -> None:
     root = zarr.open_group(str(run["store"]), mode="r")
     with warnings.catch_warnings():
@@ -133,6 +139,7 @@ def test_the_store_holds_the_labels_as_a_valid_ngff_labels_group(run) -> None:
     np.testing.assert_array_equal(root["A/1/0/labels/Nuclei/1"][...], label_image("A01", 1)[::2, ::2])
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_napari_ome_zarr_opens_the_field_with_its_nuclei_as_a_labels_layer(run) -> None:
     reader_mod = pytest.importorskip("napari_ome_zarr._reader", reason="napari-ome-zarr is not installed")
@@ -145,6 +152,7 @@ def test_napari_ome_zarr_opens_the_field_with_its_nuclei_as_a_labels_layer(run) 
     np.testing.assert_array_equal(np.asarray(data[0]), label_image("A02", 2))
 
 
+@pytest.mark.slow
 def test_object_csvs_are_rebuilt_from_the_store_alone(run) -> None:
     before = run["objects"].read_bytes()
     run["objects"].unlink()
@@ -155,6 +163,7 @@ def test_object_csvs_are_rebuilt_from_the_store_alone(run) -> None:
     assert run["objects"].read_bytes() == before
 
 
+@pytest.mark.slow
 def test_joins_with_cellprofiler_image_and_nuclei_tables_exactly(run, tmp_path) -> None:
     """CellProfiler's export: Image.csv (ImageNumber -> well, site) and Nuclei.csv (ImageNumber, ObjectNumber)."""
     images_rows, nuclei_rows = [], []
@@ -181,6 +190,7 @@ def test_joins_with_cellprofiler_image_and_nuclei_tables_exactly(run, tmp_path) 
         pd.DataFrame(images_rows)["Count_Nuclei"].tolist()
 
 
+@pytest.mark.slow
 def test_joins_with_a_pycytominer_single_cell_table_exactly(run) -> None:
     """pycytominer's single cells: Metadata_ObjectNumber and compartment-prefixed features."""
     pcim = pd.read_csv(run["objects"])
@@ -196,6 +206,7 @@ def test_joins_with_a_pycytominer_single_cell_table_exactly(run) -> None:
     assert "Nuclei_PCIM_mitotic_Share" in merged.columns
 
 
+@pytest.mark.slow
 def test_render_outlines_the_top_objects_and_lists_them(run, tmp_path) -> None:
     proc = run_pcim("render", str(run["store"]), "--plate-yaml", str(run["yaml"]), "--out", str(tmp_path), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -207,7 +218,7 @@ def test_render_outlines_the_top_objects_and_lists_them(run, tmp_path) -> None:
         pixels = np.asarray(img.convert("RGB"))
     cyan = np.all(pixels == (0, 255, 255), axis=-1)
     lab = label_image("A01", 1)
-    left, top_px = render.GAP, 2 * render.GAP + 2 * render.LINE  # the panel's corner; drawn at 2x
+    left, top_px = drawing.GAP, 2 * drawing.GAP + 2 * drawing.LINE  # the panel's corner; drawn at 2x
 
     def cyan_inside(number: int) -> int:
         ys, xs = np.nonzero(lab == number)
@@ -223,6 +234,7 @@ def test_render_outlines_the_top_objects_and_lists_them(run, tmp_path) -> None:
 # bad label images, reruns
 
 
+@pytest.mark.slow
 def test_bad_label_images_fail_their_object_tables_only_and_come_back_when_fixed(tmp_path) -> None:
     plate_yaml = make_plate(tmp_path, ("A01", "A02", "A03"), steps=5, objects=True)
     labels = tmp_path / "labels"
@@ -267,6 +279,7 @@ def test_bad_label_images_fail_their_object_tables_only_and_come_back_when_fixed
     assert nuclei["top_k"] == 1 and len(nuclei["top"]["mitotic"]["objects"]) == 1
 
 
+@pytest.mark.slow
 def test_validate_lists_label_images_that_fail_and_how_many_are_there(tmp_path) -> None:
     plate_yaml = make_plate(tmp_path, ("A01", "B01"), objects=True)
     (tmp_path / "labels" / "B01_s2_nuclei.tif").unlink()
@@ -290,6 +303,7 @@ def test_a_bad_object_name_is_a_configuration_error(tmp_path) -> None:
 # tiling, per-channel maps, several targets, NGFF 0.4
 
 
+@pytest.mark.slow
 def test_tiled_fields_cut_and_stitch_the_objects_consistently(tmp_path) -> None:
     plate_yaml = make_plate(tmp_path, ("A01",), steps=20, objects=True, model={"input_size": [64, 64]})
     proc = run_pcim("explain", str(plate_yaml))
@@ -321,6 +335,7 @@ def test_tiled_fields_cut_and_stitch_the_objects_consistently(tmp_path) -> None:
     assert set(rows.nsmallest(2, "PCIM_mitotic_Rank").ObjectNumber) == positive_objects("A01", 1)
 
 
+@pytest.mark.slow
 def test_per_channel_maps_for_every_target_in_an_ngff_04_store(tmp_path) -> None:
     plate_yaml = make_plate(tmp_path, ("A01",), steps=10, objects=True,
                             explain={"per_channel": True, "target": "all"}, output={"format": "0.4"})
@@ -353,6 +368,7 @@ def test_per_channel_maps_for_every_target_in_an_ngff_04_store(tmp_path) -> None
         assert first[f"PCIM_{target}_Sum"] == pytest.approx(inside.sum(), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_plate_without_objects_writes_no_object_tables(tmp_path) -> None:
     plate_yaml = make_plate(tmp_path, ("A04",), steps=5)
     proc = run_pcim("explain", str(plate_yaml))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 from ome_zarr_factory import CHANNELS, demo_fields, write_iohub, write_ome_zarr
-from plate_factory import CHANNEL_TOKENS, DEMO
+from plates import CHANNEL_TOKENS, DEMO
 
 from pcim_cli.errors import InputDataError
 from pcim_cli.io import images, ome_zarr_plate, signature

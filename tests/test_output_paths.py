@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from plate_factory import make_plate, run_pcim
+from cli_runner import run_pcim
+from plates import make_plate
 
 
 def tree(root: Path) -> dict[str, bytes]:

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pcim_cli.errors import InputDataError
+from pcim_cli.io.layout import read_layout
 from pcim_cli.io.plate import (
     PLATE_FORMATS,
     Well,
@@ -14,7 +15,6 @@ from pcim_cli.io.plate import (
     all_wells,
     infer_plate_format,
     parse_well,
-    read_layout,
     row_index,
     row_letter,
 )
@@ -166,7 +166,6 @@ def test_layout_problems(tmp_path) -> None:
 def test_layout_from_an_excel_workbook(tmp_path) -> None:
     import pandas as pd
 
-    from pcim_cli.io.plate import read_layout
 
     path = tmp_path / "layout.xlsx"
     pd.DataFrame({"Well": ["a1", "B/3"], "treatment": ["DMSO", "nocodazole"], "dose": ["0", "1.5"]}).to_excel(

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 import torch
 import yaml
-from plate_factory import run_pcim
+from cli_runner import run_pcim
 from real_data import wheel_file
 
 from pcim_cli.io import images, store

@@ -4,49 +4,34 @@ and the store opening as a plate grid in napari-ome-zarr's reader (and ome-zarr'
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from cli_runner import run_pcim
 from PIL import Image
+from plates import DEMO, explain_demo
 
 from pcim_cli.errors import ConfigError, InputDataError
 from pcim_cli.io import store
-from pcim_cli.report import render
+from pcim_cli.report import drawing, render
+from pcim_cli.report import objects as report_objects
 
-DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
-_SCRIPT = Path(sys.executable).parent / "pcim"
-PCIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pcim_cli.cli"]
 WELLS = ["A01", "B03", "C02"]  # on a 12-well grid (3 x 4): the montage shows 9 empty wells
 FIELD = 128  # demo fields are 128 x 128 px
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
                 None)
 
 
-def run_pcim(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*PCIM, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
-
-
-def explain(out: Path, wells: list[str], *extra: str) -> Path:
-    proc = run_pcim("explain", str(DEMO / "plate.yaml"), "--set", f"plate.wells=[{','.join(wells)}]",
-                    "--set", "explain.steps=20", "--set", f"output.zarr={out}/demo.zarr",
-                    "--set", f"output.csv={out}/demo.csv", *extra, cwd=out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "demo.zarr"
-
-
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory) -> Path:
     """Three demo wells (two fields each), 20 steps, NGFF 0.5; the CSV lies beside it as demo.csv."""
-    return explain(tmp_path_factory.mktemp("render"), WELLS)
+    return explain_demo(tmp_path_factory.mktemp("render"), WELLS)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +41,15 @@ def rendered(demo_store, tmp_path_factory) -> render.RenderResult:
 
 def overlay_size(n_panels: int) -> tuple[int, int]:
     """A 128 px field is drawn at 2x (MIN_PANEL) with a colour bar, under two text lines."""
-    panel = render.MIN_PANEL + render.BAR + render.BAR_TEXT + 2 * render.GAP
-    return render.GAP + n_panels * panel, render.MIN_PANEL + 2 * render.LINE + 3 * render.GAP
+    panel = drawing.MIN_PANEL + drawing.BAR + drawing.BAR_TEXT + 2 * drawing.GAP
+    return drawing.GAP + n_panels * panel, drawing.MIN_PANEL + 2 * drawing.LINE + 3 * drawing.GAP
 
 
 # --------------------------------------------------------------------------------------------------
 # files
 
 
+@pytest.mark.slow
 def test_render_writes_one_overlay_per_field_montage_and_report(rendered):
     names = sorted(p.name for p in rendered.overlays)
     assert names == sorted(f"{w}_s{s}.png" for w in WELLS for s in (1, 2))
@@ -72,13 +58,14 @@ def test_render_writes_one_overlay_per_field_montage_and_report(rendered):
     assert rendered.skipped == []
 
 
+@pytest.mark.slow
 def test_overlays_read_back_at_the_expected_size_with_a_map_over_the_cells(rendered):
     for png in rendered.overlays:
         with Image.open(png) as img:
             assert img.mode == "RGB" and img.size == overlay_size(1)
             pixels = np.asarray(img)
-        top = 2 * render.LINE + 2 * render.GAP
-        field = pixels[top: top + render.MIN_PANEL, render.GAP: render.GAP + render.MIN_PANEL]
+        top = 2 * drawing.LINE + 2 * drawing.GAP
+        field = pixels[top: top + drawing.MIN_PANEL, drawing.GAP: drawing.GAP + drawing.MIN_PANEL]
         assert field.std() > 5  # not blank
         colourful = np.ptp(field.astype(int), axis=2) > 40  # the heat map's colours; the cells are grey
         assert 0 < colourful.mean() < 0.9
@@ -95,13 +82,13 @@ def test_per_channel_draws_one_panel_per_raw_channel(demo_store, tmp_path):
 def test_without_plate_yaml_the_map_is_drawn_alone(demo_store, tmp_path):
     result = render.render(demo_store, out_dir=tmp_path, wells=["a1"])
     with Image.open(result.overlays[0]) as img:
-        field = np.asarray(img)[2 * render.LINE + 2 * render.GAP:, render.GAP: render.GAP + render.MIN_PANEL]
-    lut = {tuple(c) for c in render.heat_lut()}
-    field = field[: render.MIN_PANEL]
+        field = np.asarray(img)[2 * drawing.LINE + 2 * drawing.GAP:, drawing.GAP: drawing.GAP + drawing.MIN_PANEL]
+    lut = {tuple(c) for c in drawing.heat_lut()}
+    field = field[: drawing.MIN_PANEL]
     in_lut = np.array([[tuple(c) in lut for c in line] for line in field])
     # the demo's plate.objects: its top nuclei are outlined and numbered; nothing else is off the colour map
     outline = np.zeros(field.shape[:2], bool)
-    for colour in render.report_objects.OUTLINE_COLOURS:
+    for colour in report_objects.OUTLINE_COLOURS:
         outline |= np.all(field == colour, axis=-1)
     ys, xs = np.nonzero(outline)
     near = np.zeros_like(outline)
@@ -111,24 +98,26 @@ def test_without_plate_yaml_the_map_is_drawn_alone(demo_store, tmp_path):
     assert in_lut.mean() > 0.95
 
 
+@pytest.mark.slow
 def test_montage_is_the_plate_grid_with_empty_wells_grey(rendered):
     with Image.open(rendered.montage) as img:
         pixels = np.asarray(img)
         width, height = img.size
     rows, cols = 3, 4  # A01, B03, C02 -> smallest standard plate holding them: 12 wells
-    assert height == 40 + rows * (render.CELL + 2) + 2 + render.GAP
-    assert width > 28 + cols * (render.CELL + 2)
+    assert height == 40 + rows * (drawing.CELL + 2) + 2 + drawing.GAP
+    assert width > 28 + cols * (drawing.CELL + 2)
 
     def cell_centre(row: int, col: int) -> tuple[int, int, int]:
-        y = 40 + 2 + row * (render.CELL + 2) + render.CELL // 2
-        x = 28 + 2 + col * (render.CELL + 2) + render.CELL // 2
+        y = 40 + 2 + row * (drawing.CELL + 2) + drawing.CELL // 2
+        x = 28 + 2 + col * (drawing.CELL + 2) + drawing.CELL // 2
         return tuple(int(v) for v in pixels[y - 10: y + 10, x - 10: x + 10].reshape(-1, 3).mean(axis=0).round())
 
-    assert cell_centre(0, 1) == render.EMPTY_GREY  # A02: not in the store
-    assert cell_centre(3 - 1, 3) == render.EMPTY_GREY  # C04
-    assert cell_centre(0, 0) != render.EMPTY_GREY  # A01 has a map
+    assert cell_centre(0, 1) == drawing.EMPTY_GREY  # A02: not in the store
+    assert cell_centre(3 - 1, 3) == drawing.EMPTY_GREY  # C04
+    assert cell_centre(0, 0) != drawing.EMPTY_GREY  # A01 has a map
 
 
+@pytest.mark.slow
 def test_report_has_the_csv_numbers_settings_and_relative_images(rendered):
     text = rendered.report.read_text(encoding="utf-8")
     sources = re.findall(r'<img[^>]* src="([^"]+)"', text)
@@ -145,6 +134,7 @@ def test_report_has_the_csv_numbers_settings_and_relative_images(rendered):
     assert "Plate DEMO01" in text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI: bash scripts/install_chromium.sh)")
 def test_report_opens_in_headless_chromium_with_every_image_loaded(rendered):
     """A copy of the report beside it (so relative paths resolve) reports its images' state into the DOM."""
@@ -220,8 +210,12 @@ def test_without_a_csv_the_report_takes_the_numbers_from_the_records(demo_store,
     plate = render.open_plate(demo_store)
     fields = [render.read_level(plate, "A01", rel, level=2) for rel in render.field_paths(plate, "A01")]
     assert [f.maps.shape for f in fields] == [(1, FIELD // 4, FIELD // 4)] * 2
-    rows = render._rows_from_records(fields)
+    rows = render.records_table(plate, fields)
     assert list(rows["Metadata_Site"]) == [1, 2] and rows["PCIM_DeletionAUC"].between(0, 1).all()
+    # the same record -> row mapping as the CSV (io/summary.py): every CSV column but the layout's
+    csv_columns = pd.read_csv(demo_store.with_suffix(".csv")).columns
+    assert [c for c in csv_columns if not c.startswith("Metadata_") or c in rows.columns] == list(rows.columns)
+    assert {"PCIM_Share_DNA", "PCIM_Share_PH3", "PCIM_Share_Actin"} <= set(rows.columns)
 
 
 def test_levels_match_the_full_resolution_maps(demo_store):
@@ -232,9 +226,19 @@ def test_levels_match_the_full_resolution_maps(demo_store):
     np.testing.assert_allclose(fld.maps, full.reshape(1, 64, 2, 64, 2).mean(axis=(2, 4)), rtol=1e-5, atol=1e-7)
 
 
+def oklab_lightness(rgb: np.ndarray) -> np.ndarray:
+    """OKLab lightness (Björn Ottosson's matrices) of sRGB colours in [0, 1]: a perceptual scale, so the
+    test checks what a reader sees, whichever library makes the colour map."""
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    lms = np.cbrt(linear @ np.array([[0.4122214708, 0.5363325363, 0.0514459929],
+                                     [0.2119034982, 0.6806995451, 0.1073969566],
+                                     [0.0883024619, 0.2817188376, 0.6299787005]]).T)
+    return lms @ np.array([0.2104542553, 0.7936177850, -0.0040720468])
+
+
 def test_heat_lut_rises_in_lightness():
-    lut = render.heat_lut()
-    lightness = render._rgb_to_oklab(lut / 255.0)[:, 0]
+    lut = drawing.heat_lut()
+    lightness = oklab_lightness(lut / 255.0)
     assert lut.shape == (256, 3) and lut.dtype == np.uint8
     assert np.all(np.diff(lightness) > -1e-3) and lightness[-1] - lightness[0] > 0.7
 
@@ -243,6 +247,7 @@ def test_heat_lut_rises_in_lightness():
 # viewers
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # napari / npe2 on pydantic 2
 def test_store_opens_as_a_plate_in_napari_ome_zarr(demo_store):
     """napari-ome-zarr's reader (what `napari --plugin napari-ome-zarr` calls), no GUI needed."""
@@ -268,6 +273,7 @@ def test_store_opens_as_a_plate_in_napari_ome_zarr(demo_store):
     np.testing.assert_array_equal(nuclei[:FIELD, :FIELD], tifffile.imread(DEMO / "labels" / "A01_s1_nuclei.tif"))
 
 
+@pytest.mark.slow
 def test_store_opens_as_a_plate_in_ome_zarr_reader(demo_store):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Plate, Reader
@@ -278,10 +284,11 @@ def test_store_opens_as_a_plate_in_ome_zarr_reader(demo_store):
     assert nodes[0].metadata["channel_names"] == ["mitotic"]
 
 
+@pytest.mark.slow
 def test_render_reads_an_ngff_04_store(tmp_path):
-    zarr_path = explain(tmp_path, ["D06"], "--set", "output.format=0.4")
+    zarr_path = explain_demo(tmp_path, ["D06"], "--set", "output.format=0.4")
     assert (zarr_path / ".zgroup").is_file()
     result = render.render(zarr_path, out_dir=tmp_path / "pics")
     assert [p.name for p in result.overlays] == ["D06_s1.png", "D06_s2.png"]
     with Image.open(result.montage) as img:
-        assert img.size[1] == 40 + 4 * (render.CELL + 2) + 2 + render.GAP  # D06: a 24-well grid
+        assert img.size[1] == 40 + 4 * (drawing.CELL + 2) + 2 + drawing.GAP  # D06: a 24-well grid

@@ -7,18 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import run_pcim
 from PIL import Image
-from test_render import DEMO, explain, run_pcim
+from plates import DEMO, explain_demo
 
 from pcim_cli.errors import ConfigError
-from pcim_cli.report import composite, render
+from pcim_cli.report import composite, drawing, render
 
 WELLS = ["A01", "A04"]  # layout targets: A01 mitotic, A04 negative
 
 
 @pytest.fixture(scope="module")
 def layout_store(tmp_path_factory) -> Path:
-    return explain(tmp_path_factory.mktemp("colour"), WELLS, "--set", "explain.target=layout:expected_class")
+    return explain_demo(tmp_path_factory.mktemp("colour"), WELLS, "--set", "explain.target=layout:expected_class")
 
 
 def _overlay(store: Path, out: Path, *args: str) -> np.ndarray:
@@ -33,6 +34,7 @@ def _colourful(img: np.ndarray) -> float:
     return float(((img.max(2) - img.min(2)) > 30).mean())
 
 
+@pytest.mark.slow
 def test_composites_draw_the_maps_over_colour(layout_store, tmp_path):
     grey = _overlay(layout_store, tmp_path / "grey", "--channel", "DNA")
     rgb = _overlay(layout_store, tmp_path / "rgb", "--channel", "rgb")
@@ -44,6 +46,7 @@ def test_composites_draw_the_maps_over_colour(layout_store, tmp_path):
     assert panel[..., 2].mean() > panel[..., 0].mean()
 
 
+@pytest.mark.slow
 def test_a_bad_composite_is_refused_naming_the_channel(layout_store, tmp_path):
     proc = run_pcim("render", str(layout_store), "--plate-yaml", str(DEMO / "plate.yaml"), "--channel",
                     "DNA,GFP", "--out", str(tmp_path / "x"))
@@ -54,13 +57,14 @@ def test_a_bad_composite_is_refused_naming_the_channel(layout_store, tmp_path):
         composite.parse_spec("rgb", ["DNA", "PH3"])
 
 
+@pytest.mark.slow
 def test_a_montage_of_wells_with_different_targets_labels_each_well(layout_store, tmp_path):
     plate = render.open_plate(layout_store)
     thumbs, shown = render.montage_thumbs(plate)
     assert shown == {"A01": "mitotic", "A04": "negative"}
-    plain = np.asarray(render.draw_montage(plate, thumbs, "x"), dtype=int)
-    labelled = np.asarray(render.draw_montage(plate, thumbs, "x", labels=shown), dtype=int)
-    cell = render.CELL
+    plain = np.asarray(drawing.draw_montage(plate, thumbs, "x"), dtype=int)
+    labelled = np.asarray(drawing.draw_montage(plate, thumbs, "x", labels=shown), dtype=int)
+    cell = drawing.CELL
     # the labels are written at the foot of A01's and A04's cells, nothing else changes
     changed = np.argwhere((plain != labelled).any(2))
     assert len(changed) > 20 and changed[:, 0].min() > 40 + cell // 2 and changed[:, 0].max() < 40 + cell + 2

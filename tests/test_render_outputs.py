@@ -8,8 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cli_runner import run_pcim
 from PIL import Image
-from plate_factory import make_plate, run_pcim
+from plates import make_plate
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from cli_runner import run_pcim, start_pcim
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 from ome_zarr_models import v04, v05
 from ome_zarr_models.exceptions import ValidationWarning
-from plate_factory import DEMO, make_plate, run_pcim, start_pcim
+from plates import DEMO, make_plate
 
 from pcim_cli.io import store
 from pcim_cli.io.lock import LOCK_NAME
@@ -55,6 +56,7 @@ def plate(tmp_path: Path) -> Path:
     return make_plate(tmp_path, wells=WELLS, steps=5)
 
 
+@pytest.mark.slow
 def test_rerun_skips_done_fields_and_redoes_changed_settings(plate: Path) -> None:
     zarr_path = plate.parent / "out" / "P1.zarr"
     first = run_pcim("explain", str(plate))
@@ -92,6 +94,7 @@ def test_dry_run_writes_nothing_and_lists_the_plan(plate: Path) -> None:
     assert _tree_digest(out) == before
 
 
+@pytest.mark.slow
 def test_json_output_matches_the_csv(plate: Path) -> None:
     (plate.parent / "images" / "B02_s2_w3.tif").write_bytes(b"")
     proc = run_pcim("explain", str(plate), "--json", "-q")
@@ -106,6 +109,7 @@ def test_json_output_matches_the_csv(plate: Path) -> None:
                                                                        strict=True))
 
 
+@pytest.mark.slow
 def test_kill_9_mid_plate_then_rerun_completes_without_redoing(tmp_path: Path) -> None:
     wells = ("A01", "A02", "A03", "B01", "B02", "B03")
     plate = make_plate(tmp_path, wells=wells, steps=150, compute={"batch_size": 1})
@@ -139,6 +143,7 @@ def test_kill_9_mid_plate_then_rerun_completes_without_redoing(tmp_path: Path) -
     assert not (zarr_path / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_store_exits_75_naming_the_holder(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=WELLS, steps=300, compute={"batch_size": 1})
     zarr_path = tmp_path / "out" / "P1.zarr"
@@ -154,6 +159,7 @@ def test_second_run_on_the_same_store_exits_75_naming_the_holder(tmp_path: Path)
     assert not (zarr_path / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_status_counts_done_failed_and_missing(plate: Path) -> None:
     (plate.parent / "images" / "A02_s2_w1.tif").write_bytes(b"not a tiff")
     assert run_pcim("explain", str(plate)).returncode == 3
@@ -170,6 +176,7 @@ def test_status_counts_done_failed_and_missing(plate: Path) -> None:
     assert run_pcim("status", str(plate.parent / "nowhere.zarr")).returncode == 65
 
 
+@pytest.mark.slow
 def test_csv_joins_profiles_on_plate_and_well_without_renaming(plate: Path) -> None:
     assert run_pcim("explain", str(plate)).returncode == 0
     df = pd.read_csv(plate.parent / "out" / "P1.csv")
@@ -182,6 +189,7 @@ def test_csv_joins_profiles_on_plate_and_well_without_renaming(plate: Path) -> N
         dict(zip(layout["well"], layout["treatment"], strict=True)))).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["0.5", "0.4"])
 def test_store_validates_and_reads_back_through_ome_zarr(tmp_path: Path, fmt: str) -> None:
     plate = make_plate(tmp_path, wells=("A01", "B02"), output={"format": fmt})

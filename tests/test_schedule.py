@@ -8,15 +8,10 @@ import math
 
 import pytest
 import torch
-from test_engine import BLOCK, BlockReader, block_mass, toy_images
+from toy_models import BLOCK, block_mass, toy_images
 
 from pcim_cli.engine import mixing, schedule
 from pcim_cli.engine.pcim import PcimOptions, attribution_map, fit_pcim
-
-
-@pytest.fixture(scope="module")
-def block_model() -> torch.jit.ScriptModule:
-    return torch.jit.script(BlockReader()).eval()
 
 
 def test_lr_factors_by_hand() -> None:
@@ -120,11 +115,13 @@ def test_invalid_schedule_options_are_refused() -> None:
 OLD_STYLE = ("explain.schedule=constant", "explain.lr=0.1", "explain.init=zero", "explain.noise=0")
 
 
+@pytest.mark.slow
 def test_the_old_default_is_reachable_by_settings_and_a_new_default_redoes_the_fields(tmp_path) -> None:
     """The --set line of the old default runs the old fit exactly (the engine called with the old options
     gives the same maps); the settings fingerprint differs, so a run with the new defaults redoes them."""
     import numpy as np
-    from plate_factory import make_plate, run_pcim
+    from cli_runner import run_pcim
+    from plates import make_plate
 
     from pcim_cli.io import images, store
 

@@ -18,12 +18,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from plate_factory import DEMO, make_plate, run_pcim, start_pcim
+from cli_runner import run_pcim, start_pcim
+from plates import DEMO, make_plate
 
+from pcim_cli.config.screen import load_screen
 from pcim_cli.io import store
 from pcim_cli.io.lock import LOCK_NAME
 from pcim_cli.run.screen import combine_exit_codes
-from pcim_cli.screen import load_screen
 
 #: three plates with different names, wells and layouts
 PLATES = {"PA": ("A01", "A02", "B01"), "PB": ("A03", "B02"), "PC": ("B03", "A04", "B04")}
@@ -50,6 +51,7 @@ def _maps(plate: Path, name: str) -> dict[tuple[str, int], np.ndarray]:
     return {(w, i): store.read_field(zarr_path, w, i)[0] for w in PLATES[name] for i in (0, 1)}
 
 
+@pytest.mark.slow
 def test_three_plates_on_one_local_cluster_match_three_separate_runs(tmp_path: Path) -> None:
     alone = _make_plates(tmp_path / "alone")
     for plate in alone.values():
@@ -93,6 +95,7 @@ def test_an_invalid_plate_is_skipped_with_its_message_and_the_others_are_done(tm
     assert not (plates["PB"].parent / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_locked_plate_exits_75_for_it_and_the_others_are_done(tmp_path: Path) -> None:
     plates = _make_plates(tmp_path)
     assert run_pcim("explain", str(plates["PB"])).returncode == 0
@@ -111,6 +114,7 @@ def test_a_locked_plate_exits_75_for_it_and_the_others_are_done(tmp_path: Path) 
         assert (_csv(plates[name], name)["PCIM_Status"] == "done").all()
 
 
+@pytest.mark.slow
 def test_kill_9_mid_screen_then_rerun_fits_exactly_the_missing_fields(tmp_path: Path) -> None:
     plates = _make_plates(tmp_path, steps=150, compute={"batch_size": 1})
     total = 2 * sum(map(len, PLATES.values()))
@@ -171,6 +175,7 @@ def _screen_tree(root: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_screen_file_with_overrides_and_relative_paths_from_another_directory(tmp_path: Path) -> None:
     screen = _screen_tree(tmp_path / "site")
     elsewhere = tmp_path / "cron-home"
@@ -234,6 +239,7 @@ def test_screen_loader_precedence_duplicates_and_the_exit_code_order(tmp_path: P
         load_screen([str(tmp_path / "nothing-*" / "plate.yaml")])
 
 
+@pytest.mark.slow
 def test_sigterm_mid_screen_records_the_open_plate_and_leaves_the_unopened_ones_untouched(tmp_path: Path) -> None:
     plates = _make_plates(tmp_path, steps=150, compute={"batch_size": 1})
     zarr_a = plates["PA"].parent / "out" / "PA.zarr"
@@ -276,6 +282,7 @@ def test_screen_progress_counts_plates_and_grows_its_total_as_plates_are_planned
     assert any(line.startswith("plates 1/2 done; wells 3/3 done, 1 failed, ETA") for line in lines)
 
 
+@pytest.mark.slow
 def test_a_plate_whose_store_pcim_did_not_create_is_refused_alone(tmp_path: Path) -> None:
     plates = _make_plates(tmp_path)
     foreign = plates["PB"].parent / "out" / "PB.zarr"

@@ -7,22 +7,19 @@ skipped otherwise. Run with `pytest -m slurm`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli_runner import PCIM, pcim_env, run_pcim
+from plates import DEMO
 
 from pcim_cli.io import store
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
-_SCRIPT = Path(sys.executable).parent / "pcim"
-PCIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pcim_cli.cli"]
 WELLS = ["A01", "B02"]
 
 
@@ -86,8 +83,7 @@ cd {tmp_path}
 def test_pcim_submits_its_own_slurm_worker_jobs(tmp_path) -> None:
     args = pcim_args(tmp_path, "compute.cluster=slurm", "compute.slurm.cores=1", "compute.slurm.memory=2GB",
                      "compute.slurm.gpus=0", "compute.slurm.jobs=1", "compute.slurm.walltime=00:10:00")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=pcim_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "submitted 1 SLURM worker job(s)" in proc.stderr
     check_outputs(tmp_path)
@@ -105,9 +101,7 @@ def test_a_two_plate_screen_runs_on_its_own_slurm_worker_jobs(tmp_path) -> None:
                                     "channels": {"DNA": "1", "PH3": "2", "Actin": "3"}}}
                          for name, well in (("S1", "A01"), ("S2", "B02"))]}
     (tmp_path / "screen.yaml").write_text(json.dumps(shared))  # JSON is YAML
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*PCIM, "explain", "screen.yaml"], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path, env=env)
+    proc = run_pcim("explain", "screen.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("submitted 1 SLURM worker job(s)") == 1  # one cluster for both plates
     table = pd.read_csv(tmp_path / "out" / "screen.csv")

@@ -6,11 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
-from plate_factory import make_plate, run_pcim
+from cli_runner import run_pcim
+from plates import make_plate
 
 from pcim_cli.io import store
-from pcim_cli.run.worker import _same_with_channels_last
+from pcim_cli.run.device import same_with_channels_last
 
 
 class ViewNet(torch.nn.Module):
@@ -30,6 +32,7 @@ def _maps(zarr_path: Path) -> np.ndarray:
     return np.stack([store.read_field(zarr_path, w, i)[0] for w in ("A01", "A02") for i in (0, 1)])
 
 
+@pytest.mark.slow
 def test_channels_last_gives_the_same_maps_and_does_not_cause_a_redo(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=("A01", "A02"), steps=5)
     zarr_path = tmp_path / "out" / "P1.zarr"
@@ -42,11 +45,12 @@ def test_channels_last_gives_the_same_maps_and_does_not_cause_a_redo(tmp_path: P
     np.testing.assert_allclose(_maps(zarr_path), nchw, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_take_channels_last_falls_back(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = torch.jit.script(ViewNet().eval())
     x = torch.rand(3, 32, 32)
-    assert not _same_with_channels_last(net, x)  # `.view` raises on NHWC activations
+    assert not same_with_channels_last(net, x)  # `.view` raises on NHWC activations
     plate = make_plate(tmp_path, wells=("A01",), steps=3)
     net.save(str(tmp_path / "classifier.ts"))
     proc = run_pcim("explain", str(plate), "-v")
@@ -54,6 +58,7 @@ def test_a_model_that_cannot_take_channels_last_falls_back(tmp_path: Path) -> No
     assert "does not take channels-last inputs" in proc.stderr
 
 
+@pytest.mark.slow
 def test_reduced_precision_is_a_different_result(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=("A01",), steps=3)
     assert run_pcim("explain", str(plate)).returncode == 0

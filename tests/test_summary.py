@@ -1,4 +1,4 @@
-"""The CSV summary: column contract (DESIGN §3.3), layout join, plate order, atomic writes."""
+"""The CSV summary: column contract (docs/reference/csv.md), layout join, plate order, atomic writes."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from plate_factory import PCIM, make_plate, pcim_env, run_pcim
+from cli_runner import PCIM, pcim_env, run_pcim
+from plates import make_plate
 
 from pcim_cli.engine.pcim import PcimOptions, fit_pcim
 from pcim_cli.run import threads
@@ -149,6 +150,7 @@ def test_no_probe_with_one_thread_or_a_fixed_number() -> None:
 # ---------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_compute_threads_through_the_cli(tmp_path: Path) -> None:
     plate = make_plate(tmp_path, wells=("A01",), steps=12)
     log = tmp_path / "run.log"

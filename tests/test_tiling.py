@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import pytest
 import tifffile
 import torch
 import yaml
+from cli_runner import run_pcim
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,8 +20,9 @@ from pcim_cli.engine import field as field_maps
 from pcim_cli.engine import tiling
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.io import store
-from pcim_cli.io.model import file_sha256
-from pcim_cli.run import worker
+from pcim_cli.io.model import file_sha256, load_model
+from pcim_cli.run import device, worker
+from pcim_cli.run.task import FieldFiles, WellTask
 
 TILE = 64
 STEPS = 4
@@ -145,15 +144,15 @@ def write_field(folder: Path, well: str, site: int, shape: tuple[int, int], seed
     return files
 
 
-def make_task(tmp_path: Path, model: Path, shapes: list[tuple[int, int]], input_size, **kw) -> worker.WellTask:
+def make_task(tmp_path: Path, model: Path, shapes: list[tuple[int, int]], input_size, **kw) -> WellTask:
     images = tmp_path / "images"
     images.mkdir(parents=True, exist_ok=True)
-    fields = tuple(worker.FieldFiles(site=i + 1, index=i, files=tuple(write_field(images, "A01", i + 1, s, i)))
+    fields = tuple(FieldFiles(site=i + 1, index=i, files=tuple(write_field(images, "A01", i + 1, s, i)))
                    for i, s in enumerate(shapes))
     zarr_path = tmp_path / "out.zarr"
     store.create_plate(zarr_path, "P1", {"A01": len(fields)})
     engine = {"steps": STEPS, "resolution": 4, "seed": 0, **kw.pop("engine", {})}
-    return worker.WellTask(
+    return WellTask(
         plate="P1", well="A01", fields=fields, channels=("a", "b", "c"), classes=("neg", "pos"),
         targets=kw.pop("targets", None), normalize={"method": "percentile", "low": 1.0, "high": 99.8},
         model_path=str(model), model_sha256=file_sha256(model), input_size=input_size,
@@ -218,10 +217,11 @@ def test_untiled_fields_of_several_sizes_are_batched_by_size(tmp_path):
         assert arr.shape == (1, *shape) and record["tiling"]["n_tiles"] == 1
 
 
-def _with_model(monkeypatch, task: worker.WellTask, module: torch.nn.Module) -> None:
-    loaded = worker.load_model(Path(task.model_path), 3, task.input_size)
+def _with_model(monkeypatch, task: WellTask, module: torch.nn.Module) -> None:
+    loaded = load_model(Path(task.model_path), 3, task.input_size)
     loaded.module = module
-    monkeypatch.setitem(worker._MODELS, (task.model_sha256, task.device), loaded)
+    monkeypatch.setitem(device.MODELS.items, device.model_key(task.model_sha256, 3, task.input_size, task.device),
+                        loaded)
 
 
 @pytest.mark.parametrize(("limit", "batch"), [(7, 3), (3, 1)])
@@ -237,7 +237,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_maps(tmp_path, fixed_
                      tile_maps="per-tile")
     flaky = OomAbove(torch.jit.load(str(fixed_model)), limit=limit)  # a fit step sends 2 images per map
     _with_model(monkeypatch, task, flaky)
-    with caplog.at_level(logging.WARNING, logger="pcim_cli.run.worker"):
+    with caplog.at_level(logging.WARNING, logger="pcim_cli.run.device"):
         rows = worker.explain_well(task)
     assert [r["status"] for r in rows] == ["done"]
     maps, _, record = store.read_field(Path(task.store_path), "A01", 0)
@@ -321,17 +321,16 @@ def test_out_of_memory_from_torchscript_is_recognised():
 
     with pytest.raises(Exception) as info:
         boom(torch.zeros(2))
-    assert worker.is_out_of_memory(info.value)
-    assert not worker.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert device.is_out_of_memory(info.value)
+    assert not device.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 # --------------------------------------------------------------------------------------------------
 # end to end through the console script
 
-_SCRIPT = Path(sys.executable).parent / "pcim"
-PCIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pcim_cli.cli"]
 
 
+@pytest.mark.slow
 def test_pcim_explain_writes_maps_of_the_field_shape_for_a_field_larger_than_the_model(tmp_path, fixed_model):
     images = tmp_path / "images"
     images.mkdir()
@@ -346,9 +345,7 @@ def test_pcim_explain_writes_maps_of_the_field_shape_for_a_field_larger_than_the
         "output": {"zarr": "out/big.zarr", "csv": "out/big.csv"},
     }
     (tmp_path / "plate.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([*PCIM, "explain", str(tmp_path / "plate.yaml")], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=600)
+    proc = run_pcim("explain", str(tmp_path / "plate.yaml"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = pd.read_csv(tmp_path / "out" / "big.csv")
     assert (df["PCIM_Status"] == "done").all() and len(df) == 2

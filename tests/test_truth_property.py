@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli_runner import run_pcim, start_pcim
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from plate_factory import make_plate, run_pcim, start_pcim
+from plates import make_plate
 from truth import assert_consistent, field_record, record_states
 
 OPS = ("run", "only A01", "plate.wells A02", "other steps", "damage a file", "restore the file", "retry-failed",

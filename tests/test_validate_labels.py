@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import yaml
-from plate_factory import make_plate, run_pcim
+from cli_runner import run_pcim
+from plates import make_plate
 
 from pcim_cli.io import store
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from plate_factory import run_pcim
+from cli_runner import run_pcim
 
 
 def _attrs(path: Path) -> dict | None:

@@ -13,8 +13,8 @@ compute the same quantity (tested). The trivial maps (`intensity`, `contrast`; e
 need no model; intensity with `intensity_channel` None asks it which channel explains each image best.
 Only forward calls and input gradients: any TorchScript model.
 
-A new method: add its name to METHODS (config, `pcim evaluate` and the benchmarks take the list from
-here), its settings to METHOD_KEYS, and its branch to `_baseline`.
+A new method: add its name to `Method` and its settings to METHOD_KEYS in engine/options.py (config,
+`pcim evaluate` and the benchmarks take the list from there), and its branch to `_baseline` here.
 """
 
 from __future__ import annotations
@@ -25,24 +25,11 @@ import torch
 
 from pcim_cli.engine import baselines, pcim, trivial
 from pcim_cli.engine.explainer import amortised_pcim
-from pcim_cli.engine.pcim import Forward, PcimOptions, PcimResult, _FrozenModel, fit_pcim, target_log_probs
+from pcim_cli.engine.options import AMORTISED_KEYS, BACKENDS, BASELINE_KEYS, METHOD_KEYS, METHODS, PcimOptions
+from pcim_cli.engine.pcim import Forward, FrozenModel, PcimResult, fit_pcim, target_log_probs
 
-METHODS = ("pcim", "pcim-amortised", "saliency", "integrated-gradients", "occlusion", "rise", *trivial.TRIVIAL)
-BACKENDS = ("auto", "captum", "torch")
-
-#: the PcimOptions fields each method reads (besides per_channel); the settings fingerprint uses them
-BASELINE_KEYS = ("ig_steps", "occlusion_window", "occlusion_stride", "rise_masks", "rise_cell", "rise_p",
-                 "intensity_channel")
-#: read by pcim-amortised only (which ignores steps and lr: its refine has its own)
-AMORTISED_KEYS = ("refine_steps", "refine_lr")
-METHOD_KEYS = {
-    "saliency": (),
-    "integrated-gradients": ("ig_steps",),
-    "occlusion": ("occlusion_window", "occlusion_stride"),
-    "rise": ("rise_masks", "rise_cell", "rise_p"),
-    "intensity": ("intensity_channel",),
-    "contrast": ("delete_substrate", "blur_sigma"),
-}
+__all__ = ["AMORTISED_KEYS", "BACKENDS", "BASELINE_KEYS", "METHODS", "METHOD_KEYS", "attribute", "captum_available",
+           "method_settings"]
 
 
 def method_settings(method: str, opts: PcimOptions) -> dict:
@@ -88,7 +75,7 @@ def attribute(model: Forward, x: torch.Tensor, target: torch.Tensor, method: str
     x = x.detach()
     target = target.to(device=x.device, dtype=torch.long).reshape(b)
     seeds = opts.seed + torch.arange(b) if seeds is None else seeds.reshape(b)
-    with _FrozenModel(model):
+    with FrozenModel(model):
         with torch.no_grad():
             prob_original = target_log_probs(model(x), target)[0].exp()
         channel = None

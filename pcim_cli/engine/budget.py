@@ -1,17 +1,7 @@
-"""Did a fit achieve its objective (ok / weak / failed), and an adaptive budget that grows until it does.
+"""An adaptive budget that grows until deleting the map's pixels removes the class.
 
-Pure torch. A PCIM fit asks two things of its map (docs/method.md): the kept image (only the map's
-pixels) keeps the target class, and the deleted image (everything but them) loses it. The record has
-both probabilities, so every map says how well it did, relative to the original p(target):
-
-    keep = p(kept) / p(original)          delete = 1 - p(deleted) / p(original)
-
-- `ok`: delete >= 0.5 and keep >= 0.5 (deleting the map's pixels removes at least half of the class
-  probability, and they alone keep at least half of it);
-- `failed`: delete < 0.25 (deleting the map's pixels leaves more than 3/4 of the class probability:
-  the map did not find what the model uses: evidence larger than the budget, or evidence that is an
-  absence);
-- `weak`: anything between.
+Pure torch. `fit_adaptive` refits every image whose map did not remove the class (the `ok` test of
+engine/verdict.py `fit_quality`) with twice the budget, up to `max_budget`.
 """
 
 from __future__ import annotations
@@ -21,22 +11,7 @@ import dataclasses
 import torch
 
 from pcim_cli.engine.pcim import Forward, PcimOptions, PcimResult, fit_pcim
-
-FIT_OK = 0.5  # keep and delete shares at or above which a fit is ok
-FIT_FAILED = 0.25  # delete share below which a fit failed
-FIT_LABELS = ("ok", "weak", "failed")
-
-
-def fit_quality(prob_original: float, prob_mixed: float, prob_deleted: float) -> str:
-    """'ok', 'weak' or 'failed' for one map (see the module's doc); '' when the method fits nothing."""
-    values = (prob_original, prob_mixed, prob_deleted)
-    if any(v is None or v != v for v in values) or prob_original <= 0:  # NaN: a baseline, no fit
-        return ""
-    keep = prob_mixed / prob_original
-    delete = 1.0 - prob_deleted / prob_original
-    if delete < FIT_FAILED:
-        return "failed"
-    return "ok" if delete >= FIT_OK and keep >= FIT_OK else "weak"
+from pcim_cli.engine.verdict import FIT_OK
 
 
 def fit_adaptive(model: Forward, x: torch.Tensor, target: torch.Tensor, opts: PcimOptions,

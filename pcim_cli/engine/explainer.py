@@ -9,7 +9,7 @@ the map of target k (M = 1 shared map, or one per input channel; h, w = the weig
 
 The training objective is exactly the per-image one, evaluated at w = E(x)[target]: the kept and
 deleted images composed by mixing.py with the budgeted softmax weights, the capped log-probabilities
-of pcim._objective plus pcim._regularisers, the classifier frozen (only its input gradient is used, as
+of pcim.objective_loss plus pcim.regularisers, the classifier frozen (only its input gradient is used, as
 in the fit). Maps are made exactly as the fit makes them: `amortised_pcim` hands the explainer's logits
 to fit_pcim as its starting point and runs `refine_steps` steps of the per-image fit from there (0 = no
 fit: the maps and probabilities of the explainer's logits themselves, through the same code).
@@ -33,17 +33,13 @@ from pcim_cli.engine import mixing
 from pcim_cli.engine.pcim import (
     FastForward,
     Forward,
+    FrozenModel,
     PcimOptions,
     PcimResult,
-    _FrozenModel,
-    _objective,
-    _regularisers,
     fit_pcim,
+    objective_loss,
+    regularisers,
 )
-
-#: the PcimOptions that define the objective an explainer was trained for: a use with other values is refused
-OBJECTIVE_KEYS = ("per_channel", "resolution", "budget", "objective", "loss", "keep_substrate",
-                  "delete_substrate", "blur_sigma", "entropy", "tv")
 
 
 def _groups(channels: int) -> int:
@@ -146,7 +142,7 @@ def objective(model: Forward, x: torch.Tensor, w: torch.Tensor, target: torch.Te
     batch = torch.cat([kept, mixing.compose(xs, 1 - m.clamp(max=1.0), del_sub)]) if dual else kept
     logits = model(batch)
     n = xs.shape[0]
-    loss = _objective(logits[:n], logits[n:] if dual else None, ts, opts) + _regularisers(ws, m_low, opts)
+    loss = objective_loss(logits[:n], logits[n:] if dual else None, ts, opts) + regularisers(ws, m_low, opts)
     return loss.view(k, b).mean(0)
 
 
@@ -161,7 +157,7 @@ def train_step(explainer: nn.Module, model: Forward, optimizer: torch.optim.Opti
                target: torch.Tensor, opts: PcimOptions) -> float:
     """One optimiser step of the explainer on a batch; the classifier stays frozen. Returns the mean loss."""
     explainer.train()
-    with _FrozenModel(model):
+    with FrozenModel(model):
         loss = explainer_loss(explainer, model, x, target.to(device=x.device, dtype=torch.long), opts).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -290,7 +286,7 @@ def mean_objective(explainer: nn.Module, model: Forward, x: torch.Tensor, target
     """The mean objective of the explainer's logits over (x, target), in chunks (validation)."""
     explainer.eval()
     total = 0.0
-    with _FrozenModel(model):
+    with FrozenModel(model):
         for i in range(0, len(x), batch):
             xb, tb = x[i : i + batch], target[i : i + batch].to(device=x.device, dtype=torch.long)
             total += float(explainer_loss(explainer, model, xb, tb, opts).sum())

@@ -25,11 +25,11 @@ import torch
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from pcim_cli.engine import tiling
+from pcim_cli.engine.options import AGGREGATES, TILE_MAPS
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
-AGGREGATES = ("mean-prob", "mean-logit", "max", "whole-field")
-TILE_MAPS = ("field", "per-tile", "evidence")
+__all__ = ["AGGREGATES", "TILE_MAPS", "TiledForward", "aggregate_logits", "evidence_weights"]
 
 
 def aggregate_logits(tile_logits: torch.Tensor, how: str) -> torch.Tensor:

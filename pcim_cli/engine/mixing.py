@@ -1,6 +1,6 @@
 """The PCIM mixing layer and the images it composes: pure tensor functions, no state.
 
-Notation (shared/research/pcim_method.md §2): x is a batch (B, C, H, W); w are the mixing logits,
+Notation (docs/method.md): x is a batch (B, C, H, W); w are the mixing logits,
 one per pixel (B, 1, h, w) or per pixel and channel (B, C, h, w), at the full or a reduced resolution
 (h = ceil(H / resolution)). alpha = softmax(w) over every pixel(-channel) of one image, so it is
 non-negative and sums to 1. The paper-style mixing weight is n * alpha (n = number of weights), which

@@ -20,115 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from pcim_cli.engine import mixing, schedule
+from pcim_cli.engine.options import PcimOptions
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
-OBJECTIVES = ("keep", "keep-delete")
-LOSSES = ("ce", "logit")
-SUBSTRATES = ("none", "zero", "mean", "blur")
-
-
-@dataclass(frozen=True)
-class PcimOptions:
-    """Settings of one PCIM fit. Defaults are the measured choice (docs/method.md)."""
-
-    # 49 steps x (kept + deleted image) + 1 pass for the gradient init = 99 classifier passes per map
-    # (issue 14; the default before it: 300 steps at lr 0.1 from zero logits, without noise = 600 passes)
-    steps: int = 49
-    lr: float = 0.3
-    per_channel: bool = False
-    resolution: int = 4  # logits at H/resolution x W/resolution, upsampled bilinearly
-    # how the fit proceeds over its steps (engine/schedule.py): lr schedule and linear warm-up steps,
-    # coarse-to-fine (first coarse_share of the steps at 1/coarse; 0 = off), first logits, Adam betas
-    schedule: str = "constant"  # constant | cosine | step
-    warmup: int = 0
-    coarse: int = 0
-    coarse_share: float = 0.5
-    init: str = "gradient"  # zero | gradient (from the input gradient: one more pass of the B images)
-    init_scale: float = 2.0  # gradient init: logit of the most relevant cell
-    beta1: float = 0.9
-    beta2: float = 0.999
-    # share of the image a map may keep; several: one fit per budget, maps averaged; None: paper's n*alpha
-    budget: float | tuple[float, ...] | None = 0.02
-    objective: str = "keep-delete"  # keep: kept image keeps the class; keep-delete: and deleting it loses it
-    loss: str = "ce"  # ce: capped log-probabilities; logit: raw target logit (uncapped)
-    keep_substrate: str = "blur"  # what the kept image shows where the mask is off
-    delete_substrate: str = "mean"  # what deleted pixels become
-    blur_sigma: float = 8.0  # pixels, for a blur substrate
-    entropy: float = 0.0  # weight of the normalised entropy of alpha (lower = more concentrated)
-    tv: float = 0.0  # weight of the total variation of the mixing weights
-    noise: float = 0.02  # std of input noise added at each step (varies which pixel a max-pooling model reads)
-    patience: int = 0  # early stopping: stop an image after this many steps without improvement; 0 = off
-    tol: float = 1e-3  # relative loss improvement that counts as improvement
-    seed: int = 0
-    # weight the map by |x - deleted value| per pixel: the low-resolution weights only matter where deleting
-    # changes the pixel, so this puts a weight cell's relevance on the pixels it acts on, not on the background
-    map_contrast: bool = True
-    # settings of the baselines (explain.method != pcim); PCIM itself ignores them
-    ig_steps: int = 50  # integrated gradients: Riemann steps from the zero image
-    occlusion_window: int = 16  # occlusion: square window (px) set to the channel mean
-    occlusion_stride: int = 8  # occlusion: window step (px)
-    rise_masks: int = 1000  # RISE: random masks per map
-    rise_cell: int = 16  # RISE: size (px) of one cell of the random low-resolution grid
-    rise_p: float = 0.5  # RISE: probability that a cell is kept
-    # pcim-amortised (engine/explainer.py): per-image fit steps continued from the explainer's logits, their lr
-    refine_steps: int = 0
-    refine_lr: float = 0.2
-    intensity_channel: int | None = None  # intensity: the channel shown; None = auto (engine/trivial.py)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.budget, list):  # from YAML / JSON
-            object.__setattr__(self, "budget", tuple(self.budget))
-        problems = []
-        if self.steps < 0:  # 0: no fit, the maps and probabilities of fit_pcim's `init` logits
-            problems.append(f"steps must be >= 0, got {self.steps}")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if self.resolution < 1:
-            problems.append(f"resolution must be >= 1, got {self.resolution}")
-        if self.budget is not None and not all(0 < b <= 1 for b in self.budgets):
-            problems.append(f"budget must be in (0, 1] (one value or several) or None, got {self.budget}")
-        if self.objective not in OBJECTIVES:
-            problems.append(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.loss not in LOSSES:
-            problems.append(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        for name in ("keep_substrate", "delete_substrate"):
-            if getattr(self, name) not in SUBSTRATES:
-                problems.append(f"{name} must be one of {SUBSTRATES}, got {getattr(self, name)!r}")
-        if self.patience < 0:
-            problems.append(f"patience must be >= 0, got {self.patience}")
-        if self.schedule not in schedule.SCHEDULES:
-            problems.append(f"schedule must be one of {schedule.SCHEDULES}, got {self.schedule!r}")
-        if self.init not in schedule.INITS:
-            problems.append(f"init must be one of {schedule.INITS}, got {self.init!r}")
-        if self.warmup < 0 or self.coarse < 0:
-            problems.append(f"warmup and coarse must be >= 0, got {self.warmup} and {self.coarse}")
-        if not self.init_scale > 0:
-            problems.append(f"init_scale must be > 0, got {self.init_scale}")
-        if not 0 < self.coarse_share < 1:
-            problems.append(f"coarse_share must be in (0, 1), got {self.coarse_share}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            problems.append(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
-        for name in ("ig_steps", "occlusion_window", "occlusion_stride", "rise_masks", "rise_cell"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.refine_steps < 0:
-            problems.append(f"refine_steps must be >= 0, got {self.refine_steps}")
-        if not self.refine_lr > 0:
-            problems.append(f"refine_lr must be > 0, got {self.refine_lr}")
-        if self.intensity_channel is not None and self.intensity_channel < 0:
-            problems.append(f"intensity_channel must be >= 0 or None, got {self.intensity_channel}")
-        if not 0 < self.rise_p < 1:
-            problems.append(f"rise_p must be in (0, 1), got {self.rise_p}")
-        if problems:
-            raise ValueError("invalid PCIM options: " + "; ".join(problems))
-
-    @property
-    def budgets(self) -> tuple[float, ...]:
-        """The budgets fitted side by side ((),  for the un-clamped paper form)."""
-        if self.budget is None:
-            return ()
-        return tuple(self.budget) if isinstance(self.budget, (tuple, list)) else (self.budget,)
+__all__ = ["FastForward", "Forward", "FrozenModel", "PcimOptions", "PcimResult", "attribution_map",
+           "deletion_contrast", "fit_pcim", "objective_loss", "regularisers", "target_log_probs"]
 
 
 @dataclass
@@ -153,7 +50,7 @@ def target_log_probs(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.
     return log_p, log_not_p
 
 
-def _objective(logits_keep, logits_del, target, opts: PcimOptions) -> torch.Tensor:
+def objective_loss(logits_keep, logits_del, target, opts: PcimOptions) -> torch.Tensor:
     if opts.loss == "logit":
         z_keep = logits_keep.gather(1, target[:, None])[:, 0]
         loss = -z_keep
@@ -168,7 +65,7 @@ def _objective(logits_keep, logits_del, target, opts: PcimOptions) -> torch.Tens
     return loss
 
 
-def _regularisers(w: torch.Tensor, m_low: torch.Tensor, opts: PcimOptions) -> torch.Tensor:
+def regularisers(w: torch.Tensor, m_low: torch.Tensor, opts: PcimOptions) -> torch.Tensor:
     reg = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
     if opts.entropy:
         log_alpha = torch.log_softmax(w.flatten(1), dim=1)
@@ -229,7 +126,7 @@ class FastForward(torch.nn.Module):
         return out.float()
 
 
-class _FrozenModel:
+class FrozenModel:
     """Evaluation mode and no parameter gradients for the fit; every flag is restored afterwards.
 
     Eval mode keeps BatchNorm / dropout from making an image's map depend on its batch companions
@@ -299,7 +196,7 @@ def fit_pcim(
         else None
     plan = [(opts.resolution, opts.steps)] if init is not None else \
         schedule.phases(opts.steps, opts.resolution, opts.coarse, opts.coarse_share)
-    with _FrozenModel(model):
+    with FrozenModel(model):
         if init is None and opts.init == "gradient":  # the same forward gives p(target | x)
             shape = mixing.weight_shape(x.shape, opts.per_channel, plan[0][0])
             del_sub = schedule.substrate_or_zero(x, opts.delete_substrate, opts.blur_sigma)
@@ -390,8 +287,8 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
             m_low, batch = mixed(w_a, idx, step)
             logits = model(batch)
             n = idx.numel()
-            loss = _objective(logits[:n], logits[n:] if dual else None, target[idx], opts)
-            loss = loss + _regularisers(w_a, m_low, opts)
+            loss = objective_loss(logits[:n], logits[n:] if dual else None, target[idx], opts)
+            loss = loss + regularisers(w_a, m_low, opts)
             (grad,) = torch.autograd.grad(loss.sum(), w_a)
             with torch.no_grad():
                 adam.step(w, grad, idx, opts.lr * schedule.lr_factor(step, opts.steps, opts.schedule, opts.warmup))

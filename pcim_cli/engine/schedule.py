@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from pcim_cli.engine import mixing
+from pcim_cli.engine.options import INITS, SCHEDULES
 
-SCHEDULES = ("constant", "cosine", "step")
-INITS = ("zero", "gradient")
+__all__ = ["FLOOR", "INITS", "SCHEDULES", "gradient_logits", "lr_factor", "phases", "refine_logits",
+           "substrate_or_zero"]
 #: the cosine schedule ends at this share of lr (not 0: the last steps still move)
 FLOOR = 0.05
 

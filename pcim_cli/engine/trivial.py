@@ -12,7 +12,7 @@ Two trivial baselines (`explain.method: intensity | contrast`):
 A method's map is worth something beyond the stain only where it deletes the class faster than these.
 `stain_check` measures exactly that for one batch: the deletion AUCs of the map and of every trivial
 map (each channel's intensity and the contrast) over the top 0-2 % (fine) and 0-20 % (coarse) of
-pixels, set to the channel mean as in metrics.perturbation_curve. report/verdict.py turns the numbers
+pixels, set to the channel mean as in metrics.perturbation_curve. engine/verdict.py turns the numbers
 of a plate into its verdict. Pure torch: tensors and a forward callable in, tensors out.
 """
 
@@ -24,10 +24,12 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from pcim_cli.engine import baselines, metrics
-from pcim_cli.engine.pcim import Forward, PcimOptions, deletion_contrast
+from pcim_cli.engine.options import TRIVIAL, PcimOptions
+from pcim_cli.engine.pcim import Forward, deletion_contrast
 
-#: the methods that need no model for their maps
-TRIVIAL = ("intensity", "contrast")
+__all__ = ["COARSE", "FINE", "TRIVIAL", "best_channel", "candidate_maps", "deletion_aucs", "stain_check",
+           "stain_check_rows"]
+
 #: fine: the top 2 % of pixels in 0.4 % steps; coarse: the top 20 % in 4 % steps: 10 forward passes per
 #: trivial map (cheap enough for `pcim explain`; `pcim evaluate` passes its own, finer grids)
 FINE = torch.linspace(0.0, 0.02, 6)

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from pcim_cli.engine.explainer import OBJECTIVE_KEYS
+from pcim_cli.engine.options import OBJECTIVE_KEYS
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.errors import ConfigError, OutputError
-from pcim_cli.io.model import _summary, file_sha256
+from pcim_cli.io.model import error_summary, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,14 @@ def _altered(path: Path, detail: str, hint: str) -> ConfigError:
 
 
 def _check_archive(path: Path, hint: str) -> None:
-    """Every member of the archive matches its CRC (a flipped byte in the code or the weights)."""
+    """Every member of the archive matches its CRC (a flipped byte in the code or the weights).
+
+    A file that does not even begin as a zip archive was never an explainer (a wrong path); one that
+    begins as one but cannot be read was damaged after it was written."""
+    with path.open("rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise ConfigError(f"explain.explainer: {path} is not a pcim explainer (not a TorchScript archive); "
+                              f"write one with `pcim train-explainer {hint} --out {path}`")
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
@@ -163,7 +170,7 @@ def load_explainer(path: str | Path, device: str = "cpu", hint: str = "plate.yam
             module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
         meta = json.loads(extra[META_NAME])
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, zip and JSON errors, …
-        raise ConfigError(f"explain.explainer: {path} is not a pcim explainer ({_summary(exc)}); write one with "
+        raise ConfigError(f"explain.explainer: {path} is not a pcim explainer ({error_summary(exc)}); write one with "
                           f"`pcim train-explainer {hint} --out {path}`") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ConfigError(f"explain.explainer: {path} is not a pcim explainer (no {FORMAT} record inside); "

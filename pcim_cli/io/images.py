@@ -1,7 +1,7 @@
 """Find a plate's fields (TIFF files, or an OME-Zarr HCS store), read one as a (C, H, W) float32 array,
 and normalise it.
 
-File names are matched against `plate.pattern` (shared/DESIGN.md §3.1): `{well}` (or `{row}` and
+File names are matched against `plate.pattern` (docs/reference/plate-yaml.md): `{well}` (or `{row}` and
 `{col}`), `{field}`, `{channel}` and `*` (anything, e.g. a vendor GUID). Matching ignores case, so
 `A01_s1_w1.TIF` matches `{well}_s{field}_w{channel}.tif`. With `{channel}`, a field is one 2-D file
 per channel; without it, each file is one multi-channel stack (TIFF pages, an RGB image, or an
@@ -14,103 +14,25 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tifffile
 
-from pcim_cli.errors import ConfigError, InputDataError
+from pcim_cli.errors import InputDataError
 from pcim_cli.io import ome_zarr_plate
-from pcim_cli.io.ome_zarr_plate import ZarrField
+from pcim_cli.io.fields import FieldSource, Problem
+from pcim_cli.io.patterns import compile_pattern
 from pcim_cli.io.plate import Well, WellIdError, parse_well
 
 logger = logging.getLogger(__name__)
 
-PATTERN_TOKENS = ("well", "row", "col", "field", "channel")
-_TOKEN_RE = re.compile(r"\{([^{}]*)\}|\*")
-_FIXED_GROUPS = {
-    "well": r"[A-Za-z]{1,2}\d{1,3}",
-    "row": r"[A-Za-z]{1,2}",
-    "col": r"\d{1,3}",
-    "field": r"\d+",
-}
 #: images with more pixels than this are subsampled (strided) for percentile estimation
 PERCENTILE_SAMPLE_PIXELS = 1024 * 1024
 NORMALIZE_METHODS = ("percentile", "fixed", "zscore", "none")
-
-
-class Problem(str):
-    """A discovery problem: its message, plus the well and field it concerns when it concerns one."""
-
-    well: str | None
-    field: int | None
-
-    def __new__(cls, message: str, well: str | None = None, field: int | None = None) -> Problem:
-        self = super().__new__(cls, message)
-        self.well, self.field = well, field
-        return self
-
-
-@dataclass(frozen=True)
-class FieldSource:
-    """The file(s) of one field: one per channel in channel order, or a single multi-channel stack; for
-    an OME-Zarr field, `zarr` says how to read it and `files` are what its signature covers (the image's
-    metadata file and its full-resolution array folder)."""
-
-    well: str
-    field: int
-    files: tuple[Path, ...]
-    zarr: ZarrField | None = None
-    timepoint: int | None = None  # plate.timepoint: the time point read from a T axis
-
-    @property
-    def where(self) -> str:
-        """The field's location for messages: its first file, or its OME-Zarr image group."""
-        return str(Path(self.zarr.array).parent) if self.zarr is not None else str(self.files[0])
-
-
-def compile_pattern(pattern: str, channel_tokens: Sequence[str] | None = None) -> re.Pattern[str]:
-    """Turn a `plate.pattern` into a case-insensitive regex with named groups.
-
-    `{channel}` matches only the given tokens (longest first) when `channel_tokens` is given, else
-    any text. Raises ConfigError (a ValueError) for unknown or repeated placeholders, and when the
-    pattern names no well (`{well}`, or `{row}` and `{col}`).
-    """
-    parts: list[str] = []
-    seen: set[str] = set()
-    pos = 0
-    for match in _TOKEN_RE.finditer(pattern):
-        parts.append(re.escape(pattern[pos : match.start()]))
-        pos = match.end()
-        if match.group(0) == "*":
-            parts.append(r"[^/]*?")
-            continue
-        name = match.group(1)
-        if name not in PATTERN_TOKENS:
-            allowed = ", ".join("{" + t + "}" for t in PATTERN_TOKENS)
-            raise ConfigError(f"unknown placeholder {{{name}}} in pattern {pattern!r} (use {allowed} or *)")
-        if name in seen:
-            raise ConfigError(f"placeholder {{{name}}} appears twice in pattern {pattern!r}")
-        seen.add(name)
-        if name == "channel":
-            if channel_tokens:
-                alternatives = "|".join(re.escape(t) for t in sorted(channel_tokens, key=len, reverse=True))
-                parts.append(f"(?P<channel>{alternatives})")
-            else:
-                parts.append(r"(?P<channel>[^/]+?)")
-        else:
-            parts.append(f"(?P<{name}>{_FIXED_GROUPS[name]})")
-    parts.append(re.escape(pattern[pos:]))
-    if "well" in seen and seen & {"row", "col"}:
-        raise ConfigError(f"pattern {pattern!r} has {{well}} and {{row}}/{{col}}: use one or the other")
-    if "well" not in seen and not {"row", "col"} <= seen:
-        raise ConfigError(f"pattern {pattern!r} names no well: it needs {{well}}, or {{row}} and {{col}}")
-    return re.compile("".join(parts), re.IGNORECASE)
 
 
 def _list_files(images_dir: Path, recursive: bool) -> list[Path]:

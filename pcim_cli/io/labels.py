@@ -25,8 +25,8 @@ import tifffile
 import zarr
 
 from pcim_cli.errors import InputDataError
-from pcim_cli.io import store
-from pcim_cli.io.images import compile_pattern
+from pcim_cli.io import ngff
+from pcim_cli.io.patterns import compile_pattern
 from pcim_cli.io.plate import WellIdError, parse_well
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class LabelError(InputDataError):
 # finding label files
 
 
-def _split_pattern(pattern: str) -> tuple[Path, str]:
+def split_pattern(pattern: str) -> tuple[Path, str]:
     """(fixed folder, the rest): the longest leading folder of the pattern without tokens or '*'."""
     parts = pattern.split("/")
     fixed: list[str] = []
@@ -93,7 +93,7 @@ class LabelFiles:
 
 def discover_labels(name: str, pattern: str) -> LabelFiles:
     """Every file matching an object pattern (an absolute path pattern, as config.py leaves it)."""
-    root, rest = _split_pattern(pattern)
+    root, rest = split_pattern(pattern)
     regex = compile_pattern(rest)
     found: dict[tuple[str, int], list[Path]] = {}
     if root.is_dir():
@@ -213,7 +213,7 @@ def file_signature(path: Path | None) -> str:
 def _levels(labels: np.ndarray, n_levels: int) -> list[np.ndarray]:
     """The maps' pyramid for a label image: every 2nd / 4th pixel (nearest), cropped like the maps."""
     out = [labels]
-    for _ in store.PYRAMID_FACTORS[1:n_levels]:
+    for _ in ngff.PYRAMID_FACTORS[1:n_levels]:
         prev = out[-1]
         out.append(prev[: prev.shape[0] // 2 * 2 : 2, : prev.shape[1] // 2 * 2 : 2])
     return out
@@ -225,7 +225,7 @@ def _label_attrs(format: str, name: str, n_levels: int) -> dict:
         "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
         "datasets": [{"path": str(level), "coordinateTransformations": [
             {"type": "scale", "scale": [float(f), float(f)]}]}
-            for level, f in enumerate(store.PYRAMID_FACTORS[:n_levels])],
+            for level, f in enumerate(ngff.PYRAMID_FACTORS[:n_levels])],
     }
     image_label = {"source": {"image": "../../"}}
     if format == "0.5":
@@ -243,16 +243,11 @@ def write_labels(field_group: zarr.Group, labels: Mapping[str, np.ndarray], n_le
     attrs = {"ome": {"version": "0.5", "labels": names}} if format == "0.5" else {"labels": names}
     group = field_group.require_group(LABELS_GROUP)
     group.update_attributes(attrs)
-    zarr_format = 3 if format == "0.5" else 2
+    version = ngff.zarr_version(format)
     for name, image in labels.items():
         sub = group.create_group(name, attributes=_label_attrs(format, name, n_levels))
         for level, data in enumerate(_levels(np.asarray(image, dtype=LABEL_DTYPE), n_levels)):
-            options: dict = {"chunks": tuple(min(s, store.MAX_CHUNK) for s in data.shape)}
-            if zarr_format == 3:
-                options["dimension_names"] = ("y", "x")
-            else:
-                options["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
-            sub.create_array(str(level), data=data, **options)
+            sub.create_array(str(level), data=data, **ngff.array_options(data.shape, version, axes="yx"))
 
 
 def remove_labels(field_group: zarr.Group, names: Iterable[str]) -> None:
@@ -266,8 +261,8 @@ def remove_labels(field_group: zarr.Group, names: Iterable[str]) -> None:
         if name in group:
             del group[name]
     try:
-        listed = store.ome_metadata(group.attrs.asdict()).get("labels", [])
-    except store.DAMAGE_ERRORS:
+        listed = ngff.ome_metadata(group.attrs.asdict()).get("labels", [])
+    except ngff.DAMAGE_ERRORS:
         listed = []
     keep = [n for n in listed if n not in names and n in group]
     if not keep and not list(group.keys()):
@@ -285,7 +280,7 @@ def read_labels_level(field_group: zarr.Group, name: str, level: int = 0) -> np.
     if path not in field_group:
         return None
     sub = field_group[path]
-    datasets = store.ome_metadata(sub.attrs.asdict()).get("multiscales", [{}])[0].get("datasets", [])
+    datasets = ngff.ome_metadata(sub.attrs.asdict()).get("multiscales", [{}])[0].get("datasets", [])
     if not datasets:
         return None
     chosen = datasets[max(0, min(level, len(datasets) - 1))]["path"]
@@ -296,7 +291,7 @@ def label_names(field_group: zarr.Group) -> list[str]:
     """The object kinds stored with a field (the ``labels`` group's list)."""
     if LABELS_GROUP not in field_group:
         return []
-    return list(store.ome_metadata(field_group[LABELS_GROUP].attrs.asdict()).get("labels", []))
+    return list(ngff.ome_metadata(field_group[LABELS_GROUP].attrs.asdict()).get("labels", []))
 
 
 def problems_for(files: Iterable[LabelFiles], fields: Mapping[str, list], size: tuple[int, int] | None,

@@ -4,8 +4,9 @@ The lock is a small JSON file `.pcim-lock` inside the store folder, created atom
 names its holder (host, pid, user, start time). While a run holds it, a heartbeat thread touches it
 every `HEARTBEAT_S` seconds. A second run finds it and stops with TemporaryFailure (exit 75) naming
 the holder. A lock is stale, and taken over with a warning, when its process is gone (same host) or
-its heartbeat is older than `PCIM_LOCK_STALE_S` (default 15 min; other hosts, where a pid means
-nothing): a run killed with `kill -9` or by a node failure never blocks the plate for good.
+its heartbeat is older than `stale_after_s` (other hosts, where a pid means nothing; the driver passes
+PCIM_LOCK_STALE_S, config/settings.py, default 15 min): a run killed with `kill -9` or by a node
+failure never blocks the plate for good.
 """
 
 from __future__ import annotations
@@ -30,16 +31,6 @@ HEARTBEAT_S = 60.0
 DEFAULT_STALE_S = 15 * 60.0
 
 
-def stale_after_s() -> float:
-    """Seconds without a heartbeat after which another host's lock counts as abandoned."""
-    value = os.environ.get("PCIM_LOCK_STALE_S", "")
-    try:
-        return float(value) if value else DEFAULT_STALE_S
-    except ValueError:
-        logger.warning("PCIM_LOCK_STALE_S=%r is not a number of seconds; using %d", value, DEFAULT_STALE_S)
-        return DEFAULT_STALE_S
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -60,15 +51,17 @@ class RunLock:
     """Context manager holding the run lock of `store` (a folder, created if needed).
 
     `lock_file` puts the lock elsewhere in that folder (`pcim train-explainer`: one lock per --out), and
-    `subject` names what is locked in the message of a second run (default: the folder).
+    `subject` names what is locked in the message of a second run (default: the folder). Another host's
+    lock counts as abandoned after `stale_after_s` seconds without a heartbeat.
     """
 
     def __init__(self, store: Path, heartbeat_s: float = HEARTBEAT_S, lock_file: str = LOCK_NAME,
-                 subject: str | None = None):
+                 subject: str | None = None, stale_after_s: float = DEFAULT_STALE_S):
         self.store = Path(store)
         self.path = self.store / lock_file
         self.subject = subject or str(self.store)
         self.heartbeat_s = heartbeat_s
+        self.stale_after_s = stale_after_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._created: list[Path] = []  # folders made for the lock (innermost first), removed with it if empty
@@ -153,7 +146,7 @@ class RunLock:
             return None if _pid_alive(holder["pid"]) else "its process no longer runs"
         if not holder:
             return "it is unreadable" if age > 60 else None
-        limit = stale_after_s()
+        limit = self.stale_after_s
         return f"no heartbeat for {age:.0f} s (limit {limit:.0f} s)" if age > limit else None
 
     def _beat(self) -> None:

@@ -6,12 +6,11 @@ differentiated with respect to its input: x (B, C, H, W) float32 -> logits (B, K
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _summary(exc: BaseException) -> str:
+def error_summary(exc: BaseException) -> str:
     """The informative line of an error: TorchScript puts its cause last, after a code traceback."""
     lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
     if not lines:
@@ -93,6 +92,7 @@ def load_model(
     input_size: tuple[int, int] | None,
     device: str = "cpu",
     probe_size: tuple[int, int] = (64, 64),
+    sha256: str | None = None,
 ) -> LoadedModel:
     """Load a TorchScript file (.ts, .pt, …) or a torch.export archive (.pt2) and check it.
 
@@ -100,21 +100,18 @@ def load_model(
     (input_size or probe_size) (not zeros: a model that standardises each image would divide by zero);
     it must return a float tensor of shape (2, K) of finite logits. Raises ModelError naming the file,
     what was expected and what came back, for a missing or unreadable file and for a model that does not
-    fit.
+    fit. `sha256`: the file's digest when the caller has it (run/device.py's cache), else computed here.
     """
     path = Path(path)
     device = resolve_device(device)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist or is not a file: fix model.path")
-    sha = file_sha256(path)
-    key = (str(path), sha, n_channels, input_size, device, probe_size)
-    if _SHARED is not None and key in _SHARED:
-        return _SHARED[key]
+    sha = sha256 or file_sha256(path)
     try:
         module, kind = _load_module(path, device)
     except Exception as exc:  # torch raises RuntimeError, BadZipFile, pickling errors, …
         raise ModelError(
-            f"cannot load model {path} ({_summary(exc)}); it must be TorchScript "
+            f"cannot load model {path} ({error_summary(exc)}); it must be TorchScript "
             "(torch.jit.script(model).save(path)) or a torch.export archive saved with torch.export.save "
             "to a .pt2 file"
         ) from exc
@@ -133,7 +130,7 @@ def load_model(
             probe = torch.rand(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
             out = module(probe.to(device))
     except Exception as exc:
-        message = _summary(exc)
+        message = error_summary(exc)
         hint = _channel_hint(message, n_channels)
         if not hint and input_size is None:
             hint = "; if the model needs a fixed input size, set model.input_size: [H, W]"
@@ -149,26 +146,7 @@ def load_model(
                          "weights saved after a diverged training run)")
     n_classes = int(out.shape[1])
     logger.info("loaded %s model %s (sha256 %s…, %d classes) on %s", kind, path, sha[:12], n_classes, device)
-    loaded = LoadedModel(path=path, sha256=sha, kind=kind, module=module, n_classes=n_classes, device=device)
-    if _SHARED is not None:
-        _SHARED[key] = loaded
-    return loaded
-
-
-#: models loaded and checked once for the plates of a screen (active inside `shared_models`)
-_SHARED: dict[tuple, LoadedModel] | None = None
-
-
-@contextlib.contextmanager
-def shared_models() -> Iterator[None]:
-    """Within this block, a model file loaded again (same contents, channels, size, device) is not loaded
-    and probed again: the plates of a screen share it."""
-    global _SHARED
-    previous, _SHARED = _SHARED, {}
-    try:
-        yield
-    finally:
-        _SHARED = previous
+    return LoadedModel(path=path, sha256=sha, kind=kind, module=module, n_classes=n_classes, device=device)
 
 
 def check_classes(loaded: LoadedModel, classes: Sequence[str] | None) -> list[str]:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from pcim_cli.errors import InputDataError
+from pcim_cli.io.fields import FieldSource, Problem, ZarrField
 from pcim_cli.io.plate import Well, WellIdError, parse_well
 
 logger = logging.getLogger(__name__)
@@ -43,37 +44,6 @@ _V2_META = (".zattrs", ".zgroup", ".zarray")
 _IMPLICIT_AXES = ("t", "c", "z", "y", "x")
 #: a z-projection reads at most this many bytes of planes at once
 _ZBLOCK_BYTES = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ZarrField:
-    """Where one field's pixels are and how to read them (JSON-able: a worker gets it with the field)."""
-
-    array: str  # the full-resolution array's folder
-    axes: str  # one letter per array dimension: t, c, z, y, x (o: another axis of size 1)
-    shape: tuple[int, ...]
-    dtype: str
-    channels: tuple[int, ...]  # index along the c axis of each plate channel, in plate.channels order
-    labels: tuple[str, ...] = ()  # the omero labels of those channels ('' where the store has none)
-    timepoint: int = 0  # index along the t axis (0 without one)
-    zarr_format: int = 3
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(H, W) of the field."""
-        return self.shape[self.axes.index("y")], self.shape[self.axes.index("x")]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"array": self.array, "axes": self.axes, "shape": list(self.shape), "dtype": self.dtype,
-                "channels": list(self.channels), "labels": list(self.labels), "timepoint": self.timepoint,
-                "zarr_format": self.zarr_format}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ZarrField:
-        return cls(array=str(data["array"]), axes=str(data["axes"]), shape=tuple(int(n) for n in data["shape"]),
-                   dtype=str(data["dtype"]), channels=tuple(int(c) for c in data["channels"]),
-                   labels=tuple(str(x) for x in data.get("labels", ())), timepoint=int(data.get("timepoint", 0)),
-                   zarr_format=int(data.get("zarr_format", 3)))
 
 
 # ---------------------------------------------------------------- metadata
@@ -318,8 +288,6 @@ def discover_fields(root: Path, channels: Mapping[str, str], wells: Iterable[str
     listed in a well's metadata but missing or unreadable, a well listed in the plate but missing, and a
     requested well that the plate does not have are problems; identical channel problems of every field
     are said once. Raises InputDataError when `root` is not an OME-Zarr plate."""
-    from pcim_cli.io.images import FieldSource, Problem  # images dispatches here: import at call time
-
     layout = read_plate(root)
     tokens = [str(channels[name]) for name in channels]
     wanted = None if wells is None else {parse_well(w).name for w in wells}

@@ -170,8 +170,8 @@ def plate_inputs(cfg, explainer: bool = True) -> Inputs:
     """Every file `pcim explain` reads for this plate (without listing the image folder); `explainer`:
     with explain.explainer and its sidecar."""
     from pcim_cli.io import ome_zarr_plate
-    from pcim_cli.io.images import compile_pattern
-    from pcim_cli.io.labels import _split_pattern
+    from pcim_cli.io.labels import split_pattern
+    from pcim_cli.io.patterns import compile_pattern
 
     found = Inputs()
     found.add_file(cfg.config_path, "the plate's configuration")
@@ -197,7 +197,7 @@ def plate_inputs(cfg, explainer: bool = True) -> Inputs:
         found.add_pattern(folder, re.compile(".*", re.DOTALL), "a file of the model package (model.path)",
                           "the model package's folder (model.path)")
     for kind, pattern in (cfg.plate.objects or {}).items():
-        root, rest = _split_pattern(pattern)
+        root, rest = split_pattern(pattern)
         with contextlib.suppress(ValueError):
             found.add_pattern(root, compile_pattern(rest), f"a label image of the plate (plate.objects.{kind})",
                               f"the plate's label folder (plate.objects.{kind})")

@@ -17,13 +17,13 @@ from pathlib import Path
 import zarr
 
 from pcim_cli.errors import OutputError
+from pcim_cli.io.lock import LOCK_NAME
+from pcim_cli.io.ngff import ome_metadata
 from pcim_cli.io.store import (
     DAMAGE_ERRORS,
-    LOCK_NAME,
     RECORD_KEY,
     damaged_root,
     has_root,
-    ome_metadata,
     output_error,
 )
 

@@ -1,4 +1,4 @@
-"""The OME-Zarr HCS attribution store (shared/DESIGN.md §3.2).
+"""The OME-Zarr HCS attribution store (docs/reference/store.md): where each field lives, its writers and readers.
 
 Layout: ``{store}/{row}/{col}/{field}/{level}``, e.g. ``A/1/0/0``, NGFF 0.5 (Zarr v3, metadata under the
 ``ome`` attribute key) by default, or NGFF 0.4 (Zarr v2, metadata at the top level of the attributes).
@@ -32,12 +32,11 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,23 +44,26 @@ import zarr
 
 from pcim_cli import __version__
 from pcim_cli.errors import OutputError, os_reason
+from pcim_cli.io.ngff import (
+    BAD_METADATA,
+    DAMAGE_ERRORS,
+    array_options,
+    check_maps,
+    format_of,
+    image_attrs,
+    jsonable,
+    ome_attrs,
+    ome_metadata,
+    pyramid,
+    set_ome,
+    zarr_version,
+)
 from pcim_cli.io.plate import parse_well, row_letter
 from pcim_cli.io.plate import row_index as plate_row_index
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("0.5", "0.4")
 RECORD_KEY = "pcim"
-PYRAMID_FACTORS = (1, 2, 4)  # level 0 full size, then 2x and 4x mean-pooled
-MAX_CHUNK = 1024
-WINDOW_PERCENTILES = (0.5, 99.5)
-# Channel colours for napari / OMERO (hex RRGGBB); attribution maps of one target are one channel.
-COLOURS = ("FF00FF", "00FF00", "00FFFF", "FFFF00", "FF0000", "0000FF", "FF8000", "FFFFFF")
-LOCK_NAME = ".pcim-lock"  # the run lock (io/lock.py) lives in the store folder
-#: errors of reading a group whose metadata is damaged (not JSON, wrong types, a missing key) ...
-BAD_METADATA = (ValueError, KeyError, TypeError, AttributeError)
-#: ... or cannot be read at all
-DAMAGE_ERRORS = (*BAD_METADATA, OSError)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ def create_plate(path: Path, plate_name: str, fields: Mapping[str, int], format:
     plate (and takes the keys of ``record``); a new store gets it in the same write as its plate
     metadata, so no pcim store ever lacks it. Call ``ownership.check_owner`` first.
     """
-    zarr_format = _zarr_format(format)
+    version = zarr_version(format)
     existing = _existing_wells(path, format)
     merged = dict(existing)
     for well, count in fields.items():
@@ -121,20 +123,20 @@ def create_plate(path: Path, plate_name: str, fields: Mapping[str, int], format:
     try:
         pcim = {**(read_plate_record(path) if has_root(path) else {"created": _now(), "created_by": __version__}),
                 **dict(record or {}), "plate": plate_name}
-        attrs = {**_ome_attrs(format, "plate", plate), RECORD_KEY: _jsonable(pcim)}
+        attrs = {**ome_attrs(format, "plate", plate), RECORD_KEY: jsonable(pcim)}
         if has_root(path):
             root = zarr.open_group(str(path), mode="r+")
             root.update_attributes(attrs)
         else:  # one write: the plate metadata and the record that says pcim made this store
-            root = zarr.create_group(str(path), zarr_format=zarr_format, attributes=attrs)
+            root = zarr.create_group(str(path), zarr_format=version, attributes=attrs)
         for row, col in cells:
             images = [{"path": str(i)} for i in range(merged[(row, col)])]
             try:
                 well_group = root.require_group(row).require_group(col)
-                _set_ome(well_group, format, "well", {"images": images})
+                set_ome(well_group, format, "well", {"images": images})
             except BAD_METADATA:  # a damaged row or well zarr.json: written again, its fields kept
                 _rewrite_group(path / row, format, {})
-                _rewrite_group(path / row / col, format, _ome_attrs(format, "well", {"images": images}))
+                _rewrite_group(path / row / col, format, ome_attrs(format, "well", {"images": images}))
     except OSError as exc:
         raise output_error(path, exc) from exc
     logger.info("plate %s: %d wells in %s (NGFF %s)", plate_name, len(cells), path, format)
@@ -152,7 +154,7 @@ def _existing_wells(path: Path, format: str) -> dict[tuple[str, str], int]:
         root = zarr.open_group(str(path), mode="r")
     except DAMAGE_ERRORS as exc:
         raise damaged_root(path, exc) from exc
-    found = _format_of(root)
+    found = format_of(root)
     if found != format:
         raise OutputError(
             f"{path} is an NGFF {found} store, but output.format is {format!r}: set output.format: "
@@ -226,19 +228,19 @@ def write_field(
     field group. ``extra(group, n_levels)`` writes more members (object labels and tables) after the
     maps and before the record. Returns the relative path, e.g. ``"A/1/0"``.
     """
-    zarr_format = _zarr_format(format)
+    version = zarr_version(format)
     maps = np.asarray(maps, dtype=np.float32)
-    _check_maps(maps, labels)
-    record_json = _jsonable(dict(record))
+    check_maps(maps, labels)
+    record_json = jsonable(dict(record))
     rel = field_path(well, field)
-    levels = _pyramid(maps)
-    attrs = _image_attrs(format, rel, maps, labels, len(levels))
+    levels = pyramid(maps)
+    attrs = image_attrs(format, rel, maps, labels, len(levels))
     try:
         _check_store_format(path, format)
         _clear_field(Path(path), rel)
-        group = zarr.create_group(str(path), path=rel, zarr_format=zarr_format, attributes=attrs)
+        group = zarr.create_group(str(path), path=rel, zarr_format=version, attributes=attrs)
         for level, data in enumerate(levels):
-            group.create_array(str(level), data=data, **_array_options(data.shape, zarr_format))
+            group.create_array(str(level), data=data, **array_options(data.shape, version, every_chunk=True))
         if extra is not None:
             extra(group, len(levels))
         group.update_attributes({RECORD_KEY: record_json})
@@ -291,13 +293,13 @@ def update_field(path: Path, well: str, field: int, write: Callable[[zarr.Group,
     """
     from pcim_cli.io.labels import remove_labels
 
-    record_json = _jsonable(dict(record))
+    record_json = jsonable(dict(record))
     try:
         group = zarr.open_group(str(path), path=field_path(well, field), mode="r+")
         old = dict(group.attrs.get(RECORD_KEY) or {})
         remove_labels(group, owned_labels(old))
         old.pop("objects", None)
-        group.update_attributes({RECORD_KEY: _jsonable(old)})
+        group.update_attributes({RECORD_KEY: jsonable(old)})
         n_levels = len(ome_metadata(group.attrs.asdict())["multiscales"][0]["datasets"])
         write(group, n_levels)
         group.update_attributes({RECORD_KEY: record_json})
@@ -380,7 +382,7 @@ def update_record(path: Path, well: str, field: int, changes: Mapping[str, Any])
     try:
         group = zarr.open_group(str(path), path=field_path(well, field), mode="r+")
         record = dict(group.attrs.get(RECORD_KEY) or {})
-        group.update_attributes({RECORD_KEY: _jsonable({**record, **changes})})
+        group.update_attributes({RECORD_KEY: jsonable({**record, **changes})})
     except OSError as exc:
         raise output_error(path, exc) from exc
 
@@ -408,7 +410,7 @@ def update_plate_record(path: Path, changes: Mapping[str, Any]) -> None:
         root = zarr.open_group(str(path), mode="r+")
         record = root.attrs.get(RECORD_KEY)
         record = dict(record) if isinstance(record, Mapping) else {}
-        root.update_attributes({RECORD_KEY: _jsonable({**record, **changes})})
+        root.update_attributes({RECORD_KEY: jsonable({**record, **changes})})
     except OSError as exc:
         raise output_error(path, exc) from exc
 
@@ -422,7 +424,7 @@ def plate_fields(path: Path) -> dict[str, int]:
     except DAMAGE_ERRORS as exc:
         raise damaged_root(path, exc) from exc
     out = {}
-    for (row, col), n in _existing_wells(path, _format_of(root)).items():
+    for (row, col), n in _existing_wells(path, format_of(root)).items():
         try:
             out[_well_name(row, col)] = n
         except ValueError:
@@ -438,23 +440,13 @@ def _well_name(row: str, col: str) -> str:
 # helpers
 
 
-def _zarr_format(format: str) -> int:
-    if format not in FORMATS:
-        raise ValueError(f"unknown OME-NGFF format {format!r}; choose one of {', '.join(FORMATS)}")
-    return 3 if format == "0.5" else 2
-
-
-def _format_of(group: zarr.Group) -> str:
-    return "0.5" if group.metadata.zarr_format == 3 else "0.4"
-
-
 def _check_store_format(path: Path, format: str) -> None:
     """A worker must not write a Zarr v3 field into a v2 plate (or the reverse)."""
     try:
         root = zarr.open_group(str(path), mode="r")
     except FileNotFoundError:
         return  # no plate yet: create_plate was not called; the field is still written
-    found = _format_of(root)
+    found = format_of(root)
     if found != format:
         raise OutputError(
             f"{path} is an NGFF {found} store, but this field was to be written as NGFF {format}: "
@@ -462,130 +454,8 @@ def _check_store_format(path: Path, format: str) -> None:
         )
 
 
-def ome_metadata(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """The NGFF metadata block: under ``ome`` (0.5) or the attributes themselves (0.4)."""
-    return dict(attrs.get("ome", attrs))
-
-
-def _ome_attrs(format: str, key: str, value: dict[str, Any]) -> dict[str, Any]:
-    """Attributes that hold one NGFF metadata entry (a new group's)."""
-    if format == "0.5":
-        return {"ome": {"version": "0.5", key: value}}
-    return {key: {**value, "version": "0.4"}}
-
-
-def _set_ome(group: zarr.Group, format: str, key: str, value: dict[str, Any]) -> None:
-    """Set one NGFF metadata entry (``plate``, ``well``) on a group, keeping its other attributes."""
-    if format == "0.5":
-        ome = dict(group.attrs.get("ome", {}))
-        ome.update({"version": "0.5", key: value})
-        group.update_attributes({"ome": ome})
-    else:
-        group.update_attributes({key: {**value, "version": "0.4"}})
-
-
 def _well_sort_key(cell: tuple[str, str]) -> tuple[int, int]:
     return plate_row_index(cell[0]), int(cell[1])
-
-
-def _check_maps(maps: np.ndarray, labels: Sequence[str]) -> None:
-    if maps.ndim != 3 or 0 in maps.shape:
-        raise ValueError(f"maps must be a non-empty (c, y, x) array, got shape {maps.shape}")
-    if len(labels) != maps.shape[0]:
-        raise ValueError(f"{len(labels)} labels for {maps.shape[0]} map channels")
-    if not np.isfinite(maps).all() or (maps < 0).any():
-        raise ValueError("attribution maps must be finite and non-negative")
-
-
-def _pyramid(maps: np.ndarray) -> list[np.ndarray]:
-    """Level 0 and 2x / 4x mean-pooled levels (odd edges cropped); levels under 1 px are skipped."""
-    levels = [maps]
-    for factor in PYRAMID_FACTORS[1:]:
-        prev = levels[-1]
-        _, y, x = prev.shape
-        if maps.shape[1] // factor < 1 or maps.shape[2] // factor < 1:
-            break
-        cropped = prev[:, : y // 2 * 2, : x // 2 * 2]
-        pooled = cropped.reshape(prev.shape[0], y // 2, 2, x // 2, 2).mean(axis=(2, 4), dtype=np.float64)
-        levels.append(pooled.astype(np.float32))
-    return levels
-
-
-def _image_attrs(
-    format: str, name: str, maps: np.ndarray, labels: Sequence[str], n_levels: int
-) -> dict[str, Any]:
-    multiscale: dict[str, Any] = {
-        "name": name,
-        "axes": [
-            {"name": "c", "type": "channel"},
-            {"name": "y", "type": "space"},
-            {"name": "x", "type": "space"},
-        ],
-        "datasets": [
-            {
-                "path": str(level),
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": [1.0, float(factor), float(factor)]}
-                ],
-            }
-            for level, factor in enumerate(PYRAMID_FACTORS[:n_levels])
-        ],
-    }
-    omero = {
-        "name": name,
-        "channels": [_channel(label, maps[i], COLOURS[i % len(COLOURS)]) for i, label in enumerate(labels)],
-        "rdefs": {"model": "color"},
-    }
-    if format == "0.5":
-        return {"ome": {"version": "0.5", "multiscales": [multiscale], "omero": omero}}
-    return {"multiscales": [{**multiscale, "version": "0.4"}], "omero": omero}
-
-
-def _channel(label: str, plane: np.ndarray, colour: str) -> dict[str, Any]:
-    """An omero channel whose display window spans robust percentiles, so napari shows a sensible map."""
-    low, high = (float(v) for v in np.percentile(plane, WINDOW_PERCENTILES))
-    vmin, vmax = float(plane.min()), float(plane.max())
-    if high <= low:
-        high = vmax if vmax > low else low + (abs(low) or 1.0)
-    return {
-        "label": str(label),
-        "color": colour,
-        "active": True,
-        "coefficient": 1.0,
-        "family": "linear",
-        "inverted": False,
-        "window": {"min": vmin, "max": max(vmax, high), "start": low, "end": high},
-    }
-
-
-def _array_options(shape: tuple[int, ...], zarr_format: int) -> dict[str, Any]:
-    """Chunks of one channel x up to 1024 x 1024 px (whole-plate browsing); default compression."""
-    options: dict[str, Any] = {"chunks": (1, min(shape[1], MAX_CHUNK), min(shape[2], MAX_CHUNK)),
-                               "config": {"write_empty_chunks": True}}  # every chunk on disk: a missing one is damage
-    if zarr_format == 3:
-        options["dimension_names"] = ("c", "y", "x")  # NGFF 0.5 requires them to match the axes
-    else:
-        options["chunk_key_encoding"] = {"name": "v2", "separator": "/"}  # NGFF 0.4 requires "/"
-    return options
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` as plain JSON: numpy scalars/arrays unwrapped, tuples -> lists, NaN/inf -> None."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # strict JSON readers (browser viewers) reject NaN
-    if isinstance(value, PurePath):
-        return str(value)
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    raise TypeError(f"completion record value {value!r} ({type(value).__name__}) is not JSON-serialisable")
 
 
 def output_error(path: Path, exc: BaseException) -> OutputError:
@@ -600,13 +470,7 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S%z")
 
 
-__all__ = [
-    "FORMATS",
-    "RECORD_KEY",
-    "create_plate",
-    "field_path",
-    "read_field",
-    "read_record",
-    "split_well",
-    "write_field",
-]
+__all__ = ["DAMAGE_ERRORS", "RECORD_KEY", "create_plate", "damaged_record",
+           "damaged_root", "field_path", "has_root", "output_error", "plate_fields", "read_field",
+           "read_plate_record", "read_record", "split_well", "update_field", "update_plate_record", "update_record",
+           "write_field"]

@@ -1,4 +1,4 @@
-"""The CSV summary: one row per (well, field, target), CellProfiler / pycytominer naming (DESIGN §3.3).
+"""The CSV summary: one row per (well, field, target), CellProfiler / pycytominer naming (docs/reference/csv.md).
 
 Profiles join on ``Metadata_Plate`` + ``Metadata_Well`` without renaming; layout annotations come along
 as ``Metadata_<column>``. The driver writes the file atomically (temp file + rename), so a reader
@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from pcim_cli.engine.budget import fit_quality
+from pcim_cli.engine.verdict import FIT_LABELS, fit_quality
 from pcim_cli.errors import OutputError, os_reason
 from pcim_cli.io.plate import parse_well
 
@@ -58,8 +58,8 @@ FLOAT_COLUMNS = (
     "PCIM_Runtime_s",
 )
 STATUSES = ("done", "failed", "skipped")
-#: PCIM_Fit: did the fit achieve its objective (pcim_cli/engine/budget.py); empty for methods that fit nothing
-FITS = ("ok", "weak", "failed")
+#: PCIM_Fit: did the fit achieve its objective (engine/verdict.py); empty for methods that fit nothing
+FITS = FIT_LABELS
 
 
 def layout_column_name(column: str) -> str:

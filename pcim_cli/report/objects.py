@@ -19,7 +19,7 @@ import zarr
 from PIL import Image, ImageDraw
 
 from pcim_cli.io import labels as label_io
-from pcim_cli.io import object_tables, store
+from pcim_cli.io import ngff, object_tables
 from pcim_cli.io.summary import column_word
 from pcim_cli.report import composite
 
@@ -52,7 +52,7 @@ class FieldObjects:
 
 def _labels_at(group: zarr.Group, kind: str, shape: tuple[int, int]) -> np.ndarray | None:
     """The kind's label image at the pyramid level of the given (y, x) shape."""
-    for level in range(len(store.PYRAMID_FACTORS)):
+    for level in range(len(ngff.PYRAMID_FACTORS)):
         image = label_io.read_labels_level(group, kind, level)
         if image is None:
             return None

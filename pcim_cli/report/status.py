@@ -145,7 +145,7 @@ class ScreenStatus:
 def screen_status(args: list[str], overrides: list[str] | tuple[str, ...] = ()) -> ScreenStatus:
     """Status of every plate named by `args`: stores (folders), plate.yaml files, screen files, globs of
     them. A plate.yaml's store is its output.zarr; an invalid config is a row with its problem."""
-    from pcim_cli.screen import expand_arguments, load_screen
+    from pcim_cli.config.screen import expand_arguments, load_screen
 
     plates: list[PlateStatus] = []
     for path in expand_arguments(args):

@@ -1,13 +1,14 @@
 """`pcim explain`: the driver. Check, plan the wells, prepare the store, run the wells, write the CSV.
 
 The driver is the only writer of plate-level metadata and of the CSV; each well is explained by
-`worker.explain_well` (in-process or on Dask workers, run/scheduler.py). With explain.fidelity on,
-the run ends with the plate's stain verdict (report/verdict.py) from the done fields' records. Returns
+`worker.explain_well` (in-process or on Dask workers, run/scheduler.py); what the plate contains is
+run/inventory.py. With explain.fidelity on,
+the run ends with the plate's stain verdict (engine/verdict.py) from the done fields' records. Returns
 data (a RunResult); the CLI decides what to print and which exit code that means.
 
 Order of a run, so that a bad setting or a stop signal never leaves a half-written store behind:
 
-1. `preflight`: everything that can be checked without writing (PCIM_GRACE_SECONDS, every output path
+1. `preflight`: everything that can be checked without writing (the PCIM_* settings, every output path
    (io/outputs.py), the scheduler file, who owns output.zarr); a problem ends the run with nothing written;
 2. under the run lock, `plan`: model, layout, images and the store's records, read only;
 3. `prepare_store`: the plate skeleton, the plate record (plate name, fingerprint), stale marks;
@@ -20,8 +21,6 @@ Order of a run, so that a bad setting or a stop signal never leaves a half-writt
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -32,31 +31,19 @@ import pandas as pd
 
 from pcim_cli import __version__
 from pcim_cli.config import RunConfig
-from pcim_cli.engine.attribute import method_settings
-from pcim_cli.engine.pcim import PcimOptions
-from pcim_cli.errors import (
-    EXIT_CONFIG,
-    EXIT_DATA,
-    EXIT_OK,
-    EXIT_PARTIAL,
-    EXIT_TEMPFAIL,
-    ConfigError,
-    InputDataError,
-)
-from pcim_cli.io import images, labels, outputs, ownership, plate, records, store, summary
-from pcim_cli.io.explainer import LoadedExplainer, check_explainer, load_explainer
+from pcim_cli.config.settings import Settings, read_settings
+from pcim_cli.engine import verdict
+from pcim_cli.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, EXIT_PARTIAL, EXIT_TEMPFAIL, ConfigError
+from pcim_cli.io import images, outputs, ownership, plate, records, store, summary
 from pcim_cli.io.lock import RunLock
-from pcim_cli.io.model import LoadedModel, check_classes, load_model, resolve_device
-from pcim_cli.report import verdict
-from pcim_cli.run import model_package, objects, rerun, scheduler
+from pcim_cli.io.model import LoadedModel
+from pcim_cli.run import objects, rerun, scheduler
 from pcim_cli.run.failures import failed_row
-from pcim_cli.run.worker import FieldFiles, WellTask
+from pcim_cli.run.inventory import engine_options, fingerprint, inspect_plate, targets_per_well
+from pcim_cli.run.signals import StopSignals
+from pcim_cli.run.task import FieldFiles, WellTask
 
 logger = logging.getLogger(__name__)
-
-#: engine settings that live in the `explain` section under the same names
-ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(PcimOptions))
-
 
 @dataclass
 class RunResult:
@@ -104,162 +91,6 @@ class RunResult:
         if counts["done"]:
             return EXIT_PARTIAL
         return EXIT_CONFIG if self.causes and set(self.causes) == {"model"} and not self.problems else EXIT_DATA
-
-
-def engine_options(cfg: RunConfig) -> PcimOptions:
-    """The PcimOptions the `explain` section asks for (intensity_channel: a channel's index, None = auto)."""
-    values = cfg.explain.model_dump()
-    channel = values.pop("intensity_channel")
-    values["intensity_channel"] = None if channel == "auto" else list(cfg.plate.channels).index(channel)
-    return PcimOptions(**{k: values[k] for k in ENGINE_KEYS if k in values})
-
-
-def fingerprint(cfg: RunConfig, model_sha256: str, classes: list[str] | None = None,
-                explainer_sha256: str | None = None) -> str:
-    """sha256 of every setting that changes a map or its CSV rows: model, channels and their file
-    tokens, class names, normalisation, target, engine (and for pcim-amortised the explainer's sha256)."""
-    settings = {
-        "model": model_sha256,
-        "channels": list(cfg.plate.channels.items()),
-        "classes": list(classes if classes is not None else cfg.model.classes or []),
-        "normalize": cfg.model.normalize.model_dump(),
-        "input_size": cfg.model.input_size,
-        **_field_settings(cfg),
-        "precision": cfg.compute.precision,
-        "target": cfg.explain.target,
-        "method": cfg.explain.method,
-        "engine": method_settings(cfg.explain.method, engine_options(cfg)),
-        "pcim": __version__.rsplit(".", 1)[0],
-    }
-    if cfg.explain.method == "pcim-amortised":
-        settings["explainer"] = explainer_sha256
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _field_settings(cfg: RunConfig) -> dict:
-    """Settings of tiled fields and of the budget that change maps; only where they apply (so fingerprints
-    of untiled plates made before they existed do not change)."""
-    out = {}
-    if cfg.model.input_size is not None or cfg.model.aggregate == "whole-field":  # only tiled fields use them
-        out["aggregate"] = cfg.model.aggregate
-        out["tile_maps"] = cfg.explain.tile_maps
-    if cfg.explain.adaptive_budget is not None:
-        out["adaptive_budget"] = cfg.explain.adaptive_budget
-    if cfg.plate.timepoint is not None:  # the time point read from a T axis
-        out["timepoint"] = cfg.plate.timepoint
-    return out
-
-
-def _targets_per_well(cfg: RunConfig, classes: list[str], layout: pd.DataFrame | None,
-                      wells: list[str]) -> dict[str, tuple[str, ...] | None | str]:
-    """Each well's targets: None (predicted), class names, or an error message (str)."""
-    target = cfg.explain.target
-    if target == "predicted":
-        return dict.fromkeys(wells)
-    if target == "all":
-        return dict.fromkeys(wells, tuple(classes))
-    if not target.startswith("layout:"):
-        return dict.fromkeys(wells, (target,))
-    column = target.split(":", 1)[1]
-    if layout is None or column not in layout.columns:
-        have = ", ".join(map(str, layout.columns)) if layout is not None else "none"
-        raise ConfigError(f"explain.target: {target!r} names layout column {column!r}, but "
-                          f"{cfg.plate.layout} has columns {have}")
-    by_well = dict(zip(layout["well"], layout[column].astype(str), strict=True))
-    out: dict[str, tuple[str, ...] | None | str] = {}
-    for well in wells:
-        value = by_well.get(well)
-        if value is None or value in ("", "nan"):
-            out[well] = f"{well}: no value in layout column {column!r} ({cfg.plate.layout}) to explain"
-        elif value not in classes:
-            out[well] = (f"{well}: layout column {column!r} says {value!r}, which is not a class "
-                         f"({', '.join(classes)}); fix {cfg.plate.layout} or model.classes")
-        else:
-            out[well] = (value,)
-    return out
-
-
-@dataclass
-class PlateInventory:
-    """What a plate.yaml points at, checked without fitting or writing anything."""
-
-    model: LoadedModel
-    classes: list[str]
-    layout: pd.DataFrame | None
-    fields: dict[str, list[images.FieldSource]]
-    problems: list[str]
-    objects: dict[str, int] = field(default_factory=dict)  # plate.objects kind -> fields with a usable label file
-    object_problems: list[str] = field(default_factory=list)  # fail those object tables only (validate)
-    explainer: LoadedExplainer | None = None  # pcim-amortised: loaded and checked against the model
-    package: dict | None = None  # model.path a bioimage.io package: what was taken from it (run/model_package.py)
-
-    @property
-    def summary(self) -> dict:
-        return {
-            "wells": len(self.fields),
-            "fields": sum(len(v) for v in self.fields.values()),
-            "model": {"path": str(self.model.path), "kind": self.model.kind, "sha256": self.model.sha256,
-                      "classes": self.classes, **({"package": self.package} if self.package else {})},
-            "layout_columns": [] if self.layout is None else [c for c in self.layout.columns if c != "well"],
-            "objects": self.objects,
-            "problems": self.problems + self.object_problems,
-            **({"explainer": {"path": str(self.explainer.path), "sha256": self.explainer.sha256,
-                              "trained": self.explainer.meta.get("finished")}} if self.explainer else {}),
-        }
-
-
-def inspect_plate(cfg: RunConfig, check_objects: bool = False, explainer: bool | None = None) -> PlateInventory:
-    """Model probe, class names, layout and image discovery. Raises when no field at all is usable.
-
-    With `check_objects` (pcim validate), every field's label images (plate.objects) are looked up and
-    their headers checked against the field size; their problems fail object tables only, not fields.
-    explainer: load explain.explainer and refuse one trained for another classifier, channels,
-    normalisation or objective (ConfigError); None = when explain.method is pcim-amortised.
-    """
-    device = resolve_device(cfg.compute.device)
-    # --- ecosystem: model.path may be a bioimage.io package (its weights and settings applied to cfg)
-    model_package.apply(cfg)
-    model = load_model(cfg.model.path, len(cfg.plate.channels), cfg.model.input_size, device=device,
-                       probe_size=model_package.probe_size(cfg))
-    model_package.check_own_test(cfg, model.module)
-    # --- end ecosystem
-    classes = check_classes(model, cfg.model.classes)
-    loaded = None
-    if explainer or (explainer is None and cfg.explain.method == "pcim-amortised"):
-        loaded = load_checked_explainer(cfg, model, classes)
-    layout = plate.read_layout(cfg.plate.layout) if cfg.plate.layout is not None else None
-    found, problems = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels,
-                                             cfg.plate.wells, timepoint=cfg.plate.timepoint)
-    for p in problems:
-        logger.warning("%s", p)
-    if not found:
-        raise InputDataError(
-            f"no complete field found under {cfg.plate.images}: "
-            + ("; ".join(problems[:5]) or f"check plate.images and plate.pattern ({cfg.plate.pattern!r})")
-        )
-    model_package.fit_fields(cfg, images.typical_size(src for srcs in found.values() for src in srcs))
-    applied = model_package.package_of(cfg)
-    inv = PlateInventory(model, classes, layout, found, problems, explainer=loaded,
-                         package=None if applied is None else applied.record())
-    if check_objects and cfg.plate.objects:
-        kinds = objects.label_kinds(cfg.plate.objects)
-        size = images.typical_size(src for sources in found.values() for src in sources)
-        inv.object_problems = labels.problems_for(kinds.values(), found, size)
-        inv.objects = {name: sum(kind.problem(w, src.field) is None for w, srcs in found.items() for src in srcs)
-                       for name, kind in kinds.items()}
-    return inv
-
-
-def load_checked_explainer(cfg: RunConfig, model: LoadedModel, classes: list[str]) -> LoadedExplainer:
-    """explain.explainer, loaded on the model's device and checked against this plate's setup."""
-    hint = str(cfg.config_path or "plate.yaml")
-    if cfg.explain.explainer is None:
-        raise ConfigError("explain.explainer: not set; name the file that `pcim train-explainer "
-                          f"{hint} --out explainer.pt` wrote (e.g. --set explain.explainer=explainer.pt)")
-    loaded = load_explainer(cfg.explain.explainer, device=model.device, hint=hint)
-    check_explainer(loaded, model_sha256=model.sha256, model_path=model.path, channels=list(cfg.plate.channels),
-                    normalize=cfg.model.normalize.model_dump(), classes=classes, opts=engine_options(cfg), hint=hint)
-    return loaded
 
 
 @dataclass
@@ -319,7 +150,7 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
                               f"(wells found: {len(found)}); check the well names")
     rows, problems = _discovery_rows(cfg.plate.name, inv.problems)
     wells = sorted(found, key=plate.parse_well)
-    targets = _targets_per_well(cfg, classes, layout, wells)
+    targets = targets_per_well(cfg, classes, layout, wells)
     opts = engine_options(cfg)
     explainer = inv.explainer
     print_fp = fingerprint(cfg, model.sha256, classes, None if explainer is None else explainer.sha256)
@@ -381,9 +212,11 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
                 refresh, dropped)
 
 
-def preflight(cfg: RunConfig, choice: rerun.Rerun) -> ownership.Ownership:
-    """Everything checked before anything is written: raises with nothing touched."""
-    scheduler.grace_seconds()
+def preflight(cfg: RunConfig, choice: rerun.Rerun, settings: Settings | None = None) -> ownership.Ownership:
+    """Everything checked before anything is written: raises with nothing touched (a bad PCIM_*
+    environment variable included: config/settings.py)."""
+    if settings is None:
+        read_settings()
     outputs.check_plate(cfg)  # every output path: no input, no collision, pcim's own files only, writable
     scheduler.check_compute(cfg.compute)
     return ownership.check_owner(Path(cfg.output.zarr), cfg.plate.name, force=choice.force)
@@ -417,10 +250,11 @@ def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None
     """
     choice = choice or rerun.Rerun()
     store_path = Path(cfg.output.zarr)
-    with scheduler.StopSignals(scheduler.grace_seconds()) as stop:
-        preflight(cfg, choice)  # raises with nothing written; ownership is checked again under the lock
+    settings = read_settings()
+    with StopSignals(settings.grace_seconds) as stop:
+        preflight(cfg, choice, settings)  # raises with nothing written; ownership is checked again under the lock
         try:
-            with RunLock(store_path):
+            with RunLock(store_path, stale_after_s=settings.lock_stale_s):
                 return _run_locked(cfg, choice, stop, on_well, on_start)
         except KeyboardInterrupt:  # a forced stop while taking or releasing the lock
             if not stop.requested:
@@ -428,7 +262,7 @@ def run(cfg: RunConfig, on_well: Callable[[str, list[dict]], None] | None = None
             return RunResult(store=store_path, csv=None, summary=summary.build_summary([]), interrupted=True)
 
 
-def _run_locked(cfg: RunConfig, choice: rerun.Rerun, stop: scheduler.StopSignals,
+def _run_locked(cfg: RunConfig, choice: rerun.Rerun, stop: StopSignals,
                 on_well: Callable[[str, list[dict]], None] | None,
                 on_start: Callable[[int], None] | None) -> RunResult:
     store_path = Path(cfg.output.zarr)
@@ -506,13 +340,14 @@ class OpenPlate:
         self.lock.__exit__(None, None, None)
 
 
-def open_plate(cfg: RunConfig, choice: rerun.Rerun) -> OpenPlate:
+def open_plate(cfg: RunConfig, choice: rerun.Rerun, settings: Settings | None = None) -> OpenPlate:
     """What `run` does before its wells, for one plate of a screen (whose StopSignals are the caller's):
     the checks, the run lock, the plan and the prepared store. Raises a PcimError with the lock given
     back: a held lock is a TemporaryFailure (75), a store pcim may not write an OutputError (65)."""
-    preflight(cfg, choice)
+    settings = settings or read_settings()
+    preflight(cfg, choice, settings)
     store_path = Path(cfg.output.zarr)
-    lock = RunLock(store_path).__enter__()
+    lock = RunLock(store_path, stale_after_s=settings.lock_stale_s).__enter__()
     try:
         owner = ownership.check_owner(store_path, cfg.plate.name, force=choice.force)
         p = plan(cfg, choice)

@@ -15,7 +15,7 @@ import torch
 
 from pcim_cli.errors import PcimError
 from pcim_cli.io import store
-from pcim_cli.io.model import _summary
+from pcim_cli.io.model import error_summary
 
 
 class FieldError(PcimError):
@@ -44,7 +44,7 @@ def failed_row(plate: str, well: str, site: int | None, index: int, error: str, 
 
 def model_error_problem(well: str, exc: BaseException) -> str:
     """The message of a model that raised on a field's input."""
-    return f"{well}: fitting failed: {type(exc).__name__}: {_summary(exc)}"
+    return f"{well}: fitting failed: {type(exc).__name__}: {error_summary(exc)}"
 
 
 def tile_size_problem(well: str, site: int, exc: BaseException, input_size: tuple[int, int] | None) -> str:

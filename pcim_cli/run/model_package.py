@@ -39,7 +39,7 @@ class Applied:
 
 def package_of(cfg: RunConfig) -> Applied | None:
     """The package applied to this config (None: model.path is a model file)."""
-    return getattr(cfg, "_model_package", None)
+    return cfg.model_package
 
 
 def apply(cfg: RunConfig) -> Applied | None:
@@ -73,7 +73,7 @@ def apply(cfg: RunConfig) -> Applied | None:
     model.classes = resolved.classes
     model.input_size = resolved.input_size
     applied = Applied(pkg, resolved)
-    cfg._model_package = applied
+    cfg.with_package(applied)
     logger.info("model package %s: weights %s, %s", pkg.source, pkg.weights,
                 ", ".join(f"{k} from the {v}" for k, v in resolved.taken.items()))
     return applied

@@ -1,6 +1,6 @@
 """Per-object measurement of finished fields (`plate.objects`), on the worker, and what the driver plans.
 
-Hooked in at one place: when a field's map is complete (run/worker.py stitches it), `measure_field`
+Hooked in at one place: when a field's map is complete (run/batching.py stitches it), `measure_field`
 reads the field's label images and computes, from the final field map,
 
 - per target, the channel shares of the whole map (`PCIM_Share_<channel>` in the main CSV), always;
@@ -37,6 +37,7 @@ from pcim_cli.engine.pcim import Forward, PcimOptions
 from pcim_cli.errors import PcimError
 from pcim_cli.io import labels as label_io
 from pcim_cli.io import object_tables, store
+from pcim_cli.run import device as run_device
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def measure_field(x: torch.Tensor, maps: torch.Tensor, targets: list[str], class
             logger.warning("%s", msg)
             found.objects[name] = {"status": "failed", "error": msg, "labels": path}
             continue
-        except (RuntimeError, ValueError, MemoryError, torch.jit.Error) as exc:  # the model fails on a deletion
+        except run_device.MODEL_ERRORS as exc:  # the model fails on a deletion
             msg = f"{where}: deleting the {name} objects failed ({type(exc).__name__}: {exc})"
             logger.warning("%s", msg)
             found.objects[name] = {"status": "failed", "error": msg, "labels": path}
@@ -210,7 +211,7 @@ def measure_field(x: torch.Tensor, maps: torch.Tensor, targets: list[str], class
 
 
 def prediction(grid: tiling.TileGrid, aggregate: str) -> tuple[tiling.TileGrid, engine.Aggregate]:
-    """How the worker predicts a field (run/worker.py `_predict`): the grid whose tiles the model sees and
+    """How the worker predicts a field (run/batching.py `Batcher._predict`): the grid whose tiles the model sees and
     how their logits make the field's. `whole-field` runs the model on the untiled field; an untiled
     field is its one tile."""
     if grid.n_tiles == 1 or aggregate == "whole-field":
@@ -246,18 +247,11 @@ def _object_table(x, lab: np.ndarray, per_channel: torch.Tensor, targets: list[s
 
 
 def _deletion_probs(forward, x, labels_t, deletions, deleted, grid, batch_size: int, device: str, aggregate):
-    """engine.deletion_probs, halving the batch while the device runs out of memory."""
-    from pcim_cli.run.worker import is_out_of_memory  # the worker's test of torch's OOM errors
-
-    while True:
-        try:
-            return engine.deletion_probs(forward, x, labels_t, deletions, deleted, grid, batch_size=batch_size,
-                                         aggregate=aggregate, device=device)
-        except (RuntimeError, MemoryError, torch.jit.Error) as exc:
-            if not is_out_of_memory(exc) or batch_size <= 1:
-                raise
-            batch_size //= 2
-            logger.warning("out of memory while deleting objects; retrying with %d images per batch", batch_size)
+    """engine.deletion_probs, with the out-of-memory back-off of run/device.py."""
+    batch = run_device.BatchSize(batch_size, device, "deleting objects")
+    return run_device.with_backoff(
+        lambda n: engine.deletion_probs(forward, x, labels_t, deletions, deleted, grid, batch_size=n,
+                                        aggregate=aggregate, device=device), batch)
 
 
 def refresh_field(store_path: Path, well: str, index: int, x: torch.Tensor, grid: tiling.TileGrid,

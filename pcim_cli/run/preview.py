@@ -1,6 +1,6 @@
 """What `pcim explain` will do, said before it does it (`pcim validate`'s plan section).
 
-For a checked plate (explain.inspect_plate): the tile plan per field size (tile, overlap, grid), how a
+For a checked plate (run/inventory.py `inspect_plate`): the tile plan per field size (tile, overlap, grid), how a
 tiled field's prediction is made (model.aggregate) and whether the model also takes the untiled field,
 the target each well resolves to (explain.target, a layout column), and the estimated cost: model passes
 (a fit step is a forward and backward pass of 2 images per map input: kept and deleted) and an ETA from
@@ -22,7 +22,7 @@ from pcim_cli.engine import tiling
 from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.field import TiledForward
 from pcim_cli.io import images
-from pcim_cli.run.explain import PlateInventory, _targets_per_well, engine_options
+from pcim_cli.run.inventory import PlateInventory, engine_options, targets_per_well
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def plan_run(cfg: RunConfig, inv: PlateInventory, probe: bool = True,
     fields in `exclude` ((well, site): found unusable, they would fail)."""
     plan = Plan(aggregate=cfg.model.aggregate, tile_maps=cfg.explain.tile_maps, device=inv.model.device)
     wells = sorted(inv.fields)
-    per_well = _targets_per_well(cfg, inv.classes, inv.layout, wells)
+    per_well = targets_per_well(cfg, inv.classes, inv.layout, wells)
     n_targets = {}
     for well, t in per_well.items():
         if isinstance(t, str):

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pcim_cli.config.screen import PlateEntry, Screen
+from pcim_cli.config.settings import read_settings
 from pcim_cli.errors import (
     EXIT_CONFIG,
     EXIT_DATA,
@@ -33,12 +35,10 @@ from pcim_cli.errors import (
     PcimError,
 )
 from pcim_cli.io import outputs, summary
-from pcim_cli.io.model import shared_models
 from pcim_cli.run import explain, rerun, scheduler
 from pcim_cli.run.progress import ScreenProgress
-from pcim_cli.run.signals import StopSignals, grace_seconds
-from pcim_cli.run.worker import WellTask
-from pcim_cli.screen import PlateEntry, Screen
+from pcim_cli.run.signals import StopSignals
+from pcim_cli.run.task import WellTask
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def run_screen(screen: Screen, choice: rerun.Rerun | None = None, max_in_flight:
         while queue and len(active) < max_in_flight and not stop.requested:
             outcome, cfg = queue.popleft()
             try:
-                opened = explain.open_plate(cfg, choice)
+                opened = explain.open_plate(cfg, choice, settings)
             except PcimError as exc:
                 _not_run(outcome, exc.exit_code, str(exc), progress)
                 continue
@@ -173,8 +173,9 @@ def run_screen(screen: Screen, choice: rerun.Rerun | None = None, max_in_flight:
             finish(act.outcome.name, False)
 
     interrupted = False
-    stop = StopSignals(grace_seconds())
-    with stop, shared_models():
+    settings = read_settings()
+    stop = StopSignals(settings.grace_seconds)
+    with stop:
         try:
             dispatch = scheduler.run_stream(compute, open_more, on_well, stop)
             interrupted = dispatch.interrupted or stop.requested

@@ -1,43 +1,72 @@
-"""Stop signals: SIGTERM / SIGINT end a run cleanly at any moment, after a grace period for running wells.
+"""Stop signals, one mechanism for every command: SIGTERM / SIGINT end a run cleanly at any moment.
 
-The driver (run/explain.py) installs `StopSignals` for a whole run, planning included: the first
-signal asks for a stop (no new wells; running ones get `grace_seconds()`), a second one or the end of
-the grace period forces it.
+- `StopSignals(grace)`: the first signal asks for a stop, a second one (or the end of the grace period,
+  when there is one) forces it. `pcim explain` and screens install it for a whole run, planning included
+  (no new wells; running ones get PCIM_GRACE_SECONDS, config/settings.py); `pcim train-explainer` with no
+  grace period (the current step finishes, a checkpoint is written).
+- `BeforeRun`: what the CLI installs from the start of a command until the run installs its own
+  handlers: a signal then stops at once (nothing is written yet); after the run, signals change nothing.
+
+Handlers are installed only in the main thread, and the previous ones are restored afterwards.
 """
 
 from __future__ import annotations
 
-import _thread
+import _thread  # noqa: PLC2701 - interrupt_main: SIGINT in the main thread, from a timer
 import contextlib
 import logging
-import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from pcim_cli.errors import ConfigError
+from pcim_cli.config.settings import GRACE_ENV
 
 logger = logging.getLogger(__name__)
 
-#: seconds running wells get to finish after SIGTERM / SIGINT (environment variable overrides)
-GRACE_ENV = "PCIM_GRACE_SECONDS"
-DEFAULT_GRACE_S = 60.0
+__all__ = ["BeforeRun", "StopSignals"]
+
+#: what the first signal of a run says, by default
+WELLS_STOP = ("no new wells; running wells get up to {grace:.0f} s to finish (" + GRACE_ENV
+              + " to change; send the signal again to stop now)")
 
 
-def grace_seconds() -> float:
-    """Seconds running wells may take to finish after a stop signal (PCIM_GRACE_SECONDS, default 60)."""
-    text = os.environ.get(GRACE_ENV)
-    if text is None:
-        return DEFAULT_GRACE_S
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{GRACE_ENV}={text!r} is not a number of seconds; e.g. {GRACE_ENV}=60") from None
-    if value < 0:
-        raise ConfigError(f"{GRACE_ENV}={text!r}: give zero or more seconds")
-    return value
+class _Handlers:
+    """Installs `_handle` for SIGTERM and SIGINT in the main thread; restores the previous handlers."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Handlers:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        raise NotImplementedError
+
+
+class BeforeRun(_Handlers):
+    """From a command's start until its run begins, a signal stops at once (KeyboardInterrupt: nothing is
+    written yet); once `started()` is called, signals outside the run's own handlers change nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = False
+
+    def started(self) -> None:
+        self.running = True
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self.running:
+            raise KeyboardInterrupt
 
 
 class _StopAftermath(logging.Filter):
@@ -53,21 +82,23 @@ class _StopAftermath(logging.Filter):
 _AFTERMATH = _StopAftermath()
 
 
-class StopSignals:
+class StopSignals(_Handlers):
     """SIGTERM / SIGINT: the first asks for a graceful stop, a second one (or the grace period) forces it.
 
-    The driver installs it for a whole run. While `raise_on_force` (planning, in-process fits, starting a
-    cluster) a forced stop is a KeyboardInterrupt in the main thread; inside `deferred()` (polling a
-    cluster, writing the CSV) it only sets `forced`, which the code there looks at. Handlers are installed
-    only in the main thread, and restored after.
+    `grace`: seconds after the first signal until the stop is forced; None: never (only a second signal
+    forces it). `first`: what the first signal logs ({grace} is filled in). While `raise_on_force`
+    (planning, in-process fits, starting a cluster, a training step) a forced stop is a KeyboardInterrupt
+    in the main thread; inside `deferred()` (polling a cluster, writing the CSV) it only sets `forced`,
+    which the code there looks at.
     """
 
-    def __init__(self, grace: float, raise_on_force: bool = True):
+    def __init__(self, grace: float | None, raise_on_force: bool = True, first: str = WELLS_STOP):
+        super().__init__()
         self.grace = grace
         self.raise_on_force = raise_on_force
+        self.first = first
         self.requested_at: float | None = None
         self.forced = False
-        self._previous: dict[int, Any] = {}
         self._timer: threading.Timer | None = None
         self._expired = False
 
@@ -77,18 +108,18 @@ class StopSignals:
 
     @property
     def overdue(self) -> bool:
-        return self.forced or (self.requested_at is not None and time.monotonic() - self.requested_at > self.grace)
+        if self.forced:
+            return True
+        return self.grace is not None and self.requested_at is not None and \
+            time.monotonic() - self.requested_at > self.grace
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
+        super().__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.disarm()
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        super().__exit__(*exc)
 
     def disarm(self) -> None:
         """No forced stop any more (the in-process loop is done)."""
@@ -114,11 +145,11 @@ class StopSignals:
         if self.requested_at is None:
             self.requested_at = time.monotonic()
             logging.getLogger("asyncio").addFilter(_AFTERMATH)  # idempotent: a filter is added once
-            logger.warning("%s: no new wells; running wells get up to %.0f s to finish (%s to change; "
-                           "send the signal again to stop now)", name, self.grace, GRACE_ENV)
-            self._timer = threading.Timer(self.grace, self._grace_over)
-            self._timer.daemon = True
-            self._timer.start()
+            logger.warning("%s: %s", name, self.first.format(grace=self.grace or 0))
+            if self.grace is not None:
+                self._timer = threading.Timer(self.grace, self._grace_over)
+                self._timer.daemon = True
+                self._timer.start()
             return
         if not self.forced:
             logger.warning("%s: stopping now", "grace period over" if self._expired else f"{name} again")

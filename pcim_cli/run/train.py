@@ -30,8 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,7 +48,8 @@ from pcim_cli.errors import ConfigError, InputDataError, PcimError, TemporaryFai
 from pcim_cli.io import explainer as explainer_file
 from pcim_cli.io import images, outputs, plate
 from pcim_cli.io.lock import RunLock
-from pcim_cli.run import explain
+from pcim_cli.run import inventory
+from pcim_cli.run.signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ class TrainResult:
 @dataclass
 class _Plate:
     cfg: RunConfig
-    inv: explain.PlateInventory
+    inv: inventory.PlateInventory
     train_wells: list[str]
     val_wells: list[str]
 
@@ -135,7 +134,7 @@ def _train(cfgs: Sequence[RunConfig], out: Path, settings: TrainSettings, progre
     """train_explainer under the lock of `out`."""
     plates = [_plate(cfg, settings) for cfg in cfgs]
     first = plates[0]
-    opts = explain.engine_options(first.cfg)
+    opts = inventory.engine_options(first.cfg)
     key = _key(plates, settings, opts)
     if out.is_file() and not fresh:
         done = _existing(out, key)
@@ -165,7 +164,7 @@ def _train(cfgs: Sequence[RunConfig], out: Path, settings: TrainSettings, progre
     if progress is not None:
         progress.start(topts.steps, trainer.done)
     t_loop = time.perf_counter()
-    with _StopAfterStep() as stop:
+    with StopSignals(None, first="stopping after this step with a checkpoint (send it again to stop now)") as stop:
         try:
             while trainer.done < topts.steps:
                 trainer.step()
@@ -213,37 +212,11 @@ def describe(result: TrainResult) -> str:
             f"explain.explainer={result.out}")
 
 
-class _StopAfterStep:
-    """SIGTERM / SIGINT: finish the current step, write a checkpoint, exit 75; a second signal stops at once
-    (the last periodic checkpoint remains). Handlers only in the main thread, restored afterwards."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopAfterStep:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("%s: stopping after this step with a checkpoint (send it again to stop now)",
-                       signal.Signals(signum).name)
-
-
 # ---------------------------------------------------------------- plates and wells
 
 
 def _plate(cfg: RunConfig, settings: TrainSettings) -> _Plate:
-    inv = explain.inspect_plate(cfg, explainer=False)
+    inv = inventory.inspect_plate(cfg, explainer=False)
     wells = sorted(inv.fields, key=plate.parse_well)
     if settings.val_wells is not None:
         names = {plate.parse_well(w).name for w in settings.val_wells}
@@ -265,7 +238,7 @@ def _same_setup(plates: list[_Plate]) -> None:
         return {"classifier sha256": p.inv.model.sha256, "plate.channels": list(p.cfg.plate.channels),
                 "model.normalize": p.cfg.model.normalize.model_dump(), "model.input_size": p.cfg.model.input_size,
                 "model.classes": p.inv.classes,
-                "explain": explainer_file.engine_record(explain.engine_options(p.cfg))}
+                "explain": explainer_file.engine_record(inventory.engine_options(p.cfg))}
 
     ref = setup(first)
     for p in plates[1:]:

@@ -22,7 +22,8 @@ from pcim_cli.config import RunConfig
 from pcim_cli.engine import tiling
 from pcim_cli.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, InputDataError
 from pcim_cli.io import images, labels, outputs, signature
-from pcim_cli.run import explain, failures, objects, preview, worker
+from pcim_cli.run import failures, inventory, objects, preview
+from pcim_cli.run.device import MODEL_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def validate_plate(cfg: RunConfig, pixels: bool | None = None, probe: bool = Tru
     files total at most PIXELS_AUTO_BYTES); `probe`: time a fit step for the plan's ETA. Raises like
     explain for a run-level failure (no field found, a model that does not load)."""
     outputs.check_plate(cfg)  # as explain: an output path that would destroy a file or collide ends it
-    inv = explain.inspect_plate(cfg)
+    inv = inventory.inspect_plate(cfg)
     sources = [src for well in sorted(inv.fields) for src in inv.fields[well]]
     if pixels is None:
         size = sum(f["size"] or 0 for src in sources for f in signature.stat_signature(src.files))
@@ -99,7 +100,7 @@ def validate_plate(cfg: RunConfig, pixels: bool | None = None, probe: bool = Tru
             out.run_problems.append(str(p))
         else:
             out.field_problems.append(FieldProblem(p.well, p.field, str(p)))
-    targets = explain._targets_per_well(cfg, inv.classes, inv.layout, sorted(inv.fields))
+    targets = inventory.targets_per_well(cfg, inv.classes, inv.layout, sorted(inv.fields))
     for src in sources:
         problem = _field_problem(cfg, inv.model, src, expected, pixels)
         if problem is None and isinstance(targets.get(src.well), str):
@@ -113,7 +114,7 @@ def validate_plate(cfg: RunConfig, pixels: bool | None = None, probe: bool = Tru
     return out
 
 
-def _check_objects(cfg: RunConfig, inv: explain.PlateInventory, size: tuple[int, int] | None, pixels: bool) -> None:
+def _check_objects(cfg: RunConfig, inv: inventory.PlateInventory, size: tuple[int, int] | None, pixels: bool) -> None:
     """plate.objects: every field's label image of each kind, checked as explain reads it (its pixels when
     `pixels`, else its TIFF header); the kinds' usable counts and problems go into the inventory."""
     if not cfg.plate.objects:
@@ -150,6 +151,6 @@ def _field_problem(cfg: RunConfig, model, src: images.FieldSource, expected: tup
                 logits = model.module(tiling.cut(x, grid, part).to(model.device))
                 if not torch.isfinite(logits).all():
                     return failures.non_finite_problem(src.well, src.field, str(model.path), x, "logits")
-    except worker.MODEL_ERRORS as exc:
+    except MODEL_ERRORS as exc:
         return failures.model_error_problem(src.well, exc)
     return None

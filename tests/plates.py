@@ -1,4 +1,5 @@
-"""Small real plates for tests: a few demo wells copied (or damaged) under tmp_path, with a plate.yaml.
+"""The bundled demo plate, and small real plates for tests: a few demo wells copied under tmp_path, with a
+plate.yaml.
 
 The copies are the bundled demo's real TIFFs and its TorchScript classifier, so tests run the real
 reading, fitting and writing paths, only on fewer wells and with fewer optimisation steps.
@@ -6,10 +7,7 @@ reading, fitting and writing paths, only on fewer wells and with fewer optimisat
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -54,22 +52,13 @@ def make_plate(root: Path, wells: Iterable[str] = ("A01", "A02", "B01"), steps: 
     return path
 
 
-_SCRIPT = Path(sys.executable).parent / "pcim"  # the installed console script
-PCIM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pcim_cli.cli"]
+def explain_demo(out: Path, wells: Iterable[str], *extra: str, steps: int = 20) -> Path:
+    """`pcim explain` of the bundled demo on some wells (NGFF 0.5, `steps` fit steps), written to
+    out/demo.zarr with its CSV beside it as out/demo.csv; returns the store."""
+    from cli_runner import run_pcim
 
-
-def pcim_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
-
-
-def run_pcim(*args: str, cwd: Path | None = None, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
-    """`pcim ARGS` as a user runs it (a subprocess of the installed console script)."""
-    return subprocess.run([*PCIM, *args], capture_output=True, text=True, cwd=cwd, env=pcim_env(**env),
-                          timeout=timeout)
-
-
-def start_pcim(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Popen:
-    """`pcim ARGS` started in the background (its output in pipes)."""
-    return subprocess.Popen([*PCIM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            env=pcim_env(**env))
+    proc = run_pcim("explain", str(DEMO / "plate.yaml"), "--set", f"plate.wells=[{','.join(wells)}]",
+                    "--set", f"explain.steps={steps}", "--set", f"output.zarr={out}/demo.zarr",
+                    "--set", f"output.csv={out}/demo.csv", *extra, cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "demo.zarr"

@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pcim_cli.config import ComputeConfig, RunConfig, config_from_data, path_keys
+from pcim_cli.config.load import config_from_data, path_keys
+from pcim_cli.config.sections import ComputeConfig, RunConfig
+from pcim_cli.config.yaml_reader import read_yaml
 from pcim_cli.errors import ConfigError
-from pcim_cli.yaml_reader import read_yaml
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pcim_cli.run.rerun import Rerun
 
 def is_screen(args: Sequence[str]) -> bool:
     """Several arguments, a glob, or a screen file: the screen path of `pcim explain`."""
-    from pcim_cli.screen import is_screen_file
+    from pcim_cli.config.screen import is_screen_file
 
     if len(args) != 1:
         return True
@@ -40,9 +40,9 @@ def explain_screen(args: Sequence[str], overrides: Sequence[str], choice: Rerun,
                    quiet: bool, fancy: bool, max_in_flight: int, on_run: Callable[[], None] | None = None) -> int:
     """`pcim explain` over several plates; returns the exit code. `on_run` is called when the run (and its
     own signal handling) begins."""
+    from pcim_cli.config.screen import load_screen
     from pcim_cli.run.progress import ScreenProgress
     from pcim_cli.run.screen import run_screen
-    from pcim_cli.screen import load_screen
 
     screen = load_screen(args, overrides)
     if dry_run:
@@ -133,11 +133,11 @@ def validate_screen(args: Sequence[str], overrides: Sequence[str], pixels: bool 
                     print_one: Callable[[object], None]) -> int:
     """`pcim validate` of a screen file: every plate as explain would run it (its config, then what
     validate checks), and the screen's output paths; returns the worst exit code of its plates."""
+    from pcim_cli.config.screen import load_screen
     from pcim_cli.errors import EXIT_CONFIG, PcimError
     from pcim_cli.io import outputs
     from pcim_cli.run import validate as validate_lib
     from pcim_cli.run.screen import combine_exit_codes
-    from pcim_cli.screen import load_screen
 
     screen = load_screen(args, overrides)
     outputs.check_screen(screen.configs, screen.screen_csv, screen.files)  # as explain: refused before any plate

@@ -1,4 +1,22 @@
-"""The per-plate stain verdict: does a map without a model explain the classifier's calls as well?
+"""Verdicts: numbers in, verdicts out (torch-free). Did a fit achieve its objective, and the per-plate
+stain verdict: does a map without a model explain the classifier's calls as well?
+
+## A fit's verdict (`fit_quality`, the CSV's PCIM_Fit)
+
+A PCIM fit asks two things of its map (docs/method.md): the kept image (only the map's pixels) keeps
+the target class, and the deleted image (everything but them) loses it. The record has both
+probabilities, so every map says how well it did, relative to the original p(target):
+
+    keep = p(kept) / p(original)          delete = 1 - p(deleted) / p(original)
+
+- `ok`: delete >= 0.5 and keep >= 0.5 (deleting the map's pixels removes at least half of the class
+  probability, and they alone keep at least half of it);
+- `failed`: delete < 0.25 (deleting the map's pixels leaves more than 3/4 of the class probability:
+  the map did not find what the model uses: evidence larger than the budget, or evidence that is an
+  absence);
+- `weak`: anything between.
+
+## The stain verdict
 
 Deletion measures how much of the decision a map explains: deleting the map's top pixels (set to the
 channel mean) lowers p(target) from p0 to, on average over the deleted range, the deletion AUC D. The
@@ -31,6 +49,22 @@ from typing import Any
 DETECTOR = 0.9
 PARTLY = 0.5
 MIN_EXPLAINED = 0.05  # below this drop of p(target) the reference maps explain nothing to compare with
+
+FIT_OK = 0.5  # keep and delete shares at or above which a fit is ok
+FIT_FAILED = 0.25  # delete share below which a fit failed
+FIT_LABELS = ("ok", "weak", "failed")
+
+
+def fit_quality(prob_original: float, prob_mixed: float, prob_deleted: float) -> str:
+    """'ok', 'weak' or 'failed' for one map (see the module's doc); '' when the method fits nothing."""
+    values = (prob_original, prob_mixed, prob_deleted)
+    if any(v is None or v != v for v in values) or prob_original <= 0:  # NaN: a baseline, no fit
+        return ""
+    keep = prob_mixed / prob_original
+    delete = 1.0 - prob_deleted / prob_original
+    if delete < FIT_FAILED:
+        return "failed"
+    return "ok" if delete >= FIT_OK and keep >= FIT_OK else "weak"
 
 
 @dataclass

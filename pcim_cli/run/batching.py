@@ -1,0 +1,332 @@
+"""The worker's batching: fields -> tiles -> (tile, target) units -> chunks of compute.batch_size through
+the fit, stitched back into field maps and written field by field.
+
+`Batcher` queues the units of each field as it is read (run/worker.py) and fits them in chunks: a tiled
+field either as a whole through its tiles (explain.tile_maps: field, one map over the field) or every
+(tile, target) pair alone (per-tile / evidence, stitched). A chunk that runs out of memory is retried
+with half the batch (run/device.py). A finished field gets its object measures (run/objects.py), its
+completion record (run/field_record.py) and its maps in the store; a map or a prediction with NaN or
+infinite values is never written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pcim_cli.engine import field as field_maps
+from pcim_cli.engine import metrics, tiling, trivial
+from pcim_cli.engine.attribute import attribute
+from pcim_cli.engine.budget import fit_adaptive
+from pcim_cli.engine.pcim import Forward, PcimOptions
+from pcim_cli.errors import PcimError
+from pcim_cli.io import store, summary
+from pcim_cli.io.model import LoadedModel
+from pcim_cli.run import objects, threads
+from pcim_cli.run.device import MODEL_ERRORS, BatchSize, fast_forward, is_out_of_memory
+from pcim_cli.run.failures import FieldError, model_error_problem, non_finite_problem, tile_size_problem
+from pcim_cli.run.field_record import completion_record, mean_stats, unit_stats
+from pcim_cli.run.task import FieldFiles, WellTask, field_seed, map_labels, task_failed_row
+
+__all__ = ["Batcher"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Field:
+    """A field being explained: its tiles, class probabilities, targets and the maps stitched so far."""
+
+    files: FieldFiles
+    x: torch.Tensor  # (C, H, W), on the CPU
+    read_s: float
+    grid: tiling.TileGrid
+    probs: torch.Tensor  # (K,): the field's prediction (model.aggregate over its tiles)
+    targets: list[str]
+    stitch: tiling.Stitcher
+    tile_probs: torch.Tensor | None = None  # (n_tiles, K): what the model said about each tile
+    stats: list[list[dict[str, float]]] = dc_field(default_factory=list)  # per target, one dict per tile
+    pending: int = 0  # units not fitted yet
+    fit_s: float = 0.0
+    inputs: dict[str, Any] = dc_field(default_factory=dict)  # signature of the input files
+    warnings: list[str] = dc_field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One image of the fit: tile `tile` of a field (WHOLE: the whole field, fitted through its tiles at
+    once), for its target number `k`."""
+
+    field: _Field
+    tile: int
+    k: int
+
+    @property
+    def images(self) -> int:
+        """Model inputs this unit puts in a batch (a whole field: one per tile)."""
+        return self.field.grid.n_tiles if self.tile == WHOLE else 1
+
+
+WHOLE = -1
+
+
+class Batcher:
+    """Queues the units of each field and fits them in chunks, stitching and writing finished fields."""
+
+    def __init__(self, task: WellTask, model: LoadedModel, opts: PcimOptions, explainer: Forward | None = None):
+        self.task, self.model, self.opts, self.explainer = task, model, opts, explainer
+        self.forward: Forward | None = None  # the model behind the speed levers, set by the first field
+        self.device = torch.device(task.device)
+        self.batch = BatchSize(task.batch_size, task.device, task.well)
+        self.queues: dict[tuple[int, int], list[_Unit]] = {}  # by tile size: one chunk = one tensor shape
+        self.n_maps = len(task.channels) if opts.per_channel else 1
+
+    def _fast(self, x: torch.Tensor) -> Forward:
+        """The model behind the task's speed levers (channels-last probed on the image x)."""
+        task = self.task
+        return fast_forward(self.model, x, task.device, task.precision, task.channels_last)
+
+    def add(self, files: FieldFiles, x: torch.Tensor, read_s: float, inputs: dict[str, Any] | None = None,
+            warnings: list[str] | None = None) -> list[dict[str, Any]]:
+        """Plan and predict one field, queue its units; returns the rows of fields finished meanwhile."""
+        try:
+            field = self._prepare(files, x, read_s)
+        except FieldError as exc:
+            logger.warning("%s", exc)
+            return [task_failed_row(self.task, files, str(exc), exc.cause, inputs)]
+        except PcimError as exc:
+            logger.warning("%s", exc)
+            return [task_failed_row(self.task, files, str(exc), "model", inputs)]
+        except MODEL_ERRORS as exc:
+            return [self._fail_row(files, exc, inputs)]
+        field.inputs, field.warnings = inputs or {}, warnings or []
+        if self._whole(field):  # one unit per target: the field's tiles fitted together
+            queue = self.queues.setdefault(("field", *field.grid.field), [])
+            queue += [_Unit(field, WHOLE, k) for k in range(len(field.targets))]
+        else:  # a tile's targets in a row: pcim-amortised makes all of them from one explainer forward
+            queue = self.queues.setdefault(field.grid.tile, [])
+            queue += [_Unit(field, i, k) for i in range(field.grid.n_tiles) for k in range(len(field.targets))]
+        rows: list[dict[str, Any]] = []
+        while sum(u.images for u in queue) >= self.batch.value:
+            rows += self._run(queue)
+        return rows
+
+    def _whole(self, field: _Field) -> bool:
+        """Is the field fitted as a whole (one map over all its tiles) rather than tile by tile?"""
+        return field.grid.n_tiles > 1 and (self.task.tile_maps == "field" or self.task.aggregate == "whole-field")
+
+    def _field_forward(self, field: _Field) -> Forward:
+        """The model as the field's classifier (its tiles, aggregated as model.aggregate says), in model
+        calls of at most 2 x the batch size tiles: the kept and deleted images of batch-size units, as a
+        per-tile fit batches them (checkpointed, so memory follows the batch size, not the field)."""
+        return field_maps.TiledForward(self.forward, field.grid, self.task.aggregate, chunk=2 * self.batch.value)
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Fit whatever is still queued."""
+        rows: list[dict[str, Any]] = []
+        for queue in self.queues.values():
+            while queue:
+                rows += self._run(queue)
+        return rows
+
+    def refresh_objects(self, files: FieldFiles, x: torch.Tensor) -> list[dict[str, Any]]:
+        """A done field whose object tables need (re)making: measured from its stored map, no fit."""
+        task = self.task
+        try:
+            grid = tiling.plan_tiles(tuple(x.shape[-2:]), task.input_size)
+            if self.forward is None:
+                self.forward = self._fast(tiling.cut(x, grid, range(1))[0])
+            record = objects.refresh_field(
+                Path(task.store_path), task.well, files.index, x, grid, self.forward, self.opts, task.classes,
+                task.channels, label_files=files.objects, label_problems=files.object_problems,
+                top_k=task.top_objects, batch_size=self.batch.value, device=task.device,
+                objects_signature=files.objects_signature, format=task.store_format, aggregate=task.aggregate)
+        except (PcimError, *MODEL_ERRORS) as exc:  # the map stays done; the tables are retried next run
+            logger.warning("%s site %s: object tables not remade: %s", task.well, files.site, exc)
+            return []
+        return summary.rows_from_record(task.plate, task.well, store.field_path(task.well, files.index), record)
+
+    def _prepare(self, files: FieldFiles, x: torch.Tensor, read_s: float) -> _Field:
+        task = self.task
+        try:
+            grid = tiling.plan_tiles(tuple(x.shape[-2:]), task.input_size)
+        except tiling.TileSizeError as exc:
+            raise FieldError(tile_size_problem(task.well, files.site, exc, task.input_size), "model") from exc
+        if self.forward is None:  # on a CPU, the first fit steps may decide the torch threads (threads.py)
+            self.forward = threads.probing(self._fast(tiling.cut(x, grid, range(1))[0]),
+                                           task.device)
+        probs, tile_probs = self._predict(x, grid)
+        if not (torch.isfinite(probs).all() and torch.isfinite(tile_probs).all()):
+            raise FieldError(non_finite_problem(task.well, files.site, task.model_path, x, "logits"), "model")
+        targets = _targets(task, int(probs.argmax()))
+        field = _Field(files, x, read_s, grid, probs, targets,
+                       tiling.Stitcher(grid, len(targets) * self.n_maps),
+                       stats=[[] for _ in targets], tile_probs=tile_probs)
+        field.pending = len(targets) * (1 if self._whole(field) else grid.n_tiles)
+        return field
+
+    def _predict(self, x: torch.Tensor, grid: tiling.TileGrid) -> tuple[torch.Tensor, torch.Tensor]:
+        """The field's class probabilities (model.aggregate over its tiles, or the model on the whole
+        field) and each tile's (chunks of batch_size, with the OOM back-off)."""
+        logits = []
+        start = 0
+        while start < grid.n_tiles:
+            part = range(start, min(start + self.batch.value, grid.n_tiles))
+            try:
+                with torch.no_grad():
+                    logits.append(self.forward(tiling.cut(x, grid, part).to(self.device)).float().cpu())
+            except MODEL_ERRORS as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self.batch.shrink(len(part))
+                continue
+            start = part.stop
+        tile_logits = torch.cat(logits)
+        if self.task.aggregate == "whole-field" and grid.n_tiles > 1:
+            with torch.no_grad():
+                field_logits = self.forward(x[None].to(self.device)).float().cpu()[0]
+        else:
+            field_logits = field_maps.aggregate_logits(tile_logits[None], self.task.aggregate
+                                                       if grid.n_tiles > 1 else "mean-prob")[0]
+        return torch.softmax(field_logits, dim=0), torch.softmax(tile_logits, dim=1)
+
+    def _run(self, queue: list[_Unit]) -> list[dict[str, Any]]:
+        """Fit the first chunk of the queue (halving it on out-of-memory) and stitch its maps."""
+        chunk = _take(queue, self.batch.value)
+        try:
+            t0 = time.perf_counter()
+            result, dele, ins, checks = self._fit(chunk)
+            per_unit = (time.perf_counter() - t0) / len(chunk)
+        except PcimError as exc:
+            return self._fail(queue, chunk, exc)
+        except MODEL_ERRORS as exc:
+            if not is_out_of_memory(exc):
+                return self._fail(queue, chunk, exc)
+            tried = sum(u.images for u in chunk)
+            if len(chunk) == 1 and chunk[0].tile == WHOLE:  # one field: its tiles go in smaller model calls
+                f = chunk[0].field
+                if self.batch.value <= 1:
+                    return self._fail(queue, chunk, PcimError(
+                        f"{self.task.well} site {f.files.site}: out of memory on {self.task.device} fitting the "
+                        f"field's {f.grid.n_tiles} tiles together (explain.tile_maps: field), even 2 tiles per "
+                        "model call; set explain.tile_maps: per-tile, or use a device with more memory"))
+                tried = min(tried, self.batch.value)
+            try:
+                self.batch.shrink(tried)
+            except PcimError as err:
+                return self._fail(queue, chunk, err)
+            return []
+        del queue[: len(chunk)]
+        rows = []
+        weights = (field_maps.evidence_weights(result.prob_original, result.prob_deleted)
+                   if self.task.tile_maps == "evidence" else None)
+        for j, unit in enumerate(chunk):
+            f = unit.field
+            rows_k = slice(unit.k * self.n_maps, (unit.k + 1) * self.n_maps)
+            if unit.tile == WHOLE:
+                f.stitch.out[rows_k] += result.maps[j].to(f.stitch.out.dtype).cpu()
+            else:
+                tile_map = result.maps[j] if weights is None or f.grid.n_tiles == 1 else result.maps[j] * weights[j]
+                f.stitch.add(unit.tile, tile_map, rows_k)
+            f.stats[unit.k].append(unit_stats(result, j, dele[j], ins[j], checks[j]))
+            f.fit_s += per_unit
+            f.pending -= 1
+            if f.pending == 0:
+                rows += self._write(f)
+        return rows
+
+    def _fit(self, chunk: list[_Unit]):
+        task, opts = self.task, self.opts
+        forward = self.forward
+        if chunk[0].tile == WHOLE:  # whole fields through their tiles (one queue per field size)
+            x = torch.stack([u.field.x for u in chunk]).to(self.device)
+            forward = self._field_forward(chunk[0].field)
+        else:
+            x = torch.cat([tiling.cut(u.field.x, u.field.grid, [u.tile]) for u in chunk]).to(self.device)
+        tt = torch.tensor([task.classes.index(u.field.targets[u.k]) for u in chunk], device=self.device)
+        seeds = torch.tensor([field_seed(opts.seed, task.well, u.field.files.site, u.field.targets[u.k])
+                              + max(u.tile, 0) for u in chunk])
+        if task.adaptive_budget is not None and task.method == "pcim":
+            result, budgets = fit_adaptive(forward, x, tt, opts, seeds=seeds, max_budget=task.adaptive_budget)
+            result.budget = budgets
+        else:
+            result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
+        dele = ins = [float("nan")] * len(chunk)
+        checks: list[dict | None] = [None] * len(chunk)
+        if task.fidelity:  # perturbed images in forward batches no larger than the fit's
+            kw = {"chunk": min(64, 2 * len(chunk))}
+            dele = metrics.deletion_auc(forward, x, result.maps, tt, **kw).tolist()
+            ins = metrics.insertion_auc(forward, x, result.maps, tt, substrate="blur", **kw).tolist()
+            if task.method not in trivial.TRIVIAL:  # for the plate's verdict, on each well's first field (cheap)
+                checks = trivial.stain_check_rows(forward, x, result.maps, tt, opts, task.channels,
+                                                  [u.field.files.index == 0 for u in chunk], **kw)
+        return result, dele, ins, checks
+
+    def _fail(self, queue: list[_Unit], chunk: list[_Unit], exc: BaseException) -> list[dict[str, Any]]:
+        """Fail every field with a unit in the chunk and drop their queued units."""
+        fields = list({id(u.field): u.field for u in chunk}.values())
+        dead = {id(f) for f in fields}
+        queue[:] = [u for u in queue if id(u.field) not in dead]
+        return [self._fail_row(f.files, exc, f.inputs) for f in fields]
+
+    def _fail_row(self, files: FieldFiles, exc: BaseException, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+        if isinstance(exc, FieldError):
+            msg, cause = str(exc), exc.cause
+        elif isinstance(exc, PcimError):
+            msg, cause = str(exc), "other"
+        else:  # a model that fails on this input
+            msg, cause = model_error_problem(self.task.well, exc), "model"
+        logger.warning("%s", msg)
+        return task_failed_row(self.task, files, msg, cause, inputs)
+
+    def _write(self, f: _Field) -> list[dict[str, Any]]:
+        """The field's record and maps into the store; its summary rows. A map with NaN or infinite values
+        is not written: the field fails, naming the model."""
+        task = self.task
+        maps = f.stitch.out.numpy()  # (targets * M, H, W)
+        per_target = {t: mean_stats(f.stats[k], task.channels) for k, t in enumerate(f.targets)}
+        # prob_mixed / prob_deleted are NaN by design for the gradient baselines; prob_original never is
+        probabilities = [stats["prob_original"] for stats in per_target.values()]
+        if not np.isfinite(maps).all() or not np.isfinite(probabilities).all():
+            msg = non_finite_problem(task.well, f.files.site, task.model_path, f.x, "values during the fit")
+            logger.warning("%s", msg)
+            return [task_failed_row(task, f.files, msg, "model", f.inputs)]
+        record = completion_record(
+            task, site=f.files.site, targets=f.targets, probs=f.probs, results=per_target, inputs=f.inputs,
+            warnings=f.warnings, grid=f.grid, maps="field" if self._whole(f) else task.tile_maps,
+            tile_probs=f.tile_probs, batch_size=self.batch.value, timings={"read": f.read_s, "fit": f.fit_s},
+            seed=self.opts.seed)
+        labels = map_labels(f.targets, task.channels, self.opts.per_channel)
+        found = objects.measure_field(
+            f.x, f.stitch.out, f.targets, task.classes, task.channels, f.grid, self.forward, self.opts,
+            label_files=f.files.objects, label_problems=f.files.object_problems, top_k=task.top_objects,
+            batch_size=self.batch.value, device=task.device, where=f"{task.well} site {f.files.site}",
+            objects_signature=f.files.objects_signature, format=task.store_format, aggregate=task.aggregate)
+        found.update_record(record)
+        try:
+            rel = store.write_field(Path(task.store_path), task.well, f.files.index, maps, labels, record,
+                                    format=task.store_format, extra=found.write)
+        except PcimError as exc:
+            logger.warning("%s", exc)
+            return [task_failed_row(task, f.files, str(exc), "output", f.inputs)]
+        return summary.rows_from_record(task.plate, task.well, rel, record)
+
+
+def _take(queue: list[_Unit], images: int) -> list[_Unit]:
+    """The first units of the queue that fit in `images` model inputs (at least one unit)."""
+    n, used = 0, 0
+    while n < len(queue) and (n == 0 or used + queue[n].images <= images):
+        used += queue[n].images
+        n += 1
+    return queue[:n]
+
+
+def _targets(task: WellTask, predicted: int) -> list[str]:
+    return list(task.targets) if task.targets is not None else [task.classes[predicted]]
