@@ -200,6 +200,9 @@ def test_not_a_model_package(tmp_path: Path) -> None:
         bioimageio.load_package(bad)
     with pytest.raises(ModelError, match="does not exist"):
         bioimageio.load_package(tmp_path / "missing.zip")
+    (tmp_path / "cut.zip").write_bytes(b"PK\x03\x04 a download that stopped")
+    with pytest.raises(ModelError, match="cut.zip is not a zip archive"):
+        bioimageio.load_package(tmp_path / "cut.zip")
 
 
 def test_without_bioimageio_spec_the_message_names_the_install(tmp_path: Path, monkeypatch) -> None:

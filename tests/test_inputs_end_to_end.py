@@ -53,8 +53,8 @@ def _maps(zarr_path: Path, wells=WELLS) -> dict[tuple[str, int], tuple[np.ndarra
 
 
 def _same_maps(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
+    assert a.keys() - {"render"} == b.keys() - {"render"}
+    for key in a.keys() - {"render"}:
         np.testing.assert_array_equal(a[key][0], b[key][0], err_msg=str(key))
         for k in ("site", "targets", "predicted_class", "class_probabilities", "results"):
             assert a[key][1][k] == b[key][1][k], (key, k)
@@ -73,7 +73,16 @@ def tiff_maps(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiff")
     plate = make_plate(root, wells=WELLS, steps=5)
     _explain(plate)
-    return _maps(root / "out" / "P1.zarr")
+    return {**_maps(root / "out" / "P1.zarr"), "render": _render(plate)}
+
+
+def _render(plate: Path) -> dict[str, bytes]:
+    """The PNGs `pcim render --plate-yaml` draws for well A01 (maps over the raw images), by file name."""
+    out = plate.parent / "render"
+    proc = run_pcim("render", str(plate.parent / "out" / "P1.zarr"), "--plate-yaml", str(plate), "--wells", "A01",
+                    "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png")) if "montage" not in p.name}
 
 
 def _zarr_plate(root: Path, writer, version: str, **kw) -> Path:
@@ -94,6 +103,8 @@ def test_maps_of_a_converted_plate_equal_the_tiff_plate(tmp_path: Path, tiff_map
     _same_maps(maps, tiff_maps)
     record = maps[("A01", 1)][1]
     assert record["site"] == 2 and record["inputs"]["stat"][1]["files"] >= 2  # the array folder, summed
+    drawn = _render(plate)  # the raw images under the maps read from the store: the same pictures
+    assert len(drawn) >= 2 and drawn == tiff_maps["render"]
     assert _tree_digest(tmp_path / "plate.zarr") == before  # never written
 
 
@@ -118,14 +129,18 @@ def test_validate_lists_the_store_problems_like_tiff_problems(tmp_path: Path) ->
     fields["B01"][2] = fields["B01"][2].astype(np.float32)
     fields["B01"][2][0, 3, 3] = np.nan
     plate = make_plate(tmp_path, wells=(), steps=5)
-    write_ome_zarr(tmp_path / "plate.zarr", {w: fields[w] for w in ("A01", "A02")}, version="0.4")
+    cropped = {1: demo_fields(["B01"])["B01"][1][:, :96, :96], 2: demo_fields(["B01"])["B01"][2]}
+    write_ome_zarr(tmp_path / "plate.zarr", {"A01": fields["A01"], "A02": fields["A02"], "B01": cropped},
+                   version="0.4")
     write_ome_zarr(tmp_path / "nan.zarr", {"B01": fields["B01"]}, version="0.4")
     shutil.rmtree(tmp_path / "plate.zarr" / "A" / "2" / "0")  # A02 site 1 lost in a copy
     _edit(plate, plate={"images": "plate.zarr", "channels": list(CHANNELS)})
     proc = run_pcim("validate", str(plate), "--json", "--no-probe")
     found = json.loads(proc.stdout)
     assert proc.returncode == 3, proc.stderr
-    assert found["usable"] == 3 and any("A02 field 1" in p and "missing" in p for p in found["problems"])
+    assert found["usable"] == 4 and any("A02 field 1" in p and "missing" in p for p in found["problems"])
+    assert any("B01 site 1: the field is 96x96 px but the plate's fields are 128x128" in p and "B/1/0" in p
+               for p in found["problems"]), found["problems"]
     _edit(plate, plate={"images": "nan.zarr"})
     proc = run_pcim("validate", str(plate), "--json", "--no-probe")
     found = json.loads(proc.stdout)
@@ -226,7 +241,7 @@ def test_bad_packages_exit_78_naming_the_package(tmp_path: Path) -> None:
     folder = build_package(tmp_path / "pkg", DEMO_MODEL, zip_name=None)
     with open(folder.parent / "weights.ts", "ab") as fh:  # weights replaced after the package was made
         fh.write(b"\0")
-    cases = {"broken.zip": "broken.zip", "half/rdf.yaml": "not a valid bioimage.io description",
+    cases = {"broken.zip": "broken.zip is not a zip archive", "half/rdf.yaml": "not a valid bioimage.io description",
              str(folder): "sha256"}
     for path, says in cases.items():
         _edit(plate, model={"path": path, "classes": None})
@@ -252,7 +267,7 @@ def test_bad_stores_exit_65_or_fail_the_field_naming_the_array(tmp_path: Path) -
     assert chunks
     for chunk in chunks:
         chunk.write_bytes(b"\x00garbage")
-    _edit(plate, plate={"images": "plate.zarr"})
+    _edit(plate, plate={"images": "plate.zarr", "layout": None})  # the plate metadata gives the wells
     proc = run_pcim("explain", str(plate), "--json", "--only", "A01,B01")
     doc = json.loads(proc.stdout)
     assert proc.returncode == 3, proc.stderr[-2000:]

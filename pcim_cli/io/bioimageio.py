@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,9 @@ def load_package(path: str | Path) -> PackageModel:
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model package {path} does not exist: fix model.path")
+    if path.is_file() and path.suffix.lower() == ".zip" and not zipfile.is_zipfile(path):
+        raise PackageError(f"model package {path} is not a zip archive (a download that stopped early?): download "
+                           "the package again, or give its rdf.yaml")
     spec = _spec()
     source = _description_source(path)
     try:
