@@ -15,7 +15,7 @@ from ome_zarr_models import v04, v05
 from ome_zarr_models.exceptions import ValidationWarning
 
 from pcim_cli.errors import OutputError
-from pcim_cli.io import store
+from pcim_cli.io import store, zarr_files
 
 FIELDS = {"A01": 2, "B03": 1}
 SHAPE = (2, 64, 48)
@@ -70,6 +70,11 @@ def test_bad_well_names_are_rejected(bad: str) -> None:
 # round trips
 
 
+def stored(maps: np.ndarray) -> np.ndarray:
+    """What the store keeps of float32 maps: their values with MAP_MANTISSA_BITS mantissa bits."""
+    return zarr_files.round_mantissa(maps, store.MAP_MANTISSA_BITS)
+
+
 def test_write_field_round_trips_through_zarr(tmp_path: Path, fmt: str) -> None:
     path, written = _plate(tmp_path, fmt)
     root = zarr.open_group(str(path), mode="r")
@@ -77,12 +82,15 @@ def test_write_field_round_trips_through_zarr(tmp_path: Path, fmt: str) -> None:
     for (well, field), maps in written.items():
         image = root[store.field_path(well, field)]
         assert image["0"].dtype == np.float32
-        np.testing.assert_array_equal(image["0"][:], maps)
+        # the stored maps: float32 with 6 mantissa bits kept (relative error <= 2^-7), rounded to nearest
+        np.testing.assert_array_equal(image["0"][:], stored(maps))
+        np.testing.assert_allclose(image["0"][:], maps, rtol=2.0 ** -(store.MAP_MANTISSA_BITS + 1), atol=0)
         # 2x / 4x mean-pooled levels
         assert image["1"].shape == (2, 32, 24) and image["2"].shape == (2, 16, 12)
-        np.testing.assert_allclose(image["1"][:], maps.reshape(2, 32, 2, 24, 2).mean(axis=(2, 4)), rtol=1e-6)
+        np.testing.assert_allclose(image["1"][:], maps.reshape(2, 32, 2, 24, 2).mean(axis=(2, 4)),
+                                   rtol=2.0 ** -store.MAP_MANTISSA_BITS)
         got, labels, record = store.read_field(path, well, field)
-        np.testing.assert_array_equal(got, maps)
+        np.testing.assert_array_equal(got, stored(maps))
         assert labels == ["mitotic", "mitotic:2"]
         assert record == {"status": "done", "target": "mitotic", "field": field}
 
@@ -93,15 +101,15 @@ def test_store_reads_through_ome_zarr_reader_as_napari_does(tmp_path: Path, fmt:
     image_nodes = list(Reader(parse_url(str(path / "A/1/1")))())
     image = image_nodes[0]
     assert [level.shape for level in image.data] == [(2, 64, 48), (2, 32, 24), (2, 16, 12)]
-    np.testing.assert_array_equal(np.asarray(image.data[0]), written[("A01", 1)])
+    np.testing.assert_array_equal(np.asarray(image.data[0]), stored(written[("A01", 1)]))
     assert image.metadata["channel_names"] == ["mitotic", "mitotic:2"]
 
     plate = list(Reader(parse_url(str(path)))())[0]
     montage = np.asarray(plate.data[0])  # field 0 of each well, at its plate position (rows A-B, cols 1-3)
     y, x = SHAPE[1:]
     assert montage.shape == (2, 2 * y, 3 * x)
-    np.testing.assert_array_equal(montage[:, :y, :x], written[("A01", 0)])
-    np.testing.assert_array_equal(montage[:, y:, 2 * x :], written[("B03", 0)])
+    np.testing.assert_array_equal(montage[:, :y, :x], stored(written[("A01", 0)]))
+    np.testing.assert_array_equal(montage[:, y:, 2 * x :], stored(written[("B03", 0)]))
 
 
 def test_plate_well_and_image_groups_validate_with_ome_zarr_models(tmp_path: Path, fmt: str) -> None:
@@ -206,7 +214,7 @@ def test_rerun_replaces_a_field_cleanly(tmp_path: Path, fmt: str) -> None:
     new = _maps(99, (1, 3, 2))  # fewer channels and levels than before
     store.write_field(path, "A01", 0, new, ["other"], {"status": "done", "run": 2}, format=fmt)
     maps, labels, record = store.read_field(path, "A01", 0)
-    np.testing.assert_array_equal(maps, new)
+    np.testing.assert_array_equal(maps, stored(new))
     assert labels == ["other"] and record == {"status": "done", "run": 2}
     assert sorted(zarr.open_group(str(path / "A/1/0"), mode="r").array_keys()) == ["0", "1"]
     _models(fmt).HCS.from_zarr(zarr.open_group(str(path), mode="r"))
@@ -245,7 +253,7 @@ def test_concurrent_workers_write_their_own_fields(tmp_path: Path, fmt: str) -> 
         assert list(pool.map(work, jobs)) == [store.field_path(w, f) for w, f in jobs]
     for job in jobs:
         maps, _, record = store.read_field(path, *job)
-        np.testing.assert_array_equal(maps, _maps(100 * jobs.index(job)))
+        np.testing.assert_array_equal(maps, stored(_maps(100 * jobs.index(job))))
         assert record == {"seed": 100 * jobs.index(job)}
     hcs = _models(fmt).HCS.from_zarr(zarr.open_group(str(path), mode="r"))
     assert len(list(hcs.well_groups)) == 3
@@ -261,7 +269,7 @@ def test_read_field_of_a_missing_field_raises(tmp_path: Path) -> None:
 def test_create_plate_again_keeps_fields_and_wells(tmp_path: Path, fmt: str) -> None:
     path, written = _plate(tmp_path, fmt)
     store.create_plate(path, "P001", {"B03": 1, "C02": 3}, format=fmt)  # a later run on other wells
-    np.testing.assert_array_equal(store.read_field(path, "A01", 1)[0], written[("A01", 1)])
+    np.testing.assert_array_equal(store.read_field(path, "A01", 1)[0], stored(written[("A01", 1)]))
     hcs = _models(fmt).HCS.from_zarr(zarr.open_group(str(path), mode="r"))
     plate = hcs.ome_attributes.plate if fmt == "0.5" else hcs.attributes.plate
     assert [w.path for w in plate.wells] == ["A/1", "B/3", "C/2"]

@@ -173,3 +173,32 @@ def test_compute_threads_through_the_cli(tmp_path: Path) -> None:
     bad = run_pcim("explain", str(plate), "--set", "compute.threads=many")
     assert bad.returncode == 78
     assert "compute.threads" in bad.stderr and "'auto' or a positive whole number" in bad.stderr
+
+
+def test_a_run_without_fit_steps_times_its_model_calls_and_decides() -> None:
+    """pcim-amortised without refine calls the model forward only: the probe times those calls (per shape,
+    alternating n threads and one after a warm-up at one) and decides, instead of never deciding (which left
+    such runs at n threads, the count that collapses beside other CPU work)."""
+    model = _Conv().eval()
+    before = torch.get_num_threads()
+    try:
+        threads.apply(2, auto=True)
+        probe = threads.probing(model, "cpu", steps=False)
+        assert isinstance(probe, threads.CallProbe)
+        x, other = torch.rand(4, 3, 32, 32), torch.rand(2, 3, 16, 16)
+        with torch.no_grad():
+            for i in range(40):  # a call of another shape first (a field's prediction), then a batch's calls
+                batch = other if i == 0 else x
+                torch.testing.assert_close(probe(batch), model(batch))
+                if probe.done:
+                    break
+        assert probe.done
+        assert len(probe.timings[tuple(other.shape)][1]) == 1  # timed per shape: its warm-up only
+        timed = probe.timings[tuple(x.shape)]
+        assert len(timed[1]) == len(timed[2]) + 1 and 1 <= len(timed[2]) <= threads.PROBE_ROUNDS
+        chosen = torch.get_num_threads()
+        assert chosen == threads.decide({2: timed[2], 1: timed[1][1:]})
+        assert threads.probing(model, "cpu", steps=False) is model  # decided for this process
+    finally:
+        threads.apply(None, False)
+        torch.set_num_threads(before)

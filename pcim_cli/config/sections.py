@@ -1,7 +1,7 @@
 """The sections of plate.yaml as pydantic models (docs/reference/plate-yaml.md lists every key).
 
 `RunConfig` is the whole file: `plate`, `model`, `explain` (config/explain.py, derived from the engine's
-options), `compute`, `output`, and the checks across sections. Each field's `description` is what
+options), `compute`, `output`, `qc` (config/qc.py), and the checks across sections. Each field's `description` is what
 `pcim schema` and `pcim init`'s template say about it. Loading, overrides and messages: config/load.py.
 """
 
@@ -25,13 +25,15 @@ from pydantic import (
 from pcim_cli.config.base import ConfigPath, Section
 from pcim_cli.config.explain import ExplainConfig
 from pcim_cli.config.messages import CrossProblems, did_you_mean
+from pcim_cli.config.qc import QcConfig, qc_problems
 from pcim_cli.engine.options import Aggregate
 from pcim_cli.errors import short
 from pcim_cli.io.patterns import compile_pattern
 from pcim_cli.io.plate import parse_well
 
 __all__ = ["DASK_ADDRESS", "ComputeConfig", "ExplainConfig", "ModelConfig", "Normalize", "NormalizeFixed",
-           "NormalizeNone", "NormalizePercentile", "NormalizeZscore", "OutputConfig", "PlateConfig", "RunConfig",
+           "NormalizeNone", "NormalizePercentile", "NormalizeZscore", "OutputConfig", "PlateConfig", "QcConfig",
+           "RunConfig",
            "SlurmConfig"]
 
 
@@ -423,6 +425,7 @@ class RunConfig(Section):
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    qc: QcConfig = Field(default_factory=QcConfig)
 
     _config_path: Path | None = PrivateAttr(default=None)
     _model_package: Any = PrivateAttr(default=None)  # run/model_package.py: a bioimage.io package applied
@@ -457,7 +460,7 @@ class RunConfig(Section):
     def _empty_sections(cls, data: Any) -> Any:
         """Missing or null optional sections validate as `{}`, so their paths resolve in context."""
         if isinstance(data, dict):
-            data = {**data, **{k: {} for k in ("explain", "compute", "output") if data.get(k) is None}}
+            data = {**data, **{k: {} for k in ("explain", "compute", "output", "qc") if data.get(k) is None}}
         return data
 
     @model_validator(mode="after")
@@ -499,6 +502,7 @@ class RunConfig(Section):
                              "(e.g. tcp://host:8786; or set DASK_SCHEDULER_ADDRESS)"))
         if compute.cluster == "scheduler-file" and compute.scheduler_file is None:
             problems.append(("compute.scheduler_file", "required with compute.cluster: scheduler-file"))
+        problems += qc_problems(self.qc, list(self.plate.channels), list(self.plate.objects or {}))
         if problems:
             raise CrossProblems(problems)
         return self

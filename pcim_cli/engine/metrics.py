@@ -77,28 +77,42 @@ def perturbation_curve(
         raise ValueError(f"mode must be deletion or insertion, got {mode!r}")
     fractions = default_fractions() if fractions is None else fractions
     b, c, h, w = x.shape
-    score = _ranking_score(maps, c, per_channel)
-    m = score.shape[1]
+    score = ranking_score(maps, c, per_channel)
     sub = mixing.substrate(x, substrate, blur_sigma)
     sub = torch.zeros_like(x) if sub is None else sub
-    ranks = _ranks(score.flatten(1)).view(b, m, h, w)
-    counts = (fractions.to(x.device) * m * h * w).round().long()
-    target = target.to(x.device).long()
-    probs = torch.empty(b, len(counts), device=x.device)
+    counts = (fractions.to(x.device) * score[0].numel()).round().long()
     pairs = [(i, s) for i in range(b) for s in range(len(counts))]
+    target = target.to(x.device).long()
+    probs = perturbed_probs(model, x, pixel_ranks(score), sub, counts, pairs, mode, chunk)
+    rows = torch.tensor([i for i, _ in pairs], device=x.device)
+    return probs.gather(1, target[rows][:, None])[:, 0].view(b, len(counts))
+
+
+def pixel_ranks(score: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Ranks (B, M, H, W) of a ranking score (B, M, H, W): 0 = most relevant; ties in a fixed random order."""
+    return _ranks(score.flatten(1), seed).view(score.shape)
+
+
+@torch.no_grad()
+def perturbed_probs(model: Forward, x: torch.Tensor, ranks: torch.Tensor, sub: torch.Tensor, counts: torch.Tensor,
+                    pairs: Sequence[tuple[int, int]], mode: str = "deletion", chunk: int = 64) -> torch.Tensor:
+    """Class probabilities (len(pairs), K) of the perturbed images: for each (row i, step s), image i with
+    its `counts[s]` top-ranked pixel(-channel)s set to `sub` (deletion) or with every other one set to it
+    (insertion); forwards in batches of at most `chunk` images."""
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be deletion or insertion, got {mode!r}")
+    out = []
     for start in range(0, len(pairs), chunk):
         part = pairs[start : start + chunk]
         ii = torch.tensor([p[0] for p in part], device=x.device)
         ss = torch.tensor([p[1] for p in part], device=x.device)
         top = (ranks[ii] < counts[ss].view(-1, 1, 1, 1)).to(x.dtype)
         keep = 1 - top if mode == "deletion" else top
-        batch = sub[ii] + keep * (x[ii] - sub[ii])
-        p = torch.softmax(model(batch), dim=1).gather(1, target[ii][:, None])[:, 0]
-        probs[ii, ss] = p.to(probs.dtype)
-    return probs
+        out.append(torch.softmax(model(sub[ii] + keep * (x[ii] - sub[ii])).float(), dim=1))
+    return torch.cat(out) if out else torch.zeros(0, 0, device=x.device)
 
 
-def _ranking_score(maps: torch.Tensor, channels: int, per_channel: bool) -> torch.Tensor:
+def ranking_score(maps: torch.Tensor, channels: int, per_channel: bool) -> torch.Tensor:
     """(B, 1, H, W) joint pixel relevance, or (B, C, H, W) per pixel-channel when per_channel is asked."""
     maps = maps if maps.dim() == 4 else maps[:, None]
     if not per_channel or maps.shape[1] == 1:
@@ -241,6 +255,7 @@ __all__: Sequence[str] = (
     "insertion_auc",
     "perturbation_curve",
     "pixel_auroc",
+    "ranking_score",
     "pointing_game",
     "rank_accuracy",
     "relevance_mass",

@@ -189,3 +189,12 @@ class PcimOptions:
 
 #: the names of the engine settings, in declaration order
 ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(PcimOptions))
+
+
+# ---------------------------------------------------------------- shortcut QC (engine/shares.py, config/qc.py)
+
+#: the field border of the shortcut QC: this share of the field's shorter side (qc.border)
+QC_BORDER_FRACTION = 0.05
+#: region -> the word of its CSV column PCIM_Share_<word> (io/summary.py), in CSV order
+QC_COLUMNS = {"objects": "OnObjects", "background": "Background", "border": "Border", "saturated": "Saturated",
+              "seams": "Seams"}

@@ -29,10 +29,7 @@ and the group's metadata (:func:`_clear_field`).
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,18 +41,17 @@ import zarr
 
 from pcim_cli import __version__
 from pcim_cli.errors import OutputError, os_reason
+from pcim_cli.io import zarr_files
 from pcim_cli.io.ngff import (
     BAD_METADATA,
     DAMAGE_ERRORS,
-    array_options,
+    MAX_CHUNK,
     check_maps,
-    format_of,
     image_attrs,
     jsonable,
     ome_attrs,
     ome_metadata,
     pyramid,
-    set_ome,
     zarr_version,
 )
 from pcim_cli.io.plate import parse_well, row_letter
@@ -64,6 +60,9 @@ from pcim_cli.io.plate import row_index as plate_row_index
 logger = logging.getLogger(__name__)
 
 RECORD_KEY = "pcim"
+#: mantissa bits the stored maps keep (relative error <= 2^-7; benchmarks/bench_store.py: no CSV metric
+#: moves by more than 2e-4, the map of a 2160 px field takes 2-4x less space)
+MAP_MANTISSA_BITS = 6
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,7 +96,7 @@ def create_plate(path: Path, plate_name: str, fields: Mapping[str, int], format:
     plate (and takes the keys of ``record``); a new store gets it in the same write as its plate
     metadata, so no pcim store ever lacks it. Call ``ownership.check_owner`` first.
     """
-    version = zarr_version(format)
+    zarr_format = zarr_version(format)
     existing = _existing_wells(path, format)
     merged = dict(existing)
     for well, count in fields.items():
@@ -125,21 +124,46 @@ def create_plate(path: Path, plate_name: str, fields: Mapping[str, int], format:
                 **dict(record or {}), "plate": plate_name}
         attrs = {**ome_attrs(format, "plate", plate), RECORD_KEY: jsonable(pcim)}
         if has_root(path):
-            root = zarr.open_group(str(path), mode="r+")
-            root.update_attributes(attrs)
+            zarr_files.update_attributes(path, attrs)
         else:  # one write: the plate metadata and the record that says pcim made this store
-            root = zarr.create_group(str(path), zarr_format=version, attributes=attrs)
-        for row, col in cells:
+            zarr_files.write_group(path, zarr_format, attrs)
+        rows_ok: set[str] = set()
+        for row, col in cells:  # a well's metadata is written only where it does not already say this
             images = [{"path": str(i)} for i in range(merged[(row, col)])]
-            try:
-                well_group = root.require_group(row).require_group(col)
-                set_ome(well_group, format, "well", {"images": images})
-            except BAD_METADATA:  # a damaged row or well zarr.json: written again, its fields kept
-                _rewrite_group(path / row, format, {})
-                _rewrite_group(path / row / col, format, ome_attrs(format, "well", {"images": images}))
+            if row not in rows_ok:
+                _require_group(path / row, zarr_format, {})
+                rows_ok.add(row)
+            _require_group(path / row / col, zarr_format, ome_attrs(format, "well", {"images": images}),
+                           ome_key="well")
     except OSError as exc:
         raise output_error(path, exc) from exc
     logger.info("plate %s: %d wells in %s (NGFF %s)", plate_name, len(cells), path, format)
+
+
+def _require_group(folder: Path, zarr_format: int, attrs: dict[str, Any], ome_key: str | None = None) -> None:
+    """Make the group at `folder` hold `attrs` (its NGFF entry `ome_key` set, its other attributes kept),
+    writing nothing when it already does; damaged metadata is written again (its members are kept)."""
+    try:
+        have = zarr_files.read_attributes(folder)
+    except ValueError:
+        logger.warning("rewrote the damaged group metadata of %s", folder)
+        have = None
+    if have is not None and ome_key is None:
+        return
+    if have is not None:
+        ome_have, ome_want = ome_metadata(have), ome_metadata(attrs)
+        if ome_have.get(ome_key) == ome_want.get(ome_key):
+            return
+        attrs = _merge_ome(have, attrs)
+    zarr_files.write_group(folder, zarr_format, attrs)
+
+
+def _merge_ome(have: Mapping[str, Any], want: Mapping[str, Any]) -> dict[str, Any]:
+    """`have` with the NGFF entries of `want` set (under ``ome`` for 0.5, at the top level for 0.4)."""
+    out = dict(have)
+    for key, value in want.items():
+        out[key] = {**dict(out.get(key) or {}), **value} if key == "ome" and isinstance(value, Mapping) else value
+    return out
 
 
 def _existing_wells(path: Path, format: str) -> dict[tuple[str, str], int]:
@@ -151,49 +175,38 @@ def _existing_wells(path: Path, format: str) -> dict[tuple[str, str], int]:
     if not has_root(path):
         return {}
     try:
-        root = zarr.open_group(str(path), mode="r")
-    except DAMAGE_ERRORS as exc:
+        attrs = zarr_files.read_attributes(path) or {}
+    except (ValueError, OSError) as exc:
         raise damaged_root(path, exc) from exc
-    found = format_of(root)
+    found = "0.5" if zarr_files.zarr_format_at(path) == 3 else "0.4"
     if found != format:
         raise OutputError(
             f"{path} is an NGFF {found} store, but output.format is {format!r}: set output.format: "
             f"{found!r}, or choose another output.zarr path (or delete the old store)."
         )
-    plate = ome_metadata(root.attrs.asdict()).get("plate") or {}
+    plate = ome_metadata(attrs).get("plate") or {}
     wells: dict[tuple[str, str], int] = {}
     for entry in plate.get("wells", []):
         well_path = str(entry.get("path", "")) if isinstance(entry, Mapping) else ""
         if well_path.count("/") != 1:
             continue
         row, col = well_path.split("/")
-        wells[(row, col)] = _well_field_count(path, root, well_path)
+        wells[(row, col)] = _well_field_count(path, well_path)
     return wells
 
 
-def _well_field_count(path: Path, root: zarr.Group, well_path: str) -> int:
+def _well_field_count(path: Path, well_path: str) -> int:
     try:
-        if well_path not in root:
+        attrs = zarr_files.read_attributes(Path(path) / well_path)
+        if attrs is None:
             return 0
-        images = ome_metadata(root[well_path].attrs.asdict()).get("well", {}).get("images", [])
+        images = ome_metadata(attrs).get("well", {}).get("images", [])
         return len(images)
-    except DAMAGE_ERRORS:
+    except (*BAD_METADATA, OSError):
         logger.warning("the well metadata %s/%s/zarr.json cannot be read (damaged); it is written again",
                        path, well_path)
         folder = path / well_path
         return len([p for p in folder.iterdir() if p.name.isdigit()]) if folder.is_dir() else 0
-
-
-def _rewrite_group(folder: Path, format: str, attrs: dict[str, Any]) -> None:
-    """Replace a group's damaged metadata file with a fresh one holding `attrs`; its children are kept."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if format == "0.5":
-        doc = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
-        (folder / "zarr.json").write_text(json.dumps(doc))
-    else:
-        (folder / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
-        (folder / ".zattrs").write_text(json.dumps(attrs))
-    logger.warning("rewrote the damaged group metadata of %s", folder)
 
 
 def has_root(path: Path) -> bool:
@@ -228,22 +241,25 @@ def write_field(
     field group. ``extra(group, n_levels)`` writes more members (object labels and tables) after the
     maps and before the record. Returns the relative path, e.g. ``"A/1/0"``.
     """
-    version = zarr_version(format)
+    zarr_format = zarr_version(format)
     maps = np.asarray(maps, dtype=np.float32)
     check_maps(maps, labels)
     record_json = jsonable(dict(record))
     rel = field_path(well, field)
-    levels = pyramid(maps)
-    attrs = image_attrs(format, rel, maps, labels, len(levels))
+    levels = [zarr_files.round_mantissa(level, MAP_MANTISSA_BITS)
+              for level in pyramid(zarr_files.round_mantissa(maps, MAP_MANTISSA_BITS))]
+    attrs = image_attrs(format, rel, levels[0], labels, len(levels))
+    folder = Path(path) / rel
     try:
         _check_store_format(path, format)
         _clear_field(Path(path), rel)
-        group = zarr.create_group(str(path), path=rel, zarr_format=version, attributes=attrs)
+        zarr_files.write_group(folder, zarr_format, attrs)  # no record yet: incomplete until the last write
         for level, data in enumerate(levels):
-            group.create_array(str(level), data=data, **array_options(data.shape, version, every_chunk=True))
+            zarr_files.write_array(folder / str(level), zarr_format, data, _chunks(data.shape),
+                                   ("c", "y", "x") if zarr_format == 3 else None)
         if extra is not None:
-            extra(group, len(levels))
-        group.update_attributes({RECORD_KEY: record_json})
+            extra(zarr.open_group(str(path), path=rel, mode="r+"), len(levels))
+        zarr_files.update_attributes(folder, {RECORD_KEY: record_json})
     except OutputError:
         raise
     except OSError as exc:
@@ -271,8 +287,8 @@ def _clear_field(path: Path, rel: str) -> None:
     if not folder.is_dir():
         return
     try:
-        record = zarr.open_group(str(path), path=rel, mode="r").attrs.get(RECORD_KEY)
-    except DAMAGE_ERRORS:
+        record = (zarr_files.read_attributes(folder) or {}).get(RECORD_KEY)
+    except (*BAD_METADATA, OSError):
         record = None
     for child in folder.iterdir():
         if child.name.isdigit() or child.name in OWNED_MEMBERS:
@@ -327,11 +343,10 @@ def read_record(path: Path, well: str, field: int) -> dict | None:
     """
     rel = field_path(well, field)
     try:
-        group = zarr.open_group(str(path), path=rel, mode="r")
-        attrs = group.attrs.asdict()
+        attrs = zarr_files.read_attributes(Path(path) / rel)
+        if attrs is None:
+            return None
         record = attrs.get(RECORD_KEY)
-    except FileNotFoundError:  # zarr's GroupNotFoundError is one
-        return None
     except DAMAGE_ERRORS as exc:
         return damaged_record(path, rel, exc)
     if record is not None and not isinstance(record, Mapping):
@@ -357,16 +372,11 @@ def map_arrays_problem(path: Path, rel: str, attrs: Mapping[str, Any]) -> str | 
     for name in datasets:
         folder = Path(path) / rel / name
         try:
-            array = zarr.open_array(str(path), path=f"{rel}/{name}", mode="r")
-            expected = {array.metadata.encode_chunk_key(idx)
-                        for idx in itertools.product(*(range(n) for n in array.cdata_shape))}
+            expected, missing = zarr_files.missing_chunks(folder)
         except DAMAGE_ERRORS as exc:
             return (f"the map array {folder} cannot be opened ({type(exc).__name__}: {os_reason(exc)}); {redo}")
-        present = {os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
-                   for root, _, files in os.walk(folder) for f in files}
-        missing = sorted(expected - present)
         if missing:
-            return (f"the map array {folder} lacks {len(missing)} of its {len(expected)} chunk files (e.g. "
+            return (f"the map array {folder} lacks {len(missing)} of its {expected} chunk files (e.g. "
                     f"{missing[0]}): its maps are gone; {redo}")
     return None
 
@@ -379,10 +389,10 @@ def damaged_record(path: Path, rel: str, exc: BaseException) -> dict[str, Any]:
 
 def update_record(path: Path, well: str, field: int, changes: Mapping[str, Any]) -> None:
     """Change keys of an existing field record (the driver marks records stale, or refreshes their inputs)."""
+    folder = Path(path) / field_path(well, field)
     try:
-        group = zarr.open_group(str(path), path=field_path(well, field), mode="r+")
-        record = dict(group.attrs.get(RECORD_KEY) or {})
-        group.update_attributes({RECORD_KEY: jsonable({**record, **changes})})
+        record = dict((zarr_files.read_attributes(folder) or {}).get(RECORD_KEY) or {})
+        zarr_files.update_attributes(folder, {RECORD_KEY: jsonable({**record, **changes})})
     except OSError as exc:
         raise output_error(path, exc) from exc
 
@@ -395,22 +405,19 @@ def read_plate_record(path: Path) -> dict[str, Any]:
     """The plate group's ``pcim`` attribute (``plate``, ``fingerprint``, ``failed``: fields that failed, by
     path; ``last_run``); {} if none. Raises OutputError when the plate metadata cannot be read."""
     try:
-        root = zarr.open_group(str(path), mode="r")
-        record = root.attrs.get(RECORD_KEY)
-    except FileNotFoundError:
-        return {}
+        attrs = zarr_files.read_attributes(path)
     except DAMAGE_ERRORS as exc:
         raise damaged_root(path, exc) from exc
+    record = (attrs or {}).get(RECORD_KEY)
     return dict(record) if isinstance(record, Mapping) else {}
 
 
 def update_plate_record(path: Path, changes: Mapping[str, Any]) -> None:
     """Set keys of the plate group's ``pcim`` attribute, keeping the others. Only the driver calls this."""
     try:
-        root = zarr.open_group(str(path), mode="r+")
-        record = root.attrs.get(RECORD_KEY)
+        record = (zarr_files.read_attributes(path) or {}).get(RECORD_KEY)
         record = dict(record) if isinstance(record, Mapping) else {}
-        root.update_attributes({RECORD_KEY: jsonable({**record, **changes})})
+        zarr_files.update_attributes(path, {RECORD_KEY: jsonable({**record, **changes})})
     except OSError as exc:
         raise output_error(path, exc) from exc
 
@@ -418,13 +425,12 @@ def update_plate_record(path: Path, changes: Mapping[str, Any]) -> None:
 def plate_fields(path: Path) -> dict[str, int]:
     """Wells (canonical ``A01``) -> number of fields the plate metadata lists; {} when no plate is there."""
     try:
-        root = zarr.open_group(str(path), mode="r")
-    except FileNotFoundError:
-        return {}
+        if zarr_files.read_attributes(path) is None:
+            return {}
     except DAMAGE_ERRORS as exc:
         raise damaged_root(path, exc) from exc
     out = {}
-    for (row, col), n in _existing_wells(path, format_of(root)).items():
+    for (row, col), n in _existing_wells(path, "0.5" if zarr_files.zarr_format_at(path) == 3 else "0.4").items():
         try:
             out[_well_name(row, col)] = n
         except ValueError:
@@ -442,11 +448,10 @@ def _well_name(row: str, col: str) -> str:
 
 def _check_store_format(path: Path, format: str) -> None:
     """A worker must not write a Zarr v3 field into a v2 plate (or the reverse)."""
-    try:
-        root = zarr.open_group(str(path), mode="r")
-    except FileNotFoundError:
+    version = zarr_files.zarr_format_at(path)
+    if version is None:
         return  # no plate yet: create_plate was not called; the field is still written
-    found = format_of(root)
+    found = "0.5" if version == 3 else "0.4"
     if found != format:
         raise OutputError(
             f"{path} is an NGFF {found} store, but this field was to be written as NGFF {format}: "
@@ -456,6 +461,11 @@ def _check_store_format(path: Path, format: str) -> None:
 
 def _well_sort_key(cell: tuple[str, str]) -> tuple[int, int]:
     return plate_row_index(cell[0]), int(cell[1])
+
+
+def _chunks(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """Chunks of one channel x up to 1024 x 1024 px (whole-plate browsing)."""
+    return (1, min(shape[1], MAX_CHUNK), min(shape[2], MAX_CHUNK))
 
 
 def output_error(path: Path, exc: BaseException) -> OutputError:
@@ -470,7 +480,7 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S%z")
 
 
-__all__ = ["DAMAGE_ERRORS", "RECORD_KEY", "create_plate", "damaged_record",
+__all__ = ["DAMAGE_ERRORS", "MAP_MANTISSA_BITS", "RECORD_KEY", "create_plate", "damaged_record",
            "damaged_root", "field_path", "has_root", "output_error", "plate_fields", "read_field",
            "read_plate_record", "read_record", "split_well", "update_field", "update_plate_record", "update_record",
            "write_field"]

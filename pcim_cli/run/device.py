@@ -86,6 +86,8 @@ def model_key(sha256: str, n_channels: int, input_size: tuple[int, int] | None, 
 def explainer(path: str | Path, device: str, sha256: str | None = None, hint: str = "plate.yaml") -> LoadedExplainer:
     """io/explainer.py `load_explainer`, once per file contents and device. With `sha256` (what the driver
     checked), a file that changed since is a PcimError: the run was planned with the other one."""
+    if not Path(path).is_file():  # load_explainer says what is missing and how to train one (78)
+        return load_explainer(path, device=device, hint=hint)
     loaded = EXPLAINERS.get((sha256 or file_sha256(path), device),
                              lambda: load_explainer(path, device=device, hint=hint))
     if sha256 is not None and loaded.sha256 != sha256:

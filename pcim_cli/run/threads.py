@@ -211,13 +211,27 @@ def apply(threads: int | None, auto: bool) -> None:
 
 
 def probing(forward: Callable[[torch.Tensor], torch.Tensor], device: str,
-            clock: Callable[[], float] = time.perf_counter) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`forward`, wrapped in a ThreadProbe when this process's policy wants a (new) decision on a CPU."""
+            clock: Callable[[], float] = time.perf_counter,
+            steps: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`forward`, wrapped in a probe when this process's policy wants a (new) decision on a CPU.
+
+    steps: the work makes fit steps (calls with gradients): time them (ThreadProbe); False for methods
+    that only call the model forward (pcim-amortised without refine steps, occlusion, ...): time those
+    calls themselves (CallProbe).
+    """
     p = _POLICY
     due = p.decided_at is None or clock() - p.decided_at > REPROBE_S
     if not p.auto or p.cap is None or p.cap <= 1 or not str(device).startswith("cpu") or not due:
         return forward
-    return ThreadProbe(forward, p.cap, clock=clock)
+    return ThreadProbe(forward, p.cap, clock=clock) if steps else CallProbe(forward, p.cap, clock=clock)
+
+
+def _keep(chosen: int, timings: Mapping[int, list[float]], n: int, what: str, clock: Callable[[], float]) -> None:
+    """Set and record the process's thread count once a probe has decided."""
+    torch.set_num_threads(chosen)
+    _POLICY.chosen, _POLICY.decided_at = chosen, clock()
+    logger.info("torch threads: %d (%s took %.3g s at %d threads, %.3g s at 1)", chosen, what,
+                statistics.median(timings[n]), n, statistics.median(timings[1]))
 
 
 class ThreadProbe(torch.nn.Module):
@@ -266,12 +280,7 @@ class ThreadProbe(torch.nn.Module):
     def _clear(self) -> bool:
         """After a timed step at each count: one count already `CLEAR` times faster than the other
         (on a busy node n threads can be 10x slower: no need to pay for more such steps)."""
-        warm = self.warm()
-        a, b = warm[self.n], warm[1]
-        if not a or not b or len(a) != len(b):
-            return False
-        ratio = statistics.median(a) / statistics.median(b)
-        return ratio > CLEAR or ratio < 1 / CLEAR
+        return _clear(self.warm(), self.n)
 
     def warm(self) -> dict[int, list[float]]:
         """Step times per thread count, without the warm-up step (the first, at one thread)."""
@@ -279,12 +288,53 @@ class ThreadProbe(torch.nn.Module):
 
     def _finish(self) -> None:
         warm = self.warm()
-        chosen = decide(warm)
-        torch.set_num_threads(chosen)
-        _POLICY.chosen, _POLICY.decided_at = chosen, self.clock()
+        _keep(decide(warm), warm, self.n, "a fit step", self.clock)
         self.done = True
-        logger.info("torch threads: %d (a fit step took %.3g s at %d threads, %.3g s at 1)", chosen,
-                    statistics.median(warm[self.n]), self.n, statistics.median(warm[1]))
+
+
+class CallProbe(torch.nn.Module):
+    """The probe for work without fit steps: times the model's calls themselves at `n` threads and at one.
+
+    An amortised map calls the model forward only (the field's prediction, the kept and deleted images,
+    fidelity curves), so there is no step to time: each call is timed on its own (CPU work is
+    synchronous), per input shape, as ThreadProbe times steps: for each shape, a first call at one thread
+    (warm-up), then `rounds` calls at each count, alternating, n first; the first shape to finish (or
+    whose counts differ by `CLEAR` after a round) decides, by the same rule. Calls of other shapes in
+    between run at the count last set. Once decided, the wrapper only forwards.
+    """
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], n: int, rounds: int = PROBE_ROUNDS,
+                 clock: Callable[[], float] = time.perf_counter):
+        super().__init__()
+        self.model, self.n, self.clock = model, n, clock
+        self.plan = [1] + [n, 1] * rounds
+        self.timings: dict[tuple[int, ...], dict[int, list[float]]] = {}
+        self.done = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.done:
+            return self.model(x)
+        shape = tuple(x.shape)
+        timings = self.timings.setdefault(shape, {self.n: [], 1: []})
+        threads = self.plan[sum(len(t) for t in timings.values())]
+        torch.set_num_threads(threads)
+        started = self.clock()
+        out = self.model(x)
+        timings[threads].append(self.clock() - started)
+        warm = {self.n: list(timings[self.n]), 1: timings[1][1:]}
+        if sum(len(t) for t in timings.values()) == len(self.plan) or _clear(warm, self.n):
+            _keep(decide(warm), warm, self.n, "a model call", self.clock)
+            self.done = True
+        return out
+
+
+def _clear(warm: Mapping[int, list[float]], n: int) -> bool:
+    """After a timed call at each count: one count already CLEAR times faster than the other."""
+    a, b = warm[n], warm[1]
+    if not a or not b or len(a) != len(b):
+        return False
+    ratio = statistics.median(a) / statistics.median(b)
+    return ratio > CLEAR or ratio < 1 / CLEAR
 
 
 @contextlib.contextmanager

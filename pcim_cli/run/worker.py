@@ -29,7 +29,7 @@ from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
 from pcim_cli.io import images, ome_zarr_plate, signature
 from pcim_cli.io.model import LoadedModel, error_summary
-from pcim_cli.run import device
+from pcim_cli.run import device, shortcut_qc
 from pcim_cli.run.batching import Batcher
 from pcim_cli.run.failures import constant_channels
 from pcim_cli.run.task import FieldFiles, WellTask, task_failed_row
@@ -91,7 +91,7 @@ def explain_well(task: WellTask) -> list[dict[str, Any]]:
             if isinstance(read, dict):  # a failed row
                 rows.append(read)
                 continue
-            img, read_s, inputs, warnings = read
+            img, read_s, inputs, warnings, saturation = read
             if batcher is None:
                 try:
                     batcher = Batcher(task, _model(task), opts, _explainer(task))
@@ -99,7 +99,7 @@ def explain_well(task: WellTask) -> list[dict[str, Any]]:
                     rows.append(task_failed_row(task, field, str(exc), "model", inputs))
                     continue
             rows += (batcher.refresh_objects(field, img) if field.objects_only
-                     else batcher.add(field, img, read_s, inputs, warnings))
+                     else batcher.add(field, img, read_s, inputs, warnings, saturation))
         if batcher is not None:
             rows += batcher.finish()
     except Exception as exc:  # noqa: BLE001 - a bug must not fail the fields already written
@@ -111,7 +111,8 @@ def explain_well(task: WellTask) -> list[dict[str, Any]]:
 
 
 def _read_checked(task: WellTask, field: FieldFiles):
-    """(image, seconds, input signature, warnings) of a field, or its failed row."""
+    """(image, seconds, input signature, warnings, saturation) of a field, or its failed row; saturation:
+    the shortcut QC's saturated pixels and levels, from the raw counts (None without qc)."""
     t0 = time.perf_counter()
     inputs = signature.signature(field.files, field.stat or None)
     try:
@@ -121,6 +122,7 @@ def _read_checked(task: WellTask, field: FieldFiles):
         return task_failed_row(task, field, str(exc), "data", inputs)
     where = _source(task, field).where
     warnings = constant_channels(raw, task.channels, field.files if field.zarr is None else (where,))
+    saturation = None if task.qc is None else shortcut_qc.saturation_mask(raw, task.qc)
     img = torch.from_numpy(_normalise(task, raw))
     read_s = time.perf_counter() - t0
     if task.field_size is not None and tuple(img.shape[-2:]) != tuple(task.field_size):
@@ -129,4 +131,4 @@ def _read_checked(task: WellTask, field: FieldFiles):
         return task_failed_row(task, field, msg, "data", inputs)
     for w in warnings:
         logger.warning("%s site %d: %s", task.well, field.site, w)
-    return img, read_s, inputs, warnings
+    return img, read_s, inputs, warnings, saturation
