@@ -488,14 +488,6 @@ class RunConfig(Section):
             problems.append(("explain.intensity_channel", f"{channel!r} is not in plate.channels "
                              f"({', '.join(self.plate.channels)}); use one of them or auto"
                              + did_you_mean(channel, list(self.plate.channels))))
-        budget = self.explain.budget
-        if self.explain.adaptive_budget is not None:
-            if not isinstance(budget, (int, float)):
-                problems.append(("explain.adaptive_budget", "grows one budget: set explain.budget to one share "
-                                 f"(it is {budget}), or adaptive_budget to null"))
-            elif budget > self.explain.adaptive_budget:
-                problems.append(("explain.adaptive_budget", f"{self.explain.adaptive_budget} is below explain.budget "
-                                 f"({budget}): give the largest share the budget may grow to"))
         compute = self.compute
         if compute.cluster == "address" and not compute.address:
             problems.append(("compute.address", "required with compute.cluster: address "

@@ -24,7 +24,6 @@ import torch
 from pcim_cli.engine import field as field_maps
 from pcim_cli.engine import metrics, tiling, trivial
 from pcim_cli.engine.attribute import attribute
-from pcim_cli.engine.budget import fit_adaptive
 from pcim_cli.engine.pcim import Forward, PcimOptions
 from pcim_cli.errors import PcimError
 from pcim_cli.io import store, summary
@@ -255,11 +254,8 @@ class Batcher:
         tt = torch.tensor([task.classes.index(u.field.targets[u.k]) for u in chunk], device=self.device)
         seeds = torch.tensor([field_seed(opts.seed, task.well, u.field.files.site, u.field.targets[u.k])
                               + max(u.tile, 0) for u in chunk])
-        if task.adaptive_budget is not None and task.method == "pcim":
-            result, budgets = fit_adaptive(forward, x, tt, opts, seeds=seeds, max_budget=task.adaptive_budget)
-            result.budget = budgets
-        else:
-            result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
+        # PCIM grows each map's budget within its fit (explain.adaptive_budget); result.budget says where it ended
+        result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
         dele = ins = [float("nan")] * len(chunk)
         checks: list[dict | None] = [None] * len(chunk)
         if task.fidelity:  # perturbed images in forward batches no larger than the fit's

@@ -201,7 +201,6 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             normalize=cfg.model.normalize.model_dump(), model_path=str(model.path), model_sha256=model.sha256,
             input_size=cfg.model.input_size, field_size=field_size, method=cfg.explain.method,
             aggregate=cfg.model.aggregate, tile_maps=cfg.explain.tile_maps,
-            adaptive_budget=cfg.explain.adaptive_budget,
             engine=dataclasses.asdict(opts),
             explainer_path=None if explainer is None else str(explainer.path),
             explainer_sha256=None if explainer is None else explainer.sha256,
@@ -391,9 +390,9 @@ def fit_advice(result: RunResult, cfg: RunConfig) -> str | None:
     if not bad:
         return None
     total = sum(fits.values())
-    grow = ("raise explain.budget (now "
-            f"{cfg.explain.budget}) or set explain.adaptive_budget: 0.32" if cfg.explain.adaptive_budget is None
-            else f"raise explain.adaptive_budget (now {cfg.explain.adaptive_budget})")
+    grow = ("let the budget grow: explain.adaptive_budget: 0.32 (the default; now null)"
+            if cfg.explain.adaptive_budget is None
+            else f"raise explain.adaptive_budget (the budget grew up to {cfg.explain.adaptive_budget})")
     return (f"{bad} of {total} maps are weak ({fits['weak']}) or failed ({fits['failed']}) fits (PCIM_Fit in "
             f"{result.csv}): deleting their pixels did not remove the class (PCIM_ProbDeleted stays near "
             "PCIM_ProbOriginal). Likely causes: evidence larger than the budget (confluence, density, texture) "

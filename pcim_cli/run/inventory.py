@@ -67,14 +67,12 @@ def fingerprint(cfg: RunConfig, model_sha256: str, classes: list[str] | None = N
 
 
 def _field_settings(cfg: RunConfig) -> dict:
-    """Settings of tiled fields and of the budget that change maps; only where they apply (so fingerprints
-    of untiled plates made before they existed do not change)."""
+    """Settings of tiled fields that change maps; only where they apply (so fingerprints of untiled plates
+    made before they existed do not change). explain.adaptive_budget is an engine setting (engine_options)."""
     out = {}
     if cfg.model.input_size is not None or cfg.model.aggregate == "whole-field":  # only tiled fields use them
         out["aggregate"] = cfg.model.aggregate
         out["tile_maps"] = cfg.explain.tile_maps
-    if cfg.explain.adaptive_budget is not None:
-        out["adaptive_budget"] = cfg.explain.adaptive_budget
     if cfg.plate.timepoint is not None:  # the time point read from a T axis
         out["timepoint"] = cfg.plate.timepoint
     return out

@@ -67,7 +67,6 @@ class WellTask(BaseModel):
     field_size: tuple[int, int] | None = None  # (H, W) of the plate's fields; a field of another size fails
     aggregate: str = "mean-logit"  # how a tiled field's prediction is made (model.aggregate)
     tile_maps: str = "field"  # one fit over a tiled field's pixels, or per tile (explain.tile_maps)
-    adaptive_budget: float | None = None  # grow the budget up to this share until the class is lost; None: fixed
     method: str = "pcim"
     engine: dict[str, Any]
     explainer_path: str | None = None  # pcim-amortised: the trained explainer (checked by the driver)
