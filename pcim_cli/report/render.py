@@ -90,7 +90,8 @@ def find_raw(cfg: Any, wells: Sequence[str]) -> RawImages:
     """Discover the raw TIFFs of ``wells`` through a loaded plate.yaml (a RunConfig)."""
     from pcim_cli.io import images
 
-    found, problems = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels, wells)
+    found, problems = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels, wells,
+                                             timepoint=cfg.plate.timepoint)
     for problem in problems:
         logger.warning("raw images: %s", problem)
     sources = {well: {src.field: src for src in srcs} for well, srcs in found.items()}
