@@ -29,7 +29,8 @@ def validate(
     set_: set_option() = None,
     pixels: Annotated[bool | None, typer.Option("--pixels/--headers-only", help="Read every field's pixels and "
                                                 "score it once with the model (default: on plates whose files "
-                                                "total at most 1 GB), or only read TIFF headers.")] = None,
+                                                "total at most 1 GB), or only read headers (TIFF, OME-Zarr "
+                                                "metadata).")] = None,
     as_json: json_option("Print the findings as JSON on stdout.") = False,
     no_probe: Annotated[bool, typer.Option("--no-probe", help="Do not time a fit step for the ETA.")] = False,
 ) -> None:
