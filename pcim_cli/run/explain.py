@@ -187,8 +187,10 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             only = f.action == "done" and objects.needs_refresh(f.record, inputs["objects_signature"],
                                                                 choice.retry_failed)
             if f.fitted or only:
+                src = found[well][f.index]
                 todo.append(FieldFiles(site=f.site, index=f.index, objects_only=only, stat=f.stat,
-                                       files=tuple(str(p) for p in found[well][f.index].files), **inputs))
+                                       files=tuple(str(p) for p in src.files),
+                                       zarr=None if src.zarr is None else src.zarr.to_dict(), **inputs))
                 refresh |= {f.path} if only else set()
         if not todo:
             continue
@@ -205,6 +207,7 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             batch_size=cfg.compute.batch_size, channels_last=cfg.compute.channels_last,
             precision=cfg.compute.precision, device=model.device, fidelity=cfg.explain.fidelity,
             store_path=str(store_path), store_format=cfg.output.format, fingerprint=print_fp, qc=qc,
+            timepoint=cfg.plate.timepoint, package=inv.package,
         ))
     return Plan(fields, tasks, rows, problems, layout, model, print_fp, {w: len(found[w]) for w in wells},
                 refresh, dropped)
