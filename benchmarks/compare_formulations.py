@@ -131,6 +131,8 @@ SETS = {
     # tiled for a 64 px BatchNorm ResNet (mean-logit), and the same fields with the model on the whole field
     "density": {"name": "density"},
     "density-whole": {"name": "density", "whole": True},
+    # ihc's fields with its (fully convolutional) model on the whole untiled field (model.aggregate: whole-field)
+    "ihc-whole": {"name": "ihc", "tile": None},
 }
 
 #: --targets: `evidence` explains each field for the class its mask marks (the sets' positives);
@@ -145,6 +147,7 @@ def load_set(name: str, n: int, targets: str = "evidence") -> dict:
     size, explained and scored per field as pcim explain does (evalsets.tiled). targets `all`: n fields
     cycling through every class of the set, each explained for every class (`every_class`)."""
     spec = dict(SETS[name])
+    untiled = "tile" in spec and spec["tile"] is None  # a tiled set's fields through the model untiled
     tile = spec.pop("tile", None)
     loader = spec.pop("name")
     if targets == "all":
@@ -152,6 +155,9 @@ def load_set(name: str, n: int, targets: str = "evidence") -> dict:
     data = evalsets.load(loader, n=n, **spec)
     if tile is not None:
         data["tile"] = tile
+    if untiled:
+        data.pop("tile", None)
+        data["name"] += "-whole"
     return every_class(data) if targets == "all" else data
 
 
