@@ -135,6 +135,8 @@ SETS = {
     "distractor": {"name": "distractor"},
     # the same model on 256 px fields with 3-5 decoys: evidence 0.2-0.4 % of a field, decoys about twice that
     "distractor-256": {"name": "distractor", "size": 256, "decoys": (3, 5)},
+    # ihc's fields with its (fully convolutional) model on the whole untiled field (model.aggregate: whole-field)
+    "ihc-whole": {"name": "ihc", "tile": None},
 }
 
 #: --targets: `evidence` explains each field for the class its mask marks (the sets' positives);
@@ -149,6 +151,7 @@ def load_set(name: str, n: int, targets: str = "evidence") -> dict:
     size, explained and scored per field as pcim explain does (evalsets.tiled). targets `all`: n fields
     cycling through every class of the set, each explained for every class (`every_class`)."""
     spec = dict(SETS[name])
+    untiled = "tile" in spec and spec["tile"] is None  # a tiled set's fields through the model untiled
     tile = spec.pop("tile", None)
     loader = spec.pop("name")
     if targets == "all":
@@ -156,6 +159,9 @@ def load_set(name: str, n: int, targets: str = "evidence") -> dict:
     data = evalsets.load(loader, n=n, **spec)
     if tile is not None:
         data["tile"] = tile
+    if untiled:
+        data.pop("tile", None)
+        data["name"] += "-whole"
     return every_class(data) if targets == "all" else data
 
 

@@ -30,8 +30,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: p(original) below which a class is absent from a field (PCIM_Fit `absent`; engine/schedule.GROW_MIN_P)
 ABSENT = 0.01
 #: the sets of the decision, in table order
-SETS = ("demo", "demo-resnet", "nuclei", "nuclei-resnet", "nuclei-confident", "ihc", "demo-tiled", "density",
-        "density-whole")
+SETS = ("demo", "demo-resnet", "nuclei", "nuclei-resnet", "nuclei-confident", "ihc", "ihc-whole", "demo-tiled",
+        "density", "density-whole")
 #: the variants (compare_formulations names or key=value overrides of the current default)
 VARIANTS = ("previous-default", "default")
 #: score -> (label, higher is better)
@@ -131,6 +131,35 @@ def table(results: Path, ref: str, sets: list[str] | None = None, variants: list
     return "\n".join(lines) + "\n"
 
 
+def summary(results: Path, ref: str, new: str, sets: list[str] | None = None) -> str:
+    """One row per (set, class) of the maps of the fields' own class: ref -> new for the PCIM_Fit counts, the
+    relevance mass, the deletion AUC to the median and p(deleted) / p(original), and the new budget."""
+    frames = [pd.read_csv(p) for s in sets or SETS if (p := results / f"quality_budget_{s}.images.csv").exists()]
+    if not frames:
+        return "no results\n"
+    df = pd.concat(frames, ignore_index=True)
+    lines = ["| set | class (fields) | ok / weak / failed | mass ↑ | deletion (median) ↓ | p(del)/p(orig) ↓ | budget |",
+             "|---|---|---|---|---|---|---|"]
+    for s in dict.fromkeys(df["set"]):
+        d = df[(df["set"] == s) & (df["y"] == df["target"])]
+        for target in sorted(d["target"].unique()):
+            g = d[d["target"] == target]
+            r, o = g[g["method"] == ref], g[g["method"] == new]
+            if r.empty or o.empty:
+                continue
+
+            def pair(col, rows_r=r, rows_o=o):
+                a, b = rows_r[col].mean(), rows_o[col].mean()
+                return "–" if a != a else f"{a:.2f} → {b:.2f}"
+
+            shares = [_share(x).mean() for x in (r, o)]
+            share = "–" if shares[0] != shares[0] else f"{shares[0]:.2f} → {shares[1]:.2f}"
+            lines.append(f"| {s} | {g['class'].iloc[0]} ({len(o)}) | {_fit_counts(r)} → {_fit_counts(o)} | "
+                         f"{pair('relevance_mass')} | {pair('deletion_median')} | {share} | "
+                         f"{o['budget'].mean():.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("run", "table"))
@@ -149,7 +178,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         args.results.mkdir(parents=True, exist_ok=True)
         run(sets, variants, args.n, args.batch, args.results)
-    text = ("## The fields' own class (explain.target: predicted)\n\n"
+    text = (f"## Summary: the fields' own class, {args.ref} -> {variants[-1]}\n\n"
+            + summary(args.results, args.ref, variants[-1], sets)
+            + "\n## The fields' own class (explain.target: predicted)\n\n"
             + table(args.results, args.ref, sets, variants, True)
             + "\n## The other classes (explain.target: all)\n\n"
             + table(args.results, args.ref, sets, variants, False))
