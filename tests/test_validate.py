@@ -93,3 +93,14 @@ def test_validate_refuses_a_bad_config_with_78(tmp_path):
     proc = run_pcim("validate", str(DEMO / "plate.yaml"), "--set", "compute.batch_size=0")
     assert proc.returncode == 78
     assert "compute.batch_size" in proc.stderr
+
+
+@pytest.mark.parametrize("key", ["model.path", "explain.explainer"])
+def test_validate_names_a_missing_model_or_explainer_file_with_78(tmp_path: Path, key: str) -> None:
+    """A model.path or explain.explainer that does not exist is the documented configuration error (78)
+    naming the file, never an internal error from hashing it (regression: both crashed in run/device.py)."""
+    yaml_path = make_plate(tmp_path, wells=("A01",))
+    extra = ["--set", "explain.method=pcim-amortised"] if key == "explain.explainer" else []
+    proc = run_pcim("validate", str(yaml_path), "--set", f"{key}={tmp_path / 'nope.pt'}", *extra)
+    assert proc.returncode == 78, proc.stderr[-2000:]
+    assert "nope.pt" in proc.stderr and "internal error" not in proc.stderr

@@ -69,6 +69,8 @@ def model(path: str | Path, n_channels: int, input_size: tuple[int, int] | None,
     """io/model.py `load_model`, once per file contents, channels, input size and device (see the module).
     `sha256`: the digest the driver planned with (a worker skips hashing the file again); `probe_size`: the
     size an any-size model is probed at (a bioimage.io package's size rule may exclude 64 x 64)."""
+    if not Path(path).is_file():  # load_model says what is missing and how to fix it (78)
+        return load_model(path, n_channels, input_size, device=device, probe_size=probe_size)
     sha = sha256 or file_sha256(path)
     return MODELS.get(model_key(sha, n_channels, input_size, device, probe_size),
                       lambda: load_model(path, n_channels, input_size, device=device, sha256=sha,
