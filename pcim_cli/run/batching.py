@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pcim_cli.engine import fidelity, tiling, trivial
 from pcim_cli.engine import field as field_maps
-from pcim_cli.engine import metrics, tiling, trivial
 from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.budget import fit_adaptive
 from pcim_cli.engine.pcim import Forward, PcimOptions
@@ -161,7 +161,7 @@ class Batcher:
             raise FieldError(tile_size_problem(task.well, files.site, exc, task.input_size), "model") from exc
         if self.forward is None:  # on a CPU, the first fit steps may decide the torch threads (threads.py)
             self.forward = threads.probing(self._fast(tiling.cut(x, grid, range(1))[0]),
-                                           task.device)
+                                           task.device, steps=_makes_steps(task, self.opts))
         probs, tile_probs = self._predict(x, grid)
         if not (torch.isfinite(probs).all() and torch.isfinite(tile_probs).all()):
             raise FieldError(non_finite_problem(task.well, files.site, task.model_path, x, "logits"), "model")
@@ -257,16 +257,9 @@ class Batcher:
             result, budgets = fit_adaptive(forward, x, tt, opts, seeds=seeds, max_budget=task.adaptive_budget)
             result.budget = budgets
         else:
-            result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
-        dele = ins = [float("nan")] * len(chunk)
-        checks: list[dict | None] = [None] * len(chunk)
-        if task.fidelity:  # perturbed images in forward batches no larger than the fit's
-            kw = {"chunk": min(64, 2 * len(chunk))}
-            dele = metrics.deletion_auc(forward, x, result.maps, tt, **kw).tolist()
-            ins = metrics.insertion_auc(forward, x, result.maps, tt, substrate="blur", **kw).tolist()
-            if task.method not in trivial.TRIVIAL:  # for the plate's verdict, on each well's first field (cheap)
-                checks = trivial.stain_check_rows(forward, x, result.maps, tt, opts, task.channels,
-                                                  [u.field.files.index == 0 for u in chunk], **kw)
+            result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer,
+                               prob_original=_known_probs(chunk, tt))
+        dele, ins, checks = _fidelity(forward, x, result, tt, chunk, task, opts)
         return result, dele, ins, checks
 
     def _fail(self, queue: list[_Unit], chunk: list[_Unit], exc: BaseException) -> list[dict[str, Any]]:
@@ -302,7 +295,8 @@ class Batcher:
             task, site=f.files.site, targets=f.targets, probs=f.probs, results=per_target, inputs=f.inputs,
             warnings=f.warnings, grid=f.grid, maps="field" if self._whole(f) else task.tile_maps,
             tile_probs=f.tile_probs, batch_size=self.batch.value, timings={"read": f.read_s, "fit": f.fit_s},
-            seed=self.opts.seed)
+            seed=self.opts.seed,
+            fidelity=("measured" if f.files.fidelity else "not sampled") if task.fidelity else "off")
         labels = map_labels(f.targets, task.channels, self.opts.per_channel)
         found = objects.measure_field(
             f.x, f.stitch.out, f.targets, task.classes, task.channels, f.grid, self.forward, self.opts,
@@ -312,11 +306,58 @@ class Batcher:
         found.update_record(record)
         try:
             rel = store.write_field(Path(task.store_path), task.well, f.files.index, maps, labels, record,
-                                    format=task.store_format, extra=found.write)
+                                    format=task.store_format,
+                                    extra=found.write if found.labels or found.tables else None)
         except PcimError as exc:
             logger.warning("%s", exc)
             return [task_failed_row(task, f.files, str(exc), "output", f.inputs)]
         return summary.rows_from_record(task.plate, task.well, rel, record)
+
+
+def _fidelity(forward: Forward, x: torch.Tensor, result, tt: torch.Tensor, chunk: list[_Unit], task: WellTask,
+              opts: PcimOptions) -> tuple[list[float], list[float], list[dict | None]]:
+    """Deletion / insertion AUCs and stain checks of the chunk's maps, on the units whose field is in the
+    fidelity sample (run/sampling.py; NaN / None elsewhere), in forward batches no larger than the fit's
+    (engine/fidelity.py: the map-free points once per field, shared by its targets)."""
+    n = len(chunk)
+    dele, ins = [float("nan")] * n, [float("nan")] * n
+    checks: list[dict | None] = [None] * n
+    rows = [j for j, u in enumerate(chunk) if u.field.files.fidelity] if task.fidelity else []
+    if not rows:
+        return dele, ins, checks
+    kw = {"chunk": min(64, 2 * n)}
+    idx = torch.tensor(rows, device=x.device)
+    xs, maps, ts, p0 = x[idx], result.maps[idx], tt[idx], result.prob_original[idx]
+    d, i = fidelity.deletion_insertion(forward, xs, maps, ts, p0, **kw)
+    for r, j in enumerate(rows):
+        dele[j], ins[j] = float(d[r]), float(i[r])
+    if task.method not in trivial.TRIVIAL:  # for the plate's verdict (sampling.py: which fields)
+        found = fidelity.stain_check_rows(forward, xs, maps, ts, p0, opts, task.channels,
+                                          [chunk[j].field.files.stain_check for j in rows], **kw)
+        for r, j in enumerate(rows):
+            checks[j] = found[r]
+    return dele, ins, checks
+
+
+def _known_probs(chunk: list[_Unit], tt: torch.Tensor) -> torch.Tensor | None:
+    """p(target | tile) of the chunk's units from their fields' predictions (`_predict`: the same model
+    call on the same tiles), so a method needs no forward for it; None for whole-field units."""
+    if any(u.tile == WHOLE or u.field.tile_probs is None for u in chunk):
+        return None
+    probs = torch.stack([u.field.tile_probs[u.tile] for u in chunk])
+    return probs.gather(1, tt.cpu().view(-1, 1))[:, 0].to(tt.device)
+
+
+#: methods that call the model without fit steps (amortised without refine: `_makes_steps`)
+FORWARD_ONLY = ("occlusion", "rise", "intensity", "contrast")
+
+
+def _makes_steps(task: WellTask, opts: PcimOptions) -> bool:
+    """Does the method make fit steps (calls with gradients, repeated) for the thread probe to time? If not,
+    the probe times the model's calls themselves (run/threads.py CallProbe)."""
+    if task.method == "pcim-amortised":
+        return opts.refine_steps > 0
+    return task.method not in FORWARD_ONLY
 
 
 def _take(queue: list[_Unit], images: int) -> list[_Unit]:

@@ -31,6 +31,10 @@ class FieldFiles(BaseModel):
     object_problems: dict[str, str] = {}
     objects_signature: str = ""
     objects_only: bool = False  # a done field whose object tables are (re)made from its stored map
+    # explain.fidelity on: this field's maps get their deletion / insertion AUCs (a sample of the plate's
+    # fields with explain.fidelity_every > 1), and its stain check (run/explain.py `fidelity_sample`)
+    fidelity: bool = True
+    stain_check: bool = False
 
 
 class WellTask(BaseModel):
