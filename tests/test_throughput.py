@@ -127,3 +127,29 @@ def test_known_prediction_leaves_amortised_maps_unchanged() -> None:
     torch.testing.assert_close(given.maps, plain.maps, rtol=0, atol=0)
     torch.testing.assert_close(given.prob_mixed, plain.prob_mixed, rtol=0, atol=0)
     torch.testing.assert_close(given.prob_original, plain.prob_original)
+
+
+def test_status_of_a_large_plate_lists_only_its_incomplete_wells(tmp_path: Path) -> None:
+    """A 1536-well table took seconds to draw: past 96 wells `pcim status` lists the wells with something
+    left to do, says how many complete ones it left out, and --json still lists every well."""
+    import json
+
+    import numpy as np
+    from cli_runner import run_pcim
+
+    wells = {f"{r}{c:02d}": 1 for r in "ABCDEFGHIJ" for c in range(1, 11)}  # 100 wells, one field each
+    path = tmp_path / "big.zarr"
+    store.create_plate(path, "BIG", wells, record={"fingerprint": "f"})
+    maps = np.ones((1, 4, 4), dtype=np.float32)
+    for well in wells:
+        if well != "C07":  # one well left without its map
+            store.write_field(path, well, 0, maps, ["t"], {"status": "done", "site": 1, "targets": ["t"],
+                                                          "fingerprint": "f", "results": {}})
+    proc = run_pcim("status", str(path), COLUMNS="200")
+    assert proc.returncode == 3, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("│")]
+    listed = [line.split("│")[1].strip() for line in rows]
+    assert "C07" in listed and "A01" not in listed and "J10" not in listed
+    assert any("99 complete wells not listed" in line for line in rows)
+    full = json.loads(run_pcim("status", str(path), "--json").stdout)
+    assert len(full["wells"]) == 100

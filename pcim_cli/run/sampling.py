@@ -15,9 +15,10 @@ from __future__ import annotations
 
 __all__ = ["AMORTISED_EVERY", "fidelity_every", "fidelity_flags"]
 
-#: one field in 64 for pcim-amortised: its curves and stain check then cost ~1/64 of ~100 forwards per
-#: field, under one forward per map (benchmarks/bench_throughput.py measures the result end to end)
-AMORTISED_EVERY = 64
+#: one field in 128 for pcim-amortised: measured on the demo set (256 fields of 128 px, CPU per map, one
+#: run): fidelity off 17.9 ms, 1 in 256 18.7 ms (+5 %), 1 in 64 20.8 ms (+16 %), every field 117 ms (6.5x);
+#: 1 in 128 (~+9 %) still gives a 384-well x 9-field plate 27 fields for its curves and stain verdict
+AMORTISED_EVERY = 128
 
 
 def fidelity_every(fidelity: bool, every: int | str, method: str) -> int:
