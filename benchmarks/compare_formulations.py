@@ -34,13 +34,23 @@ from evalsets.tiled import TiledModel, field_maps  # noqa: E402
 
 from pcim_cli.engine import baselines, metrics, trivial  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
+from pcim_cli.engine.budget import fit_adaptive  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions, fit_pcim  # noqa: E402
+from pcim_cli.engine.verdict import fit_quality  # noqa: E402
 
 DEFAULT = PcimOptions()
 #: the default before issue 14 (300 steps at a constant lr 0.1 from zero logits); the dual-* variants and
 #: the first sweep of docs/defaults.md are built on it
 OLD_DEFAULT = dataclasses.replace(DEFAULT, steps=300, lr=0.1, schedule="constant", warmup=0, coarse=0,
                                   init="zero", noise=0.0, beta1=0.9, beta2=0.999)
+
+#: the default before issue 26 (49 steps at lr 0.3 from gradient-init logits, noise 0.02, a FIXED 2 % budget,
+#: deleted pixels set to the channel mean)
+PREVIOUS_DEFAULT = dataclasses.replace(DEFAULT, budget=0.02, adaptive_budget=None, delete_substrate="mean")
+
+#: refits (engine/budget.fit_adaptive: the fixed-budget fit, then each map whose deleted image still holds the
+#: class refitted with twice the budget, up to 0.32): the opt-in of issue 15, up to 5 fits per map
+REFITS = {"refit-0.32": (PREVIOUS_DEFAULT, 0.32)}
 
 LADDER = (0.02, 0.05, 0.15)
 
@@ -53,6 +63,7 @@ VARIANTS: dict[str, PcimOptions] = {
     # a budget, keep-only (no deletion half)
     "clamped-keep-blur": PcimOptions(budget=0.05, objective="keep", keep_substrate="blur"),
     "old-default": OLD_DEFAULT,
+    "previous-default": PREVIOUS_DEFAULT,
     "default": DEFAULT,
     # budget + keep-delete, one budget
     "dual-b02": dataclasses.replace(OLD_DEFAULT, budget=0.02),
@@ -85,7 +96,9 @@ def variant(name: str) -> PcimOptions:
         if key not in fields:
             raise SystemExit(f"variant {name!r}: {key!r} is not a PcimOptions field")
         default = getattr(DEFAULT, key)
-        if isinstance(default, bool):
+        if text.lower() in ("none", "null") and not isinstance(default, str):
+            kw[key] = None
+        elif isinstance(default, bool):
             kw[key] = text.lower() in ("1", "true", "yes", "on")
         elif isinstance(default, (int, float)):
             kw[key] = type(default)(text)
@@ -114,18 +127,49 @@ SETS = {
     "ihc": {"name": "ihc"},
     # the demo's 128 px fields through the max-pool CNN on 64 px tiles (3 x 3 tiles; benchmarks/field_maps.py)
     "demo-tiled": {"name": "demo", "tile": (64, 64)},
+    # real nuclei, nuclear density in 3 classes (evidence = every nucleus, 5-30 % of a field), 160 px fields
+    # tiled for a 64 px BatchNorm ResNet (mean-logit), and the same fields with the model on the whole field
+    "density": {"name": "density"},
+    "density-whole": {"name": "density", "whole": True},
 }
 
+#: --targets: `evidence` explains each field for the class its mask marks (the sets' positives);
+#: `all` explains every field of every class (the sets' other classes join) for every class
+TARGETS = ("evidence", "all")
+#: the classes of each loader's fields with --targets all (a `confident` set: those of its base)
+ALL_CLASSES = {"demo": (0, 1), "nuclei": (0, 1), "ihc": (0, 1, 2), "density": (0, 1, 2)}
 
-def load_set(name: str, n: int) -> dict:
+
+def load_set(name: str, n: int, targets: str = "evidence") -> dict:
     """The evaluation set `name` of SETS (n images); a `tile` in SETS cuts its fields into tiles of that
-    size, explained and scored per field as pcim explain does (evalsets.tiled)."""
+    size, explained and scored per field as pcim explain does (evalsets.tiled). targets `all`: n fields
+    cycling through every class of the set, each explained for every class (`every_class`)."""
     spec = dict(SETS[name])
     tile = spec.pop("tile", None)
-    data = evalsets.load(spec.pop("name"), n=n, **spec)
+    loader = spec.pop("name")
+    if targets == "all":
+        spec["classes"] = ALL_CLASSES[spec.get("base", "demo") if loader == "confident" else loader]
+    data = evalsets.load(loader, n=n, **spec)
     if tile is not None:
         data["tile"] = tile
-    return data
+    return every_class(data) if targets == "all" else data
+
+
+def every_class(data: dict) -> dict:
+    """The set with each field once per class (field-major): x, y (the field's class), target, field (its
+    index), and mask = the field's evidence mask where the target is one of the set's `evidence_classes`,
+    empty otherwise (localisation scores are then NaN: nothing marks that class's evidence)."""
+    k, b = len(data["classes"]), len(data["x"])
+    y = data.get("y", data["target"])
+    field = torch.arange(b).repeat_interleave(k)
+    target = torch.arange(k).repeat(b)
+    evidence = torch.tensor([int(t) in data.get("evidence_classes", [1]) for t in target])
+    mask = data["mask"][field] & evidence[:, None, None]
+    out = {**data, "x": data["x"][field], "target": target, "y": y[field], "field": field, "mask": mask}
+    for key in ("labels", "x_null"):
+        if key in data:
+            out[key] = data[key][field]
+    return out
 
 
 def score_images(model, x, mask, target, maps) -> dict[str, torch.Tensor]:
@@ -138,6 +182,9 @@ def score_images(model, x, mask, target, maps) -> dict[str, torch.Tensor]:
         "pixel_auroc": metrics.pixel_auroc(maps, mask),
         "deletion_auc": metrics.deletion_auc(model, x, maps, target, fractions=fine),
         "deletion_fine": metrics.deletion_auc(model, x, maps, target, fractions=finest),
+        # the same curve with pixels set to the channel's median (the background while the evidence covers
+        # less than half of the field; the mean drifts towards large evidence: density)
+        "deletion_median": metrics.deletion_auc(model, x, maps, target, fractions=fine, substrate="median"),
         "insertion_auc": metrics.insertion_auc(model, x, maps, target, substrate="blur"),
     }
     return values
@@ -155,7 +202,8 @@ def run_method(name: str, data: dict, batch: int, per_image: list | None = None)
     t0 = time.perf_counter()
     extra = {}
     stats = []
-    opts = None if name in BASELINES else variant(name)
+    refit = REFITS.get(name)
+    opts = None if name in BASELINES else refit[0] if refit else variant(name)
     scorer = TiledModel(model, data["tile"]) if "tile" in data else model
     channel = None
     if name == "intensity":  # one channel for the set, as pcim evaluate chooses it (on whole fields)
@@ -166,24 +214,43 @@ def run_method(name: str, data: dict, batch: int, per_image: list | None = None)
             return attribute(m, xs, ts, name, dataclasses.replace(DEFAULT, intensity_channel=channel)).maps
         if name in BASELINES:
             return baselines.METHODS[name](m, xs, ts)
-        stats.append(fit_pcim(m, xs, ts, opts))
+        if refit:
+            res, budgets = fit_adaptive(m, xs, ts, opts, max_budget=refit[1])
+            res.budget = budgets.to(res.prob_original.dtype)
+            stats.append(res)
+        else:
+            stats.append(fit_pcim(m, xs, ts, opts))
         return stats[-1].maps
 
     if "tile" in data:  # as pcim explain does: one map per field through its tiles
         maps = field_maps(fit, model, x, target, data["tile"])
     else:
         maps = torch.cat([fit(model, x[i : i + batch], target[i : i + batch]) for i in range(0, len(x), batch)])
-    if stats:
-        extra = {
-            "p_keep": float(torch.cat([r.prob_mixed for r in stats]).mean()),
-            "p_delete": float(torch.cat([r.prob_deleted for r in stats]).mean()),
-            "steps_used": float(torch.cat([r.steps for r in stats]).float().mean()),
-        }
-        extra["passes"] = passes_per_map(opts, extra["steps_used"])
     seconds = (time.perf_counter() - t0) / len(x)
     values = score_images(scorer, x, data["mask"], target, maps)
+    with torch.no_grad():
+        p_orig = torch.cat([torch.softmax(scorer(x[i : i + batch]), 1).gather(1, target[i : i + batch, None])[:, 0]
+                            for i in range(0, len(x), batch)])
+    fit_rows = {"prob_original": p_orig}
+    if stats:
+        fit_rows.update(prob_kept=torch.cat([r.prob_mixed for r in stats]),
+                        prob_deleted=torch.cat([r.prob_deleted for r in stats]),
+                        steps=torch.cat([r.steps for r in stats]).float())
+        if all(r.budget is not None for r in stats):
+            fit_rows["budget"] = torch.cat([r.budget for r in stats])
+        extra = {"p_keep": float(fit_rows["prob_kept"].mean()), "p_delete": float(fit_rows["prob_deleted"].mean()),
+                 "steps_used": float(fit_rows["steps"].mean())}
+        extra["passes"] = passes_per_map(opts, extra["steps_used"])
+        fit_rows["zeros"] = (maps.sum(1).flatten(1) <= 0).float().mean(1)  # share of tied (zero) pixels
     if per_image is not None:
-        per_image += [{"image": i, **{k: float(v[i]) for k, v in values.items()}} for i in range(len(x))]
+        y = data.get("y", target)
+        for i in range(len(x)):
+            row = {"image": i, "field": int(data["field"][i]) if "field" in data else i, "target": int(target[i]),
+                   "class": data["classes"][int(target[i])], "y": int(y[i]), "evidence": bool(data["mask"][i].any()),
+                   **{k: float(v[i]) for k, v in values.items()}, **{k: float(v[i]) for k, v in fit_rows.items()}}
+            if stats:
+                row["fit"] = fit_quality(row["prob_original"], row["prob_kept"], row["prob_deleted"])
+            per_image.append(row)
     return {**metrics.summarize(values), "s_per_map": seconds, **extra}
 
 
@@ -195,11 +262,14 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/formulations.csv")
+    ap.add_argument("--targets", choices=TARGETS, default="evidence",
+                    help="evidence: each field for its marked class; all: fields of every class, each for every "
+                         "class (localisation scores only where a mask marks that class's evidence)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     rows, images = [], []
     for set_name in args.sets.split(","):
-        data = load_set(set_name, args.n)
+        data = load_set(set_name, args.n, args.targets)
         methods = [m for m in args.baselines.split(",") if m] + [v for v in args.variants.split(",") if v]
         for method in methods:
             per_image: list = []

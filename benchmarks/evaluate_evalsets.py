@@ -15,7 +15,8 @@ result present is combined into benchmarks/results/evaluate_evalsets[_<tag>].md 
 docs/quality.md and docs/verdicts.md), in the order of the sets, with one line per set saying whether PCIM beats the
 best trivial map on fine and coarse deletion. Sets can run in separate processes (e.g. in parallel);
 `--combine` rebuilds the tables alone.
-`pcim-old` is PCIM with the default before issue 14 (300 steps at a constant lr 0.1 from zero logits).
+`pcim-old` is PCIM with the default before issue 14 (300 steps at a constant lr 0.1 from zero logits),
+`pcim-previous` the default before issue 26 (a fixed 2 % budget, deleted pixels to the channel mean).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/evaluate_evalsets.py --sets demo,demo-resnet,nuclei,nuclei-resnet \
         --n 16 --no-sanity --tag objects                     # the object ranking figures of docs/objects.md
@@ -36,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compare_formulations import OLD_DEFAULT, SETS, load_set  # noqa: E402
+from compare_formulations import OLD_DEFAULT, PREVIOUS_DEFAULT, SETS, TARGETS, load_set  # noqa: E402
 from evalsets.tiled import TiledModel, field_maps  # noqa: E402
 
 from pcim_cli.engine import object_ranking  # noqa: E402
@@ -47,14 +48,14 @@ from pcim_cli.report import evaluate as evaluate_report  # noqa: E402
 from pcim_cli.run import evaluate  # noqa: E402
 
 #: method names of this script that are PCIM with other settings
-PRESETS = {"pcim-old": ("pcim", OLD_DEFAULT)}
+PRESETS = {"pcim-old": ("pcim", OLD_DEFAULT), "pcim-previous": ("pcim", PREVIOUS_DEFAULT)}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 
 def run_set(set_name: str, methods: list[str], n: int, batch: int, device: str = "cpu",
-            results: Path = RESULTS, sanity: bool = True, tag: str = "") -> dict:
-    data = load_set(set_name, n)
+            results: Path = RESULTS, sanity: bool = True, tag: str = "", targets: str = "evidence") -> dict:
+    data = load_set(set_name, n, targets)
     model, x, target = data["model"].to(device), data["x"].to(device), data["target"].to(device)
     fields = [evaluate.EvalField("-", i, x[i], data["mask"][i].to(device)) for i in range(len(x))]
     opts, tile = PcimOptions(), data.get("tile")
@@ -77,7 +78,11 @@ def run_set(set_name: str, methods: list[str], n: int, batch: int, device: str =
     results.mkdir(parents=True, exist_ok=True)
     suffix = f"_{tag}" if tag else ""
     comp.table.to_csv(results / f"evaluate_{set_name}{suffix}.csv", index=False)
-    doc = {"set": set_name, "name": data["name"], "fields": len(x), "channels": data["channels"],
+    y = data.get("y", data["target"])
+    scores = comp.scores.assign(**{"class": [data["classes"][t] for t in comp.scores["target"]],
+                                   "y": [int(y[i % len(x)]) for i in range(len(comp.scores))]})
+    scores.to_csv(results / f"evaluate_{set_name}{suffix}.scores.csv", index=False)  # one row per (method, map)
+    doc = {"set": set_name, "name": data["name"], "fields": len(x), "targets": targets, "channels": data["channels"],
            "intensity_channel": comp.intensity_channel, "verdicts": [v.to_dict() for v in comp.verdicts],
            "minutes": (time.perf_counter() - t0) / 60, "torch_threads": torch.get_num_threads(), "device": device,
            "finished": time.strftime("%Y-%m-%d %H:%M")}
@@ -157,13 +162,17 @@ def main(argv=None) -> int:
     ap.add_argument("--combine", action="store_true", help="only rebuild evaluate_evalsets.md from the results")
     ap.add_argument("--no-sanity", action="store_true", help="skip the randomised-model check (half the time)")
     ap.add_argument("--tag", default="", help="suffix of the result files, evaluate_<set>[_<tag>].csv")
+    ap.add_argument("--targets", choices=TARGETS, default="evidence",
+                    help="evidence: each field for its marked class; all: fields of every class, each explained "
+                         "for every class (`fields` then counts maps; evaluate_<set>.scores.csv: one row per map, "
+                         "with its target and its field's class)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     methods = [m for m in args.methods.split(",") if m]
     if not args.combine:
         for set_name in args.sets.split(","):
             doc = run_set(set_name, methods, args.n, args.batch, args.device, args.results, not args.no_sanity,
-                          args.tag)
+                          args.tag, args.targets)
             print(f"{set_name}: done in {doc['minutes']:.1f} min", file=sys.stderr, flush=True)
     text = combine(list(SETS), args.results, args.tag)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,31 @@ class Only64(torch.nn.Module):
         return self.inner(x)
 
 
-KINDS = {"standardise": Standardise, "batch-std": BatchStd, "always-nan": AlwaysNaN, "only-64": Only64}
+class EdgeGlare(torch.nn.Module):
+    """The demo classifier plus a shortcut, the way a classifier learns a well-edge artefact: a spot bright
+    in every channel (3 x 3 mean of the darkest channel > GLARE) within 8 px of the field's edge adds to the
+    `mitotic` logit, enough to call the field mitotic. The demo's own fields never reach GLARE there
+    (at most 0.75: checked in tests/test_shortcut_cli.py)."""
+
+    GLARE = 0.85
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _demo()
+        self.glare = self.GLARE  # an attribute TorchScript keeps (a float)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(x)
+        bright = torch.nn.functional.avg_pool2d(x.amin(dim=1, keepdim=True), 3, 1, 1)[:, 0]
+        h, w = x.shape[-2], x.shape[-1]
+        band = torch.ones(h, w, dtype=x.dtype, device=x.device)
+        band[8 : h - 8, 8 : w - 8] = 0.0
+        boost = (60.0 * ((bright * band).amax(dim=(1, 2)) - self.glare)).clamp(min=0.0)
+        return torch.stack([logits[:, 0], logits[:, 1] + boost], dim=1)
+
+
+KINDS = {"standardise": Standardise, "batch-std": BatchStd, "always-nan": AlwaysNaN, "only-64": Only64,
+         "edge-glare": EdgeGlare}
 
 
 def make_model(kind: str, path: Path) -> Path:

@@ -224,7 +224,8 @@ def test_pcim_map_contrast_weights_the_map_by_the_deletion_change(toy):
     opts = PcimOptions(steps=20, lr=0.3, resolution=2)
     raw = attribute(model, x, target, "pcim", dataclasses.replace(opts, map_contrast=False)).maps
     weighted = attribute(model, x, target, "pcim", opts).maps
-    contrast = (x - x.mean(dim=(2, 3), keepdim=True)).abs().sum(1, keepdim=True)
+    median = x.flatten(2).median(dim=2).values[..., None, None]  # the deletion substrate (the default)
+    contrast = (x - median).abs().sum(1, keepdim=True)
     torch.testing.assert_close(weighted, raw * contrast)
     per_channel = deletion_contrast(x, dataclasses.replace(opts, per_channel=True))
     assert per_channel.shape == x.shape

@@ -13,7 +13,7 @@ def test_schema_is_json_schema_that_rejects_unknown_keys():
     proc = run_pcim("schema")
     assert proc.returncode == 0
     schema = json.loads(proc.stdout)
-    assert set(schema["properties"]) == {"plate", "model", "explain", "compute", "output"}
+    assert set(schema["properties"]) == {"plate", "model", "explain", "compute", "output", "qc"}
     assert schema["additionalProperties"] is False
 
 

@@ -99,7 +99,8 @@ def test_intensity_and_contrast_maps_are_the_stain_itself():
     torch.testing.assert_close(per_channel.maps, x.clamp(min=0))
     assert float(per_channel.maps.min()) == 0.0
     contrast = attribute(model, x, target, "contrast", FAST_PCIM)
-    torch.testing.assert_close(contrast.maps, (x - x.mean(dim=(2, 3), keepdim=True)).abs().sum(1, keepdim=True))
+    median = x.flatten(2).median(dim=2).values[..., None, None]  # explain.delete_substrate: median (the default)
+    torch.testing.assert_close(contrast.maps, (x - median).abs().sum(1, keepdim=True))
     torch.testing.assert_close(contrast.maps, deletion_contrast(x, FAST_PCIM))
     assert torch.isnan(contrast.prob_mixed).all() and (contrast.steps == 0).all()
 
@@ -118,7 +119,7 @@ def test_auto_picks_the_channel_the_model_reads(channel):
 def test_trivial_methods_are_in_every_method_list_with_their_settings():
     assert {"intensity", "contrast"} <= set(METHODS) and set(trivial.TRIVIAL) <= set(METHODS)
     assert method_settings("intensity", PcimOptions()) == {"per_channel": False, "intensity_channel": None}
-    assert method_settings("contrast", PcimOptions()) == {"per_channel": False, "delete_substrate": "mean",
+    assert method_settings("contrast", PcimOptions()) == {"per_channel": False, "delete_substrate": "median",
                                                           "blur_sigma": 8.0}
     assert "intensity_channel" not in method_settings("pcim", PcimOptions())  # PCIM fingerprints unchanged
 
@@ -264,8 +265,9 @@ def test_pcim_explain_writes_trivial_maps_into_a_valid_store(tmp_path, method):
             assert record["results"]["mitotic"]["intensity_channel"] == "PH3"
             np.testing.assert_allclose(maps[0], np.clip(x[1], 0, None), atol=1e-6)
         else:
-            np.testing.assert_allclose(maps[0], np.abs(x - x.mean(axis=(1, 2), keepdims=True)).sum(0), rtol=1e-5,
-                                       atol=1e-6)
+            flat = np.sort(x.reshape(len(x), -1), axis=1)
+            median = flat[:, (flat.shape[1] - 1) // 2][:, None, None]  # torch's median: the lower middle value
+            np.testing.assert_allclose(maps[0], np.abs(x - median).sum(0), rtol=1e-5, atol=1e-6)
         assert record["settings"]["engine"]["intensity_channel"] is None
 
 

@@ -25,8 +25,10 @@ def _resnet_model():
     return C.cached_model(f"demo_resnet_{C.VERSION}", build)
 
 
-def demo(n: int = 32, arch: str = "maxpool", size: int = 128, seed: int = EVAL_SEED) -> dict:
-    """n positive demo fields, normalised as pcim does, with their PH3-positive-nuclei masks.
+def demo(n: int = 32, arch: str = "maxpool", size: int = 128, seed: int = EVAL_SEED,
+         classes: tuple[int, ...] = (1,)) -> dict:
+    """n demo fields (positive by default; `classes` cycles, e.g. (0, 1): negative and mitotic fields
+    alternately), normalised as pcim does, with their PH3-positive-nuclei masks (empty for negatives).
 
     arch="maxpool": the bundled sample_plates/demo/classifier.ts (DemoNet, global max pooling);
     arch="resnet": a SmallResNet (BatchNorm, global average pooling) trained on the same generator
@@ -42,10 +44,13 @@ def demo(n: int = 32, arch: str = "maxpool", size: int = 128, seed: int = EVAL_S
         model, info = _resnet_model()
     else:
         raise ValueError(f"arch must be 'maxpool' or 'resnet', got {arch!r}")
+    if not set(classes) <= {0, 1} or not classes:
+        raise ValueError(f"classes must be drawn from (0, 1), got {classes}")
     rng = np.random.default_rng([seed, size])
     xs, ms, ns, ls = [], [], [], []
-    for _ in range(n):
-        img, m, null, lab = dm.make_field(rng, True, size, return_null=True, return_labels=True)
+    y = torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.long)
+    for i in range(n):
+        img, m, null, lab = dm.make_field(rng, bool(y[i]), size, return_null=True, return_labels=True)
         xs.append(dm.percentile_normalize(img))
         ns.append(dm.percentile_normalize(null))
         ms.append(m)
@@ -54,7 +59,9 @@ def demo(n: int = 32, arch: str = "maxpool", size: int = 128, seed: int = EVAL_S
         "name": f"demo-{arch}" + ("" if size == 128 else f"-{size}"),
         "x": torch.from_numpy(np.stack(xs)),
         "mask": torch.from_numpy(np.stack(ms)),
-        "target": torch.ones(n, dtype=torch.long),
+        "target": y,
+        "y": y,
+        "evidence_classes": [1],
         "model": model,
         "x_null": torch.from_numpy(np.stack(ns)),
         "labels": torch.from_numpy(np.stack(ls)),

@@ -224,6 +224,8 @@ def ihc(n: int = 32, seed: int = EVAL_SEED, classes: tuple[int, ...] = (1, 2)) -
         "x": x,
         "mask": mask,
         "target": y,
+        "y": y,
+        "evidence_classes": [1, 2],  # the DAB-positive pixels make medium and high; low rests on their absence
         "model": model,
         "x_null": x_null,
         "classes": list(CLASSES),

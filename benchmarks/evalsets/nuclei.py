@@ -247,17 +247,23 @@ def _model(arch: str):
     return C.cached_model(f"nuclei_{arch}_{C.VERSION}", build)
 
 
-def nuclei(n: int = 32, size: int = 128, arch: str = "maxpool", seed: int = EVAL_SEED) -> dict:
-    """n positive held-out crops of `size` px, the evidence masks, and a model trained at 128 px."""
+def nuclei(n: int = 32, size: int = 128, arch: str = "maxpool", seed: int = EVAL_SEED,
+           classes: tuple[int, ...] = (1,)) -> dict:
+    """n held-out crops of `size` px (positive; classes=(0, 1): negative and mitotic alternately), the
+    evidence masks (empty for negatives), and a model trained at 128 px."""
     if arch not in C.ARCHS:
         raise ValueError(f"arch must be one of {sorted(C.ARCHS)}, got {arch!r}")
+    if tuple(classes) not in ((1,), (0, 1)):
+        raise ValueError(f"classes must be (1,) or (0, 1), got {classes}")
     model, info = _model(arch)
-    x, _, mask, x_null, labels = make_set(n, seed, size, "eval", positive_only=True)
+    x, y, mask, x_null, labels = make_set(n, seed, size, "eval", positive_only=tuple(classes) == (1,))
     return {
         "name": f"nuclei-{arch}-{size}",
         "x": x,
         "mask": mask,
-        "target": torch.ones(n, dtype=torch.long),
+        "target": y,
+        "y": y,
+        "evidence_classes": [1],
         "model": model,
         "x_null": x_null,
         "labels": labels,

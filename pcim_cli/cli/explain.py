@@ -127,6 +127,8 @@ def _explain(plate_yamls: list[str], overrides: Sequence[str], only: str | None,
         typer.echo(f"  not run: {p}", err=True)
     for v in [] if quiet else result.verdicts:
         typer.echo(f"verdict: {v.sentence}", err=True)
+    for f in [] if quiet or result.shortcuts is None else result.shortcuts.findings:
+        typer.echo(f"shortcut: {f.sentence}", err=True)
     if as_json:
         status = {0: "ok", 3: "partial", 75: "interrupted"}.get(result.exit_code, "failed")
         doc = {"status": status, "exit_code": result.exit_code, "store": str(result.store),
@@ -135,7 +137,8 @@ def _explain(plate_yamls: list[str], overrides: Sequence[str], only: str | None,
                "object_csvs": {k: str(v) for k, v in result.object_csvs.items()},
                "object_failures": result.object_failures, "removed": [str(p) for p in result.removed],
                "message": line,
-               "verdicts": [v.to_dict() for v in result.verdicts]}
+               "verdicts": [v.to_dict() for v in result.verdicts],
+               "shortcuts": None if result.shortcuts is None else result.shortcuts.to_dict()}
         typer.echo(json.dumps(doc))
     return result.exit_code
 

@@ -45,9 +45,6 @@ class _RunKeys(Section):
     tile_maps: TileMaps = Field("field", description=(
         "tiled fields: one fit over the field (field) | per tile (per-tile) | per tile weighted by its "
         "evidence (evidence)"))
-    adaptive_budget: float | None = Field(None, gt=0, le=1, description=(
-        "grow the budget (x2 per refit) until deleting the map's pixels removes half of p(target), up to "
-        "this share of the field (e.g. 0.32); null: the fixed budget"))
 
     @field_validator("target")
     @classmethod

@@ -19,7 +19,8 @@ def fit_adaptive(model: Forward, x: torch.Tensor, target: torch.Tensor, opts: Pc
                  lose: float = FIT_OK) -> tuple[PcimResult, torch.Tensor]:
     """fit_pcim, then refit every image whose deleted image still holds the class (p(deleted) >
     (1 - lose) * p(original)) with the budget times `grow`, up to `max_budget`. Returns the result (each
-    image's last fit; `steps` adds up its fits) and each image's budget (B,)."""
+    image's last fit; `steps` adds up its fits) and each image's budget (B,). The refit reference of the
+    benchmarks (up to 5 fits per map): pcim itself grows the budget within one fit (PcimOptions.adaptive_budget)."""
     if len(opts.budgets) != 1:
         raise ValueError(f"an adaptive budget starts from one budget, got {opts.budget}")
     b = x.shape[0]

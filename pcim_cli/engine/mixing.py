@@ -136,13 +136,17 @@ def _blur_direct(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def substrate(x: torch.Tensor, kind: str, blur_sigma: float) -> torch.Tensor | None:
-    """The image that masked-out pixels are replaced with: none (paper: plain m*x), zero, mean, blur."""
+    """The image that masked-out pixels are replaced with: none (paper: plain m*x), zero, mean, median
+    (per channel and image: the background level while the evidence covers less than half of the image,
+    where the mean drifts towards the evidence as it grows), blur."""
     if kind == "none":
         return None
     if kind == "zero":
         return torch.zeros_like(x)
     if kind == "mean":
         return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+    if kind == "median":  # torch's median: the lower of the two middle values of an even count
+        return x.flatten(2).median(dim=2).values[..., None, None].expand_as(x)
     if kind == "blur":
         return gaussian_blur(x, blur_sigma)
-    raise ValueError(f"unknown substrate {kind!r}; expected none, zero, mean or blur")
+    raise ValueError(f"unknown substrate {kind!r}; expected none, zero, mean, median or blur")

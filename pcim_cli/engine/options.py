@@ -44,7 +44,7 @@ OBJECTIVE_KEYS = ("per_channel", "resolution", "budget", "objective", "loss", "k
 
 Objective = Literal["keep", "keep-delete"]
 Loss = Literal["ce", "logit"]
-Substrate = Literal["none", "zero", "mean", "blur"]
+Substrate = Literal["none", "zero", "mean", "median", "blur"]
 Schedule = Literal["constant", "cosine", "step"]
 Init = Literal["zero", "gradient"]
 OBJECTIVES: tuple[str, ...] = Objective.__args__
@@ -140,11 +140,19 @@ class PcimOptions:
     budget: float | tuple[float, ...] | None = setting(
         0.02, "share of the field a map may keep; several: one fit each, maps averaged; null: the paper's "
               "un-clamped n*alpha", check=check_budget)
+    # engine/schedule.py BudgetGrowth; docs/defaults.md "Evidence larger than the budget"
+    adaptive_budget: float | None = setting(
+        0.32, "grow each map's budget within its one fit, up to this share of the field: from step 12, every 6 "
+              "steps, a map whose deleted image still holds more than half of p(target) doubles its budget (no "
+              "extra passes); null: the budget stays fixed", gt=0, le=1)
     objective: str = setting("keep-delete", "keep: the kept image keeps the class; keep-delete: and deleting it "
                                             "loses the class", choices=OBJECTIVES)
     loss: str = setting("ce", "ce: capped log-probabilities; logit: the raw target logit", choices=LOSSES)
     keep_substrate: str = setting("blur", "what the kept image shows where the mask is off", choices=SUBSTRATES)
-    delete_substrate: str = setting("mean", "what deleted pixels become", choices=SUBSTRATES)
+    delete_substrate: str = setting("median", "what deleted pixels become; median: each channel's median over "
+                                              "the field, its background while the evidence covers less than "
+                                              "half of it (the mean drifts towards large evidence)",
+                                    choices=SUBSTRATES)
     blur_sigma: float = setting(8.0, "px, for a blur substrate", ge=0)
     entropy: float = setting(0.0, "weight of the normalised entropy of the mixing weights (higher: more "
                                   "concentrated maps)", ge=0)
@@ -189,3 +197,12 @@ class PcimOptions:
 
 #: the names of the engine settings, in declaration order
 ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(PcimOptions))
+
+
+# ---------------------------------------------------------------- shortcut QC (engine/shares.py, config/qc.py)
+
+#: the field border of the shortcut QC: this share of the field's shorter side (qc.border)
+QC_BORDER_FRACTION = 0.05
+#: region -> the word of its CSV column PCIM_Share_<word> (io/summary.py), in CSV order
+QC_COLUMNS = {"objects": "OnObjects", "background": "Background", "border": "Border", "saturated": "Saturated",
+              "seams": "Seams"}

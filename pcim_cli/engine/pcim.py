@@ -39,6 +39,7 @@ class PcimResult:
     loss: torch.Tensor  # final loss per image
     steps: torch.Tensor  # Adam steps each image took (< options.steps when stopped early)
     channel: torch.Tensor | None = None  # intensity maps: the channel each image's map shows
+    budget: torch.Tensor | None = None  # the budget each image's map ended with (B,); None: no budget
 
 
 def target_log_probs(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,8 +208,14 @@ def fit_pcim(
             with torch.no_grad():
                 prob_original = target_log_probs(model(x), target)[0].exp()
         w0 = None if init is None else init.detach().to(x.device, x.dtype).repeat(k, 1, 1, 1)
+        growth = None
+        if budgets is not None and opts.adaptive_budget is not None:
+            growth = schedule.BudgetGrowth(budgets, prob_original.detach().to(x.dtype).repeat(k),
+                                           opts.adaptive_budget, opts.steps)
         w, p_kept, p_deleted, loss, steps = _fit_rows(
-            model, x.repeat(k, 1, 1, 1), target.repeat(k), seeds.repeat(k), budgets, opts, plan, w0)
+            model, x.repeat(k, 1, 1, 1), target.repeat(k), seeds.repeat(k), budgets, opts, plan, w0, growth)
+    if growth is not None:
+        budgets = growth.budgets
     maps = attribution_map(w, (h, wd), budgets)
     maps = maps.view(k, b, *maps.shape[1:]).mean(0)
     if opts.map_contrast:
@@ -220,15 +227,20 @@ def fit_pcim(
         prob_deleted=p_deleted.view(k, b).mean(0),
         loss=loss.view(k, b).mean(0),
         steps=steps.view(k, b).amax(0),
+        budget=None if budgets is None else budgets.view(k, b).mean(0),
     )
 
 
 def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torch.Tensor,
               budgets: torch.Tensor | None, opts: PcimOptions, plan: list[tuple[int, int]],
-              w0: torch.Tensor | None):
+              w0: torch.Tensor | None, growth: schedule.BudgetGrowth | None = None):
     """The Adam loop over rows of x, each row with its own logits, target, seed and budget; `plan` gives
-    the (resolution, steps) of each phase, w0 the first logits (at the first phase's resolution)."""
+    the (resolution, steps) of each phase, w0 the first logits (at the first phase's resolution). With
+    `growth`, each row's budget is growth.budgets, which grows during the fit (schedule.BudgetGrowth), read
+    from the deleted images each step sends anyway: no extra pass."""
     b, _, h, wd = x.shape
+    if growth is not None:
+        budgets = growth.budgets
     keep_sub = mixing.substrate(x, opts.keep_substrate, opts.blur_sigma)
     del_sub = mixing.substrate(x, opts.delete_substrate, opts.blur_sigma)
     if del_sub is None:
@@ -292,6 +304,8 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
             loss = objective_loss(logits[:n], logits[n:] if dual else None, target[idx], opts)
             loss = loss + regularisers(w_a, m_low, opts)
             (grad,) = torch.autograd.grad(loss.sum(), w_a)
+            if growth is not None and dual and growth.due(step):
+                growth.update(idx, *target_log_probs(logits[n:].detach(), target[idx]))
             with torch.no_grad():
                 adam.step(w, grad, idx, opts.lr * schedule.lr_factor(step, opts.steps, opts.schedule, opts.warmup))
                 taken[idx] += 1

@@ -13,6 +13,10 @@ has the measurements behind the defaults.
 - `gradient_logits(model, x, target, ...)`: first logits from the input gradient: the first-order drop of
   log p(target) when a pixel is deleted, pooled onto the weight grid and scaled to `scale` at its maximum.
   One forward and backward pass of the B images (hook-free: the gradient with respect to the input).
+- `BudgetGrowth`: each map's budget within its fit (`PcimOptions.adaptive_budget`): from step GROW_START,
+  every GROW_EVERY steps, a map whose deleted image still holds more than half of p(target | x) doubles
+  its budget, up to the limit, until GROW_LAST steps before the end; read from the deleted images the fit
+  sends anyway (no extra pass).
 """
 
 from __future__ import annotations
@@ -89,3 +93,47 @@ def substrate_or_zero(x: torch.Tensor, kind: str, blur_sigma: float) -> torch.Te
     """mixing.substrate, with zeros for `none` (what a deleted pixel becomes)."""
     sub = mixing.substrate(x, kind, blur_sigma)
     return torch.zeros_like(x) if sub is None else sub
+
+
+#: budget growth within a fit (BudgetGrowth): the steps (1-based) at which a map may grow are GROW_START,
+#: GROW_START + GROW_EVERY, ... up to GROW_LAST steps before the end (with 49 steps: 12, 18, 24, 30, 36)
+GROW_START, GROW_EVERY, GROW_LAST = 12, 6, 12
+#: a map grows while its deletion share, 1 - p(deleted) / p(original), is below this
+GROW_BELOW = 0.5
+#: a map of a class with p(target | x) below this never grows: there is nothing to delete (PCIM_Fit `absent`)
+GROW_MIN_P = 0.01
+
+
+class BudgetGrowth:
+    """The budget of every row of a fit, grown during it (PcimOptions.adaptive_budget): the smallest budget
+    whose deleted image loses the class, found within one fit.
+
+    At each check (`due`), `update` gets log p(target) and log(1 - p(target)) of the rows' deleted images
+    of that step. A row whose deleted image still holds more than half of p(original) doubles its budget, up
+    to `limit`; a row stops growing for good when a doubling did not lower the log-odds of p(target |
+    deleted image) by the next check (more budget finds no more evidence), and a row whose class has
+    p(original) < GROW_MIN_P never grows. A budget at or above `limit` never grows.
+    """
+
+    def __init__(self, budgets: torch.Tensor, p_original: torch.Tensor, limit: float, steps: int):
+        self.budgets = budgets.clone()
+        self.p_original = p_original.to(budgets.dtype)
+        self.limit, self.steps = float(limit), int(steps)
+        self.growing = self.p_original >= GROW_MIN_P
+        self.odds_at_growth = torch.full_like(self.budgets, float("nan"))  # log-odds when the row last grew
+
+    def due(self, step: int) -> bool:
+        """Is the end of `step` (0-based) a check?"""
+        s = step + 1
+        return GROW_START <= s <= self.steps - GROW_LAST and (s - GROW_START) % GROW_EVERY == 0
+
+    def update(self, idx: torch.Tensor, log_p: torch.Tensor, log_not_p: torch.Tensor) -> None:
+        """Grow the rows idx whose deleted image (log p, log(1 - p) of the target) still holds the class."""
+        odds = (log_p - log_not_p).to(self.budgets.dtype)
+        share = 1 - log_p.exp().to(self.budgets.dtype) / self.p_original[idx].clamp(min=1e-12)
+        ref = self.odds_at_growth[idx]
+        self.growing[idx] &= ~(torch.isfinite(ref) & (odds > ref))
+        more = self.growing[idx] & (share < GROW_BELOW) & (self.budgets[idx] < self.limit - 1e-9)
+        rows = idx[more]
+        self.budgets[rows] = (self.budgets[rows] * 2).clamp(max=self.limit)
+        self.odds_at_growth[rows] = odds[more]

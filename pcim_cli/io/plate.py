@@ -106,6 +106,13 @@ def all_wells(plate_format: int) -> list[Well]:
     return [Well(r, c) for r in range(rows) for c in range(cols)]
 
 
+def edge_wells(plate_format: int) -> list[str]:
+    """The wells of a plate's outer ring (first and last row and column), row-major: where evaporation
+    and temperature edge effects sit."""
+    rows, cols = plate_shape(plate_format)
+    return [w.name for w in all_wells(plate_format) if w.row in (0, rows - 1) or w.col in (0, cols - 1)]
+
+
 def parse_well(text: str | Well, plate_format: int | None = None) -> Well:
     """Parse a well ID ('A1', 'A01', 'A001', 'a01', 'A/1', 'AA01').
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from pcim_cli.engine.options import QC_COLUMNS
 from pcim_cli.engine.verdict import FIT_LABELS, fit_quality
 from pcim_cli.errors import OutputError, os_reason
 from pcim_cli.io.plate import parse_well
@@ -60,6 +61,8 @@ FLOAT_COLUMNS = (
 STATUSES = ("done", "failed", "skipped")
 #: PCIM_Fit: did the fit achieve its objective (engine/verdict.py); empty for methods that fit nothing
 FITS = FIT_LABELS
+#: the shortcut QC's columns (docs/shortcuts.md): region -> column; Seams only for tiled fields
+SHORTCUT_COLUMNS = {region: f"PCIM_Share_{word}" for region, word in QC_COLUMNS.items()}
 
 
 def layout_column_name(column: str) -> str:
@@ -140,17 +143,24 @@ def rows_from_record(plate: str, well: str, zarr_path: str, record: Mapping[str,
 
 
 def _share_columns(result: Mapping[str, Any], objects: Mapping[str, Any], target: str) -> dict[str, Any]:
-    """``PCIM_Share_<channel>`` (the channel split of the map) and, per object kind,
+    """``PCIM_Share_<channel>`` (the channel split of the map), the shortcut QC's shares
+    (``PCIM_Share_OnObjects`` ... ``PCIM_Share_Seams``, when the record has them) and, per object kind,
     ``PCIM_<Object>_Count`` and ``PCIM_<Object>_TopDeltaP`` (the drop of p(target) when the target's
     explain.top_objects objects holding most attribution are deleted together)."""
     out: dict[str, Any] = {f"PCIM_Share_{column_word(c)}": v
                            for c, v in (result.get("channel_shares") or {}).items()}
+    found = result.get("shares")
+    if isinstance(found, Mapping):  # fields explained with qc.enabled
+        out.update({column: found.get(region) for region, column in SHORTCUT_COLUMNS.items()
+                    if region != "seams" or found.get("seams") is not None})
     for name, entry in objects.items():
         word = column_word(name)
         done = entry.get("status") == "done"
         out[f"PCIM_{word}_Count"] = entry.get("count") if done else None
         out[f"PCIM_{word}_TopDeltaP"] = ((entry.get("top") or {}).get(target) or {}).get("delta_p") if done else None
     return out
+
+
 def _number(value: Any) -> float:
     try:
         return float(value)

@@ -24,12 +24,11 @@ import torch
 from pcim_cli.engine import fidelity, tiling, trivial
 from pcim_cli.engine import field as field_maps
 from pcim_cli.engine.attribute import attribute
-from pcim_cli.engine.budget import fit_adaptive
 from pcim_cli.engine.pcim import Forward, PcimOptions
 from pcim_cli.errors import PcimError
 from pcim_cli.io import store, summary
 from pcim_cli.io.model import LoadedModel
-from pcim_cli.run import objects, threads
+from pcim_cli.run import objects, shortcut_qc, threads
 from pcim_cli.run.device import MODEL_ERRORS, BatchSize, fast_forward, is_out_of_memory
 from pcim_cli.run.failures import FieldError, model_error_problem, non_finite_problem, tile_size_problem
 from pcim_cli.run.field_record import completion_record, mean_stats, unit_stats
@@ -57,6 +56,7 @@ class _Field:
     fit_s: float = 0.0
     inputs: dict[str, Any] = dc_field(default_factory=dict)  # signature of the input files
     warnings: list[str] = dc_field(default_factory=list)
+    saturation: tuple[torch.Tensor, list] | None = None  # the shortcut QC's saturated pixels and levels
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,8 @@ class Batcher:
         return fast_forward(self.model, x, task.device, task.precision, task.channels_last)
 
     def add(self, files: FieldFiles, x: torch.Tensor, read_s: float, inputs: dict[str, Any] | None = None,
-            warnings: list[str] | None = None) -> list[dict[str, Any]]:
+            warnings: list[str] | None = None, saturation: tuple[torch.Tensor, list] | None = None,
+            ) -> list[dict[str, Any]]:
         """Plan and predict one field, queue its units; returns the rows of fields finished meanwhile."""
         try:
             field = self._prepare(files, x, read_s)
@@ -106,7 +107,7 @@ class Batcher:
             return [task_failed_row(self.task, files, str(exc), "model", inputs)]
         except MODEL_ERRORS as exc:
             return [self._fail_row(files, exc, inputs)]
-        field.inputs, field.warnings = inputs or {}, warnings or []
+        field.inputs, field.warnings, field.saturation = inputs or {}, warnings or [], saturation
         if self._whole(field):  # one unit per target: the field's tiles fitted together
             queue = self.queues.setdefault(("field", *field.grid.field), [])
             queue += [_Unit(field, WHOLE, k) for k in range(len(field.targets))]
@@ -253,12 +254,9 @@ class Batcher:
         tt = torch.tensor([task.classes.index(u.field.targets[u.k]) for u in chunk], device=self.device)
         seeds = torch.tensor([field_seed(opts.seed, task.well, u.field.files.site, u.field.targets[u.k])
                               + max(u.tile, 0) for u in chunk])
-        if task.adaptive_budget is not None and task.method == "pcim":
-            result, budgets = fit_adaptive(forward, x, tt, opts, seeds=seeds, max_budget=task.adaptive_budget)
-            result.budget = budgets
-        else:
-            result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer,
-                               prob_original=_known_probs(chunk, tt))
+        # PCIM grows each map's budget within its fit (explain.adaptive_budget); result.budget says where it ended
+        result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer,
+                           prob_original=_known_probs(chunk, tt))
         dele, ins, checks = _fidelity(forward, x, result, tt, chunk, task, opts)
         return result, dele, ins, checks
 
@@ -304,6 +302,10 @@ class Batcher:
             batch_size=self.batch.value, device=task.device, where=f"{task.well} site {f.files.site}",
             objects_signature=f.files.objects_signature, format=task.store_format, aggregate=task.aggregate)
         found.update_record(record)
+        if task.qc is not None:  # where the map lies (docs/shortcuts.md), from the map in memory
+            shortcut_qc.measure_into(record, f.stitch.out, f.targets, f.x, f.saturation, f.grid, task.qc,
+                                     label_files=f.files.objects, labels=found.labels,
+                                     where=f"{task.well} site {f.files.site}")
         try:
             rel = store.write_field(Path(task.store_path), task.well, f.files.index, maps, labels, record,
                                     format=task.store_format,

@@ -32,14 +32,15 @@ import tifffile
 import torch
 
 from pcim_cli.config import RunConfig
-from pcim_cli.engine import metrics, object_ranking, trivial
+from pcim_cli.engine import metrics, object_ranking, shares, trivial
 from pcim_cli.engine.attribute import METHODS, attribute
 from pcim_cli.engine.pcim import PcimOptions
 from pcim_cli.engine.verdict import Verdict, decide
 from pcim_cli.errors import ConfigError, InputDataError
 from pcim_cli.io import images, plate
 from pcim_cli.io import labels as label_io
-from pcim_cli.run import inventory, objects
+from pcim_cli.run import inventory, objects, shortcut_qc
+from pcim_cli.run.task import QcTask
 
 __all__ = ["COLUMNS", "DEFAULT_METHODS", "DIRECTIONS", "Comparison", "EvalField", "PlateScores", "choose_wells",
            "compare", "has_evidence", "maps_in_batches", "mask_path", "mean_table", "randomized_copy", "read_fields",
@@ -67,10 +68,13 @@ COLUMNS = {
     "sparseness": "Gini",
     "randomisation_spearman": "rand. ρ",
     **object_ranking.COLUMNS,  # with plate.objects only
+    "share_off_objects": "off objects",  # the shortcut QC's shares (qc.enabled; docs/shortcuts.md)
+    "share_border": "border",
     "s_per_map": "s/map",
 }
 DIRECTIONS = {**metrics.DIRECTIONS, "pointing_game_3px": "higher", "fine_deletion_auc": "lower",
-              "s_per_map": "lower", **dict.fromkeys(object_ranking.COLUMNS, "higher")}
+              "s_per_map": "lower", **dict.fromkeys(object_ranking.COLUMNS, "higher"),
+              "share_off_objects": "none", "share_border": "none"}  # where a map lies: no better or worse
 EXAMPLES_MAX = 16  # maps kept per method for the overlays (the examples are picked among them)
 
 
@@ -145,14 +149,14 @@ def score_plate(cfg: RunConfig, masks: str, methods: Sequence[str] | None = None
         objects_scorer = object_ranking.ObjectScorer(model, x, target, [f.labels for f in fields],
                                                      [f.mask for f in fields], opts, cfg.explain.top_objects, batch)
     comp = compare(model, x, target, fields, methods, opts, batch, list(cfg.plate.channels), inv.classes,
-                   random_model, objects_scorer=objects_scorer, explainer=explainer)
+                   random_model, objects_scorer=objects_scorer, explainer=explainer, qc=shortcut_qc.qc_task(cfg))
     return PlateScores(comp, fields, x, methods, opts, None if inv.explainer is None else inv.explainer.sha256)
 
 
 def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[EvalField], methods: Sequence[str],
             opts: PcimOptions, batch: int, channels: Sequence[str], classes: Sequence[str],
             random_model=None, maps_fn: Callable | None = None, scorer=None,
-            objects_scorer=None, explainer=None) -> Comparison:
+            objects_scorer=None, explainer=None, qc: QcTask | None = None) -> Comparison:
     """Every method's maps of x (B, C, H, W) for target (B,), scored against the fields' masks; the
     sanity check on `random_model` when given; intensity_channel auto resolved for the whole batch; the
     stain verdict per target class (PCIM's maps, or the first non-trivial method's, against the best
@@ -162,7 +166,9 @@ def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[EvalField
     (the forward that deletion and insertion ask; default: model) let a caller explain fields tile by
     tile and score the stitched maps on whole fields (benchmarks with fixed-input models).
     objects_scorer (engine/object_ranking.ObjectScorer) adds the object ranking scores (plate.objects);
-    explainer: the trained explainer module that the default maps_fn gives pcim-amortised.
+    explainer: the trained explainer module that the default maps_fn gives pcim-amortised; qc (the
+    shortcut QC's settings) adds each map's share off the objects and at the border, as `pcim explain`
+    measures them (docs/shortcuts.md), so methods can be compared on where they put their weight.
     """
     maps_fn = maps_fn or functools.partial(maps_in_batches, explainer=explainer)
     scorer = model if scorer is None else scorer
@@ -182,6 +188,8 @@ def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[EvalField
         scores, curve = score_maps(scorer, x, target, maps, fields)
         if objects_scorer is not None:
             scores.update(objects_scorer.scores(maps))
+        if qc is not None:
+            scores.update(shortcut_shares(maps, x, fields, qc))
         if random_model is not None:
             scores["randomisation_spearman"] = metrics.spearman(
                 maps, maps_fn(random_model, x, target, method, m_opts, batch), support="union").tolist()
@@ -336,6 +344,21 @@ def maps_in_batches(model, x: torch.Tensor, target: torch.Tensor, method: str, o
                        explainer=explainer).maps
              for i in range(0, len(x), batch)]
     return torch.cat(parts)
+
+
+def shortcut_shares(maps: torch.Tensor, x: torch.Tensor, fields: list[EvalField], qc: QcTask) -> dict[str, list]:
+    """Each map's share off the objects (the first plate.objects kind's labels, else the automatic
+    foreground of qc.foreground_channel) and within the field border (engine/shares.py)."""
+    h, w = x.shape[-2:]
+    border = shares.border_mask((h, w), shares.border_margin((h, w), qc.border))
+    off, edge = [], []
+    for i, f in enumerate(fields):
+        objects = (shares.object_mask(f.labels) if f.labels is not None
+                   else shares.foreground_mask(x[i, qc.foreground_channel].cpu(), qc.polarity))
+        m = maps[i : i + 1].detach().float().cpu()
+        off.append(float(shares.region_shares(m, ~objects)[0]))
+        edge.append(float(shares.region_shares(m, border)[0]))
+    return {"share_off_objects": off, "share_border": edge}
 
 
 def score_maps(model, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor,

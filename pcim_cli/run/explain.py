@@ -32,12 +32,12 @@ import pandas as pd
 from pcim_cli import __version__
 from pcim_cli.config import RunConfig
 from pcim_cli.config.settings import Settings, read_settings
-from pcim_cli.engine import verdict
+from pcim_cli.engine import shortcuts, verdict
 from pcim_cli.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, EXIT_PARTIAL, EXIT_TEMPFAIL, ConfigError
 from pcim_cli.io import images, outputs, ownership, plate, records, store, summary
 from pcim_cli.io.lock import RunLock
 from pcim_cli.io.model import LoadedModel
-from pcim_cli.run import objects, rerun, sampling, scheduler
+from pcim_cli.run import objects, rerun, sampling, scheduler, shortcut_qc
 from pcim_cli.run.failures import failed_row
 from pcim_cli.run.inventory import engine_options, fingerprint, inspect_plate, targets_per_well
 from pcim_cli.run.signals import StopSignals
@@ -60,6 +60,7 @@ class RunResult:
     object_csvs: dict[str, Path] = field(default_factory=dict)  # plate.objects: {plate}_pcim_{Object}.csv
     object_failures: list[dict] = field(default_factory=list)  # object tables that failed (maps done)
     removed: list[Path] = field(default_factory=list)  # object CSVs of kinds plate.objects no longer lists
+    shortcuts: shortcuts.Report | None = None  # the shortcut verdict (qc.enabled; docs/shortcuts.md)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -161,6 +162,7 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
     field_size = images.typical_size(src for w in wells for src in found[w])
     kinds = objects.label_kinds(cfg.plate.objects)
     top_k = cfg.explain.top_objects
+    qc = shortcut_qc.qc_task(cfg)
 
     fields, tasks, refresh, dropped = [], [], set(), []
     every = sampling.fidelity_every(cfg.explain.fidelity, cfg.explain.fidelity_every, cfg.explain.method)
@@ -189,8 +191,10 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             only = f.action == "done" and objects.needs_refresh(f.record, inputs["objects_signature"],
                                                                 choice.retry_failed)
             if f.fitted or only:
+                src = found[well][f.index]
                 todo.append(FieldFiles(site=f.site, index=f.index, objects_only=only, stat=f.stat,
-                                       files=tuple(str(p) for p in found[well][f.index].files), **inputs,
+                                       files=tuple(str(p) for p in src.files),
+                                       zarr=None if src.zarr is None else src.zarr.to_dict(), **inputs,
                                        **sampling.fidelity_flags(first_ordinal + f.index, f.index, every)))
                 refresh |= {f.path} if only else set()
         if not todo:
@@ -202,13 +206,13 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             normalize=cfg.model.normalize.model_dump(), model_path=str(model.path), model_sha256=model.sha256,
             input_size=cfg.model.input_size, field_size=field_size, method=cfg.explain.method,
             aggregate=cfg.model.aggregate, tile_maps=cfg.explain.tile_maps,
-            adaptive_budget=cfg.explain.adaptive_budget,
             engine=dataclasses.asdict(opts),
             explainer_path=None if explainer is None else str(explainer.path),
             explainer_sha256=None if explainer is None else explainer.sha256,
             batch_size=cfg.compute.batch_size, channels_last=cfg.compute.channels_last,
             precision=cfg.compute.precision, device=model.device, fidelity=cfg.explain.fidelity,
-            store_path=str(store_path), store_format=cfg.output.format, fingerprint=print_fp,
+            store_path=str(store_path), store_format=cfg.output.format, fingerprint=print_fp, qc=qc,
+            timepoint=cfg.plate.timepoint, package=inv.package,
         ))
     return Plan(fields, tasks, rows, problems, layout, model, print_fp, {w: len(found[w]) for w in wells},
                 refresh, dropped)
@@ -311,11 +315,13 @@ def _write_results(cfg: RunConfig, p: Plan, rows: list[dict], interrupted: bool)
     tables, all from the store."""
     store_path, csv_path = Path(cfg.output.zarr), Path(cfg.output.csv)
     table, causes, done = collect(cfg, p, rows, interrupted)
-    verdicts = verdict.from_records(done, cfg.explain.method) if cfg.explain.fidelity else []
+    verdicts = verdict.from_records([r for _, r in done], cfg.explain.method) if cfg.explain.fidelity else []
+    report = _shortcut_report(cfg, p, table, done)
     store.update_plate_record(store_path, {"last_run": {
         "finished": time.strftime("%Y-%m-%d %H:%M:%S%z"), "fingerprint": p.fingerprint,
         "pcim_version": __version__, "interrupted": interrupted,
-        "verdicts": [v.to_dict() for v in verdicts]}})
+        "verdicts": [v.to_dict() for v in verdicts],
+        "shortcuts": None if report is None else report.to_dict()}})
     summary.write_csv_atomic(table, csv_path)
     object_csvs, object_failures = objects.write_tables(store_path, cfg.plate.name, csv_path,
                                                         list(cfg.plate.objects or {}), table)
@@ -323,7 +329,19 @@ def _write_results(cfg: RunConfig, p: Plan, rows: list[dict], interrupted: bool)
     fitted = sum(1 for r in rows if r["status"] == "done" and r["zarr_path"] not in p.objects_refresh)
     return RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
                      interrupted=interrupted, causes=causes, object_csvs=object_csvs,
-                     object_failures=object_failures, verdicts=verdicts, removed=removed)
+                     object_failures=object_failures, verdicts=verdicts, removed=removed, shortcuts=report)
+
+
+def _shortcut_report(cfg: RunConfig, p: Plan, table: pd.DataFrame, done: list[tuple[str, dict]]
+                     ) -> shortcuts.Report | None:
+    """The plate's shortcut verdict from its done fields (None with qc.enabled false); the outer ring is
+    that of the smallest standard plate holding the store's and the layout's wells."""
+    if not cfg.qc.enabled:
+        return None
+    wells = set(table["Metadata_Well"].dropna().astype(str)) if len(table) else set()
+    if p.layout is not None and "well" in p.layout.columns:
+        wells |= set(p.layout["well"].dropna().astype(str))
+    return shortcut_qc.plate_report(done, sorted(wells))
 
 
 # ---------------------------------------------------------------- a plate of a screen (run/screen.py)
@@ -377,9 +395,9 @@ def fit_advice(result: RunResult, cfg: RunConfig) -> str | None:
     if not bad:
         return None
     total = sum(fits.values())
-    grow = ("raise explain.budget (now "
-            f"{cfg.explain.budget}) or set explain.adaptive_budget: 0.32" if cfg.explain.adaptive_budget is None
-            else f"raise explain.adaptive_budget (now {cfg.explain.adaptive_budget})")
+    grow = ("let the budget grow: explain.adaptive_budget: 0.32 (the default; now null)"
+            if cfg.explain.adaptive_budget is None
+            else f"raise explain.adaptive_budget (the budget grew up to {cfg.explain.adaptive_budget})")
     return (f"{bad} of {total} maps are weak ({fits['weak']}) or failed ({fits['failed']}) fits (PCIM_Fit in "
             f"{result.csv}): deleting their pixels did not remove the class (PCIM_ProbDeleted stays near "
             "PCIM_ProbOriginal). Likely causes: evidence larger than the budget (confluence, density, texture) "
@@ -391,8 +409,8 @@ def collect(cfg: RunConfig, p: Plan, run_rows: list[dict],
             interrupted: bool = False) -> tuple[pd.DataFrame, list, list[dict]]:
     """Write the failure ledger, then build the whole store's CSV table from its records (io/records.py).
 
-    Returns the table, the causes of its failed rows, and the records of the fields whose maps are
-    current (for the stain verdict).
+    Returns the table, the causes of its failed rows, and the (well, record) pairs of the fields whose
+    maps are current (for the stain and shortcut verdicts).
     """
     by_field: dict[tuple[str, int], list[dict]] = {}
     for row in run_rows:
@@ -407,7 +425,7 @@ def collect(cfg: RunConfig, p: Plan, run_rows: list[dict],
     for s in states:
         if s.state == "done":
             rows += summary.rows_from_record(cfg.plate.name, s.well, s.path, s.record)
-            done.append(s.record)
+            done.append((s.well, s.record))
             continue
         if s.state == "failed":
             causes.append(s.cause)

@@ -78,6 +78,7 @@ def completion_record(task: WellTask, *, site: int, targets: list[str], probs: t
         "inputs": inputs,
         "warnings": warnings,
         "model_sha256": task.model_sha256,
+        **({"model_package": task.package} if task.package else {}),
         **({"explainer_sha256": task.explainer_sha256} if task.explainer_sha256 else {}),
         "pcim_version": __version__,
         "seed": seed,

@@ -12,9 +12,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from pcim_cli.engine.options import QC_BORDER_FRACTION
 from pcim_cli.run.failures import failed_row
 
-__all__ = ["FieldFiles", "WellTask", "field_seed", "map_labels", "task_failed_row", "task_failed_rows"]
+__all__ = ["FieldFiles", "QcTask", "WellTask", "field_seed", "map_labels", "task_failed_row", "task_failed_rows"]
 
 
 class FieldFiles(BaseModel):
@@ -31,10 +32,25 @@ class FieldFiles(BaseModel):
     object_problems: dict[str, str] = {}
     objects_signature: str = ""
     objects_only: bool = False  # a done field whose object tables are (re)made from its stored map
+    zarr: dict[str, Any] | None = None  # an OME-Zarr field: how to read it (io/ome_zarr_plate.ZarrField)
     # explain.fidelity on: this field's maps get their deletion / insertion AUCs (a sample of the plate's
-    # fields with explain.fidelity_every > 1), and its stain check (run/explain.py `fidelity_sample`)
+    # fields with explain.fidelity_every > 1), and its stain check (run/sampling.py)
     fidelity: bool = True
     stain_check: bool = False
+
+
+class QcTask(BaseModel):
+    """The shortcut-QC settings a worker needs (config/qc.py resolved against the plate; run/shortcut_qc.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    objects: str | None = None  # the plate.objects kind whose union is "on objects"; None: the foreground
+    foreground_channel: int = 0  # index into the plate's channels
+    foreground_name: str = ""
+    polarity: str = "bright"
+    border: float = QC_BORDER_FRACTION
+    saturation: str | float | tuple[float | None, ...] | None = "auto"
+    clip_at: tuple[float, ...] | None = None  # model.normalize fixed: each channel's max (clipped above)
 
 
 class WellTask(BaseModel):
@@ -55,7 +71,6 @@ class WellTask(BaseModel):
     field_size: tuple[int, int] | None = None  # (H, W) of the plate's fields; a field of another size fails
     aggregate: str = "mean-logit"  # how a tiled field's prediction is made (model.aggregate)
     tile_maps: str = "field"  # one fit over a tiled field's pixels, or per tile (explain.tile_maps)
-    adaptive_budget: float | None = None  # grow the budget up to this share until the class is lost; None: fixed
     method: str = "pcim"
     engine: dict[str, Any]
     explainer_path: str | None = None  # pcim-amortised: the trained explainer (checked by the driver)
@@ -69,6 +84,9 @@ class WellTask(BaseModel):
     store_path: str
     store_format: str = "0.5"
     fingerprint: str
+    qc: QcTask | None = None  # the shortcut QC (qc.enabled); None: no shares, no verdict
+    timepoint: int | None = None  # plate.timepoint: the time point read from a T axis
+    package: dict[str, Any] | None = None  # model.path a bioimage.io package: what was taken (field records)
 
 
 def field_seed(seed: int, well: str, site: int, target: str) -> int:
