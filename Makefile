@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TESTSTAMP := $(VENV)/.installed-test
 DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: install install-test demo test test-fast test-slurm lint bench compare docs clean
+.PHONY: install install-test demo test test-fast test-slurm lint bench bench-detail compare docs clean
 
 # pcim and its runtime dependencies only (what `make demo` needs)
 install: $(STAMP)
@@ -49,9 +49,16 @@ lint: install-test
 	$(BIN)/ruff check pcim_cli tests benchmarks sample_plates
 	$(BIN)/lint-imports
 
-# speed on this machine (one torch thread): table on stdout, benchmarks/results/bench.json; about 5-10 min;
-# then amortised PCIM (training time, plate throughput, quality): benchmarks/results/bench_amortised.json, ~10 min
+# the speed goals (docs/speed.md), every figure measured in this one run: amortised vs per-image per map on
+# every evaluation set, busy / quiet, per-image vs T x (forward + backward), a 2160 px field's fixed costs and
+# store size, the driver at 1536 x 2 wells; one table on stdout, benchmarks/results/bench_throughput.json;
+# ~10-15 min on 2 cores
 bench: install-test
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_throughput.py
+
+# the detailed speed tables (fit vs bound, batch sizes, objects, tiles: benchmarks/results/bench.json, 5-10 min)
+# and amortised PCIM (training time, plate throughput, quality: bench_amortised.json, ~10 min)
+bench-detail: install-test
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_amortised.py
 

@@ -165,6 +165,10 @@ def render(
         typer.echo(str(result.report))
 
 
+#: `pcim status` lists every well of plates up to this many wells, else only those not complete
+LIST_EVERY_WELL = 96
+
+
 def status(
     store_paths: Annotated[list[str], typer.Argument(metavar="OUT.zarr...", help="A store written by pcim "
                                                      "explain; or several stores, plate.yaml files or a screen "
@@ -193,8 +197,13 @@ def status(
     from rich.table import Table
 
     table = Table("well", "fields", "done", "failed", "missing", "errors", title=str(report.store))
-    for w in report.wells:
+    # a large plate lists only its wells with something left to do (a 1536-row table takes seconds to draw)
+    shown = [w for w in report.wells if len(report.wells) <= LIST_EVERY_WELL or w.done < w.fields]
+    for w in shown:
         table.add_row(w.well, str(w.fields), str(w.done), str(w.failed), str(w.missing), clip("; ".join(w.errors), 80))
+    if len(shown) < len(report.wells):
+        table.add_row(f"({len(report.wells) - len(shown)} complete wells not listed: --json lists every well)",
+                      "", "", "", "", "")
     totals = report.totals
     table.add_row("all", *(str(totals[k]) for k in ("fields", "done", "failed", "missing")), "")
     Console(no_color=not fancy_terminal(), width=None if fancy_terminal() else 120).print(table)

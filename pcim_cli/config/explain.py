@@ -37,6 +37,9 @@ class _RunKeys(Section):
         "removes the class fastest (pcim evaluate reports the best one for the plate)"))
     fidelity: bool = Field(True, description="deletion / insertion AUC of every map into the CSV, and the "
                                              "plate's stain verdict")
+    fidelity_every: PositiveInt | Literal["auto"] = Field("auto", description=(
+        "with fidelity on: AUCs and stain check on one field in N in plate order (the others' AUC cells "
+        "empty); auto: every field (1), or 128 for pcim-amortised, whose map costs far less than its curves"))
     top_objects: PositiveInt = Field(3, description="plate.objects: top objects per field deleted together "
                                                     "(PCIM_<Object>_TopDeltaP) and outlined")
     tile_maps: TileMaps = Field("field", description=(

@@ -54,18 +54,20 @@ def captum_available() -> bool:
 
 def attribute(model: Forward, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
               seeds: torch.Tensor | None = None, backend: str = "auto",
-              explainer: Forward | None = None) -> PcimResult:
+              explainer: Forward | None = None, prob_original: torch.Tensor | None = None) -> PcimResult:
     """Maps (B, M, H, W) of `method` for images x (B, C, H, W) and their target classes (B,).
 
     backend: auto (Captum when installed), captum, or torch (the pure-torch baselines); PCIM and RISE
-    are always pure torch. explainer: the trained explainer module pcim-amortised needs.
+    are always pure torch. explainer: the trained explainer module pcim-amortised needs. prob_original
+    (B,): p(target | x) when the caller already has it (the field's prediction), for the methods that
+    would make a forward only for it (all but pcim, whose gradient init gives it); None: computed.
     """
     if method == "pcim":
         return fit_pcim(model, x, target, opts, seeds=seeds)
     if method == "pcim-amortised":
         if explainer is None:
             raise ValueError("pcim-amortised needs a trained explainer (explainer=...)")
-        return amortised_pcim(model, explainer, x, target, opts, seeds=seeds)
+        return amortised_pcim(model, explainer, x, target, opts, seeds=seeds, prob_original=prob_original)
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; one of {', '.join(METHODS)}")
     if backend not in BACKENDS:
@@ -76,8 +78,9 @@ def attribute(model: Forward, x: torch.Tensor, target: torch.Tensor, method: str
     target = target.to(device=x.device, dtype=torch.long).reshape(b)
     seeds = opts.seed + torch.arange(b) if seeds is None else seeds.reshape(b)
     with FrozenModel(model):
-        with torch.no_grad():
-            prob_original = target_log_probs(model(x), target)[0].exp()
+        if prob_original is None:
+            with torch.no_grad():
+                prob_original = target_log_probs(model(x), target)[0].exp()
         channel = None
         if method == "intensity" and not opts.per_channel:
             channel = (trivial.best_channel(model, x, target) if opts.intensity_channel is None

@@ -307,14 +307,15 @@ def explainer_logits(explainer: Forward, x: torch.Tensor, target: torch.Tensor, 
 
 
 def amortised_pcim(model: Forward, explainer: Forward, x: torch.Tensor, target: torch.Tensor,
-                   opts: PcimOptions, seeds: torch.Tensor | None = None) -> PcimResult:
+                   opts: PcimOptions, seeds: torch.Tensor | None = None,
+                   prob_original: torch.Tensor | None = None) -> PcimResult:
     """PCIM maps (B, M, H, W) from the explainer's logits, refined by `opts.refine_steps` steps of the
     per-image fit at `opts.refine_lr` (0: none). The result has fit_pcim's form; `steps` counts the
-    refine steps."""
+    refine steps. prob_original (B,): p(target | x) when known (fit_pcim then makes no forward for it)."""
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
     x = x.detach()
     target = target.to(device=x.device, dtype=torch.long).reshape(x.shape[0])
     w = explainer_logits(explainer, x, target, maps_per_class(opts, x.shape[1]))
     refine = dataclasses.replace(opts, steps=opts.refine_steps, lr=opts.refine_lr)
-    return fit_pcim(model, x, target, refine, seeds=seeds, init=w)
+    return fit_pcim(model, x, target, refine, seeds=seeds, init=w, prob_original=prob_original)

@@ -171,6 +171,7 @@ def fit_pcim(
     opts: PcimOptions | None = None,
     seeds: torch.Tensor | None = None,
     init: torch.Tensor | None = None,
+    prob_original: torch.Tensor | None = None,
 ) -> PcimResult:
     """Fit one mixing layer per image of x (B, C, H, W) for its target class (B,) against model.
 
@@ -181,6 +182,7 @@ def fit_pcim(
     runs at opts.resolution (no coarse phase). With several budgets, each image is fitted once per budget
     in the same batch and its maps are averaged (so pixels kept even under the smallest budget rank
     highest); the probabilities reported are the means over the budgets. Returns maps of the input's size.
+    prob_original (B,): p(target | x) when the caller has it (with `init`: no forward is made for it).
     """
     opts = opts or PcimOptions()
     if x.dim() != 4:
@@ -202,7 +204,7 @@ def fit_pcim(
             shape = mixing.weight_shape(x.shape, opts.per_channel, plan[0][0])
             del_sub = schedule.substrate_or_zero(x, opts.delete_substrate, opts.blur_sigma)
             init, prob_original = schedule.gradient_logits(model, x, target, del_sub, shape, opts.init_scale)
-        else:
+        elif prob_original is None:
             with torch.no_grad():
                 prob_original = target_log_probs(model(x), target)[0].exp()
         w0 = None if init is None else init.detach().to(x.device, x.dtype).repeat(k, 1, 1, 1)

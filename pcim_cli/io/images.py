@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -36,8 +37,11 @@ NORMALIZE_METHODS = ("percentile", "fixed", "zscore", "none")
 
 
 def _list_files(images_dir: Path, recursive: bool) -> list[Path]:
-    walker = images_dir.rglob("*") if recursive else images_dir.iterdir()
-    return sorted(p for p in walker if p.is_file() and not p.name.startswith("."))
+    if recursive:
+        return sorted(p for p in images_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    with os.scandir(images_dir) as entries:  # one listing, no stat per file (a 1536-well plate: ~10^4 files)
+        names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file())
+    return [images_dir / name for name in names]
 
 
 def discover_fields(
@@ -69,10 +73,11 @@ def discover_fields(
 
     found: dict[tuple[Well, int], dict[str | None, list[Path]]] = defaultdict(lambda: defaultdict(list))
     problems: list[Problem] = []
-    files = _list_files(images_dir, recursive="/" in pattern)
+    recursive = "/" in pattern
+    files = _list_files(images_dir, recursive)
     n_matched = 0
     for path in files:
-        rel = path.relative_to(images_dir).as_posix()
+        rel = path.name if not recursive else path.relative_to(images_dir).as_posix()
         match = regex.fullmatch(rel)
         if not match:
             continue

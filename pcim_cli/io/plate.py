@@ -7,6 +7,7 @@ Wells are written `A01` everywhere pcim writes them (CSV `Metadata_Well`, logs, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable
@@ -118,6 +119,17 @@ def parse_well(text: str | Well, plate_format: int | None = None) -> Well:
     Raises WellIdError when the text is not a well, or the well is off the plate: off the given
     `plate_format`, or off every standard plate (1536 wells) when no format is given.
     """
+    if isinstance(text, str):  # a plate's thousands of wells are parsed again and again (sorting, paths)
+        return _parse_cached(text, plate_format)
+    return _parse(text, plate_format)
+
+
+@functools.lru_cache(maxsize=16384)
+def _parse_cached(text: str, plate_format: int | None) -> Well:
+    return _parse(text, plate_format)
+
+
+def _parse(text: str | Well, plate_format: int | None) -> Well:
     if isinstance(text, Well):
         well = text
     else:

@@ -29,7 +29,9 @@ and the group's metadata (:func:`_clear_field`).
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -69,6 +71,7 @@ MAP_MANTISSA_BITS = 6
 # well names and paths
 
 
+@functools.lru_cache(maxsize=4096)
 def split_well(well: str) -> tuple[str, str]:
     """``"A01"`` -> ``("A", "1")``; ``"AA03"`` -> ``("AA", "3")``: the NGFF row and column group names."""
     parsed = parse_well(well)
@@ -336,12 +339,36 @@ def read_field(path: Path, well: str, field: int) -> tuple[np.ndarray, list[str]
     return np.asarray(group[level0][...]), labels, (dict(record) if record is not None else None)
 
 
+#: read_record's answers by (field folder, identity of its metadata file): a command reads a field's
+#: record twice (the plan, then the CSV); the second read costs one stat while the file is the same one
+#: (every write replaces it: a new inode and time). Damaged answers are never kept.
+_RECORDS: dict[str, tuple[tuple[int, int, int], dict | None]] = {}
+
+
 def read_record(path: Path, well: str, field: int) -> dict | None:
     """The field's completion record, or None when the field is missing or incomplete (no arrays read).
 
     A field whose group metadata cannot be read gives ``{"status": "damaged", "error": ...}``.
     """
     rel = field_path(well, field)
+    folder = os.path.join(os.fspath(path), rel)
+    try:
+        st = os.stat(os.path.join(folder, "zarr.json"))
+        key: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None  # NGFF 0.4 (.zattrs), or no group: read as usual, not kept
+    kept = _RECORDS.get(folder)
+    if key is not None and kept is not None and kept[0] == key:
+        return None if kept[1] is None else dict(kept[1])
+    out = _read_record(path, rel)
+    if key is not None and (out is None or out.get("status") != "damaged"):
+        if len(_RECORDS) > 200_000:
+            _RECORDS.clear()
+        _RECORDS[folder] = (key, out)
+    return None if out is None else dict(out)
+
+
+def _read_record(path: Path, rel: str) -> dict | None:
     try:
         attrs = zarr_files.read_attributes(Path(path) / rel)
         if attrs is None:
@@ -370,7 +397,7 @@ def map_arrays_problem(path: Path, rel: str, attrs: Mapping[str, Any]) -> str | 
     except (*BAD_METADATA, IndexError) as exc:
         return f"the field metadata {Path(path) / rel / 'zarr.json'} lists no map arrays ({type(exc).__name__}); {redo}"
     for name in datasets:
-        folder = Path(path) / rel / name
+        folder = os.path.join(os.fspath(path), rel, name)
         try:
             expected, missing = zarr_files.missing_chunks(folder)
         except DAMAGE_ERRORS as exc:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pcim_cli.engine import absence, metrics, tiling, trivial
+from pcim_cli.engine import absence, fidelity, tiling, trivial
 from pcim_cli.engine import field as field_maps
 from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.pcim import Forward, PcimOptions
@@ -163,7 +163,7 @@ class Batcher:
             raise FieldError(tile_size_problem(task.well, files.site, exc, task.input_size), "model") from exc
         if self.forward is None:  # on a CPU, the first fit steps may decide the torch threads (threads.py)
             self.forward = threads.probing(self._fast(tiling.cut(x, grid, range(1))[0]),
-                                           task.device)
+                                           task.device, steps=_makes_steps(task, self.opts))
         probs, tile_probs = self._predict(x, grid)
         if not (torch.isfinite(probs).all() and torch.isfinite(tile_probs).all()):
             raise FieldError(non_finite_problem(task.well, files.site, task.model_path, x, "logits"), "model")
@@ -274,24 +274,19 @@ class Batcher:
         seeds = torch.tensor([field_seed(opts.seed, task.well, u.field.files.site, u.field.targets[u.k])
                               + max(u.tile, 0) for u in chunk])
         # PCIM grows each map's budget within its fit (explain.adaptive_budget); result.budget says where it ended
-        result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
+        result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer,
+                           prob_original=_known_probs(chunk, tt))
         if task.method in ("pcim", "pcim-amortised"):  # PCIM_Fit's label test (issue 26); baselines fit nothing
             result.prob_full_deleted = _full_deletion(forward, x, tt)
-        dele = ins = [float("nan")] * len(chunk)
-        checks: list[dict | None] = [None] * len(chunk)
-        if task.fidelity:  # perturbed images in forward batches no larger than the fit's
-            kw = {"chunk": min(64, 2 * len(chunk))}
-            dele = metrics.deletion_auc(forward, x, result.maps, tt, **kw).tolist()
-            ins = metrics.insertion_auc(forward, x, result.maps, tt, substrate="blur", **kw).tolist()
-            if task.method not in trivial.TRIVIAL:  # for the plate's verdict, on each well's first field (cheap)
-                checks = trivial.stain_check_rows(forward, x, result.maps, tt, opts, task.channels,
-                                                  [self._checked(u, result, j) for j, u in enumerate(chunk)], **kw)
+        checked = [self._checked(u, result, j) for j, u in enumerate(chunk)]
+        dele, ins, checks = _fidelity(forward, x, result, tt, chunk, task, opts, checked)
         return result, dele, ins, checks
 
     def _checked(self, unit: _Unit, result, j: int) -> bool:
-        """Does the stain check run on this unit? The maps of each well's first field, where the map holds
-        evidence (PCIM_Fit ok / weak: a verdict never judges the others); every tile of a per-tile field."""
-        if unit.field.files.index != 0:
+        """Does the stain check run on this unit? The fields run/sampling.py picks for it (each well's first
+        field when every field is measured), where the map holds evidence (PCIM_Fit ok / weak: a verdict
+        never judges the others); every tile of a per-tile field."""
+        if not unit.field.files.stain_check:
             return False
         if unit.tile != WHOLE and unit.field.grid.n_tiles > 1:
             return True
@@ -332,7 +327,8 @@ class Batcher:
             task, site=f.files.site, targets=f.targets, probs=f.probs, results=per_target, inputs=f.inputs,
             warnings=f.warnings, grid=f.grid, maps="field" if self._whole(f) else task.tile_maps,
             tile_probs=f.tile_probs, batch_size=self.batch.value, timings={"read": f.read_s, "fit": f.fit_s},
-            seed=self.opts.seed)
+            seed=self.opts.seed,
+            fidelity=("measured" if f.files.fidelity else "not sampled") if task.fidelity else "off")
         labels = map_labels(f.targets, task.channels, self.opts.per_channel)
         found = objects.measure_field(
             f.x, f.stitch.out, f.targets, task.classes, task.channels, f.grid, self.forward, self.opts,
@@ -346,7 +342,8 @@ class Batcher:
                                      where=f"{task.well} site {f.files.site}")
         try:
             rel = store.write_field(Path(task.store_path), task.well, f.files.index, maps, labels, record,
-                                    format=task.store_format, extra=found.write)
+                                    format=task.store_format,
+                                    extra=found.write if found.labels or found.tables else None)
         except PcimError as exc:
             logger.warning("%s", exc)
             return [task_failed_row(task, f.files, str(exc), "output", f.inputs)]
@@ -363,6 +360,53 @@ def _full_deletion(forward: Forward, x: torch.Tensor, target: torch.Tensor) -> t
         logger.debug("the model fails on the fully deleted image (%s): no no-local-evidence label", exc)
         return torch.full((x.shape[0],), float("nan"))
     return probs.gather(1, target.to(probs.device).view(-1, 1))[:, 0].cpu()
+
+
+def _fidelity(forward: Forward, x: torch.Tensor, result, tt: torch.Tensor, chunk: list[_Unit], task: WellTask,
+              opts: PcimOptions, checked: list[bool]) -> tuple[list[float], list[float], list[dict | None]]:
+    """Deletion / insertion AUCs and stain checks of the chunk's maps, on the units whose field is in the
+    fidelity sample (run/sampling.py; NaN / None elsewhere; the stain check where `checked`), in forward
+    batches no larger than the fit's
+    (engine/fidelity.py: the map-free points once per field, shared by its targets)."""
+    n = len(chunk)
+    dele, ins = [float("nan")] * n, [float("nan")] * n
+    checks: list[dict | None] = [None] * n
+    rows = [j for j, u in enumerate(chunk) if u.field.files.fidelity] if task.fidelity else []
+    if not rows:
+        return dele, ins, checks
+    kw = {"chunk": min(64, 2 * n)}
+    idx = torch.tensor(rows, device=x.device)
+    xs, maps, ts, p0 = x[idx], result.maps[idx], tt[idx], result.prob_original[idx]
+    d, i = fidelity.deletion_insertion(forward, xs, maps, ts, p0, **kw)
+    for r, j in enumerate(rows):
+        dele[j], ins[j] = float(d[r]), float(i[r])
+    if task.method not in trivial.TRIVIAL:  # for the plate's verdict (sampling.py: which fields)
+        found = fidelity.stain_check_rows(forward, xs, maps, ts, p0, opts, task.channels,
+                                          [checked[j] for j in rows], **kw)
+        for r, j in enumerate(rows):
+            checks[j] = found[r]
+    return dele, ins, checks
+
+
+def _known_probs(chunk: list[_Unit], tt: torch.Tensor) -> torch.Tensor | None:
+    """p(target | tile) of the chunk's units from their fields' predictions (`_predict`: the same model
+    call on the same tiles), so a method needs no forward for it; None for whole-field units."""
+    if any(u.tile == WHOLE or u.field.tile_probs is None for u in chunk):
+        return None
+    probs = torch.stack([u.field.tile_probs[u.tile] for u in chunk])
+    return probs.gather(1, tt.cpu().view(-1, 1))[:, 0].to(tt.device)
+
+
+#: methods that call the model without fit steps (amortised without refine: `_makes_steps`)
+FORWARD_ONLY = ("occlusion", "rise", "intensity", "contrast")
+
+
+def _makes_steps(task: WellTask, opts: PcimOptions) -> bool:
+    """Does the method make fit steps (calls with gradients, repeated) for the thread probe to time? If not,
+    the probe times the model's calls themselves (run/threads.py CallProbe)."""
+    if task.method == "pcim-amortised":
+        return opts.refine_steps > 0
+    return task.method not in FORWARD_ONLY
 
 
 def _take(queue: list[_Unit], images: int) -> list[_Unit]:

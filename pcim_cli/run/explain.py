@@ -37,7 +37,7 @@ from pcim_cli.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, EXIT_PARTIAL, EXIT_
 from pcim_cli.io import images, outputs, ownership, plate, records, store, summary
 from pcim_cli.io.lock import RunLock
 from pcim_cli.io.model import LoadedModel
-from pcim_cli.run import objects, rerun, scheduler, shortcut_qc
+from pcim_cli.run import objects, rerun, sampling, scheduler, shortcut_qc
 from pcim_cli.run.failures import failed_row
 from pcim_cli.run.inventory import engine_options, fingerprint, inspect_plate, targets_per_well
 from pcim_cli.run.signals import StopSignals
@@ -165,7 +165,11 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
     qc = shortcut_qc.qc_task(cfg)
 
     fields, tasks, refresh, dropped = [], [], set(), []
+    every = sampling.fidelity_every(cfg.explain.fidelity, cfg.explain.fidelity_every, cfg.explain.method)
+    ordinal = 0  # the field's number in plate order: which fields get fidelity measures (run/sampling.py)
     for well in wells:
+        first_ordinal = ordinal
+        ordinal += len(found[well])
         decided = []
         for i, src in enumerate(found[well]):
             path = store.field_path(well, i)
@@ -190,7 +194,8 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
                 src = found[well][f.index]
                 todo.append(FieldFiles(site=f.site, index=f.index, objects_only=only, stat=f.stat,
                                        files=tuple(str(p) for p in src.files),
-                                       zarr=None if src.zarr is None else src.zarr.to_dict(), **inputs))
+                                       zarr=None if src.zarr is None else src.zarr.to_dict(), **inputs,
+                                       **sampling.fidelity_flags(first_ordinal + f.index, f.index, every)))
                 refresh |= {f.path} if only else set()
         if not todo:
             continue

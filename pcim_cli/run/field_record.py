@@ -69,9 +69,10 @@ def mean_stats(tiles: list[dict[str, Any]], channels: tuple[str, ...] = ()) -> d
 def completion_record(task: WellTask, *, site: int, targets: list[str], probs: torch.Tensor,
                       results: dict[str, dict[str, Any]], inputs: dict[str, Any], warnings: list[str],
                       grid: TileGrid, maps: str, tile_probs: torch.Tensor, batch_size: int,
-                      timings: dict[str, float], seed: int) -> dict[str, Any]:
+                      timings: dict[str, float], seed: int, fidelity: str = "measured") -> dict[str, Any]:
     """The record of a done field: its prediction, each target's statistics (`results`), the settings
-    and inputs it was made with, how it was tiled (`maps`: field, per-tile or evidence), and costs."""
+    and inputs it was made with, how it was tiled (`maps`: field, per-tile or evidence), and costs.
+    `fidelity`: measured | not sampled | off (explain.fidelity, run/sampling.py)."""
     return {
         "status": "done",
         "site": site,
@@ -95,6 +96,7 @@ def completion_record(task: WellTask, *, site: int, targets: list[str], probs: t
                    "tile_probabilities": [[round(float(p), 6) for p in row] for row in tile_probs]},
         "batch_size": batch_size,
         "timings_s": timings,
+        "fidelity": fidelity,
         "peak_memory_mib": peak_memory_mib(task.device),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

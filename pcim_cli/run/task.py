@@ -33,6 +33,10 @@ class FieldFiles(BaseModel):
     objects_signature: str = ""
     objects_only: bool = False  # a done field whose object tables are (re)made from its stored map
     zarr: dict[str, Any] | None = None  # an OME-Zarr field: how to read it (io/ome_zarr_plate.ZarrField)
+    # explain.fidelity on: this field's maps get their deletion / insertion AUCs (a sample of the plate's
+    # fields with explain.fidelity_every > 1), and its stain check (run/sampling.py)
+    fidelity: bool = True
+    stain_check: bool = False
 
 
 class QcTask(BaseModel):

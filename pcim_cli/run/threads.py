@@ -192,6 +192,9 @@ class _Policy:
         self.auto = False
         self.decided_at: float | None = None
         self.chosen: int | None = None
+        # CallProbe's timings, kept for the process: a worker makes a probe per well, and a well of a few
+        # fields has too few calls of one shape to decide alone
+        self.call_timings: dict[tuple[int, ...], dict[int, list[float]]] = {}
 
 
 _POLICY = _Policy()
@@ -205,6 +208,7 @@ def apply(threads: int | None, auto: bool) -> None:
         return
     if (_POLICY.cap, _POLICY.auto) != (threads, auto):
         _POLICY.cap, _POLICY.auto, _POLICY.decided_at, _POLICY.chosen = threads, auto, None, None
+        _POLICY.call_timings = {}
     current = _POLICY.chosen if _POLICY.chosen is not None else threads
     if torch.get_num_threads() != current:
         torch.set_num_threads(current)
@@ -300,7 +304,8 @@ class CallProbe(torch.nn.Module):
     synchronous), per input shape, as ThreadProbe times steps: for each shape, a first call at one thread
     (warm-up), then `rounds` calls at each count, alternating, n first; the first shape to finish (or
     whose counts differ by `CLEAR` after a round) decides, by the same rule. Calls of other shapes in
-    between run at the count last set. Once decided, the wrapper only forwards.
+    between run at the count last set. Once decided, the wrapper only forwards. The timings are the
+    process's (a worker wraps its model anew for every well): the calls of several wells decide together.
     """
 
     def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], n: int, rounds: int = PROBE_ROUNDS,
@@ -308,7 +313,7 @@ class CallProbe(torch.nn.Module):
         super().__init__()
         self.model, self.n, self.clock = model, n, clock
         self.plan = [1] + [n, 1] * rounds
-        self.timings: dict[tuple[int, ...], dict[int, list[float]]] = {}
+        self.timings = _POLICY.call_timings  # shared by the probes of this process (one per well)
         self.done = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -325,6 +330,7 @@ class CallProbe(torch.nn.Module):
         if sum(len(t) for t in timings.values()) == len(self.plan) or _clear(warm, self.n):
             _keep(decide(warm), warm, self.n, "a model call", self.clock)
             self.done = True
+            _POLICY.call_timings = {}  # a probe after REPROBE_S starts afresh
         return out
 
 

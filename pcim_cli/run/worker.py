@@ -6,7 +6,7 @@ cuts each into tiles of model.input_size (tiling.py; one tile when the field is 
 input_size is null), makes the field's prediction from its tiles (model.aggregate, engine/field.py),
 fits in chunks of compute.batch_size model inputs (run/batching.py), writes its own field groups of the
 store, and returns one row per (field, target). The record keeps every tile's class probabilities. With
-fidelity on, the maps of each well's first field also carry their stain check (engine/trivial.py: the
+fidelity on, the maps of the fields run/sampling.py picks carry their AUCs and stain check (engine/fidelity.py: the
 deletion AUCs of the map and of the maps without a model, for the plate's verdict). A field
 that fails is recorded as failed with its message and its cause (data: its images; model: the model
 raises, returns non-finite values, or needs a larger input than the field; output: the store cannot be
