@@ -4,8 +4,10 @@
 
 With explain.fidelity on, the worker computes for every batch of maps (run/batching.py `Batcher._fit`): the fit
 (engine.attribute), the CSV's deletion and insertion AUCs (metrics), and the stain check
-(engine/trivial.py: fine and coarse deletion of the map and of every channel's intensity and the
-contrast). This times the three in the worker's order and batch sizes, on the evaluation sets
+(engine/trivial.py: the deletion curve on a doubling grid, 0.125 % to 32 % of the pixels, of the map and of
+every channel's intensity and the contrast), and PCIM_Fit's label test (engine/absence.py: the field fully
+deleted, at two levels, one forward pass of 2 images per map). This times the four in the worker's order
+and batch sizes, on the evaluation sets
 (benchmarks/evalsets), with the engine's default settings unless --steps is given, and reports the
 stain check's time as a share of the fit's and of the whole, for a map that is checked. The worker
 checks the maps of the first field of each well only: on a plate of F fields per well, the check
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evalsets  # noqa: E402
 from compare_formulations import SETS  # noqa: E402
 
-from pcim_cli.engine import metrics, trivial  # noqa: E402
+from pcim_cli.engine import absence, metrics, trivial  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
 
@@ -47,25 +49,28 @@ def _sync(device: str) -> float:
 
 def measure(data: dict, opts: PcimOptions, batch: int, device: str = "cpu") -> dict[str, float]:
     model, x, target = data["model"], data["x"], data["target"]
-    t = {"fit": 0.0, "fidelity": 0.0, "stain_check": 0.0}
+    t = {"fit": 0.0, "label_test": 0.0, "fidelity": 0.0, "stain_check": 0.0}
     for i in range(0, len(x), batch):
         xb, tb = x[i : i + batch], target[i : i + batch]
         kw = {"chunk": min(64, 2 * len(xb))}  # as run/batching.py
         t0 = _sync(device)
         maps = attribute(model, xb, tb, "pcim", opts).maps
+        tl = _sync(device)
+        absence.full_deletion_probs(model, xb)
         t1 = _sync(device)
         metrics.deletion_auc(model, xb, maps, tb, **kw)
         metrics.insertion_auc(model, xb, maps, tb, substrate="blur", **kw)
         t2 = _sync(device)
         trivial.stain_check(model, xb, maps, tb, opts, data.get("channels"), **kw)
         t3 = _sync(device)
-        t["fit"] += t1 - t0
+        t["fit"] += tl - t0
+        t["label_test"] += t1 - tl
         t["fidelity"] += t2 - t1
         t["stain_check"] += t3 - t2
     n = len(x)
     return {"maps": n, "channels": int(x.shape[1]), "steps": opts.steps,
             **{f"{k}_s_per_map": v / n for k, v in t.items()},
-            "stain_check_vs_fit": t["stain_check"] / t["fit"],
+            "stain_check_vs_fit": t["stain_check"] / t["fit"], "label_test_vs_fit": t["label_test"] / t["fit"],
             "stain_check_share_of_total": t["stain_check"] / sum(t.values())}
 
 
@@ -89,7 +94,8 @@ def main(argv=None) -> int:
         r = out[set_name]
         print(f"{set_name}: fit {r['fit_s_per_map']:.3f} s/map, fidelity {r['fidelity_s_per_map']:.3f}, stain check "
               f"{r['stain_check_s_per_map']:.3f} = {r['stain_check_vs_fit']:.1%} of the fit, "
-              f"{r['stain_check_share_of_total']:.1%} of the whole ({r['channels']} channels, {r['steps']} steps)",
+              f"{r['stain_check_share_of_total']:.1%} of the whole; label test {r['label_test_vs_fit']:.1%} of the fit "
+              f"({r['channels']} channels, {r['steps']} steps)",
               flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "stain_check.json").write_text(json.dumps(out, indent=1))

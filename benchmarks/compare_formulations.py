@@ -131,6 +131,10 @@ SETS = {
     # tiled for a 64 px BatchNorm ResNet (mean-logit), and the same fields with the model on the whole field
     "density": {"name": "density"},
     "density-whole": {"name": "density", "whole": True},
+    # demo fields with decoys that light every channel, which the classifier ignores (a MaxPoolNet trained on them)
+    "distractor": {"name": "distractor"},
+    # the same model on 256 px fields with 3-5 decoys: evidence 0.2-0.4 % of a field, decoys about twice that
+    "distractor-256": {"name": "distractor", "size": 256, "decoys": (3, 5)},
     # ihc's fields with its (fully convolutional) model on the whole untiled field (model.aggregate: whole-field)
     "ihc-whole": {"name": "ihc", "tile": None},
 }
@@ -139,7 +143,7 @@ SETS = {
 #: `all` explains every field of every class (the sets' other classes join) for every class
 TARGETS = ("evidence", "all")
 #: the classes of each loader's fields with --targets all (a `confident` set: those of its base)
-ALL_CLASSES = {"demo": (0, 1), "nuclei": (0, 1), "ihc": (0, 1, 2), "density": (0, 1, 2)}
+ALL_CLASSES = {"demo": (0, 1), "nuclei": (0, 1), "ihc": (0, 1, 2), "density": (0, 1, 2), "distractor": (0, 1)}
 
 
 def load_set(name: str, n: int, targets: str = "evidence") -> dict:

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.evalsets import shortcut as S  # noqa: E402
 from pcim_cli.engine import mixing, shares, shortcuts, tiling  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
-from pcim_cli.engine.budget import fit_quality  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
+from pcim_cli.engine.verdict import fit_quality  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "images"
@@ -47,8 +47,8 @@ METHODS = ("pcim", "saliency")
 REGIONS = ("background", "border", "saturated")
 TOP = 0.02  # the top-pixel variant of the shares: the map's top 2 % of pixels
 #: the shortcut pictures of docs/shortcuts.md: file -> (kind, layout, model)
-DOC_FIGURES = {"shortcuts_debris_edge.png": ("debris", "edge", "shortcut:debris"),
-               "shortcuts_debris_edge_clean.png": ("debris", "edge", "clean")}
+DOC_FIGURES = {"shortcuts_specks_edge.png": ("specks", "edge", "shortcut:specks"),
+               "shortcuts_specks_edge_clean.png": ("specks", "edge", "clean")}
 MAPS: dict[tuple[str, str, str, str], np.ndarray] = {}  # (kind, layout, model, method) -> maps (B, H, W) float16
 #: the rule each artefact kind is expected to trip (the analysis reports every rule for every kind)
 EXPECTED = {"debris": "background", "border": "border", "gradient": "background", "specks": "saturated"}
@@ -195,6 +195,13 @@ def summary_table(flagged: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def markdown(table: pd.DataFrame) -> str:
+    """A markdown table (floats to 2 decimals) without the optional `tabulate` dependency."""
+    cells = [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
+    return "\n".join(["| " + " | ".join(map(str, table.columns)) + " |", "|---" * len(table.columns) + "|",
+                      *("| " + " | ".join(r) + " |" for r in cells)])
+
+
 def analyse() -> str:
     frames = [pd.read_csv(p) for p in sorted(RESULTS.glob("shortcut_qc_rows_*.csv"))]
     if not frames:
@@ -214,7 +221,7 @@ def analyse() -> str:
     lines = ["# Shortcut QC on the shortcut evaluation sets", "",
              "Recall: share of `shortcut` fields (the call changes without the artefact) whose well is flagged; "
              "false alarms: share of `clean` fields (no artefact, or the call does not depend on it) flagged.", "",
-             table.to_markdown(index=False, floatfmt=".2f"), "", "## Plates (findings)", ""]
+             markdown(table), "", "## Plates (findings)", ""]
     for p in plates:
         if p["method"] != "pcim":
             continue

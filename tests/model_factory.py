@@ -71,8 +71,8 @@ class Only64(torch.nn.Module):
 class EdgeGlare(torch.nn.Module):
     """The demo classifier plus a shortcut, the way a classifier learns a well-edge artefact: a spot bright
     in every channel (3 x 3 mean of the darkest channel > GLARE) within 8 px of the field's edge adds to the
-    `mitotic` logit, enough to call the field mitotic. The demo's own fields never reach GLARE there
-    (at most 0.75: checked in tests/test_shortcut_cli.py)."""
+    `mitotic` logit, enough to call the field mitotic (tests/test_shortcut_cli.py: only the glare wells'
+    DMSO fields become mitotic, and their maps lie on the glare)."""
 
     GLARE = 0.85
 

@@ -189,7 +189,7 @@ def test_all_problems_reported_at_once_with_paths(tmp_path: Path) -> None:
         "plate.channels: channel 'DNA' is listed twice",
         "plate.colour: unknown key",
         "model.input_size[0]: input should be greater than 0 (got 0)",
-        "model.normalize.method: 'percentil' is not allowed: use one of percentile, fixed, none "
+        "model.normalize.method: 'percentil' is not allowed: use one of percentile, fixed, zscore, none "
         "(did you mean 'percentile'?)",
         "explain.stpes: unknown key (did you mean 'steps'?)",
         "explain.method: 'gradcam' is not allowed: use one of pcim, pcim-amortised, saliency, integrated-gradients, "

@@ -48,7 +48,7 @@ def test_evaluate_writes_tables_and_plots(run):
                                         "intensity", "contrast"]
     for col in ("pointing_game", "pointing_game_3px", "relevance_mass", "rank_accuracy", "pixel_auroc",
                 "deletion_auc", "fine_deletion_auc", "insertion_auc", "sparseness", "randomisation_spearman",
-                "s_per_map"):
+                "share_off_objects", "share_border", "s_per_map"):
         assert table[col].notna().all(), col
     assert (table["maps"] == 4).all()
     md = (out / "comparison.md").read_text()
@@ -80,6 +80,24 @@ def test_pcim_is_at_least_as_good_as_every_baseline_on_the_demo(run):
         assert pcim["deletion_auc"] <= table.loc[method, "deletion_auc"], method
         assert pcim["pointing_game_3px"] >= table.loc[method, "pointing_game_3px"], method
         assert pcim["pointing_game"] >= table.loc[method, "pointing_game"], method
+
+
+def test_shortcut_shares_per_method_as_explain_measures_them():
+    """evaluate's shares (docs/shortcuts.md) on hand-made maps: labels when the field has them, else the
+    automatic foreground of qc.foreground_channel; the border as qc.border says."""
+    from pcim_cli.run.task import QcTask
+
+    x = torch.zeros(2, 2, 32, 32)
+    x[:, 1, 10:20, 10:20] = 1.0  # the foreground of channel 1
+    labels = torch.zeros(32, 32, dtype=torch.int64)
+    labels[0:2, 0:2] = 1  # field 0's labelled object: the corner
+    fields = [evaluate.EvalField("A01", 1, x[0], None, labels), evaluate.EvalField("A01", 2, x[1], None, None)]
+    maps = torch.zeros(2, 1, 32, 32)
+    maps[:, 0, 15, 15] = 3.0  # on the square
+    maps[:, 0, 0, 0] = 1.0  # in the corner
+    found = evaluate.shortcut_shares(maps, x, fields, QcTask(foreground_channel=1, border=0.1))
+    assert found["share_off_objects"] == pytest.approx([0.75, 0.25])  # labels: the corner; foreground: the square
+    assert found["share_border"] == pytest.approx([0.25, 0.25])
 
 
 def test_randomised_model_changes_the_maps():

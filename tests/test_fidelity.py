@@ -71,9 +71,10 @@ def test_stain_check_measures_the_trivial_maps_once_per_field() -> None:
     ref = trivial.stain_check_rows(model, x, maps, target, opts, ("DNA", "PH3", "Actin"), rows)
     assert got[2] is None and got[3] is None
     for a, b in zip(got[:2], ref[:2], strict=True):
-        assert a.keys() == b.keys()
-        for name in a:
-            torch.testing.assert_close(torch.tensor(a[name]), torch.tensor(b[name]), rtol=0, atol=1e-5)
-    points = len(trivial.FINE) + len(trivial.COARSE) - 2  # the shared first point is p(target | x)
+        assert a["fractions"] == b["fractions"] and a["curves"].keys() == b["curves"].keys()
+        for name in a["curves"]:
+            torch.testing.assert_close(torch.tensor(a["curves"][name]), torch.tensor(b["curves"][name]),
+                                       rtol=0, atol=1e-5)
+    points = len(trivial.HALVING) - 1  # the first point is p(target | x)
     # the maps of both targets, then 3 intensities + the contrast for the one field
     assert counting.images == 2 * points + 4 * points

@@ -281,6 +281,12 @@ def test_fixed_none_and_constant_channels() -> None:
     settings = NormalizeFixed(min=0, max=65535).model_dump()  # as the worker passes model.normalize
     np.testing.assert_array_equal(normalize(img, **settings), fixed)
     with pytest.raises(ValueError, match="unknown normalisation"):
-        normalize(img, "zscore")
+        normalize(img, "minmax")
+    z = normalize(img, "zscore", eps=0.0)  # a bioimage.io package's zero_mean_unit_variance
+    x = img[0, 0].astype(np.float64)
+    np.testing.assert_allclose(z[0, 0], (x - x.mean()) / x.std(), rtol=1e-5, atol=1e-6)
+    assert normalize(img, "zscore")[1].tolist() == [[0.0, 0.0, 0.0]]  # constant channel
+    unclipped = normalize(img, "fixed", vmin=0, vmax=32767.5, clip=False)  # scale_range without a clip
+    np.testing.assert_allclose(unclipped[0, 0], [0, 1, 2], atol=1e-4)
     with pytest.raises(ValueError, match="needs vmin and vmax"):
         normalize(img, "fixed")

@@ -94,6 +94,19 @@ def test_qc_task_from_plate_yaml(tmp_path):
     assert shortcut_qc.qc_task(off) is None
 
 
+@pytest.mark.parametrize(("normalize", "clip_at"), [
+    ({"method": "fixed", "min": [0, 10], "max": [4000, 900]}, (4000.0, 900.0)),  # one max per channel
+    ({"method": "fixed", "min": 0, "max": 4000, "clip": False}, None),  # a bioimage.io scale: nothing clipped
+    ({"method": "zscore"}, None),
+])
+def test_qc_clip_level_follows_the_normalisation(tmp_path, normalize, clip_at):
+    from pcim_cli.config import config_from_data
+
+    data = {"plate": {"name": "P", "images": ".", "channels": ["DNA", "PH3"]},
+            "model": {"path": "m.ts", "normalize": normalize}}
+    assert shortcut_qc.qc_task(config_from_data(data, tmp_path / "plate.yaml")).clip_at == clip_at
+
+
 @pytest.mark.parametrize(("qc", "channels", "path", "says"), [
     ({"objects": "Cells"}, ["DNA"], "qc.objects", "Nuclei"),
     ({"foreground_channel": "DAPI"}, ["DNA"], "qc.foreground_channel", "DNA"),

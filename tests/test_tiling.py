@@ -354,3 +354,7 @@ def test_pcim_explain_writes_maps_of_the_field_shape_for_a_field_larger_than_the
     assert record["tiling"]["n_tiles"] == 30 and record["tiling"]["tile"] == [TILE, TILE]
     small, _, record = store.read_field(tmp_path / "out" / "big.zarr", "B02", 0)
     assert small.shape == (1, TILE, TILE) and record["tiling"]["n_tiles"] == 1
+    # the shortcut QC's seam share: the tiled field has one, the one-tile field none (docs/shortcuts.md)
+    seams = df.set_index("Metadata_Well")["PCIM_Share_Seams"]
+    assert 0 <= seams["A01"] <= 1 and np.isnan(seams["B02"])
+    assert record["qc"]["areas"]["seams"] is None

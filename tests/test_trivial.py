@@ -27,7 +27,7 @@ from ome_zarr_models.exceptions import ValidationWarning
 from plates import DEMO, make_plate
 
 from pcim_cli.config import load_config
-from pcim_cli.engine import baselines, metrics, trivial, verdict
+from pcim_cli.engine import baselines, fidelity, metrics, trivial, verdict
 from pcim_cli.engine.attribute import METHODS, attribute, method_settings
 from pcim_cli.engine.pcim import PcimOptions, deletion_contrast
 from pcim_cli.errors import ConfigError
@@ -172,6 +172,29 @@ def test_the_read_channel_is_as_faithful_as_the_model_allows_and_the_verdict_say
     assert rho["intensity"] == pytest.approx(1.0) and rho["contrast"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("kind", ["median", "mean"])
+def test_the_stain_check_deletes_as_the_fit_does(kind):
+    """The verdict's deletion curves set deleted pixels to explain.delete_substrate (the median by
+    default), as the fit and PCIM_Fit do: deleted to the channel mean, a nucleus stays a flat disk above
+    the background that a model can read as something."""
+    x, _ = _stain_images(2)
+    x[:, 1, :, : x.shape[-1] // 3] = 0.45  # a third of the read channel above the threshold: mean > median
+    model = _script(ChannelReader(1, 200.0, threshold=0.2, bias=25.0))
+    target = torch.ones(2, dtype=torch.long)
+    opts = dataclasses.replace(FAST_PCIM, delete_substrate=kind)
+    maps = attribute(model, x, target, "pcim", opts).maps
+    curves = trivial.stain_check(model, x, maps, target, opts, ["DNA", "PH3", "Actin"])
+    for name, m in {"map": maps, "intensity:PH3": baselines.intensity(x, 1)}.items():
+        want = metrics.perturbation_curve(model, x, m, target, substrate=kind, fractions=trivial.HALVING)
+        torch.testing.assert_close(curves[name], want)
+    other = metrics.perturbation_curve(model, x, maps, target, substrate="mean" if kind == "median" else "median",
+                                       fractions=trivial.HALVING)
+    assert not torch.allclose(curves["map"], other)  # the two substrates give other curves on these fields
+    rows = fidelity.stain_check_rows(model, x, maps, target, curves["map"][:, 0], opts, ["DNA", "PH3", "Actin"],
+                                     [True, True])
+    torch.testing.assert_close(torch.tensor(rows[0]["curves"]["map"]), curves["map"][0].float(), rtol=0, atol=1e-5)
+
+
 def test_a_classifier_that_reads_a_region_is_not_called_a_stain_detector():
     x, _ = _stain_images(4, seed=1)
     x[:, 1, 8:14, 18:24] = 0.6 + 0.02 * torch.rand(4, 6, 6)  # the evidence: dimmer than the distractors
@@ -188,37 +211,65 @@ def test_a_classifier_that_reads_a_region_is_not_called_a_stain_detector():
     assert table.loc["pcim", "fine_deletion_auc"] < table.loc[["intensity", "contrast"], "fine_deletion_auc"].min()
 
 
-def test_verdict_levels_follow_the_share_of_the_decision_explained():
-    cands = {"intensity:PH3": (0.5, 0.2), "contrast": (0.7, 0.4)}
-    # p0 = 1: pcim explains 1 - 0.4 = 0.6 (fine) and 1 - 0.1 = 0.9 (coarse); PH3 0.5 and 0.8
-    v = verdict.decide("mitotic", "pcim", 1.0, (0.4, 0.1), cands, maps=8)
-    assert v.level == "partly" and v.share == pytest.approx(min(0.5 / 0.6, 0.8 / 0.9))
-    assert "the PH3 channel alone explains 83 % of what pcim's maps explain" in v.sentence and "8 maps" in v.sentence
-    assert verdict.decide("mitotic", "pcim", 1.0, (0.46, 0.2), cands).level == "detector"  # 0.5/0.54 = 0.93
-    low = verdict.decide("mitotic", "pcim", 1.0, (0.0, 0.0), {"contrast": (0.8, 0.7)})
-    assert low.level == "more" and low.trivial == "contrast" and "20 %" in low.sentence
-    none = verdict.decide("mitotic", "pcim", 0.5, (0.48, 0.47), {"contrast": (0.49, 0.46)})
-    assert none.level == "none" and math.isnan(none.share)
-    # a method whose maps remove nothing, beside a stain that removes the class: the stain explains the calls
-    assert verdict.decide("mitotic", "saliency", 1.0, (0.99, 0.99), cands).level == "detector"
-    assert verdict.decide("mitotic", "pcim", 1.0, (0.4, 0.1), {}) is None
-    # just under the threshold never reads as it: 0.8999 -> "89 %", level partly
-    assert "89 %" in verdict.decide("m", "pcim", 1.0, (0.0, 0.0), {"contrast": (0.1001, 0.1001)}).sentence
+def _curve(share: float, p0: float = 1.0, floor: float = 0.0, fractions=None) -> list[float]:
+    """A deletion curve (on trivial.HALVING by default) that falls from p0 to floor at `share` of the pixels."""
+    fr = trivial.HALVING.tolist() if fractions is None else fractions
+    return [p0 if f < share else floor for f in fr]
+
+
+def test_verdict_levels_follow_the_pixels_each_map_needs_to_remove_the_class():
+    fr = [i * 0.0005 for i in range(81)]  # a fine grid: shares read to 0.05 %
+
+    def check(ref: float, **cands: float) -> verdict.MapCheck:
+        return verdict.check_from_curves(1.0, fr, {"map": _curve(ref, fractions=fr),
+                                                   **{k: _curve(v, fractions=fr) for k, v in cands.items()}})
+
+    # the stain needs 1.6x the pixels of pcim's maps (0.8 % vs 0.5 %)
+    v = verdict.judge("mitotic", "pcim", [check(0.0051, **{"intensity:PH3": 0.0081, "contrast": 0.04})] * 8)
+    assert v.level == "partly" and v.trivial == "intensity:PH3" and 0.5 <= v.share < 0.9, v
+    assert "the PH3 channel alone needs 1." in v.sentence and "8 maps" in v.sentence
+    # as few pixels -> detector; more than twice -> more
+    assert verdict.judge("m", "pcim", [check(0.0051, contrast=0.0051)]).level == "detector"
+    more = verdict.judge("m", "pcim", [check(0.0031, contrast=0.0201)])
+    assert more.level == "more" and more.trivial == "contrast" and more.share < 0.5
+    assert "pcim's maps explain the classifier's m calls better than any map without a model" in more.sentence
+    # a stain curve that never halves p within the grid counts as needing twice its last share
+    grid = trivial.HALVING.tolist()
+    never = verdict.judge("m", "pcim", [verdict.check_from_curves(1.0, grid, {"map": _curve(0.011),
+                                                                              "contrast": _curve(1.0)})])
+    assert never.level == "more" and never.share == pytest.approx(0.015 / 0.64, rel=0.01)
+    # a 2-class model whose featureless image sits at 0.5: half of what deletion CAN remove (0.99 -> 0.5)
+    two = verdict.check_from_curves(0.99, grid, {"map": _curve(0.006, 0.99, 0.5), "contrast": _curve(0.006, 0.99, 0.5)})
+    assert two is not None and math.isfinite(two.reference) and verdict.judge("m", "pcim", [two]).level == "detector"
+    # nothing removable: no check
+    assert verdict.check_from_curves(0.9, grid, {"map": [0.9] * len(grid), "contrast": [0.89] * len(grid)}) is None
 
 
 def test_verdict_from_records_pools_each_target_over_the_plate():
-    def rec(target, p0, check):
-        return {"status": "done", "results": {target: {"prob_original": p0, "stain_check": check}}}
+    fr = trivial.HALVING.tolist()
 
-    records = [rec("mitotic", 1.0, {"map": [0.4, 0.1], "intensity:PH3": [0.3, 0.1], "contrast": [0.9, 0.9]}),
-               rec("mitotic", 0.8, {"map": [0.2, 0.1], "intensity:PH3": [0.1, 0.1], "contrast": [0.8, 0.8]}),
-               rec("negative", 0.9, {"map": [0.1, 0.1], "intensity:PH3": [0.85, 0.85], "contrast": [0.8, 0.7]}),
-               {"status": "done", "results": {"mitotic": {"prob_original": 0.9}}}]  # fidelity was off
+    def rec(target, p0, fit, ref=None, **cands):
+        result = {"prob_original": p0, "fit": fit}
+        if ref is not None:
+            result["stain_check"] = {"fractions": fr, "curves": {"map": _curve(ref, p0),
+                                                                 **{k: _curve(v, p0) for k, v in cands.items()}}}
+        return {"status": "done", "results": {target: result}}
+
+    records = [rec("mitotic", 1.0, "ok", 0.004, **{"intensity:PH3": 0.004, "contrast": 0.05}),
+               rec("mitotic", 0.8, "weak", 0.003, **{"intensity:PH3": 0.003, "contrast": 0.05}),
+               rec("mitotic", 0.9, "ok"),  # a later field: labelled, not checked
+               rec("negative", 0.9, "ok", 0.002, **{"intensity:PH3": 0.1, "contrast": 0.01}),
+               rec("negative", 0.9, "ok"),
+               {"status": "done", "results": {"mitotic": {"prob_original": 0.9}}}]  # made before fits were judged
     mitotic, negative = verdict.from_records(records, "pcim")
-    assert (mitotic.target, mitotic.maps, mitotic.level) == ("mitotic", 2, "detector")
-    assert mitotic.prob_original == pytest.approx(0.9) and mitotic.deletion["fine"]["trivial"] == pytest.approx(0.2)
+    assert (mitotic.target, mitotic.maps, mitotic.level, mitotic.trivial) == ("mitotic", 2, "detector", "intensity:PH3")
+    assert mitotic.prob_original == pytest.approx(0.9) and mitotic.fits == {"ok": 2, "weak": 1}
     assert (negative.target, negative.level, negative.trivial) == ("negative", "more", "contrast")
-    assert verdict.from_records(records[3:], "pcim") == []
+    assert verdict.from_records(records[5:], "pcim") == []
+    # a stain check of an older release (fine / coarse AUCs) is not read: no verdict, no error
+    old = {"status": "done", "results": {"m": {"prob_original": 0.9, "fit": "ok",
+                                               "stain_check": {"map": [0.4, 0.1], "contrast": [0.9, 0.9]}}}}
+    assert verdict.from_records([old], "pcim") == []
 
 
 # --- through the CLI -----------------------------------------------------------------------------------
@@ -246,6 +297,10 @@ def _validate_store(path: Path) -> None:
         v05.Image.from_zarr(root["A/1/0"])
 
 
+#: the store keeps maps with 6 mantissa bits (io/store.py): a relative rounding of at most 2^-7
+STORED = 2.0**-7
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["intensity", "contrast"])
 def test_pcim_explain_writes_trivial_maps_into_a_valid_store(tmp_path, method):
@@ -263,11 +318,11 @@ def test_pcim_explain_writes_trivial_maps_into_a_valid_store(tmp_path, method):
         assert maps.shape == (1, 128, 128) and labels == ["mitotic"]
         if method == "intensity":  # auto: the channel the model reads, recorded
             assert record["results"]["mitotic"]["intensity_channel"] == "PH3"
-            np.testing.assert_allclose(maps[0], np.clip(x[1], 0, None), atol=1e-6)
+            np.testing.assert_allclose(maps[0], np.clip(x[1], 0, None), rtol=STORED, atol=1e-6)
         else:
             flat = np.sort(x.reshape(len(x), -1), axis=1)
             median = flat[:, (flat.shape[1] - 1) // 2][:, None, None]  # torch's median: the lower middle value
-            np.testing.assert_allclose(maps[0], np.abs(x - median).sum(0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(maps[0], np.abs(x - median).sum(0), rtol=STORED, atol=1e-6)
         assert record["settings"]["engine"]["intensity_channel"] is None
 
 
@@ -282,8 +337,11 @@ def test_pcim_explain_says_when_the_classifier_is_a_stain_detector(tmp_path):
     assert f"verdict: {v['sentence']}" in proc.stderr
     _, _, record = store.read_field(tmp_path / "out" / "P1.zarr", "A01", 0)
     check = record["results"]["mitotic"]["stain_check"]
-    assert set(check) == {"map", "intensity:DNA", "intensity:PH3", "intensity:Actin", "contrast"}
-    assert check["intensity:PH3"][0] <= check["map"][0] + 1e-6  # no map deletes faster than the read channel
+    assert check["fractions"] == pytest.approx(trivial.HALVING.tolist())
+    curves = check["curves"]
+    assert set(curves) == {"map", "intensity:DNA", "intensity:PH3", "intensity:Actin", "contrast"}
+    # no map deletes faster than the read channel
+    assert all(a <= b + 1e-6 for a, b in zip(curves["intensity:PH3"], curves["map"], strict=True))
     assert "stain_check" not in store.read_field(tmp_path / "out" / "P1.zarr", "A01", 1)[2]["results"]["mitotic"]
     plate_record = store.read_plate_record(tmp_path / "out" / "P1.zarr")
     assert plate_record["last_run"]["verdicts"][0]["level"] == "detector"

@@ -17,6 +17,7 @@ Each set is a dict:
     ev = load("nuclei", arch="resnet")
     ev = load("confident", base="nuclei", temperature=0.05, arch="resnet")   # saturated softmax
     ev = load("ihc")                        # real bright-field RGB, 3 classes, 176 px fields, 64 px model input
+    ev = load("distractor")                 # demo fields + PH3/DNA-bright decoys the classifier ignores
     ev = load("density")                    # real nuclei, nuclear density in 3 classes, 160 px fields, 64 px input
     m = confident(ev["model"], 0.05)        # or wrap any module
 
@@ -30,17 +31,19 @@ from __future__ import annotations
 from ._common import VERSION, cache_dir, confident
 from .demo import demo
 from .density import density
+from .distractor import distractor
 from .ihc import ihc
 from .nuclei import DataUnavailableError, nuclei
 
-SETS = {"demo": demo, "nuclei": nuclei, "ihc": ihc, "density": density}
+SETS = {"demo": demo, "nuclei": nuclei, "ihc": ihc, "distractor": distractor, "density": density}
 
-__all__ = ["load", "demo", "nuclei", "ihc", "density", "confident", "cache_dir", "DataUnavailableError", "SETS",
-           "VERSION"]
+__all__ = ["load", "demo", "nuclei", "ihc", "distractor", "density", "confident", "cache_dir", "DataUnavailableError",
+           "SETS", "VERSION"]
 
 
 def load(name: str, **kw) -> dict:
-    """load("demo" | "nuclei" | "ihc", **kw), or load("confident", base="demo", temperature=0.05, **kw)."""
+    """load("demo" | "nuclei" | "ihc" | "distractor" | "density", **kw), or load("confident", base="demo",
+    temperature=0.05, **kw)."""
     if name == "confident":
         base = kw.pop("base", "demo")
         temperature = kw.pop("temperature", 0.05)

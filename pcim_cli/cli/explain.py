@@ -22,6 +22,7 @@ from pcim_cli.cli.common import (
     setup_logging,
 )
 from pcim_cli.errors import EXIT_TEMPFAIL, unplaced
+from pcim_cli.report import fits as fit_words
 from pcim_cli.run.signals import BeforeRun
 
 __all__ = ["explain"]
@@ -100,14 +101,13 @@ def _explain(plate_yamls: list[str], overrides: Sequence[str], only: str | None,
         return EXIT_TEMPFAIL
     except Exception as exc:  # noqa: BLE001 - every error becomes one message and an exit code
         raise fail(exc, as_json) from None
-    advice = explain_lib.fit_advice(result, cfg)
-    if advice:  # once per run; a weak map is no failure: cron (-q) gets it only in --log-file
-        logger.log(logging.INFO if quiet else logging.WARNING, "%s", advice)
+    fits = result.fits
+    for level, advice in fit_words.advice(fits, str(result.csv), cfg.explain.adaptive_budget):
+        # once per run; a weak map is no failure: cron (-q) gets it only in --log-file
+        logger.log(min(level, logging.INFO) if quiet else level, "%s", advice)
     counts = result.counts
     failed = counts["failed"] + len(result.problems)
-    fits = result.fits
-    weak = (f" ({fits['weak']} weak, {fits['failed']} failed fits: see PCIM_Fit)"
-            if fits["weak"] + fits["failed"] else "")
+    weak = fit_words.counts_phrase(fits)
     if result.csv is None:
         line = f"stopped before anything was written to {result.store}; rerun the same command"
     else:

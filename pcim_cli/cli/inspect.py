@@ -29,7 +29,8 @@ def validate(
     set_: set_option() = None,
     pixels: Annotated[bool | None, typer.Option("--pixels/--headers-only", help="Read every field's pixels and "
                                                 "score it once with the model (default: on plates whose files "
-                                                "total at most 1 GB), or only read TIFF headers.")] = None,
+                                                "total at most 1 GB), or only read headers (TIFF, OME-Zarr "
+                                                "metadata).")] = None,
     as_json: json_option("Print the findings as JSON on stdout.") = False,
     no_probe: Annotated[bool, typer.Option("--no-probe", help="Do not time a fit step for the ETA.")] = False,
 ) -> None:
@@ -70,9 +71,11 @@ def _print_validation(found) -> None:
                f"channels {', '.join(found.channels)}")
     typer.echo(f"model {model['path']} ({model['kind']}, sha256 {model['sha256'][:12]}…), "
                f"classes {', '.join(model['classes'])}")
+    if model.get("package"):
+        _print_package(model["package"])
     if found.layout_columns:
         typer.echo(f"layout columns: {', '.join(found.layout_columns)}")
-    typer.echo(f"checked: {'pixels and model output' if found.checked == 'pixels' else 'TIFF headers'} of "
+    typer.echo(f"checked: {'pixels and model output' if found.checked == 'pixels' else 'headers'} of "
                f"every field; {found.usable} of {found.fields} fields usable")
     for name, count in found.objects.items():
         typer.echo(f"objects {name}: label images for {count} of {found.fields} fields")
@@ -83,6 +86,20 @@ def _print_validation(found) -> None:
         typer.echo(f"problem: {p}")
     if found.plan is not None:
         _print_run_plan(found.plan)
+
+
+def _print_package(pkg: dict) -> None:
+    """validate: what was taken from a bioimage.io model package (run/model_package.py)."""
+    version = f", version {pkg['version']}" if pkg.get("version") else ""
+    typer.echo(f"  from bioimage.io package {pkg['source']} ({pkg['name']}{version}, format {pkg['format_version']}, "
+               f"{pkg['weights']} weights): "
+               + "; ".join(f"{key} from the {how}" for key, how in pkg.get("decided", {}).items()))
+    norm = pkg.get("normalize")
+    if norm:
+        typer.echo("  its preprocessing " + (" -> ".join(op["id"] for op in pkg["preprocessing"]) or "none")
+                   + " is model.normalize " + ", ".join(f"{k}: {v}" for k, v in norm.items()))
+    for note in pkg.get("notes", []):
+        typer.echo(f"  note: {note}")
 
 
 def _print_run_plan(plan) -> None:
@@ -181,6 +198,12 @@ def status(
     totals = report.totals
     table.add_row("all", *(str(totals[k]) for k in ("fields", "done", "failed", "missing")), "")
     Console(no_color=not fancy_terminal(), width=None if fancy_terminal() else 120).print(table)
+    fits = report.fits
+    if any(fits.values()):  # PCIM_Fit of the done maps (docs/verdicts.md)
+        typer.echo("maps by PCIM_Fit: " + ", ".join(f"{n} {k}" for k, n in fits.items() if n))
+    for v in report.last_run.get("verdicts") or []:  # the last run's stain verdicts (explain.fidelity)
+        if isinstance(v, dict) and v.get("sentence"):
+            typer.echo(f"verdict: {v['sentence']}")
     for f in report.fields:
         if f.state in ("damaged", "stale"):
             typer.echo(f"{f.state} {f.path} (well {f.well}): {f.error}")

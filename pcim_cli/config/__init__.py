@@ -23,6 +23,7 @@ from pcim_cli.config.sections import (
     NormalizeFixed,
     NormalizeNone,
     NormalizePercentile,
+    NormalizeZscore,
     OutputConfig,
     PlateConfig,
     RunConfig,
@@ -30,5 +31,6 @@ from pcim_cli.config.sections import (
 )
 
 __all__ = ["DASK_ADDRESS", "ENV_PREFIX", "ComputeConfig", "ConfigPath", "ExplainConfig", "ModelConfig", "Normalize",
-           "NormalizeFixed", "NormalizeNone", "NormalizePercentile", "OutputConfig", "PlateConfig", "RunConfig",
+           "NormalizeFixed", "NormalizeNone", "NormalizePercentile", "NormalizeZscore",
+           "OutputConfig", "PlateConfig", "RunConfig",
            "SlurmConfig", "config_from_data", "load_config", "path_keys"]

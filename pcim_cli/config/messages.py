@@ -91,7 +91,7 @@ def _describe(err: Mapping[str, Any], root: type[BaseModel]) -> tuple[str, str]:
         return path, (f"{short(value)} is not allowed: use one of {', '.join(allowed)}"
                       f"{did_you_mean(str(value), allowed)}")
     if kind in ("union_tag_invalid", "union_tag_not_found"):
-        allowed = _quoted(ctx.get("expected_tags", "")) or ["percentile", "fixed", "none"]
+        allowed = _quoted(ctx.get("expected_tags", "")) or ["percentile", "fixed", "zscore", "none"]
         where = f"{path}.method" if path else "method"
         if kind == "union_tag_not_found":
             return where, f"required key missing (one of {', '.join(allowed)})"

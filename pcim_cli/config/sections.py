@@ -18,6 +18,7 @@ from pydantic import (
     PrivateAttr,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -31,7 +32,8 @@ from pcim_cli.io.patterns import compile_pattern
 from pcim_cli.io.plate import parse_well
 
 __all__ = ["DASK_ADDRESS", "ComputeConfig", "ExplainConfig", "ModelConfig", "Normalize", "NormalizeFixed",
-           "NormalizeNone", "NormalizePercentile", "OutputConfig", "PlateConfig", "QcConfig", "RunConfig",
+           "NormalizeNone", "NormalizePercentile", "NormalizeZscore", "OutputConfig", "PlateConfig", "QcConfig",
+           "RunConfig",
            "SlurmConfig"]
 
 
@@ -42,17 +44,23 @@ class PlateConfig(Section):
     """`plate:` — where the images are and how their names read."""
 
     name: str = Field(description="Metadata_Plate in the CSV; null: the YAML file's name without .yaml")
-    images: ConfigPath = Field(description="the folder with the TIFFs")
+    images: ConfigPath = Field(description=(
+        "the folder with the TIFFs, or an OME-Zarr HCS plate (NGFF 0.4 / 0.5: wells and fields from its "
+        "metadata, channels by their omero labels, plate.pattern unused)"))
     pattern: str = Field("{well}_s{field}_w{channel}.tif", description=(
         "tokens: {well} (A1, A01, A001 all accepted) or {row} and {col}; {field}; {channel}; '*' matches "
         "anything (vendor GUIDs). Without {channel}, each file is one multi-channel stack (TIFF pages, or an "
         "OME-TIFF / ImageJ hyperstack with a C axis; a Z axis is max-projected)"))
     channels: dict[str, str] = Field(description=(
         "the model's input channels in order; name -> the {channel} token in file names (a plain list "
-        "[DNA, PH3, Actin] when file names carry the names themselves)"))
+        "[DNA, PH3, Actin] when file names carry the names themselves, or for an OME-Zarr plate its channel "
+        "labels; {DNA: 0}: the 0-based channel index of a store without labels)"))
     layout: ConfigPath | None = Field(None, description="optional CSV/TSV/XLSX plate map: a 'well' column + "
                                                         "annotation columns (Metadata_<column> in the CSV)")
     wells: list[str] | None = Field(None, description="optional subset of wells, e.g. [A01, B03]")
+    timepoint: int | None = Field(None, ge=0, description=(
+        "a time series (OME-TIFF / OME-Zarr T axis): the time point to read, from 0; null: a time series is "
+        "refused"))
     objects: dict[str, str] | None = Field(None, description=(
         "optional label images (0 = background, 1..N = objects): object name -> label-image pattern (tokens "
         "as pattern, no {channel}), e.g. {Nuclei: labels/{well}_s{field}_nuclei.tif}; per-object tables "
@@ -74,6 +82,15 @@ class PlateConfig(Section):
             raise ValueError("empty plate name")
         if re.search(r"[/\\]", value):
             raise ValueError(f"{short(value)}: a plate name cannot contain '/' or '\\' (it is used in file names)")
+        return value
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _local_images(cls, value: Any) -> Any:
+        """An OME-Zarr plate at a URL is not read yet (io/ome_zarr_plate.py reads local stores)."""
+        if isinstance(value, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value.strip()):
+            raise ValueError(f"{short(value)}: remote stores are not read yet; copy the plate to a local or shared "
+                             "file system and give its folder")
         return value
 
     @field_validator("pattern")
@@ -159,7 +176,21 @@ class PlateConfig(Section):
 # ---------------------------------------------------------------- model
 
 
-class NormalizePercentile(Section):
+class Clipped(Section):
+    """`clip: false` (a bioimage.io package's scale without a clip) is written out; the default `true` is
+    not, so the settings fingerprint of every plate made before the key existed stays the same."""
+
+    clip: bool = Field(True, description="clip the scaled values to [0, 1]")
+
+    @model_serializer(mode="wrap")
+    def _drop_default_clip(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("clip") is True:
+            data.pop("clip")
+        return data
+
+
+class NormalizePercentile(Clipped):
     """Map each channel's `low` / `high` percentile to 0 / 1 (per field)."""
 
     method: Literal["percentile"] = "percentile"
@@ -173,18 +204,33 @@ class NormalizePercentile(Section):
         return self
 
 
-class NormalizeFixed(Section):
-    """Map the fixed intensities `min` / `max` to 0 / 1 (e.g. 0 and 65535)."""
+class NormalizeFixed(Clipped):
+    """Map the fixed intensities `min` / `max` to 0 / 1 (e.g. 0 and 65535): one value, or one per channel."""
 
     method: Literal["fixed"] = "fixed"
-    min: float = Field(description="intensity mapped to 0")
-    max: float = Field(description="intensity mapped to 1")
+    min: float | list[float] = Field(description="intensity mapped to 0 (one value, or one per channel)")
+    max: float | list[float] = Field(description="intensity mapped to 1 (one value, or one per channel)")
 
     @model_validator(mode="after")
     def _ordered(self) -> NormalizeFixed:
-        if self.min >= self.max:
-            raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+        lows = self.min if isinstance(self.min, list) else [self.min]
+        highs = self.max if isinstance(self.max, list) else [self.max]
+        if len(lows) > 1 and len(highs) > 1 and len(lows) != len(highs):
+            raise ValueError(f"{len(lows)} min values but {len(highs)} max values: give one per channel")
+        n = max(len(lows), len(highs))
+        for i, (lo, hi) in enumerate(zip(lows * (n // len(lows)), highs * (n // len(highs)), strict=True)):
+            if lo >= hi:
+                where = f" (channel {i + 1})" if n > 1 else ""
+                raise ValueError(f"min ({lo}) must be below max ({hi}){where}")
         return self
+
+
+class NormalizeZscore(Section):
+    """(value - the channel's mean) / (its standard deviation + eps), per field (a bioimage.io package's
+    zero_mean_unit_variance)."""
+
+    method: Literal["zscore"] = "zscore"
+    eps: float = Field(1e-6, gt=0, le=0.1, description="added to the standard deviation")
 
 
 class NormalizeNone(Section):
@@ -193,13 +239,19 @@ class NormalizeNone(Section):
     method: Literal["none"] = "none"
 
 
-Normalize = Annotated[NormalizePercentile | NormalizeFixed | NormalizeNone, Field(discriminator="method")]
+Normalize = Annotated[NormalizePercentile | NormalizeFixed | NormalizeZscore | NormalizeNone,
+                     Field(discriminator="method")]
+#: a key of plate.yaml's model section that may win over what a bioimage.io package states
+PackageKey = Literal["normalize", "channels", "classes", "input_size"]
 
 
 class ModelConfig(Section):
     """`model:` — the classifier and what its input must look like."""
 
-    path: ConfigPath = Field(description="TorchScript (.ts, .pt) or torch.export archive (.pt2)")
+    path: ConfigPath = Field(description=(
+        "TorchScript (.ts, .pt), torch.export archive (.pt2), or a bioimage.io model package (.zip, rdf.yaml "
+        "or its folder; pip install 'pcim-cli[bioimageio]'): its weights, and classes, input_size and "
+        "normalize where these keys are left out (a key that disagrees with it: exit 78)"))
     classes: list[str] | None = Field(None, description="output names in order, e.g. [negative, mitotic]; "
                                                         "null: \"0\", \"1\", ...")
     input_size: tuple[PositiveInt, PositiveInt] | None = Field(None, description=(
@@ -209,7 +261,18 @@ class ModelConfig(Section):
         "the untiled field)"))
     normalize: Normalize = Field(default_factory=NormalizePercentile, description=(
         "per channel and field, as in training: {method: percentile, low, high}, {method: fixed, min, max} "
-        "or {method: none}"))
+        "(one value or one per channel), {method: zscore} or {method: none}; percentile and fixed clip to "
+        "[0, 1] unless clip: false"))
+    override_package: list[PackageKey] = Field([], description=(
+        "model.path a bioimage.io package: the keys of this file that win over what it states (normalize, "
+        "channels, classes, input_size)"))
+
+    @field_validator("override_package", mode="before")
+    @classmethod
+    def _override_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
 
     @field_validator("normalize", mode="before")
     @classmethod
@@ -365,11 +428,22 @@ class RunConfig(Section):
     qc: QcConfig = Field(default_factory=QcConfig)
 
     _config_path: Path | None = PrivateAttr(default=None)
+    _model_package: Any = PrivateAttr(default=None)  # run/model_package.py: a bioimage.io package applied
 
     def read_from(self, path: Path) -> RunConfig:
         """Record the YAML file this config was read from (config/load.py)."""
         self._config_path = path
         return self
+
+    def with_package(self, applied: Any) -> RunConfig:
+        """Record the bioimage.io package applied to this config (run/model_package.py)."""
+        self._model_package = applied
+        return self
+
+    @property
+    def model_package(self) -> Any:
+        """The bioimage.io package applied to this config (None: model.path is a model file)."""
+        return self._model_package
 
     @property
     def config_path(self) -> Path | None:

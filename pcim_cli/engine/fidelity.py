@@ -11,9 +11,10 @@ Points known without a forward of the map's own image are not recomputed:
   depend on the map: one forward per field, whatever its number of targets (rows of a batch that hold
   the same image, e.g. one field's targets, share it).
 
-The stain check (engine/trivial.py: fine and coarse deletion of the map and of every map without a
-model) shares in the same way: the trivial maps are the field's, so their curves are measured once per
-field and read for each target; their point at 0 is p(target | x). Pure torch, tensors in, tensors out.
+The stain check (engine/trivial.py: the deletion curves of the map and of every map without a model at
+doubling shares of the pixels) shares in the same way: the trivial maps are the field's, so their
+curves are measured once per field and read for each target; their point at 0 is p(target | x). Pure
+torch, tensors in, tensors out.
 """
 
 from __future__ import annotations
@@ -82,49 +83,42 @@ def deletion_insertion(model: Forward, x: torch.Tensor, maps: torch.Tensor, targ
 def stain_check_rows(model: Forward, x: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
                      prob_original: torch.Tensor, opts: PcimOptions, channels: Sequence[str] | None,
                      rows: Sequence[bool], chunk: int = 64) -> list[dict | None]:
-    """trivial.stain_check of the rows where `rows` is true, per row as {name: [fine, coarse]} (None
-    elsewhere), with the trivial maps' curves measured once per field and p(target | x) not recomputed."""
+    """trivial.stain_check_rows of the rows where `rows` is true ({"fractions": [...], "curves": {name:
+    [p(target) at each fraction]}} on trivial.HALVING; None elsewhere), with the trivial maps' curves
+    measured once per field and p(target | x) not recomputed."""
     out: list[dict | None] = [None] * len(rows)
     idx = [i for i, keep in enumerate(rows) if keep]
     if not idx:
         return out
     x, maps, target = x[idx], maps[idx], target[idx].to(x.device).long()
     p0 = prob_original[idx].to(x.device).float()
-    fine, coarse = trivial.FINE, trivial.COARSE
-    nf, fractions = len(fine), torch.cat([fine, coarse[1:]])
+    fractions = trivial.HALVING
     first, owner = same_image_groups(x)
-
-    def aucs(curve: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        curve[:, 0] = p0
-        return (metrics.curve_auc(curve[:, :nf], fine),
-                metrics.curve_auc(torch.cat([curve[:, :1], curve[:, nf:]], 1), coarse))
-
-    found = {"map": aucs(_deletion_curve(model, x, maps, target, fractions, chunk))}
+    kind = opts.delete_substrate  # the stain check deletes as the fit does (trivial.stain_check)
+    curves = {"map": _read(_deletion_probs(model, x, maps, fractions, chunk, kind, opts.blur_sigma), target)}
     unique = x[first]
     for name, m in trivial.candidate_maps(unique, opts, channels).items():  # per field, read per target
-        probs = _deletion_probs(model, unique, m, fractions, chunk)[owner.to(x.device)]  # (B, S, K)
-        found[name] = aucs(_read(probs, target))
+        probs = _deletion_probs(model, unique, m, fractions, chunk, kind, opts.blur_sigma)[owner.to(x.device)]
+        curves[name] = _read(probs, target)
+    shares = [round(float(f), 6) for f in fractions]
     for n, i in enumerate(idx):
-        out[i] = {name: [float(f[n]), float(c[n])] for name, (f, c) in found.items()}
+        out[i] = {"fractions": shares,
+                  "curves": {name: [float(p0[n]), *(float(v) for v in c[n, 1:])] for name, c in curves.items()}}
     return out
 
 
 def _deletion_probs(model: Forward, x: torch.Tensor, maps: torch.Tensor, fractions: torch.Tensor,
-                    chunk: int) -> torch.Tensor:
+                    chunk: int, substrate: str = DELETE_SUBSTRATE, blur_sigma: float = INSERT_BLUR) -> torch.Tensor:
     """Class probabilities (B, S, K) of the deletion curve's points after the first (the first is left 0)."""
     ranks = metrics.pixel_ranks(metrics.ranking_score(maps, x.shape[1], False))
-    sub = mixing.substrate(x, DELETE_SUBSTRATE, INSERT_BLUR)
+    sub = mixing.substrate(x, substrate, blur_sigma)
+    sub = torch.zeros_like(x) if sub is None else sub
     counts = (fractions.to(x.device) * ranks[0].numel()).round().long()
     pairs = [(i, j) for i in range(x.shape[0]) for j in range(1, len(fractions))]
     probs = metrics.perturbed_probs(model, x, ranks, sub, counts, pairs, "deletion", chunk)
     out = torch.zeros(x.shape[0], len(fractions), probs.shape[1], device=x.device)
     out[:, 1:] = probs.view(x.shape[0], len(fractions) - 1, -1)
     return out
-
-
-def _deletion_curve(model: Forward, x: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
-                    fractions: torch.Tensor, chunk: int) -> torch.Tensor:
-    return _read(_deletion_probs(model, x, maps, fractions, chunk), target)
 
 
 def _read(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

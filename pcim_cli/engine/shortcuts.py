@@ -252,15 +252,16 @@ def objects_phrase(source: Mapping[str, Any] | None) -> str:
     return "the objects"
 
 
-def from_records(records: Iterable[tuple[str, Mapping[str, Any]]], edge_wells: Iterable[str] = ()) -> Report:
-    """The plate's findings from the (well, completion record) pairs of its done fields: each record's
-    `qc` entry (objects source, border width, region areas) and its targets' `shares`."""
+def fields_from_records(records: Iterable[tuple[str, Mapping[str, Any]]]) -> tuple[list[FieldShares], str,
+                                                                                    int | None]:
+    """The FieldShares of the (well, completion record) pairs of a plate's done fields (records without a
+    `qc` entry are left out), how sentences name the objects, and the border width (when one)."""
     fields: list[FieldShares] = []
     phrases: set[str] = set()
     borders: set[int] = set()
     for well, record in records:
         qc = record.get("qc")
-        if not isinstance(qc, Mapping):
+        if not isinstance(qc, Mapping) or "error" in qc:
             continue
         phrases.add(objects_phrase(qc.get("objects")))
         if isinstance(qc.get("border_px"), int):
@@ -272,4 +273,11 @@ def from_records(records: Iterable[tuple[str, Mapping[str, Any]]], edge_wells: I
                 fields.append(FieldShares(well, site if isinstance(site, int) else 0, target, dict(found),
                                           dict(qc.get("areas") or {}), result.get("fit") or None))
     phrase = phrases.pop() if len(phrases) == 1 else "the objects"
-    return decide(fields, edge_wells, objects=phrase, border_px=borders.pop() if len(borders) == 1 else None)
+    return fields, phrase, borders.pop() if len(borders) == 1 else None
+
+
+def from_records(records: Iterable[tuple[str, Mapping[str, Any]]], edge_wells: Iterable[str] = ()) -> Report:
+    """The plate's findings from the (well, completion record) pairs of its done fields: each record's
+    `qc` entry (objects source, border width, region areas) and its targets' `shares`."""
+    fields, phrase, border_px = fields_from_records(records)
+    return decide(fields, edge_wells, objects=phrase, border_px=border_px)

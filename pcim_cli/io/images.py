@@ -1,10 +1,13 @@
-"""Find a plate's TIFF files, read one field as a (C, H, W) float32 array, and normalise it.
+"""Find a plate's fields (TIFF files, or an OME-Zarr HCS store), read one as a (C, H, W) float32 array,
+and normalise it.
 
 File names are matched against `plate.pattern` (docs/reference/plate-yaml.md): `{well}` (or `{row}` and
 `{col}`), `{field}`, `{channel}` and `*` (anything, e.g. a vendor GUID). Matching ignores case, so
 `A01_s1_w1.TIF` matches `{well}_s{field}_w{channel}.tif`. With `{channel}`, a field is one 2-D file
 per channel; without it, each file is one multi-channel stack (TIFF pages, an RGB image, or an
-OME-TIFF / ImageJ hyperstack with a C axis; a Z axis is max-projected).
+OME-TIFF / ImageJ hyperstack with a C axis; a Z axis is max-projected; of a T axis, `plate.timepoint`
+picks one). A `plate.images` that is an OME-Zarr HCS plate is read by io/ome_zarr_plate.py instead; its
+fields are FieldSources too (with `zarr` set), so everything downstream reads both the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ import numpy as np
 import tifffile
 
 from pcim_cli.errors import InputDataError
+from pcim_cli.io import ome_zarr_plate
+from pcim_cli.io.fields import FieldSource, Problem
 from pcim_cli.io.patterns import compile_pattern
 from pcim_cli.io.plate import Well, WellIdError, parse_well
 
@@ -28,28 +32,7 @@ logger = logging.getLogger(__name__)
 
 #: images with more pixels than this are subsampled (strided) for percentile estimation
 PERCENTILE_SAMPLE_PIXELS = 1024 * 1024
-NORMALIZE_METHODS = ("percentile", "fixed", "none")
-
-
-class Problem(str):
-    """A discovery problem: its message, plus the well and field it concerns when it concerns one."""
-
-    well: str | None
-    field: int | None
-
-    def __new__(cls, message: str, well: str | None = None, field: int | None = None) -> Problem:
-        self = super().__new__(cls, message)
-        self.well, self.field = well, field
-        return self
-
-
-@dataclass(frozen=True)
-class FieldSource:
-    """The file(s) of one field: one per channel in channel order, or a single multi-channel stack."""
-
-    well: str
-    field: int
-    files: tuple[Path, ...]
+NORMALIZE_METHODS = ("percentile", "fixed", "zscore", "none")
 
 
 def _list_files(images_dir: Path, recursive: bool) -> list[Path]:
@@ -62,8 +45,9 @@ def discover_fields(
     pattern: str,
     channels: Mapping[str, str],
     wells: Iterable[str] | None = None,
+    timepoint: int | None = None,
 ) -> tuple[dict[str, list[FieldSource]], list[Problem]]:
-    """Group the image files of a plate into fields.
+    """Group the image files of a plate into fields (an OME-Zarr plate: its fields, `pattern` unused).
 
     `channels` maps channel name -> file-name token, in the model's channel order. Returns
     `({well: [FieldSource, ...] sorted by field}, problems)`: fields with a missing or ambiguous
@@ -72,6 +56,8 @@ def discover_fields(
     Raises InputDataError when `images_dir` is not a folder, ConfigError for a bad pattern.
     """
     images_dir = Path(images_dir)
+    if ome_zarr_plate.is_zarr(images_dir):
+        return ome_zarr_plate.discover_fields(images_dir, channels, wells, timepoint)
     if not images_dir.is_dir():
         raise InputDataError(f"image folder {images_dir} does not exist or is not a folder: fix plate.images")
     names = list(channels)
@@ -131,7 +117,7 @@ def discover_fields(
             else:
                 chosen.append(paths[0])
         if len(chosen) == len(keys):
-            result.setdefault(well.name, []).append(FieldSource(well.name, field, tuple(chosen)))
+            result.setdefault(well.name, []).append(FieldSource(well.name, field, tuple(chosen), timepoint=timepoint))
 
     if wanted is not None:
         for name in sorted(wanted - set(result), key=parse_well):
@@ -157,18 +143,25 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
         return first.asarray(), first.axes
 
 
-def _to_cyx(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
-    """Reorder a TIFF series to (C, Y, X): Z max-projected, singleton axes dropped."""
+def _to_cyx(arr: np.ndarray, axes: str, path: Path, timepoint: int | None = None) -> np.ndarray:
+    """Reorder a TIFF series to (C, Y, X): one time point, Z max-projected, singleton axes dropped."""
     if "Y" not in axes or "X" not in axes:
         raise InputDataError(f"{path}: no Y/X image axes (axes {axes}, shape {arr.shape})")
+    n_t = arr.shape[axes.index("T")] if "T" in axes else 1
+    if timepoint is not None and timepoint >= n_t:
+        raise InputDataError(f"{path} has {n_t} time point(s); plate.timepoint {timepoint} is past them "
+                             "(it counts from 0)")
+    if "T" in axes and (n_t > 1 or timepoint is not None):
+        if timepoint is None:
+            raise InputDataError(
+                f"{path} is a time series ({n_t} time points, axes {axes}); choose one with plate.timepoint "
+                f"(0 to {n_t - 1}), or export one time point per file"
+            )
+        arr = np.take(arr, timepoint, axis=axes.index("T"))
+        axes = axes.replace("T", "")
     if "Z" in axes:
         arr = arr.max(axis=axes.index("Z"))
         axes = axes.replace("Z", "")
-    if "T" in axes and arr.shape[axes.index("T")] > 1:
-        raise InputDataError(
-            f"{path} is a time series ({arr.shape[axes.index('T')]} time points, axes {axes}); "
-            "export one time point per file"
-        )
     others = [(i, a) for i, a in enumerate(axes) if a not in "YX" and arr.shape[i] > 1]
     if len(others) > 1:
         desc = ", ".join(f"{a}={arr.shape[i]}" for i, a in others)
@@ -203,7 +196,7 @@ def _check_dtype(path: Path, dtype: np.dtype) -> None:
         raise InputDataError(f"image file {path} has pixel type {dtype}; use uint8, uint16 or float32")
 
 
-def _read_cyx(path: Path) -> np.ndarray:
+def _read_cyx(path: Path, timepoint: int | None = None) -> np.ndarray:
     _check_file(path)
     try:
         arr, axes = _read_tiff(path)
@@ -212,14 +205,14 @@ def _read_cyx(path: Path) -> np.ndarray:
     except Exception as exc:  # tifffile raises many types for damaged files
         raise _unreadable(path, exc) from exc
     _check_dtype(path, arr.dtype)
-    cyx = _to_cyx(arr, axes, path).astype(np.float32)
+    cyx = _to_cyx(arr, axes, path, timepoint).astype(np.float32)
     bad = int(np.count_nonzero(~np.isfinite(cyx))) if np.issubdtype(arr.dtype, np.floating) else 0
     if bad:
         raise InputDataError(f"image file {path} has {bad} NaN or infinite pixels; replace them (e.g. with 0)")
     return cyx
 
 
-def _header_cyx(path: Path) -> np.ndarray:
+def _header_cyx(path: Path, timepoint: int | None = None) -> np.ndarray:
     """A zero-stride stand-in of the (C, Y, X) image, from the TIFF header alone (no pixel data read)."""
     _check_file(path)
     try:
@@ -239,17 +232,27 @@ def _header_cyx(path: Path) -> np.ndarray:
     if "Z" in axes:  # a view of the first plane: the shape _to_cyx gives after its max projection
         arr = arr[(slice(None),) * axes.index("Z") + (0,)]
         axes = axes.replace("Z", "")
-    return _to_cyx(arr, axes, path)
+    return _to_cyx(arr, axes, path, timepoint)
 
 
 def read_field(src: FieldSource, n_channels: int, pixels: bool = True) -> np.ndarray:
     """Read one field as float32 (C, H, W), C == n_channels. Raises InputDataError naming the file.
 
-    pixels=False checks the same from the TIFF headers only (no NaN check) and returns a zero-stride
-    array of the field's shape (`pcim validate` on large plates).
+    pixels=False checks the same from the TIFF headers (the Zarr metadata) only (no NaN check) and
+    returns a zero-stride array of the field's shape (`pcim validate` on large plates). Of a T axis,
+    src.timepoint is read.
     """
-    read = _read_cyx if pixels else _header_cyx
+    timepoint = src.timepoint
     where = f"{src.well} field {src.field}"
+    if src.zarr is not None:
+        img = ome_zarr_plate.read_field(src.zarr, f"{where} ({src.where})", pixels)
+        if img.shape[0] != n_channels:  # discovery matched one index per channel: only a changed store
+            raise InputDataError(f"{where}: {src.where} gives {img.shape[0]} channel(s) for {n_channels}")
+        return img
+
+    def read(path: Path) -> np.ndarray:
+        return _read_cyx(path, timepoint) if pixels else _header_cyx(path, timepoint)
+
     if len(src.files) == 1:
         img = read(src.files[0])
         if img.shape[0] != n_channels:
@@ -295,7 +298,10 @@ def size_problem(well: str, site: int, size: tuple[int, int], expected: tuple[in
 
 
 def field_size(src: FieldSource) -> tuple[int, int] | None:
-    """(H, W) of a field from its first file's TIFF header, without reading pixels; None if unreadable."""
+    """(H, W) of a field from its first file's TIFF header (its Zarr metadata), without reading pixels;
+    None if unreadable."""
+    if src.zarr is not None:
+        return src.zarr.size
     try:
         with tifffile.TiffFile(src.files[0]) as tif:
             series = tif.series[0]
@@ -333,16 +339,20 @@ def normalize(
     *,
     min: float | Sequence[float] | None = None,  # noqa: A002 - the config's names: normalize(**dump)
     max: float | Sequence[float] | None = None,  # noqa: A002
+    clip: bool = True,
+    eps: float = 1e-6,
 ) -> np.ndarray:
-    """Scale a (C, H, W) image per channel to float32 in [0, 1].
+    """Scale a (C, H, W) image per channel to float32 (by default in [0, 1]).
 
     Takes the keys of `model.normalize` as they are (`normalize(img, **settings)`), so `min` / `max`
     are accepted for `vmin` / `vmax`.
 
     percentile: the channel's `low` / `high` percentiles map to 0 / 1 (estimated on a strided
     subsample of about 1 Mpixel for larger images); fixed: `vmin` / `vmax` (a number, or one per
-    channel) map to 0 / 1; none: values unchanged. percentile and fixed clip to [0, 1], so bright
-    outliers cannot dominate the model's input; a constant channel becomes 0.
+    channel) map to 0 / 1; zscore: (value - the channel's mean) / (its standard deviation + eps) (a
+    bioimage.io package's zero_mean_unit_variance); none: values unchanged. percentile and fixed clip to
+    [0, 1] unless `clip` is False (a bioimage.io package whose scale_range is not followed by a clip), so
+    bright outliers cannot dominate the model's input; a constant channel becomes 0.
     """
     if method not in NORMALIZE_METHODS:
         raise ValueError(f"unknown normalisation {method!r} (use one of {', '.join(NORMALIZE_METHODS)})")
@@ -354,6 +364,12 @@ def normalize(
     if method == "none":
         return out
     n = img.shape[0]
+    if method == "zscore":
+        for c in range(n):
+            mean, std = float(out[c].mean(dtype=np.float64)), float(out[c].std(dtype=np.float64))
+            np.subtract(out[c], mean, out=out[c])
+            np.multiply(out[c], 1.0 / (std + eps) if std + eps > 0 else 0.0, out=out[c])
+        return out
     if method == "percentile":
         if not 0 <= low < high <= 100:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}")
@@ -368,4 +384,4 @@ def normalize(
         scale = 1.0 / (hi - lo) if hi > lo else 0.0
         np.subtract(out[c], lo, out=out[c])
         np.multiply(out[c], scale, out=out[c])
-    return np.clip(out, 0.0, 1.0, out=out)
+    return np.clip(out, 0.0, 1.0, out=out) if clip else out

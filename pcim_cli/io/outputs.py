@@ -169,6 +169,7 @@ def check_training(out: Path, configs: Sequence) -> None:
 def plate_inputs(cfg, explainer: bool = True) -> Inputs:
     """Every file `pcim explain` reads for this plate (without listing the image folder); `explainer`:
     with explain.explainer and its sidecar."""
+    from pcim_cli.io import ome_zarr_plate
     from pcim_cli.io.labels import split_pattern
     from pcim_cli.io.patterns import compile_pattern
 
@@ -182,9 +183,19 @@ def plate_inputs(cfg, explainer: bool = True) -> Inputs:
         found.add_file(cfg.explain.explainer, "the plate's explainer (explain.explainer)")
         found.add_file(sidecar_path(cfg.explain.explainer), "the sidecar of the plate's explainer")
     found.add_file(cfg.compute.scheduler_file, "the scheduler file (compute.scheduler_file)")
-    with contextlib.suppress(ValueError):  # a bad pattern is reported by discovery, with its fix
-        found.add_pattern(Path(cfg.plate.images), compile_pattern(cfg.plate.pattern),
-                          "an image file of the plate (plate.images)", "the plate's image folder (plate.images)")
+    if ome_zarr_plate.is_zarr(Path(cfg.plate.images)):  # an OME-Zarr plate: the whole store is input
+        found.add_file(Path(cfg.plate.images), "the plate's OME-Zarr store (plate.images)")
+        found.add_pattern(Path(cfg.plate.images), re.compile(".*", re.DOTALL),
+                          "a file of the plate's OME-Zarr store (plate.images)", "the plate's OME-Zarr store")
+    else:
+        with contextlib.suppress(ValueError):  # a bad pattern is reported by discovery, with its fix
+            found.add_pattern(Path(cfg.plate.images), compile_pattern(cfg.plate.pattern),
+                              "an image file of the plate (plate.images)", "the plate's image folder (plate.images)")
+    model = Path(cfg.model.path)
+    if model.suffix.lower() in (".yaml", ".yml") or model.is_dir():  # a bioimage.io package's folder
+        folder = model if model.is_dir() else model.parent
+        found.add_pattern(folder, re.compile(".*", re.DOTALL), "a file of the model package (model.path)",
+                          "the model package's folder (model.path)")
     for kind, pattern in (cfg.plate.objects or {}).items():
         root, rest = split_pattern(pattern)
         with contextlib.suppress(ValueError):
@@ -294,7 +305,7 @@ def check_folder(out: Output) -> None:
 
 def check_render(out_dir: Path, store: Path, wells: Iterable[str], cfg=None) -> None:
     """`pcim render --out DIR`: DIR is no input folder (the store, and with --plate-yaml the plate's image
-    and label folders, or any folder holding TIFF images), and report.html, montage.png and the chosen
+    and label folders, or any folder holding TIFF images), and report.html, montage.png, shortcuts.png and the chosen
     wells' PNGs there are absent or pcim's own. Raises OutputError (65); reads only."""
     out_dir = Path(out_dir)
     fix = "pass another --out (a new folder)"
@@ -306,7 +317,8 @@ def check_render(out_dir: Path, store: Path, wells: Iterable[str], cfg=None) -> 
         raise OutputError(f"--out {out_dir} holds TIFF images (a raw image folder?): pcim render never writes into "
                           f"an input folder; {fix}")
     outs = [Output("--out", out_dir / "report.html", "html", fix=fix),
-            Output("--out", out_dir / "montage.png", "png", fix=fix)]
+            Output("--out", out_dir / "montage.png", "png", fix=fix),
+            Output("--out", out_dir / "shortcuts.png", "png", fix=fix)]
     folder = out_dir / "wells"
     if folder.is_dir():
         names = {f"{w}_s" for w in wells}

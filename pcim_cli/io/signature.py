@@ -10,6 +10,10 @@ Two tiers (benchmarks/input_signature.py measured them on 5 x 2160 x 2160 uint16
   exported again), and decides whether the pixels really changed: a copy of the same files is not
   redone, a re-export with other pixels is.
 
+An input may be a folder (an OME-Zarr field's full-resolution array): its stat entry sums every file
+below it (count, total size, newest modification time, and a digest of their relative names, sizes and
+times, so a chunk rewritten in place is seen), and its content digest samples every one of those files.
+
 A change that keeps name, size and modification time (a tool that restores mtimes after writing other
 pixels of the same size) is not seen; ``--force`` redoes such fields.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,32 +33,83 @@ BLOCKS = 16
 
 
 def stat_signature(files: Iterable[Path | str]) -> list[dict[str, Any]]:
-    """Name, size and modification time (ns) of each file, in order; size None for a missing file."""
+    """Name, size and modification time (ns) of each file, in order; size None for a missing file. A
+    folder's entry sums the files below it (`files`: their count; `listing`: sha256 of their stats)."""
     out = []
     for path in files:
         path = Path(path)
         try:
             st = os.stat(path)
-            out.append({"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+            if stat.S_ISDIR(st.st_mode):
+                out.append(_folder_stat(path))
+            else:
+                out.append({"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
         except OSError:
             out.append({"name": path.name, "size": None, "mtime_ns": None})
     return out
 
 
+def folder_files(folder: Path) -> list[Path]:
+    """Every file below `folder` (no hidden files but Zarr v2 metadata), sorted by path."""
+    out: list[Path] = []
+    stack = [Path(folder)]
+    while stack:
+        here = stack.pop()
+        try:
+            entries = list(os.scandir(here))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            elif entry.is_file() and (not entry.name.startswith(".") or entry.name in _ZARR_V2_META):
+                out.append(Path(entry.path))
+    return sorted(out)
+
+
+_ZARR_V2_META = (".zarray", ".zattrs", ".zgroup")
+
+
+def _folder_stat(folder: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    total, newest, n = 0, 0, 0
+    for path in folder_files(folder):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        n += 1
+        total += st.st_size
+        newest = max(newest, st.st_mtime_ns)
+        digest.update(f"{path.relative_to(folder).as_posix()}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return {"name": folder.name, "size": total, "mtime_ns": newest, "files": n, "listing": digest.hexdigest()}
+
+
 def content_digest(files: Iterable[Path | str]) -> str:
-    """sha256 over each file's size, head, tail and 16 sampled blocks; missing files count as such."""
+    """sha256 over each file's size, head, tail and 16 sampled blocks; missing files count as such; a
+    folder counts as its files, each with its path relative to the folder."""
     digest = hashlib.sha256()
     for path in files:
-        try:
-            with open(path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                digest.update(f"{size}:".encode())
-                for offset, length in _sample_ranges(size):
-                    handle.seek(offset)
-                    digest.update(handle.read(length))
-        except OSError:
-            digest.update(b"missing:")
+        if Path(path).is_dir():
+            for inner in folder_files(Path(path)):
+                digest.update(f"{inner.relative_to(path).as_posix()}:".encode())
+                _sample_into(digest, inner)
+            continue
+        _sample_into(digest, path)
     return digest.hexdigest()
+
+
+def _sample_into(digest: Any, path: Path | str) -> None:
+    """One file's size and sampled bytes into `digest` ("missing:" when it cannot be read)."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            digest.update(f"{size}:".encode())
+            for offset, length in _sample_ranges(size):
+                handle.seek(offset)
+                digest.update(handle.read(length))
+    except OSError:
+        digest.update(b"missing:")
 
 
 def _sample_ranges(size: int) -> list[tuple[int, int]]:

@@ -59,7 +59,8 @@ FLOAT_COLUMNS = (
     "PCIM_Runtime_s",
 )
 STATUSES = ("done", "failed", "skipped")
-#: PCIM_Fit: did the fit achieve its objective (engine/verdict.py); empty for methods that fit nothing
+#: PCIM_Fit: did the fit achieve its objective, or what the class is in the field (engine/verdict.py,
+#: docs/verdicts.md); empty for methods that fit nothing
 FITS = FIT_LABELS
 #: the shortcut QC's columns (docs/shortcuts.md): region -> column; Seams only for tiled fields
 SHORTCUT_COLUMNS = {region: f"PCIM_Share_{word}" for region, word in QC_COLUMNS.items()}
@@ -128,7 +129,8 @@ def rows_from_record(plate: str, well: str, zarr_path: str, record: Mapping[str,
     for target, result in (record.get("results") or {}).items():
         fit = result.get("fit")
         if fit is None:  # a record made before fits were judged: judge it from its probabilities
-            fit = fit_quality(*(_number(result.get(k)) for k in ("prob_original", "prob_mixed", "prob_deleted")))
+            fit = fit_quality(*(_number(result.get(k)) for k in ("prob_original", "prob_mixed", "prob_deleted",
+                                                                  "prob_full_deleted")))
         rows.append({
             "plate": plate, "well": well, "site": record.get("site"), "target": target,
             "predicted_class": record.get("predicted_class", ""),

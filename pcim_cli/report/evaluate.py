@@ -87,12 +87,12 @@ def markdown_table(table: pd.DataFrame) -> str:
     """The comparison as a markdown table, the best value of each score in bold, arrows for direction."""
     cols = [c for c in COLUMNS if c in table.columns]
     arrows = {"higher": " ↑", "lower": " ↓"}
-    head = "| method | maps | " + " | ".join(COLUMNS[c] + arrows[DIRECTIONS[c]] for c in cols) + " |"
+    head = "| method | maps | " + " | ".join(COLUMNS[c] + arrows.get(DIRECTIONS[c], "") for c in cols) + " |"
     lines = [head, "|---" * (len(cols) + 2) + "|"]
     best = {}
     for c in cols:
         s = table[c].round(3)
-        best[c] = s.max() if DIRECTIONS[c] == "higher" else s.min()
+        best[c] = s.max() if DIRECTIONS[c] == "higher" else s.min() if DIRECTIONS[c] == "lower" else None
     for _, row in table.iterrows():
         cells = []
         for c in cols:

@@ -108,9 +108,10 @@ ol.objects { margin: 0; padding-left: 1.4em; white-space: nowrap; }
 
 def write_report(path: Path, plate: StorePlate, table: pd.DataFrame, images: Mapping[str, str], montage: str,
                  records: Sequence[Mapping[str, Any]], csv: Path | None,
-                 objects: Mapping[tuple[str, str], str] | None = None) -> None:
+                 objects: Mapping[tuple[str, str], str] | None = None, shortcuts: Any = None) -> None:
     """Write the self-contained HTML report; ``images`` maps a field's store path to its PNG (relative),
-    ``objects`` (store path, target) to the list of its top objects (plate.objects)."""
+    ``objects`` (store path, target) to the list of its top objects (plate.objects), ``shortcuts`` the
+    shortcut picture (report/shortcuts.py; first on the page when it flags anything)."""
     settings, n_fingerprints = _settings_rows(records)
     columns = [c for c in table.columns if c not in ("Metadata_Plate", "PCIM_ZarrPath")]
     parts = [
@@ -121,8 +122,10 @@ def write_report(path: Path, plate: StorePlate, table: pd.DataFrame, images: Map
         f'<p class="note">store {html.escape(str(plate.path))}; CSV '
         f"{html.escape(str(csv)) if csv else '(none found: numbers from the completion records)'}; "
         f"made by pcim {__version__} on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>",
+        *(_shortcut_section(shortcuts) if shortcuts is not None and shortcuts.report.findings else []),
         "<h2>Plate montage</h2>",
         f'<img class="montage" src="{html.escape(montage)}" alt="plate montage">',
+        *(_shortcut_section(shortcuts) if shortcuts is not None and not shortcuts.report.findings else []),
         "<h2>Fields</h2>",
         _fields_table(table, columns, images, objects or {}),
         "<h2>Settings</h2>",
@@ -135,6 +138,16 @@ def write_report(path: Path, plate: StorePlate, table: pd.DataFrame, images: Map
                  + "</table>")
     parts.append("</body></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def _shortcut_section(picture: Any) -> list[str]:
+    """Where does the classifier look? The verdict's sentences (or one quiet line) and shortcuts.png."""
+    findings = picture.report.findings
+    judged = ", ".join(f"{t}: {n} wells" for t, n in picture.report.judged.items()) or "no well"
+    lines = ([f'<p class="failed">shortcut: {html.escape(f.sentence)}</p>' for f in findings] if findings else
+             [f'<p class="note">Shortcut QC: nothing suspicious (judged {html.escape(judged)}).</p>'])
+    return ["<h2>Where does the classifier look? (shortcut QC)</h2>", *lines,
+            f'<img class="montage" src="{html.escape(picture.path.name)}" alt="shortcut QC per well">']
 
 
 def _short(column: str) -> str:

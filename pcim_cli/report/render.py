@@ -6,6 +6,9 @@ field at a time and writes, under the output folder:
 - ``wells/<well>_s<site>.png``: the maps of one field, one panel per target (or per channel), each over a
   raw image channel when the plate.yaml is given (the raw TIFFs are not in the store), with a colour bar;
 - ``montage.png``: one thumbnail per well at its plate position (rows A.., columns 1..), empty wells grey;
+- ``shortcuts.png``: the shortcut QC (report/shortcuts.py, docs/shortcuts.md): per target, plate heat-maps
+  of the share of each well's maps off the objects, at the border (saturated pixels, tile seams), the
+  verdict and the flagged fields; when the store's records have shares (qc.enabled);
 - ``report.html``: the montage, a table of the CSV summary's numbers per field with its thumbnail, and
   the run's settings from the completion records. Images are linked by relative paths, so the folder
   opens in a browser without a server and can be moved or zipped as a whole.
@@ -32,6 +35,7 @@ from pcim_cli.io.store import RECORD_KEY
 from pcim_cli.io.store_view import FieldLevel, StorePlate, field_paths, open_plate, read_level
 from pcim_cli.report import composite
 from pcim_cli.report import objects as report_objects
+from pcim_cli.report import shortcuts as report_shortcuts
 from pcim_cli.report.drawing import CELL, Panel, draw_montage, draw_panels, thumbnail
 from pcim_cli.report.html import find_csv, read_csv, records_table, write_report
 
@@ -53,6 +57,7 @@ class RenderResult:
     report: Path
     csv: Path | None
     skipped: list[str] = field(default_factory=list)
+    shortcuts: report_shortcuts.ShortcutPicture | None = None  # shortcuts.png and the verdict (qc on)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +67,9 @@ class RenderResult:
             "report": str(self.report),
             "csv": None if self.csv is None else str(self.csv),
             "skipped": list(self.skipped),
+            "shortcuts": None if self.shortcuts is None else str(self.shortcuts.path),
+            "shortcut_findings": [] if self.shortcuts is None else [f.to_dict() for f in
+                                                                   self.shortcuts.report.findings],
         }
 
 
@@ -82,7 +90,8 @@ def find_raw(cfg: Any, wells: Sequence[str]) -> RawImages:
     """Discover the raw TIFFs of ``wells`` through a loaded plate.yaml (a RunConfig)."""
     from pcim_cli.io import images
 
-    found, problems = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels, wells)
+    found, problems = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels, wells,
+                                             timepoint=cfg.plate.timepoint)
     for problem in problems:
         logger.warning("raw images: %s", problem)
     sources = {well: {src.field: src for src in srcs} for well, srcs in found.items()}
@@ -230,9 +239,11 @@ def render(
     else:  # layout targets: each well's map is for its own target, written in its cell
         draw_montage(plate, thumbs, "each well's target (in its cell), first field of each well",
                      labels=shown).save(result.montage, pnginfo=outputs.png_info())
+    pixels = None if raw is None else report_shortcuts.RawPixels(lambda fld: raw_field(raw, fld), raw.channels)
+    result.shortcuts = report_shortcuts.picture(plate, out_dir, pixels)  # the whole plate, not only `chosen`
     table = read_csv(csv_path, chosen) if csv_path is not None else records_table(plate, fields)
     write_report(result.report, plate, table, images, result.montage.name,
-                 [f.record for f in fields if f.record], csv_path, tops)
+                 [f.record for f in fields if f.record], csv_path, tops, result.shortcuts)
     logger.info("rendered %d fields of %d wells, the montage and the report in %s", len(result.overlays),
                 len(chosen), out_dir)
     return result

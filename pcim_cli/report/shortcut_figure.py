@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from pcim_cli.engine import shortcuts
 from pcim_cli.io.plate import row_letter
 from pcim_cli.report import composite
+from pcim_cli.report.drawing import overlay, robust_vmax
 
 BACKGROUND = (255, 255, 255)
 TEXT = (0, 0, 0)
@@ -85,7 +86,9 @@ def heatmap(n_rows: int, n_cols: int, values: Mapping[str, float | None], flagge
     cell = cell or max(14, min(40, 480 // max(n_cols, 1)))
     size = 9 if cell < 26 else 11
     left, top = 22, 36
-    img = Image.new("RGB", (left + n_cols * cell + 4, top + n_rows * cell + 4), BACKGROUND)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_w = _text_w(probe, title, 13)[0] + (_text_w(probe, note, 13)[0] + 10 if note else 0) + 6
+    img = Image.new("RGB", (max(left + n_cols * cell + 4, title_w), top + n_rows * cell + 4), BACKGROUND)
     draw = ImageDraw.Draw(img)
     draw.text((2, 2), title, fill=TEXT, font=_font(13))
     if note:
@@ -130,7 +133,7 @@ def heatmap(n_rows: int, n_cols: int, values: Mapping[str, float | None], flagge
 
 def share_bar(height: int, thresholds: Mapping[str, float]) -> Image.Image:
     """A vertical colour bar 0-100 % with each rule's threshold marked."""
-    width, bar = 120, 14
+    width, bar = 175, 14
     img = Image.new("RGB", (width, height + 20), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for y in range(height):
@@ -146,8 +149,6 @@ def share_bar(height: int, thresholds: Mapping[str, float]) -> Image.Image:
 
 
 def _thumb_image(t: Thumb, size: int = THUMB) -> Image.Image:
-    from pcim_cli.report.render import overlay, robust_vmax
-
     values = t.values.astype(np.float32)
     rgb = Image.fromarray(overlay(values, robust_vmax(values), t.base))
     if t.objects is not None and t.objects.shape == values.shape:

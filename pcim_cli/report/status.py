@@ -4,15 +4,19 @@ The states come from `io/records.store_states`, the same function the CSV summar
 `status` and the CSV of the last run always agree. Fields whose metadata is damaged, or whose maps were
 made with other settings than the plate's last run (stale), are not done: they count as missing, and
 are listed with their store path. Object tables that failed in done fields (plate.objects) are counted
-and listed too, and make the exit code 3, as they do for `pcim explain`.
+and listed too, and make the exit code 3, as they do for `pcim explain`. The maps of done fields are
+counted by PCIM_Fit label (`fits`, as in `pcim explain`'s summary and the CSV), and the last run's stain
+verdicts (plate record) are shown again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pcim_cli.engine.verdict import FIT_LABELS
 from pcim_cli.errors import EXIT_OK, EXIT_PARTIAL, InputDataError, unplaced
 from pcim_cli.io import records, store
 from pcim_cli.io.plate import parse_well
@@ -46,6 +50,19 @@ class StoreStatus:
         return out
 
     @property
+    def fits(self) -> dict[str, int]:
+        """Maps of done fields per PCIM_Fit label (engine/verdict.py; methods that fit nothing are not counted)."""
+        out = dict.fromkeys(FIT_LABELS, 0)
+        for f in self.fields:
+            if f.state != "done" or not f.record:
+                continue
+            for result in (f.record.get("results") or {}).values():
+                label = result.get("fit") if isinstance(result, Mapping) else None
+                if label in out:
+                    out[label] += 1
+        return out
+
+    @property
     def exit_code(self) -> int:
         """0 when every field is done and every object table made; else 3 (as `pcim explain` exits)."""
         totals = self.totals
@@ -53,7 +70,7 @@ class StoreStatus:
         return EXIT_OK if complete else EXIT_PARTIAL
 
     def as_dict(self) -> dict[str, Any]:
-        return {"store": str(self.store), "totals": self.totals, "fingerprints": self.fingerprints,
+        return {"store": str(self.store), "totals": self.totals, "fits": self.fits, "fingerprints": self.fingerprints,
                 "last_run": self.last_run, "exit_code": self.exit_code,
                 "wells": [asdict(w) for w in self.wells],
                 "fields": [{"well": f.well, "site": f.site, "path": f.path, "state": f.state, "error": f.error,

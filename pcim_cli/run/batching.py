@@ -21,17 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from pcim_cli.engine import absence, metrics, tiling, trivial
 from pcim_cli.engine import field as field_maps
-from pcim_cli.engine import metrics, tiling, trivial
 from pcim_cli.engine.attribute import attribute
 from pcim_cli.engine.pcim import Forward, PcimOptions
+from pcim_cli.engine.verdict import JUDGED, fit_quality
 from pcim_cli.errors import PcimError
 from pcim_cli.io import store, summary
 from pcim_cli.io.model import LoadedModel
 from pcim_cli.run import objects, shortcut_qc, threads
 from pcim_cli.run.device import MODEL_ERRORS, BatchSize, fast_forward, is_out_of_memory
 from pcim_cli.run.failures import FieldError, model_error_problem, non_finite_problem, tile_size_problem
-from pcim_cli.run.field_record import completion_record, mean_stats, unit_stats
+from pcim_cli.run.field_record import STATS, completion_record, mean_stats, unit_stats
 from pcim_cli.run.task import FieldFiles, WellTask, field_seed, map_labels, task_failed_row
 
 __all__ = ["Batcher"]
@@ -167,11 +168,29 @@ class Batcher:
         if not (torch.isfinite(probs).all() and torch.isfinite(tile_probs).all()):
             raise FieldError(non_finite_problem(task.well, files.site, task.model_path, x, "logits"), "model")
         targets = _targets(task, int(probs.argmax()))
+        contrastive = self._contrastive(x, grid, probs) if task.targets is None else None
+        if contrastive is not None:  # issue 26: a call resting on what is missing, and the runner-up's map
+            targets.append(task.classes[contrastive])
         field = _Field(files, x, read_s, grid, probs, targets,
                        tiling.Stitcher(grid, len(targets) * self.n_maps),
                        stats=[[] for _ in targets], tile_probs=tile_probs)
         field.pending = len(targets) * (1 if self._whole(field) else grid.n_tiles)
         return field
+
+    def _contrastive(self, x: torch.Tensor, grid: tiling.TileGrid, probs: torch.Tensor) -> int | None:
+        """explain.target predicted: the runner-up class when the predicted one survives the deletion of
+        the whole field (engine/absence.py `contrastive_class`: its map would hold nothing; the runner-up's
+        shows where the evidence it lacks comes closest). Two more predictions of the field, pcim only."""
+        if self.task.method not in ("pcim", "pcim-amortised") or len(probs) < 2:
+            return None
+        try:
+            full = torch.stack([self._predict(image, grid)[0]
+                                for image in absence.full_deletion_images(x[None])]).amin(0)
+        except MODEL_ERRORS as exc:
+            if is_out_of_memory(exc):
+                raise
+            return None
+        return absence.contrastive_class(probs, full)
 
     def _predict(self, x: torch.Tensor, grid: tiling.TileGrid) -> tuple[torch.Tensor, torch.Tensor]:
         """The field's class probabilities (model.aggregate over its tiles, or the model on the whole
@@ -256,6 +275,8 @@ class Batcher:
                               + max(u.tile, 0) for u in chunk])
         # PCIM grows each map's budget within its fit (explain.adaptive_budget); result.budget says where it ended
         result = attribute(forward, x, tt, task.method, opts, seeds=seeds, explainer=self.explainer)
+        if task.method in ("pcim", "pcim-amortised"):  # PCIM_Fit's label test (issue 26); baselines fit nothing
+            result.prob_full_deleted = _full_deletion(forward, x, tt)
         dele = ins = [float("nan")] * len(chunk)
         checks: list[dict | None] = [None] * len(chunk)
         if task.fidelity:  # perturbed images in forward batches no larger than the fit's
@@ -264,8 +285,19 @@ class Batcher:
             ins = metrics.insertion_auc(forward, x, result.maps, tt, substrate="blur", **kw).tolist()
             if task.method not in trivial.TRIVIAL:  # for the plate's verdict, on each well's first field (cheap)
                 checks = trivial.stain_check_rows(forward, x, result.maps, tt, opts, task.channels,
-                                                  [u.field.files.index == 0 for u in chunk], **kw)
+                                                  [self._checked(u, result, j) for j, u in enumerate(chunk)], **kw)
         return result, dele, ins, checks
+
+    def _checked(self, unit: _Unit, result, j: int) -> bool:
+        """Does the stain check run on this unit? The maps of each well's first field, where the map holds
+        evidence (PCIM_Fit ok / weak: a verdict never judges the others); every tile of a per-tile field."""
+        if unit.field.files.index != 0:
+            return False
+        if unit.tile != WHOLE and unit.field.grid.n_tiles > 1:
+            return True
+        full = getattr(result, "prob_full_deleted", None)
+        probs = [float(getattr(result, k)[j]) for k in STATS[:3]] + ([float(full[j])] if full is not None else [])
+        return fit_quality(*probs) in (*JUDGED, "")  # "": a method that fits nothing
 
     def _fail(self, queue: list[_Unit], chunk: list[_Unit], exc: BaseException) -> list[dict[str, Any]]:
         """Fail every field with a unit in the chunk and drop their queued units."""
@@ -319,6 +351,18 @@ class Batcher:
             logger.warning("%s", exc)
             return [task_failed_row(task, f.files, str(exc), "output", f.inputs)]
         return summary.rows_from_record(task.plate, task.well, rel, record)
+
+
+def _full_deletion(forward: Forward, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """p(target) (B,) of each image fully deleted (engine/absence.py): NaN where the model fails on it."""
+    try:
+        probs = absence.full_deletion_probs(forward, x)
+    except MODEL_ERRORS as exc:
+        if is_out_of_memory(exc):
+            raise
+        logger.debug("the model fails on the fully deleted image (%s): no no-local-evidence label", exc)
+        return torch.full((x.shape[0],), float("nan"))
+    return probs.gather(1, target.to(probs.device).view(-1, 1))[:, 0].cpu()
 
 
 def _take(queue: list[_Unit], images: int) -> list[_Unit]:

@@ -65,17 +65,22 @@ _CHANNELS_LAST: dict[tuple[str, str], bool] = {}  # (model sha256, device) -> sa
 
 
 def model(path: str | Path, n_channels: int, input_size: tuple[int, int] | None, device: str,
-          sha256: str | None = None) -> LoadedModel:
+          sha256: str | None = None, probe_size: tuple[int, int] = (64, 64)) -> LoadedModel:
     """io/model.py `load_model`, once per file contents, channels, input size and device (see the module).
-    `sha256`: the digest the driver planned with (a worker skips hashing the file again)."""
+    `sha256`: the digest the driver planned with (a worker skips hashing the file again); `probe_size`: the
+    size an any-size model is probed at (a bioimage.io package's size rule may exclude 64 x 64)."""
     sha = sha256 or file_sha256(path)
-    return MODELS.get(model_key(sha, n_channels, input_size, device),
-                      lambda: load_model(path, n_channels, input_size, device=device, sha256=sha))
+    return MODELS.get(model_key(sha, n_channels, input_size, device, probe_size),
+                      lambda: load_model(path, n_channels, input_size, device=device, sha256=sha,
+                                         probe_size=probe_size))
 
 
-def model_key(sha256: str, n_channels: int, input_size: tuple[int, int] | None, device: str) -> tuple:
+def model_key(sha256: str, n_channels: int, input_size: tuple[int, int] | None, device: str,
+              probe_size: tuple[int, int] = (64, 64)) -> tuple:
     """The cache key of a model: the file's contents and what it was probed with."""
-    return sha256, n_channels, None if input_size is None else tuple(input_size), device
+    if input_size is not None:
+        return sha256, n_channels, tuple(input_size), device
+    return sha256, n_channels, None, device, tuple(probe_size)
 
 
 def explainer(path: str | Path, device: str, sha256: str | None = None, hint: str = "plate.yaml") -> LoadedExplainer:

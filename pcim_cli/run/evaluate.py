@@ -22,9 +22,11 @@ import functools
 import io
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,14 +34,15 @@ import tifffile
 import torch
 
 from pcim_cli.config import RunConfig
-from pcim_cli.engine import metrics, object_ranking, trivial
+from pcim_cli.engine import absence, metrics, object_ranking, shares, trivial, verdict
 from pcim_cli.engine.attribute import METHODS, attribute
-from pcim_cli.engine.pcim import PcimOptions
-from pcim_cli.engine.verdict import Verdict, decide
+from pcim_cli.engine.pcim import PcimOptions, PcimResult
+from pcim_cli.engine.verdict import Verdict
 from pcim_cli.errors import ConfigError, InputDataError
 from pcim_cli.io import images, plate
 from pcim_cli.io import labels as label_io
-from pcim_cli.run import inventory, objects
+from pcim_cli.run import inventory, objects, shortcut_qc
+from pcim_cli.run.task import QcTask
 
 __all__ = ["COLUMNS", "DEFAULT_METHODS", "DIRECTIONS", "Comparison", "EvalField", "PlateScores", "choose_wells",
            "compare", "has_evidence", "maps_in_batches", "mask_path", "mean_table", "randomized_copy", "read_fields",
@@ -67,10 +70,13 @@ COLUMNS = {
     "sparseness": "Gini",
     "randomisation_spearman": "rand. ρ",
     **object_ranking.COLUMNS,  # with plate.objects only
+    "share_off_objects": "off objects",  # the shortcut QC's shares (qc.enabled; docs/shortcuts.md)
+    "share_border": "border",
     "s_per_map": "s/map",
 }
 DIRECTIONS = {**metrics.DIRECTIONS, "pointing_game_3px": "higher", "fine_deletion_auc": "lower",
-              "s_per_map": "lower", **dict.fromkeys(object_ranking.COLUMNS, "higher")}
+              "s_per_map": "lower", **dict.fromkeys(object_ranking.COLUMNS, "higher"),
+              "share_off_objects": "none", "share_border": "none"}  # where a map lies: no better or worse
 EXAMPLES_MAX = 16  # maps kept per method for the overlays (the examples are picked among them)
 
 
@@ -145,26 +151,30 @@ def score_plate(cfg: RunConfig, masks: str, methods: Sequence[str] | None = None
         objects_scorer = object_ranking.ObjectScorer(model, x, target, [f.labels for f in fields],
                                                      [f.mask for f in fields], opts, cfg.explain.top_objects, batch)
     comp = compare(model, x, target, fields, methods, opts, batch, list(cfg.plate.channels), inv.classes,
-                   random_model, objects_scorer=objects_scorer, explainer=explainer)
+                   random_model, objects_scorer=objects_scorer, explainer=explainer, qc=shortcut_qc.qc_task(cfg))
     return PlateScores(comp, fields, x, methods, opts, None if inv.explainer is None else inv.explainer.sha256)
 
 
 def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[EvalField], methods: Sequence[str],
             opts: PcimOptions, batch: int, channels: Sequence[str], classes: Sequence[str],
             random_model=None, maps_fn: Callable | None = None, scorer=None,
-            objects_scorer=None, explainer=None) -> Comparison:
+            objects_scorer=None, explainer=None, qc: QcTask | None = None) -> Comparison:
     """Every method's maps of x (B, C, H, W) for target (B,), scored against the fields' masks; the
     sanity check on `random_model` when given; intensity_channel auto resolved for the whole batch; the
     stain verdict per target class (PCIM's maps, or the first non-trivial method's, against the best
     trivial map).
 
-    maps_fn(model, x, target, method, opts, batch) -> maps (default: `attribute` in batches) and scorer
-    (the forward that deletion and insertion ask; default: model) let a caller explain fields tile by
-    tile and score the stitched maps on whole fields (benchmarks with fixed-input models).
+    maps_fn(model, x, target, method, opts, batch) -> maps, or a PcimResult (default: `attribute` in
+    batches), and scorer (the forward that deletion and insertion ask; default: model) let a caller explain
+    fields tile by tile and score the stitched maps on whole fields (benchmarks with fixed-input models).
+    With a PcimResult, the reference method's maps get their PCIM_Fit labels (engine/verdict.py), and
+    the verdict judges only the maps that hold evidence; with bare maps every map counts.
     objects_scorer (engine/object_ranking.ObjectScorer) adds the object ranking scores (plate.objects);
-    explainer: the trained explainer module that the default maps_fn gives pcim-amortised.
+    explainer: the trained explainer module that the default maps_fn gives pcim-amortised; qc (the
+    shortcut QC's settings) adds each map's share off the objects and at the border, as `pcim explain`
+    measures them (docs/shortcuts.md), so methods can be compared on where they put their weight.
     """
-    maps_fn = maps_fn or functools.partial(maps_in_batches, explainer=explainer)
+    maps_fn = maps_fn or functools.partial(results_in_batches, explainer=explainer)
     scorer = model if scorer is None else scorer
     stain = trivial.deletion_aucs(scorer, x, trivial.candidate_maps(x, opts, channels), target,
                                   FINE_DELETION_FRACTIONS, DELETION_FRACTIONS)
@@ -174,17 +184,27 @@ def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[EvalField
                                    for c in channels]).argmin())
         logger.info("intensity_channel auto: %s (its intensity deletes the target class fastest)", channels[channel])
     per_image, curves, maps_shown = [], {}, {}
+    reference = _reference(methods)
+    checks: dict[str, Any] = {}
     for method in methods:
         m_opts = dataclasses.replace(opts, intensity_channel=channel) if method == "intensity" else opts
         t0 = time.perf_counter()
         maps = maps_fn(model, x, target, method, m_opts, batch)
         seconds = (time.perf_counter() - t0) / len(fields)
+        if method == reference:  # the stain verdict's numbers: labels and deletion curves at doubling shares
+            checks = {"labels": _fit_labels(scorer, x, target, maps), "budgets": _budgets(maps, m_opts, len(x)),
+                      "curves": trivial.deletion_curves(scorer, x, {"map": getattr(maps, "maps", maps)}, target,
+                                                        substrate=opts.delete_substrate, blur_sigma=opts.blur_sigma)}
+        maps = getattr(maps, "maps", maps)
         scores, curve = score_maps(scorer, x, target, maps, fields)
         if objects_scorer is not None:
             scores.update(objects_scorer.scores(maps))
+        if qc is not None:
+            scores.update(shortcut_shares(maps, x, fields, qc))
         if random_model is not None:
+            random_maps = maps_fn(random_model, x, target, method, m_opts, batch)
             scores["randomisation_spearman"] = metrics.spearman(
-                maps, maps_fn(random_model, x, target, method, m_opts, batch), support="union").tolist()
+                maps, getattr(random_maps, "maps", random_maps), support="union").tolist()
         curves[method] = curve
         maps_shown[method] = maps[:EXAMPLES_MAX].sum(1).cpu()
         for i, f in enumerate(fields):
@@ -192,27 +212,52 @@ def compare(model, x: torch.Tensor, target: torch.Tensor, fields: list[EvalField
                               **{k: v[i] for k, v in scores.items()}, "s_per_map": seconds})
         logger.info("%s: %d maps, %.2f s/map", method, len(fields), seconds)
     scores_df = pd.DataFrame(per_image)
+    verdicts = []
+    if reference is not None:
+        candidates = trivial.deletion_curves(scorer, x, trivial.candidate_maps(x, opts, channels), target,
+                                             substrate=opts.delete_substrate, blur_sigma=opts.blur_sigma)
+        verdicts = _verdicts(reference, checks, candidates, target, classes)
     return Comparison(scores=scores_df, table=mean_table(scores_df, list(methods)), curves=curves,
                       maps_shown=maps_shown,
-                      intensity_channel=None if channel is None else channels[channel],
-                      verdicts=_verdicts(scores_df, methods, stain, target, classes))
+                      intensity_channel=None if channel is None else channels[channel], verdicts=verdicts)
 
 
-def _verdicts(scores: pd.DataFrame, methods: Sequence[str], stain: dict, target: torch.Tensor,
+def _reference(methods: Sequence[str]) -> str | None:
+    """The method whose maps the stain verdict judges: pcim, else the first one that needs a model."""
+    return next((m for m in ("pcim", *methods) if m in methods and m not in trivial.TRIVIAL), None)
+
+
+def _fit_labels(scorer, x: torch.Tensor, target: torch.Tensor, result) -> list[str] | None:
+    """PCIM_Fit of each map of a PcimResult (None for bare maps: every map counts as holding evidence)."""
+    if not hasattr(result, "prob_mixed"):
+        return None
+    full = absence.full_deletion_probs(scorer, x).gather(1, target.view(-1, 1).to(x.device))[:, 0]
+    return [verdict.fit_quality(*(float(v) for v in values)) for values in
+            zip(result.prob_original, result.prob_mixed, result.prob_deleted, full, strict=True)]
+
+
+def _budgets(result, opts: PcimOptions, n: int) -> list[float | None]:
+    """The share of the field each map could keep: the fit's own (an adaptive budget), else the option's."""
+    found = getattr(result, "budget", None)
+    if found is not None:
+        return [float(b) for b in found]
+    budgets = opts.budgets
+    return [max(budgets) if budgets else None] * n
+
+
+def _verdicts(reference: str, checks: dict[str, Any], candidates: dict[str, torch.Tensor], target: torch.Tensor,
               classes: Sequence[str]) -> list[Verdict]:
-    reference = next((m for m in ("pcim", *methods) if m in methods and m not in trivial.TRIVIAL), None)
-    if reference is None:
-        return []
-    ref = scores[scores["method"] == reference].reset_index(drop=True)
+    """One verdict per target class (most maps first) from the reference's labels and deletion curves."""
+    labels = checks["labels"] or [""] * len(target)
+    curves = {**checks["curves"], **candidates}
     out = []
     for t in sorted(set(target.tolist()), key=lambda t: -int((target == t).sum())):
-        rows = (target == t).cpu()
-        r = ref[rows.numpy()]
-        cands = {name: (float(fine[rows].mean()), float(coarse[rows].mean())) for name, (fine, coarse) in stain.items()}
-        v = decide(classes[t], reference, float(r["prob_original"].mean()),
-                   (float(r["fine_deletion_auc"].mean()), float(r["deletion_auc"].mean())), cands, maps=len(r))
-        if v is not None:
-            out.append(v)
+        rows = [i for i in range(len(target)) if int(target[i]) == t]
+        fits = Counter(labels[i] for i in rows if labels[i])
+        found = [verdict.check_from_curves(float(curves["map"][i, 0]), verdict.HALVING,
+                                           {n: c[i] for n, c in curves.items()}, checks["budgets"][i])
+                 for i in rows if labels[i] in (*verdict.JUDGED, "")]
+        out.append(verdict.judge(classes[t], reference, [c for c in found if c is not None], fits or None))
     return out
 
 
@@ -329,13 +374,37 @@ def _targets(cfg: RunConfig, inv, fields: list[EvalField], model, x: torch.Tenso
     return torch.tensor(out, device=x.device)
 
 
-def maps_in_batches(model, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
-          batch: int, explainer=None) -> torch.Tensor:
+def results_in_batches(model, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
+                       batch: int, explainer=None) -> PcimResult:
+    """`attribute` in batches, the batches' results joined into one."""
     seeds = opts.seed + torch.arange(len(x))
     parts = [attribute(model, x[i : i + batch], target[i : i + batch], method, opts, seeds=seeds[i : i + batch],
-                       explainer=explainer).maps
+                       explainer=explainer)
              for i in range(0, len(x), batch)]
-    return torch.cat(parts)
+    return PcimResult(**{f.name: None if getattr(parts[0], f.name) is None
+                         else torch.cat([getattr(p, f.name) for p in parts])
+                         for f in dataclasses.fields(PcimResult)})
+
+
+def maps_in_batches(model, x: torch.Tensor, target: torch.Tensor, method: str, opts: PcimOptions,
+                    batch: int, explainer=None) -> torch.Tensor:
+    """The maps of `results_in_batches`."""
+    return results_in_batches(model, x, target, method, opts, batch, explainer).maps
+
+
+def shortcut_shares(maps: torch.Tensor, x: torch.Tensor, fields: list[EvalField], qc: QcTask) -> dict[str, list]:
+    """Each map's share off the objects (the first plate.objects kind's labels, else the automatic
+    foreground of qc.foreground_channel) and within the field border (engine/shares.py)."""
+    h, w = x.shape[-2:]
+    border = shares.border_mask((h, w), shares.border_margin((h, w), qc.border))
+    off, edge = [], []
+    for i, f in enumerate(fields):
+        objects = (shares.object_mask(f.labels) if f.labels is not None
+                   else shares.foreground_mask(x[i, qc.foreground_channel].cpu(), qc.polarity))
+        m = maps[i : i + 1].detach().float().cpu()
+        off.append(float(shares.region_shares(m, ~objects)[0]))
+        edge.append(float(shares.region_shares(m, border)[0]))
+    return {"share_off_objects": off, "share_border": edge}
 
 
 def score_maps(model, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor,

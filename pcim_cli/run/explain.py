@@ -69,7 +69,7 @@ class RunResult:
 
     @property
     def fits(self) -> dict[str, int]:
-        """Done maps per PCIM_Fit verdict (ok / weak / failed; methods that fit nothing are not counted)."""
+        """Done maps per PCIM_Fit label (engine/verdict.py FIT_LABELS; methods that fit nothing are not counted)."""
         done = self.summary[self.summary["PCIM_Status"] == "done"] if len(self.summary) else self.summary
         fit = done["PCIM_Fit"] if len(done) else pd.Series(dtype=str)
         return {v: int((fit == v).sum()) for v in summary.FITS}
@@ -187,8 +187,10 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             only = f.action == "done" and objects.needs_refresh(f.record, inputs["objects_signature"],
                                                                 choice.retry_failed)
             if f.fitted or only:
+                src = found[well][f.index]
                 todo.append(FieldFiles(site=f.site, index=f.index, objects_only=only, stat=f.stat,
-                                       files=tuple(str(p) for p in found[well][f.index].files), **inputs))
+                                       files=tuple(str(p) for p in src.files),
+                                       zarr=None if src.zarr is None else src.zarr.to_dict(), **inputs))
                 refresh |= {f.path} if only else set()
         if not todo:
             continue
@@ -205,6 +207,7 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             batch_size=cfg.compute.batch_size, channels_last=cfg.compute.channels_last,
             precision=cfg.compute.precision, device=model.device, fidelity=cfg.explain.fidelity,
             store_path=str(store_path), store_format=cfg.output.format, fingerprint=print_fp, qc=qc,
+            timepoint=cfg.plate.timepoint, package=inv.package,
         ))
     return Plan(fields, tasks, rows, problems, layout, model, print_fp, {w: len(found[w]) for w in wells},
                 refresh, dropped)
@@ -377,24 +380,6 @@ def finish_plate(opened: OpenPlate, rows: list[dict], interrupted: bool) -> RunR
         return _write_results(opened.cfg, opened.plan, rows, interrupted)
     finally:
         opened.release()
-
-
-def fit_advice(result: RunResult, cfg: RunConfig) -> str | None:
-    """The one warning of a run whose maps did not all achieve their objective: how many, the likely
-    cause and the fix (None when every fit is ok)."""
-    fits = result.fits
-    bad = fits["weak"] + fits["failed"]
-    if not bad:
-        return None
-    total = sum(fits.values())
-    grow = ("let the budget grow: explain.adaptive_budget: 0.32 (the default; now null)"
-            if cfg.explain.adaptive_budget is None
-            else f"raise explain.adaptive_budget (the budget grew up to {cfg.explain.adaptive_budget})")
-    return (f"{bad} of {total} maps are weak ({fits['weak']}) or failed ({fits['failed']}) fits (PCIM_Fit in "
-            f"{result.csv}): deleting their pixels did not remove the class (PCIM_ProbDeleted stays near "
-            "PCIM_ProbOriginal). Likely causes: evidence larger than the budget (confluence, density, texture) "
-            f"-> {grow}; or evidence that is an absence (the class means 'no X') -> explain the other class "
-            "(explain.target)")
 
 
 def collect(cfg: RunConfig, p: Plan, run_rows: list[dict],

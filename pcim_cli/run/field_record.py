@@ -30,32 +30,39 @@ STATS = ("prob_original", "prob_mixed", "prob_deleted", "loss")
 def unit_stats(result: PcimResult, j: int, dele: float, ins: float, check: dict | None = None) -> dict[str, Any]:
     """The statistics of image j of a fit (one tile of a field, or a whole field) for its record."""
     out: dict[str, Any] = {k: float(getattr(result, k)[j]) for k in STATS}
+    full = getattr(result, "prob_full_deleted", None)
+    if full is not None:  # PCIM_Fit's label test: p(target) of the fully deleted image
+        out["prob_full_deleted"] = float(full[j])
     budget = getattr(result, "budget", None)
     if budget is not None:
         out["budget"] = float(budget[j])
     out.update(deletion_auc=float(dele), insertion_auc=float(ins), steps=int(result.steps[j]))
     if result.channel is not None:  # intensity maps: the channel shown
         out["channel"] = int(result.channel[j])
-    if check is not None:  # name -> [fine, coarse] deletion AUC
+    if check is not None:  # {"fractions": [...], "curves": {name: [p(target) ...]}}
         out["stain_check"] = check
     return out
 
 
 def mean_stats(tiles: list[dict[str, Any]], channels: tuple[str, ...] = ()) -> dict[str, Any]:
     """Per-field statistics: the mean over its tiles (steps stays an int when it is one), the fit's
-    verdict (ok / weak / failed, engine/verdict.py) from the field's probabilities; an intensity map's
-    channel: the one most of its tiles show."""
-    keys = [k for k in (*STATS, "budget", "deletion_auc", "insertion_auc", "steps") if k in tiles[0]]
+    label (PCIM_Fit, engine/verdict.py) from the field's probabilities; an intensity map's channel: the
+    one most of its tiles show."""
+    keys = [k for k in (*STATS, "prob_full_deleted", "budget", "deletion_auc", "insertion_auc", "steps")
+            if k in tiles[0]]
     out: dict[str, Any] = {k: float(np.mean([t[k] for t in tiles])) for k in keys}
     steps = out["steps"]
     out["steps"] = int(steps) if float(steps).is_integer() else steps
-    out["fit"] = fit_quality(out["prob_original"], out["prob_mixed"], out["prob_deleted"])
+    out["fit"] = fit_quality(out["prob_original"], out["prob_mixed"], out["prob_deleted"],
+                             out.get("prob_full_deleted"))
     if "channel" in tiles[0]:
         shown = [t["channel"] for t in tiles]
         out["intensity_channel"] = channels[max(set(shown), key=shown.count)]
-    if "stain_check" in tiles[0]:
-        out["stain_check"] = {name: np.mean([t["stain_check"][name] for t in tiles], axis=0).tolist()
-                              for name in tiles[0]["stain_check"]}
+    if "stain_check" in tiles[0]:  # per-tile maps: the tiles' curves averaged
+        first = tiles[0]["stain_check"]
+        out["stain_check"] = {"fractions": first["fractions"],
+                              "curves": {name: np.mean([t["stain_check"]["curves"][name] for t in tiles],
+                                                       axis=0).tolist() for name in first["curves"]}}
     return out
 
 
@@ -70,6 +77,8 @@ def completion_record(task: WellTask, *, site: int, targets: list[str], probs: t
         "site": site,
         "targets": targets,
         "predicted_class": task.classes[int(probs.argmax())],
+        # explain.target predicted, a predicted class without local evidence: the runner-up's map too
+        **({"contrastive": targets[-1]} if task.targets is None and len(targets) > 1 else {}),
         "class_probabilities": dict(zip(task.classes, probs.tolist(), strict=True)),
         "results": results,
         "settings": {"normalize": task.normalize, "engine": task.engine, "channels": list(task.channels)},
@@ -77,6 +86,7 @@ def completion_record(task: WellTask, *, site: int, targets: list[str], probs: t
         "inputs": inputs,
         "warnings": warnings,
         "model_sha256": task.model_sha256,
+        **({"model_package": task.package} if task.package else {}),
         **({"explainer_sha256": task.explainer_sha256} if task.explainer_sha256 else {}),
         "pcim_version": __version__,
         "seed": seed,

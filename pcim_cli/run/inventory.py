@@ -28,7 +28,7 @@ from pcim_cli.io.explainer import LoadedExplainer, check_explainer
 from pcim_cli.io.layout import read_layout
 from pcim_cli.io.model import LoadedModel, check_classes, resolve_device
 from pcim_cli.run import device as run_device
-from pcim_cli.run import objects
+from pcim_cli.run import model_package, objects
 
 __all__ = ["PlateInventory", "engine_options", "fingerprint", "inspect_plate", "load_checked_explainer",
            "targets_per_well"]
@@ -73,6 +73,8 @@ def _field_settings(cfg: RunConfig) -> dict:
     if cfg.model.input_size is not None or cfg.model.aggregate == "whole-field":  # only tiled fields use them
         out["aggregate"] = cfg.model.aggregate
         out["tile_maps"] = cfg.explain.tile_maps
+    if cfg.plate.timepoint is not None:  # the time point read from a T axis
+        out["timepoint"] = cfg.plate.timepoint
     return out
 
 
@@ -117,6 +119,7 @@ class PlateInventory:
     objects: dict[str, int] = field(default_factory=dict)  # plate.objects kind -> fields with a usable label file
     object_problems: list[str] = field(default_factory=list)  # fail those object tables only (validate)
     explainer: LoadedExplainer | None = None  # pcim-amortised: loaded and checked against the model
+    package: dict | None = None  # model.path a bioimage.io package: what was taken from it (run/model_package.py)
 
     @property
     def summary(self) -> dict:
@@ -124,7 +127,7 @@ class PlateInventory:
             "wells": len(self.fields),
             "fields": sum(len(v) for v in self.fields.values()),
             "model": {"path": str(self.model.path), "kind": self.model.kind, "sha256": self.model.sha256,
-                      "classes": self.classes},
+                      "classes": self.classes, **({"package": self.package} if self.package else {})},
             "layout_columns": [] if self.layout is None else [c for c in self.layout.columns if c != "well"],
             "objects": self.objects,
             "problems": self.problems + self.object_problems,
@@ -142,14 +145,17 @@ def inspect_plate(cfg: RunConfig, check_objects: bool = False, explainer: bool |
     normalisation or objective (ConfigError); None = when explain.method is pcim-amortised.
     """
     device = resolve_device(cfg.compute.device)
-    model = run_device.model(cfg.model.path, len(cfg.plate.channels), cfg.model.input_size, device)
+    model_package.apply(cfg)  # model.path a bioimage.io package: its weights and settings applied to cfg
+    model = run_device.model(cfg.model.path, len(cfg.plate.channels), cfg.model.input_size, device,
+                             probe_size=model_package.probe_size(cfg))
+    model_package.check_own_test(cfg, model.module)
     classes = check_classes(model, cfg.model.classes)
     loaded = None
     if explainer or (explainer is None and cfg.explain.method == "pcim-amortised"):
         loaded = load_checked_explainer(cfg, model, classes)
     layout = read_layout(cfg.plate.layout) if cfg.plate.layout is not None else None
     found, problems = images.discover_fields(cfg.plate.images, cfg.plate.pattern, cfg.plate.channels,
-                                             cfg.plate.wells)
+                                             cfg.plate.wells, timepoint=cfg.plate.timepoint)
     for p in problems:
         logger.warning("%s", p)
     if not found:
@@ -157,7 +163,10 @@ def inspect_plate(cfg: RunConfig, check_objects: bool = False, explainer: bool |
             f"no complete field found under {cfg.plate.images}: "
             + ("; ".join(problems[:5]) or f"check plate.images and plate.pattern ({cfg.plate.pattern!r})")
         )
-    inv = PlateInventory(model, classes, layout, found, problems, explainer=loaded)
+    model_package.fit_fields(cfg, images.typical_size(src for srcs in found.values() for src in srcs))
+    applied = model_package.package_of(cfg)
+    inv = PlateInventory(model, classes, layout, found, problems, explainer=loaded,
+                         package=None if applied is None else applied.record())
     if check_objects and cfg.plate.objects:
         kinds = objects.label_kinds(cfg.plate.objects)
         size = images.typical_size(src for sources in found.values() for src in sources)

@@ -47,7 +47,10 @@ def qc_task(cfg: RunConfig) -> QcTask | None:
     kinds = list(cfg.plate.objects or {})
     name = qc.foreground_channel or channels[0]
     norm = cfg.model.normalize
-    clip = tuple([float(norm.max)] * len(channels)) if getattr(norm, "method", "") == "fixed" else None
+    clip = None
+    if getattr(norm, "method", "") == "fixed" and norm.clip:  # clip: false (a bioimage.io scale) clips nothing
+        highs = [float(v) for v in (norm.max if isinstance(norm.max, list) else [norm.max])]
+        clip = tuple(highs * len(channels) if len(highs) == 1 else highs)  # one max, or one per channel
     saturation = tuple(qc.saturation) if isinstance(qc.saturation, list) else qc.saturation
     return QcTask(objects=qc.objects or (kinds[0] if kinds else None), foreground_channel=channels.index(name),
                   foreground_name=name, polarity=qc.foreground, border=qc.border, saturation=saturation,

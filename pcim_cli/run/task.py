@@ -32,6 +32,7 @@ class FieldFiles(BaseModel):
     object_problems: dict[str, str] = {}
     objects_signature: str = ""
     objects_only: bool = False  # a done field whose object tables are (re)made from its stored map
+    zarr: dict[str, Any] | None = None  # an OME-Zarr field: how to read it (io/ome_zarr_plate.ZarrField)
 
 
 class QcTask(BaseModel):
@@ -80,6 +81,8 @@ class WellTask(BaseModel):
     store_format: str = "0.5"
     fingerprint: str
     qc: QcTask | None = None  # the shortcut QC (qc.enabled); None: no shares, no verdict
+    timepoint: int | None = None  # plate.timepoint: the time point read from a T axis
+    package: dict[str, Any] | None = None  # model.path a bioimage.io package: what was taken (field records)
 
 
 def field_seed(seed: int, well: str, site: int, target: str) -> int:

@@ -134,7 +134,7 @@ def _field_problem(cfg: RunConfig, model, src: images.FieldSource, expected: tup
         return str(exc)
     shape = tuple(img.shape[-2:])
     if expected is not None and shape != tuple(expected):
-        return images.size_problem(src.well, src.field, shape, expected, src.files[0])
+        return images.size_problem(src.well, src.field, shape, expected, src.where)
     try:
         grid = tiling.plan_tiles(shape, cfg.model.input_size)
     except tiling.TileSizeError as exc:

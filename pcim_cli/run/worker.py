@@ -27,7 +27,7 @@ import torch
 
 from pcim_cli.engine.pcim import FastForward, Forward, PcimOptions
 from pcim_cli.errors import PcimError
-from pcim_cli.io import images, signature
+from pcim_cli.io import images, ome_zarr_plate, signature
 from pcim_cli.io.model import LoadedModel, error_summary
 from pcim_cli.run import device, shortcut_qc
 from pcim_cli.run.batching import Batcher
@@ -57,9 +57,15 @@ def _explainer(task: WellTask) -> Forward | None:
     return module if task.precision == "float32" else FastForward(module, task.precision)
 
 
+def _source(task: WellTask, field: FieldFiles) -> images.FieldSource:
+    """The field to read: its TIFF files, or its OME-Zarr arrays; at the plate's time point."""
+    zarr = None if field.zarr is None else ome_zarr_plate.ZarrField.from_dict(field.zarr)
+    return images.FieldSource(task.well, field.site, tuple(Path(f) for f in field.files), zarr=zarr,
+                              timepoint=task.timepoint)
+
+
 def _read_raw(task: WellTask, field: FieldFiles) -> np.ndarray:
-    src = images.FieldSource(task.well, field.site, tuple(Path(f) for f in field.files))
-    return images.read_field(src, len(task.channels))
+    return images.read_field(_source(task, field), len(task.channels))
 
 
 def _normalise(task: WellTask, img: np.ndarray) -> np.ndarray:
@@ -114,12 +120,13 @@ def _read_checked(task: WellTask, field: FieldFiles):
     except PcimError as exc:
         logger.warning("%s", exc)
         return task_failed_row(task, field, str(exc), "data", inputs)
-    warnings = constant_channels(raw, task.channels, field.files)
+    where = _source(task, field).where
+    warnings = constant_channels(raw, task.channels, field.files if field.zarr is None else (where,))
     saturation = None if task.qc is None else shortcut_qc.saturation_mask(raw, task.qc)
     img = torch.from_numpy(_normalise(task, raw))
     read_s = time.perf_counter() - t0
     if task.field_size is not None and tuple(img.shape[-2:]) != tuple(task.field_size):
-        msg = images.size_problem(task.well, field.site, tuple(img.shape[-2:]), task.field_size, field.files[0])
+        msg = images.size_problem(task.well, field.site, tuple(img.shape[-2:]), task.field_size, where)
         logger.warning("%s", msg)
         return task_failed_row(task, field, msg, "data", inputs)
     for w in warnings:

@@ -1,0 +1,108 @@
+"""The shortcut QC through the installed `pcim` on real plates (docs/shortcuts.md): a classifier that calls
+wells for a glare spot at the field edge is flagged (CSV shares, the run's sentences, --json, the plate
+record, render's shortcuts.png and report.html); the bundled classifier on the clean plate is quiet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from model_factory import make_model
+from plates import make_plate
+
+from pcim_cli.io import store
+
+GLARE_WELLS = ("A04", "A05", "B04")  # DMSO (negative) wells: only the glare can make them mitotic
+MITOTIC_WELLS = ("A01", "A02", "B01")
+SHARES = ["PCIM_Share_OnObjects", "PCIM_Share_Background", "PCIM_Share_Border", "PCIM_Share_Saturated"]
+
+
+def _glare(root: Path) -> None:
+    """A 5 x 6 px spot at the detector's ceiling in every channel, 1 px from the top edge, off the nuclei."""
+    for well in GLARE_WELLS:
+        for path in (root / "images").glob(f"{well}_s*_w*.tif"):
+            image = tifffile.imread(path)
+            image[1:6, 60:66] = 65535
+            tifffile.imwrite(path, image)
+
+
+def _explain(pcim, yaml: Path, *extra: str) -> dict:
+    proc = pcim("explain", str(yaml), "--json", *extra)
+    assert proc.returncode == 0, proc.stderr
+    return {"json": json.loads(proc.stdout.strip().splitlines()[-1]), "stderr": proc.stderr}
+
+
+@pytest.mark.slow
+def test_a_classifier_that_looks_at_an_edge_glare_is_flagged(pcim, tmp_path):
+    yaml = make_plate(tmp_path, wells=(*MITOTIC_WELLS, *GLARE_WELLS), steps=49, objects=True,
+                      model={"path": "glare.ts"})
+    _glare(tmp_path)
+    make_model("edge-glare", tmp_path / "glare.ts")
+    # the demo's own fields never reach EdgeGlare's threshold at the edge (its docstring): only the spot does
+    run = _explain(pcim, yaml)
+
+    table = pd.read_csv(tmp_path / "out" / "P1.csv")
+    assert set(SHARES) <= set(table.columns) and "PCIM_Share_Seams" not in table.columns  # untiled fields
+    glare = table[table["Metadata_Well"].isin(GLARE_WELLS)]
+    assert (glare["PCIM_PredictedClass"] == "mitotic").all()  # the glare makes the DMSO wells mitotic
+    assert (glare["PCIM_Share_Border"] > 0.8).all() and (glare["PCIM_Share_Saturated"] > 0.8).all()
+    assert np.allclose(table["PCIM_Share_OnObjects"] + table["PCIM_Share_Background"], 1, atol=1e-5)
+    clean = table[table["Metadata_Well"].isin(MITOTIC_WELLS)]
+    assert (clean["PCIM_Share_OnObjects"] > 0.8).all()  # the real mitotic cells: on the nuclei
+
+    findings = run["json"]["shortcuts"]["findings"]
+    rules = {f["rule"]: f for f in findings}
+    assert {"off-objects", "border", "saturated"} <= set(rules)
+    for rule in ("off-objects", "border", "saturated"):
+        assert sorted(rules[rule]["wells"]) == sorted(GLARE_WELLS) and rules[rule]["target"] == "mitotic"
+    assert "shortcut: mitotic: in 3 of 6 wells more than 40 % of the map lies within 6 px of the field edge" \
+        in run["stderr"]
+    last = store.read_plate_record(tmp_path / "out" / "P1.zarr")["last_run"]
+    assert last["shortcuts"] == run["json"]["shortcuts"]
+    record = store.read_record(tmp_path / "out" / "P1.zarr", "A04", 0)
+    assert record["qc"]["objects"] == {"source": "labels", "kind": "Nuclei", "dilate_px": 3}
+    assert record["qc"]["border_px"] == 6 and record["qc"]["saturation_levels"][0] == 65535.0
+
+    proc = pcim("render", str(tmp_path / "out" / "P1.zarr"), "--plate-yaml", str(yaml), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rendered = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(rendered["shortcuts"]).is_file()
+    assert {f["rule"] for f in rendered["shortcut_findings"]} == set(rules)
+    page = (tmp_path / "out" / "P1_render" / "report.html").read_text()
+    assert "shortcuts.png" in page and "shortcut: mitotic: in 3 of 6 wells" in page
+
+
+@pytest.mark.slow
+def test_the_clean_classifier_on_a_clean_plate_is_quiet(pcim, tmp_path):
+    yaml = make_plate(tmp_path, wells=(*MITOTIC_WELLS, *GLARE_WELLS), steps=49, objects=True)
+    run = _explain(pcim, yaml)
+    shortcuts = run["json"]["shortcuts"]
+    # the hit class: its maps lie on the nuclei. (The DMSO wells' `negative` maps are an absence class's:
+    # docs/shortcuts.md "Limits" says why the verdict may report them.)
+    assert [f for f in shortcuts["findings"] if f["target"] == "mitotic"] == []
+    assert "shortcut: mitotic" not in run["stderr"]
+    assert shortcuts["judged"]["mitotic"] >= 3  # quiet because nothing is wrong, not because nothing was judged
+    table = pd.read_csv(tmp_path / "out" / "P1.csv")
+    mitotic = table[table["PCIM_Target"] == "mitotic"]
+    assert len(mitotic) == 6 and (mitotic["PCIM_Share_OnObjects"] > 0.8).all()
+    assert (mitotic["PCIM_Share_Saturated"] == 0).all()  # the demo's images have no flat top
+
+
+def test_qc_keys_are_checked_before_anything_runs(pcim, tmp_path):
+    yaml = make_plate(tmp_path, wells=("A01",), objects=True, qc={"objects": "Cells"})
+    proc = pcim("explain", str(yaml))
+    assert proc.returncode == 78
+    assert "qc.objects" in proc.stderr and "Nuclei" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_qc_off_leaves_no_columns_and_no_verdict(pcim, tmp_path):
+    yaml = make_plate(tmp_path, wells=("A01",), steps=3, qc={"enabled": False})
+    run = _explain(pcim, yaml)
+    assert run["json"]["shortcuts"] is None
+    table = pd.read_csv(tmp_path / "out" / "P1.csv")
+    assert not set(SHARES) & set(table.columns)
