@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ABSENT = 0.01
 #: the sets of the decision, in table order
 SETS = ("demo", "demo-resnet", "nuclei", "nuclei-resnet", "nuclei-confident", "ihc", "ihc-whole", "demo-tiled",
-        "density", "density-whole")
+        "density", "density-whole", "distractor")
 #: the variants (compare_formulations names or key=value overrides of the current default)
 VARIANTS = ("previous-default", "default")
 #: score -> (label, higher is better)
