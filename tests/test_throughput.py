@@ -20,6 +20,7 @@ from plates import make_plate
 from pcim_cli.config import load_config
 from pcim_cli.engine.explainer import amortised_pcim, make_explainer
 from pcim_cli.engine.pcim import PcimOptions, target_log_probs
+from pcim_cli.engine.verdict import JUDGED
 from pcim_cli.io import explainer as explainer_file
 from pcim_cli.io import store
 from pcim_cli.io.model import file_sha256
@@ -86,7 +87,9 @@ def test_amortised_run_measures_fidelity_on_its_sample_and_fit_columns_everywher
         sampled = (well, index) in {("A01", 0), ("B01", 0)}
         assert record["fidelity"] == ("measured" if sampled else "not sampled")
         results = next(iter(record["results"].values()))
-        assert ("stain_check" in results) == sampled  # the verdict's checks ride on the sample
+        row = csv[(csv["Metadata_Well"] == well) & (csv["Metadata_Site"] == index + 1)].iloc[0]
+        # the verdict's checks ride on the sample, on the maps that hold evidence (PCIM_Fit ok / weak)
+        assert ("stain_check" in results) == (sampled and row["PCIM_Fit"] in JUDGED)
     # the store is an OME-Zarr zarr-python reads: the map at full size, rounded as io/store keeps maps
     group = zarr.open_group(str(path / "A" / "1" / "0"), mode="r")
     maps, _, _ = store.read_field(path, "A01", 0)
