@@ -15,7 +15,7 @@ from model_factory import DEMO_MODEL, make_model
 from ome_zarr_factory import demo_fields
 
 from pcim_cli.errors import ConfigError, ModelError
-from pcim_cli.io import bioimageio, images
+from pcim_cli.io import bioimageio, images, package_checks
 from pcim_cli.io.model import file_sha256
 
 pytest.importorskip("bioimageio.spec", reason="bioimageio.spec (test extra) reads the packages")
@@ -44,7 +44,7 @@ def test_demo_classifier_package(tmp_path: Path, as_zip: bool) -> None:
     assert pkg.input_size is None and pkg.size_rule == {"y": {"min": 32, "step": 16}, "x": {"min": 32, "step": 16}}
     assert pkg.normalize == {"method": "percentile", "low": 1.0, "high": 99.8, "clip": True}
     assert pkg.size_ok((128, 128)) and not pkg.size_ok((130, 128)) and pkg.largest_size((130, 100)) == (128, 96)
-    assert bioimageio.self_check(pkg, pkg.normalize, _jit(pkg.weights)) is None
+    assert package_checks.self_check(pkg, pkg.normalize, _jit(pkg.weights)) is None
     record = pkg.record()
     assert record["weights"] == "torchscript" and record["preprocessing"][0]["id"] == "scale_range"
     assert bioimageio.is_package(path) and not bioimageio.is_package(DEMO_MODEL)
@@ -56,11 +56,11 @@ def test_fixed_size_package_tiles_the_fields(tmp_path: Path) -> None:
     weights = make_model("only-64", tmp_path / "only64.ts")
     pkg = bioimageio.load_package(build_package(tmp_path / "pkg", weights, size=64, test_size=64))
     assert pkg.input_size == (64, 64) and pkg.size_rule is None
-    assert bioimageio.self_check(pkg, pkg.normalize, _jit(pkg.weights)) is None
-    resolved = bioimageio.reconcile(pkg, channels=["DNA", "PH3", "Actin"], normalize=None, classes=None,
+    assert package_checks.self_check(pkg, pkg.normalize, _jit(pkg.weights)) is None
+    resolved = package_checks.reconcile(pkg, channels=["DNA", "PH3", "Actin"], normalize=None, classes=None,
                                     input_size=None)
     assert resolved.problems == [] and resolved.input_size == (64, 64) and resolved.taken["input_size"] == "package"
-    clash = bioimageio.reconcile(pkg, channels=["DNA", "PH3", "Actin"], normalize=None, classes=None,
+    clash = package_checks.reconcile(pkg, channels=["DNA", "PH3", "Actin"], normalize=None, classes=None,
                                  input_size=(128, 128))
     assert clash.problems[0][0] == "model.input_size" and "takes inputs of 64 x 64 pixels" in clash.problems[0][1]
 
@@ -115,7 +115,7 @@ def test_plate_yaml_disagreeing_with_the_package(tmp_path: Path) -> None:
 
     def check(**kw):
         args = {"channels": ["DNA", "PH3", "Actin"], "normalize": None, "classes": None, "input_size": None, **kw}
-        return bioimageio.reconcile(pkg, **args)
+        return package_checks.reconcile(pkg, **args)
 
     same = check(normalize={"method": "percentile", "low": 1, "high": 99.8}, classes=["negative", "mitotic"])
     assert same.problems == [] and same.normalize == pkg.normalize and same.taken["normalize"] == "package"
@@ -144,7 +144,7 @@ def test_self_check_catches_a_package_tested_with_other_preprocessing(tmp_path: 
             SCALE_RANGE_CLIP[1]]
     pkg = bioimageio.load_package(build_package(tmp_path / "pkg", DEMO_MODEL, preprocessing=stated,
                                                 expected_ops=made))
-    problem = bioimageio.self_check(pkg, pkg.normalize, _jit(pkg.weights))
+    problem = package_checks.self_check(pkg, pkg.normalize, _jit(pkg.weights))
     assert problem is not None and "differ from its test output" in problem
 
 

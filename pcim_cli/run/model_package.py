@@ -18,7 +18,7 @@ from pydantic import TypeAdapter
 
 from pcim_cli.config import Normalize, RunConfig
 from pcim_cli.errors import ConfigError, ModelError
-from pcim_cli.io import bioimageio
+from pcim_cli.io import bioimageio, package_checks
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ _NORMALIZE = TypeAdapter(Normalize)
 class Applied:
     """A package applied to a config: what it is and what was decided (held by the config)."""
 
-    def __init__(self, package: bioimageio.PackageModel, resolved: bioimageio.Resolved):
+    def __init__(self, package: bioimageio.PackageModel, resolved: package_checks.Resolved):
         self.package = package
         self.resolved = resolved
 
@@ -56,7 +56,7 @@ def apply(cfg: RunConfig) -> Applied | None:
         return None
     pkg = bioimageio.load_package(model.path)
     given = model.model_fields_set
-    resolved = bioimageio.reconcile(
+    resolved = package_checks.reconcile(
         pkg, channels=list(cfg.plate.channels),
         normalize=model.normalize.model_dump() if "normalize" in given else None,
         classes=model.classes if "classes" in given else None,
@@ -126,7 +126,7 @@ def check_own_test(cfg: RunConfig, module: Any) -> None:
     applied = package_of(cfg)
     if applied is None or applied.resolved.taken.get("normalize") != "package":
         return
-    problem = bioimageio.self_check(applied.package, cfg.model.normalize.model_dump(), module)
+    problem = package_checks.self_check(applied.package, cfg.model.normalize.model_dump(), module)
     if problem:
         raise ModelError(problem + "; fix the package, or set model.normalize and list normalize in "
                          "model.override_package")
