@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import resource
-import time
 from pathlib import Path
 
 import pytest
@@ -38,10 +37,12 @@ def test_a_malformed_scheduler_address_or_file_is_exit_78_naming_the_key(tmp_pat
         (tmp_path / "scheduler.json").write_text("garbage, not what dask scheduler --scheduler-file writes\n")
         args = ["--set", "compute.cluster=scheduler-file", "--set", "compute.scheduler_file=scheduler.json"]
         key = "compute.scheduler_file"
-    t0 = time.monotonic()
     proc = run_pcim("explain", str(plate), *args, timeout=120)
+    # 78 = refused while reading the setting, before any connection is tried: waiting for a scheduler
+    # that cannot answer ends in 75 after cluster.CONNECT_TIMEOUT_S (no wall-clock assert: a loaded
+    # machine is slower, not wrong)
     assert proc.returncode == 78, proc.stderr[-2000:]
-    assert time.monotonic() - t0 < 30
+    assert "cannot reach the Dask scheduler" not in proc.stderr
     assert key in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()  # nothing written
 

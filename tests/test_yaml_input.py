@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import resource
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -74,10 +73,10 @@ def test_hostile_yaml_exits_78_at_once_with_a_short_message(tmp_path: Path, text
 
     from cli_runner import PCIM, pcim_env
 
-    t0 = time.monotonic()
+    # an expanding bomb runs out of the 4 GiB address space or past the timeout (TimeoutExpired fails the
+    # test); no wall-clock assert: a loaded machine is slower, not wrong
     proc = subprocess.run([*PCIM, "validate", str(plate)], capture_output=True, text=True, env=pcim_env(),
                           timeout=120, preexec_fn=_limited(4 << 30))  # a 4 GiB address space
     assert proc.returncode == 78, proc.stderr[-2000:]
-    assert time.monotonic() - t0 < 60
     assert len(proc.stderr) < 4000 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.startswith("pcim: error:") and "plate.yaml" in proc.stderr
