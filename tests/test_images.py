@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -259,11 +258,11 @@ def test_percentile_normalisation_per_channel() -> None:
     assert out.min() == 0.0 and out.max() == 1.0
 
 
-def test_percentile_large_image_is_fast_and_close() -> None:
+def test_percentile_large_image_is_close_to_the_exact_percentiles() -> None:
+    """A 2160 px field takes the fast (approximate) percentile path; its speed is a benchmark's
+    (make bench: the fixed costs of a 2160 px field), not a wall-clock assert here."""
     img = np.random.default_rng(0).gamma(2.0, 300.0, (2, 2160, 2160)).astype(np.float32)
-    start = time.perf_counter()
     out = normalize(img)
-    assert time.perf_counter() - start < 2.0
     lo, hi = np.percentile(img[0], [1.0, 99.8])
     exact = np.clip((img[0] - lo) / (hi - lo), 0, 1)
     assert np.abs(out[0] - exact).max() < 0.02
