@@ -14,6 +14,10 @@ from pathlib import Path
 import yaml
 
 DEMO = Path(__file__).resolve().parents[1] / "sample_plates" / "demo"
+#: relative tolerance between maps read back from stores: the store keeps MAP_MANTISSA_BITS (6) of each
+#: value, so two runs whose float32 arithmetic differs in the last bits can round a value to neighbouring
+#: steps, 2^-7 to 2^-6 apart (relative)
+STORE_RTOL = 2.0 ** -6
 CHANNEL_TOKENS = {"DNA": "1", "PH3": "2", "Actin": "3"}
 
 

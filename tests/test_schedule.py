@@ -121,7 +121,7 @@ def test_the_old_default_is_reachable_by_settings_and_a_new_default_redoes_the_f
     gives the same maps); the settings fingerprint differs, so a run with the new defaults redoes them."""
     import numpy as np
     from cli_runner import run_pcim
-    from plates import make_plate
+    from plates import STORE_RTOL, make_plate
 
     from pcim_cli.io import images, store
 
@@ -141,7 +141,7 @@ def test_the_old_default_is_reachable_by_settings_and_a_new_default_redoes_the_f
         target = model(x).argmax(1)
     opts = PcimOptions(steps=8, lr=0.1, schedule="constant", init="zero", noise=0.0)
     direct = fit_pcim(model, x, target, opts).maps[0].numpy()
-    np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stored, direct, rtol=STORE_RTOL, atol=1e-6)
 
     new = run_pcim("explain", str(plate))  # the new defaults: another fingerprint, every field redone
     assert new.returncode == 0, new.stderr[-2000:]

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from cli_runner import PCIM, pcim_env
-from plates import DEMO
+from plates import DEMO, STORE_RTOL
 
 from pcim_cli.config import ComputeConfig, load_config, settings
 from pcim_cli.errors import EXIT_TEMPFAIL, ConfigError, TemporaryFailure
@@ -158,7 +158,7 @@ def test_local_cluster_gives_the_same_maps_and_rows_as_in_process(tmp_path) -> N
     maps_a, maps_b = all_maps(one.store, a), all_maps(two.store, b)
     assert maps_a.keys() == maps_b.keys()
     for key, value in maps_a.items():
-        np.testing.assert_allclose(maps_b[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+        np.testing.assert_allclose(maps_b[key], value, rtol=STORE_RTOL, atol=1e-7, err_msg=key)
     hosts = {store.read_record(two.store, w, 0)["host"] for w in WELLS}
     assert hosts  # written by the workers, with their record
 

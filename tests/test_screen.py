@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 from cli_runner import run_pcim, start_pcim
-from plates import DEMO, make_plate
+from plates import DEMO, STORE_RTOL, make_plate
 
 from pcim_cli.config.screen import load_screen
 from pcim_cli.io import store
@@ -71,7 +71,7 @@ def test_three_plates_on_one_local_cluster_match_three_separate_runs(tmp_path: P
         pd.testing.assert_frame_equal(_csv(together[name], name), _csv(alone[name], name))
         a, b = _maps(alone[name], name), _maps(together[name], name)
         for key in a:
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(b[key], a[key], rtol=STORE_RTOL, atol=1e-7)
         assert not (together[name].parent / "out" / f"{name}.zarr" / LOCK_NAME).exists()
     assert "Metadata_compound" in _csv(together["PB"], "PB").columns  # each plate keeps its own layout
     screen = pd.read_csv(tmp_path / "screen.csv")  # the screen CSV: every plate's rows

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from cli_runner import run_pcim
-from plates import make_plate
+from plates import STORE_RTOL, make_plate
 
 from pcim_cli.io import store
 from pcim_cli.run.device import same_with_channels_last
@@ -42,7 +42,7 @@ def test_channels_last_gives_the_same_maps_and_does_not_cause_a_redo(tmp_path: P
     assert same.returncode == 0 and "0 fitted by this run" in same.stderr, same.stderr[-2000:]
     forced = run_pcim("explain", str(plate), "--force")
     assert forced.returncode == 0, forced.stderr[-2000:]
-    np.testing.assert_allclose(_maps(zarr_path), nchw, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_maps(zarr_path), nchw, rtol=STORE_RTOL, atol=1e-5)
 
 
 @pytest.mark.slow

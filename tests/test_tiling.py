@@ -15,6 +15,7 @@ import yaml
 from cli_runner import run_pcim
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from plates import STORE_RTOL
 
 from pcim_cli.engine import field as field_maps
 from pcim_cli.engine import tiling
@@ -241,7 +242,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_maps(tmp_path, fixed_
         rows = worker.explain_well(task)
     assert [r["status"] for r in rows] == ["done"]
     maps, _, record = store.read_field(Path(task.store_path), "A01", 0)
-    np.testing.assert_allclose(maps, reference, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(maps, reference, rtol=STORE_RTOL, atol=1e-6)
     assert record["batch_size"] == batch
     warnings = [r for r in caplog.records if "out of memory" in r.getMessage()]
     assert len(warnings) == 1 and "compute.batch_size" in warnings[0].getMessage()  # warned once
@@ -262,7 +263,7 @@ def test_a_whole_field_goes_through_the_model_in_calls_of_twice_the_batch_size(t
     assert [r["status"] for r in rows] == ["done"] and max(small.sizes) == 4  # 12 tiles per step, 4 per call
     maps, _, record = store.read_field(Path(task.store_path), "A01", 0)
     assert record["tiling"]["maps"] == "field"
-    np.testing.assert_allclose(maps, reference, rtol=1e-4, atol=1e-6)  # checkpointed chunks: the same map
+    np.testing.assert_allclose(maps, reference, rtol=STORE_RTOL, atol=1e-6)  # checkpointed chunks: the same map
 
 
 def test_out_of_memory_on_one_whole_field_retries_in_smaller_model_calls(tmp_path, fixed_model, monkeypatch):
@@ -272,7 +273,7 @@ def test_out_of_memory_on_one_whole_field_retries_in_smaller_model_calls(tmp_pat
     rows = worker.explain_well(task)
     assert [r["status"] for r in rows] == ["done"]
     maps, _, record = store.read_field(Path(task.store_path), "A01", 0)
-    np.testing.assert_allclose(maps, reference, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(maps, reference, rtol=STORE_RTOL, atol=1e-6)
     assert record["batch_size"] == 3  # 6 tiles per call after one halving
 
 

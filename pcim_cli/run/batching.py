@@ -183,6 +183,8 @@ class Batcher:
         shows where the evidence it lacks comes closest). Two more predictions of the field, pcim only."""
         if self.task.method not in ("pcim", "pcim-amortised") or len(probs) < 2:
             return None
+        if bool((x.amax(dim=(-2, -1)) == x.amin(dim=(-2, -1))).all()):  # a blank field: nothing to contrast
+            return None
         try:
             full = torch.stack([self._predict(image, grid)[0]
                                 for image in absence.full_deletion_images(x[None])]).amin(0)
