@@ -15,8 +15,8 @@ Toy TorchScript classifiers with answers that follow from their definition:
   detector (before issue 26, the deletion AUC over the top 0-2 % and 0-20 % did: "partly").
 - `FlatIsNegative` is the demo classifier, except that a featureless field (every channel constant,
   i.e. fully deleted) is `negative`: through the installed `pcim` on demo wells, every negative map
-  whose fit does not remove the class is `no-local-evidence`, never `failed`, and explain.target:
-  predicted adds the runner-up's (mitotic) map to the fields called negative.
+  whose fit does not remove the class is `no-local-evidence`, never `failed`; explain.target:
+  contrastive adds the runner-up's (mitotic) map to the fields called negative, `predicted` does not.
 """
 
 from __future__ import annotations
@@ -255,9 +255,15 @@ def test_pcim_labels_absence_maps_in_the_csv_json_and_summary(tmp_path):
     assert f"{doc['fits']['no-local-evidence']} no-local-evidence" in shown and f"verdict: {v['sentence']}" in shown
 
 
-def test_pcim_predicted_adds_the_runner_up_map_where_the_call_rests_on_what_is_missing(tmp_path):
+def test_pcim_contrastive_adds_the_runner_up_map_where_the_call_rests_on_what_is_missing(tmp_path):
     yaml_path = _flat_is_negative_plate(tmp_path, target="predicted")
-    proc = run_pcim("explain", str(yaml_path), "--json", "--set", "explain.fidelity=false")
+    plain = run_pcim("explain", str(yaml_path), "--set", "explain.fidelity=false", "--set", "output.csv=plain.csv",
+                     "--set", "output.zarr=plain.zarr")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    one = pd.read_csv(tmp_path / "plain.csv")  # predicted: one map per field, whatever its label
+    assert len(one) == len(one[["Metadata_Well", "Metadata_Site"]].drop_duplicates())
+    proc = run_pcim("explain", str(yaml_path), "--json", "--set", "explain.fidelity=false",
+                    "--set", "explain.target=contrastive")
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = pd.read_csv(tmp_path / "out" / "P1.csv")
     for (_, _), rows in df.groupby(["Metadata_Well", "Metadata_Site"]):

@@ -73,10 +73,7 @@ def test_scratch_assay_time_points_as_wells(tmp_path: Path) -> None:
     proc = run_pcim("explain", str(plate_yaml))
     assert proc.returncode == 0, proc.stderr[-2000:]
     maps, _, record = store.read_field(tmp_path / "out" / "real.zarr", "B01", 0)
-    # one map of the predicted class, and the runner-up's where the predicted class survives the deletion
-    # of the whole field (explain.target predicted, docs/verdicts.md: the record names it `contrastive`)
-    assert len(record["targets"]) == 1 + ("contrastive" in record)
-    assert maps.shape == (len(record["targets"]), 210, 576) and np.isfinite(maps).all() and record["status"] == "done"
+    assert maps.shape == (1, 210, 576) and np.isfinite(maps).all() and record["status"] == "done"
     assert record["settings"]["normalize"]["method"] == "percentile"
 
 
@@ -90,9 +87,8 @@ def test_stardist_nuclei_uint16_single_channel(tmp_path: Path) -> None:
     proc = run_pcim("explain", str(plate_yaml))
     assert proc.returncode == 0, proc.stderr[-2000:]
     maps, labels, record = store.read_field(tmp_path / "out" / "real.zarr", "C03", 0)
-    assert len(record["targets"]) == 1 + ("contrastive" in record)  # the runner-up's map, as above
-    assert maps.shape == (len(record["targets"]), 512, 512) and maps.sum() > 0
-    assert record["site"] == 1 and labels == record["targets"]
+    assert maps.shape == (1, 512, 512) and maps.sum() > 0
+    assert record["site"] == 1 and labels == [record["targets"][0]]
 
 
 def test_stardist_nuclei_objects_carrying_the_marker_rank_first(tmp_path: Path) -> None:

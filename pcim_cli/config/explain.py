@@ -29,7 +29,9 @@ class _RunKeys(Section):
 
     method: Method = Field("pcim", description=(
         "pcim | pcim-amortised | saliency | integrated-gradients | occlusion | rise | intensity | contrast"))
-    target: str = Field("predicted", description="predicted | a class name | layout:<column> | all")
+    target: str = Field("predicted", description=(
+        "predicted | contrastive (predicted, + the runner-up class's map where the predicted class survives the "
+        "deletion of the whole field) | a class name | layout:<column> | all"))
     explainer: ConfigPath | None = Field(None, description=(
         "pcim-amortised: the file `pcim train-explainer plate.yaml --out ...` wrote"))
     intensity_channel: str = Field("auto", description=(

@@ -472,7 +472,7 @@ class RunConfig(Section):
         target = self.explain.target
         if target.startswith("layout:") and self.plate.layout is None:
             problems.append(("explain.target", f"{short(target)} reads the layout, but plate.layout is not set"))
-        elif target not in ("predicted", "all") and not target.startswith("layout:"):
+        elif target not in ("predicted", "contrastive", "all") and not target.startswith("layout:"):
             classes = self.model.classes
             if classes is not None and target not in classes:
                 problems.append(("explain.target", f"{short(target)} is not in model.classes ({', '.join(classes)})"

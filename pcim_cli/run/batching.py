@@ -168,7 +168,7 @@ class Batcher:
         if not (torch.isfinite(probs).all() and torch.isfinite(tile_probs).all()):
             raise FieldError(non_finite_problem(task.well, files.site, task.model_path, x, "logits"), "model")
         targets = _targets(task, int(probs.argmax()))
-        contrastive = self._contrastive(x, grid, probs) if task.targets is None else None
+        contrastive = self._contrastive(x, grid, probs) if task.targets is None and task.contrastive else None
         if contrastive is not None:  # issue 26: a call resting on what is missing, and the runner-up's map
             targets.append(task.classes[contrastive])
         field = _Field(files, x, read_s, grid, probs, targets,
@@ -178,7 +178,7 @@ class Batcher:
         return field
 
     def _contrastive(self, x: torch.Tensor, grid: tiling.TileGrid, probs: torch.Tensor) -> int | None:
-        """explain.target predicted: the runner-up class when the predicted one survives the deletion of
+        """explain.target contrastive: the runner-up class when the predicted one survives the deletion of
         the whole field (engine/absence.py `contrastive_class`: its map would hold nothing; the runner-up's
         shows where the evidence it lacks comes closest). Two more predictions of the field, pcim only."""
         if self.task.method not in ("pcim", "pcim-amortised") or len(probs) < 2:

@@ -203,6 +203,7 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             plate=cfg.plate.name, well=well, channels=tuple(cfg.plate.channels),
             fields=tuple(todo), top_objects=top_k,
             classes=tuple(classes), targets=None if well_targets is None else tuple(well_targets),
+            contrastive=cfg.explain.target == "contrastive",
             normalize=cfg.model.normalize.model_dump(), model_path=str(model.path), model_sha256=model.sha256,
             input_size=cfg.model.input_size, field_size=field_size, method=cfg.explain.method,
             aggregate=cfg.model.aggregate, tile_maps=cfg.explain.tile_maps,

@@ -80,9 +80,10 @@ def _field_settings(cfg: RunConfig) -> dict:
 
 def targets_per_well(cfg: RunConfig, classes: list[str], layout: pd.DataFrame | None,
                       wells: list[str]) -> dict[str, tuple[str, ...] | None | str]:
-    """Each well's targets: None (predicted), class names, or an error message (str)."""
+    """Each well's targets: None (predicted; contrastive adds the runner-up's map where the predicted class
+    rests on what is missing, decided per field by the worker), class names, or an error message (str)."""
     target = cfg.explain.target
-    if target == "predicted":
+    if target in ("predicted", "contrastive"):
         return dict.fromkeys(wells)
     if target == "all":
         return dict.fromkeys(wells, tuple(classes))

@@ -64,6 +64,8 @@ class WellTask(BaseModel):
     channels: tuple[str, ...]
     classes: tuple[str, ...]
     targets: tuple[str, ...] | None  # class names to explain; None = the predicted class
+    contrastive: bool = False  # explain.target contrastive: + the runner-up's map where the predicted class
+    #                            survives the deletion of the whole field (docs/verdicts.md)
     normalize: dict[str, Any]
     model_path: str
     model_sha256: str
