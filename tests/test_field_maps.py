@@ -104,8 +104,9 @@ def test_model_aggregate_decides_the_field_prediction_and_the_record_keeps_every
     first = run_pcim("explain", str(plate))
     assert first.returncode == 0, first.stderr[-2000:]
     df = pd.read_csv(tmp_path / "out" / "TILED.csv")
-    # `neg` (few objects) is also what the featureless field gives: its map comes with the runner-up's (issue 26)
-    assert df["PCIM_PredictedClass"].tolist() == ["neg", "neg"] and df["PCIM_Target"].tolist() == ["neg", "pos"]
+    # explain.target predicted: one map, the predicted class's (`contrastive` would add the runner-up's here:
+    # `neg` is also what the featureless field gives; tests/test_absence.py)
+    assert df["PCIM_PredictedClass"].tolist() == ["neg"] and df["PCIM_Target"].tolist() == ["neg"]
     _, _, record = store.read_field(tmp_path / "out" / "TILED.zarr", "A01", 0)
     tiles = np.array(record["tiling"]["tile_probabilities"])
     assert tiles.shape == (4, 2) and record["tiling"]["aggregate"] == "mean-prob"
