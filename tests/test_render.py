@@ -121,7 +121,8 @@ def test_montage_is_the_plate_grid_with_empty_wells_grey(rendered):
 def test_report_has_the_csv_numbers_settings_and_relative_images(rendered):
     text = rendered.report.read_text(encoding="utf-8")
     sources = re.findall(r'<img[^>]* src="([^"]+)"', text)
-    assert len(sources) == len(rendered.overlays) + 1
+    # the overlays, the montage, and shortcuts.png where the shortcut QC ran (qc on: the default)
+    assert len(sources) == len(rendered.overlays) + 1 + (rendered.shortcuts is not None)
     for src in sources:
         assert not src.startswith(("/", "file:")) and (rendered.out_dir / src).is_file()
     table = pd.read_csv(rendered.csv)
@@ -150,7 +151,7 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(rendered):
                            "--dump-dom", check.as_uri()], capture_output=True, text=True, timeout=120)
     found = re.search(r'<div id="imgcheck">images (\d+) broken (\d+)([^<]*)</div>', proc.stdout)
     assert found, f"no result in the DOM; chromium said: {proc.stderr[-2000:]}"
-    assert int(found.group(1)) == len(rendered.overlays) + 1
+    assert int(found.group(1)) == len(rendered.overlays) + 1 + (rendered.shortcuts is not None)
     assert found.group(2) == "0", f"images that did not load: {found.group(3)}"
 
 
