@@ -48,7 +48,7 @@ def advice(fits: Mapping[str, int], csv: str, adaptive_budget: float | None) -> 
                     "missing (a 'negative' call: no positive cell), so deleting any region, or the whole field, "
                     "leaves it. Not a failure of pcim: no map can hold such a class, and the stain verdict does not "
                     "judge it. The candidates the model looked at and found wanting are in the runner-up class's map "
-                    "(explain.target: predicted adds it to such fields; all makes every class's map)"))
+                    "(explain.target: contrastive adds it to such fields; all makes every class's map)"))
     absent = fits.get("absent", 0)
     if absent:
         out.append((logging.INFO,
