@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from pcim_cli.engine.mixing import channel_median
 from pcim_cli.engine.pcim import Forward
 from pcim_cli.engine.verdict import FULL_KEEP
 
@@ -22,7 +23,7 @@ def full_deletion_images(x: torch.Tensor) -> torch.Tensor:
     mean (a uniformly brown field is still `high`), not in the median; a model may call a dark field
     `mitotic` and a mean-grey one `negative`. (Independent of explain.delete_substrate.)"""
     mean = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
-    median = x.flatten(2).median(dim=2).values[..., None, None].expand_as(x)
+    median = channel_median(x)[..., None, None].expand_as(x)
     return torch.cat([mean, median]).contiguous()
 
 
