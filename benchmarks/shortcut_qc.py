@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.evalsets import shortcut as S  # noqa: E402
-from pcim_cli.engine import mixing, shares, shortcuts, tiling  # noqa: E402
+from pcim_cli.engine import absence, shares, shortcuts, tiling  # noqa: E402
 from pcim_cli.engine.attribute import attribute  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
 from pcim_cli.engine.verdict import fit_quality  # noqa: E402
@@ -61,9 +61,9 @@ def field_rows(data: dict, model, model_name: str, methods, batch: int, arch: st
     border = shares.border_mask((h, w), shares.border_margin((h, w)))
     rows = []
     opts = PcimOptions()
-    with torch.no_grad():  # p(predicted class | every pixel deleted): is the class an absence?
-        empty = mixing.substrate(x, opts.delete_substrate, opts.blur_sigma)
-        p_empty = model(empty).float().softmax(1).gather(1, tr["pred"][:, None])[:, 0]
+    # p(predicted class | every pixel deleted), as `pcim explain` measures it: is the call an absence?
+    p_full = torch.cat([absence.full_deletion_probs(model, x[i : i + batch]) for i in range(0, n, batch)])
+    p_full = p_full.gather(1, tr["pred"][:, None])[:, 0]
     for method in methods:
         maps, fits = [], []
         t0 = time.perf_counter()
@@ -71,8 +71,8 @@ def field_rows(data: dict, model, model_name: str, methods, batch: int, arch: st
             sl = slice(i, i + batch)
             res = attribute(model, x[sl], tr["pred"][sl], method, opts, seeds=torch.arange(i, min(i + batch, n)))
             maps.append(res.maps.sum(1).float())
-            fits += [fit_quality(float(a), float(b), float(c)) for a, b, c in
-                     zip(res.prob_original, res.prob_mixed, res.prob_deleted, strict=True)]
+            fits += [fit_quality(float(a), float(b), float(c), float(d)) for a, b, c, d in
+                     zip(res.prob_original, res.prob_mixed, res.prob_deleted, p_full[sl], strict=True)]
         maps = torch.cat(maps)
         seconds = (time.perf_counter() - t0) / n
         MAPS[(data["kind"], data["layout"], model_name, method)] = maps.half().numpy()
@@ -94,7 +94,7 @@ def field_rows(data: dict, model, model_name: str, methods, batch: int, arch: st
             for r, mask in (("background", ~labelled), ("background_auto", ~auto), ("border", border),
                             ("saturated", saturated), ("artefact", data["artefact_mask"][i])):
                 row[f"top_{r}"] = float(shares.region_shares(m, mask, top=TOP)[0])
-            row["p_empty"] = float(p_empty[i])
+            row["p_full"] = float(p_full[i])
             row["area_background_auto"] = float((~auto).double().mean())
             row["share_artefact"] = float(shares.region_shares(m, data["artefact_mask"][i])[0])
             rows.append(row)
@@ -140,7 +140,8 @@ def _fields(df: pd.DataFrame, objects: str = "labels") -> list[shortcuts.FieldSh
         out.append(shortcuts.FieldShares(r.well, 1, r.pred, {"background": getattr(r, bg), "border": r.share_border,
                                                               "saturated": r.share_saturated},
                                          {"border": r.area_border, "saturated": r.area_saturated},
-                                         fit=r.fit if isinstance(r.fit, str) and r.fit else None))
+                                         fit=r.fit if isinstance(r.fit, str) and r.fit else None,
+                                         prob_original=r.p_pred, prob_full_deleted=r.p_full))
     return out
 
 

@@ -81,8 +81,9 @@ def test_the_clean_classifier_on_a_clean_plate_is_quiet(pcim, tmp_path):
     yaml = make_plate(tmp_path, wells=(*MITOTIC_WELLS, *GLARE_WELLS), steps=49, objects=True)
     run = _explain(pcim, yaml)
     shortcuts = run["json"]["shortcuts"]
-    # the hit class: its maps lie on the nuclei. (The DMSO wells' `negative` maps are an absence class's:
-    # docs/shortcuts.md "Limits" says why the verdict may report them.)
+    # the hit class: its maps lie on the nuclei. (The DMSO wells' `negative` maps are judged: this classifier
+    # calls a featureless field mitotic, so its negative calls are not absence calls, and they rest on
+    # background pixels; docs/shortcuts.md "Limits".)
     assert [f for f in shortcuts["findings"] if f["target"] == "mitotic"] == []
     assert "shortcut: mitotic" not in run["stderr"]
     assert shortcuts["judged"]["mitotic"] >= 3  # quiet because nothing is wrong, not because nothing was judged
@@ -90,6 +91,29 @@ def test_the_clean_classifier_on_a_clean_plate_is_quiet(pcim, tmp_path):
     mitotic = table[table["PCIM_Target"] == "mitotic"]
     assert len(mitotic) == 6 and (mitotic["PCIM_Share_OnObjects"] > 0.8).all()
     assert (mitotic["PCIM_Share_Saturated"] == 0).all()  # the demo's images have no flat top
+
+
+@pytest.mark.slow
+def test_a_screen_prints_each_plates_shortcut_verdict(pcim, tmp_path):
+    """`pcim explain a.yaml b.yaml` (a screen): the glare plate's sentences on stderr, named by plate, and
+    each plate's verdict in --json; the clean plate says nothing."""
+    glare = make_plate(tmp_path / "glare", wells=(*GLARE_WELLS, "A01"), steps=49, objects=True,
+                       plate={"name": "GLARE"}, model={"path": "glare.ts"})
+    _glare(tmp_path / "glare")
+    make_model("edge-glare", tmp_path / "glare" / "glare.ts")
+    clean = make_plate(tmp_path / "clean", wells=("A01", "A02"), steps=49, objects=True, plate={"name": "CLEAN"})
+    proc = pcim("explain", str(glare), str(clean), "--json")
+    assert proc.returncode == 0, proc.stderr
+    plates = {p["plate"]: p for p in json.loads(proc.stdout.strip().splitlines()[-1])["plates"]}
+    found = plates["GLARE"]["shortcuts"]["findings"]
+    assert {"off-objects", "border", "saturated"} <= {f["rule"] for f in found}
+    assert all(sorted(f["wells"]) == sorted(GLARE_WELLS) for f in found if f["rule"] != "plate-edge")
+    assert plates["CLEAN"]["shortcuts"]["findings"] == [] and plates["CLEAN"]["shortcuts"]["judged"]["mitotic"] >= 1
+    for f in found:
+        assert f"  plate GLARE: shortcut: {f['sentence']}" in proc.stderr
+    assert "plate CLEAN: shortcut" not in proc.stderr
+    quiet = pcim("explain", str(glare), str(clean), "-q")
+    assert quiet.returncode == 0 and "shortcut:" not in quiet.stderr
 
 
 def test_qc_keys_are_checked_before_anything_runs(pcim, tmp_path):

@@ -49,6 +49,24 @@ def test_the_mean_over_a_wells_fields_decides_and_failed_fits_are_not_judged():
     assert sc.well_means(fields)["mitotic"]["A01"]["background"] == pytest.approx(0.45)
 
 
+def test_a_class_that_survives_the_deletion_of_the_whole_field_is_not_judged():
+    """An absence call (the featureless field keeps >= FULL_KEEP of p(target)) marks what would break the
+    call, not where the class lies: off-object maps of such fields raise nothing."""
+    def neg(well, p, full):
+        f = _f(well, background=0.9, target="negative")
+        f.prob_original, f.prob_full_deleted = p, full
+        return f
+
+    absence = [neg(w, 0.95, 0.9) for w in ("A01", "A02", "A03")]
+    assert all(not f.judged for f in absence)
+    assert sc.decide(absence).findings == [] and sc.decide(absence).judged == {}
+    # just below FULL_KEEP: a call that the deletion of the whole field weakens is judged
+    local = neg("A04", 0.95, 0.95 * sc.FULL_KEEP - 0.01)
+    assert local.judged and sc.decide([*absence, local]).findings[0].wells == ["A04"]
+    # unknown full-deletion probability (a record from before issue 26): judged as before
+    assert neg("A05", 0.95, None).judged
+
+
 def test_each_target_class_is_judged_on_its_own():
     fields = [_f("A01", background=0.9, target="negative"), _f("A02", background=0.9, target="mitotic"),
               _f("A03", target="mitotic")]

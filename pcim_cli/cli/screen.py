@@ -59,6 +59,9 @@ def explain_screen(args: Sequence[str], overrides: Sequence[str], choice: Rerun,
             f"exit {code}" + (f"; screen csv {result.screen_csv}" if result.screen_csv else ""))
     if code or not quiet:
         typer.echo(line, err=True)
+    for p in [] if quiet else result.plates:  # each plate's shortcut verdict, as a one-plate run prints it
+        for f in p.result.shortcuts.findings if p.result is not None and p.result.shortcuts is not None else []:
+            typer.echo(f"  plate {p.name}: shortcut: {f.sentence}", err=True)
     from pcim_cli.errors import unplaced
 
     for p in result.plates:

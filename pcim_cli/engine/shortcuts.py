@@ -4,7 +4,8 @@ Numbers in, findings (data with their sentence) out; no I/O. The numbers are the
 map (engine/shares.py; `PCIM_Share_*` in the CSV): on objects, on the background (off objects), within
 the field border, on saturated pixels, on tile seams. Per target class and well (the mean over the
 well's fields explained for that class; a field whose PCIM_Fit is `failed`, `absent` or
-`no-local-evidence` is not judged: its map does not say what the class rests on):
+`no-local-evidence` is not judged: its map does not say what the class rests on; nor is one whose class
+survives the deletion of the whole field, an absence call: `FieldShares.judged`):
 
 - off objects: more than OFF_OBJECTS of the map lies off the objects (labels or the automatic
   foreground mask);
@@ -28,6 +29,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from pcim_cli.engine.verdict import FULL_KEEP
 
 OFF_OBJECTS = 0.5
 BORDER = 0.4
@@ -81,6 +84,21 @@ class FieldShares:
     shares: dict[str, float | None]  # region -> share of the map
     areas: dict[str, float | None] = field(default_factory=dict)  # region -> share of the field
     fit: str | None = None  # PCIM_Fit: ok | weak | failed | None (methods that fit nothing)
+    #: p(target) of the field and of the fully deleted field (engine/absence.py), when known
+    prob_original: float | None = None
+    prob_full_deleted: float | None = None
+
+    @property
+    def judged(self) -> bool:
+        """Does the verdict judge this map? Not when its fit says it does not show what the class rests
+        on (UNJUDGED_FITS), nor when the class survives the deletion of the whole field (an absence
+        call, e.g. `negative`: the featureless field keeps FULL_KEEP of p(target), so the map marks what
+        would break the call, not where the class lies; measured: every false alarm of the clean
+        models on the evaluation sets was of this kind)."""
+        if self.fit in UNJUDGED_FITS:
+            return False
+        p, full = self.prob_original, self.prob_full_deleted
+        return not (_finite(p) and _finite(full) and p > 0 and full >= FULL_KEEP * p)
 
 
 @dataclass
@@ -104,10 +122,10 @@ def _pct(v: float) -> str:
 
 def well_means(fields: Iterable[FieldShares]) -> dict[str, dict[str, dict[str, float]]]:
     """target -> well -> region -> mean share over the well's judged fields (also `area:<region>`);
-    fields whose PCIM_Fit is in UNJUDGED_FITS are left out."""
+    fields the verdict does not judge (`FieldShares.judged`) are left out."""
     sums: dict[str, dict[str, dict[str, list[float]]]] = {}
     for f in fields:
-        if f.fit in UNJUDGED_FITS:
+        if not f.judged:
             continue
         per = sums.setdefault(f.target, {}).setdefault(f.well, {})
         for region, v in f.shares.items():
@@ -271,7 +289,8 @@ def fields_from_records(records: Iterable[tuple[str, Mapping[str, Any]]]) -> tup
             found = result.get("shares") if isinstance(result, Mapping) else None
             if isinstance(found, Mapping):
                 fields.append(FieldShares(well, site if isinstance(site, int) else 0, target, dict(found),
-                                          dict(qc.get("areas") or {}), result.get("fit") or None))
+                                          dict(qc.get("areas") or {}), result.get("fit") or None,
+                                          result.get("prob_original"), result.get("prob_full_deleted")))
     phrase = phrases.pop() if len(phrases) == 1 else "the objects"
     return fields, phrase, borders.pop() if len(borders) == 1 else None
 

@@ -75,7 +75,8 @@ class PlateOutcome:
                 "store": None if r is None else str(r.store), "csv": None if r is None else str(r.csv),
                 "counts": None if r is None else r.counts, "fitted": 0 if r is None else r.fitted,
                 "failed": [] if r is None else r.failed + r.object_failures,
-                "problems": [] if r is None else r.problems}
+                "problems": [] if r is None else r.problems,
+                "shortcuts": None if r is None or r.shortcuts is None else r.shortcuts.to_dict()}
 
 
 @dataclass
