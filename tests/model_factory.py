@@ -91,8 +91,24 @@ class EdgeGlare(torch.nn.Module):
         return torch.stack([logits[:, 0], logits[:, 1] + boost], dim=1)
 
 
+class FlatIsNegative(torch.nn.Module):
+    """The demo classifier; a featureless field (every channel constant) is `negative` with p ~ 1, so its
+    negative calls are absence calls (the fully deleted field keeps them). The demo classifier itself
+    calls a featureless field `mitotic` (p ~ 0.67)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _demo()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(x)
+        spread = (torch.amax(x, dim=(2, 3)) - torch.amin(x, dim=(2, 3))).sum(dim=1)
+        flat = torch.tensor([10.0, -10.0], dtype=logits.dtype, device=logits.device).expand_as(logits)
+        return torch.where((spread < 1e-6)[:, None], flat, logits)
+
+
 KINDS = {"standardise": Standardise, "batch-std": BatchStd, "always-nan": AlwaysNaN, "only-64": Only64,
-         "edge-glare": EdgeGlare}
+         "edge-glare": EdgeGlare, "flat-is-negative": FlatIsNegative}
 
 
 def make_model(kind: str, path: Path) -> Path:

@@ -29,6 +29,7 @@ import pandas as pd
 import pytest
 import torch
 from cli_runner import run_pcim
+from model_factory import make_model
 from plates import make_plate
 
 from pcim_cli.engine import absence, trivial, verdict
@@ -60,22 +61,6 @@ class CheckerDetector(torch.nn.Module):
         r = torch.nn.functional.conv2d(c, k).abs()
         s = 40.0 * (torch.amax(r, dim=(1, 2, 3)) - 0.6)
         return torch.stack([-s, s], dim=1)
-
-
-class FlatIsNegative(torch.nn.Module):
-    """The demo classifier; a featureless field (every channel constant) is `negative` with p ~ 1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.inner = torch.jit.load(str(DEMO_MODEL))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.inner(x)
-        spread = (torch.amax(x, dim=(2, 3)) - torch.amin(x, dim=(2, 3))).sum(dim=1)
-        flat = torch.tensor([10.0, -10.0], dtype=logits.dtype, device=logits.device).expand_as(logits)
-        return torch.where((spread < 1e-6)[:, None], flat, logits)
 
 
 def _script(module: torch.nn.Module) -> torch.jit.ScriptModule:
@@ -214,7 +199,7 @@ def test_a_stain_that_also_lights_decoys_is_not_as_good_as_a_map_of_the_evidence
 
 
 def _flat_is_negative_plate(tmp_path: Path, **explain) -> Path:
-    _script(FlatIsNegative()).save(str(tmp_path / "flat_is_negative.ts"))
+    make_model("flat-is-negative", tmp_path / "flat_is_negative.ts")
     return make_plate(tmp_path, wells=("A01", "A04", "A05", "B04"), steps=5, model={"path": "flat_is_negative.ts"},
                       explain=explain)
 

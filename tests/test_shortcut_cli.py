@@ -94,6 +94,24 @@ def test_the_clean_classifier_on_a_clean_plate_is_quiet(pcim, tmp_path):
 
 
 @pytest.mark.slow
+def test_absence_calls_are_not_judged(pcim, tmp_path):
+    """The demo classifier, except that a featureless field is `negative`: its negative calls survive the
+    deletion of the whole field (absence calls). Their maps lie off the nuclei as the demo classifier's
+    do, with ok fits, yet the verdict does not judge them: the plate is quiet."""
+    yaml = make_plate(tmp_path, wells=(*MITOTIC_WELLS, *GLARE_WELLS), steps=49, objects=True,
+                      model={"path": "flat.ts"})
+    make_model("flat-is-negative", tmp_path / "flat.ts")
+    run = _explain(pcim, yaml)
+    table = pd.read_csv(tmp_path / "out" / "P1.csv")
+    negative = table[(table["PCIM_Target"] == "negative") & (table["PCIM_Fit"] == "ok")]
+    off = negative.groupby("Metadata_Well")["PCIM_Share_Background"].mean()
+    assert (off > 0.5).sum() >= 2  # what the off-object rule would flag ...
+    shortcuts = run["json"]["shortcuts"]
+    assert shortcuts["findings"] == [] and "shortcut:" not in run["stderr"]  # ... were they judged
+    assert "negative" not in shortcuts["judged"] and shortcuts["judged"]["mitotic"] >= 3
+
+
+@pytest.mark.slow
 def test_a_screen_prints_each_plates_shortcut_verdict(pcim, tmp_path):
     """`pcim explain a.yaml b.yaml` (a screen): the glare plate's sentences on stderr, named by plate, and
     each plate's verdict in --json; the clean plate says nothing."""
