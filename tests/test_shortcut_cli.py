@@ -134,6 +134,35 @@ def test_a_screen_prints_each_plates_shortcut_verdict(pcim, tmp_path):
     assert quiet.returncode == 0 and "shortcut:" not in quiet.stderr
 
 
+def test_changed_qc_settings_measure_the_shares_again_without_a_refit(pcim, tmp_path):
+    """qc changes no map (not part of the fingerprint), but the shares follow it: a rerun with another
+    qc.border, or with the QC turned on for a store made without it, measures the done fields' shares
+    again from their stored maps; nothing is fitted, the maps are untouched."""
+    yaml = make_plate(tmp_path, wells=("A01", "A04"), steps=3, objects=True, qc={"enabled": False})
+    first = _explain(pcim, yaml)
+    assert first["json"]["shortcuts"] is None and first["json"]["fitted"] == 4
+    maps_before = store.read_field(tmp_path / "out" / "P1.zarr", "A01", 0)[0]
+    on = _explain(pcim, yaml, "--set", "qc.enabled=true")
+    assert on["json"]["fitted"] == 0 and on["json"]["shortcuts"] is not None  # (3-step fits: none judged)
+    table = pd.read_csv(tmp_path / "out" / "P1.csv")
+    assert set(SHARES) <= set(table.columns) and table["PCIM_Share_Border"].notna().all()
+    record = store.read_record(tmp_path / "out" / "P1.zarr", "A01", 0)
+    assert record["qc"]["border_px"] == 6 and record["qc"]["objects"]["kind"] == "Nuclei"
+
+    wide = _explain(pcim, yaml, "--set", "qc.enabled=true", "--set", "qc.border=0.25")
+    assert wide["json"]["fitted"] == 0
+    record = store.read_record(tmp_path / "out" / "P1.zarr", "A01", 0)
+    assert record["qc"]["border"] == 0.25 and record["qc"]["border_px"] == 32
+    wider = pd.read_csv(tmp_path / "out" / "P1.csv")
+    assert (wider["PCIM_Share_Border"] >= table["PCIM_Share_Border"] - 1e-6).all()
+    assert (wider["PCIM_Share_Border"] > table["PCIM_Share_Border"] + 0.01).any()
+    assert np.allclose(wider["PCIM_Share_Background"], table["PCIM_Share_Background"], atol=1e-6)
+    np.testing.assert_array_equal(store.read_field(tmp_path / "out" / "P1.zarr", "A01", 0)[0], maps_before)
+    # the same settings again: nothing to measure
+    dry = pcim("explain", str(yaml), "--set", "qc.enabled=true", "--set", "qc.border=0.25", "--dry-run", "--json")
+    assert dry.returncode == 0 and json.loads(dry.stdout.strip().splitlines()[-1])["counts"]["qc"] == 0
+
+
 def test_qc_keys_are_checked_before_anything_runs(pcim, tmp_path):
     yaml = make_plate(tmp_path, wells=("A01",), objects=True, qc={"objects": "Cells"})
     proc = pcim("explain", str(yaml))

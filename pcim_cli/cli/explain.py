@@ -163,6 +163,8 @@ def _print_plan(p, as_json: bool) -> None:
                f"{counts['unusable']} unusable")
     if counts.get("objects"):
         typer.echo(f"{counts['objects']} done fields would get their object tables (re)made from their maps")
+    if counts.get("qc"):
+        typer.echo(f"{counts['qc']} done fields would get their shortcut-QC shares measured again from their maps")
     if estimate is not None and fit:
         typer.echo(f"estimated fitting time on one worker: {estimate / 60:.1f} min (from the fields already done)")
     for f in fit:

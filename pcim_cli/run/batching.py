@@ -138,20 +138,35 @@ class Batcher:
                 rows += self._run(queue)
         return rows
 
-    def refresh_objects(self, files: FieldFiles, x: torch.Tensor) -> list[dict[str, Any]]:
-        """A done field whose object tables need (re)making: measured from its stored map, no fit."""
+    def refresh(self, files: FieldFiles, x: torch.Tensor,
+                saturation: tuple[torch.Tensor, list] | None = None) -> list[dict[str, Any]]:
+        """A done field whose object tables (files.objects_only) or shortcut-QC shares (files.qc_only) need
+        (re)making: measured from its stored map, no fit."""
         task = self.task
+        record = None
         try:
             grid = tiling.plan_tiles(tuple(x.shape[-2:]), task.input_size)
-            if self.forward is None:
-                self.forward = self._fast(tiling.cut(x, grid, range(1))[0])
-            record = objects.refresh_field(
-                Path(task.store_path), task.well, files.index, x, grid, self.forward, self.opts, task.classes,
-                task.channels, label_files=files.objects, label_problems=files.object_problems,
-                top_k=task.top_objects, batch_size=self.batch.value, device=task.device,
-                objects_signature=files.objects_signature, format=task.store_format, aggregate=task.aggregate)
-        except (PcimError, *MODEL_ERRORS) as exc:  # the map stays done; the tables are retried next run
-            logger.warning("%s site %s: object tables not remade: %s", task.well, files.site, exc)
+        except tiling.TileSizeError as exc:
+            logger.warning("%s site %s: not measured again: %s", task.well, files.site, exc)
+            return []
+        if files.objects_only:
+            try:
+                if self.forward is None:
+                    self.forward = self._fast(tiling.cut(x, grid, range(1))[0])
+                record = objects.refresh_field(
+                    Path(task.store_path), task.well, files.index, x, grid, self.forward, self.opts, task.classes,
+                    task.channels, label_files=files.objects, label_problems=files.object_problems,
+                    top_k=task.top_objects, batch_size=self.batch.value, device=task.device,
+                    objects_signature=files.objects_signature, format=task.store_format, aggregate=task.aggregate)
+            except (PcimError, *MODEL_ERRORS) as exc:  # the map stays done; the tables are retried next run
+                logger.warning("%s site %s: object tables not remade: %s", task.well, files.site, exc)
+        if files.qc_only and task.qc is not None:
+            try:
+                record = shortcut_qc.refresh_field(Path(task.store_path), task.well, files.index, x, saturation, grid,
+                                                   task.qc, label_files=files.objects)
+            except PcimError as exc:  # the map stays done; the shares are measured on the next run
+                logger.warning("%s site %s: shortcut QC not measured again: %s", task.well, files.site, exc)
+        if record is None:
             return []
         return summary.rows_from_record(task.plate, task.well, store.field_path(task.well, files.index), record)
 

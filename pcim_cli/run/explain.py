@@ -108,14 +108,17 @@ class Plan:
     wells: dict[str, int] = field(default_factory=dict)  # fields per well found (the store's skeleton)
     objects_refresh: set[str] = field(default_factory=set)  # done fields whose object tables are remade
     dropped: list[rerun.FieldPlan] = field(default_factory=list)  # failed at planning, with a stale map to mark
+    qc_refresh: set[str] = field(default_factory=set)  # done fields whose shortcut-QC shares are measured again
 
     @property
     def counts(self) -> dict[str, int]:
         """Fields per action (run, redo, done, failed, excluded) plus `unusable` (failed at planning) and
-        `objects` (done fields whose object tables are (re)made)."""
+        `objects` (done fields whose object tables are (re)made), `qc` (done fields whose shortcut-QC
+        shares are measured again: the qc settings or the label images changed)."""
         out = {a: sum(f.action == a for f in self.fields) for a in rerun.ACTIONS}
         out["unusable"] = len({(r["well"], r["site"]) for r in self.rows})
         out["objects"] = len(self.objects_refresh)
+        out["qc"] = len(self.qc_refresh)
         return out
 
     @property
@@ -163,8 +166,9 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
     kinds = objects.label_kinds(cfg.plate.objects)
     top_k = cfg.explain.top_objects
     qc = shortcut_qc.qc_task(cfg)
+    qc_sig = None if qc is None else qc.signature()
 
-    fields, tasks, refresh, dropped = [], [], set(), []
+    fields, tasks, refresh, qc_refresh, dropped = [], [], set(), set(), []
     every = sampling.fidelity_every(cfg.explain.fidelity, cfg.explain.fidelity_every, cfg.explain.method)
     ordinal = 0  # the field's number in plate order: which fields get fidelity measures (run/sampling.py)
     for well in wells:
@@ -190,13 +194,16 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             inputs = objects.field_inputs(kinds, well, f.site, top_k, opts)
             only = f.action == "done" and objects.needs_refresh(f.record, inputs["objects_signature"],
                                                                 choice.retry_failed)
-            if f.fitted or only:
+            # the shares follow the qc settings and the label images (no refit: qc changes no map)
+            qc_only = f.action == "done" and qc is not None and (only or shortcut_qc.needs_refresh(f.record, qc_sig))
+            if f.fitted or only or qc_only:
                 src = found[well][f.index]
-                todo.append(FieldFiles(site=f.site, index=f.index, objects_only=only, stat=f.stat,
+                todo.append(FieldFiles(site=f.site, index=f.index, objects_only=only, qc_only=qc_only, stat=f.stat,
                                        files=tuple(str(p) for p in src.files),
                                        zarr=None if src.zarr is None else src.zarr.to_dict(), **inputs,
                                        **sampling.fidelity_flags(first_ordinal + f.index, f.index, every)))
                 refresh |= {f.path} if only else set()
+                qc_refresh |= {f.path} if qc_only else set()
         if not todo:
             continue
         tasks.append(WellTask(
@@ -216,7 +223,7 @@ def plan(cfg: RunConfig, choice: rerun.Rerun | None = None) -> Plan:
             timepoint=cfg.plate.timepoint, package=inv.package,
         ))
     return Plan(fields, tasks, rows, problems, layout, model, print_fp, {w: len(found[w]) for w in wells},
-                refresh, dropped)
+                refresh, dropped, qc_refresh)
 
 
 def preflight(cfg: RunConfig, choice: rerun.Rerun, settings: Settings | None = None) -> ownership.Ownership:
@@ -309,6 +316,9 @@ def _prepare(cfg: RunConfig, p: Plan, owner: ownership.Ownership) -> None:
     if counts["objects"]:
         logger.info("%d done fields get their object tables (re)made from their maps (labels or "
                     "explain.top_objects changed)", counts["objects"])
+    if counts["qc"]:
+        logger.info("%d done fields get their shortcut-QC shares measured again from their maps (the qc "
+                    "settings or the label images changed)", counts["qc"])
 
 
 def _write_results(cfg: RunConfig, p: Plan, rows: list[dict], interrupted: bool) -> RunResult:
@@ -327,7 +337,8 @@ def _write_results(cfg: RunConfig, p: Plan, rows: list[dict], interrupted: bool)
     object_csvs, object_failures = objects.write_tables(store_path, cfg.plate.name, csv_path,
                                                         list(cfg.plate.objects or {}), table)
     removed = objects.remove_stale_tables(csv_path, cfg.plate.name, object_csvs.values())
-    fitted = sum(1 for r in rows if r["status"] == "done" and r["zarr_path"] not in p.objects_refresh)
+    fitted = sum(1 for r in rows if r["status"] == "done"
+                 and r["zarr_path"] not in p.objects_refresh | p.qc_refresh)
     return RunResult(store=store_path, csv=csv_path, summary=table, problems=p.problems, fitted=fitted,
                      interrupted=interrupted, causes=causes, object_csvs=object_csvs,
                      object_failures=object_failures, verdicts=verdicts, removed=removed, shortcuts=report)

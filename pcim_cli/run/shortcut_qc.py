@@ -27,6 +27,7 @@ from pcim_cli.config import RunConfig
 from pcim_cli.engine import shares, shortcuts
 from pcim_cli.errors import PcimError
 from pcim_cli.io import labels as label_io
+from pcim_cli.io import store
 from pcim_cli.io.plate import edge_wells, infer_plate_format
 from pcim_cli.run.task import QcTask
 
@@ -107,11 +108,36 @@ def measure(maps: torch.Tensor, targets: Sequence[str], x: torch.Tensor, saturat
     found = shares.field_shares(per_target, objects, shares.border_mask((h, w), margin), saturated, seams)
     out = {t: {r: (None if v is None else (None if v != v else round(v, 6))) for r, v in found.target(k).items()}
            for k, t in enumerate(targets)}
-    entry = {"objects": source, "border": qc.border, "border_px": margin,
+    entry = {"signature": qc.signature(), "objects": source, "border": qc.border, "border_px": margin,
              "saturation": list(qc.saturation) if isinstance(qc.saturation, tuple) else qc.saturation,
              "saturation_levels": None if levels is None else [None if v is None else float(v) for v in levels],
              "areas": {r: (None if a is None else round(a, 6)) for r, a in found.areas.items()}}
     return out, entry
+
+
+def needs_refresh(record: Mapping[str, Any] | None, signature: str | None) -> bool:
+    """A done field whose shares were measured with other qc settings (or never, or failed): its shares
+    are measured again from the stored map on the next run, without a fit (qc changes no map, so it is
+    not part of the settings fingerprint). signature: the run's `QcTask.signature()`, None with qc off."""
+    if signature is None or record is None:
+        return False
+    entry = record.get("qc")
+    return not isinstance(entry, Mapping) or entry.get("signature") != signature
+
+
+def refresh_field(store_path: Path, well: str, index: int, x: torch.Tensor,
+                  saturation: tuple[torch.Tensor, list[float | None]] | None, tile_grid, qc: QcTask, *,
+                  label_files: Mapping[str, str]) -> dict[str, Any]:
+    """Measure a done field's shares again from the map in the store (no fit); its new record."""
+    maps, _, record = store.read_field(store_path, well, index)
+    if record is None:
+        raise PcimError(f"{well} (store field {index}): no complete map to measure the shortcut QC on; "
+                        "rerun with --force")
+    record = dict(record)
+    measure_into(record, torch.from_numpy(maps), list(record["targets"]), x, saturation, tile_grid, qc,
+                 label_files=label_files, labels={}, where=f"{well} site {record.get('site')}")
+    store.update_record(store_path, well, index, {"qc": record["qc"], "results": record["results"]})
+    return record
 
 
 def update_record(record: dict[str, Any], per_target: Mapping[str, Mapping[str, float | None]],

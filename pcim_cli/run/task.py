@@ -7,6 +7,8 @@ worker (run/worker.py `explain_well`) turns each into summary rows.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import zlib
 from typing import Any
 
@@ -32,6 +34,7 @@ class FieldFiles(BaseModel):
     object_problems: dict[str, str] = {}
     objects_signature: str = ""
     objects_only: bool = False  # a done field whose object tables are (re)made from its stored map
+    qc_only: bool = False  # a done field whose shortcut-QC shares are measured again from its stored map
     zarr: dict[str, Any] | None = None  # an OME-Zarr field: how to read it (io/ome_zarr_plate.ZarrField)
     # explain.fidelity on: this field's maps get their deletion / insertion AUCs (a sample of the plate's
     # fields with explain.fidelity_every > 1), and its stain check (run/sampling.py)
@@ -51,6 +54,11 @@ class QcTask(BaseModel):
     border: float = QC_BORDER_FRACTION
     saturation: str | float | tuple[float | None, ...] | None = "auto"
     clip_at: tuple[float, ...] | None = None  # model.normalize fixed: each channel's max (clipped above)
+
+    def signature(self) -> str:
+        """What a field's shares depend on besides its map and pixels: every setting above. A done field
+        whose record holds another signature has its shares measured again (run/shortcut_qc.py)."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class WellTask(BaseModel):

@@ -98,7 +98,7 @@ def explain_well(task: WellTask) -> list[dict[str, Any]]:
                 except PcimError as exc:
                     rows.append(task_failed_row(task, field, str(exc), "model", inputs))
                     continue
-            rows += (batcher.refresh_objects(field, img) if field.objects_only
+            rows += (batcher.refresh(field, img, saturation) if field.objects_only or field.qc_only
                      else batcher.add(field, img, read_s, inputs, warnings, saturation))
         if batcher is not None:
             rows += batcher.finish()
