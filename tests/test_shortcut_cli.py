@@ -109,6 +109,7 @@ def test_absence_calls_are_not_judged(pcim, tmp_path):
     shortcuts = run["json"]["shortcuts"]
     assert shortcuts["findings"] == [] and "shortcut:" not in run["stderr"]  # ... were they judged
     assert "negative" not in shortcuts["judged"] and shortcuts["judged"]["mitotic"] >= 3
+    assert shortcuts["absence_classes"] == ["negative"]
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ Numbers in, findings (data with their sentence) out; no I/O. The numbers are the
 map (engine/shares.py; `PCIM_Share_*` in the CSV): on objects, on the background (off objects), within
 the field border, on saturated pixels, on tile seams. Per target class and well (the mean over the
 well's fields explained for that class; a field whose PCIM_Fit is `failed`, `absent` or
-`no-local-evidence` is not judged: its map does not say what the class rests on; nor is one whose class
-survives the deletion of the whole field, an absence call: `FieldShares.judged`):
+`no-local-evidence` is not judged: its map does not say what the class rests on; nor are the maps of
+an absence class, one whose fields mostly survive the deletion of the whole field: `absence_classes`):
 
 - off objects: more than OFF_OBJECTS of the map lies off the objects (labels or the automatic
   foreground mask);
@@ -90,15 +90,30 @@ class FieldShares:
 
     @property
     def judged(self) -> bool:
-        """Does the verdict judge this map? Not when its fit says it does not show what the class rests
-        on (UNJUDGED_FITS), nor when the class survives the deletion of the whole field (an absence
-        call, e.g. `negative`: the featureless field keeps FULL_KEEP of p(target), so the map marks what
-        would break the call, not where the class lies; measured: every false alarm of the clean
-        models on the evaluation sets was of this kind)."""
-        if self.fit in UNJUDGED_FITS:
-            return False
+        """Does its fit say what the class rests on? (Not `failed`, `absent`, `no-local-evidence`.)"""
+        return self.fit not in UNJUDGED_FITS
+
+    @property
+    def absence_call(self) -> bool | None:
+        """Does the class survive the deletion of the whole field (the featureless field keeps FULL_KEEP
+        of p(target))? None when unknown (a record from before issue 26)."""
         p, full = self.prob_original, self.prob_full_deleted
-        return not (_finite(p) and _finite(full) and p > 0 and full >= FULL_KEEP * p)
+        if not (_finite(p) and _finite(full) and p > 0):
+            return None
+        return full >= FULL_KEEP * p
+
+
+def absence_classes(fields: Iterable[FieldShares]) -> list[str]:
+    """The target classes that are absence classes on this plate: more than half of their fields (with
+    a known full-deletion probability) are absence calls (`FieldShares.absence_call`). Their maps mark
+    what would break the call, not where the class lies, so the verdict does not judge them. Decided per
+    class, not per field: a classifier that calls a featureless field `mitotic` now and then (a border
+    shortcut did, at p ~ 0.7) keeps its `mitotic` maps judged."""
+    calls: dict[str, list[bool]] = {}
+    for f in fields:
+        if f.absence_call is not None:
+            calls.setdefault(f.target, []).append(f.absence_call)
+    return sorted(t for t, c in calls.items() if 2 * sum(c) > len(c))
 
 
 @dataclass
@@ -107,9 +122,11 @@ class Report:
 
     findings: list[Finding] = field(default_factory=list)
     judged: dict[str, int] = field(default_factory=dict)
+    absence_classes: list[str] = field(default_factory=list)  # not judged: see `absence_classes`
 
     def to_dict(self) -> dict[str, Any]:
-        return {"findings": [f.to_dict() for f in self.findings], "judged": dict(self.judged)}
+        return {"findings": [f.to_dict() for f in self.findings], "judged": dict(self.judged),
+                "absence_classes": list(self.absence_classes)}
 
 
 def _finite(v: Any) -> bool:
@@ -122,10 +139,13 @@ def _pct(v: float) -> str:
 
 def well_means(fields: Iterable[FieldShares]) -> dict[str, dict[str, dict[str, float]]]:
     """target -> well -> region -> mean share over the well's judged fields (also `area:<region>`);
-    fields the verdict does not judge (`FieldShares.judged`) are left out."""
+    fields whose fit the verdict does not judge (`FieldShares.judged`) and the fields of absence classes
+    (`absence_classes`) are left out."""
+    fields = list(fields)
+    absent = set(absence_classes(fields))
     sums: dict[str, dict[str, dict[str, list[float]]]] = {}
     for f in fields:
-        if not f.judged:
+        if not f.judged or f.target in absent:
             continue
         per = sums.setdefault(f.target, {}).setdefault(f.well, {})
         for region, v in f.shares.items():
@@ -244,7 +264,7 @@ def decide(fields: Iterable[FieldShares], edge_wells: Iterable[str] = (), object
             found = _edge_rule(target, region, wells, edge, objects, border_px)
             if found is not None:
                 out.append(found)
-    return Report(out, {t: len(w) for t, w in means.items()})
+    return Report(out, {t: len(w) for t, w in means.items()}, absence_classes(fields))
 
 
 def flagged_wells(findings: Iterable[Finding]) -> dict[str, list[str]]:
