@@ -196,6 +196,17 @@ def summary_table(flagged: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def class_table(flagged: pd.DataFrame) -> pd.DataFrame:
+    """The clean models' false alarms per predicted class (pcim, nuclei labels): which class raises them."""
+    d = flagged[(flagged.method == "pcim") & (flagged.objects == "labels") & ~flagged.model.str.startswith("shortcut")
+                & (flagged.truth == "clean")]
+    out = []
+    for (arch, model, pred), g in d.groupby(["arch", "model", "pred"]):
+        out.append({"arch": arch, "clean model": model, "class": pred, "fields": len(g),
+                    "flagged": float(g.flagged.mean())})
+    return pd.DataFrame(out)
+
+
 def markdown(table: pd.DataFrame) -> str:
     """A markdown table (floats to 2 decimals) without the optional `tabulate` dependency."""
     cells = [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
@@ -222,7 +233,8 @@ def analyse() -> str:
     lines = ["# Shortcut QC on the shortcut evaluation sets", "",
              "Recall: share of `shortcut` fields (the call changes without the artefact) whose well is flagged; "
              "false alarms: share of `clean` fields (no artefact, or the call does not depend on it) flagged.", "",
-             markdown(table), "", "## Plates (findings)", ""]
+             markdown(table), "", "## The clean models' false alarms per class", "",
+             markdown(class_table(flagged)), "", "## Plates (findings)", ""]
     for p in plates:
         if p["method"] != "pcim":
             continue
