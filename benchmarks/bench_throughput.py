@@ -125,7 +125,9 @@ def explain_in_process(plate: Path, out: Path, overrides: list[str]) -> dict:
     done = result.summary[result.summary["PCIM_Status"] == "done"]
     return {"wall_s": wall, "cpu_s": cpu, "maps": len(done), "exit": result.exit_code,
             "wall_per_map": wall / max(1, len(done)), "cpu_per_map": cpu / max(1, len(done)),
-            "fidelity_maps": int(done["PCIM_DeletionAUC"].notna().sum())}
+            "fidelity_maps": int(done["PCIM_DeletionAUC"].notna().sum()),
+            "statuses": result.summary["PCIM_Status"].value_counts().to_dict(),
+            "errors": sorted(set(result.summary["PCIM_Error"].dropna().astype(str)) - {""})[:3]}
 
 
 def bench_sets(names: list[str], fields: int, per_image: int) -> list[dict]:
@@ -249,7 +251,11 @@ def bench_bound(names: list[str], per_image: int) -> list[dict]:
             run = explain_in_process(plate, root / "pi", [])
             after = bound()
             per_map = (before + after) / 2 / 2  # a bound per well of 2 fields
-            rows.append({"set": set_name, "maps": run["maps"], "channels_last": nhwc, "bound_cpu_per_map": per_map,
+            if run["maps"] == 0:  # a ratio of nothing: say why instead
+                print(f"bound: {set_name}: the run made no map (exit {run['exit']}): {run['statuses']} "
+                      f"{run['errors']}", file=sys.stderr, flush=True)
+            rows.append({"set": set_name, "maps": run["maps"], "exit": run["exit"], "errors": run["errors"],
+                         "channels_last": nhwc, "bound_cpu_per_map": per_map,
                          "run_cpu_per_map": run["cpu_per_map"], "ratio": run["cpu_per_map"] / per_map,
                          "bound_before_after": [before, after]})
             print(f"bound: {set_name}: {rows[-1]['ratio']:.3f}x", file=sys.stderr, flush=True)

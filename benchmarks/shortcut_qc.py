@@ -140,8 +140,7 @@ def _fields(df: pd.DataFrame, objects: str = "labels") -> list[shortcuts.FieldSh
         out.append(shortcuts.FieldShares(r.well, 1, r.pred, {"background": getattr(r, bg), "border": r.share_border,
                                                               "saturated": r.share_saturated},
                                          {"border": r.area_border, "saturated": r.area_saturated},
-                                         fit=r.fit if isinstance(r.fit, str) and r.fit else None,
-                                         prob_original=r.p_pred, prob_full_deleted=r.p_full))
+                                         fit=r.fit if isinstance(r.fit, str) and r.fit else None))
     return out
 
 

@@ -41,35 +41,13 @@ def test_off_object_wells_are_named_most_off_first():
                                         "objects: B05, A04")
 
 
-def test_the_mean_over_a_wells_fields_decides_and_failed_fits_are_not_judged():
+def test_the_mean_over_a_wells_fields_decides_and_absent_maps_are_not_judged():
     fields = [_f("A01", background=0.9), _f("A01", background=0.0, site=2),  # mean 0.45: not flagged
-              _f("A02", background=0.9, fit="failed"), _f("A03", background=0.6)]
+              _f("A02", background=0.9, fit="absent"), _f("A04", background=0.9, fit="no-local-evidence"),
+              _f("A03", background=0.6), _f("A05", background=0.8, fit="failed")]  # failed maps are judged
     found = sc.decide(fields).findings
-    assert found[0].wells == ["A03"] and found[0].judged == 2
+    assert found[0].wells == ["A05", "A03"] and found[0].judged == 3
     assert sc.well_means(fields)["mitotic"]["A01"]["background"] == pytest.approx(0.45)
-
-
-def test_an_absence_class_is_not_judged():
-    """A class whose fields mostly survive the deletion of the whole field (the featureless field keeps
-    >= FULL_KEEP of p(target)) is an absence class: its off-object maps raise nothing. Decided per class:
-    a minority of such fields in a class does not exempt them."""
-    def f(well, target, p, full, background=0.9):
-        out = _f(well, background=background, target=target)
-        out.prob_original, out.prob_full_deleted = p, full
-        return out
-
-    negative = [f(w, "negative", 0.95, 0.9) for w in ("A01", "A02", "A03")]
-    assert all(x.absence_call and x.judged for x in negative)
-    report = sc.decide(negative)
-    assert report.findings == [] and report.judged == {} and report.absence_classes == ["negative"]
-    assert report.to_dict()["absence_classes"] == ["negative"]
-    # mitotic: one field of three survives the deletion of everything; the class is judged, that field too
-    mitotic = [f("B01", "mitotic", 0.9, 0.8), f("B02", "mitotic", 0.9, 0.1), f("B03", "mitotic", 0.9, 0.1, 0.1)]
-    found = sc.decide([*negative, *mitotic]).findings
-    assert [(x.target, sorted(x.wells)) for x in found] == [("mitotic", ["B01", "B02"])]
-    # unknown full-deletion probabilities (records from before issue 26): judged as before
-    assert sc.absence_classes([f("C01", "negative", 0.95, None)]) == []
-    assert f("C01", "negative", 0.95, None).absence_call is None
 
 
 def test_each_target_class_is_judged_on_its_own():
@@ -130,4 +108,4 @@ def test_the_report_counts_the_wells_judged_per_class():
               _f("A03", target="negative", fit="no-local-evidence"), _f("A04"), _f("A04", site=2)]
     report = sc.decide(fields)
     assert report.judged == {"negative": 1, "mitotic": 1}
-    assert report.to_dict() == {"findings": [], "judged": {"negative": 1, "mitotic": 1}, "absence_classes": []}
+    assert report.to_dict() == {"findings": [], "judged": {"negative": 1, "mitotic": 1}}

@@ -181,8 +181,9 @@ def model(name: str, arch: str = "maxpool"):
 
 def small_model(kind: str, n_train: int = 480, epochs: int = 6, seed: int = 0):
     """A fast shortcut model for tests: the demo's DemoNet trained (not cached, about 50 s on one thread)
-    on n_train fields where `kind` marks `mitotic` (with 240 fields and 4 epochs it stays unsure, p ~ 0.7,
-    and a featureless field keeps most of that: PCIM_Fit calls most of its maps no-local-evidence). Its clean counterpart is the bundled
+    on n_train fields where `kind` marks `mitotic` (with 240 fields and 4 epochs it stays unsure,
+    p ~ 0.7, and a featureless field keeps most of that: PCIM_Fit calls most of its maps
+    no-local-evidence). Its clean counterpart is the bundled
     sample_plates/demo/classifier.ts (the same architecture trained on the demo's clean fields)."""
     dm = C.demo_module()
     with C.deterministic_torch(seed):

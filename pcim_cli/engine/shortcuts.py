@@ -3,9 +3,8 @@
 Numbers in, findings (data with their sentence) out; no I/O. The numbers are the shares of each field's
 map (engine/shares.py; `PCIM_Share_*` in the CSV): on objects, on the background (off objects), within
 the field border, on saturated pixels, on tile seams. Per target class and well (the mean over the
-well's fields explained for that class; a field whose PCIM_Fit is `failed`, `absent` or
-`no-local-evidence` is not judged: its map does not say what the class rests on; nor are the maps of
-an absence class, one whose fields mostly survive the deletion of the whole field: `absence_classes`):
+well's fields explained for that class; a field whose PCIM_Fit is `absent` or `no-local-evidence` is
+not judged: no local region carries the class; `failed` maps are, see UNJUDGED_FITS):
 
 - off objects: more than OFF_OBJECTS of the map lies off the objects (labels or the automatic
   foreground mask);
@@ -30,8 +29,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pcim_cli.engine.verdict import FULL_KEEP
-
 OFF_OBJECTS = 0.5
 BORDER = 0.4
 SATURATED = 0.25
@@ -41,9 +38,12 @@ EDGE_RATIO = 2.0
 EDGE_DIFFERENCE = 0.1
 EDGE_P = 0.01
 EDGE_MIN_WELLS = 3
-#: PCIM_Fit labels whose maps are not judged: deleting them did not remove the class, the class was not
-#: called (absent), or no local region carries it (engine/budget.py)
-UNJUDGED_FITS = frozenset({"failed", "absent", "no-local-evidence"})
+#: PCIM_Fit labels whose maps are not judged: the class was not called (absent), or no local region
+#: carries it. `failed` maps are judged: deleting them did not remove the class (evidence larger than the
+#: budget, e.g. a border band), but they lie where the classifier looks: on the evaluation sets judging
+#: them raised recall from 0.22-0.65 to 0.84-1.00 on border and debris shortcuts, while the clean
+#: models' hit-class maps stayed quiet (benchmarks/shortcut_qc.py; docs/shortcuts.md)
+UNJUDGED_FITS = frozenset({"absent", "no-local-evidence"})
 LISTED = 12  # wells named in a sentence; the finding keeps them all
 
 #: region -> (rule name, threshold, what "more than X of the map lies ..." says)
@@ -84,36 +84,6 @@ class FieldShares:
     shares: dict[str, float | None]  # region -> share of the map
     areas: dict[str, float | None] = field(default_factory=dict)  # region -> share of the field
     fit: str | None = None  # PCIM_Fit: ok | weak | failed | None (methods that fit nothing)
-    #: p(target) of the field and of the fully deleted field (engine/absence.py), when known
-    prob_original: float | None = None
-    prob_full_deleted: float | None = None
-
-    @property
-    def judged(self) -> bool:
-        """Does its fit say what the class rests on? (Not `failed`, `absent`, `no-local-evidence`.)"""
-        return self.fit not in UNJUDGED_FITS
-
-    @property
-    def absence_call(self) -> bool | None:
-        """Does the class survive the deletion of the whole field (the featureless field keeps FULL_KEEP
-        of p(target))? None when unknown (a record from before issue 26)."""
-        p, full = self.prob_original, self.prob_full_deleted
-        if not (_finite(p) and _finite(full) and p > 0):
-            return None
-        return full >= FULL_KEEP * p
-
-
-def absence_classes(fields: Iterable[FieldShares]) -> list[str]:
-    """The target classes that are absence classes on this plate: more than half of their fields (with
-    a known full-deletion probability) are absence calls (`FieldShares.absence_call`). Their maps mark
-    what would break the call, not where the class lies, so the verdict does not judge them. Decided per
-    class, not per field: a classifier that calls a featureless field `mitotic` now and then (a border
-    shortcut did, at p ~ 0.7) keeps its `mitotic` maps judged."""
-    calls: dict[str, list[bool]] = {}
-    for f in fields:
-        if f.absence_call is not None:
-            calls.setdefault(f.target, []).append(f.absence_call)
-    return sorted(t for t, c in calls.items() if 2 * sum(c) > len(c))
 
 
 @dataclass
@@ -122,11 +92,9 @@ class Report:
 
     findings: list[Finding] = field(default_factory=list)
     judged: dict[str, int] = field(default_factory=dict)
-    absence_classes: list[str] = field(default_factory=list)  # not judged: see `absence_classes`
 
     def to_dict(self) -> dict[str, Any]:
-        return {"findings": [f.to_dict() for f in self.findings], "judged": dict(self.judged),
-                "absence_classes": list(self.absence_classes)}
+        return {"findings": [f.to_dict() for f in self.findings], "judged": dict(self.judged)}
 
 
 def _finite(v: Any) -> bool:
@@ -139,13 +107,10 @@ def _pct(v: float) -> str:
 
 def well_means(fields: Iterable[FieldShares]) -> dict[str, dict[str, dict[str, float]]]:
     """target -> well -> region -> mean share over the well's judged fields (also `area:<region>`);
-    fields whose fit the verdict does not judge (`FieldShares.judged`) and the fields of absence classes
-    (`absence_classes`) are left out."""
-    fields = list(fields)
-    absent = set(absence_classes(fields))
+    fields whose PCIM_Fit is in UNJUDGED_FITS are left out."""
     sums: dict[str, dict[str, dict[str, list[float]]]] = {}
     for f in fields:
-        if not f.judged or f.target in absent:
+        if f.fit in UNJUDGED_FITS:
             continue
         per = sums.setdefault(f.target, {}).setdefault(f.well, {})
         for region, v in f.shares.items():
@@ -264,7 +229,7 @@ def decide(fields: Iterable[FieldShares], edge_wells: Iterable[str] = (), object
             found = _edge_rule(target, region, wells, edge, objects, border_px)
             if found is not None:
                 out.append(found)
-    return Report(out, {t: len(w) for t, w in means.items()}, absence_classes(fields))
+    return Report(out, {t: len(w) for t, w in means.items()})
 
 
 def flagged_wells(findings: Iterable[Finding]) -> dict[str, list[str]]:
@@ -309,8 +274,7 @@ def fields_from_records(records: Iterable[tuple[str, Mapping[str, Any]]]) -> tup
             found = result.get("shares") if isinstance(result, Mapping) else None
             if isinstance(found, Mapping):
                 fields.append(FieldShares(well, site if isinstance(site, int) else 0, target, dict(found),
-                                          dict(qc.get("areas") or {}), result.get("fit") or None,
-                                          result.get("prob_original"), result.get("prob_full_deleted")))
+                                          dict(qc.get("areas") or {}), result.get("fit") or None))
     phrase = phrases.pop() if len(phrases) == 1 else "the objects"
     return fields, phrase, borders.pop() if len(borders) == 1 else None
 

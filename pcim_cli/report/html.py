@@ -146,11 +146,6 @@ def _shortcut_section(picture: Any) -> list[str]:
     judged = ", ".join(f"{t}: {n} wells" for t, n in picture.report.judged.items()) or "no well"
     lines = ([f'<p class="failed">shortcut: {html.escape(f.sentence)}</p>' for f in findings] if findings else
              [f'<p class="note">Shortcut QC: nothing suspicious (judged {html.escape(judged)}).</p>'])
-    absent = getattr(picture.report, "absence_classes", [])
-    if absent:
-        lines.append(f'<p class="note">Not judged: {html.escape(", ".join(absent))}, absence classes (the '
-                     'featureless field keeps the call in most fields, so their maps mark what would break it, '
-                     'not where the class lies).</p>')
     return ["<h2>Where does the classifier look? (shortcut QC)</h2>", *lines,
             f'<img class="montage" src="{html.escape(picture.path.name)}" alt="shortcut QC per well">']
 
