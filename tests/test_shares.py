@@ -77,6 +77,20 @@ def test_object_mask_is_the_dilated_union_of_labels():
     assert torch.equal(shares.object_mask(lab, dilate=0), lab > 0)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (9, 4), (64, 64), (33, 130)])
+@pytest.mark.parametrize("radius", [0, 1, 2, 3, 8])
+def test_dilation_and_erosion_are_the_square_max_and_min_filters(shape, radius):
+    """The row-then-column passes give the (2r+1)^2 square filter exactly, at every edge and size."""
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(radius)) > 0.9
+    k = 2 * radius + 1
+
+    def square_max(m: torch.Tensor) -> torch.Tensor:  # the 2-D reference (outside: background)
+        return torch.nn.functional.max_pool2d(m.float()[None, None], k, stride=1, padding=radius)[0, 0] > 0
+
+    assert torch.equal(shares._dilate(mask, radius), square_max(mask))
+    assert torch.equal(shares._erode(mask, radius), ~square_max(~mask))  # outside counts as foreground
+
+
 def test_seam_mask_of_a_tiled_field():
     grid = tiling.plan_tiles((176, 176), (64, 64))  # 3 x 3 tiles starting at 0, 56, 112
     assert grid.starts_y == (0, 56, 112)

@@ -189,11 +189,17 @@ def saturated_mask(raw: torch.Tensor, levels: Sequence[float | None]) -> torch.T
 
 
 def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary dilation by a (2r+1)^2 square."""
-    if radius <= 0:
-        return mask.bool()
-    m = mask.to(torch.float32)[None, None]
-    return F.max_pool2d(m, 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
+    """Binary dilation by a (2r+1)^2 square (pixels outside the field count as background): the OR of
+    the mask shifted by up to r pixels along the rows, then along the columns (the square is the product
+    of the two segments, so this is the 2-D dilation exactly, at 4r boolean passes)."""
+    out = mask.bool().clone()
+    for dim in (-2, -1):
+        src = out.clone()
+        n = out.shape[dim]
+        for s in range(1, min(radius, n - 1) + 1):
+            out.narrow(dim, s, n - s).logical_or_(src.narrow(dim, 0, n - s))
+            out.narrow(dim, 0, n - s).logical_or_(src.narrow(dim, s, n - s))
+    return out
 
 
 def _erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
