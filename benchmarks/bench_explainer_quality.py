@@ -43,7 +43,8 @@ from evalsets.tiled import TiledModel  # noqa: E402
 from pcim_cli.engine import explainer as ex  # noqa: E402
 from pcim_cli.engine import metrics  # noqa: E402
 from pcim_cli.engine.pcim import PcimOptions  # noqa: E402
-from pcim_cli.report import evaluate  # noqa: E402
+from pcim_cli.report import evaluate as report_evaluate  # noqa: E402
+from pcim_cli.run import evaluate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,9 +60,9 @@ class Tempered(torch.nn.Module):
         return self.net(x) * self.t
 
 
-def train(model, images, n_classes, opts, steps, crop) -> tuple[torch.nn.Module, float]:
+def train(model, images, n_classes, opts, steps, crop, seed=0) -> tuple[torch.nn.Module, float]:
     t0 = time.perf_counter()
-    trainer = ex.Trainer(model, images, n_classes, opts, ex.TrainOptions(steps=steps), crop=crop)
+    trainer = ex.Trainer(model, images, n_classes, opts, ex.TrainOptions(steps=steps, seed=seed), crop=crop)
     for _ in range(steps):
         trainer.step()
     return trainer.net.eval(), time.perf_counter() - t0
@@ -71,13 +72,13 @@ def run_set(set_name: str, args) -> tuple[pd.DataFrame, dict]:
     spec = dict(SETS[set_name])
     data = evalsets.load(spec.pop("name"), n=args.n, **spec)
     model, x, target, tile = data["model"], data["x"], data["target"], data.get("tile")
-    fields = [evaluate._Field("-", i, x[i], data["mask"][i]) for i in range(len(x))]
+    fields = [evaluate.EvalField("-", i, x[i], data["mask"][i]) for i in range(len(x))]
     scorer = TiledModel(model, tile) if tile is not None else model
     opts = PcimOptions()
     crop = tile or tuple(x.shape[-2:])
     k = len(data["classes"])
-    net, secs = train(model, list(amortised.training_images(set_name, args.train_n)), k, opts, args.train_steps, crop)
-    own, own_secs = train(model, list(x), k, opts, args.train_steps, crop)
+    net, secs = train(model, list(amortised.training_images(set_name, args.train_n)), k, opts, args.train_steps, crop, args.seed)
+    own, own_secs = train(model, list(x), k, opts, args.train_steps, crop, args.seed)
     info = {"set": set_name, "model": data["name"], "fields": len(x), "train_steps": args.train_steps,
             "train_seconds": round(secs, 1), "own_train_seconds": round(own_secs, 1)}
     methods = [(f"per-image default ({opts.steps} steps)", "pcim", opts, None),
@@ -91,24 +92,26 @@ def run_set(set_name: str, args) -> tuple[pd.DataFrame, dict]:
         t1 = time.process_time()
         maps = amortised.maps_of(model, x, target, method, o, args.batch, explainer, tile)
         cpu = (time.process_time() - t1) / len(x)
-        scores, _ = evaluate._score(scorer, x, target, maps, fields)
+        scores, _ = evaluate.score_maps(scorer, x, target, maps, fields)
         fine = metrics.perturbation_curve(scorer, x, maps, target, "deletion", fractions=amortised.FINE)
         scores["deletion_2pct"] = metrics.curve_auc(fine, amortised.FINE).tolist()
         rows += [{"method": label, **{k2: v[i] for k2, v in scores.items()}, "s_per_map": cpu} for i in range(len(x))]
         print(f"{set_name}: {label}: {cpu:.3f} CPU s/map", file=sys.stderr, flush=True)
-    return evaluate._table(pd.DataFrame(rows), [m[0] for m in methods]), info
+    return evaluate.mean_table(pd.DataFrame(rows), [m[0] for m in methods]), info
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", default="demo,nuclei-resnet,ihc")
     ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--train-steps", type=int, default=ex.TrainOptions().steps, help="as `pcim train-explainer`")
     ap.add_argument("--train-n", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0, help="the explainers' training seed (initial weights, crops)")
+    ap.add_argument("--out", default="bench_explainer_quality.json", help="file name under benchmarks/results")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     RESULTS.mkdir(parents=True, exist_ok=True)
     report: dict = {"settings": vars(args), "sets": {}}
     for name in args.sets.split(","):
@@ -116,8 +119,8 @@ def main() -> None:
         report["sets"][name] = {**info, "table": json.loads(table.to_json(orient="records"))}
         print(f"\n**{name}** ({info['model']}, {info['fields']} fields; explainers trained {info['train_steps']} "
               f"steps: {info['train_seconds']:.0f} s, on these fields {info['own_train_seconds']:.0f} s)\n", flush=True)
-        print(evaluate.markdown_table(table), flush=True)
-        (RESULTS / "bench_explainer_quality.json").write_text(json.dumps(report, indent=1, default=str))
+        print(report_evaluate.markdown_table(table), flush=True)
+        (RESULTS / args.out).write_text(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from toy_models import BLOCK, BlockReader, block_mass, toy_images
 
 from pcim_cli.engine import mixing
-from pcim_cli.engine.pcim import FastForward, PcimOptions, fit_pcim, target_log_probs
+from pcim_cli.engine.pcim import FastForward, PcimOptions, fit_pcim, input_noise, target_log_probs
 
 
 class SmallCNN(torch.nn.Module):
@@ -202,6 +202,21 @@ def test_kept_and_deleted_images_go_through_the_model_as_one_batch_bit_for_bit()
     kept = mixing.compose(x, m, mixing.substrate(x, FAST.keep_substrate, FAST.blur_sigma))
     deleted = mixing.compose(x, 1 - m.clamp(max=1.0), mixing.substrate(x, FAST.delete_substrate, FAST.blur_sigma))
     assert torch.equal(first, torch.cat([kept, deleted]))
+
+
+def test_with_input_noise_both_halves_of_the_batch_hold_the_same_noisy_image():
+    model = Recorder()
+    x = toy_images(3)
+    opts = dataclasses.replace(FAST, steps=1, init="zero", noise=0.05)
+    fit_pcim(model, x, torch.ones(3, dtype=torch.long), opts)
+    first = model.seen[1]
+    noisy = x + input_noise(x.shape, opts.seed + torch.arange(3), 0, opts.noise, x.device, x.dtype)
+    w = torch.zeros(mixing.weight_shape(x.shape, FAST.per_channel, FAST.resolution))
+    m = mixing.upsample(mixing.mixing_weights(w, FAST.budget), (32, 32))
+    kept = mixing.compose(noisy, m, mixing.substrate(x, FAST.keep_substrate, FAST.blur_sigma))
+    deleted = mixing.compose(noisy, 1 - m.clamp(max=1.0), mixing.substrate(x, FAST.delete_substrate, FAST.blur_sigma))
+    assert torch.equal(first, torch.cat([kept, deleted]))
+    assert not torch.equal(first[:3], mixing.compose(x, m, mixing.substrate(x, FAST.keep_substrate, FAST.blur_sigma)))
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])

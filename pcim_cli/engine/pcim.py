@@ -154,7 +154,7 @@ class FrozenModel:
         return False
 
 
-def _noise(shape, seeds: torch.Tensor, step: int, std: float, device, dtype) -> torch.Tensor:
+def input_noise(shape, seeds: torch.Tensor, step: int, std: float, device, dtype) -> torch.Tensor:
     """Input noise drawn per image from (its seed, step), so it does not depend on the batch; drawn on the
     device (no host-to-device copy per step on a GPU)."""
     out = torch.empty(shape, dtype=dtype, device=device)
@@ -270,13 +270,17 @@ def _fit_rows(model: Forward, x: torch.Tensor, target: torch.Tensor, seeds: torc
         m_low = mixing.mixing_weights(w_a, None if budgets is None else budgets[idx])
         m = mixing.upsample(m_low, (h, wd))
         noisy = opts.noise > 0 and step is not None
-        if with_deleted and keep_sub is not None and not noisy:
-            # both halves in one pass, with the same per-pixel arithmetic as two mixing.compose calls
+        if with_deleted and keep_sub is not None:
+            # both halves in one pass, with the same per-pixel arithmetic as two mixing.compose calls (the
+            # same noisy image in both halves)
             x2, sub2 = pairs(idx)
+            if noisy:
+                e = input_noise((idx.numel(), *x.shape[1:]), seeds[idx.cpu()], step, opts.noise, x.device, x.dtype)
+                x2 = x2 + torch.cat([e, e])
             return m_low, mixing.compose(x2, torch.cat([m, 1 - m.clamp(max=1.0)]), sub2)
         xa = x[idx]
         if noisy:
-            xa = xa + _noise(xa.shape, seeds[idx.cpu()], step, opts.noise, x.device, x.dtype)
+            xa = xa + input_noise(xa.shape, seeds[idx.cpu()], step, opts.noise, x.device, x.dtype)
         kept = mixing.compose(xa, m, None if keep_sub is None else keep_sub[idx])
         if not with_deleted:
             return m_low, kept
