@@ -175,30 +175,37 @@ def test_compute_threads_through_the_cli(tmp_path: Path) -> None:
     assert "compute.threads" in bad.stderr and "'auto' or a positive whole number" in bad.stderr
 
 
-def test_a_run_without_fit_steps_times_its_model_calls_and_decides() -> None:
-    """pcim-amortised without refine calls the model forward only: the probe times those calls (per shape,
-    alternating n threads and one after a warm-up at one) and decides, instead of never deciding (which left
-    such runs at n threads, the count that collapses beside other CPU work)."""
+@pytest.mark.parametrize(("well_s", "expected"), [({2: 3.0, 1: 1.0}, 1), ({2: 1.0, 1: 1.6}, 2),
+                                                   ({2: 1.0, 1: 1.1}, 1)])
+def test_a_run_without_fit_steps_times_whole_wells_and_decides(well_s, expected) -> None:
+    """pcim-amortised without refine calls the model forward only: the probe times whole wells of the
+    process (a probe per well, as a worker makes them: from one well's first model call to the next's),
+    alternating n threads and one after a warm-up well at one, and keeps n only when clearly faster."""
     model = _Conv().eval()
     before = torch.get_num_threads()
+    now = [0.0]
+    counts: list[int] = []
     try:
         threads.apply(2, auto=True)
-        probe = threads.probing(model, "cpu", steps=False)
-        assert isinstance(probe, threads.CallProbe)
-        x, other = torch.rand(4, 3, 32, 32), torch.rand(2, 3, 16, 16)
-        with torch.no_grad():
-            for i in range(40):  # a call of another shape first (a field's prediction), then a batch's calls
-                batch = other if i == 0 else x
-                torch.testing.assert_close(probe(batch), model(batch))
-                if probe.done:
-                    break
-        assert probe.done
-        assert len(probe.timings[tuple(other.shape)][1]) == 1  # timed per shape: its warm-up only
-        timed = probe.timings[tuple(x.shape)]
-        assert len(timed[1]) == len(timed[2]) + 1 and 1 <= len(timed[2]) <= threads.PROBE_ROUNDS
-        chosen = torch.get_num_threads()
-        assert chosen == threads.decide({2: timed[2], 1: timed[1][1:]})
-        assert threads.probing(model, "cpu", steps=False) is model  # decided for this process
+        x = torch.rand(2, 3, 16, 16)
+        for _ in range(10):
+            probe = threads.probing(model, "cpu", clock=lambda: now[0], steps=False)
+            if probe is model:  # decided: later wells get the model itself
+                break
+            assert isinstance(probe, threads.WellProbe)
+            with torch.no_grad():
+                for _ in range(3):  # a well's calls: the count is set at its first
+                    torch.testing.assert_close(probe(x), model(x))
+            counts.append(torch.get_num_threads())
+            if probe.done:
+                break
+            now[0] += well_s[counts[-1]]  # the well's work at the count it ran with
+        assert counts[:3] == [1, 2, 1] and counts[-1] == expected == torch.get_num_threads()
+        timed = len(counts) - 1  # the last probe decided at its well's start
+        assert 3 <= timed <= 1 + 2 * threads.PROBE_ROUNDS
+        assert threads.probing(model, "cpu", clock=lambda: now[0], steps=False) is model  # decided
+        now[0] += threads.REPROBE_S + 1
+        assert isinstance(threads.probing(model, "cpu", clock=lambda: now[0], steps=False), threads.WellProbe)
     finally:
         threads.apply(None, False)
         torch.set_num_threads(before)

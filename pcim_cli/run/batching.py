@@ -420,7 +420,7 @@ FORWARD_ONLY = ("occlusion", "rise", "intensity", "contrast")
 
 def _makes_steps(task: WellTask, opts: PcimOptions) -> bool:
     """Does the method make fit steps (calls with gradients, repeated) for the thread probe to time? If not,
-    the probe times the model's calls themselves (run/threads.py CallProbe)."""
+    the probe times whole wells (run/threads.py WellProbe)."""
     if task.method == "pcim-amortised":
         return opts.refine_steps > 0
     return task.method not in FORWARD_ONLY

@@ -12,7 +12,8 @@ machine only as many as pay.
   (`threads_per_process`). When that leaves more than one thread on a CPU, the first fit steps of the
   process are timed alternately at that many threads and at one (`ThreadProbe`, no extra work: the
   probe times the fit's own steps), and the faster count is kept; more threads only when clearly faster
-  (`MARGIN`), since a thread that does not pay is taken from the other jobs on the node. The probe
+  (`MARGIN`), since a thread that does not pay is taken from the other jobs on the node. Work without
+  fit steps (pcim-amortised, occlusion, ...) times whole wells instead (`WellProbe`). The probe
   is repeated after `REPROBE_S` seconds, as the load of a shared node changes.
 
 The functions take their sources as arguments (environment, cgroup and proc paths, affinity), so tests
@@ -192,9 +193,10 @@ class _Policy:
         self.auto = False
         self.decided_at: float | None = None
         self.chosen: int | None = None
-        # CallProbe's timings, kept for the process: a worker makes a probe per well, and a well of a few
-        # fields has too few calls of one shape to decide alone
-        self.call_timings: dict[tuple[int, ...], dict[int, list[float]]] = {}
+        # WellProbe's timings, kept for the process (a worker makes a probe per well): seconds per well
+        # at each thread count, and the well being timed (its start, its count)
+        self.well_timings: dict[int, list[float]] = {}
+        self.well_open: tuple[float, int] | None = None
 
 
 _POLICY = _Policy()
@@ -208,7 +210,7 @@ def apply(threads: int | None, auto: bool) -> None:
         return
     if (_POLICY.cap, _POLICY.auto) != (threads, auto):
         _POLICY.cap, _POLICY.auto, _POLICY.decided_at, _POLICY.chosen = threads, auto, None, None
-        _POLICY.call_timings = {}
+        _POLICY.well_timings, _POLICY.well_open = {}, None
     current = _POLICY.chosen if _POLICY.chosen is not None else threads
     if torch.get_num_threads() != current:
         torch.set_num_threads(current)
@@ -220,14 +222,14 @@ def probing(forward: Callable[[torch.Tensor], torch.Tensor], device: str,
     """`forward`, wrapped in a probe when this process's policy wants a (new) decision on a CPU.
 
     steps: the work makes fit steps (calls with gradients): time them (ThreadProbe); False for methods
-    that only call the model forward (pcim-amortised without refine steps, occlusion, ...): time those
-    calls themselves (CallProbe).
+    that only call the model forward (pcim-amortised without refine steps, occlusion, ...): time whole
+    wells (WellProbe).
     """
     p = _POLICY
     due = p.decided_at is None or clock() - p.decided_at > REPROBE_S
     if not p.auto or p.cap is None or p.cap <= 1 or not str(device).startswith("cpu") or not due:
         return forward
-    return ThreadProbe(forward, p.cap, clock=clock) if steps else CallProbe(forward, p.cap, clock=clock)
+    return ThreadProbe(forward, p.cap, clock=clock) if steps else WellProbe(forward, p.cap, clock=clock)
 
 
 def _keep(chosen: int, timings: Mapping[int, list[float]], n: int, what: str, clock: Callable[[], float]) -> None:
@@ -296,16 +298,19 @@ class ThreadProbe(torch.nn.Module):
         self.done = True
 
 
-class CallProbe(torch.nn.Module):
-    """The probe for work without fit steps: times the model's calls themselves at `n` threads and at one.
+class WellProbe(torch.nn.Module):
+    """The probe for work without fit steps: times whole wells at `n` threads and at one.
 
     An amortised map calls the model forward only (the field's prediction, the kept and deleted images,
-    fidelity curves), so there is no step to time: each call is timed on its own (CPU work is
-    synchronous), per input shape, as ThreadProbe times steps: for each shape, a first call at one thread
-    (warm-up), then `rounds` calls at each count, alternating, n first; the first shape to finish (or
-    whose counts differ by `CLEAR` after a round) decides, by the same rule. Calls of other shapes in
-    between run at the count last set. Once decided, the wrapper only forwards. The timings are the
-    process's (a worker wraps its model anew for every well): the calls of several wells decide together.
+    fidelity curves): short calls among reading, writing and bookkeeping in Python. Timing the calls
+    alone misleads: beside another busy process a call can be faster at n threads while the run is
+    slower, since the extra thread spins after each call on the core the Python that follows needs
+    (measured on 2 cores beside one busy process: calls 1.2x faster at 2 threads, the run 1.46x slower).
+    So the probe times what the thread count really costs: one well of this process from its first model
+    call to the next well's (a worker makes a probe per well), a first well at one thread (warm-up), then
+    `rounds` wells at each count, alternating, n first (fewer when one count is `CLEAR` times faster after
+    a round), and keeps the faster by the same rule as the fit's probe. Until then each well runs at the
+    count the plan gives it.
     """
 
     def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], n: int, rounds: int = PROBE_ROUNDS,
@@ -313,25 +318,34 @@ class CallProbe(torch.nn.Module):
         super().__init__()
         self.model, self.n, self.clock = model, n, clock
         self.plan = [1] + [n, 1] * rounds
-        self.timings = _POLICY.call_timings  # shared by the probes of this process (one per well)
+        if set(_POLICY.well_timings) != {n, 1}:
+            _POLICY.well_timings, _POLICY.well_open = {n: [], 1: []}, None
+        self.timings = _POLICY.well_timings  # the process's wells, one probe each
+        self.started = False
         self.done = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.done:
-            return self.model(x)
-        shape = tuple(x.shape)
-        timings = self.timings.setdefault(shape, {self.n: [], 1: []})
-        threads = self.plan[sum(len(t) for t in timings.values())]
-        torch.set_num_threads(threads)
-        started = self.clock()
-        out = self.model(x)
-        timings[threads].append(self.clock() - started)
-        warm = {self.n: list(timings[self.n]), 1: timings[1][1:]}
-        if sum(len(t) for t in timings.values()) == len(self.plan) or _clear(warm, self.n):
-            _keep(decide(warm), warm, self.n, "a model call", self.clock)
+        if not self.started:
+            self.started = True
+            self._start_well()
+        return self.model(x)
+
+    def _start_well(self) -> None:
+        """Close the process's previous well (its time at its count) and set this well's count, or decide."""
+        p, now = _POLICY, self.clock()
+        if p.well_open is not None:
+            started, threads = p.well_open
+            self.timings[threads].append(now - started)
+            p.well_open = None
+        warm = {self.n: list(self.timings[self.n]), 1: self.timings[1][1:]}
+        timed = sum(len(t) for t in self.timings.values())
+        if timed >= len(self.plan) or _clear(warm, self.n):
+            _keep(decide(warm), warm, self.n, "a well", self.clock)
             self.done = True
-            _POLICY.call_timings = {}  # a probe after REPROBE_S starts afresh
-        return out
+            p.well_timings = {}  # a probe after REPROBE_S starts afresh
+            return
+        torch.set_num_threads(self.plan[timed])
+        p.well_open = (now, self.plan[timed])
 
 
 def _clear(warm: Mapping[int, list[float]], n: int) -> bool:
