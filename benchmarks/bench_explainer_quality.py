@@ -77,7 +77,8 @@ def run_set(set_name: str, args) -> tuple[pd.DataFrame, dict]:
     opts = PcimOptions()
     crop = tile or tuple(x.shape[-2:])
     k = len(data["classes"])
-    net, secs = train(model, list(amortised.training_images(set_name, args.train_n)), k, opts, args.train_steps, crop, args.seed)
+    held_out = list(amortised.training_images(set_name, args.train_n))
+    net, secs = train(model, held_out, k, opts, args.train_steps, crop, args.seed)
     own, own_secs = train(model, list(x), k, opts, args.train_steps, crop, args.seed)
     info = {"set": set_name, "model": data["name"], "fields": len(x), "train_steps": args.train_steps,
             "train_seconds": round(secs, 1), "own_train_seconds": round(own_secs, 1)}

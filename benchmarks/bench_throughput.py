@@ -464,7 +464,8 @@ def main() -> None:
     if set(only) != {"sets", "busy", "bound", "field", "driver"} and path.exists():
         # a partial run (--only) replaces its own sections and keeps the others (with their dates)
         kept = json.loads(path.read_text())
-        kept.setdefault("runs", []).append({k: res[k] for k in ("started", "finished", "load_avg_1min")} | {"only": only})
+        dates = {k: res[k] for k in ("started", "finished", "load_avg_1min")}
+        kept.setdefault("runs", []).append(dates | {"only": only})
         res = kept | {k: v for k, v in res.items() if k not in ("started", "finished", "load_avg_1min")}
     path.write_text(json.dumps(res, indent=1, default=str))
     print(goal_table(res))

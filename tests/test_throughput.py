@@ -24,7 +24,7 @@ from pcim_cli.engine.verdict import JUDGED
 from pcim_cli.io import explainer as explainer_file
 from pcim_cli.io import store
 from pcim_cli.io.model import file_sha256
-from pcim_cli.run import explain, sampling, threads
+from pcim_cli.run import device, explain, sampling, threads
 
 WELLS = ("A01", "A02", "B01")  # two fields each: plate order A01 s1, s2, A02 s1, s2, B01 s1, s2
 
@@ -156,3 +156,24 @@ def test_status_of_a_large_plate_lists_only_its_incomplete_wells(tmp_path: Path)
     assert any("99 complete wells not listed" in line for line in rows)
     full = json.loads(run_pcim("status", str(path), "--json").stdout)
     assert len(full["wells"]) == 100
+
+
+def test_a_plate_whose_model_copy_another_plate_loaded_first_runs_from_its_own_file(tmp_path: Path) -> None:
+    """The process caches models (and explainers) by contents: a second plate folder with its own copy of
+    the same classifier (and explainer) must run from its own files, also when the first plate's folder
+    is gone (a screen of plates each with their copy, a library caller running plate after plate)."""
+    first = make_plate(tmp_path / "first", WELLS[:1], steps=2)
+    cfg = load_config(first, overrides=["explain.method=pcim-amortised",
+                                        f"explain.explainer={_explainer(tmp_path / 'first', first)}"])
+    assert explain.run(cfg).exit_code == 0
+    second = make_plate(tmp_path / "second", WELLS[:1], steps=2)
+    (tmp_path / "second" / "explainer.pt").write_bytes((tmp_path / "first" / "explainer.pt").read_bytes())
+    for name in ("classifier.ts", "explainer.pt"):
+        (tmp_path / "first" / name).unlink()
+    cfg = load_config(second, overrides=["explain.method=pcim-amortised",
+                                         f"explain.explainer={tmp_path / 'second' / 'explainer.pt'}"])
+    result = explain.run(cfg)
+    assert result.exit_code == 0, result.summary["PCIM_Error"].tolist()
+    assert (result.summary["PCIM_Status"] == "done").all()
+    own = tmp_path / "second" / "classifier.ts"
+    assert device.model(own, 3, None, "cpu").path == own  # the cached model, named by the file asked for

@@ -13,6 +13,7 @@ probe, one out-of-memory back-off, and the peak memory a record reports.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -38,6 +39,7 @@ MODEL_ERRORS = (RuntimeError, ValueError, MemoryError, torch.jit.Error)
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 T = TypeVar("T")
+_Loaded = TypeVar("_Loaded", LoadedModel, LoadedExplainer)
 
 
 class LRU(Generic[K, V]):
@@ -72,9 +74,17 @@ def model(path: str | Path, n_channels: int, input_size: tuple[int, int] | None,
     if not Path(path).is_file():  # load_model says what is missing and how to fix it (78)
         return load_model(path, n_channels, input_size, device=device, probe_size=probe_size)
     sha = sha256 or file_sha256(path)
-    return MODELS.get(model_key(sha, n_channels, input_size, device, probe_size),
-                      lambda: load_model(path, n_channels, input_size, device=device, sha256=sha,
-                                         probe_size=probe_size))
+    loaded = MODELS.get(model_key(sha, n_channels, input_size, device, probe_size),
+                        lambda: load_model(path, n_channels, input_size, device=device, sha256=sha,
+                                           probe_size=probe_size))
+    return _at(loaded, path)
+
+
+def _at(loaded: _Loaded, path: str | Path) -> _Loaded:
+    """The cached object, named by the file asked for: the same contents may sit at several paths (each
+    plate folder with its copy of the model), and a task must name a file that exists, not the first one
+    loaded (which may since have been moved or deleted)."""
+    return loaded if loaded.path == Path(path) else dataclasses.replace(loaded, path=Path(path))
 
 
 def model_key(sha256: str, n_channels: int, input_size: tuple[int, int] | None, device: str,
@@ -90,8 +100,8 @@ def explainer(path: str | Path, device: str, sha256: str | None = None, hint: st
     checked), a file that changed since is a PcimError: the run was planned with the other one."""
     if not Path(path).is_file():  # load_explainer says what is missing and how to train one (78)
         return load_explainer(path, device=device, hint=hint)
-    loaded = EXPLAINERS.get((sha256 or file_sha256(path), device),
-                             lambda: load_explainer(path, device=device, hint=hint))
+    loaded = _at(EXPLAINERS.get((sha256 or file_sha256(path), device),
+                                 lambda: load_explainer(path, device=device, hint=hint)), path)
     if sha256 is not None and loaded.sha256 != sha256:
         raise PcimError(f"the explainer {path} changed during the run (sha256 {loaded.sha256}, planned with "
                         f"{sha256}); rerun pcim explain")
