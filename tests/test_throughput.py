@@ -97,12 +97,13 @@ def test_amortised_run_measures_fidelity_on_its_sample_and_fit_columns_everywher
 
 
 def test_amortised_run_decides_its_threads(tmp_path: Path, monkeypatch, caplog) -> None:
-    """A run without fit steps times its model calls and decides (before: it never decided and kept n
+    """A run without fit steps times whole wells and decides (before: it never decided and kept n
     threads, the count that collapses beside other CPU work)."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     if threads.read_limits().usable < 2:
         pytest.skip("one usable CPU: no thread count to choose")
-    plate = make_plate(tmp_path, ("A01", "A02", "A03", "B01", "B02", "B03"))  # 12 field predictions to time
+    # a warm-up well and up to 3 rounds of one well at each count decide at the next well's start
+    plate = make_plate(tmp_path, ("A01", "A02", "A03", "A04", "A05", "B01", "B02", "B03", "B04"))
     cfg = load_config(plate, overrides=["explain.method=pcim-amortised",
                                         f"explain.explainer={_explainer(tmp_path, plate)}", "explain.fidelity=false"])
     before = torch.get_num_threads()
@@ -112,7 +113,7 @@ def test_amortised_run_decides_its_threads(tmp_path: Path, monkeypatch, caplog) 
     finally:
         threads.apply(None, False)
         torch.set_num_threads(before)
-    decided = [r.getMessage() for r in caplog.records if "a model call took" in r.getMessage()]
+    decided = [r.getMessage() for r in caplog.records if "a well took" in r.getMessage()]
     assert len(decided) == 1, [r.getMessage() for r in caplog.records]
 
 
